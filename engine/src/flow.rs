@@ -1,0 +1,325 @@
+//! The flow table: one entry per TCP connection, with what migration will need of it.
+//!
+//! Besides the smoltcp socket handle and the app, a flow keeps what smoltcp does not let us read
+//! back: the options of the client's SYN and of our SYN-ACK, the client's last window and TSval,
+//! our last TSval, and a mirror of the bytes the app wrote (smoltcp cannot read its send buffer
+//! back). Every packet of a flow passes through the flow's [`FlowMode`]: a frozen flow queues its
+//! inbound packets instead of delivering them.
+
+use std::collections::VecDeque;
+use std::hash::BuildHasherDefault;
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::time::Instant;
+
+use crate::app::{App, AppKind};
+use crate::packet::{FlowKey, SynOptions};
+
+type FastMap<K, V> = hashbrown::HashMap<K, V, BuildHasherDefault<rustc_hash::FxHasher>>;
+
+/// What the handshake and the packets seen so far tell about a connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandshakeRecord {
+    /// The client's SYN.
+    pub client_syn: Option<SynOptions>,
+    /// Our SYN-ACK (as smoltcp sent it).
+    pub our_syn_ack: Option<SynOptions>,
+    /// The raw window field of the client's last packet.
+    pub client_window: u16,
+    /// The client's last TSval.
+    pub client_tsval: Option<u32>,
+    /// Our last TSval.
+    pub our_tsval: Option<u32>,
+}
+
+/// How a flow's packets are handled.
+#[derive(Debug)]
+pub enum FlowMode {
+    /// Delivered to the local smoltcp socket.
+    Local,
+    /// Held: inbound packets are queued (bounded) until the flow is thawed or moved.
+    Frozen {
+        /// Queued inbound packets, oldest first.
+        queue: VecDeque<Vec<u8>>,
+    },
+}
+
+impl FlowMode {
+    /// Short name for status output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FlowMode::Local => "local",
+            FlowMode::Frozen { .. } => "frozen",
+        }
+    }
+}
+
+/// A ring of the last bytes written to a socket's send buffer.
+///
+/// Its capacity equals the socket's send buffer, so the unacknowledged and unsent bytes — the
+/// last `send_queue()` of everything written — are always in it. Memory is taken as bytes are
+/// written, so an idle connection costs nothing here.
+#[derive(Debug, Default)]
+pub struct SendMirror {
+    buf: Vec<u8>,
+    capacity: usize,
+    total: u64,
+}
+
+impl SendMirror {
+    /// A mirror for a send buffer of `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            capacity,
+            total: 0,
+        }
+    }
+
+    /// Bytes written since the connection opened.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Records `data` as written.
+    pub fn push(&mut self, mut data: &[u8]) {
+        let cap = self.capacity;
+        if cap == 0 || data.is_empty() {
+            return;
+        }
+        let mut start = self.total;
+        self.total += data.len() as u64;
+        if data.len() > cap {
+            let skip = data.len() - cap;
+            data = &data[skip..];
+            start += skip as u64;
+        }
+        if self.buf.len() < cap {
+            // Still growing: the buffer holds every byte written so far, at its own offset.
+            if start as usize == self.buf.len() && self.buf.len() + data.len() <= cap {
+                self.buf.extend_from_slice(data);
+                return;
+            }
+            self.buf.resize(cap, 0);
+        }
+        let mut at = (start % cap as u64) as usize;
+        while !data.is_empty() {
+            let n = (cap - at).min(data.len());
+            self.buf[at..at + n].copy_from_slice(&data[..n]);
+            data = &data[n..];
+            at = 0;
+        }
+    }
+
+    /// Copies the last `n` bytes written into `out` (appending). `None` if fewer than `n` bytes are
+    /// held.
+    pub fn copy_last(&self, n: usize, out: &mut Vec<u8>) -> Option<()> {
+        let held = (self.total.min(self.capacity as u64)) as usize;
+        if n > held {
+            return None;
+        }
+        if self.buf.len() < self.capacity {
+            out.extend_from_slice(&self.buf[self.buf.len() - n..]);
+            return Some(());
+        }
+        let end = (self.total % self.capacity as u64) as usize;
+        let start = (end + self.capacity - n) % self.capacity;
+        if n == 0 {
+            return Some(());
+        }
+        if start < end {
+            out.extend_from_slice(&self.buf[start..end]);
+        } else {
+            out.extend_from_slice(&self.buf[start..]);
+            out.extend_from_slice(&self.buf[..end]);
+        }
+        Some(())
+    }
+}
+
+/// Byte-rate estimate over the last sampling interval.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RateSample {
+    at: Option<Instant>,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// Bytes per second in, over the last interval.
+    pub rate_in: f64,
+    /// Bytes per second out, over the last interval.
+    pub rate_out: f64,
+}
+
+impl RateSample {
+    /// Updates the rates from the counters at `now`.
+    pub fn update(&mut self, now: Instant, bytes_in: u64, bytes_out: u64) {
+        if let Some(at) = self.at {
+            let dt = (now - at).total_micros() as f64 / 1e6;
+            if dt <= 0.0 {
+                return;
+            }
+            self.rate_in = (bytes_in - self.bytes_in) as f64 / dt;
+            self.rate_out = (bytes_out - self.bytes_out) as f64 / dt;
+        }
+        self.at = Some(now);
+        self.bytes_in = bytes_in;
+        self.bytes_out = bytes_out;
+    }
+}
+
+/// One connection.
+pub struct Flow {
+    /// Node-unique id, shown by `ctl conns`.
+    pub id: u64,
+    /// Its endpoints.
+    pub key: FlowKey,
+    /// The smoltcp socket.
+    pub handle: SocketHandle,
+    /// The app serving it.
+    pub app: Box<dyn App>,
+    /// Which app.
+    pub app_kind: AppKind,
+    /// How its packets are handled.
+    pub mode: FlowMode,
+    /// Handshake options and last-seen header fields.
+    pub record: HandshakeRecord,
+    /// What the app wrote to the socket.
+    pub mirror: SendMirror,
+    /// Bytes the app consumed from the client.
+    pub bytes_in: u64,
+    /// When the SYN arrived.
+    pub created: Instant,
+    /// The app was told about the client's FIN.
+    pub fin_delivered: bool,
+    /// We called `close()` on the socket.
+    pub close_sent: bool,
+    /// Queued for app service in the current turn.
+    pub dirty: bool,
+    /// Rates for status output.
+    pub rates: RateSample,
+}
+
+impl Flow {
+    /// Bytes the app wrote.
+    pub fn bytes_out(&self) -> u64 {
+        self.mirror.total()
+    }
+}
+
+/// Flows by index and by key.
+#[derive(Default)]
+pub struct FlowTable {
+    slots: Vec<Option<Flow>>,
+    free: Vec<usize>,
+    by_key: FastMap<FlowKey, usize>,
+}
+
+impl FlowTable {
+    /// Number of flows.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// True if there are no flows.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// The slot of the flow with `key`.
+    pub fn lookup(&self, key: &FlowKey) -> Option<usize> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Inserts `flow`, returning its slot. The key must not be present.
+    pub fn insert(&mut self, flow: Flow) -> usize {
+        let key = flow.key;
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(flow);
+                i
+            }
+            None => {
+                self.slots.push(Some(flow));
+                self.slots.len() - 1
+            }
+        };
+        let old = self.by_key.insert(key, slot);
+        debug_assert!(old.is_none(), "flow key inserted twice");
+        slot
+    }
+
+    /// Removes the flow in `slot`.
+    pub fn remove(&mut self, slot: usize) -> Option<Flow> {
+        let flow = self.slots.get_mut(slot)?.take()?;
+        self.by_key.remove(&flow.key);
+        self.free.push(slot);
+        Some(flow)
+    }
+
+    /// The flow in `slot`.
+    pub fn get(&self, slot: usize) -> Option<&Flow> {
+        self.slots.get(slot)?.as_ref()
+    }
+
+    /// The flow in `slot`, mutably.
+    pub fn get_mut(&mut self, slot: usize) -> Option<&mut Flow> {
+        self.slots.get_mut(slot)?.as_mut()
+    }
+
+    /// The slot of the flow with node-unique `id` (a scan: for control requests only).
+    pub fn find_id(&self, id: u64) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|f| f.as_ref().is_some_and(|f| f.id == id))
+    }
+
+    /// Every occupied slot.
+    pub fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.as_ref().map(|_| i))
+    }
+
+    /// Every flow.
+    pub fn iter(&self) -> impl Iterator<Item = &Flow> {
+        self.slots.iter().filter_map(Option::as_ref)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_keeps_the_last_bytes() {
+        let all: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for cap in [1usize, 7, 64, 1000, 4096] {
+            let mut m = SendMirror::new(cap);
+            let mut written = 0usize;
+            for chunk in [1usize, 3, 50, 999, 4097, 13].iter().cycle() {
+                if written >= all.len() {
+                    break;
+                }
+                let n = (*chunk).min(all.len() - written);
+                m.push(&all[written..written + n]);
+                written += n;
+                assert_eq!(m.total(), written as u64);
+                for want in [0usize, 1, cap / 2, cap] {
+                    let mut out = Vec::new();
+                    if want > written.min(cap) {
+                        assert!(m.copy_last(want, &mut out).is_none());
+                        continue;
+                    }
+                    m.copy_last(want, &mut out).unwrap();
+                    assert_eq!(out, &all[written - want..written], "cap {cap} want {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mirror_is_lazy() {
+        let m = SendMirror::new(1 << 20);
+        assert_eq!(m.buf.capacity(), 0);
+    }
+}

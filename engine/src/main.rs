@@ -1,0 +1,200 @@
+//! The `flowshift` command: run a node, talk to one, or run the demo.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use flowshift::config::Config;
+use flowshift::control::{self, Request};
+use flowshift::stack::ConnInfo;
+
+mod demo;
+
+/// Userspace TCP migration engine.
+#[derive(Parser)]
+#[command(name = "flowshift", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: terminate TCP on a TUN device and serve the configured apps.
+    Node {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only validate the config and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Ask a running node something through its control socket.
+    Ctl {
+        /// The node's control socket.
+        #[arg(long, short)]
+        socket: PathBuf,
+        /// Print the raw JSON reply instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        what: CtlCommand,
+    },
+    /// Build a namespace testbed, run a node in it, show it serving a download, tear it down.
+    Demo {
+        /// Bytes to download.
+        #[arg(long, default_value_t = 200_000_000)]
+        bytes: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Node summary.
+    Status,
+    /// Every connection.
+    Conns,
+    /// Prometheus text exposition.
+    Metrics,
+    /// Freeze a connection (its packets are queued).
+    Freeze {
+        /// Connection id.
+        id: u64,
+    },
+    /// Thaw a frozen connection.
+    Thaw {
+        /// Connection id.
+        id: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOWSHIFT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Node { config, check } => {
+            let config = Config::load(&config)?;
+            if check {
+                println!("config ok: node {}", config.node.name);
+                return Ok(());
+            }
+            flowshift::node::run(config)?;
+            Ok(())
+        }
+        Command::Ctl { socket, json, what } => ctl(&socket, json, what),
+        Command::Demo { bytes } => demo::run(bytes),
+    }
+}
+
+fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result<()> {
+    let request = match what {
+        CtlCommand::Status => Request::Status,
+        CtlCommand::Conns => Request::Conns,
+        CtlCommand::Metrics => Request::Metrics,
+        CtlCommand::Freeze { id } => Request::Freeze { id },
+        CtlCommand::Thaw { id } => Request::Thaw { id },
+    };
+    let reply = control::call(socket, &request).with_context(|| {
+        format!(
+            "is a node running with control socket {}?",
+            socket.display()
+        )
+    })?;
+    if !reply.ok {
+        bail!("node answered: {}", reply.error.unwrap_or_default());
+    }
+    let result = reply.result.unwrap_or_default();
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
+        return Ok(());
+    }
+    match request {
+        Request::Metrics => write!(out, "{}", result.as_str().unwrap_or_default())?,
+        Request::Conns => {
+            let conns: Vec<ConnInfo> = serde_json::from_value(result)?;
+            write!(out, "{}", conns_table(&conns))?;
+        }
+        Request::Status => {
+            if let Some(map) = result.as_object() {
+                for (k, v) in map {
+                    if k == "stats" {
+                        continue;
+                    }
+                    writeln!(out, "{k:<18} {}", plain(v))?;
+                }
+            }
+        }
+        _ => writeln!(out, "{}", plain(&result))?,
+    }
+    Ok(())
+}
+
+fn plain(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0}{}", UNITS[u])
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+/// Renders `conns` as the `ctl conns` table.
+pub(crate) fn conns_table(conns: &[ConnInfo]) -> String {
+    let mut s = format!(
+        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
+        "ID",
+        "CLIENT",
+        "SERVICE",
+        "STATE",
+        "APP",
+        "MODE",
+        "AGE",
+        "IN",
+        "OUT",
+        "RATE-IN/s",
+        "RATE-OUT/s",
+        "SENDQ",
+        "RECVQ"
+    );
+    for c in conns {
+        s += &format!(
+            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
+            format!("{:#x}", c.id),
+            c.client.to_string(),
+            c.service.to_string(),
+            c.state,
+            format!("{:?}", c.app).to_lowercase(),
+            c.mode,
+            c.age_ms as f64 / 1000.0,
+            human_bytes(c.bytes_in as f64),
+            human_bytes(c.bytes_out as f64),
+            human_bytes(c.rate_in),
+            human_bytes(c.rate_out),
+            c.send_queue,
+            c.recv_queue,
+        );
+    }
+    s += &format!("{} connection(s)\n", conns.len());
+    s
+}

@@ -1,0 +1,234 @@
+//! Prometheus text exposition of a node's counters, and a tiny HTTP server for `/metrics`.
+//!
+//! Workers keep plain integer counters ([`StackStats`]); a scrape asks every worker for its copy
+//! and renders the sum, so the data path never touches a shared atomic.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::packet::DropReason;
+use crate::stack::StackStats;
+
+/// Node-level values beside the stack counters.
+#[derive(Debug, Clone, Default)]
+pub struct NodeGauges {
+    /// Connections open now.
+    pub connections: u64,
+    /// The connection limit.
+    pub max_connections: u64,
+    /// Worker threads.
+    pub workers: u64,
+    /// Packets the driver failed to write to the TUN device.
+    pub tun_write_errors: u64,
+    /// Seconds since the node started.
+    pub uptime_seconds: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let g: Gauge = Gauge::default();
+    g.set(i64::try_from(value).unwrap_or(i64::MAX));
+    registry.register(name, help, g);
+}
+
+/// Renders `stats` and `gauges` as Prometheus text.
+pub fn render(stats: &StackStats, gauges: &NodeGauges) -> String {
+    let mut r = Registry::with_prefix("flowshift");
+    counter(
+        &mut r,
+        "tun_packets_in",
+        "Packets read from the TUN device",
+        stats.packets_in,
+    );
+    counter(
+        &mut r,
+        "tun_bytes_in",
+        "Bytes read from the TUN device",
+        stats.bytes_in,
+    );
+    counter(
+        &mut r,
+        "tun_packets_out",
+        "Packets written to the TUN device",
+        stats.packets_out,
+    );
+    counter(
+        &mut r,
+        "tun_bytes_out",
+        "Bytes written to the TUN device",
+        stats.bytes_out,
+    );
+    counter(
+        &mut r,
+        "tun_write_errors",
+        "Packets the TUN device refused",
+        gauges.tun_write_errors,
+    );
+    let dropped = Family::<ReasonLabel, Counter>::default();
+    for reason in DropReason::ALL {
+        dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str().to_owned(),
+            })
+            .inc_by(stats.dropped[reason.index()]);
+    }
+    r.register(
+        "packets_dropped",
+        "Inbound packets dropped, by reason",
+        dropped,
+    );
+    counter(
+        &mut r,
+        "connections_accepted",
+        "Connections accepted",
+        stats.conns_accepted,
+    );
+    counter(
+        &mut r,
+        "connections_closed",
+        "Connections closed and reclaimed",
+        stats.conns_closed,
+    );
+    let refused = Family::<ReasonLabel, Counter>::default();
+    for (reason, v) in [
+        ("max_connections", stats.refused_limit),
+        ("no_service", stats.refused_no_service),
+        ("shutting_down", stats.refused_shutdown),
+    ] {
+        refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc_by(v);
+    }
+    r.register(
+        "connections_refused",
+        "SYNs refused with RST, by reason",
+        refused,
+    );
+    counter(
+        &mut r,
+        "unknown_flow_packets",
+        "Packets for no known connection (answered with RST)",
+        stats.unknown_flow_packets,
+    );
+    counter(
+        &mut r,
+        "app_bytes_in",
+        "Application bytes received from clients",
+        stats.app_bytes_in,
+    );
+    counter(
+        &mut r,
+        "app_bytes_out",
+        "Application bytes sent to clients",
+        stats.app_bytes_out,
+    );
+    gauge(
+        &mut r,
+        "connections",
+        "Connections open now",
+        gauges.connections,
+    );
+    gauge(
+        &mut r,
+        "max_connections",
+        "Connection limit",
+        gauges.max_connections,
+    );
+    gauge(&mut r, "workers", "Worker threads", gauges.workers);
+    gauge(
+        &mut r,
+        "uptime_seconds",
+        "Seconds since the node started",
+        gauges.uptime_seconds,
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+    out
+}
+
+/// Serves `GET /metrics` on `addr` with what `scrape` renders, on its own thread.
+pub fn serve_http(
+    addr: SocketAddr,
+    scrape: Arc<dyn Fn() -> String + Send + Sync>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    tracing::info!(%addr, "serving /metrics");
+    std::thread::Builder::new().name("fs-metrics".into()).spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = [0u8; 4096];
+            let mut len = 0;
+            while len < head.len() {
+                match stream.read(&mut head[len..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => len += n,
+                }
+                if head[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let (status, body) = if head[..len].starts_with(b"GET /metrics ") {
+                ("200 OK", scrape())
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters() {
+        let mut s = StackStats {
+            packets_in: 5,
+            conns_accepted: 2,
+            ..Default::default()
+        };
+        s.dropped[DropReason::BadChecksum.index()] = 3;
+        let text = render(
+            &s,
+            &NodeGauges {
+                connections: 1,
+                ..Default::default()
+            },
+        );
+        assert!(text.contains("flowshift_tun_packets_in_total 5"), "{text}");
+        assert!(
+            text.contains("flowshift_packets_dropped_total{reason=\"bad_checksum\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("flowshift_connections 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

@@ -1,0 +1,518 @@
+//! The node driver: TUN device, worker threads, control socket, signals.
+//!
+//! Thin by design: everything with logic in it lives in [`crate::stack`]. Each worker owns one
+//! TUN queue (multiqueue: the kernel keeps a flow on the queue its replies are written to) and
+//! one [`Stack`], and runs a mio loop that sleeps until the TUN queue is readable, a control
+//! message arrives (a [`mio::Waker`]), or smoltcp's next timer.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant as StdInstant};
+
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use smoltcp::time::Instant;
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+use crate::config::Config;
+use crate::control::{self, Handler, Reply, Request};
+use crate::metrics::{self, NodeGauges};
+use crate::netlink;
+use crate::stack::{ConnInfo, ConnectionBudget, FlowError, Stack, StackConfig, StackStats};
+
+const TUN: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Packets read per turn before the worker serves its stack (fairness, bounded latency).
+const READ_BATCH: usize = 256;
+
+/// Errors that stop a node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The TUN device could not be created or configured.
+    #[error("TUN device {name}: {source}")]
+    Tun {
+        /// Interface name.
+        name: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A route could not be installed.
+    #[error(transparent)]
+    Route(#[from] netlink::NetlinkError),
+    /// The control socket could not be bound.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    /// The metrics listener could not be bound.
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// A thread, poller or signal handler could not be set up.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+fn setup(what: &'static str) -> impl FnOnce(io::Error) -> NodeError {
+    move |source| NodeError::Setup { what, source }
+}
+
+/// Messages from the control thread to a worker.
+enum WorkerMsg {
+    Conns(Sender<Vec<ConnInfo>>),
+    Stats(Sender<StackStats>),
+    Freeze(u64, Sender<Result<(), FlowError>>),
+    Thaw(u64, Sender<Result<usize, FlowError>>),
+    Shutdown { deadline: StdInstant },
+}
+
+struct WorkerHandle {
+    tx: Sender<WorkerMsg>,
+    waker: Arc<Waker>,
+}
+
+impl WorkerHandle {
+    fn send(&self, msg: WorkerMsg) -> bool {
+        self.tx.send(msg).is_ok() && self.waker.wake().is_ok()
+    }
+}
+
+/// Monotonic clock of the node, as smoltcp instants.
+#[derive(Clone, Copy)]
+struct Clock(StdInstant);
+
+impl Clock {
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.0.elapsed().as_micros() as i64)
+    }
+}
+
+struct Worker {
+    index: usize,
+    tun: SyncDevice,
+    stack: Stack,
+    poll: Poll,
+    rx: Receiver<WorkerMsg>,
+    clock: Clock,
+    tun_write_errors: Arc<AtomicU64>,
+    buf: Vec<u8>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(64);
+        let mut shutdown: Option<StdInstant> = None;
+        let mut aborted = false;
+        let mut more_to_read = true;
+        loop {
+            let now = self.clock.now();
+            let timeout = if more_to_read {
+                Duration::ZERO
+            } else {
+                let at = self.stack.poll_at(now);
+                Duration::from_micros((at - now).total_micros())
+            };
+            let timeout = match shutdown {
+                Some(_) => timeout.min(Duration::from_millis(50)),
+                None => timeout,
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                tracing::error!(worker = self.index, error = %e, "poll failed; worker stops");
+                return;
+            }
+            let now = self.clock.now();
+            more_to_read = self.read_batch(now);
+            while let Ok(msg) = self.rx.try_recv() {
+                match msg {
+                    WorkerMsg::Conns(reply) => {
+                        let _ = reply.send(self.stack.conns(now));
+                    }
+                    WorkerMsg::Stats(reply) => {
+                        let _ = reply.send(self.stack.stats().clone());
+                    }
+                    WorkerMsg::Freeze(id, reply) => {
+                        let _ = reply.send(self.stack.freeze(id));
+                    }
+                    WorkerMsg::Thaw(id, reply) => {
+                        let _ = reply.send(self.stack.thaw(now, id));
+                    }
+                    WorkerMsg::Shutdown { deadline } => {
+                        if shutdown.is_none() {
+                            tracing::debug!(
+                                worker = self.index,
+                                open = self.stack.connection_count(),
+                                "closing connections"
+                            );
+                            self.stack.begin_shutdown();
+                            shutdown = Some(deadline);
+                        }
+                    }
+                }
+            }
+            self.stack.poll(now);
+            self.flush();
+            if let Some(deadline) = shutdown {
+                if self.stack.live_connection_count() == 0 {
+                    return;
+                }
+                if StdInstant::now() >= deadline {
+                    if aborted {
+                        tracing::warn!(
+                            worker = self.index,
+                            left = self.stack.connection_count(),
+                            "connections left after reset"
+                        );
+                        return;
+                    }
+                    tracing::warn!(
+                        worker = self.index,
+                        open = self.stack.connection_count(),
+                        "shutdown deadline passed: resetting connections still open"
+                    );
+                    self.stack.abort_all();
+                    self.stack.poll(now);
+                    self.flush();
+                    aborted = true;
+                }
+            }
+        }
+    }
+
+    /// Reads up to a batch of packets; true if the queue may hold more.
+    fn read_batch(&mut self, now: Instant) -> bool {
+        for _ in 0..READ_BATCH {
+            match self.tun.recv(&mut self.buf) {
+                Ok(n) => self.stack.handle_packet(now, &self.buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(worker = self.index, error = %e, "TUN read failed");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn flush(&mut self) {
+        let tun = &self.tun;
+        let errors = &self.tun_write_errors;
+        self.stack.drain_transmit(|packet| {
+            if let Err(e) = tun.send(packet)
+                && (errors.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+            {
+                tracing::warn!(error = %e, "TUN write failed");
+            }
+        });
+    }
+}
+
+struct Node {
+    config: Config,
+    workers: Vec<WorkerHandle>,
+    budget: ConnectionBudget,
+    started: StdInstant,
+    tun_write_errors: Arc<AtomicU64>,
+}
+
+impl Node {
+    fn ask<T>(&self, make: impl Fn(Sender<T>) -> WorkerMsg) -> Vec<T> {
+        let mut replies = Vec::new();
+        let mut receivers = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = bounded(1);
+            if w.send(make(tx)) {
+                receivers.push(rx);
+            }
+        }
+        for rx in receivers {
+            if let Ok(v) = rx.recv_timeout(Duration::from_secs(5)) {
+                replies.push(v);
+            }
+        }
+        replies
+    }
+
+    fn stats(&self) -> StackStats {
+        let mut total = StackStats::default();
+        for s in self.ask(WorkerMsg::Stats) {
+            total.add(&s);
+        }
+        total
+    }
+
+    fn conns(&self) -> Vec<ConnInfo> {
+        let mut all: Vec<ConnInfo> = self.ask(WorkerMsg::Conns).into_iter().flatten().collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    fn gauges(&self) -> NodeGauges {
+        NodeGauges {
+            connections: self.budget.open() as u64,
+            max_connections: self.budget.max() as u64,
+            workers: self.workers.len() as u64,
+            tun_write_errors: self.tun_write_errors.load(Ordering::Relaxed),
+            uptime_seconds: self.started.elapsed().as_secs(),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        metrics::render(&self.stats(), &self.gauges())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let stats = self.stats();
+        serde_json::json!({
+            "node": self.config.node.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "workers": self.workers.len(),
+            "tun": self.config.tun.name,
+            "mtu": self.config.tun.mtu,
+            "offload": self.config.tun.offload,
+            "service_addresses": self.config.tun.service_addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "services": self.config.services.iter().map(|s| serde_json::json!({"port": s.port, "app": s.app})).collect::<Vec<_>>(),
+            "connections": self.budget.open(),
+            "max_connections": self.budget.max(),
+            "stats": stats,
+        })
+    }
+}
+
+impl Handler for Node {
+    fn handle(&self, request: Request) -> Reply {
+        match request {
+            Request::Status => Reply::ok(self.status()),
+            Request::Conns => Reply::ok(serde_json::to_value(self.conns()).unwrap_or_default()),
+            Request::Metrics => Reply::ok(serde_json::Value::String(self.metrics())),
+            Request::Freeze { id } => {
+                let results = self.ask(|tx| WorkerMsg::Freeze(id, tx));
+                match results
+                    .iter()
+                    .find(|r| !matches!(r, Err(FlowError::NoSuchFlow(_))))
+                {
+                    Some(Ok(())) => {
+                        tracing::info!(id, "connection frozen by control request");
+                        Reply::ok(serde_json::json!({"frozen": id}))
+                    }
+                    Some(Err(e)) => Reply::error(e.to_string()),
+                    None => Reply::error(FlowError::NoSuchFlow(id).to_string()),
+                }
+            }
+            Request::Thaw { id } => {
+                let results = self.ask(|tx| WorkerMsg::Thaw(id, tx));
+                match results
+                    .iter()
+                    .find(|r| !matches!(r, Err(FlowError::NoSuchFlow(_))))
+                {
+                    Some(Ok(n)) => {
+                        tracing::info!(id, replayed = n, "connection thawed by control request");
+                        Reply::ok(serde_json::json!({"thawed": id, "replayed_packets": n}))
+                    }
+                    Some(Err(e)) => Reply::error(e.to_string()),
+                    None => Reply::error(FlowError::NoSuchFlow(id).to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// Removes the control socket file and the routes when the node stops, however it stops.
+struct Cleanup {
+    socket: PathBuf,
+    routes: Vec<(std::net::Ipv4Addr, u8, u32)>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for &(prefix, len, ifindex) in &self.routes {
+            if let Err(e) = netlink::delete_route(prefix, len, ifindex) {
+                // The route goes with the device anyway when we created it.
+                tracing::debug!(error = %e, "route removal");
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn open_tun(config: &Config) -> Result<Vec<SyncDevice>, NodeError> {
+    let name = config.tun.name.clone();
+    let tun_err = |source| NodeError::Tun {
+        name: name.clone(),
+        source,
+    };
+    let workers = config.node.workers;
+    let first = DeviceBuilder::new()
+        .name(&config.tun.name)
+        .mtu(config.tun.mtu)
+        .multi_queue(workers > 1)
+        .offload(config.tun.offload)
+        .build_sync()
+        .map_err(tun_err)?;
+    first.set_mtu(config.tun.mtu).map_err(tun_err)?;
+    first.enabled(true).map_err(tun_err)?;
+    let mut queues = vec![first];
+    for _ in 1..workers {
+        let q = queues[0].try_clone().map_err(tun_err)?;
+        queues.push(q);
+    }
+    for q in &queues {
+        q.set_nonblocking(true).map_err(tun_err)?;
+    }
+    Ok(queues)
+}
+
+/// Runs a node until SIGINT or SIGTERM, then closes its connections gracefully (within
+/// `node.shutdown_timeout_ms`), removes what it created, and returns.
+pub fn run(config: Config) -> Result<(), NodeError> {
+    let started = StdInstant::now();
+    let clock = Clock(started);
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .map_err(setup("signal handlers"))?;
+
+    let queues = open_tun(&config)?;
+    let ifindex = queues[0].if_index().map_err(|source| NodeError::Tun {
+        name: config.tun.name.clone(),
+        source,
+    })?;
+    let mut cleanup = Cleanup {
+        socket: config.node.control_socket.clone(),
+        routes: Vec::new(),
+    };
+    for a in &config.tun.service_addresses {
+        netlink::add_route(a.addr, a.prefix_len, ifindex)?;
+        cleanup.routes.push((a.addr, a.prefix_len, ifindex));
+    }
+    let listener = control::bind(&config.node.control_socket)?;
+
+    let budget = ConnectionBudget::new(config.limits.max_connections);
+    let tun_write_errors = Arc::new(AtomicU64::new(0));
+    let max_packet = if config.tun.offload {
+        65536
+    } else {
+        usize::from(config.tun.mtu)
+    };
+    let seed = {
+        let mut b = [0u8; 8];
+        // A failed getrandom leaves a time-based seed: ISNs only need to be unpredictable-ish.
+        // SAFETY: `b` is writable for its length.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if n == 8 {
+            u64::from_ne_bytes(b)
+        } else {
+            started.elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15
+        }
+    };
+
+    let mut handles: Vec<WorkerHandle> = Vec::new();
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    for (index, tun) in queues.into_iter().enumerate() {
+        let poll = Poll::new().map_err(setup("mio poll"))?;
+        let fd = tun.as_raw_fd();
+        poll.registry()
+            .register(&mut SourceFd(&fd), TUN, Interest::READABLE)
+            .map_err(setup("register TUN queue"))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(setup("mio waker"))?);
+        let (tx, rx) = unbounded();
+        let stack = Stack::new(
+            StackConfig {
+                worker: index as u16,
+                addresses: config.tun.service_addresses.clone(),
+                services: config.services.clone(),
+                tcp: config.tcp.clone(),
+                mtu: usize::from(config.tun.mtu),
+                max_packet,
+                frozen_queue_packets: config.limits.frozen_queue_packets,
+                seed: seed.wrapping_add(index as u64),
+            },
+            budget.clone(),
+            clock.now(),
+        );
+        let worker = Worker {
+            index,
+            tun,
+            stack,
+            poll,
+            rx,
+            clock,
+            tun_write_errors: tun_write_errors.clone(),
+            buf: vec![0u8; 65536 + 64],
+        };
+        let core = cores.get(index % cores.len().max(1)).copied();
+        let thread = std::thread::Builder::new()
+            .name(format!("fs-worker-{index}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                worker.run();
+            })
+            .map_err(setup("worker thread"))?;
+        handles.push(WorkerHandle { tx, waker });
+        threads.push(thread);
+    }
+
+    let node = Arc::new(Node {
+        config: config.clone(),
+        workers: handles,
+        budget,
+        started,
+        tun_write_errors,
+    });
+    if let Some(addr) = config.metrics_listen {
+        let n = node.clone();
+        metrics::serve_http(addr, Arc::new(move || n.metrics()))
+            .map_err(|source| NodeError::Metrics { addr, source })?;
+    }
+    let handler: Arc<dyn Handler> = node.clone();
+    std::thread::Builder::new()
+        .name("fs-control".into())
+        .spawn(move || control::serve(listener, handler))
+        .map_err(setup("control thread"))?;
+
+    tracing::info!(
+        node = %config.node.name,
+        tun = %config.tun.name,
+        mtu = config.tun.mtu,
+        workers = config.node.workers,
+        addresses = ?config.tun.service_addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        ports = ?config.services.iter().map(|s| s.port).collect::<Vec<_>>(),
+        control = %config.node.control_socket.display(),
+        "node running"
+    );
+
+    let signal = signals.forever().next().unwrap_or(libc::SIGTERM);
+    let timeout = Duration::from_millis(config.node.shutdown_timeout_ms);
+    tracing::info!(
+        signal,
+        open = node.budget.open(),
+        timeout_ms = config.node.shutdown_timeout_ms,
+        "shutting down: no new connections, closing open ones"
+    );
+    let deadline = StdInstant::now() + timeout;
+    for w in &node.workers {
+        w.send(WorkerMsg::Shutdown { deadline });
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    drop(cleanup);
+    tracing::info!(sockets_dropped = node.budget.open(), "node stopped");
+    Ok(())
+}

@@ -1,0 +1,820 @@
+//! The per-worker TCP stack: smoltcp plus the flow table, sans-IO.
+//!
+//! A [`Stack`] owns one smoltcp [`Interface`] and [`SocketSet`], and the flows whose packets reach
+//! this worker. It does no I/O and reads no clock: the driver hands it packets read from the TUN
+//! queue ([`Stack::handle_packet`]), lets it run ([`Stack::poll`]), takes the packets to write
+//! ([`Stack::drain_transmit`]) and sleeps until [`Stack::poll_at`].
+//!
+//! # Packet path
+//! Each inbound packet is classified once ([`crate::packet::classify`]), looked up in the flow
+//! table, and passed through its flow's [`FlowMode`] — the one per-flow hook — before smoltcp sees
+//! it, one packet at a time, so the flow table and smoltcp always agree on which socket a packet
+//! belongs to. A SYN for a configured port creates a socket that listens just for it; anything
+//! smoltcp has no socket for is answered with RST by smoltcp itself. Outbound packets pass through
+//! the hook too (to record our SYN-ACK and TSval).
+//!
+//! # Flow control
+//! Apps read smoltcp's receive buffer in place and write its send buffer in place, only as much as
+//! fits; a client that stops reading closes its own window and nothing grows.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+
+use crate::app::{self, AppConfig, AppKind};
+use crate::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+use crate::flow::{Flow, FlowMode, FlowTable, HandshakeRecord, SendMirror};
+use crate::packet::{self, DropReason, FlowKey};
+
+/// Most service addresses one node serves (smoltcp's interface address table).
+pub const MAX_SERVICE_ADDRESSES: usize = 8;
+
+/// How often flows are swept for rates and closed sockets.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
+
+/// Connections open at once, shared by all workers of a node.
+#[derive(Debug, Clone)]
+pub struct ConnectionBudget {
+    open: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl ConnectionBudget {
+    /// A budget of `max` connections.
+    pub fn new(max: usize) -> Self {
+        Self {
+            open: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// Takes one connection from the budget; false if none is left.
+    pub fn try_acquire(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Returns one connection to the budget.
+    pub fn release(&self) {
+        let _ = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The limit.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// What a [`Stack`] is built from.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// Worker index: the top bits of every flow id this stack gives out.
+    pub worker: u16,
+    /// Service addresses.
+    pub addresses: Vec<Ipv4Cidr>,
+    /// Services by port.
+    pub services: Vec<ServiceConfig>,
+    /// Socket buffer sizes.
+    pub tcp: TcpConfig,
+    /// IP MTU of the TUN device.
+    pub mtu: usize,
+    /// Largest packet the device hands over or takes (bigger than `mtu` with TUN offload).
+    pub max_packet: usize,
+    /// Packets queued per frozen flow before dropping.
+    pub frozen_queue_packets: usize,
+    /// Seed for smoltcp's ISNs and ephemeral choices.
+    pub seed: u64,
+}
+
+/// Counters of one stack. Plain integers: the driver exports them on request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StackStats {
+    /// Packets read from the TUN device.
+    pub packets_in: u64,
+    /// Bytes read from the TUN device.
+    pub bytes_in: u64,
+    /// Packets emitted to the TUN device.
+    pub packets_out: u64,
+    /// Bytes emitted to the TUN device.
+    pub bytes_out: u64,
+    /// Inbound packets dropped, by [`DropReason::index`].
+    pub dropped: [u64; DropReason::ALL.len()],
+    /// Connections accepted (SYN given a socket).
+    pub conns_accepted: u64,
+    /// Connections whose socket closed and was reclaimed.
+    pub conns_closed: u64,
+    /// SYNs refused because `max_connections` was reached.
+    pub refused_limit: u64,
+    /// SYNs to a port with no service.
+    pub refused_no_service: u64,
+    /// SYNs refused while shutting down.
+    pub refused_shutdown: u64,
+    /// Packets for unknown flows handed to smoltcp (answered with RST).
+    pub unknown_flow_packets: u64,
+    /// Application bytes received from clients.
+    pub app_bytes_in: u64,
+    /// Application bytes sent to clients.
+    pub app_bytes_out: u64,
+}
+
+impl StackStats {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &StackStats) {
+        self.packets_in += other.packets_in;
+        self.bytes_in += other.bytes_in;
+        self.packets_out += other.packets_out;
+        self.bytes_out += other.bytes_out;
+        for (a, b) in self.dropped.iter_mut().zip(other.dropped) {
+            *a += b;
+        }
+        self.conns_accepted += other.conns_accepted;
+        self.conns_closed += other.conns_closed;
+        self.refused_limit += other.refused_limit;
+        self.refused_no_service += other.refused_no_service;
+        self.refused_shutdown += other.refused_shutdown;
+        self.unknown_flow_packets += other.unknown_flow_packets;
+        self.app_bytes_in += other.app_bytes_in;
+        self.app_bytes_out += other.app_bytes_out;
+    }
+}
+
+/// One row of `ctl conns`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ConnInfo {
+    /// Node-unique id.
+    pub id: u64,
+    /// Client address:port.
+    pub client: SocketAddrV4,
+    /// Service address:port.
+    pub service: SocketAddrV4,
+    /// TCP state, as smoltcp names it.
+    pub state: String,
+    /// The app.
+    pub app: AppKind,
+    /// `local` or `frozen`.
+    pub mode: String,
+    /// Milliseconds since the SYN.
+    pub age_ms: u64,
+    /// App bytes received.
+    pub bytes_in: u64,
+    /// App bytes sent.
+    pub bytes_out: u64,
+    /// Receive rate, bytes/s, over the last second.
+    pub rate_in: f64,
+    /// Send rate, bytes/s, over the last second.
+    pub rate_out: f64,
+    /// Bytes in the socket's send buffer (unsent + unacknowledged).
+    pub send_queue: usize,
+    /// Bytes in the socket's receive buffer not yet read by the app.
+    pub recv_queue: usize,
+    /// Handshake options recorded for migration.
+    pub handshake: HandshakeRecord,
+}
+
+/// Errors of flow-level control operations.
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+pub enum FlowError {
+    /// No flow has this id on this stack.
+    #[error("no connection with id {0}")]
+    NoSuchFlow(u64),
+    /// The flow is not in a mode that allows the operation.
+    #[error("connection {id} is {mode}")]
+    WrongMode {
+        /// The flow.
+        id: u64,
+        /// Its current mode.
+        mode: &'static str,
+    },
+}
+
+thread_local! {
+    /// Milliseconds for smoltcp's TSval generator: set from `now` on every stack entry, so the
+    /// generator reads no clock (it has to be a plain `fn`).
+    static TSVAL_MS: Cell<u32> = const { Cell::new(0) };
+}
+
+fn tsval_now() -> u32 {
+    TSVAL_MS.with(Cell::get)
+}
+
+/// Packets smoltcp emitted, in reusable buffers.
+#[derive(Debug, Default)]
+pub struct TxQueue {
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+}
+
+impl TxQueue {
+    fn push(&mut self, len: usize) -> &mut [u8] {
+        if self.len == self.bufs.len() {
+            self.bufs.push(Vec::new());
+        }
+        let buf = &mut self.bufs[self.len];
+        buf.clear();
+        buf.resize(len, 0);
+        self.len += 1;
+        buf
+    }
+
+    /// Number of queued packets.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// smoltcp device for one turn: at most one packet to receive, and the transmit queue.
+struct TurnDevice<'a> {
+    rx: Option<&'a [u8]>,
+    tx: &'a mut TxQueue,
+    caps: &'a DeviceCapabilities,
+}
+
+struct RxToken<'a>(&'a [u8]);
+struct TxToken<'a>(&'a mut TxQueue);
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        f(self.0.push(len))
+    }
+}
+
+impl phy::Device for TurnDevice<'_> {
+    type RxToken<'b>
+        = RxToken<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = TxToken<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        let rx = self.rx.take()?;
+        Some((RxToken(rx), TxToken(self.tx)))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
+        Some(TxToken(self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.caps.clone()
+    }
+}
+
+/// The per-worker stack. See the module docs.
+pub struct Stack {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    caps: DeviceCapabilities,
+    tx: TxQueue,
+    flows: FlowTable,
+    /// App per port; `None` where no service is configured.
+    services: Vec<Option<(AppKind, AppConfig)>>,
+    addresses: Vec<Ipv4Addr>,
+    budget: ConnectionBudget,
+    config: StackConfig,
+    dirty: Vec<usize>,
+    next_id: u64,
+    accepting: bool,
+    next_sweep: Instant,
+    stats: StackStats,
+    scratch: Vec<u8>,
+}
+
+impl Stack {
+    /// A stack serving `config`'s addresses and services, sharing `budget` with the other workers.
+    pub fn new(config: StackConfig, budget: ConnectionBudget, now: Instant) -> Self {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = config.mtu;
+        // Checksums were verified by `packet::classify`; smoltcp only fills them on transmit.
+        let mut checksum = ChecksumCapabilities::default();
+        checksum.ipv4 = Checksum::Tx;
+        checksum.tcp = Checksum::Tx;
+        caps.checksum = checksum;
+
+        let mut iface_config = IfaceConfig::new(HardwareAddress::Ip);
+        iface_config.random_seed = config.seed;
+        let mut tx = TxQueue::default();
+        let mut dev = TurnDevice {
+            rx: None,
+            tx: &mut tx,
+            caps: &caps,
+        };
+        let mut iface = Interface::new(iface_config, &mut dev, now);
+        iface.update_ip_addrs(|addrs| {
+            for a in config.addresses.iter().take(MAX_SERVICE_ADDRESSES) {
+                let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(a.addr), a.prefix_len));
+            }
+        });
+        // With `Medium::Ip` the gateway is never resolved: any address routes everything back
+        // into the TUN device, and the kernel forwards it from there.
+        if let Some(first) = config.addresses.first() {
+            let _ = iface.routes_mut().add_default_ipv4_route(first.addr);
+        }
+
+        let mut services = vec![None; 65536];
+        for s in &config.services {
+            services[usize::from(s.port)] = Some((s.app, s.app_config.clone()));
+        }
+        let addresses = config.addresses.iter().map(|a| a.addr).collect();
+        Self {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            caps,
+            tx,
+            flows: FlowTable::default(),
+            services,
+            addresses,
+            budget,
+            next_id: u64::from(config.worker) << 48 | 1,
+            config,
+            dirty: Vec::new(),
+            accepting: true,
+            next_sweep: now + SWEEP_INTERVAL,
+            stats: StackStats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn set_clock(now: Instant) {
+        TSVAL_MS.with(|c| c.set(now.total_millis() as u32));
+    }
+
+    /// Handles one packet read from the TUN device.
+    pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
+        Self::set_clock(now);
+        self.stats.packets_in += 1;
+        self.stats.bytes_in += packet.len() as u64;
+        let addresses = &self.addresses;
+        let inbound = match packet::classify(packet, |a| addresses.contains(&a)) {
+            Ok(p) => p,
+            Err(reason) => {
+                self.drop_packet(reason, packet);
+                return;
+            }
+        };
+        let packet = &packet[..inbound.ip_len];
+
+        let slot = match self.flows.lookup(&inbound.key) {
+            Some(slot) => slot,
+            None if inbound.flags.syn && !inbound.flags.ack && !inbound.flags.rst => {
+                match self.accept(now, &inbound.key, packet) {
+                    Some(slot) => slot,
+                    None => {
+                        // smoltcp has no socket for it and answers with RST.
+                        self.ingress(now, packet);
+                        return;
+                    }
+                }
+            }
+            None => {
+                self.stats.unknown_flow_packets += 1;
+                self.ingress(now, packet);
+                return;
+            }
+        };
+
+        // The per-flow hook.
+        let Some(flow) = self.flows.get_mut(slot) else {
+            return;
+        };
+        flow.record.client_window = inbound.window;
+        match &mut flow.mode {
+            FlowMode::Local => {
+                if !flow.dirty {
+                    flow.dirty = true;
+                    self.dirty.push(slot);
+                }
+                self.ingress(now, packet);
+            }
+            FlowMode::Frozen { queue } => {
+                if queue.len() >= self.config.frozen_queue_packets {
+                    self.drop_packet(DropReason::FrozenQueueFull, packet);
+                } else {
+                    queue.push_back(packet.to_vec());
+                }
+            }
+        }
+    }
+
+    fn drop_packet(&mut self, reason: DropReason, packet: &[u8]) {
+        self.stats.dropped[reason.index()] += 1;
+        tracing::trace!(
+            reason = reason.as_str(),
+            len = packet.len(),
+            "dropped inbound packet"
+        );
+    }
+
+    fn ingress(&mut self, now: Instant, packet: &[u8]) {
+        let mut dev = TurnDevice {
+            rx: Some(packet),
+            tx: &mut self.tx,
+            caps: &self.caps,
+        };
+        self.iface
+            .poll_ingress_single(now, &mut dev, &mut self.sockets);
+    }
+
+    /// A SYN for a flow we do not have: give it a socket if a service and the budget allow.
+    fn accept(&mut self, now: Instant, key: &FlowKey, syn: &[u8]) -> Option<usize> {
+        let Some((kind, app_config)) = self.services[usize::from(key.service.port())].clone()
+        else {
+            self.stats.refused_no_service += 1;
+            return None;
+        };
+        if !self.accepting {
+            self.stats.refused_shutdown += 1;
+            return None;
+        }
+        if !self.budget.try_acquire() {
+            self.stats.refused_limit += 1;
+            if self.stats.refused_limit.is_power_of_two() {
+                tracing::warn!(
+                    max = self.budget.max(),
+                    refused = self.stats.refused_limit,
+                    "max_connections reached: refusing new connections"
+                );
+            }
+            return None;
+        }
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.config.tcp.rx_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.config.tcp.tx_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
+        socket.set_tsval_generator(Some(tsval_now));
+        let endpoint = (IpAddress::Ipv4(*key.service.ip()), key.service.port());
+        if socket.listen(endpoint).is_err() {
+            self.budget.release();
+            return None;
+        }
+        let handle = self.sockets.add(socket);
+        let id = self.next_id;
+        self.next_id += 1;
+        let flow = Flow {
+            id,
+            key: *key,
+            handle,
+            app: app::new_app(kind, &app_config),
+            app_kind: kind,
+            mode: FlowMode::Local,
+            record: HandshakeRecord {
+                client_syn: packet::syn_options(syn),
+                ..Default::default()
+            },
+            mirror: SendMirror::new(self.config.tcp.tx_buffer),
+            bytes_in: 0,
+            created: now,
+            fin_delivered: false,
+            close_sent: false,
+            dirty: false,
+            rates: Default::default(),
+        };
+        self.stats.conns_accepted += 1;
+        tracing::debug!(id, client = %key.client, service = %key.service, app = ?kind, "accepted");
+        Some(self.flows.insert(flow))
+    }
+
+    /// Runs timers, serves the apps of flows that saw packets, and emits what is ready.
+    pub fn poll(&mut self, now: Instant) {
+        Self::set_clock(now);
+        let dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            self.serve(slot);
+        }
+        let mut dev = TurnDevice {
+            rx: None,
+            tx: &mut self.tx,
+            caps: &self.caps,
+        };
+        self.iface.poll(now, &mut dev, &mut self.sockets);
+        for &slot in &dirty {
+            self.reap_if_closed(slot);
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+        if now >= self.next_sweep {
+            self.sweep(now);
+        }
+    }
+
+    /// Moves bytes between the socket and the app of the flow in `slot`.
+    fn serve(&mut self, slot: usize) {
+        let Some(flow) = self.flows.get_mut(slot) else {
+            return;
+        };
+        flow.dirty = false;
+        if !matches!(flow.mode, FlowMode::Local) {
+            return;
+        }
+        let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+        // Up to two passes: the app may produce output that frees its input buffer.
+        for _ in 0..2 {
+            while socket.can_recv() {
+                let app = &mut flow.app;
+                let n = socket.recv(|data| {
+                    let n = app.handle_recv(data);
+                    (n, n)
+                });
+                match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        flow.bytes_in += n as u64;
+                        self.stats.app_bytes_in += n as u64;
+                    }
+                }
+            }
+            if !flow.fin_delivered && !socket.may_recv() && socket.recv_queue() == 0 {
+                let remote_closed = matches!(
+                    socket.state(),
+                    tcp::State::CloseWait
+                        | tcp::State::LastAck
+                        | tcp::State::Closing
+                        | tcp::State::TimeWait
+                );
+                if remote_closed {
+                    flow.fin_delivered = true;
+                    flow.app.handle_recv_fin();
+                }
+            }
+            let mut wrote = 0;
+            while socket.can_send() {
+                let app = &mut flow.app;
+                let mirror = &mut flow.mirror;
+                let n = socket.send(|buf| {
+                    let n = app.poll_send(buf);
+                    mirror.push(&buf[..n]);
+                    (n, n)
+                });
+                match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        wrote += n;
+                        self.stats.app_bytes_out += n as u64;
+                    }
+                }
+            }
+            if wrote == 0 {
+                break;
+            }
+        }
+        if !flow.close_sent && flow.app.wants_close() && socket.may_send() {
+            // FIN goes out after everything already written.
+            socket.close();
+            flow.close_sent = true;
+        }
+    }
+
+    fn reap_if_closed(&mut self, slot: usize) {
+        let Some(flow) = self.flows.get(slot) else {
+            return;
+        };
+        let socket = self.sockets.get::<tcp::Socket>(flow.handle);
+        if socket.state() != tcp::State::Closed || !matches!(flow.mode, FlowMode::Local) {
+            return;
+        }
+        let Some(flow) = self.flows.remove(slot) else {
+            return;
+        };
+        self.sockets.remove(flow.handle);
+        self.budget.release();
+        self.stats.conns_closed += 1;
+        tracing::debug!(
+            id = flow.id,
+            client = %flow.key.client,
+            bytes_in = flow.bytes_in,
+            bytes_out = flow.bytes_out(),
+            "closed"
+        );
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.next_sweep = now + SWEEP_INTERVAL;
+        let slots: Vec<usize> = self.flows.slots().collect();
+        for slot in slots {
+            if let Some(flow) = self.flows.get_mut(slot) {
+                let out = flow.bytes_out();
+                flow.rates.update(now, flow.bytes_in, out);
+            }
+            self.reap_if_closed(slot);
+        }
+    }
+
+    /// Hands every packet ready to go to `write`, after the per-flow outbound hook, and empties
+    /// the queue.
+    pub fn drain_transmit(&mut self, mut write: impl FnMut(&[u8])) {
+        let n = self.tx.len;
+        for i in 0..n {
+            let packet = &self.tx.bufs[i];
+            if let Some(out) = packet::outbound(packet)
+                && let Some(slot) = self.flows.lookup(&out.key)
+                && let Some(flow) = self.flows.get_mut(slot)
+            {
+                if out.flags.syn && out.flags.ack {
+                    flow.record.our_syn_ack = packet::syn_options(packet);
+                }
+                if out.tsval.is_some() {
+                    flow.record.our_tsval = out.tsval;
+                }
+            }
+            self.stats.packets_out += 1;
+            self.stats.bytes_out += packet.len() as u64;
+            write(packet);
+        }
+        self.tx.len = 0;
+    }
+
+    /// When [`poll`](Self::poll) should run next, at the latest.
+    pub fn poll_at(&mut self, now: Instant) -> Instant {
+        let smol = self.iface.poll_at(now, &self.sockets);
+        match smol {
+            Some(t) if t < self.next_sweep => t,
+            _ => self.next_sweep,
+        }
+    }
+
+    /// Stops accepting connections and closes every open one (FIN after queued data).
+    pub fn begin_shutdown(&mut self) {
+        self.accepting = false;
+        let slots: Vec<usize> = self.flows.slots().collect();
+        for slot in slots {
+            if let Some(flow) = self.flows.get_mut(slot) {
+                let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+                if socket.state() == tcp::State::SynReceived {
+                    // smoltcp would take the ACK of its SYN-ACK for the ACK of the FIN: the
+                    // client never got a connection to close, so refuse it.
+                    socket.abort();
+                } else {
+                    socket.close();
+                }
+                flow.close_sent = true;
+                if !flow.dirty {
+                    flow.dirty = true;
+                    self.dirty.push(slot);
+                }
+            }
+        }
+    }
+
+    /// Resets every connection still open (after the shutdown deadline).
+    pub fn abort_all(&mut self) {
+        let slots: Vec<usize> = self.flows.slots().collect();
+        for slot in slots {
+            if let Some(flow) = self.flows.get_mut(slot) {
+                self.sockets.get_mut::<tcp::Socket>(flow.handle).abort();
+                flow.mode = FlowMode::Local;
+                if !flow.dirty {
+                    flow.dirty = true;
+                    self.dirty.push(slot);
+                }
+            }
+        }
+    }
+
+    /// Open connections on this stack (TIME-WAIT included: they hold a socket).
+    pub fn connection_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Connections that still have a peer to talk to: all but TIME-WAIT and CLOSED. A shutdown
+    /// is complete when this reaches zero.
+    pub fn live_connection_count(&self) -> usize {
+        self.flows
+            .iter()
+            .filter(|f| {
+                !matches!(
+                    self.sockets.get::<tcp::Socket>(f.handle).state(),
+                    tcp::State::TimeWait | tcp::State::Closed
+                )
+            })
+            .count()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &StackStats {
+        &self.stats
+    }
+
+    /// One row per connection.
+    pub fn conns(&self, now: Instant) -> Vec<ConnInfo> {
+        self.flows
+            .iter()
+            .map(|f| {
+                let socket = self.sockets.get::<tcp::Socket>(f.handle);
+                ConnInfo {
+                    id: f.id,
+                    client: f.key.client,
+                    service: f.key.service,
+                    state: socket.state().to_string(),
+                    app: f.app_kind,
+                    mode: f.mode.as_str().to_owned(),
+                    age_ms: (now - f.created).total_millis(),
+                    bytes_in: f.bytes_in,
+                    bytes_out: f.bytes_out(),
+                    rate_in: f.rates.rate_in,
+                    rate_out: f.rates.rate_out,
+                    send_queue: socket.send_queue(),
+                    recv_queue: socket.recv_queue(),
+                    handshake: f.record,
+                }
+            })
+            .collect()
+    }
+
+    /// Freezes the flow `id`: its inbound packets are queued from now on.
+    pub fn freeze(&mut self, id: u64) -> Result<(), FlowError> {
+        let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
+        let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
+        match flow.mode {
+            FlowMode::Local => {
+                flow.mode = FlowMode::Frozen {
+                    queue: VecDeque::new(),
+                };
+                Ok(())
+            }
+            ref m => Err(FlowError::WrongMode {
+                id,
+                mode: m.as_str(),
+            }),
+        }
+    }
+
+    /// Thaws the frozen flow `id`: its queued packets are delivered, in order, then new ones.
+    pub fn thaw(&mut self, now: Instant, id: u64) -> Result<usize, FlowError> {
+        Self::set_clock(now);
+        let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
+        let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
+        let queue = match std::mem::replace(&mut flow.mode, FlowMode::Local) {
+            FlowMode::Frozen { queue } => queue,
+            m => {
+                let mode = m.as_str();
+                flow.mode = m;
+                return Err(FlowError::WrongMode { id, mode });
+            }
+        };
+        if !flow.dirty {
+            flow.dirty = true;
+            self.dirty.push(slot);
+        }
+        let n = queue.len();
+        for packet in queue {
+            self.ingress(now, &packet);
+        }
+        Ok(n)
+    }
+
+    /// Copies the bytes of flow `id` that smoltcp holds unacknowledged or unsent (for capture).
+    pub fn unacked_bytes(&mut self, id: u64) -> Result<Vec<u8>, FlowError> {
+        let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
+        let flow = self.flows.get(slot).ok_or(FlowError::NoSuchFlow(id))?;
+        let queued = self.sockets.get::<tcp::Socket>(flow.handle).send_queue();
+        self.scratch.clear();
+        let mut out = Vec::with_capacity(queued);
+        flow.mirror
+            .copy_last(queued, &mut out)
+            .ok_or(FlowError::WrongMode {
+                id,
+                mode: "unmirrored",
+            })?;
+        Ok(out)
+    }
+
+    /// The smoltcp socket of a flow, for tests and capture.
+    pub fn socket(&self, id: u64) -> Option<(&tcp::Socket<'static>, SocketHandle)> {
+        let flow = self.flows.get(self.flows.find_id(id)?)?;
+        Some((self.sockets.get::<tcp::Socket>(flow.handle), flow.handle))
+    }
+}

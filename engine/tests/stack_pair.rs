@@ -1,0 +1,435 @@
+//! The stack against a smoltcp client, in memory, on virtual time.
+//!
+//! No TUN, no root: every packet the stack emits is handed to a client-side smoltcp interface and
+//! back. These tests pin the engine's behaviour at the packet level: handshake options recorded,
+//! apps byte-exact, RST for closed ports, the connection limit, frozen flows, hostile packets.
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use flowshift::app::{AppConfig, AppKind};
+use flowshift::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+use flowshift::packet::DropReason;
+use flowshift::stack::{ConnectionBudget, Stack, StackConfig};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+
+const CLIENT: Ipv4Address = Ipv4Addr::new(198, 18, 1, 2);
+const SERVICE: Ipv4Address = Ipv4Addr::new(198, 19, 255, 1);
+
+#[derive(Default)]
+struct Pipe {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+impl phy::TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = vec![0; len];
+        let r = f(&mut b);
+        self.0.push_back(b);
+        r
+    }
+}
+impl phy::Device for Pipe {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((Rx(p), Tx(&mut self.tx)))
+    }
+    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ip;
+        c.max_transmission_unit = 1500;
+        c
+    }
+}
+
+/// Sees every client→stack packet; returning false drops it.
+type PacketFilter = Box<dyn FnMut(&mut Vec<u8>) -> bool>;
+
+struct Pair {
+    now: Instant,
+    stack: Stack,
+    client: Interface,
+    pipe: Pipe,
+    sockets: SocketSet<'static>,
+    budget: ConnectionBudget,
+    next_port: u16,
+    /// Applied to every client→stack packet; returning false drops it.
+    filter: Option<PacketFilter>,
+}
+
+impl Pair {
+    fn new(max_connections: usize) -> Self {
+        let now = Instant::from_millis(1_000);
+        let budget = ConnectionBudget::new(max_connections);
+        let service = |port, app, bytes| ServiceConfig {
+            port,
+            app,
+            app_config: AppConfig { bytes },
+        };
+        let stack = Stack::new(
+            StackConfig {
+                worker: 0,
+                addresses: vec![Ipv4Cidr {
+                    addr: SERVICE,
+                    prefix_len: 32,
+                }],
+                services: vec![
+                    service(7, AppKind::Echo, None),
+                    service(9, AppKind::Sink, None),
+                    service(19, AppKind::Source, Some(1_000_000)),
+                    service(80, AppKind::Http, None),
+                ],
+                tcp: TcpConfig::default(),
+                mtu: 1500,
+                max_packet: 1500,
+                frozen_queue_packets: 64,
+                seed: 7,
+            },
+            budget.clone(),
+            now,
+        );
+        let mut pipe = Pipe::default();
+        let mut cfg = Config::new(HardwareAddress::Ip);
+        cfg.random_seed = 11;
+        let mut client = Interface::new(cfg, &mut pipe, now);
+        client.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(CLIENT), 24)).unwrap();
+        });
+        client
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Addr::new(198, 18, 1, 1))
+            .unwrap();
+        Self {
+            now,
+            stack,
+            client,
+            pipe,
+            sockets: SocketSet::new(vec![]),
+            budget,
+            next_port: 40_000,
+            filter: None,
+        }
+    }
+
+    fn connect(&mut self, port: u16) -> SocketHandle {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 256 * 1024]),
+            tcp::SocketBuffer::new(vec![0; 256 * 1024]),
+        );
+        self.next_port += 1;
+        s.connect(
+            self.client.context(),
+            (IpAddress::Ipv4(SERVICE), port),
+            self.next_port,
+        )
+        .unwrap();
+        self.sockets.add(s)
+    }
+
+    /// One millisecond of both sides.
+    fn step(&mut self) {
+        self.client
+            .poll(self.now, &mut self.pipe, &mut self.sockets);
+        while let Some(mut p) = self.pipe.tx.pop_front() {
+            let keep = self.filter.as_mut().is_none_or(|f| f(&mut p));
+            if keep {
+                self.stack.handle_packet(self.now, &p);
+            }
+        }
+        self.stack.poll(self.now);
+        let rx = &mut self.pipe.rx;
+        self.stack.drain_transmit(|p| {
+            if std::env::var("PAIR_TRACE").is_ok() {
+                let ip = smoltcp::wire::Ipv4Packet::new_checked(p).unwrap();
+                let t = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+                eprintln!(
+                    "S->C seq {} ack {} syn {} fin {} rst {} len {}",
+                    t.seq_number(),
+                    t.ack_number(),
+                    t.syn(),
+                    t.fin(),
+                    t.rst(),
+                    t.payload().len()
+                );
+            }
+            rx.push_back(p.to_vec())
+        });
+        self.client
+            .poll(self.now, &mut self.pipe, &mut self.sockets);
+        self.now += Duration::from_millis(1);
+    }
+
+    fn run_until(&mut self, limit_ms: u64, mut done: impl FnMut(&mut Self) -> bool) {
+        for _ in 0..limit_ms {
+            if done(self) {
+                return;
+            }
+            self.step();
+        }
+        panic!("condition not reached within {limit_ms} virtual ms");
+    }
+
+    fn sock(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+}
+
+fn counting(offset: u64, n: usize) -> Vec<u8> {
+    (offset..offset + n as u64)
+        .map(|i| ((i / 8) >> (8 * (i % 8))) as u8)
+        .collect()
+}
+
+#[test]
+fn handshake_is_recorded() {
+    let mut p = Pair::new(100);
+    let h = p.connect(7);
+    p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+    p.step();
+    let conns = p.stack.conns(p.now);
+    assert_eq!(conns.len(), 1);
+    let c = &conns[0];
+    assert_eq!(c.client, SocketAddrV4::new(CLIENT, 40_001));
+    assert_eq!(c.service, SocketAddrV4::new(SERVICE, 7));
+    assert_eq!(c.state, "ESTABLISHED");
+    let syn = c.handshake.client_syn.expect("client SYN recorded");
+    assert_eq!(syn.mss, Some(1460));
+    let synack = c.handshake.our_syn_ack.expect("our SYN-ACK recorded");
+    // 64 KiB receive buffer: smoltcp advertises window scale bitlen(65536) - 16 = 1.
+    assert_eq!(synack.window_scale, Some(1));
+    assert_ne!(synack.isn, 0);
+}
+
+#[test]
+fn echo_is_byte_exact_and_mirrored() {
+    let mut p = Pair::new(100);
+    let h = p.connect(7);
+    let data = counting(0, 300_000);
+    let mut sent = 0;
+    let mut got = Vec::new();
+    p.run_until(20_000, |p| {
+        let s = p.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        got.len() == data.len()
+    });
+    assert_eq!(got, data);
+    let c = &p.stack.conns(p.now)[0];
+    assert_eq!(c.bytes_in, data.len() as u64);
+    assert_eq!(c.bytes_out, data.len() as u64);
+    assert_eq!(p.stack.stats().app_bytes_out, data.len() as u64);
+}
+
+#[test]
+fn source_sends_n_bytes_then_fin() {
+    let mut p = Pair::new(100);
+    let h = p.connect(19);
+    let mut got = Vec::new();
+    p.run_until(20_000, |p| {
+        let s = p.sock(h);
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        !s.may_recv() && s.state() != tcp::State::SynSent && s.state() != tcp::State::Established
+    });
+    assert_eq!(got.len(), 1_000_000);
+    assert!(got == counting(0, 1_000_000), "counting stream mismatch");
+    p.sock(h).close();
+    // We closed first: TIME-WAIT holds the socket for smoltcp's 10 s.
+    p.run_until(15_000, |p| {
+        p.stack.connection_count() == 0 && p.budget.open() == 0
+    });
+    assert_eq!(p.stack.stats().conns_closed, 1);
+}
+
+#[test]
+fn sink_reports_bytes_and_crc() {
+    let mut p = Pair::new(100);
+    let h = p.connect(9);
+    let data = counting(5, 123_457);
+    let mut sent = 0;
+    let mut got = Vec::new();
+    p.run_until(20_000, |p| {
+        let s = p.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+            if sent == data.len() {
+                s.close();
+            }
+        }
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        got.ends_with(b"\n")
+    });
+    let want = format!("{} {:08x}\n", data.len(), crc32fast::hash(&data));
+    assert_eq!(String::from_utf8(got).unwrap(), want);
+}
+
+#[test]
+fn closed_port_gets_rst_and_limit_is_enforced() {
+    let mut p = Pair::new(2);
+    let closed = p.connect(4444);
+    p.run_until(100, |p| p.sock(closed).state() == tcp::State::Closed);
+    assert_eq!(p.stack.stats().refused_no_service, 1);
+
+    let a = p.connect(7);
+    let b = p.connect(7);
+    p.run_until(100, |p| {
+        p.sock(a).state() == tcp::State::Established && p.sock(b).state() == tcp::State::Established
+    });
+    let c = p.connect(7);
+    p.run_until(100, |p| p.sock(c).state() == tcp::State::Closed);
+    assert_eq!(p.stack.stats().refused_limit, 1);
+    assert_eq!(p.stack.connection_count(), 2);
+    // The two admitted connections still work.
+    p.sock(a).send_slice(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    p.run_until(100, |p| p.sock(a).recv_slice(&mut got).unwrap_or(0) == 4);
+    assert_eq!(&got, b"ping");
+    // Closing one frees a slot.
+    p.sock(b).close();
+    p.run_until(2_000, |p| p.budget.open() == 1);
+    let d = p.connect(7);
+    p.run_until(100, |p| p.sock(d).state() == tcp::State::Established);
+}
+
+#[test]
+fn frozen_flow_queues_then_resumes() {
+    let mut p = Pair::new(10);
+    let h = p.connect(7);
+    p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+    let id = p.stack.conns(p.now)[0].id;
+    p.stack.freeze(id).unwrap();
+    p.sock(h).send_slice(b"hello while frozen").unwrap();
+    for _ in 0..50 {
+        p.step();
+    }
+    assert_eq!(
+        p.sock(h).recv_queue(),
+        0,
+        "nothing may be delivered while frozen"
+    );
+    assert_eq!(p.stack.conns(p.now)[0].mode, "frozen");
+    let replayed = p.stack.thaw(p.now, id).unwrap();
+    assert!(replayed >= 1);
+    let mut got = Vec::new();
+    p.run_until(5_000, |p| {
+        let mut b = [0u8; 64];
+        let n = p.sock(h).recv_slice(&mut b).unwrap();
+        got.extend_from_slice(&b[..n]);
+        got.len() == 18
+    });
+    assert_eq!(&got, b"hello while frozen");
+    assert_eq!(
+        p.stack.stats().dropped[DropReason::FrozenQueueFull.index()],
+        0
+    );
+}
+
+#[test]
+fn corrupted_packets_are_counted_and_do_not_disturb() {
+    let mut p = Pair::new(10);
+    let h = p.connect(7);
+    // Corrupt every 7th client packet: TCP retransmits, the bytes still arrive exactly.
+    let mut n = 0u32;
+    p.filter = Some(Box::new(move |pkt| {
+        n += 1;
+        if n.is_multiple_of(7) {
+            let last = pkt.len() - 1;
+            pkt[last] ^= 0x5a;
+        }
+        true
+    }));
+    let data = counting(0, 50_000);
+    let mut sent = 0;
+    let mut got = Vec::new();
+    p.run_until(60_000, |p| {
+        let s = p.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        got.len() == data.len()
+    });
+    assert!(got == data);
+    assert!(p.stack.stats().dropped[DropReason::BadChecksum.index()] > 0);
+    // Garbage of every shape.
+    for len in 0..80usize {
+        let junk: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
+        p.stack.handle_packet(p.now, &junk);
+        let mut v4 = junk.clone();
+        if !v4.is_empty() {
+            v4[0] = 0x45;
+        }
+        p.stack.handle_packet(p.now, &v4);
+    }
+    p.step();
+    assert_eq!(p.sock(h).state(), tcp::State::Established);
+    assert_eq!(p.stack.connection_count(), 1);
+}
+
+#[test]
+fn shutdown_closes_gracefully() {
+    let mut p = Pair::new(10);
+    let h = p.connect(7);
+    let half_open = p.connect(7);
+    p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+    p.step();
+    // A handshake still in progress when the shutdown begins is refused.
+    p.sock(half_open).abort();
+    let half_open = p.connect(7);
+    p.client.poll(p.now, &mut p.pipe, &mut p.sockets);
+    while let Some(pkt) = p.pipe.tx.pop_front() {
+        p.stack.handle_packet(p.now, &pkt);
+    }
+    p.stack.begin_shutdown();
+    p.run_until(1_000, |p| !p.sock(h).may_recv());
+    p.run_until(1_000, |p| p.sock(half_open).state() == tcp::State::Closed);
+    p.sock(h).close();
+    p.run_until(2_000, |p| p.stack.live_connection_count() == 0);
+    // New connections are refused while shutting down.
+    let late = p.connect(7);
+    p.run_until(100, |p| p.sock(late).state() == tcp::State::Closed);
+    assert_eq!(p.stack.stats().refused_shutdown, 1);
+}
