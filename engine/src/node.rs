@@ -104,10 +104,36 @@ struct Worker {
     tun: SyncDevice,
     stack: Stack,
     poll: Poll,
-    rx: Receiver<WorkerMsg>,
+    control: Receiver<WorkerMsg>,
     clock: Clock,
     tun_write_errors: Arc<AtomicU64>,
-    buf: Vec<u8>,
+    packets: RxBuffers,
+    gro: tun_rs::GROTable,
+}
+
+/// Receive buffers: one packet at a time, or, with TUN offload, a large GSO packet split into
+/// MTU-sized ones.
+struct RxBuffers {
+    offload: bool,
+    raw: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+}
+
+impl RxBuffers {
+    fn new(offload: bool, mtu: usize) -> Self {
+        let (n, size) = if offload {
+            (tun_rs::IDEAL_BATCH_SIZE, mtu + 64)
+        } else {
+            (0, 0)
+        };
+        Self {
+            offload,
+            raw: vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65536],
+            bufs: vec![vec![0u8; size]; n],
+            sizes: vec![0; n],
+        }
+    }
 }
 
 impl Worker {
@@ -121,8 +147,7 @@ impl Worker {
             let timeout = if more_to_read {
                 Duration::ZERO
             } else {
-                let at = self.stack.poll_at(now);
-                Duration::from_micros((at - now).total_micros())
+                Duration::from_micros(self.stack.poll_delay(now).total_micros())
             };
             let timeout = match shutdown {
                 Some(_) => timeout.min(Duration::from_millis(50)),
@@ -136,7 +161,7 @@ impl Worker {
             }
             let now = self.clock.now();
             more_to_read = self.read_batch(now);
-            while let Ok(msg) = self.rx.try_recv() {
+            while let Ok(msg) = self.control.try_recv() {
                 match msg {
                     WorkerMsg::Conns(reply) => {
                         let _ = reply.send(self.stack.conns(now));
@@ -195,8 +220,20 @@ impl Worker {
     /// Reads up to a batch of packets; true if the queue may hold more.
     fn read_batch(&mut self, now: Instant) -> bool {
         for _ in 0..READ_BATCH {
-            match self.tun.recv(&mut self.buf) {
-                Ok(n) => self.stack.handle_packet(now, &self.buf[..n]),
+            let rx = &mut self.packets;
+            let got = if rx.offload {
+                self.tun
+                    .recv_multiple(&mut rx.raw, &mut rx.bufs, &mut rx.sizes, 0)
+            } else {
+                self.tun.recv(&mut rx.raw)
+            };
+            match got {
+                Ok(n) if rx.offload => {
+                    for i in 0..n {
+                        self.stack.handle_packet(now, &rx.bufs[i][..rx.sizes[i]]);
+                    }
+                }
+                Ok(n) => self.stack.handle_packet(now, &rx.raw[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -211,13 +248,28 @@ impl Worker {
     fn flush(&mut self) {
         let tun = &self.tun;
         let errors = &self.tun_write_errors;
-        self.stack.drain_transmit(|packet| {
-            if let Err(e) = tun.send(packet)
-                && (errors.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
-            {
+        let gro = &mut self.gro;
+        let report = |e: io::Error| {
+            if (errors.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two() {
                 tracing::warn!(error = %e, "TUN write failed");
             }
-        });
+        };
+        if self.packets.offload {
+            // The TUN device coalesces consecutive segments of a flow into one GSO write.
+            self.stack.drain_transmit_batch(|bufs, headroom| {
+                for chunk in bufs.chunks_mut(tun_rs::IDEAL_BATCH_SIZE) {
+                    if let Err(e) = tun.send_multiple(gro, chunk, headroom) {
+                        report(e);
+                    }
+                }
+            });
+        } else {
+            self.stack.drain_transmit(|packet| {
+                if let Err(e) = tun.send(packet) {
+                    report(e);
+                }
+            });
+        }
     }
 }
 
@@ -440,6 +492,11 @@ pub fn run(config: Config) -> Result<(), NodeError> {
                 max_packet,
                 frozen_queue_packets: config.limits.frozen_queue_packets,
                 seed: seed.wrapping_add(index as u64),
+                tx_headroom: if config.tun.offload {
+                    tun_rs::VIRTIO_NET_HDR_LEN
+                } else {
+                    0
+                },
             },
             budget.clone(),
             clock.now(),
@@ -449,10 +506,11 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             tun,
             stack,
             poll,
-            rx,
+            control: rx,
             clock,
             tun_write_errors: tun_write_errors.clone(),
-            buf: vec![0u8; 65536 + 64],
+            packets: RxBuffers::new(config.tun.offload, usize::from(config.tun.mtu)),
+            gro: tun_rs::GROTable::default(),
         };
         let core = cores.get(index % cores.len().max(1)).copied();
         let thread = std::thread::Builder::new()

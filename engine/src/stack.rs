@@ -102,6 +102,8 @@ pub struct StackConfig {
     pub frozen_queue_packets: usize,
     /// Seed for smoltcp's ISNs and ephemeral choices.
     pub seed: u64,
+    /// Bytes kept free in front of every emitted packet (for the driver's virtio-net header).
+    pub tx_headroom: usize,
 }
 
 /// Counters of one stack. Plain integers: the driver exports them on request.
@@ -215,11 +217,12 @@ fn tsval_now() -> u32 {
     TSVAL_MS.with(Cell::get)
 }
 
-/// Packets smoltcp emitted, in reusable buffers.
+/// Packets smoltcp emitted, in reusable buffers, each with `headroom` bytes free in front.
 #[derive(Debug, Default)]
 pub struct TxQueue {
     bufs: Vec<Vec<u8>>,
     len: usize,
+    headroom: usize,
 }
 
 impl TxQueue {
@@ -229,9 +232,9 @@ impl TxQueue {
         }
         let buf = &mut self.bufs[self.len];
         buf.clear();
-        buf.resize(len, 0);
+        buf.resize(self.headroom + len, 0);
         self.len += 1;
-        buf
+        &mut buf[self.headroom..]
     }
 
     /// Number of queued packets.
@@ -325,7 +328,10 @@ impl Stack {
 
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ip);
         iface_config.random_seed = config.seed;
-        let mut tx = TxQueue::default();
+        let mut tx = TxQueue {
+            headroom: config.tx_headroom,
+            ..Default::default()
+        };
         let mut dev = TurnDevice {
             rx: None,
             tx: &mut tx,
@@ -636,11 +642,30 @@ impl Stack {
     /// Hands every packet ready to go to `write`, after the per-flow outbound hook, and empties
     /// the queue.
     pub fn drain_transmit(&mut self, mut write: impl FnMut(&[u8])) {
+        self.drain_transmit_batch(|bufs, headroom| {
+            for b in bufs {
+                write(&b[headroom..]);
+            }
+        });
+    }
+
+    /// Like [`drain_transmit`](Self::drain_transmit), but hands all packets at once, as buffers
+    /// with [`StackConfig::tx_headroom`] free bytes in front, so the driver can batch them (and
+    /// let the TUN device coalesce them). `write` may modify and grow the buffers.
+    pub fn drain_transmit_batch(&mut self, write: impl FnOnce(&mut [Vec<u8>], usize)) {
         let n = self.tx.len;
+        let headroom = self.tx.headroom;
         for i in 0..n {
-            let packet = &self.tx.bufs[i];
-            if let Some(out) = packet::outbound(packet)
-                && let Some(slot) = self.flows.lookup(&out.key)
+            let packet = &self.tx.bufs[i][headroom..];
+            self.stats.packets_out += 1;
+            self.stats.bytes_out += packet.len() as u64;
+            let Some(out) = packet::outbound(packet) else {
+                continue;
+            };
+            if !(out.flags.syn || out.tsval.is_some()) {
+                continue;
+            }
+            if let Some(slot) = self.flows.lookup(&out.key)
                 && let Some(flow) = self.flows.get_mut(slot)
             {
                 if out.flags.syn && out.flags.ack {
@@ -650,20 +675,30 @@ impl Stack {
                     flow.record.our_tsval = out.tsval;
                 }
             }
-            self.stats.packets_out += 1;
-            self.stats.bytes_out += packet.len() as u64;
-            write(packet);
+        }
+        if n > 0 {
+            write(&mut self.tx.bufs[..n], headroom);
         }
         self.tx.len = 0;
     }
 
-    /// When [`poll`](Self::poll) should run next, at the latest.
+    /// When [`poll`](Self::poll) should run next, at the latest (never before `now`).
     pub fn poll_at(&mut self, now: Instant) -> Instant {
-        let smol = self.iface.poll_at(now, &self.sockets);
-        match smol {
+        // smoltcp says "now" as `Instant::from_millis(0)`.
+        let at = match self.iface.poll_at(now, &self.sockets) {
             Some(t) if t < self.next_sweep => t,
             _ => self.next_sweep,
-        }
+        };
+        at.max(now)
+    }
+
+    /// How long the driver may sleep before calling [`poll`](Self::poll).
+    ///
+    /// Use this rather than subtracting instants: smoltcp's `Instant - Instant` is an absolute
+    /// difference.
+    pub fn poll_delay(&mut self, now: Instant) -> Duration {
+        let at = self.poll_at(now);
+        Duration::from_micros((at.total_micros() - now.total_micros()).max(0) as u64)
     }
 
     /// Stops accepting connections and closes every open one (FIN after queued data).

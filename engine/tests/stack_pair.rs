@@ -102,6 +102,7 @@ impl Pair {
                 max_packet: 1500,
                 frozen_queue_packets: 64,
                 seed: 7,
+                tx_headroom: 0,
             },
             budget.clone(),
             now,
@@ -196,6 +197,20 @@ fn counting(offset: u64, n: usize) -> Vec<u8> {
     (offset..offset + n as u64)
         .map(|i| ((i / 8) >> (8 * (i % 8))) as u8)
         .collect()
+}
+
+#[test]
+fn poll_delay_is_never_negative_nor_huge() {
+    let mut p = Pair::new(10);
+    let h = p.connect(19);
+    p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+    for _ in 0..200 {
+        p.step();
+        let d = p.stack.poll_delay(p.now);
+        // The sweep bounds every sleep to a second.
+        assert!(d <= Duration::from_millis(1000), "{d}");
+        assert!(p.stack.poll_at(p.now) >= p.now);
+    }
 }
 
 #[test]

@@ -1,0 +1,180 @@
+//! Load generators on kernel sockets: they run on threads that joined the client namespace.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Bytes moved and the time it took.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub(crate) struct Transfer {
+    /// Application bytes.
+    pub(crate) bytes: u64,
+    /// Wall time, seconds.
+    pub(crate) seconds: f64,
+}
+
+impl Transfer {
+    /// Gigabits per second.
+    pub(crate) fn gbit_s(&self) -> f64 {
+        if self.seconds <= 0.0 {
+            0.0
+        } else {
+            self.bytes as f64 * 8.0 / self.seconds / 1e9
+        }
+    }
+}
+
+/// Reads from a `source` service at `addr` for `duration`.
+pub(crate) fn download(addr: SocketAddr, duration: Duration) -> io::Result<Transfer> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed() < duration {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source closed early",
+            ));
+        }
+        bytes += n as u64;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let _ = s.shutdown(Shutdown::Both);
+    Ok(Transfer { bytes, seconds })
+}
+
+/// Writes to a `sink` service at `addr` for `duration`, half-closes and waits for its
+/// `<bytes> <crc>` line, so the time covers delivery. Checks the byte count it reports.
+pub(crate) fn upload(addr: SocketAddr, duration: Duration) -> io::Result<Transfer> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed() < duration {
+        s.write_all(&buf)?;
+        bytes += buf.len() as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut line = String::new();
+    s.read_to_string(&mut line)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let reported: u64 = line
+        .split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    if reported != bytes {
+        return Err(io::Error::other(format!(
+            "sink reported {reported} bytes, sent {bytes}"
+        )));
+    }
+    Ok(Transfer { bytes, seconds })
+}
+
+/// `flows` parallel downloads; the sum.
+pub(crate) fn parallel_download(
+    addr: SocketAddr,
+    flows: usize,
+    duration: Duration,
+) -> io::Result<Transfer> {
+    let handles: Vec<_> = (0..flows)
+        .map(|_| std::thread::spawn(move || download(addr, duration)))
+        .collect();
+    let mut total = Transfer::default();
+    for h in handles {
+        let t = h
+            .join()
+            .map_err(|_| io::Error::other("download thread panicked"))??;
+        total.bytes += t.bytes;
+        total.seconds = total.seconds.max(t.seconds);
+    }
+    Ok(total)
+}
+
+/// New connections per second: `threads` loops of connect, one byte through `echo`, close.
+pub(crate) fn connection_rate(
+    addr: SocketAddr,
+    threads: usize,
+    duration: Duration,
+) -> io::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (done, failed, stop) = (done.clone(), failed.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                while !stop.load(Ordering::Relaxed) {
+                    let r = (|| -> io::Result<()> {
+                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                        reset_on_close(&s); // no TIME-WAIT pile-up in the client's port range
+                        s.write_all(b"x")?;
+                        s.read_exact(&mut b)?;
+                        Ok(())
+                    })();
+                    match r {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let failed = failed.load(Ordering::Relaxed);
+    if failed > done.load(Ordering::Relaxed) / 100 + 10 {
+        return Err(io::Error::other(format!(
+            "{failed} connection attempts failed"
+        )));
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / secs)
+}
+
+/// SO_LINGER with a zero timeout: `close` sends RST instead of FIN.
+fn reset_on_close(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `l` is a valid linger struct of the size given; `s` is an open socket.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+}
+
+/// Opens `n` idle connections to `addr` (each sends and reads back one byte through `echo`, so
+/// it is fully established on both sides) and returns them.
+pub(crate) fn open_idle(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpStream>> {
+    let mut conns = Vec::with_capacity(n);
+    let mut b = [0u8; 1];
+    for i in 0..n {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| io::Error::new(e.kind(), format!("connection {i}: {e}")))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"i")?;
+        s.read_exact(&mut b)?;
+        conns.push(s);
+    }
+    Ok(conns)
+}

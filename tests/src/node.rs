@@ -1,0 +1,324 @@
+//! Running flowshift nodes in the testbed.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::testbed::{Node, Testbed, TestbedError, wait_timeout};
+
+/// A node config for tests, rendered to the TOML the node reads.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    name: String,
+    mtu: u16,
+    offload: bool,
+    workers: Option<usize>,
+    max_connections: usize,
+    tcp_buffers: Option<usize>,
+    shutdown_timeout_ms: Option<u64>,
+    metrics_listen: Option<String>,
+    services: Vec<(u16, &'static str, Option<u64>)>,
+    extra: String,
+}
+
+impl NodeConfig {
+    /// Node `name` with the standard services: http on 80, echo on 7, sink on 9, source on 19
+    /// (forever), service address 198.19.255.1/32, TUN `fs0`, MTU 1500.
+    pub fn standard(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            mtu: 1500,
+            offload: false,
+            workers: None,
+            max_connections: 100_000,
+            tcp_buffers: None,
+            shutdown_timeout_ms: None,
+            metrics_listen: None,
+            services: vec![
+                (80, "http", None),
+                (7, "echo", None),
+                (9, "sink", None),
+                (19, "source", None),
+            ],
+            extra: String::new(),
+        }
+    }
+
+    /// TUN MTU.
+    pub fn mtu(mut self, mtu: u16) -> Self {
+        self.mtu = mtu;
+        self
+    }
+
+    /// TUN offload.
+    pub fn offload(mut self, on: bool) -> Self {
+        self.offload = on;
+        self
+    }
+
+    /// Worker threads.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = Some(n);
+        self
+    }
+
+    /// `limits.max_connections`.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Both socket buffers, bytes.
+    pub fn tcp_buffers(mut self, bytes: usize) -> Self {
+        self.tcp_buffers = Some(bytes);
+        self
+    }
+
+    /// `node.shutdown_timeout_ms`.
+    pub fn shutdown_timeout_ms(mut self, ms: u64) -> Self {
+        self.shutdown_timeout_ms = Some(ms);
+        self
+    }
+
+    /// Serve `/metrics` over HTTP on `addr` (inside the node namespace).
+    pub fn metrics_listen(mut self, addr: &str) -> Self {
+        self.metrics_listen = Some(addr.to_owned());
+        self
+    }
+
+    /// Adds a `source` service on `port` that sends `bytes` then FIN.
+    pub fn source_bytes(mut self, port: u16, bytes: u64) -> Self {
+        self.services.push((port, "source", Some(bytes)));
+        self
+    }
+
+    /// Appends raw TOML (for sections this builder does not know).
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Renders the TOML, with the control socket at `control_socket`.
+    pub fn to_toml(&self, control_socket: &Path) -> String {
+        let mut s = format!(
+            "[node]\nname = \"{}\"\ncontrol_socket = \"{}\"\n",
+            self.name,
+            control_socket.display()
+        );
+        if let Some(w) = self.workers {
+            s += &format!("workers = {w}\n");
+        }
+        if let Some(ms) = self.shutdown_timeout_ms {
+            s += &format!("shutdown_timeout_ms = {ms}\n");
+        }
+        s += &format!(
+            "[tun]\nname = \"fs0\"\nmtu = {}\nservice_addresses = [\"198.19.255.1/32\"]\noffload = {}\n",
+            self.mtu, self.offload
+        );
+        for (port, app, bytes) in &self.services {
+            s += &format!("[[service]]\nport = {port}\napp = \"{app}\"\n");
+            if let Some(b) = bytes {
+                s += &format!("bytes = {b}\n");
+            }
+        }
+        s += &format!("[limits]\nmax_connections = {}\n", self.max_connections);
+        if let Some(b) = self.tcp_buffers {
+            s += &format!("[tcp]\nrx_buffer = {b}\ntx_buffer = {b}\n");
+        }
+        if let Some(m) = &self.metrics_listen {
+            s += &format!("[metrics]\nlisten = \"{m}\"\n");
+        }
+        s += &self.extra;
+        s
+    }
+}
+
+/// The flowshift binary: `FLOWSHIFT_BIN`, else the workspace's release build, else its debug build.
+pub fn flowshift_bin() -> Result<PathBuf, TestbedError> {
+    if let Some(p) = std::env::var_os("FLOWSHIFT_BIN") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        return Err(TestbedError::Tool(format!(
+            "FLOWSHIFT_BIN={} does not exist",
+            p.display()
+        )));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).to_path_buf()
+        });
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("flowshift");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(TestbedError::Tool(
+        "no flowshift binary: build it first (cargo build --release -p flowshift) or set FLOWSHIFT_BIN".into(),
+    ))
+}
+
+/// A running node. Dropping it kills the node if it still runs.
+#[derive(Debug)]
+pub struct NodeHandle {
+    name: String,
+    child: Option<Child>,
+    bin: PathBuf,
+    control_socket: PathBuf,
+    log: PathBuf,
+    config_path: PathBuf,
+}
+
+impl NodeHandle {
+    pub(crate) fn start(
+        tb: &Testbed,
+        node: Node,
+        config: &NodeConfig,
+    ) -> Result<NodeHandle, TestbedError> {
+        let bin = flowshift_bin()?;
+        let name = config.name().to_owned();
+        let control_socket = tb.dir().join(format!("{name}.sock"));
+        let config_path = tb.dir().join(format!("{name}.toml"));
+        let log = tb.dir().join(format!("{name}.log"));
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |source| TestbedError::Io { what, source }
+        };
+        std::fs::write(&config_path, config.to_toml(&control_socket))
+            .map_err(io("writing node config"))?;
+        let log_file = File::create(&log).map_err(io("creating node log"))?;
+        let mut cmd = tb.node(node).command(bin.to_str().unwrap_or("flowshift"));
+        cmd.args(["node", "--config"])
+            .arg(&config_path)
+            .env(
+                "FLOWSHIFT_LOG",
+                std::env::var("FLOWSHIFT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(io("node log"))?)
+            .stderr(log_file);
+        let child = tb.spawn(cmd)?;
+        let mut h = NodeHandle {
+            name,
+            child: Some(child),
+            bin,
+            control_socket,
+            log,
+            config_path,
+        };
+        h.wait_ready(Duration::from_secs(15))?;
+        Ok(h)
+    }
+
+    fn fail(&self, reason: impl Into<String>) -> TestbedError {
+        TestbedError::Node {
+            node: self.name.clone(),
+            reason: reason.into(),
+            log: self.log(),
+        }
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), TestbedError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(self.fail(format!("exited during startup with {status}")));
+            }
+            if self.control_socket.exists() && self.ctl(&["status"]).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.fail("control socket did not answer within the startup timeout"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Its control socket.
+    pub fn control_socket(&self) -> &Path {
+        &self.control_socket
+    }
+
+    /// Its config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `flowshift ctl --socket … args…` and returns its stdout.
+    pub fn ctl(&self, args: &[&str]) -> Result<String, TestbedError> {
+        let out = Command::new(&self.bin)
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&self.control_socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| TestbedError::Io {
+                what: "running flowshift ctl".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(TestbedError::Command {
+                command: format!("flowshift ctl {}", args.join(" ")),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `flowshift ctl --json args…` and parses the reply.
+    pub fn ctl_json(&self, args: &[&str]) -> Result<serde_json::Value, TestbedError> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let text = self.ctl(&all)?;
+        serde_json::from_str(&text)
+            .map_err(|e| self.fail(format!("ctl {args:?} printed non-JSON: {e}: {text}")))
+    }
+
+    /// Sends SIGTERM and waits (up to 20 s) for the node to exit.
+    pub fn terminate(mut self) -> Result<ExitStatus, TestbedError> {
+        let Some(mut child) = self.child.take() else {
+            return Err(self.fail("already stopped"));
+        };
+        // SAFETY: kill(2) on the node this handle started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        match wait_timeout(&mut child, Duration::from_secs(20)) {
+            Ok(Some(status)) => Ok(status),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(self.fail("did not exit within 20 s of SIGTERM"))
+            }
+        }
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,624 @@
+//! End-to-end tests of one node with real clients (curl, socat, wrk, kernel sockets) in the
+//! namespace testbed. They need root and fail with a message saying so without it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use flowshift_tests::oracle::{CountingVerifier, counting_crc32_hex, counting_fill, crc32_hex};
+use flowshift_tests::testbed::{CLIENT_ADDR, SERVICE_ADDR};
+use flowshift_tests::{Node, NodeConfig, NodeHandle, Testbed, TestbedOptions, ensure_tools};
+
+fn setup(config: NodeConfig) -> (Testbed, NodeHandle) {
+    let tb = Testbed::new(TestbedOptions::default()).expect("testbed");
+    let node = tb.start_node(Node::A, &config).expect("node a");
+    (tb, node)
+}
+
+fn service(port: u16) -> SocketAddr {
+    SocketAddr::from((SERVICE_ADDR, port))
+}
+
+fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect_timeout(&service(port), Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so echo tests are not fooled by patterns.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn stat(node: &NodeHandle, key: &str) -> u64 {
+    let s = node.ctl_json(&["status"]).expect("status");
+    s["stats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stats.{key} in {s}"))
+}
+
+/// A metric's value from `ctl metrics` (Prometheus text), by exact series name.
+fn metric(node: &NodeHandle, series: &str) -> u64 {
+    let text = node.ctl(&["metrics"]).expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+/// Polls `f` every 20 ms until it is true; panics after `secs` (a liveness bound, not a timing
+/// assertion: the conditions are reached in milliseconds when things work).
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "not reached within {secs} s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn curl_downloads_200_mb_byte_exact() {
+    ensure_tools(&["curl"]).unwrap();
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    let n: u64 = 200_000_000;
+    let mut child = tb
+        .spawn({
+            let mut c = tb.client().command("curl");
+            c.args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "120",
+                &format!("http://{SERVICE_ADDR}/bytes/{n}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            c
+        })
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut v = CountingVerifier::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = out.read(&mut buf).unwrap();
+        if k == 0 {
+            break;
+        }
+        v.feed(&buf[..k]).unwrap();
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "curl failed: {status} {err}");
+    assert_eq!(v.offset(), n);
+    assert!(stat(&node, "app_bytes_out") >= n);
+}
+
+#[test]
+fn curl_uploads_100_mb_and_the_crc_matches() {
+    ensure_tools(&["curl"]).unwrap();
+    let (tb, _node) = setup(NodeConfig::standard("a"));
+    let n: u64 = 100_000_000;
+    let mut child = tb
+        .spawn({
+            let mut c = tb.client().command("curl");
+            c.args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "120",
+                "--data-binary",
+                "@-",
+                "-H",
+                "Content-Type: application/octet-stream",
+                &format!("http://{SERVICE_ADDR}/upload"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+            c
+        })
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < n {
+            let k = (n - at).min(buf.len() as u64) as usize;
+            counting_fill(at, &mut buf[..k]);
+            stdin.write_all(&buf[..k]).unwrap();
+            at += k as u64;
+        }
+    });
+    let mut reply = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut reply)
+        .unwrap();
+    writer.join().unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "curl failed; reply {reply:?}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&reply).expect("JSON reply");
+    assert_eq!(json["bytes"].as_u64(), Some(n), "{reply}");
+    assert_eq!(
+        json["crc32"].as_str(),
+        Some(counting_crc32_hex(n).as_str()),
+        "{reply}"
+    );
+}
+
+/// Reads one HTTP/1.1 response with Content-Length; returns (status, body).
+fn read_response(r: &mut BufReader<TcpStream>) -> (u16, Vec<u8>) {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect(&line);
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap();
+    (status, body)
+}
+
+#[test]
+fn a_hundred_keep_alive_clients_make_a_hundred_requests_each() {
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    let ok = tb.client().run(|| {
+        let handles: Vec<_> = (0..100)
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let s = connect(80);
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    let mut ok = 0;
+                    for i in 0..100 {
+                        let n = 1 + (c * 131 + i * 17) % 5000;
+                        write!(w, "GET /bytes/{n} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+                        let (status, body) = read_response(&mut r);
+                        assert_eq!(status, 200);
+                        assert_eq!(body.len(), n);
+                        CountingVerifier::new().feed(&body).unwrap();
+                        ok += 1;
+                    }
+                    ok
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .sum::<usize>()
+    });
+    assert_eq!(ok, 10_000);
+    // Keep-alive: one connection per client.
+    assert_eq!(stat(&node, "conns_accepted"), 100);
+}
+
+#[test]
+fn socat_echo_session_of_10_mb_is_byte_exact() {
+    ensure_tools(&["socat"]).unwrap();
+    let (tb, _node) = setup(NodeConfig::standard("a"));
+    let data = noise(10_000_000, 42);
+    let mut child = tb
+        .spawn({
+            let mut c = tb.client().command("socat");
+            c.args([
+                "-b",
+                "65536",
+                "-t",
+                "10",
+                "-",
+                &format!("TCP:{SERVICE_ADDR}:7"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+            c
+        })
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = data.clone();
+    let writer = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+    let mut got = Vec::new();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    while got.len() < data.len() {
+        let k = out.read(&mut buf).unwrap();
+        assert!(k > 0, "socat closed after {} bytes", got.len());
+        got.extend_from_slice(&buf[..k]);
+    }
+    writer.join().unwrap();
+    assert!(got == data, "echoed bytes differ");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn source_and_sink_through_kernel_sockets() {
+    let n = 10_000_000u64;
+    let (tb, _node) = setup(NodeConfig::standard("a").source_bytes(1919, n));
+    tb.client().run(|| {
+        // source with bytes = N: exactly N bytes of the counting stream, then FIN.
+        let mut s = connect(1919);
+        let mut v = CountingVerifier::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let k = s.read(&mut buf).expect("no reset");
+            if k == 0 {
+                break;
+            }
+            v.feed(&buf[..k]).unwrap();
+        }
+        assert_eq!(v.offset(), n);
+
+        // source forever: read a while, then close.
+        let mut s = connect(19);
+        let mut v = CountingVerifier::new();
+        while v.offset() < 3_000_000 {
+            let k = s.read(&mut buf).unwrap();
+            assert!(k > 0);
+            v.feed(&buf[..k]).unwrap();
+        }
+        drop(s);
+
+        // sink: bytes and CRC after the half-close.
+        let data = noise(7_777_777, 9);
+        let mut s = connect(9);
+        s.write_all(&data).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut line = String::new();
+        s.read_to_string(&mut line).expect("no reset");
+        assert_eq!(line, format!("{} {}\n", data.len(), crc32_hex(&data)));
+    });
+}
+
+#[test]
+fn closed_port_gets_rst() {
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    tb.client().run(|| {
+        let e = TcpStream::connect_timeout(&service(81), Duration::from_secs(5)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    });
+    assert_eq!(
+        metric(
+            &node,
+            "flowshift_connections_refused_total{reason=\"no_service\"}"
+        ),
+        1
+    );
+}
+
+#[test]
+fn max_connections_is_enforced_and_existing_connections_carry_on() {
+    let (tb, node) = setup(NodeConfig::standard("a").max_connections(5));
+    tb.client().run(|| {
+        let mut open: Vec<TcpStream> = (0..5).map(|_| connect(7)).collect();
+        for s in &mut open {
+            s.write_all(b"hi").unwrap();
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(&b, b"hi");
+        }
+        let e = TcpStream::connect_timeout(&service(7), Duration::from_secs(5)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        for s in &mut open {
+            s.write_all(b"still").unwrap();
+            let mut b = [0u8; 5];
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(&b, b"still");
+        }
+        // Closing one frees a slot.
+        drop(open.pop());
+        eventually(10, "a slot frees", || stat(&node, "conns_closed") == 1);
+        let mut s = connect(7);
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+    });
+    assert_eq!(
+        metric(
+            &node,
+            "flowshift_connections_refused_total{reason=\"max_connections\"}"
+        ),
+        1
+    );
+}
+
+/// Builds an IPv4 packet (the kernel fills the IP checksum and length for raw sockets).
+fn ip_packet(proto: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x45, 0, 0, 0, 0x12, 0x34];
+    p.extend_from_slice(&frag.to_be_bytes());
+    p.extend_from_slice(&[64, proto, 0, 0]);
+    p.extend_from_slice(&CLIENT_ADDR.octets());
+    p.extend_from_slice(&SERVICE_ADDR.octets());
+    p.extend_from_slice(payload);
+    let len = p.len() as u16;
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p
+}
+
+/// Sends `packet` from the node namespace to the service address: it is routed into the TUN.
+fn send_raw(packet: &[u8]) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); checked below and owned by `fd`.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(raw >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(SERVICE_ADDR).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: `packet` and `dst` are valid for the lengths given.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&dst as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    assert_eq!(
+        n,
+        packet.len() as isize,
+        "sendto: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn garbage_into_the_tun_does_not_disturb_a_transfer() {
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    let n = 60_000_000u64;
+    std::thread::scope(|s| {
+        let transfer = s.spawn(|| {
+            tb.client().run(|| {
+                let mut c = connect(80);
+                write!(
+                    c,
+                    "GET /bytes/{n} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                let mut r = BufReader::new(c);
+                let (status, body) = read_response(&mut r);
+                assert_eq!(status, 200);
+                CountingVerifier::new().feed(&body).unwrap();
+                body.len() as u64
+            })
+        });
+        eventually(10, "transfer started", || {
+            stat(&node, "conns_accepted") == 1
+        });
+        tb.node_a().run(|| {
+            let mut tcp = vec![0u8; 20];
+            tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+            tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+            tcp[12] = 5 << 4;
+            tcp[13] = 0x02; // SYN, with a checksum of zero: wrong
+            for i in 0..200u16 {
+                let mut t = tcp.clone();
+                t[0..2].copy_from_slice(&(40000 + i).to_be_bytes());
+                send_raw(&ip_packet(6, 0, &t)); // bad TCP checksum
+                send_raw(&ip_packet(17, 0, &[0, 53, 0, 53, 0, 12, 0, 0, 1, 2, 3, 4])); // UDP
+                send_raw(&ip_packet(6, 0x2000, &t)); // first fragment
+                send_raw(&ip_packet(6, 0, &t[..9])); // truncated TCP header
+                let mut long = t.clone();
+                long[12] = 15 << 4; // data offset beyond the packet
+                send_raw(&ip_packet(6, 0, &long));
+            }
+        });
+        assert_eq!(transfer.join().expect("transfer"), n);
+    });
+    for (reason, at_least) in [
+        ("bad_checksum", 200),
+        ("not_tcp", 200),
+        ("fragment", 200),
+        ("malformed", 400),
+    ] {
+        let got = metric(
+            &node,
+            &format!("flowshift_packets_dropped_total{{reason=\"{reason}\"}}"),
+        );
+        assert!(got >= at_least, "{reason}: {got} < {at_least}");
+    }
+    // None of the garbage became a connection.
+    assert_eq!(stat(&node, "conns_accepted"), 1);
+}
+
+#[test]
+fn ctl_conns_shows_live_connections_with_byte_counts() {
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    tb.client().run(|| {
+        let mut echo = connect(7);
+        let data = noise(12_345, 1);
+        echo.write_all(&data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        echo.read_exact(&mut back).unwrap();
+        assert_eq!(back, data);
+        let mut sink = connect(9);
+        sink.write_all(&noise(54_321, 2)).unwrap();
+
+        let echo_client = echo.local_addr().unwrap().to_string();
+        let sink_client = sink.local_addr().unwrap().to_string();
+        let find = |conns: &serde_json::Value, client: &str| -> serde_json::Value {
+            conns
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["client"] == client)
+                .cloned()
+                .unwrap_or_default()
+        };
+        eventually(10, "sink bytes counted", || {
+            let conns = node.ctl_json(&["conns"]).unwrap();
+            find(&conns, &sink_client)["bytes_in"] == 54_321
+        });
+        let conns = node.ctl_json(&["conns"]).unwrap();
+        assert_eq!(conns.as_array().unwrap().len(), 2, "{conns}");
+        let e = find(&conns, &echo_client);
+        assert_eq!(e["service"], format!("{SERVICE_ADDR}:7"));
+        assert_eq!(e["app"], "echo");
+        assert_eq!(e["state"], "ESTABLISHED");
+        assert_eq!(e["bytes_in"], 12_345);
+        assert_eq!(e["bytes_out"], 12_345);
+        assert_eq!(e["send_queue"], 0);
+        let s = find(&conns, &sink_client);
+        assert_eq!(s["app"], "sink");
+        assert_eq!(s["bytes_out"], 0);
+        let table = node.ctl(&["conns"]).unwrap();
+        assert!(
+            table.contains(&echo_client) && table.contains(&sink_client),
+            "{table}"
+        );
+        assert!(table.contains("2 connection(s)"), "{table}");
+        drop((echo, sink));
+    });
+}
+
+#[test]
+fn sigterm_closes_gracefully_and_leaves_nothing_behind() {
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    let socket = node.control_socket().to_owned();
+    let names = tb.namespace_names();
+    let status = tb.client().run(|| {
+        let mut s = connect(19);
+        let mut buf = vec![0u8; 1 << 16];
+        s.read_exact(&mut buf).unwrap();
+        let status = node.terminate().expect("node stops");
+        // The open connection was closed with FIN, not reset: reading ends with EOF.
+        let mut v = CountingVerifier::new();
+        v.feed(&buf).unwrap();
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => v.feed(&buf[..k]).unwrap(),
+                Err(e) => panic!("connection reset instead of closed: {e}"),
+            }
+        }
+        status
+    });
+    assert!(status.success(), "node exited with {status}");
+    assert!(
+        tb.node_a().ip(&["link", "show", "fs0"]).is_err(),
+        "TUN device left behind"
+    );
+    let routes = tb.node_a().ip(&["route", "show"]).unwrap();
+    assert!(
+        !routes.contains(&SERVICE_ADDR.to_string()),
+        "route left behind: {routes}"
+    );
+    assert!(!socket.exists(), "control socket left behind");
+    drop(tb);
+    let left = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    for n in names {
+        assert!(!left.contains(&n), "namespace {n} left behind");
+    }
+}
+
+#[test]
+fn wrk_keep_alive_load_has_no_errors() {
+    ensure_tools(&["wrk"]).unwrap();
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    let out = tb
+        .client()
+        .exec(
+            "wrk",
+            &[
+                "-t1",
+                "-c10",
+                "-d2s",
+                &format!("http://{SERVICE_ADDR}/health"),
+            ],
+        )
+        .expect("wrk");
+    assert!(!out.contains("Socket errors"), "{out}");
+    assert!(!out.contains("Non-2xx"), "{out}");
+    let requests: u64 = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in")
+                .map(|(n, _)| n.trim().parse().unwrap_or(0))
+        })
+        .expect(&out);
+    assert!(requests > 0, "{out}");
+    // wrk opens its 10 connections (and may probe with one more before it starts).
+    assert!((10..=11).contains(&stat(&node, "conns_accepted")));
+    assert_eq!(
+        metric(
+            &node,
+            "flowshift_connections_refused_total{reason=\"max_connections\"}"
+        ),
+        0
+    );
+}
+
+#[test]
+fn metrics_are_served_over_http_and_control_survives_garbage() {
+    ensure_tools(&["curl"]).unwrap();
+    let (tb, node) = setup(NodeConfig::standard("a").metrics_listen("127.0.0.1:9464"));
+    let text = tb
+        .node_a()
+        .exec("curl", &["-sS", "--fail", "http://127.0.0.1:9464/metrics"])
+        .unwrap();
+    assert!(text.contains("flowshift_tun_packets_in_total"), "{text}");
+    assert!(text.contains("# EOF"), "{text}");
+    // Garbage on the control socket gets an error reply and the node carries on.
+    let mut s = std::os::unix::net::UnixStream::connect(node.control_socket()).unwrap();
+    s.write_all(b"{\"cmd\":\"reboot\"}\n\x00\x01garbage\n")
+        .unwrap();
+    let mut r = BufReader::new(s);
+    for _ in 0..2 {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"ok\":false"), "{line}");
+    }
+    assert!(node.ctl(&["status"]).unwrap().contains("max_connections"));
+}
