@@ -80,8 +80,8 @@ pub struct TunConfig {
     pub mtu: u16,
     /// Addresses this node serves; each is routed into the TUN device.
     pub service_addresses: Vec<Ipv4Cidr>,
-    /// Use TUN offload (`IFF_VNET_HDR`, TSO/GSO) so the kernel can hand over and take back
-    /// large segments.
+    /// Use TUN offload (`IFF_VNET_HDR`): smoltcp emits TCP segments of up to 64 KB that the
+    /// kernel cuts at the MTU (TSO), and reads take the kernel's GSO packets apart. Default: on.
     pub offload: bool,
 }
 
@@ -187,8 +187,7 @@ struct RawTun {
     name: String,
     mtu: Option<u32>,
     service_addresses: Vec<String>,
-    #[serde(default)]
-    offload: bool,
+    offload: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -385,7 +384,7 @@ impl Config {
                 name: raw.tun.name,
                 mtu: mtu as u16,
                 service_addresses,
-                offload: raw.tun.offload,
+                offload: raw.tun.offload.unwrap_or(true),
             },
             services,
             limits,

@@ -16,5 +16,6 @@ pub mod flow;
 pub mod metrics;
 pub mod netlink;
 pub mod node;
+pub mod offload;
 pub mod packet;
 pub mod stack;

@@ -23,12 +23,15 @@ use crate::config::Config;
 use crate::control::{self, Handler, Reply, Request};
 use crate::metrics::{self, NodeGauges};
 use crate::netlink;
+use crate::offload;
 use crate::stack::{ConnInfo, ConnectionBudget, FlowError, Stack, StackConfig, StackStats};
 
 const TUN: Token = Token(0);
 const WAKER: Token = Token(1);
 /// Packets read per turn before the worker serves its stack (fairness, bounded latency).
 const READ_BATCH: usize = 256;
+/// Largest TCP segment handed to the kernel for segmentation (TSO), IP header included.
+const TSO_MAX: usize = 65_000;
 
 /// Errors that stop a node from starting.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +111,6 @@ struct Worker {
     clock: Clock,
     tun_write_errors: Arc<AtomicU64>,
     packets: RxBuffers,
-    gro: tun_rs::GROTable,
 }
 
 /// Receive buffers: one packet at a time, or, with TUN offload, a large GSO packet split into
@@ -248,21 +250,24 @@ impl Worker {
     fn flush(&mut self) {
         let tun = &self.tun;
         let errors = &self.tun_write_errors;
-        let gro = &mut self.gro;
         let report = |e: io::Error| {
             if (errors.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two() {
                 tracing::warn!(error = %e, "TUN write failed");
             }
         };
         if self.packets.offload {
-            // The TUN device coalesces consecutive segments of a flow into one GSO write.
-            self.stack.drain_transmit_batch(|bufs, headroom| {
-                for chunk in bufs.chunks_mut(tun_rs::IDEAL_BATCH_SIZE) {
-                    if let Err(e) = tun.send_multiple(gro, chunk, headroom) {
-                        report(e);
+            self.stack
+                .drain_transmit_batch(|bufs, gso_sizes, headroom| {
+                    // Every packet gets its virtio-net header: TSO for smoltcp's large segments,
+                    // and a checksum request for all (smoltcp leaves TCP checksums to the device).
+                    for (buf, &gso) in bufs.iter_mut().zip(gso_sizes) {
+                        let sent = offload::prepare(buf, headroom, gso)
+                            .and_then(|()| tun.send(&buf[headroom - offload::VNET_HDR_LEN..]));
+                        if let Err(e) = sent {
+                            report(e);
+                        }
                     }
-                }
-            });
+                });
         } else {
             self.stack.drain_transmit(|packet| {
                 if let Err(e) = tun.send(packet) {
@@ -493,10 +498,11 @@ pub fn run(config: Config) -> Result<(), NodeError> {
                 frozen_queue_packets: config.limits.frozen_queue_packets,
                 seed: seed.wrapping_add(index as u64),
                 tx_headroom: if config.tun.offload {
-                    tun_rs::VIRTIO_NET_HDR_LEN
+                    offload::VNET_HDR_LEN
                 } else {
                     0
                 },
+                tso_max: config.tun.offload.then_some(TSO_MAX),
             },
             budget.clone(),
             clock.now(),
@@ -510,7 +516,6 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             clock,
             tun_write_errors: tun_write_errors.clone(),
             packets: RxBuffers::new(config.tun.offload, usize::from(config.tun.mtu)),
-            gro: tun_rs::GROTable::default(),
         };
         let core = cores.get(index % cores.len().max(1)).copied();
         let thread = std::thread::Builder::new()

@@ -104,6 +104,10 @@ pub struct StackConfig {
     pub seed: u64,
     /// Bytes kept free in front of every emitted packet (for the driver's virtio-net header).
     pub tx_headroom: usize,
+    /// Largest TCP segment smoltcp may emit for the device to split (TSO), or `None` to
+    /// segment at the MTU. Packets larger than the MTU carry their segment size in
+    /// [`TxQueue`]'s per-packet `gso_size`.
+    pub tso_max: Option<usize>,
 }
 
 /// Counters of one stack. Plain integers: the driver exports them on request.
@@ -221,15 +225,19 @@ fn tsval_now() -> u32 {
 #[derive(Debug, Default)]
 pub struct TxQueue {
     bufs: Vec<Vec<u8>>,
+    /// Per packet: the segment size the device must split it into (0: send as is).
+    gso_sizes: Vec<u16>,
     len: usize,
     headroom: usize,
 }
 
 impl TxQueue {
-    fn push(&mut self, len: usize) -> &mut [u8] {
+    fn push(&mut self, len: usize, gso_size: u16) -> &mut [u8] {
         if self.len == self.bufs.len() {
             self.bufs.push(Vec::new());
+            self.gso_sizes.push(0);
         }
+        self.gso_sizes[self.len] = gso_size;
         let buf = &mut self.bufs[self.len];
         buf.clear();
         buf.resize(self.headroom + len, 0);
@@ -256,7 +264,10 @@ struct TurnDevice<'a> {
 }
 
 struct RxToken<'a>(&'a [u8]);
-struct TxToken<'a>(&'a mut TxQueue);
+struct TxToken<'a> {
+    queue: &'a mut TxQueue,
+    gso_size: u16,
+}
 
 impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -266,7 +277,11 @@ impl phy::RxToken for RxToken<'_> {
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        f(self.0.push(len))
+        f(self.queue.push(len, self.gso_size))
+    }
+
+    fn set_meta(&mut self, meta: phy::PacketMeta) {
+        self.gso_size = meta.segmentation_offload_size.map_or(0, |s| s.get());
     }
 }
 
@@ -282,11 +297,20 @@ impl phy::Device for TurnDevice<'_> {
 
     fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let rx = self.rx.take()?;
-        Some((RxToken(rx), TxToken(self.tx)))
+        Some((
+            RxToken(rx),
+            TxToken {
+                queue: self.tx,
+                gso_size: 0,
+            },
+        ))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
-        Some(TxToken(self.tx))
+        Some(TxToken {
+            queue: self.tx,
+            gso_size: 0,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -324,6 +348,12 @@ impl Stack {
         let mut checksum = ChecksumCapabilities::default();
         checksum.ipv4 = Checksum::Tx;
         checksum.tcp = Checksum::Tx;
+        if let Some(max) = config.tso_max.and_then(std::num::NonZeroUsize::new) {
+            caps.segmentation.tcpv4 = Some(max);
+            // smoltcp requires TCP checksum offload with TSO: the driver asks the kernel to
+            // complete every TCP checksum (see `offload::prepare`).
+            checksum.tcp = Checksum::None;
+        }
         caps.checksum = checksum;
 
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ip);
@@ -642,7 +672,7 @@ impl Stack {
     /// Hands every packet ready to go to `write`, after the per-flow outbound hook, and empties
     /// the queue.
     pub fn drain_transmit(&mut self, mut write: impl FnMut(&[u8])) {
-        self.drain_transmit_batch(|bufs, headroom| {
+        self.drain_transmit_batch(|bufs, _gso, headroom| {
             for b in bufs {
                 write(&b[headroom..]);
             }
@@ -651,8 +681,9 @@ impl Stack {
 
     /// Like [`drain_transmit`](Self::drain_transmit), but hands all packets at once, as buffers
     /// with [`StackConfig::tx_headroom`] free bytes in front, so the driver can batch them (and
-    /// let the TUN device coalesce them). `write` may modify and grow the buffers.
-    pub fn drain_transmit_batch(&mut self, write: impl FnOnce(&mut [Vec<u8>], usize)) {
+    /// let the TUN device coalesce them), with each packet's TSO segment size (0: none; see
+    /// [`StackConfig::tso_max`]). `write` may modify and grow the buffers.
+    pub fn drain_transmit_batch(&mut self, write: impl FnOnce(&mut [Vec<u8>], &[u16], usize)) {
         let n = self.tx.len;
         let headroom = self.tx.headroom;
         for i in 0..n {
@@ -677,7 +708,7 @@ impl Stack {
             }
         }
         if n > 0 {
-            write(&mut self.tx.bufs[..n], headroom);
+            write(&mut self.tx.bufs[..n], &self.tx.gso_sizes[..n], headroom);
         }
         self.tx.len = 0;
     }

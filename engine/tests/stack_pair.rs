@@ -103,6 +103,7 @@ impl Pair {
                 frozen_queue_packets: 64,
                 seed: 7,
                 tx_headroom: 0,
+                tso_max: None,
             },
             budget.clone(),
             now,

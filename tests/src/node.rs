@@ -24,12 +24,13 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// Node `name` with the standard services: http on 80, echo on 7, sink on 9, source on 19
-    /// (forever), service address 198.19.255.1/32, TUN `fs0`, MTU 1500.
+    /// (forever), service address 198.19.255.1/32, TUN `fs0`, MTU 1500, offload on (the node's
+    /// defaults).
     pub fn standard(name: &str) -> Self {
         Self {
             name: name.to_owned(),
             mtu: 1500,
-            offload: false,
+            offload: true,
             workers: None,
             max_connections: 100_000,
             tcp_buffers: None,

@@ -71,8 +71,17 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn curl_downloads_200_mb_byte_exact() {
+    curl_download(NodeConfig::standard("a"));
+}
+
+#[test]
+fn curl_downloads_200_mb_byte_exact_without_tun_offload() {
+    curl_download(NodeConfig::standard("a").offload(false));
+}
+
+fn curl_download(config: NodeConfig) {
     ensure_tools(&["curl"]).unwrap();
-    let (tb, node) = setup(NodeConfig::standard("a"));
+    let (tb, node) = setup(config);
     let n: u64 = 200_000_000;
     let mut child = tb
         .spawn({
@@ -114,8 +123,17 @@ fn curl_downloads_200_mb_byte_exact() {
 
 #[test]
 fn curl_uploads_100_mb_and_the_crc_matches() {
+    curl_upload(NodeConfig::standard("a"));
+}
+
+#[test]
+fn curl_uploads_100_mb_and_the_crc_matches_without_tun_offload() {
+    curl_upload(NodeConfig::standard("a").offload(false));
+}
+
+fn curl_upload(config: NodeConfig) {
     ensure_tools(&["curl"]).unwrap();
-    let (tb, _node) = setup(NodeConfig::standard("a"));
+    let (tb, _node) = setup(config);
     let n: u64 = 100_000_000;
     let mut child = tb
         .spawn({

@@ -1,0 +1,217 @@
+//! Load reports carried by heartbeats.
+//!
+//! ```text
+//! version (u8) = 1
+//! cpu busy (u16 LE, basis points 0..=10000)
+//! connections, bytes/s in, bytes/s out (varints)
+//! extensions: (type varint, length varint, value)*   — unknown types are skipped
+//!   type 1 = forecast: horizon ms (varint), cpu busy (u16 LE bp), connections (varint)
+//! ```
+//!
+//! New optional fields are added as new extension types without a version change; a
+//! change of the fixed part bumps the version, and a receiver rejects versions it does not
+//! know.
+
+use std::time::Duration;
+
+use crate::wire::WireError;
+use crate::wire::coding::{Reader, VARINT_MAX, Writer, varint_len};
+
+/// Version of the load report encoding.
+pub const LOAD_REPORT_VERSION: u8 = 1;
+const EXT_FORECAST: u64 = 1;
+const BP_MAX: u16 = 10_000;
+
+/// A node's load, as its heartbeats announce it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadReport {
+    /// Fraction of CPU time busy, 0.0 to 1.0 (sent with 10^-4 resolution, clamped).
+    pub cpu_busy: f32,
+    /// Connections the node terminates.
+    pub connections: u64,
+    /// Bytes per second received.
+    pub bytes_in_per_sec: u64,
+    /// Bytes per second sent.
+    pub bytes_out_per_sec: u64,
+    /// The node's own forecast, if it makes one.
+    pub forecast: Option<LoadForecast>,
+}
+
+/// A forecast of load some time ahead.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadForecast {
+    /// How far ahead (millisecond resolution on the wire).
+    pub horizon: Duration,
+    /// Predicted CPU busy fraction.
+    pub cpu_busy: f32,
+    /// Predicted connections.
+    pub connections: u64,
+}
+
+fn to_bp(f: f32) -> u16 {
+    if f.is_nan() {
+        0
+    } else {
+        // Clamped to 0..=10000 first, so the cast is exact.
+        (f.clamp(0.0, 1.0) * f32::from(BP_MAX)).round() as u16
+    }
+}
+
+fn from_bp(bp: u16) -> Result<f32, WireError> {
+    if bp > BP_MAX {
+        Err(WireError::Malformed)
+    } else {
+        Ok(f32::from(bp) / f32::from(BP_MAX))
+    }
+}
+
+fn clamp62(v: u64) -> u64 {
+    v.min(VARINT_MAX)
+}
+
+impl LoadForecast {
+    fn horizon_ms(&self) -> u64 {
+        clamp62(u64::try_from(self.horizon.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn encoded_len(&self) -> usize {
+        varint_len(self.horizon_ms()) + 2 + varint_len(clamp62(self.connections))
+    }
+}
+
+impl LoadReport {
+    /// Encoded length in bytes.
+    pub fn encoded_len(&self) -> usize {
+        let mut n = 1
+            + 2
+            + varint_len(clamp62(self.connections))
+            + varint_len(clamp62(self.bytes_in_per_sec))
+            + varint_len(clamp62(self.bytes_out_per_sec));
+        if let Some(f) = &self.forecast {
+            let l = f.encoded_len();
+            n += varint_len(EXT_FORECAST) + varint_len(l as u64) + l;
+        }
+        n
+    }
+
+    /// Encodes the report (integers above 2^62 - 1 are clamped).
+    pub fn encode(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        w.u8(LOAD_REPORT_VERSION)?;
+        w.u16_le(to_bp(self.cpu_busy))?;
+        w.varint(clamp62(self.connections))?;
+        w.varint(clamp62(self.bytes_in_per_sec))?;
+        w.varint(clamp62(self.bytes_out_per_sec))?;
+        if let Some(f) = &self.forecast {
+            w.varint(EXT_FORECAST)?;
+            w.varint(f.encoded_len() as u64)?;
+            w.varint(f.horizon_ms())?;
+            w.u16_le(to_bp(f.cpu_busy))?;
+            w.varint(clamp62(f.connections))?;
+        }
+        Ok(())
+    }
+
+    /// The encoding as a new vector.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.encoded_len()];
+        let mut w = Writer::new(&mut out);
+        // The buffer has exactly `encoded_len` bytes and every value is clamped.
+        self.encode(&mut w).expect("sized by encoded_len");
+        out
+    }
+
+    /// Decodes a report; unknown extensions are skipped.
+    pub fn decode(bytes: &[u8]) -> Result<LoadReport, WireError> {
+        let mut r = Reader::new(bytes);
+        let version = r.u8()?;
+        if version != LOAD_REPORT_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let mut report = LoadReport {
+            cpu_busy: from_bp(r.u16_le()?)?,
+            connections: r.varint()?,
+            bytes_in_per_sec: r.varint()?,
+            bytes_out_per_sec: r.varint()?,
+            forecast: None,
+        };
+        while !r.is_empty() {
+            let ty = r.varint()?;
+            let value = r.length_prefixed()?;
+            if ty == EXT_FORECAST {
+                let mut v = Reader::new(value);
+                let forecast = LoadForecast {
+                    horizon: Duration::from_millis(v.varint()?),
+                    cpu_busy: from_bp(v.u16_le()?)?,
+                    connections: v.varint()?,
+                };
+                if !v.is_empty() {
+                    return Err(WireError::Malformed);
+                }
+                report.forecast = Some(forecast);
+            }
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_with_and_without_forecast() {
+        let mut r = LoadReport {
+            cpu_busy: 0.25,
+            connections: 1234,
+            bytes_in_per_sec: 10_000_000,
+            bytes_out_per_sec: 1,
+            forecast: None,
+        };
+        let bytes = r.to_bytes();
+        assert_eq!(bytes.len(), r.encoded_len());
+        assert_eq!(&bytes[..3], &[1, 0xc4, 0x09]); // version, 2500 bp
+        assert_eq!(LoadReport::decode(&bytes), Ok(r.clone()));
+        r.forecast = Some(LoadForecast {
+            horizon: Duration::from_secs(30),
+            cpu_busy: 0.9,
+            connections: 2000,
+        });
+        assert_eq!(LoadReport::decode(&r.to_bytes()), Ok(r));
+    }
+
+    #[test]
+    fn clamps_and_skips_unknown_extensions() {
+        let r = LoadReport {
+            cpu_busy: f32::NAN,
+            connections: u64::MAX,
+            ..Default::default()
+        };
+        let d = LoadReport::decode(&r.to_bytes()).unwrap();
+        assert_eq!(d.cpu_busy, 0.0);
+        assert_eq!(d.connections, VARINT_MAX);
+        let r = LoadReport {
+            cpu_busy: 7.0,
+            ..Default::default()
+        };
+        let mut bytes = r.to_bytes();
+        bytes.extend_from_slice(&[9, 2, 0xaa, 0xbb]); // extension 9, two bytes
+        assert_eq!(LoadReport::decode(&bytes).unwrap().cpu_busy, 1.0);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert_eq!(LoadReport::decode(&[]), Err(WireError::Truncated));
+        assert_eq!(
+            LoadReport::decode(&[2, 0, 0, 0, 0, 0]),
+            Err(WireError::Version(2))
+        );
+        assert_eq!(
+            LoadReport::decode(&[1, 0x11, 0x27, 0, 0, 0]),
+            Err(WireError::Malformed)
+        );
+        assert_eq!(
+            LoadReport::decode(&[1, 0, 0, 0, 0, 0, 9, 5]),
+            Err(WireError::Truncated)
+        );
+    }
+}
