@@ -30,6 +30,14 @@ struct Cli {
 enum Command {
     /// flowshift against the kernel's own TCP on the same topology, in one run.
     Throughput(throughput::Args),
+    /// The kernel baseline's servers (source :19, sink :9, echo :7) on an address; runs until
+    /// killed. The throughput benchmark starts it in node-a.
+    #[command(hide = true)]
+    KernelServer {
+        /// Address to serve on.
+        #[arg(long)]
+        addr: Ipv4Addr,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +45,15 @@ fn main() -> anyhow::Result<()> {
     raise_nofile_limit();
     match cli.command {
         Command::Throughput(args) => throughput::run(args),
+        Command::KernelServer { addr: ip } => {
+            kernel_server::source(addr(ip, 19))?;
+            kernel_server::sink(addr(ip, 9))?;
+            kernel_server::echo(addr(ip, 7))?;
+            println!("ready");
+            loop {
+                std::thread::park();
+            }
+        }
     }
 }
 

@@ -26,8 +26,9 @@ pub(crate) struct Args {
     /// MTU of flowshift's TUN device (default: the veth MTU).
     #[arg(long)]
     tun_mtu: Option<u16>,
-    /// Enable TUN offload (TSO/GSO through IFF_VNET_HDR) on the node.
-    #[arg(long)]
+    /// TUN offload on the node (TSO/GSO through IFF_VNET_HDR): `true` (the node's default) or
+    /// `false`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     offload: bool,
     /// Worker threads of the node (default: number of cores).
     #[arg(long)]
@@ -80,14 +81,26 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     })
     .context("building the testbed")?;
 
-    // The kernel baseline: plain socket servers in node-a on its own address.
-    tb.node_a()
-        .run(|| -> std::io::Result<()> {
-            crate::kernel_server::source(addr(NODE_A, 19))?;
-            crate::kernel_server::sink(addr(NODE_A, 9))?;
-            crate::kernel_server::echo(addr(NODE_A, 7))
-        })
-        .context("starting the kernel servers")?;
+    // The kernel baseline: plain socket servers in their own process in node-a, on node-a's
+    // own address.
+    let mut server = tb.node_a().command(
+        std::env::current_exe()?
+            .to_str()
+            .context("non-UTF-8 path of this binary")?,
+    );
+    server
+        .args(["kernel-server", "--addr", &NODE_A.to_string()])
+        .stdout(std::process::Stdio::piped());
+    let mut server = tb.spawn(server).context("starting the kernel servers")?;
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().context("kernel server stdout")?),
+        &mut ready,
+    )?;
+    anyhow::ensure!(
+        ready.trim() == "ready",
+        "kernel server did not start: {ready:?}"
+    );
 
     let mut config = NodeConfig::standard("a").mtu(tun_mtu).offload(args.offload);
     if let Some(w) = args.workers {
@@ -193,7 +206,7 @@ fn measure(
             drop(conns);
             Ok(after)
         })
-        .context("idle connections")?;
+        .map_err(|e| anyhow::anyhow!("idle connections to {target}: {e}"))?;
     f.idle_conns = idle;
     f.idle_bytes_per_conn = after.saturating_sub(before) as f64 / idle.max(1) as f64;
     eprintln!(

@@ -405,10 +405,29 @@ impl Testbed {
     /// Drops `percent` % of the packets the router forwards, at random (nftables).
     pub fn set_router_loss(&self, percent: u8) -> Result<(), TestbedError> {
         self.clear_router_loss();
-        let script = format!(
-            "table inet fst_loss {{ chain forward {{ type filter hook forward priority 0; policy accept; numgen random mod 100 < {percent} counter drop; }} }}"
-        );
-        self.router.exec("nft", &[&script]).map(|_| ())
+        let n = percent.to_string();
+        self.router
+            .exec("nft", &["add", "table", "inet", "fst_loss"])?;
+        self.router.exec(
+            "nft",
+            &[
+                "add",
+                "chain",
+                "inet",
+                "fst_loss",
+                "forward",
+                "{ type filter hook forward priority 0; policy accept; }",
+            ],
+        )?;
+        self.router
+            .exec(
+                "nft",
+                &[
+                    "add", "rule", "inet", "fst_loss", "forward", "numgen", "random", "mod", "100",
+                    "<", &n, "counter", "drop",
+                ],
+            )
+            .map(|_| ())
     }
 
     /// Removes the loss rule.

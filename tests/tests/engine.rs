@@ -640,3 +640,70 @@ fn metrics_are_served_over_http_and_control_survives_garbage() {
     }
     assert!(node.ctl(&["status"]).unwrap().contains("max_connections"));
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// Writes `chunk` until a write stalls for half a second; returns the bytes written.
+fn write_until_stalled(s: &mut TcpStream, chunk: &[u8], limit: usize) -> usize {
+    s.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut sent = 0;
+    loop {
+        match s.write(chunk) {
+            Ok(n) => sent += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return sent;
+            }
+            Err(e) => panic!("write failed after {sent} bytes: {e}"),
+        }
+        assert!(
+            sent < limit,
+            "{sent} bytes written and the peer still accepts more: unbounded buffering"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_never_reads_cannot_make_the_node_buffer_without_bound() {
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    let before = rss_bytes(node.pid());
+    tb.client().run(|| {
+        // echo: everything is returned, so a client that never reads stalls itself.
+        let mut echo = connect(7);
+        let sent = write_until_stalled(&mut echo, &vec![7u8; 1 << 16], 100 << 20);
+        // http: a pipelining client that never reads its responses.
+        let mut http = connect(80);
+        let request = b"GET /bytes/1000000 HTTP/1.1\r\nHost: t\r\n\r\n".repeat(64);
+        let pipelined = write_until_stalled(&mut http, &request, 100 << 20);
+        eprintln!("stalled after {sent} bytes to echo, {pipelined} bytes of requests to http");
+
+        let conns = node.ctl_json(&["conns"]).unwrap();
+        for c in conns.as_array().unwrap() {
+            // The socket buffers (64 KiB each by default) bound what the node holds.
+            assert!(c["send_queue"].as_u64().unwrap() <= 65_536, "{c}");
+            assert!(c["recv_queue"].as_u64().unwrap() <= 65_536, "{c}");
+        }
+        // Others are still served.
+        let mut other = connect(7);
+        other.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        other.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+        drop((echo, http));
+    });
+    let grown = rss_bytes(node.pid()).saturating_sub(before);
+    assert!(grown < 16 << 20, "node RSS grew by {grown} bytes");
+}
