@@ -707,3 +707,56 @@ fn a_client_that_never_reads_cannot_make_the_node_buffer_without_bound() {
     let grown = rss_bytes(node.pid()).saturating_sub(before);
     assert!(grown < 16 << 20, "node RSS grew by {grown} bytes");
 }
+
+#[test]
+fn attaches_to_an_existing_tun_device_and_leaves_it_in_place() {
+    let tb = Testbed::new(TestbedOptions::default()).expect("testbed");
+    // An operator-made persistent, multiqueue TUN device (the node runs two workers).
+    tb.node_a()
+        .ip(&["tuntap", "add", "dev", "fs0", "mode", "tun", "multi_queue"])
+        .unwrap();
+    let node = tb
+        .start_node(Node::A, &NodeConfig::standard("a").workers(2))
+        .expect("node a");
+    tb.client().run(|| {
+        let mut s = connect(7);
+        s.write_all(b"attached").unwrap();
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"attached");
+    });
+    assert!(node.terminate().unwrap().success());
+    // The device was not ours to remove; our route was.
+    assert!(
+        tb.node_a().ip(&["link", "show", "fs0"]).is_ok(),
+        "pre-existing TUN device removed"
+    );
+    let routes = tb.node_a().ip(&["route", "show"]).unwrap();
+    assert!(
+        !routes.contains(&SERVICE_ADDR.to_string()),
+        "route left behind: {routes}"
+    );
+}
+
+#[test]
+fn an_idle_node_sleeps() {
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    // Leave one idle connection open, as well.
+    let _idle = tb.client().run(|| connect(7));
+    let cpu = |pid: u32| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest = stat.rsplit_once(')').unwrap().1;
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        (f[0] + f[1]) as f64 / 100.0
+    };
+    let before = cpu(node.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu(node.pid()) - before;
+    // Timers come from smoltcp's poll_at and a 1 s sweep: a busy loop would burn ~6 s here.
+    assert!(used < 0.3, "idle node used {used} CPU seconds in 3 s");
+}
