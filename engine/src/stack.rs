@@ -37,8 +37,12 @@ use crate::packet::{self, DropReason, FlowKey};
 /// Most service addresses one node serves (smoltcp's interface address table).
 pub const MAX_SERVICE_ADDRESSES: usize = 8;
 
-/// How often flows are swept for rates and closed sockets.
+/// How often flows are swept for rates, handshake deadlines and closed sockets.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
+/// How long a connection may stay half-open (SYN received, our SYN-ACK unanswered).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose sent data stays unacknowledged this long is reset (smoltcp's timeout).
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Connections open at once, shared by all workers of a node.
 #[derive(Debug, Clone)]
@@ -133,6 +137,8 @@ pub struct StackStats {
     pub refused_no_service: u64,
     /// SYNs refused while shutting down.
     pub refused_shutdown: u64,
+    /// Half-open connections reset after [`HANDSHAKE_TIMEOUT`].
+    pub handshake_timeouts: u64,
     /// Packets for unknown flows handed to smoltcp (answered with RST).
     pub unknown_flow_packets: u64,
     /// Application bytes received from clients.
@@ -156,6 +162,7 @@ impl StackStats {
         self.refused_limit += other.refused_limit;
         self.refused_no_service += other.refused_no_service;
         self.refused_shutdown += other.refused_shutdown;
+        self.handshake_timeouts += other.handshake_timeouts;
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
         self.app_bytes_out += other.app_bytes_out;
@@ -512,6 +519,7 @@ impl Stack {
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         socket.set_tsval_generator(Some(tsval_now));
+        socket.set_timeout(Some(UNACKED_TIMEOUT));
         let endpoint = (IpAddress::Ipv4(*key.service.ip()), key.service.port());
         if socket.listen(endpoint).is_err() {
             self.budget.release();
@@ -664,6 +672,20 @@ impl Stack {
             if let Some(flow) = self.flows.get_mut(slot) {
                 let out = flow.bytes_out();
                 flow.rates.update(now, flow.bytes_in, out);
+                let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+                // smoltcp retransmits a SYN-ACK forever: a spoofed SYN flood would hold
+                // `max_connections` slots for good. Give handshakes a deadline.
+                if socket.state() == tcp::State::SynReceived
+                    && now - flow.created > HANDSHAKE_TIMEOUT
+                {
+                    socket.abort();
+                    self.stats.handshake_timeouts += 1;
+                    tracing::debug!(id = flow.id, client = %flow.key.client, "handshake timed out");
+                    if !flow.dirty {
+                        flow.dirty = true;
+                        self.dirty.push(slot);
+                    }
+                }
             }
             self.reap_if_closed(slot);
         }

@@ -449,3 +449,20 @@ fn shutdown_closes_gracefully() {
     p.run_until(100, |p| p.sock(late).state() == tcp::State::Closed);
     assert_eq!(p.stack.stats().refused_shutdown, 1);
 }
+
+#[test]
+fn half_open_connections_time_out() {
+    let mut p = Pair::new(10);
+    // The client's SYN gets through; everything after it is lost.
+    let mut seen = 0;
+    p.filter = Some(Box::new(move |_| {
+        seen += 1;
+        seen == 1
+    }));
+    let _h = p.connect(7);
+    p.run_until(100, |p| p.stack.connection_count() == 1);
+    assert_eq!(p.stack.conns(p.now)[0].state, "SYN-RECEIVED");
+    p.run_until(15_000, |p| p.stack.connection_count() == 0);
+    assert_eq!(p.stack.stats().handshake_timeouts, 1);
+    assert_eq!(p.budget.open(), 0);
+}
