@@ -433,7 +433,11 @@ impl Stack {
             Some(slot) => slot,
             None if inbound.flags.syn && !inbound.flags.ack && !inbound.flags.rst => {
                 match self.accept(now, &inbound.key, packet) {
-                    Some(slot) => slot,
+                    Some(slot) => {
+                        self.ingress(now, packet);
+                        self.drop_if_still_listening(slot);
+                        return;
+                    }
                     None => {
                         // smoltcp has no socket for it and answers with RST.
                         self.ingress(now, packet);
@@ -468,6 +472,28 @@ impl Stack {
                     queue.push_back(packet.to_vec());
                 }
             }
+        }
+    }
+
+    /// A socket created for a SYN that smoltcp did not take (a malformed SYN) would stay
+    /// listening and catch the next client's SYN on that port, behind the flow table's back:
+    /// remove it at once.
+    fn drop_if_still_listening(&mut self, slot: usize) {
+        let Some(flow) = self.flows.get_mut(slot) else {
+            return;
+        };
+        if self.sockets.get::<tcp::Socket>(flow.handle).state() == tcp::State::Listen {
+            let Some(flow) = self.flows.remove(slot) else {
+                return;
+            };
+            self.sockets.remove(flow.handle);
+            self.budget.release();
+            self.stats.conns_accepted -= 1;
+            self.stats.dropped[DropReason::Malformed.index()] += 1;
+            tracing::debug!(client = %flow.key.client, "SYN not taken by smoltcp: dropped");
+        } else if !flow.dirty {
+            flow.dirty = true;
+            self.dirty.push(slot);
         }
     }
 

@@ -466,3 +466,43 @@ fn half_open_connections_time_out() {
     assert_eq!(p.stack.stats().handshake_timeouts, 1);
     assert_eq!(p.budget.open(), 0);
 }
+
+#[test]
+fn a_syn_smoltcp_rejects_leaves_no_listener_behind() {
+    let mut p = Pair::new(10);
+    // The first SYN is made malformed (SYN+FIN, checksum fixed so it passes classification).
+    let mut first = true;
+    p.filter = Some(Box::new(move |pkt| {
+        if std::mem::take(&mut first) {
+            let ip = smoltcp::wire::Ipv4Packet::new_checked(&pkt[..]).unwrap();
+            let (src, dst, hl) = (ip.src_addr(), ip.dst_addr(), usize::from(ip.header_len()));
+            let mut tcp = smoltcp::wire::TcpPacket::new_checked(&mut pkt[hl..]).unwrap();
+            tcp.set_fin(true);
+            tcp.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+        }
+        true
+    }));
+    let bad = p.connect(7);
+    for _ in 0..5 {
+        p.step();
+    }
+    p.sock(bad).abort();
+    p.step();
+    assert_eq!(p.budget.open(), 0, "a socket was left for the rejected SYN");
+    // The next clients get their own sockets and their own bytes.
+    let a = p.connect(7);
+    let b = p.connect(7);
+    p.run_until(1_000, |p| {
+        p.sock(a).state() == tcp::State::Established && p.sock(b).state() == tcp::State::Established
+    });
+    p.sock(a).send_slice(b"for a").unwrap();
+    p.sock(b).send_slice(b"for b").unwrap();
+    let (mut ga, mut gb) = ([0u8; 5], [0u8; 5]);
+    p.run_until(1_000, |p| {
+        p.sock(a).recv_queue() == 5 && p.sock(b).recv_queue() == 5
+    });
+    p.sock(a).recv_slice(&mut ga).unwrap();
+    p.sock(b).recv_slice(&mut gb).unwrap();
+    assert_eq!((&ga, &gb), (b"for a", b"for b"));
+    assert_eq!(p.stack.connection_count(), 2);
+}
