@@ -17,6 +17,7 @@ mod kernel_server;
 mod load;
 mod sys;
 mod throughput;
+mod tunnel;
 
 /// flowshift benchmarks (need root: they build network namespaces).
 #[derive(Parser)]
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// flowshift against the kernel's own TCP on the same topology, in one run.
     Throughput(throughput::Args),
+    /// flowshift's tunnel between two nodes against wireguard-go carrying iperf3, in one run.
+    Tunnel(tunnel::Args),
     /// The kernel baseline's servers (source :19, sink :9, echo :7) on an address; runs until
     /// killed. The throughput benchmark starts it in node-a.
     #[command(hide = true)]
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
     raise_nofile_limit();
     match cli.command {
         Command::Throughput(args) => throughput::run(args),
+        Command::Tunnel(args) => tunnel::run(args),
         Command::KernelServer { addr: ip } => {
             kernel_server::source(addr(ip, 19))?;
             kernel_server::sink(addr(ip, 9))?;

@@ -1,0 +1,424 @@
+//! `flowshift-bench tunnel`: flowshift's tunnel between node-a and node-b, beside wireguard-go
+//! carrying iperf3 on the same topology, in one run.
+//!
+//! flowshift: node A sends N bytes of the counting stream to node B over the reliable channel
+//! (and, separately, as datagrams) through `ctl tunnel-send`; B verifies every byte and counts
+//! them (`ctl peers`). The time runs from the request until B has verified everything (reliable)
+//! or until the sender is done and the count settles (datagrams, which may be lost).
+//!
+//! wireguard-go: a userspace WireGuard interface in each node namespace (inner addresses
+//! 198.19.1.1/24 and .2), iperf3 from node-a to node-b across it.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use serde::Serialize;
+
+use crate::{Output, sys};
+use flowshift_tests::testbed::{NODE_A, NODE_B};
+use flowshift_tests::{Netns, Node, NodeConfig, NodeHandle, Testbed, TestbedOptions, ensure_tools};
+
+/// Arguments of `flowshift-bench tunnel`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct Args {
+    /// Bytes to move over flowshift's reliable channel.
+    #[arg(long, default_value_t = 2_000_000_000)]
+    bytes: u64,
+    /// Bytes to offer as datagrams.
+    #[arg(long, default_value_t = 1_000_000_000)]
+    datagram_bytes: u64,
+    /// Seconds of iperf3 over wireguard-go.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// veth MTU of every link.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u16,
+    #[command(flatten)]
+    out: Output,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct Run {
+    bytes: u64,
+    seconds: f64,
+    gbit_s: f64,
+    machine_cpu_s_per_gb: f64,
+}
+
+impl Run {
+    fn new(bytes: u64, seconds: f64, busy: f64) -> Self {
+        let gb = bytes as f64 / 1e9;
+        Self {
+            bytes,
+            seconds,
+            gbit_s: if seconds > 0.0 {
+                bytes as f64 * 8.0 / seconds / 1e9
+            } else {
+                0.0
+            },
+            machine_cpu_s_per_gb: if gb > 0.0 { busy / gb } else { 0.0 },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    machine: String,
+    kernel: String,
+    veth_mtu: u16,
+    flowshift_reliable: Run,
+    flowshift_datagram: Run,
+    wireguard_go_iperf3: Run,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    crate::require_root()?;
+    ensure_tools(&["iperf3", "wireguard-go", "wg"])?;
+    let tb = Testbed::new(TestbedOptions {
+        mtu: args.mtu,
+        ..Default::default()
+    })?;
+
+    // wireguard-go + iperf3 first: nothing of flowshift's runs yet.
+    let wireguard = wireguard_iperf(&tb, args.duration).context("wireguard-go + iperf3")?;
+    eprintln!("  wireguard-go + iperf3: {:.2} Gbit/s", wireguard.gbit_s);
+
+    let (a, b) = flowshift_pair(&tb)?;
+    let reliable = flowshift_send(&a, &b, args.bytes, false).context("reliable channel")?;
+    eprintln!("  flowshift reliable:    {:.2} Gbit/s", reliable.gbit_s);
+    let datagram = flowshift_send(&a, &b, args.datagram_bytes, true).context("datagrams")?;
+    eprintln!("  flowshift datagrams:   {:.2} Gbit/s", datagram.gbit_s);
+    for (name, node) in [("a", a), ("b", b)] {
+        let status = node.terminate()?;
+        ensure!(status.success(), "node {name} exited with {status}");
+    }
+
+    let results = Results {
+        machine: format!(
+            "{} ({} cores)",
+            sys::cpu_model(),
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+        kernel: sys::kernel_release(),
+        veth_mtu: args.mtu,
+        flowshift_reliable: reliable,
+        flowshift_datagram: datagram,
+        wireguard_go_iperf3: wireguard,
+    };
+    let md = markdown(&results);
+    crate::write_results(&args.out, "tunnel", &results, &md)
+}
+
+/// Runs `flowshift genkey | flowshift pubkey`: (private, public).
+fn keypair() -> anyhow::Result<(String, String)> {
+    keypair_with(&flowshift_tests::flowshift_bin()?)
+}
+
+/// `<tool> genkey | <tool> pubkey` (flowshift and wg print the same key format).
+fn keypair_with(bin: &std::path::Path) -> anyhow::Result<(String, String)> {
+    let out = std::process::Command::new(bin).arg("genkey").output()?;
+    ensure!(out.status.success(), "{} genkey failed", bin.display());
+    let private = String::from_utf8(out.stdout)?.trim().to_owned();
+    let mut child = std::process::Command::new(bin)
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut child.stdin.take().context("stdin")?,
+        format!("{private}\n").as_bytes(),
+    )?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "{} pubkey failed", bin.display());
+    Ok((private, String::from_utf8(out.stdout)?.trim().to_owned()))
+}
+
+fn flowshift_pair(tb: &Testbed) -> anyhow::Result<(NodeHandle, NodeHandle)> {
+    let (a_priv, a_pub) = keypair()?;
+    let (b_priv, b_pub) = keypair()?;
+    let key_file = |name: &str, key: &str| -> anyhow::Result<String> {
+        let path = tb.dir().join(format!("{name}.key"));
+        std::fs::write(&path, format!("{key}\n"))?;
+        Ok(path.display().to_string())
+    };
+    let tunnel = |listen: std::net::Ipv4Addr,
+                  key: String,
+                  peer: &str,
+                  endpoint: std::net::Ipv4Addr,
+                  public: &str| {
+        format!(
+            "[tunnel]\nlisten = \"{listen}:51871\"\nprivate_key_file = \"{key}\"\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}:51871\"\npublic_key = \"{public}\"\n"
+        )
+    };
+    let a_cfg = NodeConfig::standard("a").extra(&tunnel(
+        NODE_A,
+        key_file("a", &a_priv)?,
+        "b",
+        NODE_B,
+        &b_pub,
+    ));
+    let b_cfg = NodeConfig::standard("b").extra(&tunnel(
+        NODE_B,
+        key_file("b", &b_priv)?,
+        "a",
+        NODE_A,
+        &a_pub,
+    ));
+    let a = tb.start_node(Node::A, &a_cfg)?;
+    let b = tb.start_node(Node::B, &b_cfg)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(peer_field(&a, "b", "liveness")? == "alive"
+        && peer_field(&b, "a", "liveness")? == "alive")
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the tunnel handshake did not complete:\n{}\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((a, b))
+}
+
+fn peer(node: &NodeHandle, name: &str) -> anyhow::Result<serde_json::Value> {
+    let peers = node.ctl_json(&["peers"])?;
+    peers
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == name).cloned())
+        .with_context(|| format!("no peer {name} in {peers}"))
+}
+
+fn peer_field(node: &NodeHandle, name: &str, field: &str) -> anyhow::Result<String> {
+    let p = peer(node, name)?;
+    Ok(match &p[field] {
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    })
+}
+
+fn peer_u64(node: &NodeHandle, name: &str, field: &str) -> anyhow::Result<u64> {
+    let p = peer(node, name)?;
+    p[field]
+        .as_u64()
+        .with_context(|| format!("peer {name} has no numeric {field}: {p}"))
+}
+
+/// Sends `bytes` from A to B; returns when B has verified them all (reliable) or the count
+/// stopped growing (datagrams).
+fn flowshift_send(
+    a: &NodeHandle,
+    b: &NodeHandle,
+    bytes: u64,
+    datagram: bool,
+) -> anyhow::Result<Run> {
+    let field = if datagram {
+        "rx_datagram_verified_bytes"
+    } else {
+        "rx_verified_bytes"
+    };
+    let errors = if datagram {
+        "rx_datagram_errors"
+    } else {
+        "rx_errors"
+    };
+    let base = peer_u64(b, "a", field)?;
+    let busy0 = sys::machine_busy_seconds();
+    let start = Instant::now();
+    let n = bytes.to_string();
+    let mut args = vec!["tunnel-send", "b", n.as_str()];
+    if datagram {
+        args.push("--datagram");
+    }
+    a.ctl(&args)?;
+    let (mut last_got, mut last_change) = (0, Instant::now());
+    let got = loop {
+        let got = peer_u64(b, "a", field)?.saturating_sub(base);
+        if got >= bytes {
+            last_change = Instant::now();
+            break got;
+        }
+        if got != last_got {
+            (last_got, last_change) = (got, Instant::now());
+        }
+        let idle = last_change.elapsed();
+        if datagram && idle > Duration::from_secs(2) {
+            break got;
+        }
+        if idle > Duration::from_secs(30) {
+            bail!("transfer stalled at {got} of {bytes} bytes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let seconds = (last_change - start).as_secs_f64();
+    let busy = sys::machine_busy_seconds() - busy0;
+    let errs = peer_u64(b, "a", errors)?;
+    ensure!(errs == 0, "{errs} verification errors on the receiver");
+    Ok(Run::new(got, seconds, busy))
+}
+
+/// A wireguard-go process: stopped with SIGTERM (so it removes its interface and UAPI socket),
+/// killed if it lingers; the socket file is removed either way.
+struct Wg {
+    child: Child,
+    uapi: String,
+}
+
+impl Drop for Wg {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process this benchmark started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.uapi);
+    }
+}
+
+/// One end of the wireguard-go tunnel.
+struct WgSide<'a> {
+    ns: &'a Netns,
+    ifname: String,
+    key_path: String,
+    public: String,
+    /// Outer address (its node's).
+    outer: std::net::Ipv4Addr,
+    /// Address inside the tunnel.
+    inner: &'static str,
+}
+
+/// Starts wireguard-go for `me`, configured with `wg` to talk to `peer`.
+fn wireguard(tb: &Testbed, me: &WgSide<'_>, peer: &WgSide<'_>) -> anyhow::Result<Wg> {
+    let mut cmd = me.ns.command("wireguard-go");
+    cmd.args(["-f", &me.ifname])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = tb.spawn(cmd)?;
+    let sock = format!("/var/run/wireguard/{}.sock", me.ifname);
+    let wg = Wg {
+        child,
+        uapi: sock.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::path::Path::new(&sock).exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "wireguard-go did not create {sock}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    me.ns.exec(
+        "wg",
+        &[
+            "set",
+            &me.ifname,
+            "private-key",
+            &me.key_path,
+            "listen-port",
+            "51820",
+            "peer",
+            &peer.public,
+            "endpoint",
+            &format!("{}:51820", peer.outer),
+            "allowed-ips",
+            &format!("{}/32", peer.inner),
+        ],
+    )?;
+    me.ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", me.inner),
+        "dev",
+        &me.ifname,
+    ])?;
+    me.ns.ip(&["link", "set", &me.ifname, "up"])?;
+    Ok(wg)
+}
+
+fn wireguard_iperf(tb: &Testbed, duration: u64) -> anyhow::Result<Run> {
+    // UAPI sockets live in the shared /var/run/wireguard: names unique per run.
+    let tag = std::process::id() % 100_000;
+    let mut sides = Vec::new();
+    for (ns, end, outer, inner) in [
+        (tb.node_a(), "a", NODE_A, "198.19.1.1"),
+        (tb.node_b(), "b", NODE_B, "198.19.1.2"),
+    ] {
+        let (private, public) = keypair_with(std::path::Path::new("wg"))?;
+        let key = tb.dir().join(format!("wg{end}.key"));
+        std::fs::write(&key, format!("{private}\n"))?;
+        sides.push(WgSide {
+            ns,
+            ifname: format!("wgfs{tag}{end}"),
+            key_path: key.display().to_string(),
+            public,
+            outer,
+            inner,
+        });
+    }
+    let _wa = wireguard(tb, &sides[0], &sides[1])?;
+    let _wb = wireguard(tb, &sides[1], &sides[0])?;
+    let mut server = tb.node_b().command("iperf3");
+    server
+        .args(["-s", "-1", "-B", "198.19.1.2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut server = tb.spawn(server)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let busy0 = sys::machine_busy_seconds();
+    let out = tb
+        .node_a()
+        .exec(
+            "iperf3",
+            &["-c", "198.19.1.2", "-t", &duration.to_string(), "-J"],
+        )
+        .context("iperf3 client")?;
+    let busy = sys::machine_busy_seconds() - busy0;
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    let end = &json["end"]["sum_received"];
+    let bytes = end["bytes"].as_f64().context("iperf3 bytes")? as u64;
+    let seconds = end["seconds"].as_f64().context("iperf3 seconds")?;
+    Ok(Run::new(bytes, seconds, busy))
+}
+
+fn markdown(r: &Results) -> String {
+    let wg = &r.wireguard_go_iperf3;
+    let ratio = |x: f64| {
+        if wg.gbit_s > 0.0 {
+            format!("{:.2}", x / wg.gbit_s)
+        } else {
+            "-".into()
+        }
+    };
+    let mut s = format!(
+        "Machine: {} · kernel {} · veth MTU {} · node-a → node-b through the router\n\n",
+        r.machine, r.kernel, r.veth_mtu
+    );
+    s += "| transport | Gbit/s | machine CPU s per GB | vs wireguard-go |\n|---|---:|---:|---:|\n";
+    for (name, run) in [
+        (
+            "flowshift reliable channel (counting stream, verified)",
+            &r.flowshift_reliable,
+        ),
+        (
+            "flowshift datagrams (delivered, verified)",
+            &r.flowshift_datagram,
+        ),
+        ("wireguard-go + iperf3 (TCP)", wg),
+    ] {
+        s += &format!(
+            "| {name} | {:.2} | {:.2} | {} |\n",
+            run.gbit_s,
+            run.machine_cpu_s_per_gb,
+            ratio(run.gbit_s)
+        );
+    }
+    s
+}
