@@ -113,27 +113,18 @@ struct Worker {
     packets: RxBuffers,
 }
 
-/// Receive buffers: one packet at a time, or, with TUN offload, a large GSO packet split into
-/// MTU-sized ones.
+/// The receive buffer: one packet (with TUN offload, a virtio-net header and possibly a packet
+/// the kernel merged, up to 64 KiB) per read.
 struct RxBuffers {
     offload: bool,
     raw: Vec<u8>,
-    bufs: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
 }
 
 impl RxBuffers {
-    fn new(offload: bool, mtu: usize) -> Self {
-        let (n, size) = if offload {
-            (tun_rs::IDEAL_BATCH_SIZE, mtu + 64)
-        } else {
-            (0, 0)
-        };
+    fn new(offload: bool) -> Self {
         Self {
             offload,
-            raw: vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65536],
-            bufs: vec![vec![0u8; size]; n],
-            sizes: vec![0; n],
+            raw: vec![0u8; offload::VNET_HDR_LEN + 65536],
         }
     }
 }
@@ -223,18 +214,12 @@ impl Worker {
     fn read_batch(&mut self, now: Instant) -> bool {
         for _ in 0..READ_BATCH {
             let rx = &mut self.packets;
-            let got = if rx.offload {
-                self.tun
-                    .recv_multiple(&mut rx.raw, &mut rx.bufs, &mut rx.sizes, 0)
-            } else {
-                self.tun.recv(&mut rx.raw)
-            };
-            match got {
-                Ok(n) if rx.offload => {
-                    for i in 0..n {
-                        self.stack.handle_packet(now, &rx.bufs[i][..rx.sizes[i]]);
-                    }
-                }
+            match self.tun.recv(&mut rx.raw) {
+                Ok(n) if rx.offload => match offload::parse_read(&mut rx.raw[..n]) {
+                    Ok(offload::Inbound::Packet(p)) => self.stack.handle_packet(now, p),
+                    Ok(offload::Inbound::Merged(p)) => self.stack.handle_merged_packet(now, p),
+                    Err(e) => self.stack.count_unusable_read(&e),
+                },
                 Ok(n) => self.stack.handle_packet(now, &rx.raw[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -515,7 +500,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             control: rx,
             clock,
             tun_write_errors: tun_write_errors.clone(),
-            packets: RxBuffers::new(config.tun.offload, usize::from(config.tun.mtu)),
+            packets: RxBuffers::new(config.tun.offload),
         };
         let core = cores.get(index % cores.len().max(1)).copied();
         let thread = std::thread::Builder::new()

@@ -1,4 +1,11 @@
-//! TUN offload (`IFF_VNET_HDR`): the virtio-net header of every packet we write.
+//! TUN offload (`IFF_VNET_HDR`): the virtio-net header of every packet we read and write.
+//!
+//! **Reading.** The kernel hands over what GRO merged as one large TCP packet with a header
+//! saying `GSO_TCPV4`. Such packets were validated by the kernel (GRO only merges segments
+//! whose checksums were verified, or that a local socket produced and nobody has checksummed
+//! yet), so the stack takes them whole, with checksum verification skipped ([`Inbound`]):
+//! one pass through smoltcp instead of one per 1460 bytes. A plain packet that asks for its
+//! checksum to be completed (`NEEDS_CSUM`) gets it completed here, then is verified as usual.
 //!
 //! smoltcp, told the device segments TCP (`segmentation-offload`), emits segments larger than
 //! the MTU and says which segment size to cut them into. The kernel does the cutting if the
@@ -15,6 +22,79 @@ const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
 
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+
+/// A packet read from an offload TUN device, ready for the stack.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    /// An ordinary packet: verify it.
+    Packet(&'a [u8]),
+    /// A TCPv4 packet the kernel merged (GRO) from validated segments: its checksum field is
+    /// not meaningful and must not be verified.
+    Merged(&'a [u8]),
+}
+
+/// Why a read from an offload TUN device was not usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// Shorter than the virtio-net header.
+    #[error("shorter than the virtio-net header")]
+    Short,
+    /// A GSO type other than TCPv4 (flowshift serves TCP over IPv4 only).
+    #[error("unsupported GSO type {0}")]
+    UnsupportedGso(u8),
+    /// `csum_start`/`csum_offset` point outside the packet.
+    #[error("checksum offsets outside the packet")]
+    BadChecksumOffsets,
+}
+
+/// Takes apart what one read from an offload TUN device returned (`raw`: header + packet).
+///
+/// Never panics on any input; the packet may be completed in place (its checksum).
+pub fn parse_read(raw: &mut [u8]) -> Result<Inbound<'_>, ReadError> {
+    if raw.len() < VNET_HDR_LEN {
+        return Err(ReadError::Short);
+    }
+    let (hdr, pkt) = raw.split_at_mut(VNET_HDR_LEN);
+    let flags = hdr[0];
+    let gso_type = hdr[1];
+    let csum_start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
+    let csum_offset = usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
+    match gso_type & !0x80 {
+        // 0x80 is the ECN bit.
+        VIRTIO_NET_HDR_GSO_TCPV4 => Ok(Inbound::Merged(pkt)),
+        VIRTIO_NET_HDR_GSO_NONE => {
+            if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+                complete_checksum(pkt, csum_start, csum_offset)?;
+            }
+            Ok(Inbound::Packet(pkt))
+        }
+        other => Err(ReadError::UnsupportedGso(other)),
+    }
+}
+
+/// Completes a partial checksum: the ones'-complement sum from `start` to the end, folded into
+/// the 16-bit field at `start + offset` (which holds the pseudo-header sum).
+fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<(), ReadError> {
+    let field = start
+        .checked_add(offset)
+        .ok_or(ReadError::BadChecksumOffsets)?;
+    if field + 2 > pkt.len() || start > pkt.len() {
+        return Err(ReadError::BadChecksumOffsets);
+    }
+    let mut sum: u64 = 0;
+    let mut words = pkt[start..].chunks_exact(2);
+    for w in &mut words {
+        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    pkt[field..field + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    Ok(())
+}
 
 /// Writes the virtio-net header for the IPv4/TCP packet at `buf[headroom..]` into the
 /// `VNET_HDR_LEN` bytes before it — TCPv4 GSO in segments of `gso_size` if it is not 0 — and
@@ -96,6 +176,55 @@ mod tests {
             sum = (sum & 0xffff) + (sum >> 16);
         }
         assert_eq!(u16::from_be_bytes([buf[10 + 36], buf[10 + 37]]), sum as u16);
+    }
+
+    #[test]
+    fn reads_are_taken_apart_without_panicking() {
+        assert_eq!(parse_read(&mut [0u8; 5]), Err(ReadError::Short));
+        let mut merged = vec![0u8; 10 + 60];
+        merged[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+        assert!(matches!(parse_read(&mut merged), Ok(Inbound::Merged(p)) if p.len() == 60));
+        let mut udp = vec![0u8; 30];
+        udp[1] = 5;
+        assert_eq!(parse_read(&mut udp), Err(ReadError::UnsupportedGso(5)));
+        let mut bad = vec![0u8; 30];
+        bad[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        bad[6..8].copy_from_slice(&100u16.to_ne_bytes());
+        assert_eq!(parse_read(&mut bad), Err(ReadError::BadChecksumOffsets));
+        for len in 0..64 {
+            for flags in [0, 1] {
+                let mut r: Vec<u8> = (0..len).map(|i| (i * 37 + flags) as u8).collect();
+                if len > 1 {
+                    r[0] = flags as u8;
+                    r[1] = 0;
+                }
+                let _ = parse_read(&mut r);
+            }
+        }
+    }
+
+    #[test]
+    fn completes_a_partial_checksum_to_a_valid_one() {
+        // A real TCP packet with its checksum replaced by the pseudo-header sum, as the kernel
+        // hands over CHECKSUM_PARTIAL packets.
+        let src = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 1, 2), 40000);
+        let dst = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 255, 1), 80);
+        let good = crate::packet::tests::tcp_packet(
+            src,
+            dst,
+            smoltcp::wire::TcpControl::Psh,
+            7,
+            b"hello!!",
+        );
+        let mut raw = vec![0u8; 10];
+        raw.extend_from_slice(&good);
+        let mut with_hdr = raw.clone();
+        prepare(&mut with_hdr, 10, 0).unwrap(); // writes NEEDS_CSUM + pseudo-header sum
+        assert_ne!(with_hdr[10..], good[..]);
+        let Ok(Inbound::Packet(p)) = parse_read(&mut with_hdr) else {
+            panic!("not a packet")
+        };
+        assert_eq!(p, &good[..]);
     }
 
     #[test]

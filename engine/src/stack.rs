@@ -416,17 +416,35 @@ impl Stack {
 
     /// Handles one packet read from the TUN device.
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
+        self.handle(now, packet, true);
+    }
+
+    /// Handles a TCP packet the kernel merged (GRO) from segments it validated: handed to
+    /// smoltcp whole, checksums not verified (see [`crate::offload`]).
+    pub fn handle_merged_packet(&mut self, now: Instant, packet: &[u8]) {
+        self.handle(now, packet, false);
+    }
+
+    /// Counts a TUN read the driver could not use (a malformed virtio-net header).
+    pub fn count_unusable_read(&mut self, why: &dyn std::fmt::Display) {
+        self.stats.packets_in += 1;
+        self.stats.dropped[DropReason::Malformed.index()] += 1;
+        tracing::debug!(%why, "unusable TUN read");
+    }
+
+    fn handle(&mut self, now: Instant, packet: &[u8], verify_checksums: bool) {
         Self::set_clock(now);
         self.stats.packets_in += 1;
         self.stats.bytes_in += packet.len() as u64;
         let addresses = &self.addresses;
-        let inbound = match packet::classify(packet, |a| addresses.contains(&a)) {
-            Ok(p) => p,
-            Err(reason) => {
-                self.drop_packet(reason, packet);
-                return;
-            }
-        };
+        let inbound =
+            match packet::classify_with(packet, |a| addresses.contains(&a), verify_checksums) {
+                Ok(p) => p,
+                Err(reason) => {
+                    self.drop_packet(reason, packet);
+                    return;
+                }
+            };
         let packet = &packet[..inbound.ip_len];
 
         let slot = match self.flows.lookup(&inbound.key) {
