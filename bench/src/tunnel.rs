@@ -139,7 +139,17 @@ fn flowshift_pair(tb: &Testbed) -> anyhow::Result<(NodeHandle, NodeHandle)> {
     let (b_priv, b_pub) = keypair()?;
     let key_file = |name: &str, key: &str| -> anyhow::Result<String> {
         let path = tb.dir().join(format!("{name}.key"));
-        std::fs::write(&path, format!("{key}\n"))?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?
+                .write_all(format!("{key}\n").as_bytes())?;
+        }
         Ok(path.display().to_string())
     };
     let tunnel = |listen: std::net::Ipv4Addr,

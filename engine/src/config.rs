@@ -6,6 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use flowshift_tunnel::{PresharedKey, PrivateKey, PublicKey};
 use serde::Deserialize;
 
 use crate::app::{AppConfig, AppKind};
@@ -56,6 +57,32 @@ pub struct Config {
     pub tcp: TcpConfig,
     /// `[metrics]`: where to serve Prometheus text over HTTP, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[tunnel]` and its `[[peer]]`s, if this node talks to others.
+    pub tunnel: Option<TunnelConfig>,
+}
+
+/// `[tunnel]`: this node's end of the encrypted tunnel, and its peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// UDP address to listen on (and send from).
+    pub listen: SocketAddr,
+    /// This node's static private key (read from `private_key_file`).
+    pub private_key: PrivateKey,
+    /// `[[peer]]`s: names and keys unique.
+    pub peers: Vec<PeerEntry>,
+}
+
+/// One `[[peer]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEntry {
+    /// Its name, used by `ctl` and in logs.
+    pub name: String,
+    /// Where to reach it; without one this node only answers its handshakes.
+    pub endpoint: Option<SocketAddr>,
+    /// Its static public key.
+    pub public_key: PublicKey,
+    /// A pre-shared key for this peer (`preshared_key_file`, or the `[tunnel]` one).
+    pub preshared_key: Option<PresharedKey>,
 }
 
 /// `[node]`.
@@ -170,6 +197,27 @@ struct RawConfig {
     tcp: RawTcp,
     #[serde(default)]
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    tunnel: Option<RawTunnel>,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    listen: String,
+    private_key_file: PathBuf,
+    preshared_key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    endpoint: Option<String>,
+    public_key: String,
+    preshared_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -373,7 +421,10 @@ impl Config {
             })?),
         };
 
+        let tunnel = Self::tunnel(file, raw.tunnel, raw.peer)?;
+
         Ok(Config {
+            tunnel,
             node: NodeConfig {
                 name: raw.node.name,
                 control_socket: raw.node.control_socket,
@@ -393,9 +444,134 @@ impl Config {
         })
     }
 
+    fn tunnel(
+        file: &Path,
+        raw: Option<RawTunnel>,
+        peers: Vec<RawPeer>,
+    ) -> Result<Option<TunnelConfig>, ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        let Some(raw) = raw else {
+            if !peers.is_empty() {
+                return Err(invalid("peer", "[[peer]] needs a [tunnel] section".into()));
+            }
+            return Ok(None);
+        };
+        let listen = raw.listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "tunnel.listen",
+                format!("`{}` is not an address:port", raw.listen),
+            )
+        })?;
+        let read_key = |key: &str, path: &Path| -> Result<String, ConfigError> {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(key, format!("cannot read key file {}: {e}", path.display()))
+            })?;
+            warn_if_readable_by_others(path);
+            Ok(text.trim().to_owned())
+        };
+        let private_key =
+            PrivateKey::from_base64(&read_key("tunnel.private_key_file", &raw.private_key_file)?)
+                .map_err(|e| {
+                invalid(
+                    "tunnel.private_key_file",
+                    format!(
+                        "{}: not a base64 X25519 key ({e})",
+                        raw.private_key_file.display()
+                    ),
+                )
+            })?;
+        let shared_psk = match &raw.preshared_key_file {
+            None => None,
+            Some(path) => Some(
+                PresharedKey::from_base64(&read_key("tunnel.preshared_key_file", path)?).map_err(
+                    |e| {
+                        invalid(
+                            "tunnel.preshared_key_file",
+                            format!("{}: not a base64 key ({e})", path.display()),
+                        )
+                    },
+                )?,
+            ),
+        };
+        let own_public = private_key.public_key();
+        let mut entries: Vec<PeerEntry> = Vec::new();
+        for (i, p) in peers.into_iter().enumerate() {
+            let key = |k: &str| format!("peer[{i}].{k}");
+            if p.name.is_empty() || p.name.len() > 64 {
+                return Err(invalid(&key("name"), "must be 1 to 64 characters".into()));
+            }
+            if entries.iter().any(|e| e.name == p.name) {
+                return Err(invalid(
+                    &key("name"),
+                    format!("peer `{}` is configured twice", p.name),
+                ));
+            }
+            let public_key = PublicKey::from_base64(p.public_key.trim()).map_err(|e| {
+                invalid(&key("public_key"), format!("not a base64 X25519 key ({e})"))
+            })?;
+            if public_key == own_public {
+                return Err(invalid(&key("public_key"), "is this node's own key".into()));
+            }
+            if entries.iter().any(|e| e.public_key == public_key) {
+                return Err(invalid(
+                    &key("public_key"),
+                    "the same key is configured for two peers".into(),
+                ));
+            }
+            let endpoint = match p.endpoint {
+                None => None,
+                Some(e) => Some(e.parse::<SocketAddr>().map_err(|_| {
+                    invalid(&key("endpoint"), format!("`{e}` is not an address:port"))
+                })?),
+            };
+            let preshared_key = match &p.preshared_key_file {
+                None => shared_psk.clone(),
+                Some(path) => Some(
+                    PresharedKey::from_base64(&read_key(&key("preshared_key_file"), path)?)
+                        .map_err(|e| {
+                            invalid(
+                                &key("preshared_key_file"),
+                                format!("{}: not a base64 key ({e})", path.display()),
+                            )
+                        })?,
+                ),
+            };
+            entries.push(PeerEntry {
+                name: p.name,
+                endpoint,
+                public_key,
+                preshared_key,
+            });
+        }
+        Ok(Some(TunnelConfig {
+            listen,
+            private_key,
+            peers: entries,
+        }))
+    }
+
     /// The service on `port`, if one is configured.
     pub fn service(&self, port: u16) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.port == port)
+    }
+}
+
+/// Secret key files should be readable by their owner only; say so when they are not (as
+/// `wg` does), without refusing to start.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %path.display(),
+            mode = format_args!("{:o}", meta.permissions().mode() & 0o777),
+            "key file is accessible by group or others; chmod 600 it"
+        );
     }
 }
 
@@ -493,6 +669,87 @@ max_connections = 100000
         let e = parse(&EXAMPLE.replace("mtu = 1500", "mtu = \"big\"")).unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }));
         assert!(e.to_string().contains("mtu"), "{e}");
+    }
+
+    fn key_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fs-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn tunnel_config(extra: &str) -> (String, String) {
+        use rand_core::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let a = PrivateKey::generate(&mut rng);
+        let b = PrivateKey::generate(&mut rng);
+        let dir = key_dir();
+        let key_path = dir.join("a.key");
+        std::fs::write(&key_path, format!("{}\n", a.to_base64())).unwrap();
+        let text = format!(
+            "{EXAMPLE}\n[tunnel]\nlisten = \"198.18.2.2:51871\"\nprivate_key_file = \"{}\"\n[[peer]]\nname = \"b\"\nendpoint = \"198.18.3.2:51871\"\npublic_key = \"{}\"\n{extra}",
+            key_path.display(),
+            b.public_key().to_base64()
+        );
+        (text, b.public_key().to_base64())
+    }
+
+    #[test]
+    fn tunnel_and_peers_parse() {
+        let (text, b_pub) = tunnel_config("");
+        let c = parse(&text).unwrap();
+        let t = c.tunnel.unwrap();
+        assert_eq!(t.listen.to_string(), "198.18.2.2:51871");
+        assert_eq!(t.peers.len(), 1);
+        assert_eq!(t.peers[0].name, "b");
+        assert_eq!(t.peers[0].public_key.to_base64(), b_pub);
+        assert!(parse(EXAMPLE).unwrap().tunnel.is_none());
+    }
+
+    #[test]
+    fn bad_tunnel_settings_name_file_and_key() {
+        let (text, b_pub) = tunnel_config("");
+        let cases = [
+            (text.replace("198.18.2.2:51871", "nowhere"), "tunnel.listen"),
+            (
+                text.replace("a.key", "missing.key"),
+                "tunnel.private_key_file",
+            ),
+            (text.replace(&b_pub, "not-base64!"), "peer[0].public_key"),
+            (
+                text.replace("198.18.3.2:51871", "198.18.3.2"),
+                "peer[0].endpoint",
+            ),
+            (
+                tunnel_config(&format!(
+                    "[[peer]]\nname = \"b\"\npublic_key = \"{b_pub}\"\n"
+                ))
+                .0,
+                "peer[1].name",
+            ),
+            (
+                tunnel_config(&format!(
+                    "[[peer]]\nname = \"c\"\npublic_key = \"{b_pub}\"\n"
+                ))
+                .0,
+                "peer[1].public_key",
+            ),
+            (
+                format!("{EXAMPLE}\n[[peer]]\nname = \"b\"\npublic_key = \"{b_pub}\"\n"),
+                "peer",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with("node.toml: key `"), "{e}");
+            assert!(e.contains(&format!("`{key}`")), "expected {key}: {e}");
+        }
+        // A key file with garbage names the file.
+        let dir = key_dir();
+        std::fs::write(dir.join("bad.key"), "garbage").unwrap();
+        let e = parse(&text.replace("a.key", "bad.key"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.key"), "{e}");
     }
 
     #[test]

@@ -32,12 +32,25 @@ pub enum Request {
     },
     /// Prometheus text exposition.
     Metrics,
+    /// Every tunnel peer.
+    Peers,
     /// Node summary.
     Status,
     /// Thaw a frozen connection.
     Thaw {
         /// Connection id from `conns`.
         id: u64,
+    },
+    /// Send bytes of the test stream to a peer over the tunnel.
+    #[serde(rename = "tunnel_send")]
+    TunnelSend {
+        /// Peer name.
+        peer: String,
+        /// How many bytes.
+        bytes: u64,
+        /// `reliable` (default) or `datagram`.
+        #[serde(default)]
+        channel: Option<String>,
     },
 }
 

@@ -19,3 +19,4 @@ pub mod node;
 pub mod offload;
 pub mod packet;
 pub mod stack;
+pub mod tunnel;

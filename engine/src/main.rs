@@ -41,6 +41,10 @@ enum Command {
         #[command(subcommand)]
         what: CtlCommand,
     },
+    /// Print a new private key for the tunnel (base64, like `wg genkey`).
+    Genkey,
+    /// Read a private key on stdin, print its public key (like `wg pubkey`).
+    Pubkey,
     /// Build a namespace testbed, run a node in it, show it serving a download, tear it down.
     Demo {
         /// Bytes to download.
@@ -67,6 +71,18 @@ enum CtlCommand {
         /// Connection id.
         id: u64,
     },
+    /// Tunnel peers: handshake age, RTT, loss, bytes, liveness, last load report.
+    Peers,
+    /// Send N bytes of the counting stream to a peer over the tunnel (for tests and benchmarks).
+    TunnelSend {
+        /// Peer name.
+        peer: String,
+        /// Bytes to send.
+        bytes: u64,
+        /// As datagrams instead of reliable messages.
+        #[arg(long)]
+        datagram: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +93,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Node { config, check } => {
@@ -90,6 +107,23 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Ctl { socket, json, what } => ctl(&socket, json, what),
         Command::Demo { bytes } => demo::run(bytes),
+        Command::Genkey => {
+            use rand_core::SeedableRng;
+            let mut rng = rand_chacha::ChaCha20Rng::from_seed(flowshift::node::os_random_seed()?);
+            println!(
+                "{}",
+                flowshift_tunnel::PrivateKey::generate(&mut rng).to_base64()
+            );
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let key = flowshift_tunnel::PrivateKey::from_base64(line.trim())
+                .map_err(|e| anyhow::anyhow!("stdin is not a base64 private key: {e}"))?;
+            println!("{}", key.public_key().to_base64());
+            Ok(())
+        }
     }
 }
 
@@ -100,6 +134,16 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
         CtlCommand::Metrics => Request::Metrics,
         CtlCommand::Freeze { id } => Request::Freeze { id },
         CtlCommand::Thaw { id } => Request::Thaw { id },
+        CtlCommand::Peers => Request::Peers,
+        CtlCommand::TunnelSend {
+            peer,
+            bytes,
+            datagram,
+        } => Request::TunnelSend {
+            peer,
+            bytes,
+            channel: Some(if datagram { "datagram" } else { "reliable" }.to_owned()),
+        },
     };
     let reply = control::call(socket, &request).with_context(|| {
         format!(
@@ -121,6 +165,46 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
         Request::Conns => {
             let conns: Vec<ConnInfo> = serde_json::from_value(result)?;
             write!(out, "{}", conns_table(&conns))?;
+        }
+        Request::Peers => {
+            let peers = result.as_array().cloned().unwrap_or_default();
+            writeln!(
+                out,
+                "{:<12} {:<21} {:<6} {:>9} {:>8} {:>6} {:>10} {:>10} {:>5} {:>6} {:>10}",
+                "PEER",
+                "ENDPOINT",
+                "LIVE",
+                "HANDSHAKE",
+                "RTT",
+                "LOSS",
+                "TX",
+                "RX",
+                "CPU",
+                "CONNS",
+                "VERIFIED"
+            )?;
+            for p in peers {
+                let f = |k: &str| p[k].as_f64();
+                writeln!(
+                    out,
+                    "{:<12} {:<21} {:<6} {:>9} {:>8} {:>5.1}% {:>10} {:>10} {:>5} {:>6} {:>10}",
+                    plain(&p["name"]),
+                    plain(&p["endpoint"]),
+                    plain(&p["liveness"]),
+                    f("handshake_age_s").map_or("-".into(), |s| format!("{s:.0}s ago")),
+                    f("rtt_ms").map_or("-".into(), |ms| format!("{ms:.2}ms")),
+                    f("loss").unwrap_or(0.0) * 100.0,
+                    human_bytes(f("tx_bytes").unwrap_or(0.0)),
+                    human_bytes(f("rx_bytes").unwrap_or(0.0)),
+                    p["load"]["cpu_busy"]
+                        .as_f64()
+                        .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+                    p["load"]["connections"]
+                        .as_u64()
+                        .map_or("-".into(), |c| c.to_string()),
+                    human_bytes(f("rx_verified_bytes").unwrap_or(0.0)),
+                )?;
+            }
         }
         Request::Status => {
             if let Some(map) = result.as_object() {

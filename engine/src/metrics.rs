@@ -49,8 +49,13 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: u64) {
     registry.register(name, help, g);
 }
 
-/// Renders `stats` and `gauges` as Prometheus text.
-pub fn render(stats: &StackStats, gauges: &NodeGauges) -> String {
+/// Renders `stats`, `gauges` and the tunnel's counters (if the node has a tunnel) as
+/// Prometheus text.
+pub fn render(
+    stats: &StackStats,
+    gauges: &NodeGauges,
+    tunnel: Option<&flowshift_tunnel::Stats>,
+) -> String {
     let mut r = Registry::with_prefix("flowshift");
     counter(
         &mut r,
@@ -161,6 +166,115 @@ pub fn render(stats: &StackStats, gauges: &NodeGauges) -> String {
         "Seconds since the node started",
         gauges.uptime_seconds,
     );
+    counter(
+        &mut r,
+        "handshake_timeouts",
+        "Half-open TCP connections reset after the handshake deadline",
+        stats.handshake_timeouts,
+    );
+    if let Some(t) = tunnel {
+        counter(
+            &mut r,
+            "tunnel_rx_packets",
+            "UDP datagrams received by the tunnel",
+            t.rx_packets,
+        );
+        counter(
+            &mut r,
+            "tunnel_rx_bytes",
+            "UDP payload bytes received by the tunnel",
+            t.rx_bytes,
+        );
+        counter(
+            &mut r,
+            "tunnel_tx_packets",
+            "UDP datagrams sent by the tunnel",
+            t.tx_packets,
+        );
+        counter(
+            &mut r,
+            "tunnel_tx_bytes",
+            "UDP payload bytes sent by the tunnel",
+            t.tx_bytes,
+        );
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        for (reason, v) in [
+            ("bad_version", t.rx_bad_version),
+            ("malformed", t.rx_malformed),
+            ("unknown_session", t.rx_unknown_session),
+            ("replayed", t.rx_replayed),
+            ("too_old", t.rx_too_old),
+            ("auth_failed", t.rx_auth_failed),
+            ("bad_frames", t.rx_bad_frames),
+            ("handshake_bad_mac", t.handshake_bad_mac),
+            ("handshake_rate_limited", t.handshake_rate_limited),
+            ("handshake_unknown_peer", t.handshake_unknown_peer),
+            ("handshake_replayed", t.handshake_replayed),
+        ] {
+            rejected
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(v);
+        }
+        r.register(
+            "tunnel_rejected",
+            "Tunnel packets rejected, by reason",
+            rejected,
+        );
+        counter(
+            &mut r,
+            "tunnel_handshakes_completed",
+            "Tunnel handshakes completed",
+            t.handshake_completed,
+        );
+        counter(
+            &mut r,
+            "tunnel_handshakes_failed",
+            "Tunnel handshakes failed",
+            t.handshake_failed,
+        );
+        counter(
+            &mut r,
+            "tunnel_datagrams_dropped",
+            "Tunnel datagrams dropped (queue full)",
+            t.datagrams_dropped,
+        );
+        for (name, help, v) in [
+            (
+                "tunnel_handshake_timeouts",
+                "Tunnel handshake attempt series without a response (retrying continues)",
+                t.handshake_timeouts,
+            ),
+            (
+                "tunnel_messages_received",
+                "Reliable tunnel messages delivered",
+                t.messages_received,
+            ),
+            (
+                "tunnel_messages_sent",
+                "Reliable tunnel messages queued",
+                t.messages_sent,
+            ),
+            (
+                "tunnel_datagrams_sent",
+                "Tunnel datagrams sent",
+                t.datagrams_sent,
+            ),
+            (
+                "tunnel_datagrams_received",
+                "Tunnel datagrams delivered",
+                t.datagrams_received,
+            ),
+            (
+                "tunnel_heartbeats_received",
+                "Tunnel heartbeats received",
+                t.heartbeats_received,
+            ),
+        ] {
+            counter(&mut r, name, help, v);
+        }
+    }
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &r);
@@ -216,14 +330,26 @@ mod tests {
             ..Default::default()
         };
         s.dropped[DropReason::BadChecksum.index()] = 3;
+        let mut tunnel = flowshift_tunnel::Stats::default();
+        tunnel.rx_replayed = 4;
+        tunnel.handshake_unknown_peer = 2;
         let text = render(
             &s,
             &NodeGauges {
                 connections: 1,
                 ..Default::default()
             },
+            Some(&tunnel),
         );
         assert!(text.contains("flowshift_tun_packets_in_total 5"), "{text}");
+        assert!(
+            text.contains("flowshift_tunnel_rejected_total{reason=\"replayed\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_tunnel_rejected_total{reason=\"handshake_unknown_peer\"} 2"),
+            "{text}"
+        );
         assert!(
             text.contains("flowshift_packets_dropped_total{reason=\"bad_checksum\"} 3"),
             "{text}"

@@ -25,6 +25,7 @@ use crate::metrics::{self, NodeGauges};
 use crate::netlink;
 use crate::offload;
 use crate::stack::{ConnInfo, ConnectionBudget, FlowError, Stack, StackConfig, StackStats};
+use crate::tunnel;
 
 const TUN: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -50,6 +51,9 @@ pub enum NodeError {
     /// The control socket could not be bound.
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    /// The tunnel could not start.
+    #[error(transparent)]
+    Tunnel(#[from] tunnel::TunnelError),
     /// The metrics listener could not be bound.
     #[error("metrics listener {addr}: {source}")]
     Metrics {
@@ -269,6 +273,7 @@ struct Node {
     budget: ConnectionBudget,
     started: StdInstant,
     tun_write_errors: Arc<AtomicU64>,
+    tunnel: Option<tunnel::TunnelHandle>,
 }
 
 impl Node {
@@ -314,7 +319,7 @@ impl Node {
     }
 
     fn metrics(&self) -> String {
-        metrics::render(&self.stats(), &self.gauges())
+        metrics::render(&self.stats(), &self.gauges(), self.tunnel_stats().as_ref())
     }
 
     fn status(&self) -> serde_json::Value {
@@ -336,9 +341,91 @@ impl Node {
     }
 }
 
+impl Node {
+    fn ask_tunnel<T>(&self, make: impl FnOnce(Sender<T>) -> tunnel::Command) -> Result<T, String> {
+        let t = self.tunnel.as_ref().ok_or("this node has no [tunnel]")?;
+        let (tx, rx) = bounded(1);
+        if !t.send(make(tx)) {
+            return Err("the tunnel thread is gone".into());
+        }
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| "the tunnel thread did not answer".into())
+    }
+
+    fn tunnel_stats(&self) -> Option<flowshift_tunnel::Stats> {
+        self.ask_tunnel(tunnel::Command::Stats).ok()
+    }
+
+    /// Tells the tunnel this node's load, for its heartbeats: connections, bytes/s since the
+    /// last call, and the busy fraction of this process's CPU time.
+    fn report_load(&self, last: &mut (StdInstant, StackStats, f64)) {
+        let Some(t) = &self.tunnel else { return };
+        let stats = self.stats();
+        let cpu = process_cpu_seconds();
+        let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let report = flowshift_tunnel::LoadReport {
+            cpu_busy: (((cpu - last.2) / dt / cores) as f32).clamp(0.0, 1.0),
+            connections: self.budget.open() as u64,
+            bytes_in_per_sec: ((stats.app_bytes_in.saturating_sub(last.1.app_bytes_in)) as f64 / dt)
+                as u64,
+            bytes_out_per_sec: ((stats.app_bytes_out.saturating_sub(last.1.app_bytes_out)) as f64
+                / dt) as u64,
+            forecast: None,
+        };
+        t.send(tunnel::Command::Load(report));
+        *last = (StdInstant::now(), stats, cpu);
+    }
+}
+
+/// CPU seconds (user + system) this process used so far.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
 impl Handler for Node {
     fn handle(&self, request: Request) -> Reply {
         match request {
+            Request::Peers => match self.ask_tunnel(tunnel::Command::Peers) {
+                Ok(peers) => Reply::ok(serde_json::to_value(peers).unwrap_or_default()),
+                Err(e) => Reply::error(e),
+            },
+            Request::TunnelSend {
+                peer,
+                bytes,
+                channel,
+            } => {
+                let datagram = match channel.as_deref() {
+                    None | Some("reliable") => false,
+                    Some("datagram") => true,
+                    Some(other) => {
+                        return Reply::error(format!(
+                            "unknown channel `{other}` (reliable or datagram)"
+                        ));
+                    }
+                };
+                match self.ask_tunnel(|reply| tunnel::Command::Send {
+                    peer,
+                    bytes,
+                    datagram,
+                    reply,
+                }) {
+                    Ok(Ok(())) => {
+                        Reply::ok(serde_json::json!({"queued_bytes": bytes, "datagram": datagram}))
+                    }
+                    Ok(Err(e)) | Err(e) => Reply::error(e),
+                }
+            }
             Request::Status => Reply::ok(self.status()),
             Request::Conns => Reply::ok(serde_json::to_value(self.conns()).unwrap_or_default()),
             Request::Metrics => Reply::ok(serde_json::Value::String(self.metrics())),
@@ -417,6 +504,26 @@ fn open_tun(config: &Config) -> Result<Vec<SyncDevice>, NodeError> {
         q.set_nonblocking(true).map_err(tun_err)?;
     }
     Ok(queues)
+}
+
+/// 32 bytes from the kernel's CSPRNG (`getrandom(2)`).
+pub fn os_random_seed() -> io::Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    let mut filled = 0;
+    while filled < seed.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `seed`.
+        let n =
+            unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(seed)
 }
 
 /// Runs a node until SIGINT or SIGTERM, then closes its connections gracefully (within
@@ -516,13 +623,35 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         threads.push(thread);
     }
 
+    let tunnel = match &config.tunnel {
+        None => None,
+        Some(t) => Some(tunnel::start(
+            t,
+            os_random_seed().map_err(setup("random seed"))?,
+        )?),
+    };
     let node = Arc::new(Node {
         config: config.clone(),
         workers: handles,
         budget,
         started,
         tun_write_errors,
+        tunnel,
     });
+    if node.tunnel.is_some() {
+        let n = node.clone();
+        std::thread::Builder::new()
+            .name("fs-load".into())
+            .spawn(move || {
+                let mut last = (StdInstant::now(), n.stats(), process_cpu_seconds());
+                // Ends with the process; the node holds no lock it would need.
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    n.report_load(&mut last);
+                }
+            })
+            .map_err(setup("load reporter thread"))?;
+    }
     if let Some(addr) = config.metrics_listen {
         let n = node.clone();
         metrics::serve_http(addr, Arc::new(move || n.metrics()))
@@ -561,6 +690,9 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         let _ = t.join();
     }
     drop(cleanup);
+    if let Some(t) = &node.tunnel {
+        t.stop();
+    }
     tracing::info!(sockets_dropped = node.budget.open(), "node stopped");
     Ok(())
 }

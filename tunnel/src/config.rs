@@ -77,7 +77,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(1),
             dead_after_missed_heartbeats: 3,
             initial_rto: Duration::from_secs(1),
-            min_rto: Duration::from_millis(200),
+            min_rto: Duration::from_millis(10),
             max_rto: Duration::from_secs(60),
             max_ack_delay: Duration::from_millis(10),
             initial_window_packets: 10,

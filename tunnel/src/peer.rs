@@ -708,6 +708,7 @@ impl Peer {
         };
         let mut frames = Frames::new(&plain[start..]);
         let mut eliciting = false;
+        let mut immediate = false;
         let mut refused = false;
         let mut bad = false;
         let mut datagram = None;
@@ -718,6 +719,7 @@ impl Peer {
                 break;
             };
             eliciting |= frame.is_ack_eliciting();
+            immediate |= frame == Frame::Ping;
             match frame {
                 Frame::Ack(ack) => self.reliable.on_ack(&ack, now),
                 Frame::Stream { offset, data } => {
@@ -743,7 +745,8 @@ impl Peer {
         if bad {
             ctx.stats.rx_bad_frames += 1;
         } else if !refused {
-            self.reliable.on_packet_received(pn, eliciting, now);
+            self.reliable
+                .on_packet_received(pn, eliciting, immediate, now);
         }
         for data in messages {
             ctx.stats.messages_received += 1;
@@ -800,6 +803,7 @@ impl Peer {
             || self.reliable.ack_due(now)
             || self.reliable.window_due()
             || self.reliable.can_send_stream()
+            || self.reliable.probe_due()
     }
 
     /// The next datagram for this peer, written into `buf`.
@@ -882,7 +886,8 @@ impl Peer {
             }
             if stream_ready {
                 loop {
-                    let rem = w.remaining();
+                    // One byte stays free for a PING.
+                    let rem = w.remaining().saturating_sub(1);
                     let header = 1 + 8 + varint_len(rem as u64);
                     if rem <= header + 16 {
                         break;
@@ -905,6 +910,16 @@ impl Peer {
                     stream.push(r);
                     eliciting = true;
                 }
+            }
+            // Ask for an ACK at once when this packet is a probe or the last one the
+            // window allows, so that no delayed ACK holds the transfer up.
+            let ping = if eliciting {
+                self.reliable.wants_immediate_ack(max as u64)
+            } else {
+                self.reliable.probe_due()
+            };
+            if ping && Frame::Ping.emit(&mut w).is_ok() {
+                eliciting = true;
             }
             if !datagram_first {
                 wrote_anything |= self.write_datagram(ctx, &mut w);

@@ -10,6 +10,7 @@ const GRANULARITY: Duration = Duration::from_millis(1);
 pub(crate) struct RttEstimator {
     srtt: Option<Duration>,
     rttvar: Duration,
+    latest: Option<Duration>,
     min_rtt: Option<Duration>,
     initial_rto: Duration,
     min_rto: Duration,
@@ -28,6 +29,7 @@ impl RttEstimator {
         RttEstimator {
             srtt: None,
             rttvar: Duration::ZERO,
+            latest: None,
             min_rtt: None,
             initial_rto,
             min_rto,
@@ -49,6 +51,7 @@ impl RttEstimator {
     /// Feeds one sample; `ack_delay` (reported by the peer) is subtracted when that does not
     /// take the sample below the smallest RTT seen.
     pub(crate) fn on_sample(&mut self, rtt: Duration, ack_delay: Duration) {
+        self.latest = Some(rtt);
         let min_rtt = self.min_rtt.map_or(rtt, |m| m.min(rtt));
         self.min_rtt = Some(min_rtt);
         let ack_delay = ack_delay.min(self.max_ack_delay);
@@ -80,6 +83,16 @@ impl RttEstimator {
             Some(srtt) => srtt + GRANULARITY.max(self.rttvar * 4) + self.max_ack_delay,
         };
         rto.clamp(self.min_rto, self.max_rto)
+    }
+
+    /// How long after a later packet was acknowledged an earlier one counts as lost
+    /// (RFC 9002 section 6.1.2): 9/8 of the larger of SRTT and the latest sample, at least
+    /// the clock granularity. Before any sample: the initial RTO.
+    pub(crate) fn loss_delay(&self) -> Duration {
+        match (self.srtt, self.latest) {
+            (Some(srtt), Some(latest)) => (srtt.max(latest) * 9 / 8).max(GRANULARITY),
+            _ => self.initial_rto,
+        }
     }
 
     /// The RTO after `backoff` consecutive timeouts (5.5: doubled each time, capped).
@@ -118,6 +131,8 @@ mod tests {
         assert_eq!(r.rto(), Duration::from_micros(362_500));
         assert_eq!(r.backed_off_rto(2), Duration::from_micros(1_450_000));
         assert_eq!(r.backed_off_rto(30), Duration::from_secs(60));
+        // 9/8 of max(SRTT 112.5, latest 200) = 225 ms.
+        assert_eq!(r.loss_delay(), ms(225));
     }
 
     #[test]

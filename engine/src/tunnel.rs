@@ -1,0 +1,773 @@
+//! The tunnel driver: runs the sans-IO [`flowshift_tunnel::Endpoint`] on a UDP socket.
+//!
+//! Thin by design. One thread owns the endpoint and a non-blocking UDP socket, polled with mio:
+//! receives go through quinn-udp (`recvmmsg`, GRO: one call may return many datagrams), and
+//! consecutive transmits to one peer of one size go out as one GSO send. The thread wakes on the
+//! socket, on the endpoint's timer, and on a [`mio::Waker`] for commands from the control thread.
+//!
+//! Besides the endpoint, the driver carries a test stream used by `ctl tunnel-send` and the
+//! benchmark: messages (or datagrams) tagged [`TEST_STREAM`], each an 8-byte offset and the
+//! counting stream from there. The receiver verifies every byte, so loss, duplication or
+//! reordering of reliable messages shows up as an error.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use flowshift_tunnel::{
+    Config as TunnelCoreConfig, Endpoint, Event, Instant, Keypair, LoadReport, PeerConfig, PeerId,
+    SendError, Stats,
+};
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use serde::Serialize;
+
+use crate::app::counting;
+use crate::config::TunnelConfig;
+
+const SOCKET: Token = Token(0);
+const WAKER: Token = Token(1);
+/// First byte of a test-stream message or datagram.
+pub const TEST_STREAM: u8 = 0x01;
+/// Payload of one test-stream message.
+const TEST_MESSAGE: usize = 60 * 1024;
+/// Receive buffers per `recvmmsg` call, each large enough for a GRO batch.
+const RX_BATCH: usize = 8;
+const RX_BUF: usize = 64 * 1024;
+/// Largest GSO send: one UDP payload may not exceed 65,507 bytes.
+const MAX_GSO_BYTES: usize = 60 * 1024;
+
+/// Errors that stop the tunnel from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The UDP socket could not be set up.
+    #[error("tunnel socket {addr}: {source}")]
+    Socket {
+        /// The listen address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// A peer could not be added.
+    #[error("peer {name}: {reason}")]
+    Peer {
+        /// Its name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Liveness of a peer as the node last heard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    /// Heartbeats arrive.
+    Alive,
+    /// Heartbeats stopped.
+    Dead,
+    /// Never heard from.
+    Never,
+}
+
+/// One row of `ctl peers`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    /// Configured name.
+    pub name: String,
+    /// Current address.
+    pub endpoint: Option<SocketAddr>,
+    /// Liveness.
+    pub liveness: Liveness,
+    /// Seconds since the last completed handshake.
+    pub handshake_age_s: Option<f64>,
+    /// Smoothed RTT of the reliable channel, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Packets declared lost over packets sent.
+    pub loss: f64,
+    /// Bytes sent to the peer (UDP payload).
+    pub tx_bytes: u64,
+    /// Bytes received from the peer (UDP payload).
+    pub rx_bytes: u64,
+    /// Its last load report.
+    pub load: Option<LoadView>,
+    /// Test-stream bytes received on the reliable channel and verified.
+    pub rx_verified_bytes: u64,
+    /// Test-stream messages that did not match (wrong offset or bytes).
+    pub rx_errors: u64,
+    /// Test-stream bytes received as datagrams and verified.
+    pub rx_datagram_verified_bytes: u64,
+    /// Test-stream datagrams that did not match.
+    pub rx_datagram_errors: u64,
+    /// Test-stream bytes still to send to this peer.
+    pub tx_pending_bytes: u64,
+}
+
+/// A load report, for output.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadView {
+    /// CPU busy fraction.
+    pub cpu_busy: f32,
+    /// Connections.
+    pub connections: u64,
+    /// Bytes/s in.
+    pub bytes_in_per_sec: u64,
+    /// Bytes/s out.
+    pub bytes_out_per_sec: u64,
+}
+
+impl From<&LoadReport> for LoadView {
+    fn from(r: &LoadReport) -> Self {
+        Self {
+            cpu_busy: r.cpu_busy,
+            connections: r.connections,
+            bytes_in_per_sec: r.bytes_in_per_sec,
+            bytes_out_per_sec: r.bytes_out_per_sec,
+        }
+    }
+}
+
+/// Commands to the tunnel thread.
+pub enum Command {
+    /// Every peer.
+    Peers(Sender<Vec<PeerInfo>>),
+    /// Endpoint counters.
+    Stats(Sender<Stats>),
+    /// Send `bytes` of the test stream to `peer`.
+    Send {
+        /// Peer name.
+        peer: String,
+        /// How many bytes.
+        bytes: u64,
+        /// As datagrams instead of reliable messages.
+        datagram: bool,
+        /// Whether the job was accepted.
+        reply: Sender<Result<(), String>>,
+    },
+    /// The node's load, for the next heartbeats.
+    Load(LoadReport),
+    /// Stop the thread.
+    Shutdown,
+}
+
+/// The control side of a running tunnel thread.
+pub struct TunnelHandle {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+    /// Disconnects when the thread ends.
+    done: Receiver<()>,
+}
+
+impl TunnelHandle {
+    /// Sends `cmd` to the tunnel thread.
+    pub fn send(&self, cmd: Command) -> bool {
+        self.tx.send(cmd).is_ok() && self.waker.wake().is_ok()
+    }
+
+    /// Stops the thread and waits (briefly) for it to end.
+    pub fn stop(&self) {
+        self.send(Command::Shutdown);
+        let _ = self.done.recv_timeout(Duration::from_secs(2));
+    }
+}
+
+#[derive(Default)]
+struct TestRx {
+    next_offset: u64,
+    verified: u64,
+    errors: u64,
+    dgram_verified: u64,
+    dgram_errors: u64,
+}
+
+struct TestTx {
+    offset: u64,
+    end: u64,
+    datagram: bool,
+}
+
+struct PeerSlot {
+    name: String,
+    id: PeerId,
+    liveness: Liveness,
+    handshake_at: Option<Instant>,
+    load: Option<LoadReport>,
+    tx_bytes: u64,
+    rx_bytes: u64,
+    tx_packets: u64,
+    test_rx: TestRx,
+    test_tx: Option<TestTx>,
+    /// Offset the next test job starts at (the stream continues across jobs).
+    test_next: u64,
+}
+
+/// Monotonic microseconds since the UNIX epoch: wall time at start plus a monotonic clock, so
+/// handshake timestamps keep increasing across restarts (see docs/tunnel.md).
+#[derive(Clone, Copy)]
+struct Clock {
+    base: u64,
+    start: std::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let base = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Self {
+            base,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.base + self.start.elapsed().as_micros() as u64)
+    }
+}
+
+struct Driver {
+    ep: Endpoint,
+    socket: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    poll: Poll,
+    commands: Receiver<Command>,
+    clock: Clock,
+    peers: Vec<PeerSlot>,
+    rx_bufs: Vec<Vec<u8>>,
+    tx_batch: Vec<u8>,
+    /// Batches the socket would not take yet, in order.
+    pending: VecDeque<Region>,
+    /// The last turn queued test data and the endpoint could take more.
+    feeding: bool,
+    /// Sends the socket refused (other than "would block").
+    send_errors: u64,
+    scratch: Vec<u8>,
+}
+
+/// Starts the tunnel thread for `config`.
+pub fn start(config: &TunnelConfig, seed: [u8; 32]) -> Result<TunnelHandle, TunnelError> {
+    let sock_err = |source| TunnelError::Socket {
+        addr: config.listen,
+        source,
+    };
+    let socket = UdpSocket::bind(config.listen).map_err(sock_err)?;
+    let state = quinn_udp::UdpSocketState::new((&socket).into()).map_err(sock_err)?;
+    // GSO sends and GRO receives move 64 KB at a time: give the socket room for bursts.
+    socket_buffers(&socket, 4 << 20);
+    let poll = Poll::new().map_err(sock_err)?;
+    let mut socket = socket;
+    poll.registry()
+        .register(&mut socket, SOCKET, Interest::READABLE)
+        .map_err(sock_err)?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(sock_err)?);
+    let clock = Clock::new();
+    let keypair = Keypair::from_private(config.private_key.clone());
+    let mut ep = Endpoint::new(TunnelCoreConfig::default(), keypair, seed, clock.now());
+    let mut peers = Vec::new();
+    for p in &config.peers {
+        let id = ep
+            .add_peer(
+                PeerConfig {
+                    public_key: p.public_key,
+                    preshared_key: p.preshared_key.clone(),
+                    endpoint: p.endpoint,
+                },
+                clock.now(),
+            )
+            .map_err(|e| TunnelError::Peer {
+                name: p.name.clone(),
+                reason: e.to_string(),
+            })?;
+        peers.push(PeerSlot {
+            name: p.name.clone(),
+            id,
+            liveness: Liveness::Never,
+            handshake_at: None,
+            load: None,
+            tx_bytes: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            test_rx: TestRx::default(),
+            test_tx: None,
+            test_next: 0,
+        });
+    }
+    let (tx, commands) = unbounded();
+    let payload = ep.config().max_udp_payload;
+    let driver = Driver {
+        ep,
+        socket,
+        state,
+        poll,
+        commands,
+        clock,
+        peers,
+        rx_bufs: vec![vec![0u8; RX_BUF]; RX_BATCH],
+        tx_batch: vec![0u8; 256 * 1024 + payload],
+        pending: VecDeque::new(),
+        feeding: false,
+        send_errors: 0,
+        scratch: vec![0u8; TEST_MESSAGE + 9],
+    };
+    tracing::info!(
+        listen = %config.listen,
+        public_key = %config.private_key.public_key().to_base64(),
+        peers = ?config.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        "tunnel listening"
+    );
+    let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
+    std::thread::Builder::new()
+        .name("fs-tunnel".into())
+        .spawn(move || {
+            let _done = done_tx;
+            driver.run();
+        })
+        .map_err(|source| TunnelError::Socket {
+            addr: config.listen,
+            source,
+        })?;
+    Ok(TunnelHandle { tx, waker, done })
+}
+
+impl Driver {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(16);
+        loop {
+            let now = self.clock.now();
+            let timeout = self
+                .ep
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            // Spin only while a test transfer is being queued; once the endpoint pushes back,
+            // acknowledgements (socket readable) wake the loop.
+            let busy = self.feeding && self.pending.is_empty();
+            let timeout = if busy { Duration::ZERO } else { timeout };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                tracing::error!(error = %e, "tunnel poll failed; tunnel stops");
+                return;
+            }
+            for ev in events.iter() {
+                if ev.token() == SOCKET && ev.is_writable() {
+                    let _ = self.poll.registry().reregister(
+                        &mut self.socket,
+                        SOCKET,
+                        Interest::READABLE,
+                    );
+                }
+            }
+            while let Ok(cmd) = self.commands.try_recv() {
+                if !self.command(cmd) {
+                    return;
+                }
+            }
+            self.receive();
+            let now = self.clock.now();
+            self.ep.handle_timeout(now);
+            self.events(now);
+            self.feeding = self.feed_tests();
+            self.transmit();
+        }
+    }
+
+    fn slot(&mut self, id: PeerId) -> Option<&mut PeerSlot> {
+        self.peers.iter_mut().find(|p| p.id == id)
+    }
+
+    /// Handles one command; false to stop.
+    fn command(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Peers(reply) => {
+                let now = self.clock.now();
+                let rows = self.peers.iter().map(|p| self.peer_info(p, now)).collect();
+                let _ = reply.send(rows);
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(self.ep.stats().clone());
+            }
+            Command::Send {
+                peer,
+                bytes,
+                datagram,
+                reply,
+            } => {
+                let r = match self.peers.iter_mut().find(|p| p.name == peer) {
+                    None => Err(format!("no peer named {peer}")),
+                    Some(p) if p.test_tx.is_some() => {
+                        Err(format!("a transfer to {peer} is under way"))
+                    }
+                    Some(p) => {
+                        let start = if datagram { 0 } else { p.test_next };
+                        p.test_tx = Some(TestTx {
+                            offset: start,
+                            end: start + bytes,
+                            datagram,
+                        });
+                        if !datagram {
+                            p.test_next = start + bytes;
+                        }
+                        tracing::info!(peer = %p.name, bytes, datagram, "test transfer started");
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::Load(report) => self.ep.set_load_report(report),
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn peer_info(&self, p: &PeerSlot, now: Instant) -> PeerInfo {
+        let stats = self.ep.peer_stats(p.id).unwrap_or_default();
+        PeerInfo {
+            name: p.name.clone(),
+            endpoint: self.ep.peer_address(p.id),
+            liveness: p.liveness,
+            handshake_age_s: p
+                .handshake_at
+                .map(|t| now.saturating_duration_since(t).as_secs_f64()),
+            rtt_ms: stats.srtt.map(|d| d.as_secs_f64() * 1e3),
+            loss: if p.tx_packets == 0 {
+                0.0
+            } else {
+                stats.packets_lost as f64 / p.tx_packets as f64
+            },
+            tx_bytes: p.tx_bytes,
+            rx_bytes: p.rx_bytes,
+            load: p.load.as_ref().map(LoadView::from),
+            rx_verified_bytes: p.test_rx.verified,
+            rx_errors: p.test_rx.errors,
+            rx_datagram_verified_bytes: p.test_rx.dgram_verified,
+            rx_datagram_errors: p.test_rx.dgram_errors,
+            tx_pending_bytes: p.test_tx.as_ref().map_or(0, |t| t.end - t.offset),
+        }
+    }
+
+    fn receive(&mut self) {
+        let mut meta = [quinn_udp::RecvMeta::default(); RX_BATCH];
+        loop {
+            let n = {
+                let mut slices: Vec<IoSliceMut<'_>> = self
+                    .rx_bufs
+                    .iter_mut()
+                    .map(|b| IoSliceMut::new(b))
+                    .collect();
+                match self
+                    .state
+                    .recv((&self.socket).into(), &mut slices, &mut meta)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "tunnel receive failed");
+                        return;
+                    }
+                }
+            };
+            let now = self.clock.now();
+            for (m, buf) in meta.iter().zip(self.rx_bufs.iter_mut()).take(n) {
+                let stride = m.stride.max(1);
+                let mut at = 0;
+                while at < m.len {
+                    let end = (at + stride).min(m.len);
+                    let dgram = &mut buf[at..end];
+                    let len = dgram.len() as u64;
+                    if let Some(r) = self.ep.handle_datagram(now, m.addr, dgram) {
+                        let data = &dgram[r.datagram.clone()];
+                        if let Some(p) = self.peers.iter_mut().find(|p| p.id == r.peer) {
+                            verify_test(&mut p.test_rx, data, true);
+                        }
+                    }
+                    if let Some(p) = self
+                        .peers
+                        .iter_mut()
+                        .find(|p| self.ep.peer_address(p.id) == Some(m.addr))
+                    {
+                        p.rx_bytes += len;
+                    }
+                    at = end;
+                }
+            }
+            self.events(now);
+        }
+    }
+
+    fn events(&mut self, now: Instant) {
+        while let Some(e) = self.ep.poll_event() {
+            match e {
+                Event::HandshakeCompleted { peer } => {
+                    if let Some(p) = self.slot(peer) {
+                        if p.handshake_at.is_none() {
+                            tracing::info!(peer = %p.name, "tunnel handshake completed");
+                        }
+                        p.handshake_at = Some(now);
+                    }
+                }
+                Event::HandshakeFailed {
+                    peer,
+                    remote,
+                    error,
+                } => {
+                    let name = peer.and_then(|id| self.slot(id).map(|p| p.name.clone()));
+                    tracing::warn!(peer = ?name, ?remote, %error, "tunnel handshake failed");
+                }
+                Event::LoadReport { peer, report } => {
+                    if let Some(p) = self.slot(peer) {
+                        p.load = Some(report);
+                    }
+                }
+                Event::Message { peer, data } => {
+                    if let Some(p) = self.slot(peer) {
+                        verify_test(&mut p.test_rx, &data, false);
+                    }
+                }
+                Event::PeerAlive { peer } => {
+                    if let Some(p) = self.slot(peer) {
+                        tracing::info!(peer = %p.name, "peer alive");
+                        p.liveness = Liveness::Alive;
+                    }
+                }
+                Event::PeerDead { peer } => {
+                    // A peer never heard from stays `never`: its handshake errors say why.
+                    if let Some(p) = self.slot(peer)
+                        && p.liveness == Liveness::Alive
+                    {
+                        tracing::warn!(peer = %p.name, "peer dead: no heartbeat");
+                        p.liveness = Liveness::Dead;
+                    }
+                }
+                Event::PeerRestarted { peer } => {
+                    if let Some(p) = self.slot(peer) {
+                        tracing::warn!(peer = %p.name, "peer restarted: its reliable stream starts over");
+                        p.test_rx.next_offset = 0;
+                        p.test_next = 0;
+                    }
+                }
+                other => tracing::debug!(event = ?other, "tunnel event"),
+            }
+        }
+    }
+
+    /// Queues test-stream data into the endpoint until it pushes back; true if it queued some
+    /// and could take more.
+    fn feed_tests(&mut self) -> bool {
+        let mut more = false;
+        let max_dgram = self.ep.max_datagram_payload();
+        for p in &mut self.peers {
+            let Some(job) = p.test_tx.as_mut() else {
+                continue;
+            };
+            // A bounded amount per turn keeps the loop responsive.
+            for _ in 0..64 {
+                if job.offset >= job.end {
+                    break;
+                }
+                let room = if job.datagram {
+                    max_dgram - 9
+                } else {
+                    TEST_MESSAGE
+                };
+                let n = (job.end - job.offset).min(room as u64) as usize;
+                let msg = &mut self.scratch[..9 + n];
+                msg[0] = TEST_STREAM;
+                msg[1..9].copy_from_slice(&job.offset.to_le_bytes());
+                counting::fill(job.offset, &mut msg[9..]);
+                let r = if job.datagram {
+                    self.ep.send_datagram(p.id, msg)
+                } else {
+                    self.ep.send_message(p.id, msg)
+                };
+                match r {
+                    Ok(()) => {
+                        job.offset += n as u64;
+                        more = true;
+                    }
+                    Err(SendError::BufferFull | SendError::QueueFull) => {
+                        more = false;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %p.name, error = %e, "test transfer stopped");
+                        job.offset = job.end;
+                    }
+                }
+            }
+            if job.offset >= job.end {
+                tracing::info!(peer = %p.name, "test transfer queued completely");
+                p.test_tx = None;
+            }
+        }
+        more
+    }
+
+    /// Sends what the endpoint has, batching consecutive equal-size datagrams to one
+    /// destination into one GSO send.
+    fn transmit(&mut self) {
+        if !self.flush_pending() {
+            return;
+        }
+        let max_segments = self.state.max_gso_segments().max(1);
+        let payload = self.ep.config().max_udp_payload;
+        let now = self.clock.now();
+        let mut cur: Option<Region> = None;
+        let mut end = 0;
+        loop {
+            if end + payload > self.tx_batch.len() {
+                self.pending.extend(cur.take());
+                if !self.flush_pending() {
+                    return;
+                }
+                end = 0;
+            }
+            let Some(t) = self
+                .ep
+                .poll_transmit(now, &mut self.tx_batch[end..end + payload])
+            else {
+                break;
+            };
+            if let Some(p) = self
+                .peers
+                .iter_mut()
+                .find(|p| self.ep.peer_address(p.id) == Some(t.destination))
+            {
+                p.tx_bytes += t.size as u64;
+                p.tx_packets += 1;
+            }
+            match cur.as_mut() {
+                Some(r)
+                    if r.dest == t.destination
+                        && r.len % r.seg == 0
+                        && t.size <= r.seg
+                        && r.len / r.seg < max_segments
+                        && r.len + t.size <= MAX_GSO_BYTES =>
+                {
+                    r.len += t.size;
+                    if t.size < r.seg {
+                        // A shorter datagram ends a GSO batch.
+                        self.pending.extend(cur.take());
+                    }
+                }
+                _ => {
+                    self.pending.extend(cur.take());
+                    cur = Some(Region {
+                        dest: t.destination,
+                        start: end,
+                        len: t.size,
+                        seg: t.size,
+                    });
+                }
+            }
+            end += t.size;
+        }
+        self.pending.extend(cur.take());
+        self.flush_pending();
+    }
+
+    /// Sends the pending regions in order; false (with the rest kept) if the socket is full.
+    fn flush_pending(&mut self) -> bool {
+        while let Some(r) = self.pending.front().copied() {
+            let transmit = quinn_udp::Transmit {
+                destination: r.dest,
+                ecn: None,
+                contents: &self.tx_batch[r.start..r.start + r.len],
+                segment_size: (r.len > r.seg).then_some(r.seg),
+                src_ip: None,
+            };
+            match self.state.try_send((&self.socket).into(), &transmit) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let _ = self.poll.registry().reregister(
+                        &mut self.socket,
+                        SOCKET,
+                        Interest::READABLE | Interest::WRITABLE,
+                    );
+                    return false;
+                }
+                Err(e) => {
+                    self.send_errors += 1;
+                    if self.send_errors.is_power_of_two() {
+                        tracing::warn!(error = %e, dest = %r.dest, len = r.len, "tunnel send failed");
+                    }
+                }
+            }
+            self.pending.pop_front();
+        }
+        true
+    }
+}
+
+/// Datagrams in `tx_batch[start..start + len]` for `dest`, in segments of `seg` bytes.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    dest: SocketAddr,
+    start: usize,
+    len: usize,
+    seg: usize,
+}
+
+/// Sets the socket's buffers to `bytes`, past `net.core.{r,w}mem_max` when privileged
+/// (`SO_*BUFFORCE`), else as far as the limits allow.
+fn socket_buffers(socket: &UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = bytes as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        for opt in [force, plain] {
+            // SAFETY: `v` is a valid c_int of the size given; the fd is an open socket.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// Checks a test-stream message or datagram against the counting stream.
+fn verify_test(rx: &mut TestRx, data: &[u8], datagram: bool) {
+    if data.first() != Some(&TEST_STREAM) {
+        return;
+    }
+    let ok_len = data.len() >= 9;
+    let offset = if ok_len {
+        u64::from_le_bytes(data[1..9].try_into().unwrap_or([0; 8]))
+    } else {
+        0
+    };
+    let payload = if ok_len { &data[9..] } else { &[][..] };
+    let bytes_ok = ok_len && counting::verify(offset, payload).is_none();
+    if datagram {
+        if bytes_ok {
+            rx.dgram_verified += payload.len() as u64;
+        } else {
+            rx.dgram_errors += 1;
+        }
+    } else if bytes_ok && offset == rx.next_offset {
+        rx.next_offset += payload.len() as u64;
+        rx.verified += payload.len() as u64;
+    } else {
+        rx.errors += 1;
+        tracing::warn!(
+            offset,
+            expected = rx.next_offset,
+            "test stream mismatch on the reliable channel"
+        );
+    }
+}
