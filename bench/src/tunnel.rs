@@ -8,6 +8,11 @@
 //!
 //! wireguard-go: a userspace WireGuard interface in each node namespace (inner addresses
 //! 198.19.1.1/24 and .2), iperf3 from node-a to node-b across it.
+//!
+//! Both are measured again while the router drops `--loss` percent of packets (nft), the
+//! reliable channel against TCP over wireguard-go. CPU is reported twice: the whole machine's
+//! busy time (both ends, router and kernel included), and the tunnel processes' own (the two
+//! flowshift nodes; the two wireguard-go processes, without iperf3 and its kernel TCP).
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -34,6 +39,12 @@ pub(crate) struct Args {
     /// veth MTU of every link.
     #[arg(long, default_value_t = 1500)]
     mtu: u16,
+    /// Percent of packets the router drops in the lossy runs (0: skip them).
+    #[arg(long, default_value_t = 5)]
+    loss: u8,
+    /// Bytes to move over the reliable channel in the lossy run.
+    #[arg(long, default_value_t = 500_000_000)]
+    loss_bytes: u64,
     #[command(flatten)]
     out: Output,
 }
@@ -44,11 +55,14 @@ struct Run {
     seconds: f64,
     gbit_s: f64,
     machine_cpu_s_per_gb: f64,
+    tunnel_cpu_s_per_gb: f64,
 }
 
 impl Run {
-    fn new(bytes: u64, seconds: f64, busy: f64) -> Self {
+    /// `busy`: machine CPU seconds; `tunnel`: CPU seconds of the tunnel processes.
+    fn new(bytes: u64, seconds: f64, busy: f64, tunnel: f64) -> Self {
         let gb = bytes as f64 / 1e9;
+        let per_gb = |x: f64| if gb > 0.0 { x / gb } else { 0.0 };
         Self {
             bytes,
             seconds,
@@ -57,9 +71,15 @@ impl Run {
             } else {
                 0.0
             },
-            machine_cpu_s_per_gb: if gb > 0.0 { busy / gb } else { 0.0 },
+            machine_cpu_s_per_gb: per_gb(busy),
+            tunnel_cpu_s_per_gb: per_gb(tunnel),
         }
     }
+}
+
+/// CPU seconds used so far by all of `pids`.
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| sys::process_cpu_seconds(p)).sum()
 }
 
 #[derive(Debug, Serialize)]
@@ -67,9 +87,12 @@ struct Results {
     machine: String,
     kernel: String,
     veth_mtu: u16,
+    loss_percent: u8,
     flowshift_reliable: Run,
     flowshift_datagram: Run,
     wireguard_go_iperf3: Run,
+    flowshift_reliable_lossy: Option<Run>,
+    wireguard_go_iperf3_lossy: Option<Run>,
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
@@ -81,14 +104,28 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     })?;
 
     // wireguard-go + iperf3 first: nothing of flowshift's runs yet.
-    let wireguard = wireguard_iperf(&tb, args.duration).context("wireguard-go + iperf3")?;
+    let (wireguard, wireguard_lossy) =
+        wireguard_iperf(&tb, args.duration, args.loss).context("wireguard-go + iperf3")?;
     eprintln!("  wireguard-go + iperf3: {:.2} Gbit/s", wireguard.gbit_s);
+    if let Some(r) = &wireguard_lossy {
+        eprintln!("    at {} % loss:        {:.2} Gbit/s", args.loss, r.gbit_s);
+    }
 
     let (a, b) = flowshift_pair(&tb)?;
     let reliable = flowshift_send(&a, &b, args.bytes, false).context("reliable channel")?;
     eprintln!("  flowshift reliable:    {:.2} Gbit/s", reliable.gbit_s);
     let datagram = flowshift_send(&a, &b, args.datagram_bytes, true).context("datagrams")?;
     eprintln!("  flowshift datagrams:   {:.2} Gbit/s", datagram.gbit_s);
+    let reliable_lossy = if args.loss > 0 {
+        tb.set_router_loss(args.loss)?;
+        let r = flowshift_send(&a, &b, args.loss_bytes, false);
+        tb.clear_router_loss();
+        let r = r.context("reliable channel through loss")?;
+        eprintln!("    at {} % loss:        {:.2} Gbit/s", args.loss, r.gbit_s);
+        Some(r)
+    } else {
+        None
+    };
     for (name, node) in [("a", a), ("b", b)] {
         let status = node.terminate()?;
         ensure!(status.success(), "node {name} exited with {status}");
@@ -102,9 +139,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         ),
         kernel: sys::kernel_release(),
         veth_mtu: args.mtu,
+        loss_percent: args.loss,
         flowshift_reliable: reliable,
         flowshift_datagram: datagram,
         wireguard_go_iperf3: wireguard,
+        flowshift_reliable_lossy: reliable_lossy,
+        wireguard_go_iperf3_lossy: wireguard_lossy,
     };
     let md = markdown(&results);
     crate::write_results(&args.out, "tunnel", &results, &md)
@@ -234,6 +274,8 @@ fn flowshift_send(
         "rx_errors"
     };
     let base = peer_u64(b, "a", field)?;
+    let pids = [a.pid(), b.pid()];
+    let cpu0 = cpu_of(&pids);
     let busy0 = sys::machine_busy_seconds();
     let start = Instant::now();
     let n = bytes.to_string();
@@ -263,9 +305,10 @@ fn flowshift_send(
     };
     let seconds = (last_change - start).as_secs_f64();
     let busy = sys::machine_busy_seconds() - busy0;
+    let cpu = cpu_of(&pids) - cpu0;
     let errs = peer_u64(b, "a", errors)?;
     ensure!(errs == 0, "{errs} verification errors on the receiver");
-    Ok(Run::new(got, seconds, busy))
+    Ok(Run::new(got, seconds, busy, cpu))
 }
 
 /// A wireguard-go process: stopped with SIGTERM (so it removes its interface and UAPI socket),
@@ -352,7 +395,8 @@ fn wireguard(tb: &Testbed, me: &WgSide<'_>, peer: &WgSide<'_>) -> anyhow::Result
     Ok(wg)
 }
 
-fn wireguard_iperf(tb: &Testbed, duration: u64) -> anyhow::Result<Run> {
+/// iperf3 over wireguard-go: a clean run, then (if `loss` > 0) one through router loss.
+fn wireguard_iperf(tb: &Testbed, duration: u64, loss: u8) -> anyhow::Result<(Run, Option<Run>)> {
     // UAPI sockets live in the shared /var/run/wireguard: names unique per run.
     let tag = std::process::id() % 100_000;
     let mut sides = Vec::new();
@@ -372,8 +416,23 @@ fn wireguard_iperf(tb: &Testbed, duration: u64) -> anyhow::Result<Run> {
             inner,
         });
     }
-    let _wa = wireguard(tb, &sides[0], &sides[1])?;
-    let _wb = wireguard(tb, &sides[1], &sides[0])?;
+    let wa = wireguard(tb, &sides[0], &sides[1])?;
+    let wb = wireguard(tb, &sides[1], &sides[0])?;
+    let pids = [wa.child.id(), wb.child.id()];
+    let clean = iperf(tb, duration, &pids)?;
+    let lossy = if loss > 0 {
+        tb.set_router_loss(loss)?;
+        let r = iperf(tb, duration, &pids);
+        tb.clear_router_loss();
+        Some(r.context("through loss")?)
+    } else {
+        None
+    };
+    Ok((clean, lossy))
+}
+
+/// One iperf3 run from node-a to node-b across the wireguard-go interfaces.
+fn iperf(tb: &Testbed, duration: u64, pids: &[u32]) -> anyhow::Result<Run> {
     let mut server = tb.node_b().command("iperf3");
     server
         .args(["-s", "-1", "-B", "198.19.1.2"])
@@ -381,6 +440,7 @@ fn wireguard_iperf(tb: &Testbed, duration: u64) -> anyhow::Result<Run> {
         .stderr(Stdio::null());
     let mut server = tb.spawn(server)?;
     std::thread::sleep(Duration::from_millis(300));
+    let cpu0 = cpu_of(pids);
     let busy0 = sys::machine_busy_seconds();
     let out = tb
         .node_a()
@@ -390,45 +450,57 @@ fn wireguard_iperf(tb: &Testbed, duration: u64) -> anyhow::Result<Run> {
         )
         .context("iperf3 client")?;
     let busy = sys::machine_busy_seconds() - busy0;
+    let cpu = cpu_of(pids) - cpu0;
     let _ = server.wait();
     let json: serde_json::Value = serde_json::from_str(&out)?;
     let end = &json["end"]["sum_received"];
     let bytes = end["bytes"].as_f64().context("iperf3 bytes")? as u64;
     let seconds = end["seconds"].as_f64().context("iperf3 seconds")?;
-    Ok(Run::new(bytes, seconds, busy))
+    Ok(Run::new(bytes, seconds, busy, cpu))
 }
 
 fn markdown(r: &Results) -> String {
-    let wg = &r.wireguard_go_iperf3;
-    let ratio = |x: f64| {
-        if wg.gbit_s > 0.0 {
-            format!("{:.2}", x / wg.gbit_s)
+    let ratio = |x: &Run, base: &Run| {
+        if base.gbit_s > 0.0 {
+            format!("{:.2}", x.gbit_s / base.gbit_s)
         } else {
             "-".into()
         }
     };
+    let wg = &r.wireguard_go_iperf3;
     let mut s = format!(
         "Machine: {} · kernel {} · veth MTU {} · node-a → node-b through the router\n\n",
         r.machine, r.kernel, r.veth_mtu
     );
-    s += "| transport | Gbit/s | machine CPU s per GB | vs wireguard-go |\n|---|---:|---:|---:|\n";
-    for (name, run) in [
-        (
-            "flowshift reliable channel (counting stream, verified)",
-            &r.flowshift_reliable,
-        ),
-        (
-            "flowshift datagrams (delivered, verified)",
-            &r.flowshift_datagram,
-        ),
-        ("wireguard-go + iperf3 (TCP)", wg),
-    ] {
+    s += "| transport | Gbit/s | tunnel processes' CPU s per GB | machine CPU s per GB | vs wireguard-go |\n|---|---:|---:|---:|---:|\n";
+    let mut row = |name: String, run: &Run, base: &Run| {
         s += &format!(
-            "| {name} | {:.2} | {:.2} | {} |\n",
+            "| {name} | {:.2} | {:.2} | {:.2} | {} |\n",
             run.gbit_s,
+            run.tunnel_cpu_s_per_gb,
             run.machine_cpu_s_per_gb,
-            ratio(run.gbit_s)
+            ratio(run, base)
         );
+    };
+    row(
+        "flowshift reliable channel (counting stream, verified)".into(),
+        &r.flowshift_reliable,
+        wg,
+    );
+    row(
+        "flowshift datagrams (delivered, verified)".into(),
+        &r.flowshift_datagram,
+        wg,
+    );
+    row("wireguard-go + iperf3 (TCP)".into(), wg, wg);
+    if let (Some(f), Some(w)) = (&r.flowshift_reliable_lossy, &r.wireguard_go_iperf3_lossy) {
+        let pct = r.loss_percent;
+        row(
+            format!("flowshift reliable channel, router drops {pct} %"),
+            f,
+            w,
+        );
+        row(format!("wireguard-go + iperf3, router drops {pct} %"), w, w);
     }
     s
 }

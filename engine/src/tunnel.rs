@@ -94,6 +94,16 @@ pub struct PeerInfo {
     pub rx_bytes: u64,
     /// Its last load report.
     pub load: Option<LoadView>,
+    /// Congestion window of the reliable channel, bytes.
+    pub cwnd: u64,
+    /// Current retransmission timeout, milliseconds.
+    pub rto_ms: f64,
+    /// Retransmission timeouts so far.
+    pub timeouts: u64,
+    /// Reliable-stream bytes sent again after a loss.
+    pub retransmitted_bytes: u64,
+    /// Reliable messages sent and not yet acknowledged, bytes (the send buffer).
+    pub send_buffered: u64,
     /// Test-stream bytes received on the reliable channel and verified.
     pub rx_verified_bytes: u64,
     /// Test-stream messages that did not match (wrong offset or bytes).
@@ -442,6 +452,11 @@ impl Driver {
             tx_bytes: p.tx_bytes,
             rx_bytes: p.rx_bytes,
             load: p.load.as_ref().map(LoadView::from),
+            cwnd: stats.cwnd,
+            rto_ms: stats.rto.as_secs_f64() * 1e3,
+            timeouts: stats.rto_expirations,
+            retransmitted_bytes: stats.stream_bytes_retransmitted,
+            send_buffered: stats.send_buffered,
             rx_verified_bytes: p.test_rx.verified,
             rx_errors: p.test_rx.errors,
             rx_datagram_verified_bytes: p.test_rx.dgram_verified,
