@@ -22,7 +22,8 @@ use serde::Serialize;
 
 use crate::{Output, sys};
 use flowshift_tests::testbed::{NODE_A, NODE_B};
-use flowshift_tests::{Netns, Node, NodeConfig, NodeHandle, Testbed, TestbedOptions, ensure_tools};
+use flowshift_tests::tunnel;
+use flowshift_tests::{Netns, NodeHandle, Testbed, TestbedOptions, ensure_tools};
 
 /// Arguments of `flowshift-bench tunnel`.
 #[derive(clap::Args, Debug, Clone)]
@@ -150,11 +151,6 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     crate::write_results(&args.out, "tunnel", &results, &md)
 }
 
-/// Runs `flowshift genkey | flowshift pubkey`: (private, public).
-fn keypair() -> anyhow::Result<(String, String)> {
-    keypair_with(&flowshift_tests::flowshift_bin()?)
-}
-
 /// `<tool> genkey | <tool> pubkey` (flowshift and wg print the same key format).
 fn keypair_with(bin: &std::path::Path) -> anyhow::Result<(String, String)> {
     let out = std::process::Command::new(bin).arg("genkey").output()?;
@@ -175,77 +171,13 @@ fn keypair_with(bin: &std::path::Path) -> anyhow::Result<(String, String)> {
 }
 
 fn flowshift_pair(tb: &Testbed) -> anyhow::Result<(NodeHandle, NodeHandle)> {
-    let (a_priv, a_pub) = keypair()?;
-    let (b_priv, b_pub) = keypair()?;
-    let key_file = |name: &str, key: &str| -> anyhow::Result<String> {
-        let path = tb.dir().join(format!("{name}.key"));
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?
-                .write_all(format!("{key}\n").as_bytes())?;
-        }
-        Ok(path.display().to_string())
-    };
-    let tunnel = |listen: std::net::Ipv4Addr,
-                  key: String,
-                  peer: &str,
-                  endpoint: std::net::Ipv4Addr,
-                  public: &str| {
-        format!(
-            "[tunnel]\nlisten = \"{listen}:51871\"\nprivate_key_file = \"{key}\"\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}:51871\"\npublic_key = \"{public}\"\n"
-        )
-    };
-    let a_cfg = NodeConfig::standard("a").extra(&tunnel(
-        NODE_A,
-        key_file("a", &a_priv)?,
-        "b",
-        NODE_B,
-        &b_pub,
-    ));
-    let b_cfg = NodeConfig::standard("b").extra(&tunnel(
-        NODE_B,
-        key_file("b", &b_priv)?,
-        "a",
-        NODE_A,
-        &a_pub,
-    ));
-    let a = tb.start_node(Node::A, &a_cfg)?;
-    let b = tb.start_node(Node::B, &b_cfg)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(peer_field(&a, "b", "liveness")? == "alive"
-        && peer_field(&b, "a", "liveness")? == "alive")
-    {
-        ensure!(
-            Instant::now() < deadline,
-            "the tunnel handshake did not complete:\n{}\n{}",
-            a.log(),
-            b.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (a, b) = tunnel::start_tunnel_pair(tb, None)?;
+    tunnel::wait_alive(&a, &b, Duration::from_secs(20))?;
     Ok((a, b))
 }
 
 fn peer(node: &NodeHandle, name: &str) -> anyhow::Result<serde_json::Value> {
-    let peers = node.ctl_json(&["peers"])?;
-    peers
-        .as_array()
-        .and_then(|a| a.iter().find(|p| p["name"] == name).cloned())
-        .with_context(|| format!("no peer {name} in {peers}"))
-}
-
-fn peer_field(node: &NodeHandle, name: &str, field: &str) -> anyhow::Result<String> {
-    let p = peer(node, name)?;
-    Ok(match &p[field] {
-        serde_json::Value::String(s) => s.clone(),
-        v => v.to_string(),
-    })
+    Ok(tunnel::peer(node, name)?)
 }
 
 fn peer_u64(node: &NodeHandle, name: &str, field: &str) -> anyhow::Result<u64> {

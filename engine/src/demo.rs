@@ -1,4 +1,5 @@
-//! `flowshift demo`: a testbed, a node, a download through it, torn down again.
+//! `flowshift demo`: a testbed, two nodes joined by the tunnel, a download through node a, a
+//! bulk transfer from a to b over the tunnel through a lossy router, torn down again.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -8,12 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use flowshift_tests::oracle::CountingVerifier;
 use flowshift_tests::testbed::SERVICE_ADDR;
-use flowshift_tests::{Node, NodeConfig, Testbed, TestbedOptions};
+use flowshift_tests::tunnel::{self, TUNNEL_PORT};
+use flowshift_tests::{NodeHandle, Testbed, TestbedOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub(crate) fn run(bytes: u64) -> anyhow::Result<()> {
+pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()> {
     flowshift_tests::require_root().context("the demo builds network namespaces")?;
-    flowshift_tests::ensure_tools(&["ip"])?;
+    flowshift_tests::ensure_tools(&["ip", "nft"])?;
     // The testbed starts this very binary as the node.
     // SAFETY: set before any other thread exists.
     unsafe { std::env::set_var("FLOWSHIFT_BIN", std::env::current_exe()?) };
@@ -30,12 +32,19 @@ pub(crate) fn run(bytes: u64) -> anyhow::Result<()> {
         "  service address {SERVICE_ADDR} is routed by the router to node-a, and by node-a into its TUN"
     );
     println!();
-    let node = tb.start_node(Node::A, &NodeConfig::standard("a"))?;
     println!(
-        "  node a running (pid {}), control socket {}",
-        node.pid(),
-        node.control_socket().display()
+        "  node-b 198.18.3.2 ── TUN fs0 ── flowshift; a ⇄ b: encrypted tunnel on UDP {TUNNEL_PORT}"
     );
+    println!();
+    let (node, node_b) = tunnel::start_tunnel_pair(&tb, None)?;
+    for n in [&node, &node_b] {
+        println!(
+            "  node {} running (pid {}), control socket {}",
+            n.name(),
+            n.pid(),
+            n.control_socket().display()
+        );
+    }
     println!();
 
     let progress = AtomicU64::new(0);
@@ -94,12 +103,95 @@ pub(crate) fn run(bytes: u64) -> anyhow::Result<()> {
             .as_array()
             .map_or(0, |a| a.iter().filter_map(|v| v.as_u64()).sum::<u64>())
     );
-    let exit = node.terminate()?;
-    println!("  node stopped on SIGTERM: {exit}");
+    println!();
+    tunnel_transfer(&tb, &node, &node_b, tunnel_bytes, loss)?;
+
+    println!();
+    for n in [node, node_b] {
+        let name = n.name().to_owned();
+        let exit = n.terminate()?;
+        println!("  node {name} stopped on SIGTERM: {exit}");
+        if !exit.success() {
+            bail!("node {name} exited with {exit}");
+        }
+    }
     drop(tb);
     println!("  testbed removed: no namespace, TUN device or route left behind");
-    if !exit.success() {
-        bail!("node exited with {exit}");
+    Ok(())
+}
+
+/// Moves `bytes` of the counting stream from `a` to `b` over the tunnel's reliable channel
+/// while the router drops `loss` percent of packets; shows progress from b's verified count.
+fn tunnel_transfer(
+    tb: &Testbed,
+    a: &NodeHandle,
+    b: &NodeHandle,
+    bytes: u64,
+    loss: u8,
+) -> anyhow::Result<()> {
+    tunnel::wait_alive(a, b, Duration::from_secs(20))?;
+    println!("  tunnel a ⇄ b up (Noise IK handshake, ChaCha20-Poly1305 records)");
+    if loss > 0 {
+        tb.set_router_loss(loss)?;
+        println!("  the router now drops {loss} % of packets at random");
+    }
+    let verified = || -> anyhow::Result<(u64, u64)> {
+        let p = tunnel::peer(b, a.name())?;
+        Ok((
+            p["rx_verified_bytes"].as_u64().unwrap_or(0),
+            p["rx_errors"].as_u64().unwrap_or(0),
+        ))
+    };
+    let bar = ProgressBar::new(bytes);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "  tunnel a → b [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let start = Instant::now();
+    a.ctl(&["tunnel-send", b.name(), &bytes.to_string()])?;
+    let mut last = (0, Instant::now());
+    let errors = loop {
+        let (got, errors) = verified()?;
+        bar.set_position(got.min(bytes));
+        if got >= bytes || errors > 0 {
+            break errors;
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(30) {
+            tb.clear_router_loss();
+            bail!("the tunnel transfer stalled at {got} of {bytes} bytes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let secs = start.elapsed().as_secs_f64();
+    bar.finish();
+    let drops = if loss > 0 {
+        tb.router_loss_drops().unwrap_or(0)
+    } else {
+        0
+    };
+    tb.clear_router_loss();
+    if errors > 0 {
+        bail!("node b found {errors} messages out of order or corrupted");
+    }
+    let p = tunnel::peer(a, b.name())?;
+    println!();
+    println!(
+        "  moved {bytes} bytes in {secs:.2} s: {:.2} Gbit/s; node b verified every byte, in order, exactly once",
+        bytes as f64 * 8.0 / secs / 1e9
+    );
+    println!(
+        "  the router dropped {drops} packets; node a resent {} bytes",
+        p["retransmitted_bytes"]
+    );
+    println!();
+    println!("  flowshift ctl peers on node a:");
+    for line in a.ctl(&["peers"])?.lines() {
+        println!("    {line}");
     }
     Ok(())
 }

@@ -50,6 +50,12 @@ enum Command {
         /// Bytes to download.
         #[arg(long, default_value_t = 200_000_000)]
         bytes: u64,
+        /// Bytes to move from node a to node b over the tunnel.
+        #[arg(long, default_value_t = 500_000_000)]
+        tunnel_bytes: u64,
+        /// Percent of packets the router drops while the tunnel transfer runs.
+        #[arg(long, default_value_t = 2)]
+        loss: u8,
     },
 }
 
@@ -106,7 +112,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ctl { socket, json, what } => ctl(&socket, json, what),
-        Command::Demo { bytes } => demo::run(bytes),
+        Command::Demo {
+            bytes,
+            tunnel_bytes,
+            loss,
+        } => demo::run(bytes, tunnel_bytes, loss),
         Command::Genkey => {
             use rand_core::SeedableRng;
             let mut rng = rand_chacha::ChaCha20Rng::from_seed(flowshift::node::os_random_seed()?);

@@ -8,6 +8,7 @@
 pub mod node;
 pub mod oracle;
 pub mod testbed;
+pub mod tunnel;
 
 pub use node::{NodeConfig, NodeHandle, flowshift_bin};
 pub use testbed::{Netns, Node, Testbed, TestbedError, TestbedOptions, ensure_tools, require_root};

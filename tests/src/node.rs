@@ -246,6 +246,11 @@ impl NodeHandle {
         }
     }
 
+    /// The node's name (`[node] name`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The node's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)

@@ -1,101 +1,19 @@
 //! End-to-end tests of the tunnel between two nodes (node-a, node-b) through the router.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flowshift_tests::testbed::{NODE_A, NODE_B};
-use flowshift_tests::{Node, NodeConfig, NodeHandle, Testbed, TestbedOptions, flowshift_bin};
+use flowshift_tests::testbed::NODE_B;
+use flowshift_tests::tunnel::{self, TUNNEL_PORT, TunnelKeys};
+use flowshift_tests::{NodeHandle, Testbed, TestbedOptions};
 
-/// `flowshift genkey | flowshift pubkey`.
-fn keypair() -> (String, String) {
-    let bin = flowshift_bin().unwrap();
-    let out = Command::new(&bin).arg("genkey").output().unwrap();
-    assert!(out.status.success());
-    let private = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let mut child = Command::new(&bin)
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{private}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    (
-        private,
-        String::from_utf8(out.stdout).unwrap().trim().to_owned(),
-    )
-}
-
-/// Writes a key file readable by its owner only (the node warns about anything laxer).
-fn write_secret(path: &std::path::Path, text: &str) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-}
-
-fn tunnel_toml(
-    tb: &Testbed,
-    me: &str,
-    listen: std::net::Ipv4Addr,
-    private: &str,
-    peer: &str,
-    endpoint: std::net::Ipv4Addr,
-    public: &str,
-) -> String {
-    let key = tb.dir().join(format!("{me}.key"));
-    write_secret(&key, &format!("{private}\n"));
-    format!(
-        "[tunnel]\nlisten = \"{listen}:51871\"\nprivate_key_file = \"{}\"\n[[peer]]\nname = \"{peer}\"\nendpoint = \"{endpoint}:51871\"\npublic_key = \"{public}\"\n",
-        key.display()
-    )
-}
-
-/// Two nodes; `b_knows_a_as` is the public key node B is configured with for A.
+/// Two nodes joined by the tunnel; `b_knows_a_as` overrides the key B has for A.
 fn pair(tb: &Testbed, b_knows_a_as: Option<String>) -> (NodeHandle, NodeHandle) {
-    let (a_priv, a_pub) = keypair();
-    let (b_priv, b_pub) = keypair();
-    let a_key_at_b = b_knows_a_as.unwrap_or(a_pub);
-    let a = NodeConfig::standard("a")
-        .extra(&tunnel_toml(tb, "a", NODE_A, &a_priv, "b", NODE_B, &b_pub));
-    let b = NodeConfig::standard("b").extra(&tunnel_toml(
-        tb,
-        "b",
-        NODE_B,
-        &b_priv,
-        "a",
-        NODE_A,
-        &a_key_at_b,
-    ));
-    (
-        tb.start_node(Node::A, &a).unwrap(),
-        tb.start_node(Node::B, &b).unwrap(),
-    )
+    tunnel::start_tunnel_pair(tb, b_knows_a_as.as_deref()).unwrap()
 }
 
 fn peer(node: &NodeHandle, name: &str) -> serde_json::Value {
-    let peers = node.ctl_json(&["peers"]).unwrap();
-    peers
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no peer {name}: {peers}"))
+    tunnel::peer(node, name).unwrap()
 }
 
 fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
@@ -110,9 +28,7 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn alive(a: &NodeHandle, b: &NodeHandle) {
-    eventually(20, "both peers alive", || {
-        peer(a, "b")["liveness"] == "alive" && peer(b, "a")["liveness"] == "alive"
-    });
+    tunnel::wait_alive(a, b, Duration::from_secs(20)).unwrap();
 }
 
 /// Sends `bytes` of the test stream from A to B and waits until B verified all of them.
@@ -173,7 +89,7 @@ fn one_gigabyte_over_the_reliable_channel_through_5_percent_loss() {
 #[test]
 fn a_wrong_peer_key_never_becomes_alive_and_is_counted() {
     let tb = Testbed::new(TestbedOptions::default()).unwrap();
-    let (_, stranger) = keypair();
+    let stranger = TunnelKeys::generate().unwrap().public;
     let (a, b) = pair(&tb, Some(stranger));
     std::thread::sleep(Duration::from_secs(4));
     assert_ne!(peer(&a, "b")["liveness"], "alive");
@@ -211,7 +127,7 @@ fn garbage_at_the_tunnel_port_is_counted_and_the_tunnel_carries_on() {
     alive(&a, &b);
     tb.client().run(|| {
         let s = UdpSocket::bind("198.18.1.2:0").unwrap();
-        let target = SocketAddr::from((NODE_B, 51871));
+        let target = SocketAddr::from((NODE_B, TUNNEL_PORT));
         let mut x = 0x2545_f491_4f6c_dd1du64;
         for i in 0..2000usize {
             let len = i % 1500;
