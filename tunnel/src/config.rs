@@ -31,10 +31,18 @@ pub struct Config {
     /// An attempt series without success for this long is reported as
     /// [`HandshakeError::Timeout`](crate::HandshakeError::Timeout); trying continues.
     pub handshake_timeout: Duration,
-    /// Initiations processed per second (token bucket refill rate), across all sources.
+    /// Initiations processed per second (token bucket refill rate), across all sources other
+    /// than the current addresses of configured peers (bounded by `handshake_rate_per_source`
+    /// alone, so that a flood from elsewhere cannot lock a peer out).
     pub handshake_rate: u32,
     /// Token bucket size for initiations.
     pub handshake_burst: u32,
+    /// Initiations processed per second from one source IP address.
+    pub handshake_rate_per_source: u32,
+    /// Token bucket size per source IP address.
+    pub handshake_burst_per_source: u32,
+    /// Source addresses whose buckets are remembered at once.
+    pub handshake_sources: usize,
     /// Interval between heartbeats.
     pub heartbeat_interval: Duration,
     /// A peer is reported dead after this many heartbeat intervals without one.
@@ -74,6 +82,9 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             handshake_rate: 50,
             handshake_burst: 20,
+            handshake_rate_per_source: 5,
+            handshake_burst_per_source: 10,
+            handshake_sources: 4096,
             heartbeat_interval: Duration::from_secs(1),
             dead_after_missed_heartbeats: 3,
             initial_rto: Duration::from_secs(1),

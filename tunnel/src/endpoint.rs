@@ -14,7 +14,7 @@ use crate::key::{Keypair, PublicKey};
 use crate::load::LoadReport;
 use crate::noise;
 use crate::peer::{Ctx, InitiationInfo, Peer};
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::{SourceLimiter, TokenBucket};
 use crate::stats::{PeerStats, Stats};
 use crate::time::Instant;
 use crate::wire::frame::max_prefixed_payload;
@@ -98,6 +98,7 @@ pub struct Endpoint {
     /// Round-robin position for `poll_transmit`.
     cursor: u32,
     limiter: TokenBucket,
+    source_limiter: SourceLimiter,
     events: VecDeque<Event>,
     stats: Stats,
     load: LoadReport,
@@ -154,6 +155,11 @@ impl Endpoint {
         Endpoint {
             mac1_key: noise::mac1_key(keypair.public()),
             limiter: TokenBucket::new(config.handshake_rate, config.handshake_burst, now),
+            source_limiter: SourceLimiter::new(
+                config.handshake_rate_per_source,
+                config.handshake_burst_per_source,
+                config.handshake_sources,
+            ),
             config,
             keypair,
             rng,
@@ -295,6 +301,24 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Seals `plaintext` as the next data record to `peer` with the current session, exactly
+    /// as a broken or malicious peer could: no frame is checked. For fuzzing the receiving
+    /// side's handling of *authenticated* records (`tunnel/fuzz`, `tests/corpus.rs`); the
+    /// reliable channel's state is not touched. `None` without a session or if `buf` is too
+    /// small.
+    #[doc(hidden)]
+    pub fn seal_raw_record(
+        &mut self,
+        peer: PeerId,
+        plaintext: &[u8],
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
+        let p = self.peers.get_mut(&peer)?;
+        let destination = p.addr?;
+        let size = p.seal_raw(plaintext, buf)?;
+        Some(Transmit { destination, size })
+    }
+
     // ------------------------------------------------------------------ network input
 
     /// Handles one received UDP datagram. `buf` is decrypted in place; if the record
@@ -336,6 +360,19 @@ impl Endpoint {
         }
     }
 
+    /// Whether an initiation from `from` may cost a DH: its source's bucket must have a token,
+    /// and, unless it comes from a configured peer's current address, the shared bucket too.
+    fn admit_initiation(&mut self, now: Instant, from: SocketAddr) -> bool {
+        if !self.source_limiter.try_take(from.ip(), now) {
+            return false;
+        }
+        let known = self
+            .peers
+            .values()
+            .any(|p| p.addr.is_some_and(|a| a.ip() == from.ip()));
+        known || self.limiter.try_take(now)
+    }
+
     fn on_initiation(&mut self, now: Instant, from: SocketAddr, buf: &[u8]) {
         let Ok(packet) = HandshakeInit::new_checked(buf) else {
             self.stats.rx_malformed += 1;
@@ -350,7 +387,7 @@ impl Endpoint {
             self.stats.handshake_bad_mac += 1;
             return;
         }
-        if !self.limiter.try_take(now) {
+        if !self.admit_initiation(now, from) {
             self.stats.handshake_rate_limited += 1;
             return;
         }

@@ -47,6 +47,8 @@ pub mod aead;
 mod config;
 mod endpoint;
 mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod key;
 pub mod load;
 mod noise;

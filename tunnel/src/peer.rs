@@ -840,6 +840,25 @@ impl Peer {
         true
     }
 
+    /// Seals `plain` as a record with the current session (see `Endpoint::seal_raw_record`).
+    pub(crate) fn seal_raw(&mut self, plain: &[u8], buf: &mut [u8]) -> Option<usize> {
+        let total = DataRepr::buffer_len(plain.len());
+        let out = buf.get_mut(..total)?;
+        let session = self.current.as_mut()?;
+        let counter = session.send_counter;
+        session.send_counter += 1;
+        out[DATA_HEADER_LEN..DATA_HEADER_LEN + plain.len()].copy_from_slice(plain);
+        let mut packet = DataPacket::new_unchecked(out);
+        DataRepr {
+            receiver_index: session.remote_index,
+            counter,
+        }
+        .emit(&mut packet);
+        let (aad, body) = packet.split_mut();
+        session.send.seal_in_place(counter, aad, body).ok()?;
+        Some(total)
+    }
+
     fn build_record(&mut self, ctx: &mut Ctx<'_>, now: Instant, buf: &mut [u8]) -> Option<usize> {
         let max = buf.len().min(ctx.config.max_udp_payload);
         if max < DATA_HEADER_LEN + TAG_LEN + 32 {

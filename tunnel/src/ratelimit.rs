@@ -1,5 +1,8 @@
-//! Token bucket on virtual time, used to bound handshake work.
+//! Token buckets on virtual time, used to bound handshake work: one for all sources, and
+//! one per source address in a bounded table.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::time::{Instant, duration_micros};
@@ -38,6 +41,12 @@ impl TokenBucket {
             .min(self.burst * SCALE);
     }
 
+    /// Whether the bucket is full again (its owner has been quiet long enough to forget).
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.micro_tokens == self.burst * SCALE
+    }
+
     /// Takes one token if there is one.
     pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         self.refill(now);
@@ -47,6 +56,51 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+}
+
+/// Per-source-address token buckets, at most `capacity` of them. A source whose bucket has
+/// refilled completely is forgotten when room is needed; while the table is full of active
+/// sources, new sources are refused (a flood from many addresses then cannot grow memory,
+/// and sources already known keep their own allowance).
+#[derive(Clone, Debug)]
+pub(crate) struct SourceLimiter {
+    buckets: HashMap<IpAddr, TokenBucket>,
+    rate_per_sec: u32,
+    burst: u32,
+    capacity: usize,
+}
+
+impl SourceLimiter {
+    pub(crate) fn new(rate_per_sec: u32, burst: u32, capacity: usize) -> SourceLimiter {
+        SourceLimiter {
+            buckets: HashMap::new(),
+            rate_per_sec,
+            burst,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Takes one token from `source`'s bucket if it has one.
+    pub(crate) fn try_take(&mut self, source: IpAddr, now: Instant) -> bool {
+        if let Some(b) = self.buckets.get_mut(&source) {
+            return b.try_take(now);
+        }
+        if self.buckets.len() >= self.capacity {
+            self.buckets.retain(|_, b| !b.is_full(now));
+            if self.buckets.len() >= self.capacity {
+                return false;
+            }
+        }
+        let mut b = TokenBucket::new(self.rate_per_sec, self.burst, now);
+        let ok = b.try_take(now);
+        self.buckets.insert(source, b);
+        ok
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.buckets.len()
     }
 }
 
@@ -74,5 +128,25 @@ mod tests {
         assert!(!b.try_take(later));
         // Time going backwards does not mint tokens.
         assert!(!b.try_take(t0));
+    }
+
+    #[test]
+    fn per_source_buckets_are_independent_and_bounded() {
+        let t0 = Instant::from_secs(10);
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + i));
+        let mut l = SourceLimiter::new(1, 2, 3);
+        assert!(l.try_take(ip(1), t0));
+        assert!(l.try_take(ip(1), t0));
+        assert!(!l.try_take(ip(1), t0), "source 1 spent its burst");
+        assert!(l.try_take(ip(2), t0), "source 2 has its own");
+        assert!(l.try_take(ip(3), t0));
+        // Full of active sources: a new one is refused, the known ones keep their allowance.
+        assert!(!l.try_take(ip(4), t0));
+        assert!(l.try_take(ip(2), t0));
+        assert_eq!(l.len(), 3);
+        // Once sources have been quiet long enough to refill, they are forgotten for room.
+        let later = t0 + Duration::from_secs(5);
+        assert!(l.try_take(ip(4), later));
+        assert!(l.len() <= 3);
     }
 }

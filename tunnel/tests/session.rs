@@ -3,6 +3,7 @@
 mod sim;
 
 use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use flowshift_tunnel::{
@@ -374,11 +375,12 @@ fn records_older_than_the_window_are_rejected() {
 fn initiations_are_rate_limited_before_any_dh() {
     let mut p = Setup::new(50)
         .config(|c| {
-            c.handshake_rate = 10;
-            c.handshake_burst = 5;
+            c.handshake_rate_per_source = 10;
+            c.handshake_burst_per_source = 5;
         })
         .build();
-    // A stranger that knows B's public key (so mac1 is right) but is not B's peer.
+    // A stranger that knows B's public key (so mac1 is right) but is not B's peer, sending
+    // from A's address: only that source's allowance is spent.
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let mut stranger = Endpoint::new(
         Config::default(),
@@ -413,6 +415,106 @@ fn initiations_are_rate_limited_before_any_dh() {
     assert_eq!(p.b.ep.stats().handshake_bad_mac, 1);
     // The bucket refills: the real peer still gets through.
     p.connect();
+}
+
+/// Floods B with `init` from `source()` — 100 initiations every 5 ms of virtual time — until
+/// the pair is connected; returns how long that took and how many initiations were sent.
+fn flood_until_connected(
+    p: &mut Pair,
+    init: &[u8],
+    mut source: impl FnMut() -> SocketAddr,
+) -> (Duration, u64) {
+    let start = p.now;
+    let mut sent = 0;
+    for _ in 0..400 {
+        if p.connected() {
+            break;
+        }
+        for _ in 0..100 {
+            let mut d = init.to_vec();
+            let now = p.now;
+            assert!(p.b.ep.handle_datagram(now, source(), &mut d).is_none());
+            sent += 1;
+        }
+        p.run_for(Duration::from_millis(5));
+    }
+    assert!(p.connected(), "A was locked out by the flood");
+    (p.now - start, sent)
+}
+
+#[test]
+fn a_handshake_flood_from_elsewhere_does_not_lock_a_peer_out() {
+    // B does not initiate (it has no address for A): A's own initiations must get through.
+    let mut setup = Setup::new(51);
+    setup.b_knows_a_addr = false;
+    let mut p = setup.build();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut stranger = Endpoint::new(
+        Config::default(),
+        Keypair::generate(&mut rng),
+        [2; 32],
+        p.now,
+    );
+    stranger
+        .add_peer(
+            PeerConfig::new(*p.b.keypair.public(), Some(p.b.addr)),
+            p.now,
+        )
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let t = stranger.poll_transmit(p.now, &mut buf).unwrap();
+    let init = buf[..t.size].to_vec();
+
+    // One busy source: its own bucket stops it long before it drains the shared one.
+    let busy: SocketAddr = "198.18.9.9:4000".parse().unwrap();
+    let (took, sent) = flood_until_connected(&mut p, &init, || busy);
+    assert!(
+        took < Duration::from_millis(500),
+        "A got through only after {took:?}"
+    );
+    let s = p.b.ep.stats();
+    assert_eq!(
+        s.handshake_unknown_peer, 10,
+        "the busy source's burst: {s:?}"
+    );
+    assert_eq!(s.handshake_rate_limited, sent - 10);
+
+    // Never-seen addresses drain the shared bucket. B now knows A's address (from the
+    // handshake), and an initiation from a configured peer's address does not need that
+    // bucket: a restarted A (same key, fresh state) is answered at once.
+    let before = p.b.ep.stats().clone();
+    for i in 0..1000u32 {
+        let mut d = init.clone();
+        let from = SocketAddr::from((Ipv4Addr::from(0xc613_0000 + i), 4000));
+        let now = p.now;
+        p.b.ep.handle_datagram(now, from, &mut d);
+    }
+    let s = p.b.ep.stats().clone();
+    let dh = s.handshake_unknown_peer - before.handshake_unknown_peer;
+    assert!(dh <= 20, "the shared bucket's burst bounds the DHs: {dh}");
+    assert_eq!(
+        dh + s.handshake_rate_limited - before.handshake_rate_limited,
+        1000
+    );
+    while p.b.ep.poll_transmit(p.now, &mut buf).is_some() {}
+    let mut restarted = Endpoint::new(Config::default(), p.a.keypair.clone(), [8; 32], p.now);
+    restarted
+        .add_peer(
+            PeerConfig::new(*p.b.keypair.public(), Some(p.b.addr)),
+            p.now,
+        )
+        .unwrap();
+    let t = restarted.poll_transmit(p.now, &mut buf).unwrap();
+    let mut a_init = buf[..t.size].to_vec();
+    let now = p.now;
+    p.b.ep.handle_datagram(now, p.a.addr, &mut a_init);
+    assert_eq!(
+        p.b.ep.stats().handshake_rate_limited,
+        s.handshake_rate_limited,
+        "the configured peer's initiation was rate-limited"
+    );
+    let response = p.b.ep.poll_transmit(p.now, &mut buf).expect("a response");
+    assert_eq!(response.destination, p.a.addr);
 }
 
 #[test]
