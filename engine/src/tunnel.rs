@@ -37,6 +37,9 @@ const TEST_MESSAGE: usize = 60 * 1024;
 /// Receive buffers per `recvmmsg` call, each large enough for a GRO batch.
 const RX_BATCH: usize = 8;
 const RX_BUF: usize = 64 * 1024;
+/// `recvmmsg` calls per loop turn before timers, commands and sends get their turn (a
+/// flood must not keep the loop reading forever).
+const RX_CALLS_PER_TURN: usize = 32;
 /// Largest GSO send: one UDP payload may not exceed 65,507 bytes.
 const MAX_GSO_BYTES: usize = 60 * 1024;
 
@@ -252,6 +255,8 @@ struct Driver {
     pending: VecDeque<Region>,
     /// The last turn queued test data and the endpoint could take more.
     feeding: bool,
+    /// The last turn stopped reading before the socket was drained.
+    rx_more: bool,
     /// Sends the socket refused (other than "would block").
     send_errors: u64,
     scratch: Vec<u8>,
@@ -319,6 +324,7 @@ pub fn start(config: &TunnelConfig, seed: [u8; 32]) -> Result<TunnelHandle, Tunn
         tx_batch: vec![0u8; 256 * 1024 + payload],
         pending: VecDeque::new(),
         feeding: false,
+        rx_more: false,
         send_errors: 0,
         scratch: vec![0u8; TEST_MESSAGE + 9],
     };
@@ -355,7 +361,7 @@ impl Driver {
                 .min(Duration::from_secs(1));
             // Spin only while a test transfer is being queued; once the endpoint pushes back,
             // acknowledgements (socket readable) wake the loop.
-            let busy = self.feeding && self.pending.is_empty();
+            let busy = self.feeding && self.pending.is_empty() || self.rx_more;
             let timeout = if busy { Duration::ZERO } else { timeout };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
@@ -377,7 +383,7 @@ impl Driver {
                     return;
                 }
             }
-            self.receive();
+            self.rx_more = self.receive();
             let now = self.clock.now();
             self.ep.handle_timeout(now);
             self.events(now);
@@ -465,9 +471,13 @@ impl Driver {
         }
     }
 
-    fn receive(&mut self) {
+    /// Reads and handles datagrams until the socket is drained (false) or this turn's share
+    /// is used up (true: more may be waiting, and the socket, being edge-triggered, will not
+    /// say so again).
+    fn receive(&mut self) -> bool {
         let mut meta = [quinn_udp::RecvMeta::default(); RX_BATCH];
-        loop {
+        let mut errors = 0;
+        for _ in 0..RX_CALLS_PER_TURN {
             let n = {
                 let mut slices: Vec<IoSliceMut<'_>> = self
                     .rx_bufs
@@ -479,11 +489,18 @@ impl Driver {
                     .recv((&self.socket).into(), &mut slices, &mut meta)
                 {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
+                        // ICMP errors (a peer's port unreachable) surface here once each,
+                        // with datagrams still queued behind them; the channels' timers deal
+                        // with the peer. Anything that repeats ends the turn.
                         tracing::debug!(error = %e, "tunnel receive failed");
-                        return;
+                        errors += 1;
+                        if errors > 4 {
+                            return false;
+                        }
+                        continue;
                     }
                 }
             };
@@ -513,6 +530,7 @@ impl Driver {
             }
             self.events(now);
         }
+        true
     }
 
     fn events(&mut self, now: Instant) {

@@ -1,6 +1,7 @@
 //! End-to-end tests of the tunnel between two nodes (node-a, node-b) through the router.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use flowshift_tests::testbed::NODE_B;
@@ -125,22 +126,41 @@ fn garbage_at_the_tunnel_port_is_counted_and_the_tunnel_carries_on() {
     let tb = Testbed::new(TestbedOptions::default()).unwrap();
     let (a, b) = pair(&tb, None);
     alive(&a, &b);
-    tb.client().run(|| {
-        let s = UdpSocket::bind("198.18.1.2:0").unwrap();
-        let target = SocketAddr::from((NODE_B, TUNNEL_PORT));
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        for i in 0..2000usize {
-            let len = i % 1500;
-            let d: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            let _ = s.send_to(&d, target);
-        }
+    let stop = AtomicBool::new(false);
+    let sent = std::thread::scope(|scope| {
+        // Random datagrams of every length from the client, while A sends to B: bounded to
+        // 500,000 datagrams and 30 s.
+        let flood = scope.spawn(|| {
+            tb.client().run(|| {
+                let s = UdpSocket::bind("198.18.1.2:0").unwrap();
+                let target = SocketAddr::from((NODE_B, TUNNEL_PORT));
+                let mut x = 0x2545_f491_4f6c_dd1du64;
+                let mut d = [0u8; 1500];
+                let start = Instant::now();
+                let mut sent = 0u64;
+                for i in 0..500_000usize {
+                    if (sent > 2_000 && stop.load(Ordering::Relaxed))
+                        || start.elapsed() > Duration::from_secs(30)
+                    {
+                        break;
+                    }
+                    let len = i % 1500;
+                    for byte in &mut d[..len] {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        *byte = x as u8;
+                    }
+                    if s.send_to(&d[..len], target).is_ok() {
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        });
+        move_bytes(&a, &b, 200_000_000, 60);
+        stop.store(true, Ordering::Relaxed);
+        flood.join().unwrap()
     });
     let metrics = b.ctl(&["metrics"]).unwrap();
     let rejected: u64 = metrics
@@ -148,6 +168,13 @@ fn garbage_at_the_tunnel_port_is_counted_and_the_tunnel_carries_on() {
         .filter(|l| l.starts_with("flowshift_tunnel_rejected_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
-    assert!(rejected >= 1000, "rejected {rejected}:\n{metrics}");
-    move_bytes(&a, &b, 50_000_000, 60);
+    eprintln!("{sent} garbage datagrams sent, {rejected} rejected");
+    // Length 0 datagrams may not count as received; everything else is rejected, or lost
+    // in a full socket buffer (the kernel drops those before the node sees them).
+    assert!(
+        rejected >= sent / 2,
+        "rejected {rejected} of {sent}:\n{metrics}"
+    );
+    // And the tunnel still works afterwards.
+    move_bytes(&a, &b, 10_000_000, 60);
 }
