@@ -89,7 +89,11 @@ pub(crate) struct RecvStream {
     consumed: u64,
     /// Out-of-order chunks above `consumed`, by start offset.
     pending: BTreeMap<u64, Vec<u8>>,
+    /// Bytes held in `pending`; never above `pending_limit`.
     pending_bytes: usize,
+    /// Bound on `pending_bytes`: twice the larger of the two windows. Chunks may overlap,
+    /// so without it a peer could resend one window's range at many start offsets.
+    pending_limit: usize,
     /// Configured window: how far beyond `consumed` the peer may send.
     window: u64,
     /// The limit we last told the peer (or the protocol's initial one).
@@ -106,6 +110,8 @@ impl RecvStream {
             consumed: 0,
             pending: BTreeMap::new(),
             pending_bytes: 0,
+            pending_limit: usize::try_from(window.max(initial_window).saturating_mul(2))
+                .unwrap_or(usize::MAX),
             window,
             advertised: initial_window,
             max_message,
@@ -129,6 +135,10 @@ impl RecvStream {
             return Ok(());
         }
         if offset > self.consumed {
+            if data.is_empty() {
+                // Carries nothing; storing it would cost a map entry for no byte.
+                return Ok(());
+            }
             if self
                 .pending
                 .get(&offset)
@@ -136,7 +146,7 @@ impl RecvStream {
             {
                 return Ok(());
             }
-            if self.pending_bytes + data.len() > 2 * self.window.max(self.advertised) as usize {
+            if self.pending_bytes + data.len() > self.pending_limit {
                 return Err(StreamRefused::BufferFull);
             }
             self.pending_bytes += data.len();
@@ -240,5 +250,43 @@ mod tests {
         assert_eq!(r.window_update(), Some(161));
         r.on_window_sent(161);
         assert_eq!(r.window_update(), None);
+    }
+
+    #[test]
+    fn overlapping_chunks_cannot_pin_more_than_twice_the_window() {
+        let window = 1000u64;
+        let mut r = RecvStream::new(window, window, 1 << 20);
+        let mut out = Vec::new();
+        // Move the stream far along first: a bound taken from an offset would grow with it.
+        let mut consumed = 0u64;
+        while consumed < 100_000 {
+            let bytes = framed(&[&[7; 400]]);
+            r.on_stream(consumed, &bytes, &mut out).unwrap();
+            consumed += bytes.len() as u64;
+            if let Some(w) = r.window_update() {
+                r.on_window_sent(w);
+            }
+        }
+        assert_eq!(r.consumed, consumed);
+        // Now one out-of-order range, resent from every start offset in it (it ends within
+        // the half window that is always advertised).
+        let mut held = 0usize;
+        let end = window / 2;
+        for start in 1..end {
+            let len = (end - start) as usize;
+            match r.on_stream(consumed + start, &vec![0; len], &mut out) {
+                Ok(()) => held += len,
+                Err(e) => assert_eq!(e, StreamRefused::BufferFull),
+            }
+            // Zero-length frames carry nothing and are not stored.
+            r.on_stream(consumed + start, &[], &mut out).unwrap();
+        }
+        assert!(held > 0);
+        assert!(
+            r.pending_bytes <= 2 * window as usize,
+            "{}",
+            r.pending_bytes
+        );
+        assert!(r.pending.len() < window as usize);
     }
 }
