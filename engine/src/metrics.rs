@@ -208,6 +208,7 @@ pub fn render(
             ("bad_frames", t.rx_bad_frames),
             ("handshake_bad_mac", t.handshake_bad_mac),
             ("handshake_rate_limited", t.handshake_rate_limited),
+            ("handshake_mac2", t.handshake_mac2_rejected),
             ("handshake_unknown_peer", t.handshake_unknown_peer),
             ("handshake_replayed", t.handshake_replayed),
         ] {
@@ -271,6 +272,16 @@ pub fn render(
                 "Tunnel heartbeats received",
                 t.heartbeats_received,
             ),
+            (
+                "tunnel_cookie_replies_sent",
+                "Cookie replies sent: handshake initiations refused under load for want of a valid mac2",
+                t.cookie_replies_sent,
+            ),
+            (
+                "tunnel_cookie_replies_received",
+                "Cookie replies received: a peer was under load and asked for mac2",
+                t.cookie_replies_received,
+            ),
         ] {
             counter(&mut r, name, help, v);
         }
@@ -333,6 +344,8 @@ mod tests {
         let mut tunnel = flowshift_tunnel::Stats::default();
         tunnel.rx_replayed = 4;
         tunnel.handshake_unknown_peer = 2;
+        tunnel.handshake_mac2_rejected = 7;
+        tunnel.cookie_replies_sent = 5;
         let text = render(
             &s,
             &NodeGauges {
@@ -348,6 +361,14 @@ mod tests {
         );
         assert!(
             text.contains("flowshift_tunnel_rejected_total{reason=\"handshake_unknown_peer\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_tunnel_rejected_total{reason=\"handshake_mac2\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_tunnel_cookie_replies_sent_total 5"),
             "{text}"
         );
         assert!(

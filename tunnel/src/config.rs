@@ -33,16 +33,24 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Initiations processed per second (token bucket refill rate), across all sources other
     /// than the current addresses of configured peers (bounded by `handshake_rate_per_source`
-    /// alone, so that a flood from elsewhere cannot lock a peer out).
+    /// alone). Beyond this or the per-source allowance the endpoint is *under load*: an
+    /// initiation then needs a valid `mac2`, else it is answered with a cookie reply.
     pub handshake_rate: u32,
     /// Token bucket size for initiations.
     pub handshake_burst: u32,
-    /// Initiations processed per second from one source IP address.
+    /// Initiations processed per second from one source IP address; under load, the same
+    /// allowance again from a separate bucket per source for initiations with a valid `mac2`
+    /// (which only the owner of the address can send).
     pub handshake_rate_per_source: u32,
-    /// Token bucket size per source IP address.
+    /// Token bucket size per source IP address (each of the two buckets).
     pub handshake_burst_per_source: u32,
-    /// Source addresses whose buckets are remembered at once.
+    /// Source addresses whose buckets are remembered at once (in each of the two tables).
     pub handshake_sources: usize,
+    /// Cookie replies sent per second at most, across all sources (they are smaller than the
+    /// initiations that trigger them, so they cannot amplify a reflection attack).
+    pub cookie_reply_rate: u32,
+    /// Token bucket size for cookie replies.
+    pub cookie_reply_burst: u32,
     /// Interval between heartbeats.
     pub heartbeat_interval: Duration,
     /// A peer is reported dead after this many heartbeat intervals without one.
@@ -85,6 +93,8 @@ impl Default for Config {
             handshake_rate_per_source: 5,
             handshake_burst_per_source: 10,
             handshake_sources: 4096,
+            cookie_reply_rate: 10_000,
+            cookie_reply_burst: 1_000,
             heartbeat_interval: Duration::from_secs(1),
             dead_after_missed_heartbeats: 3,
             initial_rto: Duration::from_secs(1),

@@ -9,20 +9,41 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::aead::TAG_LEN;
 use crate::config::{Config, PeerConfig};
+use crate::cookie::CookieMaker;
 use crate::event::{Event, HandshakeError, PeerId};
 use crate::key::{Keypair, PublicKey};
 use crate::load::LoadReport;
 use crate::noise;
 use crate::peer::{Ctx, InitiationInfo, Peer};
-use crate::ratelimit::{SourceLimiter, TokenBucket};
+use crate::ratelimit::{RecentSet, SourceLimiter, TokenBucket};
 use crate::stats::{PeerStats, Stats};
 use crate::time::Instant;
 use crate::wire::frame::max_prefixed_payload;
 use crate::wire::handshake::INIT_PAYLOAD_LEN;
 use crate::wire::{
-    DATA_HEADER_LEN, DataPacket, DataRepr, HandshakeInit, HandshakeInitRepr, HandshakeResponse,
-    HandshakeResponseRepr, Header, MessageType, WireError,
+    COOKIE_REPLY_LEN, CookieReply, CookieReplyRepr, DATA_HEADER_LEN, DataPacket, DataRepr,
+    HandshakeInit, HandshakeInitRepr, HandshakeResponse, HandshakeResponseRepr, Header, MAC_LEN,
+    MessageType, WireError,
 };
+
+/// Cookie replies waiting for `poll_transmit` at most (more are not made).
+const MAX_QUEUED_COOKIE_REPLIES: usize = 1024;
+/// `mac1`s of the admitted initiations with a valid `mac2` remembered, to drop verbatim
+/// repeats of them under load.
+const RECENT_MAC2_INITIATIONS: usize = 4096;
+
+/// What [`Endpoint::admit_initiation`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    /// Under load without a valid `mac2`: answer with a cookie reply.
+    Cookie,
+    /// Go on to the Diffie-Hellman.
+    Handshake,
+    /// Under load, with a valid `mac2`, but its source used up its allowance.
+    RateLimited,
+    /// Under load, a verbatim repeat of an initiation with a valid `mac2` already admitted.
+    Replayed,
+}
 
 /// A datagram to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,8 +118,20 @@ pub struct Endpoint {
     next_peer_id: u32,
     /// Round-robin position for `poll_transmit`.
     cursor: u32,
+    /// Initiations from sources other than configured peers' addresses.
     limiter: TokenBucket,
+    /// Initiations per source IP (while not under load).
     source_limiter: SourceLimiter,
+    /// Cookies and `mac2` checks.
+    cookies: CookieMaker,
+    /// Initiations with a valid `mac2` per source IP, under load.
+    mac2_limiter: SourceLimiter,
+    /// `mac1`s of initiations admitted on their `mac2`.
+    recent_mac2: RecentSet<[u8; MAC_LEN]>,
+    /// Cookie replies sent.
+    cookie_limiter: TokenBucket,
+    /// Cookie replies to send (the only datagrams that belong to no peer).
+    tx: VecDeque<(SocketAddr, [u8; COOKIE_REPLY_LEN])>,
     events: VecDeque<Event>,
     stats: Stats,
     load: LoadReport,
@@ -152,14 +185,24 @@ impl Endpoint {
         let mut rng = ChaCha20Rng::from_seed(rng_seed);
         let instance = rng.next_u64();
         let load = LoadReport::default();
+        let source_limiter = SourceLimiter::new(
+            config.handshake_rate_per_source,
+            config.handshake_burst_per_source,
+            config.handshake_sources,
+        );
         Endpoint {
             mac1_key: noise::mac1_key(keypair.public()),
             limiter: TokenBucket::new(config.handshake_rate, config.handshake_burst, now),
-            source_limiter: SourceLimiter::new(
-                config.handshake_rate_per_source,
-                config.handshake_burst_per_source,
-                config.handshake_sources,
+            mac2_limiter: source_limiter.clone(),
+            source_limiter,
+            cookies: CookieMaker::new(keypair.public(), &mut rng, now),
+            recent_mac2: RecentSet::new(RECENT_MAC2_INITIATIONS),
+            cookie_limiter: TokenBucket::new(
+                config.cookie_reply_rate,
+                config.cookie_reply_burst,
+                now,
             ),
+            tx: VecDeque::new(),
             config,
             keypair,
             rng,
@@ -352,6 +395,10 @@ impl Endpoint {
                 self.on_response(now, from, buf);
                 None
             }
+            MessageType::CookieReply => {
+                self.on_cookie_reply(now, buf);
+                None
+            }
             MessageType::Data => self.on_data(now, from, buf),
             MessageType::Unknown(_) => {
                 self.stats.rx_malformed += 1;
@@ -360,17 +407,46 @@ impl Endpoint {
         }
     }
 
-    /// Whether an initiation from `from` may cost a DH: its source's bucket must have a token,
-    /// and, unless it comes from a configured peer's current address, the shared bucket too.
-    fn admit_initiation(&mut self, now: Instant, from: SocketAddr) -> bool {
-        if !self.source_limiter.try_take(from.ip(), now) {
-            return false;
-        }
+    /// Whether an initiation from `from` (with a valid `mac1`) may cost a DH.
+    ///
+    /// Normally its source's bucket must have a token, and, unless it comes from a configured
+    /// peer's current address, the shared bucket too. When either would refuse, the endpoint
+    /// is *under load* for this initiation: it must carry a valid `mac2` (proof that the
+    /// sender receives at its source address), else it gets a cookie reply; with one, it
+    /// draws on a second per-source bucket, which spoofed packets cannot reach, and verbatim
+    /// repeats are dropped.
+    fn admit_initiation(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: &HandshakeInit<&[u8]>,
+    ) -> Admission {
         let known = self
             .peers
             .values()
             .any(|p| p.addr.is_some_and(|a| a.ip() == from.ip()));
-        known || self.limiter.try_take(now)
+        if (known || self.limiter.has_token(now)) && self.source_limiter.try_take(from.ip(), now) {
+            if !known {
+                self.limiter.try_take(now);
+            }
+            return Admission::Handshake;
+        }
+        if !self
+            .cookies
+            .check_mac2(&mut self.rng, now, from, packet.mac2_input(), packet.mac2())
+        {
+            return Admission::Cookie;
+        }
+        let mut mac1 = [0u8; MAC_LEN];
+        mac1.copy_from_slice(packet.mac1());
+        if self.recent_mac2.contains(&mac1) {
+            return Admission::Replayed;
+        }
+        if !self.mac2_limiter.try_take(from.ip(), now) {
+            return Admission::RateLimited;
+        }
+        self.recent_mac2.insert(mac1);
+        Admission::Handshake
     }
 
     fn on_initiation(&mut self, now: Instant, from: SocketAddr, buf: &[u8]) {
@@ -387,9 +463,31 @@ impl Endpoint {
             self.stats.handshake_bad_mac += 1;
             return;
         }
-        if !self.admit_initiation(now, from) {
-            self.stats.handshake_rate_limited += 1;
-            return;
+        match self.admit_initiation(now, from, &packet) {
+            Admission::Handshake => {}
+            Admission::Cookie => {
+                self.stats.handshake_mac2_rejected += 1;
+                if self.tx.len() < MAX_QUEUED_COOKIE_REPLIES && self.cookie_limiter.try_take(now) {
+                    let reply = self.cookies.reply(
+                        &mut self.rng,
+                        now,
+                        from,
+                        repr.sender_index,
+                        packet.mac1(),
+                    );
+                    self.tx.push_back((from, reply));
+                    self.stats.cookie_replies_sent += 1;
+                }
+                return;
+            }
+            Admission::RateLimited => {
+                self.stats.handshake_rate_limited += 1;
+                return;
+            }
+            Admission::Replayed => {
+                self.stats.handshake_replayed += 1;
+                return;
+            }
         }
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
@@ -461,6 +559,25 @@ impl Endpoint {
         }
     }
 
+    fn on_cookie_reply(&mut self, now: Instant, buf: &[u8]) {
+        let Ok(packet) = CookieReply::new_checked(buf) else {
+            self.stats.rx_malformed += 1;
+            return;
+        };
+        let Ok(repr) = CookieReplyRepr::parse(&packet) else {
+            self.stats.rx_malformed += 1;
+            return;
+        };
+        let Some(&id) = self.indices.get(&repr.receiver_index) else {
+            self.stats.rx_unknown_session += 1;
+            return;
+        };
+        let (mut ctx, peers) = split!(self);
+        if let Some(peer) = peers.get_mut(&id) {
+            peer.on_cookie_reply(&mut ctx, now, repr, &packet);
+        }
+    }
+
     fn on_data(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Option<Received> {
         let repr = match DataPacket::new_checked(&buf[..]).and_then(|p| DataRepr::parse(&p)) {
             Ok(r) => r,
@@ -493,6 +610,17 @@ impl Endpoint {
     /// [`Config::max_udp_payload`] bytes; smaller buffers get smaller records, and below
     /// about 100 bytes nothing is sent). Peers take turns.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        while let Some((destination, reply)) = self.tx.pop_front() {
+            if let Some(dst) = buf.get_mut(..reply.len()) {
+                dst.copy_from_slice(&reply);
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += reply.len() as u64;
+                return Some(Transmit {
+                    destination,
+                    size: reply.len(),
+                });
+            }
+        }
         let cursor = PeerId(self.cursor);
         let (mut ctx, peers) = split!(self);
         let mut sent = None;

@@ -24,7 +24,9 @@
 //! * **Handshake**: Noise `IKpsk2` through `snow` ([`NOISE_PARAMS`]): mutual
 //!   authentication, forward secrecy, optional pre-shared key (all zeros when none).
 //!   Initiations carry a keyed BLAKE2s `mac1` that a responder checks before any
-//!   Diffie-Hellman, and pass a token bucket, so floods cost a hash each.
+//!   Diffie-Hellman, and pass token buckets, so floods cost a hash each; beyond the
+//!   buckets the responder is under load and answers initiations without a valid `mac2`
+//!   with WireGuard's cookie reply, so that spoofed or replayed floods cannot lock a peer out.
 //! * **Rekeying** on time and on message count; old keys keep decrypting for a grace
 //!   period and every record names its session (WireGuard-style receiver index), so a
 //!   rekey neither loses nor stalls traffic.
@@ -45,6 +47,7 @@
 
 pub mod aead;
 mod config;
+mod cookie;
 mod endpoint;
 mod event;
 #[doc(hidden)]

@@ -26,7 +26,7 @@ use crate::wire::MAC_LEN;
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
 /// Prologue mixed into the handshake hash: binds the wire version.
-pub(crate) const PROLOGUE: &[u8] = b"flowshift-tunnel/1";
+pub(crate) const PROLOGUE: &[u8] = b"flowshift-tunnel/2";
 /// Position of the PSK token in `IKpsk2`.
 pub(crate) const PSK_POSITION: u8 = 2;
 const MAC1_LABEL: &[u8] = b"flowshift-mac1-v1";

@@ -26,6 +26,7 @@ use snow::HandshakeState;
 
 use crate::aead::{Aead, TAG_LEN};
 use crate::config::{Config, PeerConfig};
+use crate::cookie::{self, COOKIE_LEN, COOKIE_LIFETIME};
 use crate::event::{Event, HandshakeError, PeerId};
 use crate::key::{KEY_LEN, Keypair, PublicKey};
 use crate::load::LoadReport;
@@ -38,8 +39,9 @@ use crate::wire::coding::{Writer, varint_len};
 use crate::wire::frame::{Frame, FrameType, Frames, parse_record_header};
 use crate::wire::handshake::{INIT_PAYLOAD_LEN, RESPONSE_PAYLOAD_LEN};
 use crate::wire::{
-    DATA_HEADER_LEN, DataPacket, DataRepr, HANDSHAKE_INIT_LEN, HANDSHAKE_RESPONSE_LEN,
-    HandshakeInit, HandshakeInitRepr, HandshakeResponse, HandshakeResponseRepr,
+    CookieReply, CookieReplyRepr, DATA_HEADER_LEN, DataPacket, DataRepr, HANDSHAKE_INIT_LEN,
+    HANDSHAKE_RESPONSE_LEN, HandshakeInit, HandshakeInitRepr, HandshakeResponse,
+    HandshakeResponseRepr,
 };
 
 /// Endpoint state a peer needs while handling an input.
@@ -133,6 +135,17 @@ pub(crate) struct InitiationInfo {
 struct Initiation {
     hs: HandshakeState,
     local_index: u32,
+    /// The initiation as sent (its `mac1` authenticates cookie replies to it).
+    packet: Vec<u8>,
+    /// It was sent again with `mac2` after a cookie reply (at most once).
+    resent_with_cookie: bool,
+}
+
+/// A cookie from the peer, which was under load.
+#[derive(Clone, Copy)]
+struct Cookie {
+    value: [u8; COOKIE_LEN],
+    received: Instant,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +170,11 @@ pub(crate) struct Peer {
     psk: [u8; KEY_LEN],
     /// `mac1` key for messages sent to this peer.
     mac1_key: [u8; 32],
+    /// Key of the cookie replies this peer sends.
+    cookie_key: [u8; 32],
+    /// The latest cookie from this peer; `mac2` goes on initiations for
+    /// [`COOKIE_LIFETIME`] after it arrived.
+    cookie: Option<Cookie>,
     pub(crate) addr: Option<SocketAddr>,
     initiation: Option<Initiation>,
     /// Start of the current series of initiation attempts.
@@ -194,6 +212,8 @@ impl Peer {
                 .as_ref()
                 .map_or([0; KEY_LEN], |k| *k.dangerous_as_bytes()),
             mac1_key: noise::mac1_key(&cfg.public_key),
+            cookie_key: cookie::cookie_key(&cfg.public_key),
+            cookie: None,
             addr: cfg.endpoint,
             initiation: None,
             series_start: None,
@@ -439,9 +459,55 @@ impl Peer {
         }
         let mac = noise::mac1(&self.mac1_key, view.mac_input());
         view.mac1_mut().copy_from_slice(&mac);
-        self.tx_handshake.push_back(pkt);
-        self.initiation = Some(Initiation { hs, local_index });
+        if let Some(c) = self.cookie
+            && now - c.received < COOKIE_LIFETIME
+        {
+            let mac2 = cookie::mac2(&c.value, view.mac2_input());
+            view.mac2_mut().copy_from_slice(&mac2);
+        }
+        self.tx_handshake.push_back(pkt.clone());
+        self.initiation = Some(Initiation {
+            hs,
+            local_index,
+            packet: pkt,
+            resent_with_cookie: false,
+        });
         ctx.stats.handshake_initiated += 1;
+    }
+
+    /// A cookie reply addressed to one of our indices of this peer: the peer is under load
+    /// and wants `mac2` on our initiations. The pending one is sent again with it at once.
+    pub(crate) fn on_cookie_reply(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        now: Instant,
+        repr: CookieReplyRepr,
+        reply: &CookieReply<&[u8]>,
+    ) {
+        let Some(init) = self
+            .initiation
+            .as_mut()
+            .filter(|i| i.local_index == repr.receiver_index)
+        else {
+            ctx.stats.rx_unknown_session += 1;
+            return;
+        };
+        let mut view = HandshakeInit::new_unchecked(&mut init.packet[..]);
+        let Some(value) = cookie::open_reply(&self.cookie_key, view.mac1(), reply) else {
+            ctx.stats.rx_auth_failed += 1;
+            return;
+        };
+        ctx.stats.cookie_replies_received += 1;
+        self.cookie = Some(Cookie {
+            value,
+            received: now,
+        });
+        if !init.resent_with_cookie {
+            init.resent_with_cookie = true;
+            let mac2 = cookie::mac2(&value, view.mac2_input());
+            view.mac2_mut().copy_from_slice(&mac2);
+            self.tx_handshake.push_back(init.packet.clone());
+        }
     }
 
     // ---------------------------------------------------------------- handshake input

@@ -1,7 +1,8 @@
 //! Token buckets on virtual time, used to bound handshake work: one for all sources, and
-//! one per source address in a bounded table.
+//! one per source address in a bounded table; and a bounded set of recently seen values.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -47,6 +48,12 @@ impl TokenBucket {
         self.micro_tokens == self.burst * SCALE
     }
 
+    /// Whether [`try_take`](Self::try_take) would succeed.
+    pub(crate) fn has_token(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.micro_tokens >= SCALE
+    }
+
     /// Takes one token if there is one.
     pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         self.refill(now);
@@ -59,16 +66,22 @@ impl TokenBucket {
     }
 }
 
+/// How often a full [`SourceLimiter`] looks for sources to forget.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Per-source-address token buckets, at most `capacity` of them. A source whose bucket has
-/// refilled completely is forgotten when room is needed; while the table is full of active
-/// sources, new sources are refused (a flood from many addresses then cannot grow memory,
-/// and sources already known keep their own allowance).
+/// refilled completely is forgotten when room is needed, by a sweep of the table that runs
+/// at most once per [`SWEEP_INTERVAL`] (so a flood of new sources costs a hash lookup each,
+/// not a scan); while the table is full of active sources, new sources are refused (a flood
+/// from many addresses then cannot grow memory, sources already known keep their own
+/// allowance, and the endpoint answers the refused ones with cookie replies).
 #[derive(Clone, Debug)]
 pub(crate) struct SourceLimiter {
     buckets: HashMap<IpAddr, TokenBucket>,
     rate_per_sec: u32,
     burst: u32,
     capacity: usize,
+    last_sweep: Option<Instant>,
 }
 
 impl SourceLimiter {
@@ -78,6 +91,7 @@ impl SourceLimiter {
             rate_per_sec,
             burst,
             capacity: capacity.max(1),
+            last_sweep: None,
         }
     }
 
@@ -87,6 +101,13 @@ impl SourceLimiter {
             return b.try_take(now);
         }
         if self.buckets.len() >= self.capacity {
+            if self
+                .last_sweep
+                .is_some_and(|t| now - t < SWEEP_INTERVAL && now >= t)
+            {
+                return false;
+            }
+            self.last_sweep = Some(now);
             self.buckets.retain(|_, b| !b.is_full(now));
             if self.buckets.len() >= self.capacity {
                 return false;
@@ -101,6 +122,42 @@ impl SourceLimiter {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.buckets.len()
+    }
+}
+
+/// The last `capacity` distinct values inserted (oldest forgotten first).
+#[derive(Clone, Debug)]
+pub(crate) struct RecentSet<T> {
+    order: VecDeque<T>,
+    set: HashSet<T>,
+    capacity: usize,
+}
+
+impl<T: Copy + Eq + Hash> RecentSet<T> {
+    pub(crate) fn new(capacity: usize) -> RecentSet<T> {
+        RecentSet {
+            order: VecDeque::new(),
+            set: HashSet::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub(crate) fn contains(&self, v: &T) -> bool {
+        self.set.contains(v)
+    }
+
+    /// Remembers `v`; false if it was already there.
+    pub(crate) fn insert(&mut self, v: T) -> bool {
+        if !self.set.insert(v) {
+            return false;
+        }
+        self.order.push_back(v);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
     }
 }
 
@@ -148,5 +205,37 @@ mod tests {
         let later = t0 + Duration::from_secs(5);
         assert!(l.try_take(ip(4), later));
         assert!(l.len() <= 3);
+    }
+
+    #[test]
+    fn a_full_table_is_swept_at_most_once_per_second() {
+        let t0 = Instant::from_secs(10);
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + i));
+        let mut l = SourceLimiter::new(1, 1, 2);
+        assert!(l.try_take(ip(1), t0));
+        assert!(l.try_take(ip(2), t0));
+        // Full of active sources: the sweep finds nothing, and the next second no sweep runs,
+        // even though source 1 has refilled in the meantime.
+        assert!(!l.try_take(ip(3), t0));
+        assert_eq!(l.last_sweep, Some(t0));
+        let t1 = t0 + Duration::from_millis(999);
+        assert!(!l.try_take(ip(3), t1));
+        assert_eq!(l.last_sweep, Some(t0), "no second sweep within a second");
+        // A second later the sweep runs again and forgets the refilled sources.
+        let t2 = t0 + Duration::from_secs(1);
+        assert!(l.try_take(ip(3), t2));
+        assert_eq!(l.last_sweep, Some(t2));
+        assert!(l.len() <= 2);
+    }
+
+    #[test]
+    fn recent_set_forgets_the_oldest() {
+        let mut r = RecentSet::new(2);
+        assert!(r.insert(1));
+        assert!(!r.insert(1));
+        assert!(r.insert(2));
+        assert!(r.insert(3));
+        assert!(!r.contains(&1) && r.contains(&2) && r.contains(&3));
+        assert!(r.insert(1));
     }
 }

@@ -38,11 +38,19 @@ pub struct Stats {
     pub handshake_completed: u64,
     /// Handshake messages dropped for a wrong `mac1`, before any DH.
     pub handshake_bad_mac: u64,
-    /// Initiations dropped by the rate limiter, before any DH.
+    /// Initiations with a valid `mac2` dropped because their source used up its allowance
+    /// (under load), before any DH.
     pub handshake_rate_limited: u64,
+    /// Initiations refused under load for want of a valid `mac2`, before any DH (each is
+    /// answered with a cookie reply while `cookie_reply_rate` allows).
+    pub handshake_mac2_rejected: u64,
+    /// Cookie replies sent (we were under load).
+    pub cookie_replies_sent: u64,
+    /// Cookie replies received that authenticated (a peer was under load).
+    pub cookie_replies_received: u64,
     /// Initiations from static keys that are not configured peers.
     pub handshake_unknown_peer: u64,
-    /// Initiations with a stale timestamp.
+    /// Initiations with a stale timestamp, or repeated verbatim under load.
     pub handshake_replayed: u64,
     /// Handshake messages that failed cryptographically.
     pub handshake_failed: u64,

@@ -1,6 +1,6 @@
-//! Writes seed inputs for the `decode` fuzz target: real handshake messages and records
-//! from a simulated session, record plaintexts with every frame type, load reports, and
-//! truncations. Every run checks that each seed decodes without panicking; with
+//! Writes seed inputs for the `decode` fuzz target: real handshake messages, a cookie reply
+//! and records from a simulated session, record plaintexts with every frame type, load
+//! reports, and truncations. Every run checks that each seed decodes without panicking; with
 //! `FLOWSHIFT_WRITE_CORPUS=1` it also writes them to `fuzz/corpus/decode`.
 
 mod sim;
@@ -33,7 +33,31 @@ fn fuzz_corpus_seeds_decode_without_panic() {
     p.a.ep.send_message(p.a.peer, &[1u8; 3000]).unwrap();
     p.a.ep.send_datagram(p.a.peer, b"datagram").unwrap();
     p.run_for(Duration::from_secs(2));
-    let mut seeds: Vec<(String, Vec<u8>)> = Vec::new();
+    // A cookie reply: B under load (A's source has spent its allowance) answers a repeated
+    // initiation with one.
+    let init = p
+        .wire
+        .iter()
+        .find(|(to_b, d)| *to_b && d[1] == 1)
+        .map(|(_, d)| d.clone())
+        .unwrap();
+    let mut buf = vec![0u8; 2048];
+    let mut cookie_reply = None;
+    for _ in 0..20 {
+        let (now, from) = (p.now, p.a.addr);
+        p.b.ep.handle_datagram(now, from, &mut init.clone());
+        while let Some(t) = p.b.ep.poll_transmit(now, &mut buf) {
+            if buf[1] == 3 {
+                cookie_reply = Some(buf[..t.size].to_vec());
+            }
+        }
+    }
+    let cookie_reply = cookie_reply.expect("a cookie reply");
+    assert_eq!(
+        flowshift_tunnel::wire::decode_any(&cookie_reply),
+        Ok(flowshift_tunnel::wire::MessageType::CookieReply)
+    );
+    let mut seeds: Vec<(String, Vec<u8>)> = vec![("cookie-reply".into(), cookie_reply)];
     let mut kinds = std::collections::BTreeMap::new();
     for (_, d) in &p.wire {
         let ty = d[1];

@@ -311,9 +311,9 @@ fn replayed_forged_tampered_and_unknown_packets_are_rejected_and_counted() {
     );
     p.inject(true, unknown);
     // Wrong version.
-    let mut v2 = recs[0].clone();
-    v2[0] = 2;
-    p.inject(true, v2);
+    let mut v1 = recs[0].clone();
+    v1[0] = 1;
+    p.inject(true, v1);
     p.run_for(Duration::from_millis(1));
     let s = p.b.ep.stats().clone();
     assert_eq!(s.rx_auth_failed - before.rx_auth_failed, 4);
@@ -406,15 +406,22 @@ fn initiations_are_rate_limited_before_any_dh() {
     p.run_for(Duration::from_millis(1));
     let s = p.b.ep.stats();
     assert_eq!(s.handshake_unknown_peer, 5, "only the burst reaches the DH");
-    assert_eq!(s.handshake_rate_limited, 95);
+    // Beyond it B is under load: no DH without a valid mac2, a cookie reply instead (to A's
+    // address, where A drops them: they name none of its initiations).
+    assert_eq!(s.handshake_mac2_rejected, 95);
+    assert_eq!(s.cookie_replies_sent, 95);
+    assert_eq!(s.handshake_rate_limited, 0);
     // Garbage with a valid header is dropped on mac1 without using tokens.
     let mut junk = init.clone();
     junk[40] ^= 1;
     p.inject(true, junk);
     p.run_for(Duration::from_secs(1));
     assert_eq!(p.b.ep.stats().handshake_bad_mac, 1);
-    // The bucket refills: the real peer still gets through.
+    assert!(p.a.ep.stats().rx_unknown_session >= 95);
+    // The real peer still gets through: its source's bucket is empty, so it is under load
+    // too, and gets in on the mac2 of the cookie it was sent.
     p.connect();
+    assert!(p.a.ep.stats().cookie_replies_received >= 1);
 }
 
 /// Floods B with `init` from `source()` — 100 initiations every 5 ms of virtual time — until
@@ -448,6 +455,7 @@ fn a_handshake_flood_from_elsewhere_does_not_lock_a_peer_out() {
     let mut setup = Setup::new(51);
     setup.b_knows_a_addr = false;
     let mut p = setup.build();
+    p.allow_strays = true;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut stranger = Endpoint::new(
         Config::default(),
@@ -477,7 +485,12 @@ fn a_handshake_flood_from_elsewhere_does_not_lock_a_peer_out() {
         s.handshake_unknown_peer, 10,
         "the busy source's burst: {s:?}"
     );
-    assert_eq!(s.handshake_rate_limited, sent - 10);
+    assert_eq!(s.handshake_mac2_rejected, sent - 10);
+    assert!(s.cookie_replies_sent > 0 && s.cookie_replies_sent <= s.handshake_mac2_rejected);
+    assert_eq!(
+        p.stray_count, s.cookie_replies_sent,
+        "cookie replies go to the source"
+    );
 
     // Never-seen addresses drain the shared bucket. B now knows A's address (from the
     // handshake), and an initiation from a configured peer's address does not need that
@@ -493,7 +506,7 @@ fn a_handshake_flood_from_elsewhere_does_not_lock_a_peer_out() {
     let dh = s.handshake_unknown_peer - before.handshake_unknown_peer;
     assert!(dh <= 20, "the shared bucket's burst bounds the DHs: {dh}");
     assert_eq!(
-        dh + s.handshake_rate_limited - before.handshake_rate_limited,
+        dh + s.handshake_mac2_rejected - before.handshake_mac2_rejected,
         1000
     );
     while p.b.ep.poll_transmit(p.now, &mut buf).is_some() {}
@@ -509,12 +522,220 @@ fn a_handshake_flood_from_elsewhere_does_not_lock_a_peer_out() {
     let now = p.now;
     p.b.ep.handle_datagram(now, p.a.addr, &mut a_init);
     assert_eq!(
-        p.b.ep.stats().handshake_rate_limited,
-        s.handshake_rate_limited,
+        p.b.ep.stats().handshake_mac2_rejected,
+        s.handshake_mac2_rejected,
         "the configured peer's initiation was rate-limited"
     );
     let response = p.b.ep.poll_transmit(p.now, &mut buf).expect("a response");
     assert_eq!(response.destination, p.a.addr);
+}
+
+/// An initiation from a stranger that knows B's public key (so its `mac1` is right) but is
+/// not B's peer.
+fn stranger_initiation(p: &Pair, seed: u64) -> Vec<u8> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut stranger = Endpoint::new(
+        Config::default(),
+        Keypair::generate(&mut rng),
+        [seed as u8; 32],
+        p.now,
+    );
+    stranger
+        .add_peer(
+            PeerConfig::new(*p.b.keypair.public(), Some(p.b.addr)),
+            p.now,
+        )
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let t = stranger.poll_transmit(p.now, &mut buf).unwrap();
+    buf[..t.size].to_vec()
+}
+
+/// Every 5 ms of virtual time hands B `per_tick` datagrams made by `next(i)` (as if from the
+/// address it names), until `done` or until `limit` passed; returns whether `done`.
+fn flood_b(
+    p: &mut Pair,
+    limit: Duration,
+    per_tick: usize,
+    mut next: impl FnMut(u64) -> (SocketAddr, Vec<u8>),
+    mut done: impl FnMut(&Pair) -> bool,
+) -> bool {
+    let end = p.now + limit;
+    let mut i = 0;
+    while p.now < end {
+        if done(p) {
+            return true;
+        }
+        for _ in 0..per_tick {
+            let (from, mut d) = next(i);
+            i += 1;
+            let now = p.now;
+            let _ = p.b.ep.handle_datagram(now, from, &mut d);
+        }
+        p.run_for(Duration::from_millis(5));
+    }
+    done(p)
+}
+
+fn sessions(n: &sim::Node) -> u64 {
+    n.ep.peer_stats(n.peer).unwrap().sessions_established
+}
+
+/// A rekeys every 3 s and drops a session after 8 s; B, as responder, would wait far longer,
+/// so only A's initiations keep the tunnel up.
+fn only_a_rekeys(seed: u64) -> Pair {
+    let mut s = Setup::new(seed);
+    s.config_a.rekey_after_time = Duration::from_secs(3);
+    s.config_a.reject_after_time = Duration::from_secs(8);
+    s.config_b.rekey_after_time = Duration::from_secs(1_000);
+    s.config_b.reject_after_time = Duration::from_secs(2_000);
+    let mut p = s.build();
+    p.allow_strays = true;
+    p.connect();
+    p.run_for(Duration::from_secs(1));
+    p
+}
+
+fn assert_tunnel_stayed_up(p: &Pair) {
+    for n in [&p.a, &p.b] {
+        assert_eq!(n.count(|e| matches!(e, Event::PeerDead { .. })), 0);
+    }
+    assert!(p.connected());
+}
+
+#[test]
+fn a_spoofed_flood_from_a_peers_address_does_not_stop_its_rekeys() {
+    let mut p = only_a_rekeys(52);
+    let init = stranger_initiation(&p, 9);
+    let a_addr = p.a.addr;
+    let start = sessions(&p.a);
+    let b_initiated = p.b.ep.stats().handshake_initiated;
+    // 20,000 initiations a second with A's address as source: A's own bucket at B is always
+    // empty, so B is under load for every initiation from there.
+    let ok = flood_b(
+        &mut p,
+        Duration::from_secs(30),
+        100,
+        |_| (a_addr, init.clone()),
+        |p| sessions(&p.a) >= start + 5,
+    );
+    let (sa, sb) = (p.a.ep.stats().clone(), p.b.ep.stats().clone());
+    assert!(
+        ok,
+        "A completed {} rekeys; a: {sa:?}; b: {sb:?}",
+        sessions(&p.a) - start
+    );
+    assert_tunnel_stayed_up(&p);
+    assert_eq!(sb.handshake_initiated, b_initiated, "B never initiated");
+    assert!(sb.handshake_mac2_rejected > 10_000, "{sb:?}");
+    assert!(sb.cookie_replies_sent > 0);
+    assert!(sa.cookie_replies_received >= 1, "{sa:?}");
+    // The flood's DHs are bounded by the per-source allowance: burst 10, then 5/s.
+    assert!(sb.handshake_unknown_peer <= 10 + 5 * 30, "{sb:?}");
+}
+
+#[test]
+fn a_replay_flood_of_captured_initiations_does_not_stop_rekeys() {
+    let mut p = only_a_rekeys(53);
+    // Capture A's initiations, with mac2 too: a spoofed flood first puts B under load, so A
+    // gets a cookie and sends initiations with a valid mac2.
+    let stranger = stranger_initiation(&p, 10);
+    let a_addr = p.a.addr;
+    p.record_wire = true;
+    let start = sessions(&p.a);
+    assert!(flood_b(
+        &mut p,
+        Duration::from_secs(10),
+        100,
+        |_| (a_addr, stranger.clone()),
+        |p| sessions(&p.a) >= start + 2,
+    ));
+    p.record_wire = false;
+    let inits: Vec<Vec<u8>> = p
+        .wire
+        .iter()
+        .filter(|(to_b, d)| *to_b && d.len() == 152 && d[1] == 1)
+        .map(|(_, d)| d.clone())
+        .collect();
+    let with_mac2: Vec<Vec<u8>> = inits
+        .iter()
+        .filter(|d| d[136..].iter().any(|&b| b != 0))
+        .cloned()
+        .collect();
+    assert!(!with_mac2.is_empty() && with_mac2.len() < inits.len());
+    let captured = [inits[0].clone(), with_mac2[with_mac2.len() - 1].clone()];
+    // Now replay both, from A's address, 20,000 a second, through several rekeys.
+    let start = sessions(&p.a);
+    let before = p.b.ep.stats().clone();
+    let ok = flood_b(
+        &mut p,
+        Duration::from_secs(30),
+        100,
+        |i| (a_addr, captured[i as usize % 2].clone()),
+        |p| sessions(&p.a) >= start + 5,
+    );
+    let sb = p.b.ep.stats().clone();
+    assert!(
+        ok,
+        "A completed {} rekeys; b: {sb:?}",
+        sessions(&p.a) - start
+    );
+    assert_tunnel_stayed_up(&p);
+    // The replays with a valid mac2 are dropped as verbatim repeats without a DH; the others
+    // get cookie replies. Either way no replay completes a handshake.
+    assert!(
+        sb.handshake_replayed - before.handshake_replayed > 10_000,
+        "{sb:?}"
+    );
+    assert!(sb.handshake_mac2_rejected - before.handshake_mac2_rejected > 10_000);
+    assert_eq!(sb.handshake_rate_limited, before.handshake_rate_limited);
+}
+
+#[test]
+fn a_flood_from_more_sources_than_the_table_holds_does_not_lock_out_a_known_peer() {
+    let mut s = Setup::new(54).config(|c| {
+        // One initiation a second per source: a source that sends more often than that stays
+        // in the table.
+        c.handshake_rate_per_source = 1;
+        c.handshake_burst_per_source = 1;
+        // No shared limit, so that the flood's sources do fill the table (with one, new
+        // sources only get in at its rate).
+        c.handshake_rate = 1_000_000;
+        c.handshake_burst = 1_000_000;
+    });
+    s.config_a.rekey_after_time = Duration::from_secs(2);
+    s.config_a.reject_after_time = Duration::from_secs(6);
+    s.config_b.rekey_after_time = Duration::from_secs(1_000);
+    s.config_b.reject_after_time = Duration::from_secs(2_000);
+    let mut p = s.build();
+    p.allow_strays = true;
+    p.connect();
+    p.run_for(Duration::from_secs(1));
+    assert_eq!(p.b.ep.config().handshake_sources, 4096);
+    let init = stranger_initiation(&p, 11);
+    let start = sessions(&p.a);
+    // 5,000 sources, each every 0.5 s: B's table of sources is full of active ones, and A's
+    // address, quiet between rekeys, is forgotten to make room.
+    let ok = flood_b(
+        &mut p,
+        Duration::from_secs(30),
+        50,
+        |i| {
+            let ip = Ipv4Addr::from(0xc612_8000 + (i % 5_000) as u32);
+            (SocketAddr::from((ip, 4000)), init.clone())
+        },
+        |p| sessions(&p.a) >= start + 2,
+    );
+    let (sa, sb) = (p.a.ep.stats().clone(), p.b.ep.stats().clone());
+    assert!(
+        ok,
+        "A completed {} rekeys; a: {sa:?}; b: {sb:?}",
+        sessions(&p.a) - start
+    );
+    assert_tunnel_stayed_up(&p);
+    assert!(sb.handshake_mac2_rejected > 10_000, "{sb:?}");
+    // A got in on its mac2, after a cookie reply.
+    assert!(sa.cookie_replies_received >= 1, "a: {sa:?}\nb: {sb:?}");
 }
 
 #[test]

@@ -2,17 +2,21 @@
 //! a cheap MAC that lets a responder drop garbage before doing any Diffie-Hellman.
 //!
 //! ```text
-//! HandshakeInit (136 bytes)              HandshakeResponse (84 bytes)
+//! HandshakeInit (152 bytes)              HandshakeResponse (84 bytes)
 //!   0..4    header (version, type 1)       0..4    header (version, type 2)
 //!   4..8    sender index (LE)              4..8    sender index (LE)
 //!   8..120  Noise message 1                8..12   receiver index (LE)
 //!           e (32) | s+tag (48) |          12..68  Noise message 2
 //!           payload+tag (16+16)                    e (32) | payload+tag (8+16)
 //! 120..136  mac1                          68..84  mac1
+//! 136..152  mac2
 //! ```
 //!
 //! `mac1` is keyed BLAKE2s-128 over all preceding bytes, keyed with
-//! `BLAKE2s-256("flowshift-mac1-v1" || receiver's static public key)`.
+//! `BLAKE2s-256("flowshift-mac1-v1" || receiver's static public key)`. `mac2` (initiations
+//! only) is keyed BLAKE2s-128 over all preceding bytes (`mac1` included), keyed with a
+//! cookie the responder sent in a [`CookieReply`](super::CookieReply); all zeros without
+//! one (see `crate::cookie`).
 
 use super::{Field, HEADER_LEN, Header, MessageType, WireError};
 
@@ -27,7 +31,7 @@ pub const NOISE_INIT_LEN: usize = 32 + 32 + 16 + INIT_PAYLOAD_LEN + 16;
 /// Length of Noise message 2 of `IKpsk2` with our payload.
 pub const NOISE_RESPONSE_LEN: usize = 32 + RESPONSE_PAYLOAD_LEN + 16;
 /// Total length of a handshake initiation.
-pub const HANDSHAKE_INIT_LEN: usize = HEADER_LEN + 4 + NOISE_INIT_LEN + MAC_LEN;
+pub const HANDSHAKE_INIT_LEN: usize = HEADER_LEN + 4 + NOISE_INIT_LEN + 2 * MAC_LEN;
 /// Total length of a handshake response.
 pub const HANDSHAKE_RESPONSE_LEN: usize = HEADER_LEN + 8 + NOISE_RESPONSE_LEN + MAC_LEN;
 
@@ -35,7 +39,8 @@ mod field {
     use super::*;
     pub(super) const SENDER: Field = 4..8;
     pub(super) const INIT_NOISE: Field = 8..8 + NOISE_INIT_LEN;
-    pub(super) const INIT_MAC1: Field = HANDSHAKE_INIT_LEN - MAC_LEN..HANDSHAKE_INIT_LEN;
+    pub(super) const INIT_MAC1: Field = 8 + NOISE_INIT_LEN..8 + NOISE_INIT_LEN + MAC_LEN;
+    pub(super) const INIT_MAC2: Field = HANDSHAKE_INIT_LEN - MAC_LEN..HANDSHAKE_INIT_LEN;
     pub(super) const RESP_RECEIVER: Field = 8..12;
     pub(super) const RESP_NOISE: Field = 12..12 + NOISE_RESPONSE_LEN;
     pub(super) const RESP_MAC1: Field = HANDSHAKE_RESPONSE_LEN - MAC_LEN..HANDSHAKE_RESPONSE_LEN;
@@ -138,6 +143,25 @@ handshake_view!(
     field::RESP_MAC1
 );
 
+impl<T: AsRef<[u8]>> HandshakeInit<T> {
+    /// The bytes that `mac2` covers (everything before it, `mac1` included).
+    pub fn mac2_input(&self) -> &[u8] {
+        &self.buffer.as_ref()[..field::INIT_MAC2.start]
+    }
+
+    /// `mac2` (all zeros when the initiator has no cookie).
+    pub fn mac2(&self) -> &[u8] {
+        &self.buffer.as_ref()[field::INIT_MAC2]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> HandshakeInit<T> {
+    /// `mac2`, mutable.
+    pub fn mac2_mut(&mut self) -> &mut [u8] {
+        &mut self.buffer.as_mut()[field::INIT_MAC2]
+    }
+}
+
 impl<T: AsRef<[u8]>> HandshakeResponse<T> {
     /// The initiator's session index this responds to.
     pub fn receiver_index(&self) -> u32 {
@@ -176,10 +200,12 @@ impl HandshakeInitRepr {
         HANDSHAKE_INIT_LEN
     }
 
-    /// Writes the header and index; the Noise message and `mac1` are filled in separately.
+    /// Writes the header, the index and a zero `mac2`; the Noise message, `mac1` and (with
+    /// a cookie) `mac2` are filled in separately.
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, p: &mut HandshakeInit<T>) {
         Header::new_unchecked(p.buffer.as_mut()).emit(MessageType::HandshakeInit);
         p.set_sender_index(self.sender_index);
+        p.mac2_mut().fill(0);
     }
 }
 
@@ -232,15 +258,20 @@ mod tests {
         repr.emit(&mut p);
         p.noise_mut().fill(0xaa);
         p.mac1_mut().fill(0xbb);
-        assert_eq!(&buf[..8], &[1, 1, 0, 0, 1, 2, 3, 4]);
+        p.mac2_mut().fill(0xcc);
+        assert_eq!(HANDSHAKE_INIT_LEN, 152);
+        assert_eq!(&buf[..8], &[2, 1, 0, 0, 1, 2, 3, 4]);
         assert_eq!(buf[8], 0xaa);
-        assert_eq!(buf[HANDSHAKE_INIT_LEN - MAC_LEN - 1], 0xaa);
-        assert_eq!(buf[HANDSHAKE_INIT_LEN - MAC_LEN], 0xbb);
+        assert_eq!(buf[119], 0xaa);
+        assert_eq!(&buf[120..136], &[0xbb; 16]);
+        assert_eq!(&buf[136..152], &[0xcc; 16]);
         let p = HandshakeInit::new_checked(&buf[..]).unwrap();
         assert_eq!(HandshakeInitRepr::parse(&p), Ok(repr));
-        assert_eq!(p.mac_input().len(), HANDSHAKE_INIT_LEN - MAC_LEN);
+        assert_eq!(p.mac_input().len(), 120);
+        assert_eq!(p.mac2_input().len(), 136);
+        assert_eq!(p.mac2(), &[0xcc; 16]);
         assert_eq!(
-            HandshakeInit::new_checked(&buf[..135]).unwrap_err(),
+            HandshakeInit::new_checked(&buf[..151]).unwrap_err(),
             WireError::Length
         );
         let mut long = buf.to_vec();
@@ -259,7 +290,7 @@ mod tests {
             receiver_index: 9,
         };
         repr.emit(&mut HandshakeResponse::new_checked(&mut buf[..]).unwrap());
-        assert_eq!(&buf[..12], &[1, 2, 0, 0, 7, 0, 0, 0, 9, 0, 0, 0]);
+        assert_eq!(&buf[..12], &[2, 2, 0, 0, 7, 0, 0, 0, 9, 0, 0, 0]);
         let p = HandshakeResponse::new_checked(&buf[..]).unwrap();
         assert_eq!(HandshakeResponseRepr::parse(&p), Ok(repr));
         buf[1] = 1;

@@ -26,10 +26,12 @@
 //! `tests::fuzz_corpus_replay` replays the committed corpus.
 
 pub mod coding;
+pub mod cookie;
 pub mod data;
 pub mod frame;
 pub mod handshake;
 
+pub use cookie::{COOKIE_REPLY_LEN, CookieReply, CookieReplyRepr};
 pub use data::{DATA_HEADER_LEN, DataPacket, DataRepr};
 pub use frame::{AckFrame, Frame, FrameType, Frames};
 pub use handshake::{
@@ -37,8 +39,8 @@ pub use handshake::{
     HandshakeResponse, HandshakeResponseRepr, MAC_LEN,
 };
 
-/// The wire-format version this crate speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The wire-format version this crate speaks (2: `mac2` in initiations, cookie replies).
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Length of the common header.
 pub const HEADER_LEN: usize = 4;
 
@@ -85,6 +87,8 @@ pub enum WireError {
 /// Message types (the second header byte).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MessageType {
+    /// A responder under load asks the initiator to prove its address (type 3).
+    CookieReply,
     /// Encrypted transport record.
     Data,
     /// First handshake message (initiator to responder).
@@ -100,6 +104,7 @@ impl From<u8> for MessageType {
         match v {
             1 => MessageType::HandshakeInit,
             2 => MessageType::HandshakeResponse,
+            3 => MessageType::CookieReply,
             4 => MessageType::Data,
             other => MessageType::Unknown(other),
         }
@@ -111,6 +116,7 @@ impl From<MessageType> for u8 {
         match t {
             MessageType::HandshakeInit => 1,
             MessageType::HandshakeResponse => 2,
+            MessageType::CookieReply => 3,
             MessageType::Data => 4,
             MessageType::Unknown(other) => other,
         }
@@ -202,6 +208,9 @@ pub fn decode_any(bytes: &[u8]) -> Result<MessageType, WireError> {
         MessageType::HandshakeResponse => {
             HandshakeResponseRepr::parse(&HandshakeResponse::new_checked(bytes)?)?;
         }
+        MessageType::CookieReply => {
+            CookieReplyRepr::parse(&CookieReply::new_checked(bytes)?)?;
+        }
         MessageType::Data => {
             let p = DataPacket::new_checked(bytes)?;
             DataRepr::parse(&p)?;
@@ -232,7 +241,7 @@ mod tests {
         Header::new_checked(&mut buf[..])
             .unwrap()
             .emit(MessageType::Data);
-        assert_eq!(buf, [1, 4, 0, 0]);
+        assert_eq!(buf, [2, 4, 0, 0]);
         let h = Header::new_checked(&buf[..]).unwrap();
         assert_eq!(h.check(), Ok(MessageType::Data));
         assert_eq!(h.reserved(), 0);
@@ -241,8 +250,8 @@ mod tests {
             WireError::Truncated
         );
         assert_eq!(
-            Header::new_checked(&[2u8, 4, 0, 0][..]).unwrap().check(),
-            Err(WireError::Version(2))
+            Header::new_checked(&[1u8, 4, 0, 0][..]).unwrap().check(),
+            Err(WireError::Version(1))
         );
         assert_eq!(MessageType::from(9), MessageType::Unknown(9));
         for t in 0..=255u8 {
@@ -263,7 +272,7 @@ mod tests {
             if i % 2 == 0 && len >= 2 {
                 // Make the header plausible so the deeper parsers run too.
                 buf[0] = PROTOCOL_VERSION;
-                buf[1] = [1u8, 2, 4][i % 3];
+                buf[1] = [1u8, 2, 3, 4][i % 4];
             }
             let _ = decode_any(&buf[..len]);
             // Every prefix of a plausible packet too.
