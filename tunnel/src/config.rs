@@ -118,8 +118,8 @@ pub struct PeerConfig {
     /// Optional pre-shared key (both sides must agree; none means 32 zero bytes).
     pub preshared_key: Option<PresharedKey>,
     /// Where to send handshakes. Without one, this side only responds, and learns the
-    /// address from the peer's authenticated packets (it is updated on every one, so
-    /// peers may roam).
+    /// address from the peer's authenticated records and handshake responses (it is updated
+    /// on every one, so peers may roam; an initiation alone does not move it).
     pub endpoint: Option<SocketAddr>,
 }
 

@@ -113,6 +113,8 @@ pub struct Endpoint {
     instance: u64,
     peers: BTreeMap<PeerId, Peer>,
     by_key: HashMap<PublicKey, PeerId>,
+    /// Newest initiation timestamps of removed peers, restored if they are added again.
+    removed_timestamps: HashMap<PublicKey, u64>,
     /// Local session index → peer (initiations in flight and sessions).
     indices: HashMap<u32, PeerId>,
     next_peer_id: u32,
@@ -209,6 +211,7 @@ impl Endpoint {
             instance,
             peers: BTreeMap::new(),
             by_key: HashMap::new(),
+            removed_timestamps: HashMap::new(),
             indices: HashMap::new(),
             next_peer_id: 0,
             cursor: 0,
@@ -291,12 +294,15 @@ impl Endpoint {
         let id = PeerId(self.next_peer_id);
         self.next_peer_id += 1;
         self.by_key.insert(config.public_key, id);
-        self.peers
-            .insert(id, Peer::new(id, &config, &self.config, now));
+        let mut peer = Peer::new(id, &config, &self.config, now);
+        peer.last_init_timestamp = self.removed_timestamps.remove(&config.public_key);
+        self.peers.insert(id, peer);
         Ok(id)
     }
 
-    /// Removes a peer and forgets its sessions; returns whether it existed.
+    /// Removes a peer and forgets its sessions; returns whether it existed. The newest
+    /// initiation timestamp accepted from it is kept: added again, the peer still cannot
+    /// have its old initiations replayed.
     pub fn remove_peer(&mut self, peer: PeerId) -> bool {
         let (mut ctx, peers) = split!(self);
         let Some(mut p) = peers.remove(&peer) else {
@@ -304,6 +310,9 @@ impl Endpoint {
         };
         p.release(&mut ctx);
         self.by_key.remove(&p.public_key);
+        if let Some(ts) = p.last_init_timestamp {
+            self.removed_timestamps.insert(p.public_key, ts);
+        }
         true
     }
 

@@ -180,9 +180,13 @@ pub(crate) struct Peer {
     /// Start of the current series of initiation attempts.
     series_start: Option<Instant>,
     next_attempt: Option<Instant>,
-    tx_handshake: VecDeque<Vec<u8>>,
-    /// Newest initiation timestamp accepted (forgotten when the peer is declared dead).
-    last_init_timestamp: Option<u64>,
+    /// Handshake messages to send, with their destinations (a response goes to where its
+    /// initiation came from, which need not be `addr`).
+    tx_handshake: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Newest initiation timestamp accepted. Never forgotten: not when the peer is declared
+    /// dead, and the endpoint carries it over when the peer is removed and added again, so a
+    /// captured initiation can never be replayed to this endpoint.
+    pub(crate) last_init_timestamp: Option<u64>,
     remote_instance: Option<u64>,
     current: Option<Session>,
     others: Vec<Session>,
@@ -355,8 +359,6 @@ impl Peer {
                     + config.heartbeat_interval * config.dead_after_missed_heartbeats
         {
             self.liveness = Liveness::Dead;
-            // A restarted peer whose clock restarted lower must be able to come back.
-            self.last_init_timestamp = None;
             // If it restarted, our session is gone on its side: make a new one.
             self.handshake_requested = true;
             ctx.events.push_back(Event::PeerDead { peer: self.id });
@@ -424,6 +426,9 @@ impl Peer {
 
     fn start_initiation(&mut self, ctx: &mut Ctx<'_>, now: Instant) {
         let config = ctx.config;
+        let Some(dest) = self.addr else {
+            return;
+        };
         if let Some(old) = self.initiation.take() {
             ctx.indices.remove(&old.local_index);
         }
@@ -465,7 +470,7 @@ impl Peer {
             let mac2 = cookie::mac2(&c.value, view.mac2_input());
             view.mac2_mut().copy_from_slice(&mac2);
         }
-        self.tx_handshake.push_back(pkt.clone());
+        self.tx_handshake.push_back((dest, pkt.clone()));
         self.initiation = Some(Initiation {
             hs,
             local_index,
@@ -502,11 +507,13 @@ impl Peer {
             value,
             received: now,
         });
-        if !init.resent_with_cookie {
+        if let Some(dest) = self.addr
+            && !init.resent_with_cookie
+        {
             init.resent_with_cookie = true;
             let mac2 = cookie::mac2(&value, view.mac2_input());
             view.mac2_mut().copy_from_slice(&mac2);
-            self.tx_handshake.push_back(init.packet.clone());
+            self.tx_handshake.push_back((dest, init.packet.clone()));
         }
     }
 
@@ -577,8 +584,10 @@ impl Peer {
         };
         self.push_other(ctx, session);
         self.last_init_timestamp = Some(timestamp);
-        self.addr = Some(from);
-        self.tx_handshake.push_back(pkt);
+        // Answer where the initiation came from, but do not move `addr` there: the
+        // initiation may be a replay of one never delivered, sent from elsewhere. The address
+        // moves when a record under the new session authenticates from there (`on_data`).
+        self.tx_handshake.push_back((from, pkt));
     }
 
     /// A response with a valid `mac1` addressed to one of our indices of this peer.
@@ -880,13 +889,13 @@ impl Peer {
         buf: &mut [u8],
     ) -> Option<(SocketAddr, usize)> {
         self.drive_handshake(ctx, now);
-        let addr = self.addr?;
-        while let Some(pkt) = self.tx_handshake.pop_front() {
+        while let Some((dest, pkt)) = self.tx_handshake.pop_front() {
             if let Some(dst) = buf.get_mut(..pkt.len()) {
                 dst.copy_from_slice(&pkt);
-                return Some((addr, pkt.len()));
+                return Some((dest, pkt.len()));
             }
         }
+        let addr = self.addr?;
         if !self.has_usable_session(now, ctx.config) || !self.wants_to_send(now) {
             return None;
         }

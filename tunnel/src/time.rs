@@ -12,9 +12,9 @@ use std::time::Duration;
 /// A point in time: microseconds since an epoch chosen by the driver.
 ///
 /// The epoch is arbitrary for everything except handshake initiation timestamps, which a
-/// responder requires to increase per peer (replay protection, see `docs/tunnel.md`). A
-/// driver SHOULD therefore count from the UNIX epoch (`SystemTime`) so that the timestamps
-/// keep increasing across restarts of the node; tests may start at zero.
+/// responder requires to increase per peer for as long as it runs (replay protection, see
+/// `docs/tunnel.md`). A driver MUST therefore count from the UNIX epoch (`SystemTime`) so
+/// that the timestamps keep increasing across restarts of the node; tests may start at zero.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Instant {
     micros: u64,

@@ -941,3 +941,104 @@ fn restart_of_a_responder_only_peer_is_found_through_dead_detection() {
     assert!(p.run_until(Duration::from_secs(2), |p| p.b.messages.len() == 1));
     assert_eq!(p.b.messages[0], b"are you there");
 }
+
+/// Every initiation A sent towards B in the recorded wire.
+fn initiations_to_b(p: &Pair) -> Vec<Vec<u8>> {
+    p.wire
+        .iter()
+        .filter(|(to_b, d)| *to_b && d.len() == 152 && d[1] == 1)
+        .map(|(_, d)| d.clone())
+        .collect()
+}
+
+#[test]
+fn captured_initiations_stay_refused_after_the_peer_was_dead_or_removed() {
+    let mut p = Setup::new(80).build();
+    p.record_wire = true;
+    p.connect();
+    p.record_wire = false;
+    p.run_for(Duration::from_secs(1));
+    let captured = initiations_to_b(&p);
+    assert!(!captured.is_empty());
+    // An outage: B declares A dead. The captured initiations are injected during it, so B
+    // has accepted no newer one from A in the meantime.
+    p.cut = true;
+    p.run_for(Duration::from_millis(3_500));
+    assert_eq!(p.b.count(|e| matches!(e, Event::PeerDead { .. })), 1);
+    let replay_all = |p: &mut Pair| {
+        let before = p.b.ep.stats().clone();
+        p.wire.clear();
+        p.record_wire = true;
+        for d in &captured {
+            p.inject(true, d.clone());
+        }
+        p.run_for(Duration::from_millis(1));
+        p.record_wire = false;
+        let s = p.b.ep.stats();
+        assert_eq!(
+            s.handshake_replayed - before.handshake_replayed,
+            captured.len() as u64,
+            "every captured initiation refused: {s:?}"
+        );
+        let responses = p.wire.iter().filter(|(to_b, d)| !*to_b && d[1] == 2);
+        assert_eq!(responses.count(), 0, "B answered a replay");
+    };
+    replay_all(&mut p);
+    // Removed and added again: still refused.
+    assert!(p.b.ep.remove_peer(p.b.peer));
+    p.b.peer =
+        p.b.ep
+            .add_peer(
+                PeerConfig::new(*p.a.keypair.public(), Some(p.a.addr)),
+                p.now,
+            )
+            .unwrap();
+    replay_all(&mut p);
+    // The peer itself gets a new session once the outage ends.
+    p.cut = false;
+    p.connect();
+}
+
+#[test]
+fn an_initiation_moves_the_peer_address_only_once_a_record_confirms_it() {
+    let mut p = Setup::new(81).build();
+    p.allow_strays = true;
+    p.connect();
+    p.run_for(Duration::from_secs(1));
+    // A fresh initiation from A's key that B has not seen (say, captured and withheld),
+    // delivered from somewhere else.
+    let mut a2 = Endpoint::new(Config::default(), p.a.keypair.clone(), [9; 32], p.now);
+    a2.add_peer(
+        PeerConfig::new(*p.b.keypair.public(), Some(p.b.addr)),
+        p.now,
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 2048];
+    let t = a2.poll_transmit(p.now, &mut buf).unwrap();
+    let mut init = buf[..t.size].to_vec();
+    let elsewhere: SocketAddr = "198.18.9.9:7000".parse().unwrap();
+    let now = p.now;
+    p.b.ep.handle_datagram(now, elsewhere, &mut init);
+    // B answers there, but keeps A's address and keeps talking to A.
+    let t = p.b.ep.poll_transmit(now, &mut buf).expect("a response");
+    assert_eq!(t.destination, elsewhere);
+    assert_eq!(buf[1], 2);
+    let mut response = buf[..t.size].to_vec();
+    assert_eq!(p.b.ep.peer_address(p.b.peer), Some(p.a.addr));
+    let (pa, pb) = (p.a.peer, p.b.peer);
+    p.b.ep.send_message(pb, b"still to a").unwrap();
+    assert!(p.run_until(Duration::from_secs(1), |p| p.a.messages.len() == 1));
+    assert_eq!(p.b.ep.peer_address(pb), Some(p.a.addr));
+    // If the initiator really is there (A roamed), its first record under the new session
+    // confirms the address, and B moves.
+    let now = p.now;
+    a2.handle_datagram(now, p.b.addr, &mut response);
+    let t = a2
+        .poll_transmit(now, &mut buf)
+        .expect("the confirming record");
+    assert_eq!(buf[1], 4);
+    let mut record = buf[..t.size].to_vec();
+    p.b.ep.handle_datagram(now, elsewhere, &mut record);
+    assert_eq!(p.b.ep.peer_address(pb), Some(elsewhere));
+    let _ = pa;
+}
