@@ -166,6 +166,34 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_read_leaves_the_initiator_usable() {
+        let a = PrivateKey::from_bytes([1; 32]);
+        let b = PrivateKey::from_bytes([2; 32]);
+        let mut i = initiator(&a, &b.public_key(), &[0; 32], [3; 32]).unwrap();
+        let mut r = responder(&b, [4; 32]).unwrap();
+        let mut m = [0u8; 256];
+        let mut p = [0u8; 64];
+        let n = i.write_message(&[0; INIT_PAYLOAD_LEN], &mut m).unwrap();
+        r.read_message(&m[..n], &mut p).unwrap();
+        r.set_psk(PSK_POSITION.into(), &[0; 32]).unwrap();
+        let n = r.write_message(&[6; RESPONSE_PAYLOAD_LEN], &mut m).unwrap();
+        // Forgeries first: random bytes, and the genuine message with one bit flipped.
+        assert!(i.read_message(&[0x5a; NOISE_RESPONSE_LEN], &mut p).is_err());
+        let mut flipped = m[..n].to_vec();
+        flipped[40] ^= 1;
+        assert!(i.read_message(&flipped, &mut p).is_err());
+        assert!(!i.is_handshake_finished());
+        // The genuine one still completes the handshake, with the responder's keys.
+        assert_eq!(
+            i.read_message(&m[..n], &mut p).unwrap(),
+            RESPONSE_PAYLOAD_LEN
+        );
+        assert_eq!(&p[..RESPONSE_PAYLOAD_LEN], &[6; RESPONSE_PAYLOAD_LEN]);
+        assert!(i.is_handshake_finished());
+        assert_eq!(i.dangerously_get_raw_split(), r.dangerously_get_raw_split());
+    }
+
+    #[test]
     fn mac1_verifies() {
         let k = mac1_key(&PublicKey::from_bytes([7; 32]));
         let m = mac1(&k, b"hello");

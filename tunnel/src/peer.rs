@@ -599,30 +599,36 @@ impl Peer {
         repr: HandshakeResponseRepr,
         noise_msg: &[u8],
     ) {
-        if self
+        let Some(pending) = self
             .initiation
-            .as_ref()
-            .is_none_or(|i| i.local_index != repr.receiver_index)
-        {
+            .as_mut()
+            .filter(|i| i.local_index == repr.receiver_index)
+        else {
             ctx.stats.rx_unknown_session += 1;
-            return;
-        }
-        let Some(mut init) = self.initiation.take() else {
             return;
         };
         let mut payload = [0u8; 64];
-        let ok = matches!(
-            init.hs.read_message(noise_msg, &mut payload),
-            Ok(RESPONSE_PAYLOAD_LEN)
-        ) && init.hs.is_handshake_finished();
-        if !ok {
-            ctx.indices.remove(&init.local_index);
+        let read = pending.hs.read_message(noise_msg, &mut payload);
+        if read.is_err() {
+            // A forged or corrupted response (or a PSK mismatch). snow restores its
+            // symmetric state when a read fails, so the initiation stays pending for the
+            // genuine response: an injector cannot abort our handshakes this way.
             ctx.stats.handshake_failed += 1;
             ctx.events.push_back(Event::HandshakeFailed {
                 peer: Some(self.id),
                 remote: Some(from),
                 error: HandshakeError::ResponseAuthentication,
             });
+            return;
+        }
+        let Some(mut init) = self.initiation.take() else {
+            return;
+        };
+        if !(matches!(read, Ok(RESPONSE_PAYLOAD_LEN)) && init.hs.is_handshake_finished()) {
+            // It authenticated but is not what we sent for (cannot happen with the fixed
+            // message length); the state has moved on, so this initiation is spent.
+            ctx.indices.remove(&init.local_index);
+            ctx.stats.handshake_failed += 1;
             return;
         }
         let mut inst = [0u8; 8];

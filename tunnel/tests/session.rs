@@ -1042,3 +1042,57 @@ fn an_initiation_moves_the_peer_address_only_once_a_record_confirms_it() {
     assert_eq!(p.b.ep.peer_address(pb), Some(elsewhere));
     let _ = pa;
 }
+
+/// `mac1` of a handshake message to the holder of `receiver` (as an on-path attacker, who
+/// knows the public keys, can compute it).
+fn mac1_for(receiver: &PublicKey, msg: &[u8]) -> [u8; 16] {
+    use blake2::digest::consts::U16;
+    use blake2::digest::{FixedOutput, KeyInit, Update};
+    use blake2::{Blake2s256, Blake2sMac, Digest};
+    let mut h = Blake2s256::new();
+    Digest::update(&mut h, b"flowshift-mac1-v1");
+    Digest::update(&mut h, receiver.as_bytes());
+    let key: [u8; 32] = h.finalize().into();
+    let mut m = <Blake2sMac<U16> as KeyInit>::new_from_slice(&key).unwrap();
+    Update::update(&mut m, msg);
+    m.finalize_fixed().into()
+}
+
+#[test]
+fn a_forged_response_does_not_abort_the_pending_handshake() {
+    let mut s = Setup::new(82);
+    s.b_knows_a_addr = false;
+    let mut p = s.build();
+    // A's first initiation, held back.
+    p.cut = true;
+    p.record_wire = true;
+    p.run_for(Duration::from_millis(1));
+    p.cut = false;
+    p.record_wire = false;
+    let inits = initiations_to_b(&p);
+    assert_eq!(inits.len(), 1);
+    // An on-path injector answers first: the right receiver index and a valid mac1, but a
+    // Noise message it could not make.
+    let mut forged = vec![0u8; 84];
+    forged[..4].copy_from_slice(&[2, 2, 0, 0]);
+    forged[4..8].copy_from_slice(&7u32.to_le_bytes());
+    forged[8..12].copy_from_slice(&inits[0][4..8]);
+    ChaCha8Rng::seed_from_u64(3).fill_bytes(&mut forged[12..68]);
+    let mac = mac1_for(p.a.keypair.public(), &forged[..68]);
+    forged[68..].copy_from_slice(&mac);
+    p.inject(false, forged);
+    p.inject(true, inits[0].clone());
+    // The genuine response, one link delay later, completes the same initiation: no retry
+    // (a second after the first attempt) is needed.
+    assert!(p.run_until(Duration::from_millis(100), |p| p.connected()));
+    let s = p.a.ep.stats();
+    assert_eq!(s.handshake_failed, 1, "{s:?}");
+    assert_eq!(s.handshake_initiated, 1, "{s:?}");
+    assert!(p.a.events.iter().any(|e| matches!(
+        e,
+        Event::HandshakeFailed {
+            error: HandshakeError::ResponseAuthentication,
+            ..
+        }
+    )));
+}
