@@ -11,6 +11,12 @@ use serde::Deserialize;
 
 use crate::app::{AppConfig, AppKind};
 
+/// Default `limits.max_half_open`: with the default 64 KiB buffers each way, a SYN flood can
+/// claim at most 256 MiB.
+pub const DEFAULT_MAX_HALF_OPEN: usize = 2048;
+/// Upper bound of `node.shutdown_timeout_ms`.
+const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 3_600_000;
+
 /// Errors from loading a config file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -138,6 +144,16 @@ impl std::str::FromStr for Ipv4Cidr {
     }
 }
 
+impl Ipv4Cidr {
+    /// The network address: `addr` with its host bits cleared (what the route points at).
+    pub fn network(&self) -> Ipv4Addr {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.addr) & mask)
+    }
+}
+
 impl std::fmt::Display for Ipv4Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
@@ -162,6 +178,10 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Packets held per frozen flow before further ones are dropped (and counted).
     pub frozen_queue_packets: usize,
+    /// Connections still in their handshake (SYN received, not yet ACKed), over all
+    /// workers; further SYNs are refused with RST. Each holds its socket buffers, so this
+    /// bounds what a SYN flood can claim.
+    pub max_half_open: usize,
 }
 
 /// `[tcp]`: per-connection buffer sizes.
@@ -251,6 +271,7 @@ struct RawService {
 struct RawLimits {
     max_connections: Option<usize>,
     frozen_queue_packets: Option<usize>,
+    max_half_open: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -336,6 +357,15 @@ impl Config {
                     format!("{} cannot be a service address", cidr.addr),
                 ));
             }
+            if service_addresses
+                .iter()
+                .any(|o: &Ipv4Cidr| o.addr == cidr.addr)
+            {
+                return Err(invalid(
+                    &format!("tun.service_addresses[{i}]"),
+                    format!("{} is listed twice", cidr.addr),
+                ));
+            }
             service_addresses.push(cidr);
         }
 
@@ -388,11 +418,34 @@ impl Config {
         let limits = LimitsConfig {
             max_connections: raw.limits.max_connections.unwrap_or(100_000),
             frozen_queue_packets: raw.limits.frozen_queue_packets.unwrap_or(1024),
+            max_half_open: raw.limits.max_half_open.unwrap_or(DEFAULT_MAX_HALF_OPEN),
         };
         if limits.max_connections == 0 {
             return Err(invalid(
                 "limits.max_connections",
                 "must be at least 1".into(),
+            ));
+        }
+        if !(1..=65536).contains(&limits.frozen_queue_packets) {
+            return Err(invalid(
+                "limits.frozen_queue_packets",
+                format!("{} is not in 1..=65536", limits.frozen_queue_packets),
+            ));
+        }
+        if !(workers..=1_000_000).contains(&limits.max_half_open) {
+            return Err(invalid(
+                "limits.max_half_open",
+                format!(
+                    "{} is not in {workers}..=1000000 (at least one per worker)",
+                    limits.max_half_open
+                ),
+            ));
+        }
+        let shutdown_timeout_ms = raw.node.shutdown_timeout_ms.unwrap_or(5_000);
+        if shutdown_timeout_ms > MAX_SHUTDOWN_TIMEOUT_MS {
+            return Err(invalid(
+                "node.shutdown_timeout_ms",
+                format!("{shutdown_timeout_ms} is over {MAX_SHUTDOWN_TIMEOUT_MS} (one hour)"),
             ));
         }
 
@@ -429,7 +482,7 @@ impl Config {
                 name: raw.node.name,
                 control_socket: raw.node.control_socket,
                 workers,
-                shutdown_timeout_ms: raw.node.shutdown_timeout_ms.unwrap_or(5_000),
+                shutdown_timeout_ms,
             },
             tun: TunConfig {
                 name: raw.tun.name,
@@ -616,7 +669,18 @@ max_connections = 100000
         assert_eq!(c.services.len(), 4);
         assert_eq!(c.service(19).unwrap().app, AppKind::Source);
         assert_eq!(c.limits.max_connections, 100_000);
+        assert_eq!(c.limits.max_half_open, DEFAULT_MAX_HALF_OPEN);
         assert!(c.node.workers >= 1);
+    }
+
+    #[test]
+    fn a_prefix_routes_its_network() {
+        let c: Ipv4Cidr = "198.19.255.1/24".parse().unwrap();
+        assert_eq!(c.network(), Ipv4Addr::new(198, 19, 255, 0));
+        let c: Ipv4Cidr = "198.19.255.1/32".parse().unwrap();
+        assert_eq!(c.network(), c.addr);
+        let c: Ipv4Cidr = "198.19.255.1/0".parse().unwrap();
+        assert_eq!(c.network(), Ipv4Addr::UNSPECIFIED);
     }
 
     #[test]
@@ -655,6 +719,31 @@ max_connections = 100000
             (
                 format!("{EXAMPLE}\n[metrics]\nlisten = \"nope\"\n"),
                 "metrics.listen",
+            ),
+            (
+                EXAMPLE.replace(
+                    "[\"198.19.255.1/32\"]",
+                    "[\"198.19.255.1/32\", \"198.19.255.1/24\"]",
+                ),
+                "tun.service_addresses[1]",
+            ),
+            (
+                EXAMPLE.replace(
+                    "max_connections = 100000",
+                    "max_connections = 1\nfrozen_queue_packets = 0",
+                ),
+                "limits.frozen_queue_packets",
+            ),
+            (
+                EXAMPLE.replace("max_connections = 100000", "max_half_open = 0"),
+                "limits.max_half_open",
+            ),
+            (
+                EXAMPLE.replace(
+                    "name = \"a\"",
+                    "name = \"a\"\nshutdown_timeout_ms = 18446744073709551615",
+                ),
+                "node.shutdown_timeout_ms",
             ),
         ];
         for (text, key) in cases {

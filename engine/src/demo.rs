@@ -65,7 +65,7 @@ pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()>
             let done = progress.load(Ordering::Relaxed);
             bar.set_position(done);
             if mid_conns.is_none() && done > bytes / 2 {
-                mid_conns = node.ctl(&["conns"]).ok();
+                mid_conns = Some(node.ctl(&["conns"]));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -84,12 +84,16 @@ pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()>
         "  downloaded {got} bytes in {secs:.2} s: {:.2} Gbit/s; every byte matched the counting stream",
         got as f64 * 8.0 / secs / 1e9
     );
-    if let Some(c) = mid_conns {
-        println!();
-        println!("  flowshift ctl conns, taken half-way through the download:");
-        for line in c.lines() {
-            println!("    {line}");
+    println!();
+    match mid_conns {
+        Some(Ok(c)) => {
+            println!("  flowshift ctl conns, taken half-way through the download:");
+            for line in c.lines() {
+                println!("    {line}");
+            }
         }
+        Some(Err(e)) => println!("  flowshift ctl conns failed half-way through: {e}"),
+        None => println!("  (the download finished before the half-way `ctl conns` look)"),
     }
     let status = node.ctl_json(&["status"])?;
     let stats = &status["stats"];
@@ -115,8 +119,24 @@ pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()>
             bail!("node {name} exited with {exit}");
         }
     }
+    // The TUN devices and routes lived in the node namespaces: they go with them.
+    let names = tb.namespace_names();
     drop(tb);
-    println!("  testbed removed: no namespace, TUN device or route left behind");
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| names.contains(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !left.is_empty() {
+        bail!("namespaces left behind: {left:?}");
+    }
+    println!(
+        "  testbed removed: its {} namespaces, and the TUN devices and routes in them, are gone",
+        names.len()
+    );
     Ok(())
 }
 

@@ -194,6 +194,8 @@ pub struct Flow {
     pub close_sent: bool,
     /// Queued for app service in the current turn.
     pub dirty: bool,
+    /// Counted in the stack's half-open connections (SYN-RECEIVED).
+    pub half_open: bool,
     /// Rates for status output.
     pub rates: RateSample,
 }

@@ -36,7 +36,7 @@ enum Command {
         #[arg(long, short)]
         socket: PathBuf,
         /// Print the raw JSON reply instead of a table.
-        #[arg(long)]
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         what: CtlCommand,
@@ -59,6 +59,15 @@ enum Command {
     },
 }
 
+/// A connection id: hexadecimal with `0x` (as `ctl conns` prints it) or decimal.
+fn parse_id(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("`{s}` is not a connection id (0x… or decimal)"))
+}
+
 #[derive(Subcommand)]
 enum CtlCommand {
     /// Node summary.
@@ -69,12 +78,14 @@ enum CtlCommand {
     Metrics,
     /// Freeze a connection (its packets are queued).
     Freeze {
-        /// Connection id.
+        /// Connection id, as `conns` shows it (`0x…`) or in decimal.
+        #[arg(value_parser = parse_id)]
         id: u64,
     },
     /// Thaw a frozen connection.
     Thaw {
-        /// Connection id.
+        /// Connection id, as `conns` shows it (`0x…`) or in decimal.
+        #[arg(value_parser = parse_id)]
         id: u64,
     },
     /// Tunnel peers: handshake age, RTT, loss, bytes, liveness, last load report.

@@ -117,6 +117,7 @@ pub fn render(
         ("max_connections", stats.refused_limit),
         ("no_service", stats.refused_no_service),
         ("shutting_down", stats.refused_shutdown),
+        ("max_half_open", stats.refused_half_open),
     ] {
         refused
             .get_or_create(&ReasonLabel {
@@ -292,6 +293,9 @@ pub fn render(
     out
 }
 
+/// What [`render`]'s text is: OpenMetrics (it ends with `# EOF`).
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Serves `GET /metrics` on `addr` with what `scrape` renders, on its own thread.
 pub fn serve_http(
     addr: SocketAddr,
@@ -302,10 +306,16 @@ pub fn serve_http(
     std::thread::Builder::new().name("fs-metrics".into()).spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            // One request at a time, so a slow or silent client gets at most 2 s in all.
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
             let mut head = [0u8; 4096];
             let mut len = 0;
             while len < head.len() {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                    break;
+                }
                 match stream.read(&mut head[len..]) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => len += n,
@@ -321,7 +331,7 @@ pub fn serve_http(
             };
             let _ = write!(
                 stream,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
         }

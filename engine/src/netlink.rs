@@ -16,7 +16,7 @@ const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_EXCL: u16 = 0x200;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RT_TABLE_MAIN: u8 = 254;
@@ -42,21 +42,41 @@ pub enum NetlinkError {
         /// The errno the kernel answered.
         source: io::Error,
     },
+    /// A route to this destination exists already: another node, or one left behind.
+    #[error(
+        "a route to {prefix}/{len} exists already (another node serving it, or a leftover: \
+         `ip route del {prefix}/{len}`); not replacing it"
+    )]
+    RouteExists {
+        /// The destination.
+        prefix: Ipv4Addr,
+        /// Its prefix length.
+        len: u8,
+    },
     /// The kernel's answer did not parse.
     #[error("malformed netlink reply")]
     MalformedReply,
 }
 
-/// Adds (or replaces) the route `prefix/len dev ifindex`.
+/// Adds the route `prefix/len dev ifindex`. A route to the same destination that exists
+/// already is left alone and reported ([`NetlinkError::RouteExists`]): it is not ours to
+/// replace, and removing it on exit would break whoever made it.
 pub fn add_route(prefix: Ipv4Addr, len: u8, ifindex: u32) -> Result<(), NetlinkError> {
-    request(
+    match request(
         RTM_NEWROUTE,
-        NLM_F_CREATE | NLM_F_REPLACE,
+        NLM_F_CREATE | NLM_F_EXCL,
         prefix,
         len,
         ifindex,
         "add route",
-    )
+    ) {
+        Err(NetlinkError::Refused { source, .. })
+            if source.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            Err(NetlinkError::RouteExists { prefix, len })
+        }
+        other => other,
+    }
 }
 
 /// Deletes the route `prefix/len dev ifindex`.

@@ -62,6 +62,10 @@ pub enum NodeError {
         /// Why.
         source: io::Error,
     },
+    /// A worker thread panicked (a bug): the node shut down rather than run on without the
+    /// flows of its TUN queue.
+    #[error("worker {0} panicked; the node shut down (see the log above)")]
+    WorkerPanicked(usize),
     /// A thread, poller or signal handler could not be set up.
     #[error("{what}: {source}")]
     Setup {
@@ -461,9 +465,11 @@ impl Handler for Node {
     }
 }
 
-/// Removes the control socket file and the routes when the node stops, however it stops.
+/// Removes the control socket file and the routes when the node stops, however it stops:
+/// only what this process made.
 struct Cleanup {
-    socket: PathBuf,
+    /// Set once our listener is bound at this path.
+    socket: Option<PathBuf>,
     routes: Vec<(std::net::Ipv4Addr, u8, u32)>,
 }
 
@@ -475,7 +481,9 @@ impl Drop for Cleanup {
                 tracing::debug!(error = %e, "route removal");
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 
@@ -534,20 +542,22 @@ pub fn run(config: Config) -> Result<(), NodeError> {
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
         .map_err(setup("signal handlers"))?;
 
+    // The control socket first: a second node started with the same config stops here,
+    // before it attaches queues to the first one's TUN device or touches its routes.
+    let listener = control::bind(&config.node.control_socket)?;
+    let mut cleanup = Cleanup {
+        socket: Some(config.node.control_socket.clone()),
+        routes: Vec::new(),
+    };
     let queues = open_tun(&config)?;
     let ifindex = queues[0].if_index().map_err(|source| NodeError::Tun {
         name: config.tun.name.clone(),
         source,
     })?;
-    let mut cleanup = Cleanup {
-        socket: config.node.control_socket.clone(),
-        routes: Vec::new(),
-    };
     for a in &config.tun.service_addresses {
-        netlink::add_route(a.addr, a.prefix_len, ifindex)?;
-        cleanup.routes.push((a.addr, a.prefix_len, ifindex));
+        netlink::add_route(a.network(), a.prefix_len, ifindex)?;
+        cleanup.routes.push((a.network(), a.prefix_len, ifindex));
     }
-    let listener = control::bind(&config.node.control_socket)?;
 
     let budget = ConnectionBudget::new(config.limits.max_connections);
     let tun_write_errors = Arc::new(AtomicU64::new(0));
@@ -588,6 +598,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
                 mtu: usize::from(config.tun.mtu),
                 max_packet,
                 frozen_queue_packets: config.limits.frozen_queue_packets,
+                max_half_open: config.limits.max_half_open.div_ceil(config.node.workers),
                 seed: seed.wrapping_add(index as u64),
                 tx_headroom: if config.tun.offload {
                     offload::VNET_HDR_LEN
@@ -613,6 +624,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         let thread = std::thread::Builder::new()
             .name(format!("fs-worker-{index}"))
             .spawn(move || {
+                let _guard = PanicGuard(index);
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
@@ -686,13 +698,34 @@ pub fn run(config: Config) -> Result<(), NodeError> {
     for w in &node.workers {
         w.send(WorkerMsg::Shutdown { deadline });
     }
-    for t in threads {
-        let _ = t.join();
+    let mut panicked = None;
+    for (index, t) in threads.into_iter().enumerate() {
+        if t.join().is_err() {
+            panicked.get_or_insert(index);
+        }
     }
     drop(cleanup);
     if let Some(t) = &node.tunnel {
         t.stop();
     }
     tracing::info!(sockets_dropped = node.budget.open(), "node stopped");
-    Ok(())
+    match panicked {
+        Some(index) => Err(NodeError::WorkerPanicked(index)),
+        None => Ok(()),
+    }
+}
+
+/// Lives on a worker's stack: if the worker unwinds, it logs that and signals the process
+/// to shut down (the main thread waits for SIGINT/SIGTERM), so a bug takes the node down
+/// cleanly instead of leaving one TUN queue unserved.
+struct PanicGuard(usize);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(worker = self.0, "worker panicked: shutting the node down");
+            // SAFETY: raise(3) has no preconditions.
+            unsafe { libc::raise(libc::SIGTERM) };
+        }
+    }
 }

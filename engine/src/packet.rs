@@ -94,6 +94,8 @@ pub struct Inbound {
     pub seq: u32,
     /// Raw (unscaled) window field.
     pub window: u16,
+    /// The client's TSval, if the segment carries timestamps.
+    pub tsval: Option<u32>,
     /// TCP payload length.
     pub payload_len: usize,
 }
@@ -155,6 +157,7 @@ pub fn classify_with(
         ip_len,
         seq: tcp.seq_number().0 as u32,
         window: tcp.window_len(),
+        tsval: find_timestamp(tcp.options()).map(|(v, _)| v),
         payload_len: tcp.payload().len(),
     })
 }

@@ -104,6 +104,8 @@ pub struct StackConfig {
     pub max_packet: usize,
     /// Packets queued per frozen flow before dropping.
     pub frozen_queue_packets: usize,
+    /// Connections in SYN-RECEIVED this stack holds at once; further SYNs get RST.
+    pub max_half_open: usize,
     /// Seed for smoltcp's ISNs and ephemeral choices.
     pub seed: u64,
     /// Bytes kept free in front of every emitted packet (for the driver's virtio-net header).
@@ -137,6 +139,8 @@ pub struct StackStats {
     pub refused_no_service: u64,
     /// SYNs refused while shutting down.
     pub refused_shutdown: u64,
+    /// SYNs refused because `max_half_open` handshakes were in progress (a SYN flood).
+    pub refused_half_open: u64,
     /// Half-open connections reset after [`HANDSHAKE_TIMEOUT`].
     pub handshake_timeouts: u64,
     /// Packets for unknown flows handed to smoltcp (answered with RST).
@@ -162,6 +166,7 @@ impl StackStats {
         self.refused_limit += other.refused_limit;
         self.refused_no_service += other.refused_no_service;
         self.refused_shutdown += other.refused_shutdown;
+        self.refused_half_open += other.refused_half_open;
         self.handshake_timeouts += other.handshake_timeouts;
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
@@ -340,6 +345,8 @@ pub struct Stack {
     dirty: Vec<usize>,
     next_id: u64,
     accepting: bool,
+    /// Flows in SYN-RECEIVED (those with `half_open` set); at most `config.max_half_open`.
+    half_open: usize,
     next_sweep: Instant,
     stats: StackStats,
     scratch: Vec<u8>,
@@ -404,6 +411,7 @@ impl Stack {
             config,
             dirty: Vec::new(),
             accepting: true,
+            half_open: 0,
             next_sweep: now + SWEEP_INTERVAL,
             stats: StackStats::default(),
             scratch: Vec::new(),
@@ -475,6 +483,9 @@ impl Stack {
             return;
         };
         flow.record.client_window = inbound.window;
+        if inbound.tsval.is_some() {
+            flow.record.client_tsval = inbound.tsval;
+        }
         match &mut flow.mode {
             FlowMode::Local => {
                 if !flow.dirty {
@@ -504,6 +515,7 @@ impl Stack {
             let Some(flow) = self.flows.remove(slot) else {
                 return;
             };
+            self.half_open -= usize::from(flow.half_open);
             self.sockets.remove(flow.handle);
             self.budget.release();
             self.stats.conns_accepted -= 1;
@@ -543,6 +555,17 @@ impl Stack {
         };
         if !self.accepting {
             self.stats.refused_shutdown += 1;
+            return None;
+        }
+        if self.half_open >= self.config.max_half_open {
+            self.stats.refused_half_open += 1;
+            if self.stats.refused_half_open.is_power_of_two() {
+                tracing::warn!(
+                    max = self.config.max_half_open,
+                    refused = self.stats.refused_half_open,
+                    "max_half_open handshakes in progress (SYN flood?): refusing new connections"
+                );
+            }
             return None;
         }
         if !self.budget.try_acquire() {
@@ -589,8 +612,10 @@ impl Stack {
             fin_delivered: false,
             close_sent: false,
             dirty: false,
+            half_open: true,
             rates: Default::default(),
         };
+        self.half_open += 1;
         self.stats.conns_accepted += 1;
         tracing::debug!(id, client = %key.client, service = %key.service, app = ?kind, "accepted");
         Some(self.flows.insert(flow))
@@ -625,10 +650,14 @@ impl Stack {
             return;
         };
         flow.dirty = false;
+        let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+        if flow.half_open && socket.state() != tcp::State::SynReceived {
+            flow.half_open = false;
+            self.half_open -= 1;
+        }
         if !matches!(flow.mode, FlowMode::Local) {
             return;
         }
-        let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
         // Up to two passes: the app may produce output that frees its input buffer.
         for _ in 0..2 {
             while socket.can_recv() {
@@ -697,6 +726,7 @@ impl Stack {
         let Some(flow) = self.flows.remove(slot) else {
             return;
         };
+        self.half_open -= usize::from(flow.half_open);
         self.sockets.remove(flow.handle);
         self.budget.release();
         self.stats.conns_closed += 1;

@@ -101,6 +101,7 @@ impl Pair {
                 mtu: 1500,
                 max_packet: 1500,
                 frozen_queue_packets: 64,
+                max_half_open: 4,
                 seed: 7,
                 tx_headroom: 0,
                 tso_max: None,
@@ -505,4 +506,76 @@ fn a_syn_smoltcp_rejects_leaves_no_listener_behind() {
     p.sock(b).recv_slice(&mut gb).unwrap();
     assert_eq!((&ga, &gb), (b"for a", b"for b"));
     assert_eq!(p.stack.connection_count(), 2);
+}
+
+#[test]
+fn a_syn_flood_is_bounded_by_max_half_open() {
+    // Pair::new gives the stack max_half_open = 4. Until `pass` is set, only SYNs reach it:
+    // every client's handshake stays half-open on the stack's side.
+    let mut p = Pair::new(100);
+    let pass = std::rc::Rc::new(std::cell::Cell::new(false));
+    let gate = pass.clone();
+    p.filter = Some(Box::new(move |pkt| {
+        let ip = smoltcp::wire::Ipv4Packet::new_checked(&pkt[..]).unwrap();
+        let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+        gate.get() || (tcp.syn() && !tcp.ack())
+    }));
+    let clients: Vec<SocketHandle> = (0..6).map(|_| p.connect(7)).collect();
+    p.run_until(200, |p| p.stack.stats().refused_half_open == 2);
+    assert_eq!(p.stack.connection_count(), 4);
+    assert_eq!(p.budget.open(), 4);
+    // The refused two were reset.
+    p.run_until(200, |p| {
+        clients
+            .iter()
+            .filter(|&&h| p.sock(h).state() == tcp::State::Closed)
+            .count()
+            == 2
+    });
+    // Once the ACKs get through, the handshakes complete and free their half-open slots:
+    // new clients are accepted again and every admitted connection carries bytes.
+    pass.set(true);
+    let live: Vec<SocketHandle> = clients
+        .iter()
+        .copied()
+        .filter(|&h| p.sock(h).state() != tcp::State::Closed)
+        .collect();
+    // The stack retransmits its SYN-ACK; the client's ACK of it completes the handshake.
+    p.run_until(5_000, |p| {
+        p.stack
+            .conns(p.now)
+            .iter()
+            .all(|c| c.state == "ESTABLISHED")
+    });
+    let more: Vec<SocketHandle> = (0..4).map(|_| p.connect(7)).collect();
+    p.run_until(200, |p| {
+        more.iter()
+            .all(|&h| p.sock(h).state() == tcp::State::Established)
+    });
+    assert_eq!(p.stack.stats().refused_half_open, 2);
+    assert_eq!(p.stack.connection_count(), 8);
+    for &h in live.iter().chain(&more) {
+        p.sock(h).send_slice(b"hi").unwrap();
+    }
+    p.run_until(200, |p| {
+        live.iter()
+            .chain(&more)
+            .all(|&h| p.sock(h).recv_queue() == 2)
+    });
+}
+
+#[test]
+fn timestamps_are_recorded_both_ways() {
+    let mut p = Pair::new(100);
+    let h = p.connect(7);
+    // The client's clock runs at 1 kHz from 5000; the stack's from its own generator.
+    p.sock(h).set_tsval_generator(Some(|| 5_000));
+    p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+    p.sock(h).send_slice(b"x").unwrap();
+    p.run_until(100, |p| p.sock(h).recv_queue() == 1);
+    let c = &p.stack.conns(p.now)[0];
+    let syn = c.handshake.client_syn.expect("client SYN recorded");
+    assert_eq!(syn.timestamp.map(|t| t.0), Some(5_000));
+    assert_eq!(c.handshake.client_tsval, Some(5_000));
+    assert!(c.handshake.our_tsval.is_some(), "{:?}", c.handshake);
 }

@@ -37,8 +37,8 @@ const PREFIX: &str = "fst";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Errors of the testbed.
-#[derive(Debug, thiserror::Error)]
+/// Errors of the testbed. `Debug` shows the message (what `expect` prints in a test).
+#[derive(thiserror::Error)]
 pub enum TestbedError {
     /// Not root.
     #[error(
@@ -74,6 +74,12 @@ pub enum TestbedError {
     /// A tool is missing and could not be installed.
     #[error("{0}")]
     Tool(String),
+}
+
+impl std::fmt::Debug for TestbedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Fails with [`TestbedError::NotRoot`] unless running as root.
@@ -578,6 +584,8 @@ pub fn ensure_tools(tools: &[&str]) -> Result<(), TestbedError> {
     if missing.is_empty() {
         return Ok(());
     }
+    // Installing needs root as much as the tests do: say that, not apt-get's complaint.
+    require_root()?;
     let mut args = vec!["install", "-y", "-qq"];
     args.extend(missing.iter().map(String::as_str));
     if run("apt-get", &args).is_err() {
