@@ -1096,3 +1096,92 @@ fn a_forged_response_does_not_abort_the_pending_handshake() {
         }
     )));
 }
+
+fn record_counter(d: &[u8]) -> u64 {
+    u64::from_le_bytes(d[8..16].try_into().unwrap())
+}
+
+/// No time-based rekey within these tests.
+fn no_time_rekey(c: &mut Config) {
+    c.rekey_after_time = Duration::from_secs(10_000);
+    c.reject_after_time = Duration::from_secs(20_000);
+}
+
+#[test]
+fn the_message_limit_is_a_hard_cutoff_on_both_sides() {
+    const LIMIT: u64 = 64;
+    let setup = || {
+        Setup::new(83).config(|c| {
+            no_time_rekey(c);
+            // No rekey on count either: only the hard limit ends a session.
+            c.rekey_after_messages = u64::MAX;
+            c.reject_after_messages = LIMIT;
+        })
+    };
+    // Sender: never seals a record at or beyond the limit; it handshakes anew instead, and
+    // nothing is lost.
+    let mut p = setup().build();
+    p.connect();
+    p.record_wire = true;
+    let pa = p.a.peer;
+    for i in 0..300u32 {
+        p.a.ep.send_datagram(pa, &datagram(i, true)).unwrap();
+        p.run_for(Duration::from_millis(5));
+    }
+    p.run_for(Duration::from_secs(1));
+    let records = data_packets(&p, true);
+    assert!(records.len() >= 300);
+    let top = records.iter().map(|d| record_counter(d)).max().unwrap();
+    assert_eq!(
+        top,
+        LIMIT - 1,
+        "the last counter used is the limit's predecessor"
+    );
+    assert_eq!(p.b.datagrams.len(), 300);
+    assert!(sessions(&p.a) > 300 / LIMIT, "{} sessions", sessions(&p.a));
+    assert_eq!(p.b.ep.stats().rx_too_old, 0);
+
+    // Receiver: refuses records at or beyond the limit (sealed by a sender that ignores it),
+    // before decrypting them.
+    let mut p = setup().build();
+    p.connect();
+    p.run_for(Duration::from_millis(100));
+    let pa = p.a.peer;
+    let mut buf = vec![0u8; 256];
+    let mut raw = Vec::new();
+    loop {
+        let t = p.a.ep.seal_raw_record(pa, &[0, 1], &mut buf).unwrap();
+        let r = buf[..t.size].to_vec();
+        let c = record_counter(&r);
+        raw.push(r);
+        if c >= LIMIT + 4 {
+            break;
+        }
+    }
+    let beyond = raw.iter().filter(|r| record_counter(r) >= LIMIT).count() as u64;
+    assert_eq!(beyond, 5);
+    let before = p.b.ep.stats().clone();
+    for r in raw {
+        p.inject(true, r);
+    }
+    p.run_for(Duration::from_millis(1));
+    let s = p.b.ep.stats();
+    assert_eq!(s.rx_too_old - before.rx_too_old, beyond);
+    assert_eq!(s.rx_auth_failed, before.rx_auth_failed);
+}
+
+#[test]
+fn rekey_on_message_count_alone_loses_nothing() {
+    let mut p = Setup::new(84)
+        .config(|c| {
+            no_time_rekey(c);
+            c.rekey_after_messages = 100;
+        })
+        .build();
+    p.connect();
+    bidirectional_transfer(&mut p, 30, Duration::from_secs(120));
+    for n in [&p.a, &p.b] {
+        assert!(sessions(n) >= 4, "{} sessions", sessions(n));
+    }
+    assert_eq!(p.a.count(|e| matches!(e, Event::PeerDead { .. })), 0);
+}
