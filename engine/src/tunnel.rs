@@ -89,11 +89,14 @@ pub struct PeerInfo {
     pub handshake_age_s: Option<f64>,
     /// Smoothed RTT of the reliable channel, milliseconds.
     pub rtt_ms: Option<f64>,
-    /// Packets declared lost over packets sent.
+    /// Loss rate of the reliable channel: ack-eliciting packets declared lost over
+    /// ack-eliciting packets sent, since start (a retransmission is a new packet; records
+    /// carrying only ACKs, heartbeats or datagrams are not tracked, so not counted).
     pub loss: f64,
-    /// Bytes sent to the peer (UDP payload).
+    /// Bytes sent to the peer (UDP payload of records and handshake messages).
     pub tx_bytes: u64,
-    /// Bytes received from the peer (UDP payload).
+    /// Bytes received from the peer (UDP payload of authenticated records only: garbage or
+    /// forgeries sent from the peer's address are not counted).
     pub rx_bytes: u64,
     /// Its last load report.
     pub load: Option<LoadView>,
@@ -208,9 +211,6 @@ struct PeerSlot {
     liveness: Liveness,
     handshake_at: Option<Instant>,
     load: Option<LoadReport>,
-    tx_bytes: u64,
-    rx_bytes: u64,
-    tx_packets: u64,
     test_rx: TestRx,
     test_tx: Option<TestTx>,
     /// Offset the next test job starts at (the stream continues across jobs).
@@ -302,9 +302,6 @@ pub fn start(config: &TunnelConfig, seed: [u8; 32]) -> Result<TunnelHandle, Tunn
             liveness: Liveness::Never,
             handshake_at: None,
             load: None,
-            tx_bytes: 0,
-            rx_bytes: 0,
-            tx_packets: 0,
             test_rx: TestRx::default(),
             test_tx: None,
             test_next: 0,
@@ -450,13 +447,13 @@ impl Driver {
                 .handshake_at
                 .map(|t| now.saturating_duration_since(t).as_secs_f64()),
             rtt_ms: stats.srtt.map(|d| d.as_secs_f64() * 1e3),
-            loss: if p.tx_packets == 0 {
+            loss: if stats.packets_sent == 0 {
                 0.0
             } else {
-                stats.packets_lost as f64 / p.tx_packets as f64
+                stats.packets_lost as f64 / stats.packets_sent as f64
             },
-            tx_bytes: p.tx_bytes,
-            rx_bytes: p.rx_bytes,
+            tx_bytes: stats.tx_bytes,
+            rx_bytes: stats.rx_bytes,
             load: p.load.as_ref().map(LoadView::from),
             cwnd: stats.cwnd,
             rto_ms: stats.rto.as_secs_f64() * 1e3,
@@ -511,19 +508,11 @@ impl Driver {
                 while at < m.len {
                     let end = (at + stride).min(m.len);
                     let dgram = &mut buf[at..end];
-                    let len = dgram.len() as u64;
                     if let Some(r) = self.ep.handle_datagram(now, m.addr, dgram) {
                         let data = &dgram[r.datagram.clone()];
                         if let Some(p) = self.peers.iter_mut().find(|p| p.id == r.peer) {
                             verify_test(&mut p.test_rx, data, true);
                         }
-                    }
-                    if let Some(p) = self
-                        .peers
-                        .iter_mut()
-                        .find(|p| self.ep.peer_address(p.id) == Some(m.addr))
-                    {
-                        p.rx_bytes += len;
                     }
                     at = end;
                 }
@@ -666,14 +655,6 @@ impl Driver {
             else {
                 break;
             };
-            if let Some(p) = self
-                .peers
-                .iter_mut()
-                .find(|p| self.ep.peer_address(p.id) == Some(t.destination))
-            {
-                p.tx_bytes += t.size as u64;
-                p.tx_packets += 1;
-            }
             match cur.as_mut() {
                 Some(r)
                     if r.dest == t.destination

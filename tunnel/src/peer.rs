@@ -204,6 +204,12 @@ pub(crate) struct Peer {
     last_heartbeat_rx: Instant,
     liveness: Liveness,
     sessions_established: u64,
+    /// Authenticated records from the peer, and their bytes.
+    rx_records: u64,
+    rx_bytes: u64,
+    /// Datagrams sent to the peer, and their bytes.
+    tx_packets: u64,
+    tx_bytes: u64,
 }
 
 impl Peer {
@@ -237,6 +243,10 @@ impl Peer {
             last_heartbeat_rx: now,
             liveness: Liveness::Unknown,
             sessions_established: 0,
+            rx_records: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
         }
     }
 
@@ -268,7 +278,12 @@ impl Peer {
             cwnd: self.reliable.cwnd(),
             bytes_in_flight: self.reliable.bytes_in_flight(),
             send_buffered: self.reliable.send.buffered() as u64,
+            packets_sent: c.packets_sent,
             packets_lost: c.packets_lost,
+            rx_bytes: self.rx_bytes,
+            rx_records: self.rx_records,
+            tx_bytes: self.tx_bytes,
+            tx_packets: self.tx_packets,
             rto_expirations: c.rto_expirations,
             stream_bytes_retransmitted: c.stream_bytes_retransmitted,
             stream_frames_refused: c.stream_frames_refused,
@@ -764,6 +779,8 @@ impl Peer {
         // Cannot fail: checked above and nothing ran in between.
         let _ = session.replay.update(repr.counter);
         ctx.stats.rx_records += 1;
+        self.rx_records += 1;
+        self.rx_bytes += buf.len() as u64;
         self.addr = Some(from);
         if let Slot::Other(i) = slot
             && !self.others[i].confirmed
@@ -889,6 +906,18 @@ impl Peer {
 
     /// The next datagram for this peer, written into `buf`.
     pub(crate) fn poll_transmit(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Option<(SocketAddr, usize)> {
+        let sent = self.next_transmit(ctx, now, buf)?;
+        self.tx_packets += 1;
+        self.tx_bytes += sent.1 as u64;
+        Some(sent)
+    }
+
+    fn next_transmit(
         &mut self,
         ctx: &mut Ctx<'_>,
         now: Instant,

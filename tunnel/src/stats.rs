@@ -89,8 +89,20 @@ pub struct PeerStats {
     pub bytes_in_flight: u64,
     /// Bytes of reliable messages not yet acknowledged.
     pub send_buffered: u64,
-    /// Tracked packets declared lost.
+    /// Ack-eliciting packets sent: the packets tracked for loss (records carrying only
+    /// ACKs, heartbeats or datagrams are not; a retransmission is a new packet).
+    pub packets_sent: u64,
+    /// Tracked packets declared lost (out of `packets_sent`).
     pub packets_lost: u64,
+    /// UDP payload bytes of authenticated records from this peer (nothing unauthenticated
+    /// is attributed to a peer).
+    pub rx_bytes: u64,
+    /// Authenticated records from this peer.
+    pub rx_records: u64,
+    /// UDP payload bytes sent to this peer (records and handshake messages).
+    pub tx_bytes: u64,
+    /// Datagrams sent to this peer.
+    pub tx_packets: u64,
     /// Retransmission timeouts.
     pub rto_expirations: u64,
     /// Stream bytes sent again after a loss.

@@ -1185,3 +1185,45 @@ fn rekey_on_message_count_alone_loses_nothing() {
     }
     assert_eq!(p.a.count(|e| matches!(e, Event::PeerDead { .. })), 0);
 }
+
+#[test]
+fn per_peer_byte_counts_cover_authenticated_records_only() {
+    let mut p = Setup::new(85).links(Link::lossy(0.1)).build();
+    p.connect();
+    p.run_for(Duration::from_millis(100));
+    let (pa, pb) = (p.a.peer, p.b.peer);
+    let before = p.b.ep.peer_stats(pb).unwrap();
+    let ep_before = p.b.ep.stats().clone();
+    // Garbage, a forged record and a replayed handshake, all from A's address.
+    p.record_wire = true;
+    p.a.ep.send_datagram(pa, b"one").unwrap();
+    p.run_for(Duration::from_millis(1));
+    p.record_wire = false;
+    let rec = data_packets(&p, true).pop().unwrap();
+    let mut forged = rec.clone();
+    forged[20] ^= 1;
+    let now = p.now;
+    let a_addr = p.a.addr;
+    for mut d in [vec![2u8, 4, 0, 0, 9], forged, vec![0xff; 500], rec.clone()] {
+        p.b.ep.handle_datagram(now, a_addr, &mut d);
+    }
+    let after = p.b.ep.peer_stats(pb).unwrap();
+    let ep_after = p.b.ep.stats().clone();
+    assert!(ep_after.rx_bytes - ep_before.rx_bytes > 500);
+    // The genuine record may have arrived on the link too; the replay did not count.
+    let genuine = after.rx_records - before.rx_records;
+    assert!(genuine <= 1);
+    assert_eq!(after.rx_bytes - before.rx_bytes, genuine * rec.len() as u64);
+    // Loss is counted over the packets tracked for it.
+    for i in 0..20 {
+        p.a.ep.send_message(pa, &message(i)).unwrap();
+    }
+    assert!(p.run_until(Duration::from_secs(60), |p| p.b.messages.len() == 20));
+    let s = p.a.ep.peer_stats(pa).unwrap();
+    assert!(s.packets_sent > 100 && s.packets_lost > 0 && s.packets_lost < s.packets_sent);
+    assert!(
+        s.tx_packets > s.packets_sent,
+        "ACK-only and handshake packets are sent too"
+    );
+    assert!(s.tx_bytes >= s.tx_packets * 32);
+}

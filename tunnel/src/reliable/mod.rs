@@ -86,6 +86,8 @@ struct SentPacket {
 /// Counters the peer folds into [`Stats`](crate::Stats).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Counters {
+    /// Ack-eliciting packets sent (the ones tracked for loss).
+    pub(crate) packets_sent: u64,
     pub(crate) packets_lost: u64,
     pub(crate) rto_expirations: u64,
     pub(crate) stream_bytes_retransmitted: u64,
@@ -271,6 +273,7 @@ impl Reliable {
         if !ack_eliciting {
             return;
         }
+        self.counters.packets_sent += 1;
         self.probes = self.probes.saturating_sub(1);
         self.cc.on_sent(size);
         self.sent.insert(
