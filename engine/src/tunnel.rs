@@ -217,6 +217,32 @@ struct PeerSlot {
     test_next: u64,
 }
 
+impl PeerSlot {
+    /// Starts a test-stream job of `bytes` (control input: checked, never overflows). The
+    /// reliable stream continues where the last job ended; datagrams start at offset 0.
+    fn start_test(&mut self, bytes: u64, datagram: bool) -> Result<(), String> {
+        if self.test_tx.is_some() {
+            return Err(format!("a transfer to {} is under way", self.name));
+        }
+        let start = if datagram { 0 } else { self.test_next };
+        let end = start.checked_add(bytes).ok_or_else(|| {
+            format!(
+                "{bytes} bytes from test-stream offset {start} would overflow the 64-bit offset"
+            )
+        })?;
+        self.test_tx = Some(TestTx {
+            offset: start,
+            end,
+            datagram,
+        });
+        if !datagram {
+            self.test_next = end;
+        }
+        tracing::info!(peer = %self.name, bytes, datagram, "test transfer started");
+        Ok(())
+    }
+}
+
 /// Monotonic microseconds since the UNIX epoch: wall time at start plus a monotonic clock, so
 /// handshake timestamps keep increasing across restarts (see docs/tunnel.md).
 #[derive(Clone, Copy)]
@@ -412,22 +438,7 @@ impl Driver {
             } => {
                 let r = match self.peers.iter_mut().find(|p| p.name == peer) {
                     None => Err(format!("no peer named {peer}")),
-                    Some(p) if p.test_tx.is_some() => {
-                        Err(format!("a transfer to {peer} is under way"))
-                    }
-                    Some(p) => {
-                        let start = if datagram { 0 } else { p.test_next };
-                        p.test_tx = Some(TestTx {
-                            offset: start,
-                            end: start + bytes,
-                            datagram,
-                        });
-                        if !datagram {
-                            p.test_next = start + bytes;
-                        }
-                        tracing::info!(peer = %p.name, bytes, datagram, "test transfer started");
-                        Ok(())
-                    }
+                    Some(p) => p.start_test(bytes, datagram),
                 };
                 let _ = reply.send(r);
             }
@@ -464,7 +475,10 @@ impl Driver {
             rx_errors: p.test_rx.errors,
             rx_datagram_verified_bytes: p.test_rx.dgram_verified,
             rx_datagram_errors: p.test_rx.dgram_errors,
-            tx_pending_bytes: p.test_tx.as_ref().map_or(0, |t| t.end - t.offset),
+            tx_pending_bytes: p
+                .test_tx
+                .as_ref()
+                .map_or(0, |t| t.end.saturating_sub(t.offset)),
         }
     }
 
@@ -593,11 +607,11 @@ impl Driver {
                     break;
                 }
                 let room = if job.datagram {
-                    max_dgram - 9
+                    max_dgram.saturating_sub(9)
                 } else {
                     TEST_MESSAGE
                 };
-                let n = (job.end - job.offset).min(room as u64) as usize;
+                let n = (job.end.saturating_sub(job.offset)).min(room as u64) as usize;
                 let msg = &mut self.scratch[..9 + n];
                 msg[0] = TEST_STREAM;
                 msg[1..9].copy_from_slice(&job.offset.to_le_bytes());
@@ -783,5 +797,47 @@ fn verify_test(rx: &mut TestRx, data: &[u8], datagram: bool) {
             expected = rx.next_offset,
             "test stream mismatch on the reliable channel"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot() -> PeerSlot {
+        use flowshift_tunnel::PrivateKey;
+        let mut ep = Endpoint::new(
+            TunnelCoreConfig::default(),
+            Keypair::from_private(PrivateKey::from_bytes([1; 32])),
+            [0; 32],
+            Instant::ZERO,
+        );
+        let peer = PeerConfig::new(PrivateKey::from_bytes([2; 32]).public_key(), None);
+        PeerSlot {
+            name: "b".into(),
+            id: ep.add_peer(peer, Instant::ZERO).unwrap(),
+            liveness: Liveness::Never,
+            handshake_at: None,
+            load: None,
+            test_rx: TestRx::default(),
+            test_tx: None,
+            test_next: 0,
+        }
+    }
+
+    #[test]
+    fn test_jobs_reject_offsets_that_overflow() {
+        let mut p = slot();
+        assert_eq!(p.start_test(u64::MAX, false), Ok(()));
+        p.test_tx = None;
+        assert_eq!(p.test_next, u64::MAX);
+        // The reliable stream would continue past 2^64: refused, state unchanged.
+        let e = p.start_test(1, false).unwrap_err();
+        assert!(e.contains("overflow"), "{e}");
+        assert!(p.test_tx.is_none());
+        assert_eq!(p.test_next, u64::MAX);
+        // Datagrams start at 0, so any size is fine.
+        assert_eq!(p.start_test(u64::MAX, true), Ok(()));
+        assert!(p.start_test(1, true).unwrap_err().contains("under way"));
     }
 }
