@@ -45,6 +45,8 @@ enum Command {
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
     Pubkey,
+    /// Print a new pre-shared key for the tunnel (32 random bytes, base64, like `wg genpsk`).
+    Genpsk,
     /// Build a namespace testbed, run a node in it, show it serving a download, tear it down.
     Demo {
         /// Bytes to download.
@@ -134,6 +136,15 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 flowshift_tunnel::PrivateKey::generate(&mut rng).to_base64()
+            );
+            Ok(())
+        }
+        Command::Genpsk => {
+            use rand_core::SeedableRng;
+            let mut rng = rand_chacha::ChaCha20Rng::from_seed(flowshift::node::os_random_seed()?);
+            println!(
+                "{}",
+                flowshift_tunnel::PresharedKey::generate(&mut rng).to_base64()
             );
             Ok(())
         }

@@ -1,5 +1,6 @@
 //! Arbitrary bytes into every decoder, and into an endpoint as a received datagram.
-//! Nothing may panic. Seeds: `../corpus/decode/` (replayed by the crate's unit tests).
+//! Nothing may panic. Seeds: `../corpus/decode/` (replayed by the crate's unit tests;
+//! rewritten by `FLOWSHIFT_WRITE_CORPUS=1 cargo test -p flowshift-tunnel --test corpus`).
 
 #![no_main]
 
