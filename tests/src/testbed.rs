@@ -37,6 +37,9 @@ const PREFIX: &str = "fst";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A veth's `gso_max_segs` as created.
+const GSO_MAX_SEGS_DEFAULT: u32 = 65535;
+
 /// Errors of the testbed. `Debug` shows the message (what `expect` prints in a test).
 #[derive(thiserror::Error)]
 pub enum TestbedError {
@@ -409,8 +412,14 @@ impl Testbed {
     }
 
     /// Drops `percent` % of the packets the router forwards, at random (nftables).
+    ///
+    /// The loss is per packet on the wire: every namespace's link to the router is limited
+    /// to one segment per GSO packet (`gso_max_segs 1`) while loss is on, so the kernel cuts
+    /// TCP TSO and UDP GSO batches before they reach the router. Otherwise one drop there
+    /// would take a whole batch (tens of packets) at once: bursts, not random loss.
     pub fn set_router_loss(&self, percent: u8) -> Result<(), TestbedError> {
         self.clear_router_loss();
+        self.set_gso_max_segs(1)?;
         let n = percent.to_string();
         self.router
             .exec("nft", &["add", "table", "inet", "fst_loss"])?;
@@ -436,11 +445,21 @@ impl Testbed {
             .map(|_| ())
     }
 
-    /// Removes the loss rule.
+    /// Removes the loss rule (and lets GSO batches through whole again).
     pub fn clear_router_loss(&self) {
         let _ = self
             .router
             .exec("nft", &["delete", "table", "inet", "fst_loss"]);
+        let _ = self.set_gso_max_segs(GSO_MAX_SEGS_DEFAULT);
+    }
+
+    /// Sets `gso_max_segs` on the router-facing link of the client and of every node.
+    fn set_gso_max_segs(&self, segs: u32) -> Result<(), TestbedError> {
+        let segs = segs.to_string();
+        for ns in std::iter::once(&self.client).chain(self.nodes.iter().map(|(_, n)| n)) {
+            ns.ip(&["link", "set", "eth0", "gso_max_segs", &segs])?;
+        }
+        Ok(())
     }
 
     /// Packets the loss rule has dropped so far.
