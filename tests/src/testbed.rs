@@ -591,6 +591,7 @@ pub fn ensure_tools(tools: &[&str]) -> Result<(), TestbedError> {
         match t {
             "nft" => "nftables",
             "ip" => "iproute2",
+            "wg" => "wireguard-tools",
             other => other,
         }
         .to_owned()
