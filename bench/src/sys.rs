@@ -9,7 +9,10 @@ pub(crate) fn ticks_per_second() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-/// Busy CPU seconds of the whole machine so far (all cores, everything but idle and iowait).
+/// Busy CPU seconds of the whole machine so far (all cores): user, nice, system, irq and
+/// softirq. Idle, iowait and steal (time the hypervisor gave to other guests: on a shared VM
+/// it can be large and says nothing about our work) are left out; guest time is already part
+/// of user time.
 pub(crate) fn machine_busy_seconds() -> f64 {
     let Ok(stat) = fs::read_to_string("/proc/stat") else {
         return 0.0;
@@ -22,11 +25,22 @@ pub(crate) fn machine_busy_seconds() -> f64 {
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
-    if v.len() < 5 {
+    if v.len() < 7 {
         return 0.0;
     }
-    let total: f64 = v.iter().sum();
-    (total - v[3] - v[4]) / ticks_per_second()
+    // user nice system idle iowait irq softirq [steal guest guest_nice]
+    (v[0] + v[1] + v[2] + v[5] + v[6]) / ticks_per_second()
+}
+
+/// CPU seconds the hypervisor gave to other guests so far (all cores; 0 where not reported).
+pub(crate) fn machine_steal_seconds() -> f64 {
+    fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let line = stat.lines().next()?.to_owned();
+            line.split_whitespace().nth(8)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |t| t / ticks_per_second())
 }
 
 /// CPU seconds (user + system) used by process `pid` so far.

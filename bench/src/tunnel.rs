@@ -57,11 +57,44 @@ struct Run {
     gbit_s: f64,
     machine_cpu_s_per_gb: f64,
     tunnel_cpu_s_per_gb: f64,
+    /// Share of the machine's CPU time the hypervisor gave to other guests meanwhile: a run
+    /// with much of it measured a noisy neighbour as much as the code.
+    steal_percent: f64,
+}
+
+/// Machine CPU readings at the start of a measurement.
+struct CpuMark {
+    busy: f64,
+    steal: f64,
+    at: Instant,
+}
+
+impl CpuMark {
+    fn now() -> Self {
+        CpuMark {
+            busy: sys::machine_busy_seconds(),
+            steal: sys::machine_steal_seconds(),
+            at: Instant::now(),
+        }
+    }
+
+    /// (busy CPU seconds, steal percent) since the mark.
+    fn since(&self) -> (f64, f64) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let wall = self.at.elapsed().as_secs_f64() * cores;
+        let steal = sys::machine_steal_seconds() - self.steal;
+        let percent = if wall > 0.0 {
+            100.0 * steal / wall
+        } else {
+            0.0
+        };
+        (sys::machine_busy_seconds() - self.busy, percent)
+    }
 }
 
 impl Run {
     /// `busy`: machine CPU seconds; `tunnel`: CPU seconds of the tunnel processes.
-    fn new(bytes: u64, seconds: f64, busy: f64, tunnel: f64) -> Self {
+    fn new(bytes: u64, seconds: f64, (busy, steal_percent): (f64, f64), tunnel: f64) -> Self {
         let gb = bytes as f64 / 1e9;
         let per_gb = |x: f64| if gb > 0.0 { x / gb } else { 0.0 };
         Self {
@@ -74,6 +107,7 @@ impl Run {
             },
             machine_cpu_s_per_gb: per_gb(busy),
             tunnel_cpu_s_per_gb: per_gb(tunnel),
+            steal_percent,
         }
     }
 }
@@ -208,7 +242,7 @@ fn flowshift_send(
     let base = peer_u64(b, "a", field)?;
     let pids = [a.pid(), b.pid()];
     let cpu0 = cpu_of(&pids);
-    let busy0 = sys::machine_busy_seconds();
+    let mark = CpuMark::now();
     let start = Instant::now();
     let n = bytes.to_string();
     let mut args = vec!["tunnel-send", "b", n.as_str()];
@@ -236,7 +270,7 @@ fn flowshift_send(
         std::thread::sleep(Duration::from_millis(20));
     };
     let seconds = (last_change - start).as_secs_f64();
-    let busy = sys::machine_busy_seconds() - busy0;
+    let busy = mark.since();
     let cpu = cpu_of(&pids) - cpu0;
     let errs = peer_u64(b, "a", errors)?;
     ensure!(errs == 0, "{errs} verification errors on the receiver");
@@ -373,7 +407,7 @@ fn iperf(tb: &Testbed, duration: u64, pids: &[u32]) -> anyhow::Result<Run> {
     let mut server = tb.spawn(server)?;
     std::thread::sleep(Duration::from_millis(300));
     let cpu0 = cpu_of(pids);
-    let busy0 = sys::machine_busy_seconds();
+    let mark = CpuMark::now();
     let out = tb
         .node_a()
         .exec(
@@ -381,7 +415,7 @@ fn iperf(tb: &Testbed, duration: u64, pids: &[u32]) -> anyhow::Result<Run> {
             &["-c", "198.19.1.2", "-t", &duration.to_string(), "-J"],
         )
         .context("iperf3 client")?;
-    let busy = sys::machine_busy_seconds() - busy0;
+    let busy = mark.since();
     let cpu = cpu_of(pids) - cpu0;
     let _ = server.wait();
     let json: serde_json::Value = serde_json::from_str(&out)?;
@@ -404,14 +438,15 @@ fn markdown(r: &Results) -> String {
         "Machine: {} · kernel {} · veth MTU {} · node-a → node-b through the router\n\n",
         r.machine, r.kernel, r.veth_mtu
     );
-    s += "| transport | Gbit/s | tunnel processes' CPU s per GB | machine CPU s per GB | vs wireguard-go |\n|---|---:|---:|---:|---:|\n";
+    s += "| transport | Gbit/s | tunnel processes' CPU s per GB | machine CPU s per GB | vs wireguard-go | steal % |\n|---|---:|---:|---:|---:|---:|\n";
     let mut row = |name: String, run: &Run, base: &Run| {
         s += &format!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {} |\n",
+            "| {name} | {:.2} | {:.2} | {:.2} | {} | {:.0} |\n",
             run.gbit_s,
             run.tunnel_cpu_s_per_gb,
             run.machine_cpu_s_per_gb,
-            ratio(run, base)
+            ratio(run, base),
+            run.steal_percent
         );
     };
     row(
