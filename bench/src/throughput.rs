@@ -57,6 +57,9 @@ struct Figures {
     /// Bytes per idle connection: flowshift RSS growth, or kernel slab growth (both sides).
     idle_bytes_per_conn: f64,
     idle_conns: usize,
+    /// Share of the machine's CPU time the hypervisor gave to other guests during these
+    /// measurements (a noisy neighbour, not our code).
+    steal_percent: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -159,6 +162,7 @@ fn measure(
 ) -> anyhow::Result<Figures> {
     let client = tb.client();
     let mut f = Figures::default();
+    let (steal0, t0) = (sys::machine_steal_seconds(), std::time::Instant::now());
 
     let (busy0, proc0) = (
         sys::machine_busy_seconds(),
@@ -213,6 +217,11 @@ fn measure(
         "  idle       {:.1} KiB per connection ({idle} open)",
         f.idle_bytes_per_conn / 1024.0
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let wall = t0.elapsed().as_secs_f64() * cores;
+    if wall > 0.0 {
+        f.steal_percent = 100.0 * (sys::machine_steal_seconds() - steal0) / wall;
+    }
     Ok(f)
 }
 
@@ -276,6 +285,10 @@ fn markdown(r: &Results) -> String {
         f.idle_conns,
         k.idle_bytes_per_conn / 1024.0,
         f.idle_bytes_per_conn / 1024.0
+    );
+    s += &format!(
+        "| CPU stolen by the hypervisor meanwhile, % | {:.0} | {:.0} | - |\n",
+        k.steal_percent, f.steal_percent
     );
     s
 }
