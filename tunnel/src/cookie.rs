@@ -38,8 +38,10 @@ use crate::wire::{CookieReply, CookieReplyRepr, MAC_LEN};
 pub(crate) const COOKIE_LEN: usize = 16;
 /// The responder's secret changes this often; cookies made with an older one are invalid.
 pub(crate) const SECRET_LIFETIME: Duration = Duration::from_secs(120);
-/// An initiator puts `mac2` on its initiations this long after a cookie arrived.
-pub(crate) const COOKIE_LIFETIME: Duration = Duration::from_secs(120);
+/// An initiator puts `mac2` on its initiations this long after a cookie arrived: a little
+/// less than [`SECRET_LIFETIME`], so it never sends one made with a secret just rotated out
+/// (WireGuard keeps the same 5 s margin).
+pub(crate) const COOKIE_LIFETIME: Duration = Duration::from_secs(115);
 const COOKIE_LABEL: &[u8] = b"flowshift-cookie-v1";
 
 /// The key that seals cookie replies sent *by* the holder of `responder`.

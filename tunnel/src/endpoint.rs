@@ -35,8 +35,12 @@ const RECENT_MAC2_INITIATIONS: usize = 4096;
 /// What [`Endpoint::admit_initiation`] decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Admission {
-    /// Under load without a valid `mac2`: answer with a cookie reply.
-    Cookie,
+    /// Under load without a valid `mac2`: answer with a cookie reply; `known` if the source
+    /// is a configured peer's current address.
+    Cookie {
+        /// From a configured peer's current address.
+        known: bool,
+    },
     /// Go on to the Diffie-Hellman.
     Handshake,
     /// Under load, with a valid `mac2`, but its source used up its allowance.
@@ -130,8 +134,11 @@ pub struct Endpoint {
     mac2_limiter: SourceLimiter,
     /// `mac1`s of initiations admitted on their `mac2`.
     recent_mac2: RecentSet<[u8; MAC_LEN]>,
-    /// Cookie replies sent.
+    /// Cookie replies sent to sources that are no configured peer's address.
     cookie_limiter: TokenBucket,
+    /// Cookie replies sent to configured peers' current addresses: a flood from elsewhere
+    /// cannot spend these, so a peer under such a flood still gets its cookie.
+    known_cookie_limiter: TokenBucket,
     /// Cookie replies to send (the only datagrams that belong to no peer).
     tx: VecDeque<(SocketAddr, [u8; COOKIE_REPLY_LEN])>,
     events: VecDeque<Event>,
@@ -200,6 +207,11 @@ impl Endpoint {
             cookies: CookieMaker::new(keypair.public(), &mut rng, now),
             recent_mac2: RecentSet::new(RECENT_MAC2_INITIATIONS),
             cookie_limiter: TokenBucket::new(
+                config.cookie_reply_rate,
+                config.cookie_reply_burst,
+                now,
+            ),
+            known_cookie_limiter: TokenBucket::new(
                 config.cookie_reply_rate,
                 config.cookie_reply_burst,
                 now,
@@ -430,10 +442,11 @@ impl Endpoint {
         from: SocketAddr,
         packet: &HandshakeInit<&[u8]>,
     ) -> Admission {
+        let source = from.ip().to_canonical();
         let known = self
             .peers
             .values()
-            .any(|p| p.addr.is_some_and(|a| a.ip() == from.ip()));
+            .any(|p| p.addr.is_some_and(|a| a.ip().to_canonical() == source));
         if (known || self.limiter.has_token(now)) && self.source_limiter.try_take(from.ip(), now) {
             if !known {
                 self.limiter.try_take(now);
@@ -444,7 +457,7 @@ impl Endpoint {
             .cookies
             .check_mac2(&mut self.rng, now, from, packet.mac2_input(), packet.mac2())
         {
-            return Admission::Cookie;
+            return Admission::Cookie { known };
         }
         let mut mac1 = [0u8; MAC_LEN];
         mac1.copy_from_slice(packet.mac1());
@@ -474,9 +487,14 @@ impl Endpoint {
         }
         match self.admit_initiation(now, from, &packet) {
             Admission::Handshake => {}
-            Admission::Cookie => {
+            Admission::Cookie { known } => {
                 self.stats.handshake_mac2_rejected += 1;
-                if self.tx.len() < MAX_QUEUED_COOKIE_REPLIES && self.cookie_limiter.try_take(now) {
+                let bucket = if known {
+                    &mut self.known_cookie_limiter
+                } else {
+                    &mut self.cookie_limiter
+                };
+                if self.tx.len() < MAX_QUEUED_COOKIE_REPLIES && bucket.try_take(now) {
                     let reply = self.cookies.reply(
                         &mut self.rng,
                         now,

@@ -139,7 +139,15 @@ struct Initiation {
     packet: Vec<u8>,
     /// It was sent again with `mac2` after a cookie reply (at most once).
     resent_with_cookie: bool,
+    /// Responses to it that failed to authenticate. Each costs a DH to find out, so after
+    /// [`MAX_FAILED_RESPONSES`] the rest are dropped unread until the next attempt.
+    failed_responses: u8,
 }
+
+/// Responses per initiation that may fail authentication (and cost a DH each) before the
+/// others for it are dropped unread: a forger who knows our public key and sees the
+/// initiation would otherwise make us do a DH per packet.
+const MAX_FAILED_RESPONSES: u8 = 2;
 
 /// A cookie from the peer, which was under load.
 #[derive(Clone, Copy)]
@@ -491,6 +499,7 @@ impl Peer {
             local_index,
             packet: pkt,
             resent_with_cookie: false,
+            failed_responses: 0,
         });
         ctx.stats.handshake_initiated += 1;
     }
@@ -622,18 +631,26 @@ impl Peer {
             ctx.stats.rx_unknown_session += 1;
             return;
         };
+        if pending.failed_responses >= MAX_FAILED_RESPONSES {
+            ctx.stats.handshake_failed += 1;
+            return;
+        }
         let mut payload = [0u8; 64];
         let read = pending.hs.read_message(noise_msg, &mut payload);
         if read.is_err() {
             // A forged or corrupted response (or a PSK mismatch). snow restores its
             // symmetric state when a read fails, so the initiation stays pending for the
-            // genuine response: an injector cannot abort our handshakes this way.
+            // genuine response: an injector cannot abort our handshakes this way (and,
+            // past `MAX_FAILED_RESPONSES`, cannot make us do a DH per packet either).
+            pending.failed_responses += 1;
             ctx.stats.handshake_failed += 1;
-            ctx.events.push_back(Event::HandshakeFailed {
-                peer: Some(self.id),
-                remote: Some(from),
-                error: HandshakeError::ResponseAuthentication,
-            });
+            if pending.failed_responses == 1 {
+                ctx.events.push_back(Event::HandshakeFailed {
+                    peer: Some(self.id),
+                    remote: Some(from),
+                    error: HandshakeError::ResponseAuthentication,
+                });
+            }
             return;
         }
         let Some(mut init) = self.initiation.take() else {

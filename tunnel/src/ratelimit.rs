@@ -95,8 +95,10 @@ impl SourceLimiter {
         }
     }
 
-    /// Takes one token from `source`'s bucket if it has one.
+    /// Takes one token from `source`'s bucket if it has one. IPv6 sources share a bucket
+    /// per /64 (one host usually holds a whole /64), IPv4-mapped ones count as IPv4.
     pub(crate) fn try_take(&mut self, source: IpAddr, now: Instant) -> bool {
+        let source = bucket_key(source);
         if let Some(b) = self.buckets.get_mut(&source) {
             return b.try_take(now);
         }
@@ -158,6 +160,17 @@ impl<T: Copy + Eq + Hash> RecentSet<T> {
             }
         }
         true
+    }
+}
+
+/// The bucket an address draws on: IPv4 as it is, IPv6 by its /64.
+pub(crate) fn bucket_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
     }
 }
 
@@ -237,5 +250,25 @@ mod tests {
         assert!(r.insert(3));
         assert!(!r.contains(&1) && r.contains(&2) && r.contains(&3));
         assert!(r.insert(1));
+    }
+
+    #[test]
+    fn ipv6_sources_share_a_bucket_per_64_and_mapped_v4_is_v4() {
+        let t0 = Instant::from_secs(10);
+        let mut l = SourceLimiter::new(1, 1, 16);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.try_take(a, t0));
+        assert!(!l.try_take(b, t0), "same /64, same bucket");
+        assert!(l.try_take(other, t0));
+        let v4: IpAddr = "198.18.2.2".parse().unwrap();
+        let mapped: IpAddr = "::ffff:198.18.2.2".parse().unwrap();
+        assert!(l.try_take(v4, t0));
+        assert!(
+            !l.try_take(mapped, t0),
+            "an IPv4-mapped address is that IPv4 address"
+        );
+        assert_eq!(bucket_key(mapped), v4);
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use flowshift_tunnel::wire::coding::Writer;
 use flowshift_tunnel::wire::{AckFrame, Frame};
 use flowshift_tunnel::{LoadForecast, LoadReport};
-use sim::Setup;
+use sim::{Setup, mac1_for};
 
 fn record(frames: &[Frame<'_>]) -> Vec<u8> {
     let mut buf = vec![0u8; 4096];
@@ -33,8 +33,9 @@ fn fuzz_corpus_seeds_decode_without_panic() {
     p.a.ep.send_message(p.a.peer, &[1u8; 3000]).unwrap();
     p.a.ep.send_datagram(p.a.peer, b"datagram").unwrap();
     p.run_for(Duration::from_secs(2));
-    // A cookie reply: B under load (A's source has spent its allowance) answers a repeated
-    // initiation with one.
+    // A cookie reply: B under load (A's source has spent its allowance) answers another
+    // initiation with one. (Verbatim repeats are dropped as replays, so each copy gets its
+    // own sender index and a valid mac1.)
     let init = p
         .wire
         .iter()
@@ -43,9 +44,13 @@ fn fuzz_corpus_seeds_decode_without_panic() {
         .unwrap();
     let mut buf = vec![0u8; 2048];
     let mut cookie_reply = None;
-    for _ in 0..20 {
+    for i in 0..20u32 {
         let (now, from) = (p.now, p.a.addr);
-        p.b.ep.handle_datagram(now, from, &mut init.clone());
+        let mut copy = init.clone();
+        copy[4..8].copy_from_slice(&(0x7000 + i).to_le_bytes());
+        let mac = mac1_for(p.b.keypair.public(), &copy[..120]);
+        copy[120..136].copy_from_slice(&mac);
+        p.b.ep.handle_datagram(now, from, &mut copy);
         while let Some(t) = p.b.ep.poll_transmit(now, &mut buf) {
             if buf[1] == 3 {
                 cookie_reply = Some(buf[..t.size].to_vec());

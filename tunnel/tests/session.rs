@@ -12,7 +12,7 @@ use flowshift_tunnel::{
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
-use sim::{Link, Pair, Setup};
+use sim::{Link, Pair, Setup, mac1_for};
 
 fn message(i: u32) -> Vec<u8> {
     const SIZES: [usize; 7] = [0, 1, 100, 1_400, 3_000, 20_000, 150_000];
@@ -635,6 +635,55 @@ fn a_spoofed_flood_from_a_peers_address_does_not_stop_its_rekeys() {
 }
 
 #[test]
+fn a_flood_from_elsewhere_cannot_spend_the_cookie_replies_a_peer_needs() {
+    // B's cookie replies are scarce (50/s). A spoof at A's own address (20/s, over A's 5/s
+    // allowance) keeps B under load for A, so A needs a cookie for every rekey; meanwhile
+    // 19,800 initiations a second from other addresses would take every reply of a shared
+    // bucket. Replies to configured peers' addresses have a bucket of their own.
+    let mut s = Setup::new(54);
+    s.config_a.rekey_after_time = Duration::from_secs(3);
+    s.config_a.reject_after_time = Duration::from_secs(8);
+    s.config_b.rekey_after_time = Duration::from_secs(1_000);
+    s.config_b.reject_after_time = Duration::from_secs(2_000);
+    s.config_b.cookie_reply_rate = 50;
+    s.config_b.cookie_reply_burst = 50;
+    let mut p = s.build();
+    p.allow_strays = true;
+    p.connect();
+    p.run_for(Duration::from_secs(1));
+    let init = stranger_initiation(&p, 11);
+    let a_addr = p.a.addr;
+    let start = sessions(&p.a);
+    let ok = flood_b(
+        &mut p,
+        Duration::from_secs(30),
+        100,
+        |i| {
+            if i % 1000 == 0 {
+                (a_addr, init.clone())
+            } else {
+                let host = 0xc612_4000 + (i % 3000) as u32;
+                (SocketAddr::from((Ipv4Addr::from(host), 4000)), init.clone())
+            }
+        },
+        |p| sessions(&p.a) >= start + 5,
+    );
+    let (sa, sb) = (p.a.ep.stats().clone(), p.b.ep.stats().clone());
+    assert!(
+        ok,
+        "A completed {} rekeys; a: {sa:?}; b: {sb:?}",
+        sessions(&p.a) - start
+    );
+    assert_tunnel_stayed_up(&p);
+    assert!(sa.cookie_replies_received >= 1, "{sa:?}");
+    // The shared bucket ran dry: most of the flood got no reply.
+    assert!(
+        sb.cookie_replies_sent < sb.handshake_mac2_rejected / 10,
+        "{sb:?}"
+    );
+}
+
+#[test]
 fn a_replay_flood_of_captured_initiations_does_not_stop_rekeys() {
     let mut p = only_a_rekeys(53);
     // Capture A's initiations, with mac2 too: a spoofed flood first puts B under load, so A
@@ -1043,21 +1092,6 @@ fn an_initiation_moves_the_peer_address_only_once_a_record_confirms_it() {
     let _ = pa;
 }
 
-/// `mac1` of a handshake message to the holder of `receiver` (as an on-path attacker, who
-/// knows the public keys, can compute it).
-fn mac1_for(receiver: &PublicKey, msg: &[u8]) -> [u8; 16] {
-    use blake2::digest::consts::U16;
-    use blake2::digest::{FixedOutput, KeyInit, Update};
-    use blake2::{Blake2s256, Blake2sMac, Digest};
-    let mut h = Blake2s256::new();
-    Digest::update(&mut h, b"flowshift-mac1-v1");
-    Digest::update(&mut h, receiver.as_bytes());
-    let key: [u8; 32] = h.finalize().into();
-    let mut m = <Blake2sMac<U16> as KeyInit>::new_from_slice(&key).unwrap();
-    Update::update(&mut m, msg);
-    m.finalize_fixed().into()
-}
-
 #[test]
 fn a_forged_response_does_not_abort_the_pending_handshake() {
     let mut s = Setup::new(82);
@@ -1095,6 +1129,53 @@ fn a_forged_response_does_not_abort_the_pending_handshake() {
             ..
         }
     )));
+}
+
+#[test]
+fn a_flood_of_forged_responses_costs_two_reads_per_initiation() {
+    let mut s = Setup::new(83);
+    s.b_knows_a_addr = false;
+    let mut p = s.build();
+    p.cut = true;
+    p.record_wire = true;
+    p.run_for(Duration::from_millis(1));
+    p.cut = false;
+    p.record_wire = false;
+    let inits = initiations_to_b(&p);
+    assert_eq!(inits.len(), 1);
+    // A thousand forgeries to the pending initiation, each with a valid mac1.
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for _ in 0..1000 {
+        let mut forged = vec![0u8; 84];
+        forged[..4].copy_from_slice(&[2, 2, 0, 0]);
+        forged[4..8].copy_from_slice(&7u32.to_le_bytes());
+        forged[8..12].copy_from_slice(&inits[0][4..8]);
+        rng.fill_bytes(&mut forged[12..68]);
+        let mac = mac1_for(p.a.keypair.public(), &forged[..68]);
+        forged[68..].copy_from_slice(&mac);
+        p.inject(false, forged);
+    }
+    // Past two failed reads the rest (and the genuine response to this attempt) are
+    // dropped unread; the next attempt, a retry interval later, connects.
+    p.inject(true, inits[0].clone());
+    assert!(p.run_until(Duration::from_secs(5), |p| p.connected()));
+    let st = p.a.ep.stats();
+    assert!(st.handshake_failed >= 1000, "{st:?}");
+    assert_eq!(st.handshake_initiated, 2, "{st:?}");
+    let reported =
+        p.a.events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::HandshakeFailed {
+                        error: HandshakeError::ResponseAuthentication,
+                        ..
+                    }
+                )
+            })
+            .count();
+    assert_eq!(reported, 1, "one event per initiation, not per forgery");
 }
 
 fn record_counter(d: &[u8]) -> u64 {

@@ -368,3 +368,18 @@ impl Pair {
         );
     }
 }
+
+/// `mac1` of a handshake message to the holder of `receiver` (as an on-path attacker, who
+/// knows the public keys, can compute it).
+pub fn mac1_for(receiver: &flowshift_tunnel::PublicKey, msg: &[u8]) -> [u8; 16] {
+    use blake2::digest::consts::U16;
+    use blake2::digest::{FixedOutput, KeyInit, Update};
+    use blake2::{Blake2s256, Blake2sMac, Digest};
+    let mut h = Blake2s256::new();
+    Digest::update(&mut h, b"flowshift-mac1-v1");
+    Digest::update(&mut h, receiver.as_bytes());
+    let key: [u8; 32] = h.finalize().into();
+    let mut m = <Blake2sMac<U16> as KeyInit>::new_from_slice(&key).unwrap();
+    Update::update(&mut m, msg);
+    m.finalize_fixed().into()
+}
