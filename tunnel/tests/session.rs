@@ -1092,12 +1092,11 @@ fn an_initiation_moves_the_peer_address_only_once_a_record_confirms_it() {
     let _ = pa;
 }
 
-#[test]
-fn a_forged_response_does_not_abort_the_pending_handshake() {
-    let mut s = Setup::new(82);
+/// A pair whose A has sent its first initiation, held back from B (returned).
+fn held_back_initiation(seed: u64) -> (Pair, Vec<u8>) {
+    let mut s = Setup::new(seed);
     s.b_knows_a_addr = false;
     let mut p = s.build();
-    // A's first initiation, held back.
     p.cut = true;
     p.record_wire = true;
     p.run_for(Duration::from_millis(1));
@@ -1105,77 +1104,75 @@ fn a_forged_response_does_not_abort_the_pending_handshake() {
     p.record_wire = false;
     let inits = initiations_to_b(&p);
     assert_eq!(inits.len(), 1);
-    // An on-path injector answers first: the right receiver index and a valid mac1, but a
-    // Noise message it could not make.
+    let init = inits[0].clone();
+    (p, init)
+}
+
+/// What an on-path injector can make: a response with the right receiver index and a valid
+/// mac1, but a Noise message it could not make.
+fn forged_response(p: &Pair, init: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
     let mut forged = vec![0u8; 84];
     forged[..4].copy_from_slice(&[2, 2, 0, 0]);
     forged[4..8].copy_from_slice(&7u32.to_le_bytes());
-    forged[8..12].copy_from_slice(&inits[0][4..8]);
-    ChaCha8Rng::seed_from_u64(3).fill_bytes(&mut forged[12..68]);
+    forged[8..12].copy_from_slice(&init[4..8]);
+    rng.fill_bytes(&mut forged[12..68]);
     let mac = mac1_for(p.a.keypair.public(), &forged[..68]);
     forged[68..].copy_from_slice(&mac);
+    forged
+}
+
+fn response_failures_reported(p: &Pair) -> usize {
+    p.a.events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::HandshakeFailed {
+                    error: HandshakeError::ResponseAuthentication,
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
+#[test]
+fn a_forged_response_does_not_abort_the_pending_handshake() {
+    let (mut p, init) = held_back_initiation(82);
+    // The injector answers first.
+    let forged = forged_response(&p, &init, &mut ChaCha8Rng::seed_from_u64(3));
     p.inject(false, forged);
-    p.inject(true, inits[0].clone());
+    p.inject(true, init);
     // The genuine response, one link delay later, completes the same initiation: no retry
     // (a second after the first attempt) is needed.
     assert!(p.run_until(Duration::from_millis(100), |p| p.connected()));
     let s = p.a.ep.stats();
     assert_eq!(s.handshake_failed, 1, "{s:?}");
     assert_eq!(s.handshake_initiated, 1, "{s:?}");
-    assert!(p.a.events.iter().any(|e| matches!(
-        e,
-        Event::HandshakeFailed {
-            error: HandshakeError::ResponseAuthentication,
-            ..
-        }
-    )));
+    assert_eq!(response_failures_reported(&p), 1);
 }
 
 #[test]
 fn a_flood_of_forged_responses_costs_two_reads_per_initiation() {
-    let mut s = Setup::new(83);
-    s.b_knows_a_addr = false;
-    let mut p = s.build();
-    p.cut = true;
-    p.record_wire = true;
-    p.run_for(Duration::from_millis(1));
-    p.cut = false;
-    p.record_wire = false;
-    let inits = initiations_to_b(&p);
-    assert_eq!(inits.len(), 1);
-    // A thousand forgeries to the pending initiation, each with a valid mac1.
+    let (mut p, init) = held_back_initiation(83);
+    // A thousand forgeries to the pending initiation.
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     for _ in 0..1000 {
-        let mut forged = vec![0u8; 84];
-        forged[..4].copy_from_slice(&[2, 2, 0, 0]);
-        forged[4..8].copy_from_slice(&7u32.to_le_bytes());
-        forged[8..12].copy_from_slice(&inits[0][4..8]);
-        rng.fill_bytes(&mut forged[12..68]);
-        let mac = mac1_for(p.a.keypair.public(), &forged[..68]);
-        forged[68..].copy_from_slice(&mac);
+        let forged = forged_response(&p, &init, &mut rng);
         p.inject(false, forged);
     }
     // Past two failed reads the rest (and the genuine response to this attempt) are
     // dropped unread; the next attempt, a retry interval later, connects.
-    p.inject(true, inits[0].clone());
+    p.inject(true, init);
     assert!(p.run_until(Duration::from_secs(5), |p| p.connected()));
     let st = p.a.ep.stats();
     assert!(st.handshake_failed >= 1000, "{st:?}");
     assert_eq!(st.handshake_initiated, 2, "{st:?}");
-    let reported =
-        p.a.events
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    Event::HandshakeFailed {
-                        error: HandshakeError::ResponseAuthentication,
-                        ..
-                    }
-                )
-            })
-            .count();
-    assert_eq!(reported, 1, "one event per initiation, not per forgery");
+    assert_eq!(
+        response_failures_reported(&p),
+        1,
+        "one event per initiation, not per forgery"
+    );
 }
 
 fn record_counter(d: &[u8]) -> u64 {
