@@ -218,6 +218,20 @@ struct PeerSlot {
 }
 
 impl PeerSlot {
+    /// A peer not heard from yet, with no test stream either way.
+    fn new(name: String, id: PeerId) -> Self {
+        PeerSlot {
+            name,
+            id,
+            liveness: Liveness::Never,
+            handshake_at: None,
+            load: None,
+            test_rx: TestRx::default(),
+            test_tx: None,
+            test_next: 0,
+        }
+    }
+
     /// Starts a test-stream job of `bytes` (control input: checked, never overflows). The
     /// reliable stream continues where the last job ended; datagrams start at offset 0.
     fn start_test(&mut self, bytes: u64, datagram: bool) -> Result<(), String> {
@@ -322,16 +336,7 @@ pub fn start(config: &TunnelConfig, seed: [u8; 32]) -> Result<TunnelHandle, Tunn
                 name: p.name.clone(),
                 reason: e.to_string(),
             })?;
-        peers.push(PeerSlot {
-            name: p.name.clone(),
-            id,
-            liveness: Liveness::Never,
-            handshake_at: None,
-            load: None,
-            test_rx: TestRx::default(),
-            test_tx: None,
-            test_next: 0,
-        });
+        peers.push(PeerSlot::new(p.name.clone(), id));
     }
     let (tx, commands) = unbounded();
     let payload = ep.config().max_udp_payload;
@@ -813,16 +818,7 @@ mod tests {
             Instant::ZERO,
         );
         let peer = PeerConfig::new(PrivateKey::from_bytes([2; 32]).public_key(), None);
-        PeerSlot {
-            name: "b".into(),
-            id: ep.add_peer(peer, Instant::ZERO).unwrap(),
-            liveness: Liveness::Never,
-            handshake_at: None,
-            load: None,
-            test_rx: TestRx::default(),
-            test_tx: None,
-            test_next: 0,
-        }
+        PeerSlot::new("b".into(), ep.add_peer(peer, Instant::ZERO).unwrap())
     }
 
     #[test]

@@ -109,13 +109,7 @@ fn curl_download(config: NodeConfig) {
         v.feed(&buf[..k]).unwrap();
     }
     let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(&mut child);
     assert!(status.success(), "curl failed: {status} {err}");
     assert_eq!(v.offset(), n);
     assert!(stat(&node, "app_bytes_out") >= n);
@@ -796,6 +790,18 @@ fn an_idle_node_sleeps() {
     assert!(used < 0.3, "idle node used {used} CPU seconds in 3 s");
 }
 
+/// What `child` (spawned with a piped stderr) printed there.
+fn stderr_of(child: &mut std::process::Child) -> String {
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr is piped")
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
 /// Starts `flowshift node --config config` in node-a and waits (at most 15 s) for it to exit;
 /// returns whether it succeeded and what it printed.
 fn run_second_node(tb: &Testbed, config: &std::path::Path) -> (bool, String) {
@@ -818,13 +824,7 @@ fn run_second_node(tb: &Testbed, config: &std::path::Path) -> (bool, String) {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(&mut child);
     (status.success(), err)
 }
 

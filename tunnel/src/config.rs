@@ -46,10 +46,12 @@ pub struct Config {
     pub handshake_burst_per_source: u32,
     /// Source addresses whose buckets are remembered at once (in each of the two tables).
     pub handshake_sources: usize,
-    /// Cookie replies sent per second at most, across all sources (they are smaller than the
-    /// initiations that trigger them, so they cannot amplify a reflection attack).
+    /// Cookie replies sent per second at most to sources that are no configured peer's
+    /// address, and as many again, from a bucket of their own, to configured peers' current
+    /// addresses (so a flood from elsewhere cannot take the replies a peer needs). They are
+    /// smaller than the initiations that trigger them, so they cannot amplify a reflection.
     pub cookie_reply_rate: u32,
-    /// Token bucket size for cookie replies.
+    /// Token bucket size for cookie replies (each of the two buckets).
     pub cookie_reply_burst: u32,
     /// Interval between heartbeats.
     pub heartbeat_interval: Duration,

@@ -110,11 +110,19 @@ impl CookieMaker {
             rng.fill_bytes(&mut self.secret);
             self.born = now;
         }
-        let ip = match from.ip() {
-            std::net::IpAddr::V4(a) => a.octets().to_vec(),
-            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        // Every initiation under load comes through here: no allocation.
+        let (v4, v6);
+        let ip: &[u8] = match from.ip() {
+            std::net::IpAddr::V4(a) => {
+                v4 = a.octets();
+                &v4
+            }
+            std::net::IpAddr::V6(a) => {
+                v6 = a.octets();
+                &v6
+            }
         };
-        keyed_mac(&self.secret, &[&ip, &from.port().to_le_bytes()])
+        keyed_mac(&self.secret, &[ip, &from.port().to_le_bytes()])
             .finalize_fixed()
             .into()
     }

@@ -149,6 +149,11 @@ struct Initiation {
 /// initiation would otherwise make us do a DH per packet.
 const MAX_FAILED_RESPONSES: u8 = 2;
 
+/// The pending initiation, if a handshake message addressed to `index` answers it.
+fn pending_initiation(pending: &mut Option<Initiation>, index: u32) -> Option<&mut Initiation> {
+    pending.as_mut().filter(|i| i.local_index == index)
+}
+
 /// A cookie from the peer, which was under load.
 #[derive(Clone, Copy)]
 struct Cookie {
@@ -513,11 +518,7 @@ impl Peer {
         repr: CookieReplyRepr,
         reply: &CookieReply<&[u8]>,
     ) {
-        let Some(init) = self
-            .initiation
-            .as_mut()
-            .filter(|i| i.local_index == repr.receiver_index)
-        else {
+        let Some(init) = pending_initiation(&mut self.initiation, repr.receiver_index) else {
             ctx.stats.rx_unknown_session += 1;
             return;
         };
@@ -610,7 +611,7 @@ impl Peer {
         self.last_init_timestamp = Some(timestamp);
         // Answer where the initiation came from, but do not move `addr` there: the
         // initiation may be a replay of one never delivered, sent from elsewhere. The address
-        // moves when a record under the new session authenticates from there (`on_data`).
+        // moves when an authenticated record arrives from there (`on_data`).
         self.tx_handshake.push_back((from, pkt));
     }
 
@@ -623,11 +624,7 @@ impl Peer {
         repr: HandshakeResponseRepr,
         noise_msg: &[u8],
     ) {
-        let Some(pending) = self
-            .initiation
-            .as_mut()
-            .filter(|i| i.local_index == repr.receiver_index)
-        else {
+        let Some(pending) = pending_initiation(&mut self.initiation, repr.receiver_index) else {
             ctx.stats.rx_unknown_session += 1;
             return;
         };

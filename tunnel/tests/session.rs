@@ -381,25 +381,7 @@ fn initiations_are_rate_limited_before_any_dh() {
         .build();
     // A stranger that knows B's public key (so mac1 is right) but is not B's peer, sending
     // from A's address: only that source's allowance is spent.
-    let mut rng = ChaCha8Rng::seed_from_u64(6);
-    let mut stranger = Endpoint::new(
-        Config::default(),
-        Keypair::generate(&mut rng),
-        [1; 32],
-        p.now,
-    );
-    let peer = stranger
-        .add_peer(
-            PeerConfig::new(*p.b.keypair.public(), Some(p.b.addr)),
-            p.now,
-        )
-        .unwrap();
-    let _ = peer;
-    let mut buf = [0u8; 1500];
-    let t = stranger
-        .poll_transmit(p.now, &mut buf)
-        .expect("an initiation");
-    let init = buf[..t.size].to_vec();
+    let init = stranger_initiation(&p, 6);
     for _ in 0..100 {
         p.inject(true, init.clone());
     }
@@ -456,22 +438,8 @@ fn a_handshake_flood_from_elsewhere_does_not_lock_a_peer_out() {
     setup.b_knows_a_addr = false;
     let mut p = setup.build();
     p.allow_strays = true;
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let mut stranger = Endpoint::new(
-        Config::default(),
-        Keypair::generate(&mut rng),
-        [2; 32],
-        p.now,
-    );
-    stranger
-        .add_peer(
-            PeerConfig::new(*p.b.keypair.public(), Some(p.b.addr)),
-            p.now,
-        )
-        .unwrap();
+    let init = stranger_initiation(&p, 7);
     let mut buf = [0u8; 1500];
-    let t = stranger.poll_transmit(p.now, &mut buf).unwrap();
-    let init = buf[..t.size].to_vec();
 
     // One busy source: its own bucket stops it long before it drains the shared one.
     let busy: SocketAddr = "198.18.9.9:4000".parse().unwrap();
@@ -584,16 +552,34 @@ fn sessions(n: &sim::Node) -> u64 {
 /// A rekeys every 3 s and drops a session after 8 s; B, as responder, would wait far longer,
 /// so only A's initiations keep the tunnel up.
 fn only_a_rekeys(seed: u64) -> Pair {
+    only_a_rekeys_with(seed, |_| {})
+}
+
+/// [`only_a_rekeys`], with B's config changed by `b`.
+fn only_a_rekeys_with(seed: u64, b: impl FnOnce(&mut Config)) -> Pair {
     let mut s = Setup::new(seed);
     s.config_a.rekey_after_time = Duration::from_secs(3);
     s.config_a.reject_after_time = Duration::from_secs(8);
     s.config_b.rekey_after_time = Duration::from_secs(1_000);
     s.config_b.reject_after_time = Duration::from_secs(2_000);
+    b(&mut s.config_b);
     let mut p = s.build();
     p.allow_strays = true;
     p.connect();
     p.run_for(Duration::from_secs(1));
     p
+}
+
+/// That the flood ended because A completed its rekeys (`ok`), and the tunnel never went
+/// down meanwhile.
+fn assert_rekeyed_through(p: &Pair, ok: bool, start: u64) {
+    let (sa, sb) = (p.a.ep.stats(), p.b.ep.stats());
+    assert!(
+        ok,
+        "A completed {} rekeys; a: {sa:?}; b: {sb:?}",
+        sessions(&p.a) - start
+    );
+    assert_tunnel_stayed_up(p);
 }
 
 fn assert_tunnel_stayed_up(p: &Pair) {
@@ -619,13 +605,8 @@ fn a_spoofed_flood_from_a_peers_address_does_not_stop_its_rekeys() {
         |_| (a_addr, init.clone()),
         |p| sessions(&p.a) >= start + 5,
     );
+    assert_rekeyed_through(&p, ok, start);
     let (sa, sb) = (p.a.ep.stats().clone(), p.b.ep.stats().clone());
-    assert!(
-        ok,
-        "A completed {} rekeys; a: {sa:?}; b: {sb:?}",
-        sessions(&p.a) - start
-    );
-    assert_tunnel_stayed_up(&p);
     assert_eq!(sb.handshake_initiated, b_initiated, "B never initiated");
     assert!(sb.handshake_mac2_rejected > 10_000, "{sb:?}");
     assert!(sb.cookie_replies_sent > 0);
@@ -640,17 +621,10 @@ fn a_flood_from_elsewhere_cannot_spend_the_cookie_replies_a_peer_needs() {
     // allowance) keeps B under load for A, so A needs a cookie for every rekey; meanwhile
     // 19,800 initiations a second from other addresses would take every reply of a shared
     // bucket. Replies to configured peers' addresses have a bucket of their own.
-    let mut s = Setup::new(54);
-    s.config_a.rekey_after_time = Duration::from_secs(3);
-    s.config_a.reject_after_time = Duration::from_secs(8);
-    s.config_b.rekey_after_time = Duration::from_secs(1_000);
-    s.config_b.reject_after_time = Duration::from_secs(2_000);
-    s.config_b.cookie_reply_rate = 50;
-    s.config_b.cookie_reply_burst = 50;
-    let mut p = s.build();
-    p.allow_strays = true;
-    p.connect();
-    p.run_for(Duration::from_secs(1));
+    let mut p = only_a_rekeys_with(54, |b| {
+        b.cookie_reply_rate = 50;
+        b.cookie_reply_burst = 50;
+    });
     let init = stranger_initiation(&p, 11);
     let a_addr = p.a.addr;
     let start = sessions(&p.a);
@@ -668,13 +642,8 @@ fn a_flood_from_elsewhere_cannot_spend_the_cookie_replies_a_peer_needs() {
         },
         |p| sessions(&p.a) >= start + 5,
     );
+    assert_rekeyed_through(&p, ok, start);
     let (sa, sb) = (p.a.ep.stats().clone(), p.b.ep.stats().clone());
-    assert!(
-        ok,
-        "A completed {} rekeys; a: {sa:?}; b: {sb:?}",
-        sessions(&p.a) - start
-    );
-    assert_tunnel_stayed_up(&p);
     assert!(sa.cookie_replies_received >= 1, "{sa:?}");
     // The shared bucket ran dry: most of the flood got no reply.
     assert!(
@@ -723,13 +692,8 @@ fn a_replay_flood_of_captured_initiations_does_not_stop_rekeys() {
         |i| (a_addr, captured[i as usize % 2].clone()),
         |p| sessions(&p.a) >= start + 5,
     );
+    assert_rekeyed_through(&p, ok, start);
     let sb = p.b.ep.stats().clone();
-    assert!(
-        ok,
-        "A completed {} rekeys; b: {sb:?}",
-        sessions(&p.a) - start
-    );
-    assert_tunnel_stayed_up(&p);
     // The replays with a valid mac2 are dropped as verbatim repeats without a DH; the others
     // get cookie replies. Either way no replay completes a handshake.
     assert!(
@@ -775,13 +739,8 @@ fn a_flood_from_more_sources_than_the_table_holds_does_not_lock_out_a_known_peer
         },
         |p| sessions(&p.a) >= start + 2,
     );
+    assert_rekeyed_through(&p, ok, start);
     let (sa, sb) = (p.a.ep.stats().clone(), p.b.ep.stats().clone());
-    assert!(
-        ok,
-        "A completed {} rekeys; a: {sa:?}; b: {sb:?}",
-        sessions(&p.a) - start
-    );
-    assert_tunnel_stayed_up(&p);
     assert!(sb.handshake_mac2_rejected > 10_000, "{sb:?}");
     // A got in on its mac2, after a cookie reply.
     assert!(sa.cookie_replies_received >= 1, "a: {sa:?}\nb: {sb:?}");
