@@ -11,7 +11,7 @@ pub(crate) fn source(addr: SocketAddr) -> std::io::Result<()> {
         let mut buf = vec![0u8; 256 * 1024];
         let mut offset = 0u64;
         loop {
-            flowshift::app::counting::fill(offset, &mut buf);
+            flowshift_core::app::counting::fill(offset, &mut buf);
             if s.write_all(&buf).is_err() {
                 return;
             }

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::load::{self, Transfer};
 use crate::{Output, addr, secs, sys};
-use flowshift_tests::testbed::{NODE_A, SERVICE_ADDR};
-use flowshift_tests::{NodeConfig, Testbed, TestbedOptions};
+use flowshift_testbed::testbed::{NODE_A, SERVICE_ADDR};
+use flowshift_testbed::{NodeConfig, Testbed, TestbedOptions};
 
 /// Arguments of `flowshift-bench throughput`.
 #[derive(clap::Args, Debug, Clone)]
@@ -113,7 +113,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         config = config.tcp_buffers(b);
     }
     let node = tb
-        .start_node(flowshift_tests::Node::A, &config)
+        .start_node(flowshift_testbed::Node::A, &config)
         .context("starting flowshift")?;
     let pid = node.pid();
 

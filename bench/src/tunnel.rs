@@ -21,9 +21,9 @@ use anyhow::{Context, bail, ensure};
 use serde::Serialize;
 
 use crate::{Output, sys};
-use flowshift_tests::testbed::{NODE_A, NODE_B};
-use flowshift_tests::tunnel;
-use flowshift_tests::{Netns, NodeHandle, Testbed, TestbedOptions, ensure_tools};
+use flowshift_testbed::testbed::{NODE_A, NODE_B};
+use flowshift_testbed::tunnel;
+use flowshift_testbed::{Netns, NodeHandle, Testbed, TestbedOptions, ensure_tools};
 
 /// Arguments of `flowshift-bench tunnel`.
 #[derive(clap::Args, Debug, Clone)]

@@ -3,13 +3,14 @@
 //! Unknown keys are rejected, and every error names the file, the key and what is wrong, so an
 //! operator never has to guess which line of a config the node disliked.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use flowshift_tunnel::{PresharedKey, PrivateKey, PublicKey};
 use serde::Deserialize;
 
-use crate::app::{AppConfig, AppKind};
+use flowshift_core::app::{AppConfig, AppKind};
+pub use flowshift_core::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
 
 /// Default `limits.max_half_open`: with the default 64 KiB buffers each way, a SYN flood can
 /// claim at most 256 MiB.
@@ -118,59 +119,6 @@ pub struct TunConfig {
     pub offload: bool,
 }
 
-/// An IPv4 prefix, `a.b.c.d/len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Ipv4Cidr {
-    /// The address.
-    pub addr: Ipv4Addr,
-    /// Prefix length, `0..=32`.
-    pub prefix_len: u8,
-}
-
-impl std::str::FromStr for Ipv4Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("`{addr}` is not an IPv4 address"))?;
-        let prefix_len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("`{len}` is not a prefix length 0..=32"))?;
-        Ok(Self { addr, prefix_len })
-    }
-}
-
-impl Ipv4Cidr {
-    /// The network address: `addr` with its host bits cleared (what the route points at).
-    pub fn network(&self) -> Ipv4Addr {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0);
-        Ipv4Addr::from(u32::from(self.addr) & mask)
-    }
-}
-
-impl std::fmt::Display for Ipv4Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-/// One `[[service]]`: a port and the app behind it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceConfig {
-    /// TCP port on every service address.
-    pub port: u16,
-    /// The app serving it.
-    pub app: AppKind,
-    /// App settings.
-    pub app_config: AppConfig,
-}
-
 /// `[limits]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsConfig {
@@ -182,24 +130,6 @@ pub struct LimitsConfig {
     /// workers; further SYNs are refused with RST. Each holds its socket buffers, so this
     /// bounds what a SYN flood can claim.
     pub max_half_open: usize,
-}
-
-/// `[tcp]`: per-connection buffer sizes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpConfig {
-    /// Receive buffer per connection, bytes. It sets the advertised window and the window scale.
-    pub rx_buffer: usize,
-    /// Send buffer per connection, bytes (the send mirror has the same size).
-    pub tx_buffer: usize,
-}
-
-impl Default for TcpConfig {
-    fn default() -> Self {
-        Self {
-            rx_buffer: 64 * 1024,
-            tx_buffer: 64 * 1024,
-        }
-    }
 }
 
 // ---- raw serde shapes --------------------------------------------------------------------------
@@ -340,10 +270,13 @@ impl Config {
                 "needs at least one address".into(),
             ));
         }
-        if raw.tun.service_addresses.len() > crate::stack::MAX_SERVICE_ADDRESSES {
+        if raw.tun.service_addresses.len() > flowshift_core::stack::MAX_SERVICE_ADDRESSES {
             return Err(invalid(
                 "tun.service_addresses",
-                format!("at most {} addresses", crate::stack::MAX_SERVICE_ADDRESSES),
+                format!(
+                    "at most {} addresses",
+                    flowshift_core::stack::MAX_SERVICE_ADDRESSES
+                ),
             ));
         }
         let mut service_addresses = Vec::new();
@@ -630,6 +563,8 @@ fn warn_if_readable_by_others(path: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     const EXAMPLE: &str = r#"

@@ -7,15 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use flowshift_tests::oracle::CountingVerifier;
-use flowshift_tests::testbed::SERVICE_ADDR;
-use flowshift_tests::tunnel::{self, TUNNEL_PORT};
-use flowshift_tests::{NodeHandle, Testbed, TestbedOptions};
+use flowshift_testbed::oracle::CountingVerifier;
+use flowshift_testbed::testbed::SERVICE_ADDR;
+use flowshift_testbed::tunnel::{self, TUNNEL_PORT};
+use flowshift_testbed::{NodeHandle, Testbed, TestbedOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()> {
-    flowshift_tests::require_root().context("the demo builds network namespaces")?;
-    flowshift_tests::ensure_tools(&["ip", "nft"])?;
+    flowshift_testbed::require_root().context("the demo builds network namespaces")?;
+    flowshift_testbed::ensure_tools(&["ip", "nft"])?;
     // The testbed starts this very binary as the node.
     // SAFETY: set before any other thread exists.
     unsafe { std::env::set_var("FLOWSHIFT_BIN", std::env::current_exe()?) };

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flowshift::config::Config;
 use flowshift::control::{self, Request};
-use flowshift::stack::ConnInfo;
+use flowshift_core::stack::ConnInfo;
 
 mod demo;
 

@@ -14,8 +14,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::packet::DropReason;
-use crate::stack::StackStats;
+use flowshift_core::packet::DropReason;
+use flowshift_core::stack::StackStats;
 
 /// Node-level values beside the stack counters.
 #[derive(Debug, Clone, Default)]

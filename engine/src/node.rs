@@ -1,6 +1,6 @@
 //! The node driver: TUN device, worker threads, control socket, signals.
 //!
-//! Thin by design: everything with logic in it lives in [`crate::stack`]. Each worker owns one
+//! Thin by design: everything with logic in it lives in [`flowshift_core::stack`]. Each worker owns one
 //! TUN queue (multiqueue: the kernel keeps a flow on the queue its replies are written to) and
 //! one [`Stack`], and runs a mio loop that sleeps until the TUN queue is readable, a control
 //! message arrives (a [`mio::Waker`]), or smoltcp's next timer.
@@ -24,8 +24,10 @@ use crate::control::{self, Handler, Reply, Request};
 use crate::metrics::{self, NodeGauges};
 use crate::netlink;
 use crate::offload;
-use crate::stack::{ConnInfo, ConnectionBudget, FlowError, Stack, StackConfig, StackStats};
 use crate::tunnel;
+use flowshift_core::stack::{
+    ConnInfo, ConnectionBudget, FlowError, Stack, StackConfig, StackStats,
+};
 
 const TUN: Token = Token(0);
 const WAKER: Token = Token(1);

@@ -209,13 +209,21 @@ mod tests {
         // hands over CHECKSUM_PARTIAL packets.
         let src = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 1, 2), 40000);
         let dst = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 255, 1), 80);
-        let good = crate::packet::tests::tcp_packet(
-            src,
-            dst,
-            smoltcp::wire::TcpControl::Psh,
-            7,
-            b"hello!!",
-        );
+        let tcp = smoltcp::wire::TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control: smoltcp::wire::TcpControl::Psh,
+            seq_number: smoltcp::wire::TcpSeqNumber(7),
+            ack_number: None,
+            window_len: 64240,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: b"hello!!",
+        };
+        let good = flowshift_core::packet::emit_ipv4_tcp(*src.ip(), *dst.ip(), &tcp);
         let mut raw = vec![0u8; 10];
         raw.extend_from_slice(&good);
         let mut with_hdr = raw.clone();

@@ -25,8 +25,8 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde::Serialize;
 
-use crate::app::counting;
 use crate::config::TunnelConfig;
+use flowshift_core::app::counting;
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);

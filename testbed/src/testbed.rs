@@ -45,7 +45,7 @@ const GSO_MAX_SEGS_DEFAULT: u32 = 65535;
 pub enum TestbedError {
     /// Not root.
     #[error(
-        "flowshift-tests needs root (CAP_NET_ADMIN) to create network namespaces and TUN devices; run as root"
+        "the flowshift testbed needs root (CAP_NET_ADMIN) to create network namespaces and TUN devices; run as root"
     )]
     NotRoot,
     /// A command failed.

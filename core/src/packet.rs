@@ -7,7 +7,8 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, TcpPacket};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, TcpPacket, TcpRepr};
 
 /// Why an inbound packet was dropped before reaching a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -259,11 +260,28 @@ pub fn outbound(packet: &[u8]) -> Option<Outbound> {
     })
 }
 
+/// Builds the IPv4 packet carrying `tcp` from `src` to `dst`, checksums filled in (for packets
+/// the stack crafts itself, and for tests).
+pub fn emit_ipv4_tcp(src: Ipv4Addr, dst: Ipv4Addr, tcp: &TcpRepr<'_>) -> Vec<u8> {
+    let ip = IpRepr::Ipv4(Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    });
+    let mut buf = vec![0u8; ip.buffer_len()];
+    let checksums = ChecksumCapabilities::default();
+    ip.emit(&mut buf[..], &checksums);
+    let mut t = TcpPacket::new_unchecked(&mut buf[ip.header_len()..]);
+    tcp.emit(&mut t, &ip.src_addr(), &ip.dst_addr(), &checksums);
+    buf
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpRepr, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber, TcpTimestampRepr};
+    use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber, TcpTimestampRepr};
 
     pub(crate) const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
     pub(crate) const SERVICE: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
@@ -301,24 +319,7 @@ pub(crate) mod tests {
             }),
             payload,
         };
-        let ip = Ipv4Repr {
-            src_addr: *src.ip(),
-            dst_addr: *dst.ip(),
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let ip = IpRepr::Ipv4(ip);
-        let mut buf = vec![0u8; ip.buffer_len()];
-        ip.emit(&mut buf[..], &ChecksumCapabilities::default());
-        let mut t = TcpPacket::new_unchecked(&mut buf[ip.header_len()..]);
-        tcp.emit(
-            &mut t,
-            &ip.src_addr(),
-            &ip.dst_addr(),
-            &ChecksumCapabilities::default(),
-        );
-        buf
+        emit_ipv4_tcp(*src.ip(), *dst.ip(), &tcp)
     }
 
     fn ours(a: Ipv4Addr) -> bool {

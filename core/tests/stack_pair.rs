@@ -7,10 +7,10 @@
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use flowshift::app::{AppConfig, AppKind};
-use flowshift::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
-use flowshift::packet::DropReason;
-use flowshift::stack::{ConnectionBudget, Stack, StackConfig};
+use flowshift_core::app::{AppConfig, AppKind};
+use flowshift_core::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+use flowshift_core::packet::DropReason;
+use flowshift_core::stack::{ConnectionBudget, Stack, StackConfig};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;

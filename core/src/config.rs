@@ -1,0 +1,77 @@
+//! The settings a [`Stack`](crate::stack::Stack) is built from that also appear in the node's
+//! config file: service addresses, services and socket buffer sizes.
+
+use std::net::Ipv4Addr;
+
+use crate::app::{AppConfig, AppKind};
+
+/// An IPv4 prefix, `a.b.c.d/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Cidr {
+    /// The address.
+    pub addr: Ipv4Addr,
+    /// Prefix length, `0..=32`.
+    pub prefix_len: u8,
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an IPv4 address"))?;
+        let prefix_len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("`{len}` is not a prefix length 0..=32"))?;
+        Ok(Self { addr, prefix_len })
+    }
+}
+
+impl Ipv4Cidr {
+    /// The network address: `addr` with its host bits cleared (what the route points at).
+    pub fn network(&self) -> Ipv4Addr {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.addr) & mask)
+    }
+}
+
+impl std::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// One `[[service]]`: a port and the app behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// TCP port on every service address.
+    pub port: u16,
+    /// The app serving it.
+    pub app: AppKind,
+    /// App settings.
+    pub app_config: AppConfig,
+}
+
+/// `[tcp]`: per-connection buffer sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// Receive buffer per connection, bytes. It sets the advertised window and the window scale.
+    pub rx_buffer: usize,
+    /// Send buffer per connection, bytes (the send mirror has the same size).
+    pub tx_buffer: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            rx_buffer: 64 * 1024,
+            tx_buffer: 64 * 1024,
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The sans-IO core of flowshift.
+//!
+//! A node terminates client TCP connections that arrive on a TUN device in a smoltcp stack,
+//! serves them with built-in apps, and keeps, per connection, what it takes to move the
+//! connection — sequence state, app state and the bytes in flight — to another node while the
+//! client keeps one unbroken connection. This crate is that logic, and only that: it opens no
+//! device or socket, starts no thread and reads no clock. Every call that depends on time takes
+//! `now`; the driver (the `flowshift` daemon crate) does the I/O.
+//!
+//! Layout: [`packet`] classifies what the TUN device hands over; [`flow`] is the flow table;
+//! [`stack`] is the per-worker core (smoltcp + flows + apps); [`app`] holds the built-in apps;
+//! [`config`] the settings a stack is built from.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod flow;
+pub mod packet;
+pub mod stack;
