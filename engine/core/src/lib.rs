@@ -17,4 +17,6 @@ pub mod app;
 pub mod config;
 pub mod flow;
 pub mod packet;
+pub mod segment;
 pub mod stack;
+pub mod translate;

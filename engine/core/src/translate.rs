@@ -1,0 +1,293 @@
+//! Per-flow sequence-number and timestamp translation, in place.
+//!
+//! A socket restored on another node (see [`crate::stack`]'s migration methods) has its own
+//! initial sequence number and its own timestamp clock, while the client still speaks in the
+//! numbers of the node that accepted the connection. A [`Translation`] maps between the two:
+//!
+//! | direction | field | rewrite |
+//! |---|---|---|
+//! | outbound (us → client) | sequence number | `+= seq_off` |
+//! | outbound | TSval | `+= ts_off` |
+//! | inbound (client → us) | acknowledgement number | `-= seq_off` |
+//! | inbound | SACK blocks (they name our bytes) | `-= seq_off` |
+//! | inbound | TSecr | `-= ts_off` |
+//!
+//! The client → us sequence space needs no change: the restore hands the socket the client's
+//! own numbers. The same layer serves any flow whose local numbers differ from the wire's
+//! (unpredictable or cookie-derived initial sequence numbers).
+//!
+//! Checksums: an outbound packet's TCP checksum is recomputed when the stack computes
+//! checksums (`fix_checksum`); with checksum offload the device completes it. Inbound packets
+//! were verified when classified and smoltcp does not verify them again, so their checksum
+//! field is left stale.
+//!
+//! # Hostile input
+//! Inbound packets come from the network. Every rewrite works on checked views and walks TCP
+//! options with bounds checks; a packet that does not parse is left untouched and reported.
+
+use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket, TcpSeqNumber};
+
+/// TCP option kinds rewritten here.
+const OPT_END: u8 = 0;
+const OPT_NOP: u8 = 1;
+const OPT_SACK: u8 = 5;
+const OPT_TIMESTAMP: u8 = 8;
+
+/// Offsets between a flow's local and wire numbers. See the module docs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Translation {
+    /// Wire sequence number minus local sequence number, for our direction.
+    pub seq_off: u32,
+    /// Wire TSval minus local TSval, for our timestamps.
+    pub ts_off: u32,
+}
+
+/// Why a packet was not translated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TranslateError {
+    /// Not an IPv4 packet carrying a complete TCP header.
+    #[error("not an IPv4/TCP packet")]
+    Malformed,
+}
+
+/// An inbound acknowledgement beyond what the local socket has sent, but not beyond what the
+/// flow's previous owner had sent: the client acknowledges bytes it got before the move, which
+/// the restored socket has queued but not yet (re)sent. smoltcp answers an ACK of unsent data
+/// with a challenge ACK and drops the segment (its payload too), so such ACKs are lowered to
+/// `sent` until the socket catches up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckCeiling {
+    /// Local sequence number up to which the socket has sent (highest seen outbound).
+    pub sent: u32,
+    /// Local image of the previous owner's `snd_nxt`: ACKs up to here are legitimate.
+    pub claimed: u32,
+}
+
+impl Translation {
+    /// True when nothing would change.
+    pub fn is_identity(&self) -> bool {
+        self.seq_off == 0 && self.ts_off == 0
+    }
+
+    /// Rewrites an outbound IPv4/TCP packet from local to wire numbers; with `fix_checksum`,
+    /// recomputes the TCP checksum.
+    pub fn outbound(&self, packet: &mut [u8], fix_checksum: bool) -> Result<(), TranslateError> {
+        let mut ip = Ipv4Packet::new_checked(packet).map_err(|_| TranslateError::Malformed)?;
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        let mut tcp =
+            TcpPacket::new_checked(ip.payload_mut()).map_err(|_| TranslateError::Malformed)?;
+        let seq = (tcp.seq_number().0 as u32).wrapping_add(self.seq_off);
+        tcp.set_seq_number(TcpSeqNumber(seq as i32));
+        let ts_off = self.ts_off;
+        for_each_option(tcp.options_mut(), |kind, body| {
+            if kind == OPT_TIMESTAMP && body.len() == 8 {
+                add_be32(&mut body[0..4], ts_off);
+            }
+        });
+        if fix_checksum {
+            tcp.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+        }
+        Ok(())
+    }
+
+    /// Rewrites an inbound IPv4/TCP packet from wire to local numbers, lowering an ACK of bytes
+    /// the socket has not sent yet as `ceiling` says. Returns the local acknowledgement number
+    /// (if the packet has ACK set).
+    pub fn inbound(
+        &self,
+        packet: &mut [u8],
+        ceiling: Option<AckCeiling>,
+    ) -> Result<Option<u32>, TranslateError> {
+        let mut ip = Ipv4Packet::new_checked(packet).map_err(|_| TranslateError::Malformed)?;
+        let mut tcp =
+            TcpPacket::new_checked(ip.payload_mut()).map_err(|_| TranslateError::Malformed)?;
+        let mut local_ack = None;
+        if tcp.ack() {
+            let mut ack = (tcp.ack_number().0 as u32).wrapping_sub(self.seq_off);
+            if let Some(c) = ceiling
+                && seq_gt(ack, c.sent)
+                && !seq_gt(ack, c.claimed)
+            {
+                ack = c.sent;
+            }
+            tcp.set_ack_number(TcpSeqNumber(ack as i32));
+            local_ack = Some(ack);
+        }
+        let (seq_off, ts_off) = (self.seq_off, self.ts_off);
+        for_each_option(tcp.options_mut(), |kind, body| match kind {
+            OPT_TIMESTAMP if body.len() == 8 => sub_be32(&mut body[4..8], ts_off),
+            OPT_SACK if body.len() % 8 == 0 => {
+                for edge in body.chunks_exact_mut(4) {
+                    sub_be32(edge, seq_off);
+                }
+            }
+            _ => {}
+        });
+        Ok(local_ack)
+    }
+}
+
+/// `a > b` in 32-bit sequence space.
+pub fn seq_gt(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+fn add_be32(field: &mut [u8], off: u32) {
+    if let Ok(b) = <[u8; 4]>::try_from(&field[..]) {
+        field.copy_from_slice(&u32::from_be_bytes(b).wrapping_add(off).to_be_bytes());
+    }
+}
+
+fn sub_be32(field: &mut [u8], off: u32) {
+    add_be32(field, off.wrapping_neg());
+}
+
+/// Calls `f(kind, body)` for every well-formed option in `options`; stops at the end-of-list
+/// option or at the first malformed length.
+fn for_each_option(mut options: &mut [u8], mut f: impl FnMut(u8, &mut [u8])) {
+    loop {
+        let Some(&kind) = options.first() else { return };
+        match kind {
+            OPT_END => return,
+            OPT_NOP => options = &mut options[1..],
+            _ => {
+                let Some(&len) = options.get(1) else { return };
+                let len = usize::from(len);
+                if len < 2 || len > options.len() {
+                    return;
+                }
+                let (this, rest) = options.split_at_mut(len);
+                f(kind, &mut this[2..]);
+                options = rest;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{TcpControl, TcpRepr, TcpTimestampRepr};
+
+    use super::*;
+    use crate::packet::emit_ipv4_tcp;
+
+    const A: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
+    const B: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+
+    fn repr(seq: u32, ack: Option<u32>, sack: [Option<(u32, u32)>; 3]) -> TcpRepr<'static> {
+        TcpRepr {
+            src_port: 80,
+            dst_port: 40000,
+            control: TcpControl::Psh,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: sack,
+            timestamp: Some(TcpTimestampRepr {
+                tsval: 100,
+                tsecr: 7,
+            }),
+            payload: b"abc",
+        }
+    }
+
+    fn parse(p: &[u8]) -> TcpRepr<'_> {
+        let ip = Ipv4Packet::new_checked(p).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        TcpRepr::parse(
+            &tcp,
+            &IpAddress::Ipv4(ip.src_addr()),
+            &IpAddress::Ipv4(ip.dst_addr()),
+            &ChecksumCapabilities::default(),
+        )
+        .expect("checksum and header valid")
+    }
+
+    #[test]
+    fn outbound_shifts_seq_and_tsval_with_a_valid_checksum() {
+        let t = Translation {
+            seq_off: 0xffff_fff0,
+            ts_off: 1_000_000,
+        };
+        let mut p = emit_ipv4_tcp(A, B, &repr(0x20, Some(5), [None; 3]));
+        t.outbound(&mut p, true).unwrap();
+        let r = parse(&p);
+        assert_eq!(r.seq_number, TcpSeqNumber(0x10)); // wrapped
+        assert_eq!(r.ack_number, Some(TcpSeqNumber(5))); // the client's space: untouched
+        assert_eq!(r.timestamp.unwrap().tsval, 1_000_100);
+        assert_eq!(r.timestamp.unwrap().tsecr, 7);
+        assert_eq!(r.payload, b"abc");
+    }
+
+    #[test]
+    fn inbound_shifts_ack_sack_and_tsecr() {
+        let t = Translation {
+            seq_off: 1000,
+            ts_off: 50,
+        };
+        let sack = [Some((3000, 4000)), Some((5000, 6000)), None];
+        let mut p = emit_ipv4_tcp(B, A, &repr(9, Some(2000), sack));
+        assert_eq!(t.inbound(&mut p, None), Ok(Some(1000)));
+        let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!(tcp.seq_number(), TcpSeqNumber(9));
+        assert_eq!(tcp.ack_number(), TcpSeqNumber(1000));
+        let opts = tcp.options_summary().unwrap();
+        assert_eq!(opts.timestamp, Some((100, 7u32.wrapping_sub(50))));
+        let ranges = TcpRepr::parse(
+            &tcp,
+            &IpAddress::Ipv4(B),
+            &IpAddress::Ipv4(A),
+            &ChecksumCapabilities::ignored(),
+        )
+        .unwrap()
+        .sack_ranges;
+        assert_eq!(ranges, [Some((2000, 3000)), Some((4000, 5000)), None]);
+    }
+
+    #[test]
+    fn inbound_ack_beyond_what_was_sent_is_lowered_within_the_claim_only() {
+        let t = Translation {
+            seq_off: 0,
+            ts_off: 0,
+        };
+        let ceiling = Some(AckCeiling {
+            sent: 100,
+            claimed: 500,
+        });
+        for (ack, want) in [(50, 50), (100, 100), (101, 100), (500, 100), (501, 501)] {
+            let mut p = emit_ipv4_tcp(B, A, &repr(9, Some(ack), [None; 3]));
+            assert_eq!(t.inbound(&mut p, ceiling), Ok(Some(want)), "ack {ack}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused_without_panicking() {
+        let t = Translation {
+            seq_off: 1,
+            ts_off: 1,
+        };
+        let good = emit_ipv4_tcp(B, A, &repr(9, Some(1), [Some((1, 2)), None, None]));
+        let mut seed = 0x1234_5678_u64;
+        for _ in 0..20_000 {
+            let mut p = good.clone();
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let n = (seed % 8) as usize;
+            for i in 0..n {
+                let at = ((seed >> (8 * i)) as usize) % p.len();
+                p[at] = (seed >> (3 * i)) as u8;
+            }
+            p.truncate((seed >> 40) as usize % (p.len() + 1));
+            let _ = t.inbound(&mut p.clone(), None);
+            let _ = t.outbound(&mut p, true);
+        }
+    }
+}
