@@ -1,0 +1,57 @@
+//! Seed inputs for the fuzz targets under `fuzz/`, and the replay of the committed corpora.
+//! Every run checks that each seed goes through its harness; with
+//! `FLOWSHIFT_WRITE_CORPUS=1` it also (re)writes the seeds to `fuzz/corpus/<target>/`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use flowshift_statesync::fuzzing;
+
+fn corpus_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target)
+}
+
+fn write_seeds(target: &str, seeds: &[(String, Vec<u8>)]) {
+    if std::env::var_os("FLOWSHIFT_WRITE_CORPUS").is_none() {
+        return;
+    }
+    let dir = corpus_dir(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes) in seeds {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+/// Runs `harness` over every committed file of `target`'s corpus.
+fn replay(target: &str, harness: impl Fn(&[u8])) {
+    let dir = corpus_dir(target);
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        harness(&std::fs::read(entry.path()).unwrap());
+        n += 1;
+    }
+    assert!(n > 0, "no corpus files in {}", dir.display());
+}
+
+#[test]
+fn snapshot_seeds_round_trip() {
+    let seeds: Vec<(String, Vec<u8>)> = common::snapshot_seeds()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("seed-{i:02}"), s.to_bytes()))
+        .collect();
+    for (name, bytes) in &seeds {
+        assert!(fuzzing::snapshot(bytes), "{name} decodes");
+    }
+    write_seeds("snapshot", &seeds);
+}
+
+#[test]
+fn snapshot_corpus_replay() {
+    replay("snapshot", |b| {
+        fuzzing::snapshot(b);
+    });
+}
