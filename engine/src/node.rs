@@ -185,7 +185,7 @@ impl Worker {
                                 open = self.stack.connection_count(),
                                 "closing connections"
                             );
-                            self.stack.begin_shutdown();
+                            self.stack.begin_shutdown(now);
                             shutdown = Some(deadline);
                         }
                     }
@@ -211,7 +211,7 @@ impl Worker {
                         open = self.stack.connection_count(),
                         "shutdown deadline passed: resetting connections still open"
                     );
-                    self.stack.abort_all();
+                    self.stack.abort_all(now);
                     self.stack.poll(now);
                     self.flush();
                     aborted = true;

@@ -41,7 +41,7 @@
 //! | 16 | `timestamps` | `Option<(ts_recent varint u32, our_tsval varint u32)>` | |
 //! | 17 | `send_bytes` | byte string | length ≤ `tx_capacity` |
 //! | 18 | `unread` | byte string | length ≤ `rx_capacity` |
-//! | 19 | `app` | `kind u8, version u8`, byte string | bytes ≤ [`MAX_APP_STATE`] |
+//! | 19 | `app` | `kind u8, version u8`, byte string, `fin_delivered` bool | bytes ≤ [`MAX_APP_STATE`]; `fin_delivered` needs `client_fin` |
 //! | 20 | `ingress` | 32 key bytes, `flow_id` varint `u64` | |
 //!
 //! | state | `client_fin` | `our_fin` |
@@ -193,6 +193,9 @@ pub struct AppState {
     /// The app's snapshot, at most [`MAX_APP_STATE`] bytes.
     #[serde(with = "codec::app_bytes")]
     pub bytes: Vec<u8>,
+    /// The app was told of the client's FIN (it must not be told twice); requires the
+    /// snapshot's `client_fin`.
+    pub fin_delivered: bool,
 }
 
 impl fmt::Debug for AppState {
@@ -201,6 +204,7 @@ impl fmt::Debug for AppState {
             .field("kind", &self.kind)
             .field("version", &self.version)
             .field("bytes", &format_args!("{} bytes", self.bytes.len()))
+            .field("fin_delivered", &self.fin_delivered)
             .finish()
     }
 }
@@ -278,6 +282,9 @@ pub enum InvalidSnapshot {
     /// `client_mss` is below [`MIN_MSS`].
     #[error("client MSS {0} below {MIN_MSS}")]
     ClientMss(u16),
+    /// `app.fin_delivered` without `client_fin`.
+    #[error("the app was told of a client FIN that was not received")]
+    FinDelivered,
     /// `client_wscale` is above [`MAX_WINDOW_SCALE`].
     #[error("client window scale {0} above {MAX_WINDOW_SCALE}")]
     ClientWindowScale(u8),
@@ -398,6 +405,9 @@ impl ConnSnapshot {
                 client_fin: self.client_fin,
                 our_fin: self.our_fin,
             });
+        }
+        if self.app.fin_delivered && !self.client_fin {
+            return Err(InvalidSnapshot::FinDelivered);
         }
         if self.app.bytes.len() > MAX_APP_STATE {
             return Err(InvalidSnapshot::AppStateTooLarge {
@@ -614,6 +624,7 @@ mod tests {
                 kind: 1,
                 version: 2,
                 bytes: vec![0xaa],
+                fin_delivered: false,
             },
             ingress: Ingress {
                 node_key: [0x11; 32],
@@ -643,6 +654,7 @@ mod tests {
         0x03, b'h', b'e', b'y', // send_bytes
         0x02, b'y', b'o', // unread
         0x01, 0x02, 0x01, 0xaa, // app kind 1 version 2, one byte
+        0x00, // app fin_delivered
         0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11,
         0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11,
         0x11, 0x11, // node key
@@ -768,6 +780,7 @@ mod tests {
                 },
             ),
             (invalid(|s| s.client_mss = 63), I::ClientMss(63)),
+            (invalid(|s| s.app.fin_delivered = true), I::FinDelivered),
             (
                 invalid(|s| s.client_fin = true),
                 I::FinFlags {

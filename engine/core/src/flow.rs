@@ -14,6 +14,7 @@ use smoltcp::time::Instant;
 
 use crate::app::{App, AppKind};
 use crate::packet::{FlowKey, SynOptions};
+use crate::translate::Translation;
 
 type FastMap<K, V> = hashbrown::HashMap<K, V, BuildHasherDefault<rustc_hash::FxHasher>>;
 
@@ -32,16 +33,63 @@ pub struct HandshakeRecord {
     pub our_tsval: Option<u32>,
 }
 
+/// A node at the other end of the tunnel, as the driver names it (its tunnel peer id).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct PeerRef(pub u32);
+
+/// A flow on another node: which node, and the flow's id there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Remote {
+    /// The node.
+    pub peer: PeerRef,
+    /// The flow's id on that node.
+    pub flow: u64,
+}
+
 /// How a flow's packets are handled.
-#[derive(Debug)]
 pub enum FlowMode {
     /// Delivered to the local smoltcp socket.
     Local,
-    /// Held: inbound packets are queued (bounded) until the flow is thawed or moved.
+    /// Held: the socket is out of the interface's socket set, so it neither receives,
+    /// transmits, nor runs a timer, and the app is not served; inbound packets are queued
+    /// (bounded) until the flow is thawed or moved.
     Frozen {
+        /// The socket, out of the set.
+        socket: Box<smoltcp::socket::tcp::Socket<'static>>,
         /// Queued inbound packets, oldest first.
         queue: VecDeque<Vec<u8>>,
+        /// Bytes in `queue`.
+        queued_bytes: usize,
     },
+    /// The connection lives on another node and its packets enter here: they are forwarded
+    /// to the owner through the tunnel, and the owner's replies come back to be written to
+    /// the TUN device. No socket, no app state.
+    Moved {
+        /// The owner.
+        to: Remote,
+        /// The client's FIN went through.
+        client_fin: bool,
+        /// The owner's FIN went through.
+        owner_fin: bool,
+        /// When the connection was seen to end (both FINs, or a RST): the entry is removed
+        /// [`MOVED_LINGER`] later, so late retransmissions still reach the owner.
+        ended: Option<Instant>,
+    },
+}
+
+/// How long an entry for a moved connection stays after the connection ended.
+pub const MOVED_LINGER: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
+
+impl std::fmt::Debug for FlowMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FlowMode::Local => f.write_str("Local"),
+            FlowMode::Frozen { queue, .. } => write!(f, "Frozen({} queued)", queue.len()),
+            FlowMode::Moved { to, .. } => write!(f, "Moved({to:?})"),
+        }
+    }
 }
 
 impl FlowMode {
@@ -50,8 +98,21 @@ impl FlowMode {
         match self {
             FlowMode::Local => "local",
             FlowMode::Frozen { .. } => "frozen",
+            FlowMode::Moved { .. } => "moved",
         }
     }
+}
+
+/// What a flow restored from another node keeps to speak the client's numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Local ↔ wire offsets.
+    pub xlate: Translation,
+    /// Local image of the previous owner's `snd_nxt` (see [`crate::translate::AckCeiling`]).
+    pub claimed: u32,
+    /// The flow came home: before the restore it was moved to this node (where its packets
+    /// enter), so a move called off after the restore makes it moved again.
+    pub home_from: Option<Remote>,
 }
 
 /// A ring of the last bytes written to a socket's send buffer.
@@ -172,7 +233,7 @@ pub struct Flow {
     pub id: u64,
     /// Its endpoints.
     pub key: FlowKey,
-    /// The smoltcp socket.
+    /// The smoltcp socket, while the mode is [`FlowMode::Local`] (stale otherwise).
     pub handle: SocketHandle,
     /// The app serving it.
     pub app: Box<dyn App>,
@@ -186,6 +247,20 @@ pub struct Flow {
     pub mirror: SendMirror,
     /// Bytes the app consumed from the client.
     pub bytes_in: u64,
+    /// Wire sequence number of the mirror's first byte (our ISN + 1, or a restored flow's
+    /// `snd_una`); valid once our SYN-ACK went out.
+    pub send_base: u32,
+    /// Wire sequence number of the first byte counted in `bytes_in` (the client's ISN + 1,
+    /// or where a restored flow's unread bytes began).
+    pub recv_base: u32,
+    /// Highest local sequence number sent so far (end of data, SYN and FIN included).
+    pub snd_nxt: u32,
+    /// Receive and send buffer capacities of its socket.
+    pub buffers: (usize, usize),
+    /// Set when the flow was restored from another node.
+    pub restored: Option<Restored>,
+    /// Where the client's packets enter, when not here: replies go back through that node.
+    pub ingress: Option<Remote>,
     /// When the SYN arrived.
     pub created: Instant,
     /// The app was told about the client's FIN.
@@ -196,6 +271,8 @@ pub struct Flow {
     pub dirty: bool,
     /// Counted in the stack's half-open connections (SYN-RECEIVED).
     pub half_open: bool,
+    /// Holds one of the node's `max_connections` slots (every flow with a socket does).
+    pub counted: bool,
     /// Rates for status output.
     pub rates: RateSample,
 }
@@ -213,6 +290,7 @@ pub struct FlowTable {
     slots: Vec<Option<Flow>>,
     free: Vec<usize>,
     by_key: FastMap<FlowKey, usize>,
+    by_id: FastMap<u64, usize>,
 }
 
 impl FlowTable {
@@ -233,7 +311,7 @@ impl FlowTable {
 
     /// Inserts `flow`, returning its slot. The key must not be present.
     pub fn insert(&mut self, flow: Flow) -> usize {
-        let key = flow.key;
+        let (key, id) = (flow.key, flow.id);
         let slot = match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some(flow);
@@ -246,6 +324,8 @@ impl FlowTable {
         };
         let old = self.by_key.insert(key, slot);
         debug_assert!(old.is_none(), "flow key inserted twice");
+        let old = self.by_id.insert(id, slot);
+        debug_assert!(old.is_none(), "flow id inserted twice");
         slot
     }
 
@@ -253,6 +333,7 @@ impl FlowTable {
     pub fn remove(&mut self, slot: usize) -> Option<Flow> {
         let flow = self.slots.get_mut(slot)?.take()?;
         self.by_key.remove(&flow.key);
+        self.by_id.remove(&flow.id);
         self.free.push(slot);
         Some(flow)
     }
@@ -267,11 +348,9 @@ impl FlowTable {
         self.slots.get_mut(slot)?.as_mut()
     }
 
-    /// The slot of the flow with node-unique `id` (a scan: for control requests only).
+    /// The slot of the flow with node-unique `id`.
     pub fn find_id(&self, id: u64) -> Option<usize> {
-        self.slots
-            .iter()
-            .position(|f| f.as_ref().is_some_and(|f| f.id == id))
+        self.by_id.get(&id).copied()
     }
 
     /// Every occupied slot.

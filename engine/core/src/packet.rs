@@ -230,10 +230,21 @@ pub struct Outbound {
     pub flags: TcpFlags,
     /// Raw window field.
     pub window: u16,
+    /// Sequence number.
+    pub seq: u32,
     /// Our TSval, if the packet carries timestamps.
     pub tsval: Option<u32>,
     /// TCP payload length.
     pub payload_len: usize,
+}
+
+impl Outbound {
+    /// The sequence number after this segment (SYN and FIN count one each).
+    pub fn seq_end(&self) -> u32 {
+        self.seq
+            .wrapping_add(self.payload_len as u32)
+            .wrapping_add(u32::from(self.flags.syn) + u32::from(self.flags.fin))
+    }
 }
 
 /// Parses a packet smoltcp emitted; `None` for anything that is not IPv4/TCP.
@@ -255,6 +266,7 @@ pub fn outbound(packet: &[u8]) -> Option<Outbound> {
             fin: tcp.fin(),
         },
         window: tcp.window_len(),
+        seq: tcp.seq_number().0 as u32,
         tsval: find_timestamp(tcp.options()).map(|(v, _)| v),
         payload_len: tcp.payload().len(),
     })

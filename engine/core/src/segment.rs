@@ -170,7 +170,12 @@ mod tests {
     fn refuses_what_cannot_be_cut() {
         let mut scratch = Vec::new();
         assert_eq!(
-            segment(&big(&[0; 3000], TcpControl::Syn), 1400, &mut scratch, |_| {}),
+            segment(
+                &big(&[0; 3000], TcpControl::Syn),
+                1400,
+                &mut scratch,
+                |_| {}
+            ),
             Err(SegmentError::TooLarge(1400))
         );
         assert_eq!(

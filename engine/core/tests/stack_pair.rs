@@ -440,7 +440,7 @@ fn shutdown_closes_gracefully() {
     while let Some(pkt) = p.pipe.tx.pop_front() {
         p.stack.handle_packet(p.now, &pkt);
     }
-    p.stack.begin_shutdown();
+    p.stack.begin_shutdown(p.now);
     p.run_until(1_000, |p| !p.sock(h).may_recv());
     p.run_until(1_000, |p| p.sock(half_open).state() == tcp::State::Closed);
     p.sock(h).close();

@@ -55,6 +55,7 @@ pub fn snapshot(flow: u64, state: TcpState, send: usize, unread: usize) -> ConnS
             kind: 1,
             version: 1,
             bytes: flow.to_le_bytes().to_vec(),
+            fin_delivered: false,
         },
         ingress: Ingress {
             node_key: [0x42; 32],
@@ -77,6 +78,9 @@ pub fn snapshot_seeds() -> Vec<ConnSnapshot> {
         out.push(snapshot(i as u64, state, 0, 0));
         out.push(snapshot(10 + i as u64, state, 300, 40));
     }
+    let mut told = snapshot(98, TcpState::LastAck, 10, 0);
+    told.app.fin_delivered = true;
+    out.push(told);
     let mut wrap = snapshot(99, TcpState::FinWait1, 3, 0);
     wrap.snd_una = u32::MAX - 1;
     wrap.snd_nxt = 2;

@@ -53,6 +53,26 @@ pub enum AppKind {
     Source,
 }
 
+impl AppKind {
+    /// Every kind.
+    pub const ALL: [AppKind; 4] = [AppKind::Echo, AppKind::Http, AppKind::Sink, AppKind::Source];
+
+    /// The kind's number in snapshots and migration offers (stable across versions).
+    pub fn code(self) -> u8 {
+        match self {
+            AppKind::Echo => 1,
+            AppKind::Http => 2,
+            AppKind::Sink => 3,
+            AppKind::Source => 4,
+        }
+    }
+
+    /// The kind numbered `code`, if this build knows it.
+    pub fn from_code(code: u8) -> Option<AppKind> {
+        AppKind::ALL.into_iter().find(|k| k.code() == code)
+    }
+}
+
 /// Per-service app settings from the config file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AppConfig {

@@ -23,7 +23,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -31,8 +31,15 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
 use crate::app::{self, AppConfig, AppKind};
 use crate::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
-use crate::flow::{Flow, FlowMode, FlowTable, HandshakeRecord, SendMirror};
+use crate::flow::{Flow, FlowMode, FlowTable, HandshakeRecord, MOVED_LINGER, Remote, SendMirror};
 use crate::packet::{self, DropReason, FlowKey};
+use crate::translate::{AckCeiling, seq_gt};
+
+mod forward;
+mod migrate;
+
+pub use forward::{ForwardKind, Forwarded};
+pub use migrate::{CaptureError, Captured, RestoreError, RestoreParams, window_shift};
 
 /// Most service addresses one node serves (smoltcp's interface address table).
 pub const MAX_SERVICE_ADDRESSES: usize = 8;
@@ -149,6 +156,22 @@ pub struct StackStats {
     pub app_bytes_in: u64,
     /// Application bytes sent to clients.
     pub app_bytes_out: u64,
+    /// Client packets of moved connections forwarded to their owner.
+    pub forwarded_to_owner: u64,
+    /// Packets of connections restored here sent back to the node where they entered.
+    pub forwarded_to_ingress: u64,
+    /// Packets from the tunnel written to the TUN device for a moved connection.
+    pub relayed_from_owner: u64,
+    /// Packets from the tunnel refused (unknown flow, wrong peer, wrong 4-tuple, malformed).
+    pub tunnel_packets_refused: u64,
+    /// Entries of moved connections removed after the connection ended.
+    pub moved_closed: u64,
+    /// Connections restored here from another node.
+    pub conns_restored: u64,
+    /// Connections moved from here to another node.
+    pub conns_moved_out: u64,
+    /// Restored connections dropped because their source called the move off.
+    pub conns_discarded: u64,
 }
 
 impl StackStats {
@@ -171,6 +194,14 @@ impl StackStats {
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
         self.app_bytes_out += other.app_bytes_out;
+        self.forwarded_to_owner += other.forwarded_to_owner;
+        self.forwarded_to_ingress += other.forwarded_to_ingress;
+        self.relayed_from_owner += other.relayed_from_owner;
+        self.tunnel_packets_refused += other.tunnel_packets_refused;
+        self.moved_closed += other.moved_closed;
+        self.conns_restored += other.conns_restored;
+        self.conns_moved_out += other.conns_moved_out;
+        self.conns_discarded += other.conns_discarded;
     }
 }
 
@@ -187,8 +218,13 @@ pub struct ConnInfo {
     pub state: String,
     /// The app.
     pub app: AppKind,
-    /// `local` or `frozen`.
+    /// `local`, `frozen` or `moved`.
     pub mode: String,
+    /// For a moved connection: the node it lives on, and its id there.
+    pub owner: Option<Remote>,
+    /// For a connection restored here whose packets enter at another node: that node, and
+    /// the connection's id there.
+    pub ingress: Option<Remote>,
     /// Milliseconds since the SYN.
     pub age_ms: u64,
     /// App bytes received.
@@ -350,6 +386,9 @@ pub struct Stack {
     next_sweep: Instant,
     stats: StackStats,
     scratch: Vec<u8>,
+    forward: forward::ForwardQueue,
+    /// The scratch interface restores run their synthetic handshakes in (made on first use).
+    restore_iface: Option<migrate::ScratchIface>,
 }
 
 impl Stack {
@@ -415,6 +454,8 @@ impl Stack {
             next_sweep: now + SWEEP_INTERVAL,
             stats: StackStats::default(),
             scratch: Vec::new(),
+            forward: Default::default(),
+            restore_iface: None,
         }
     }
 
@@ -458,7 +499,7 @@ impl Stack {
         let slot = match self.flows.lookup(&inbound.key) {
             Some(slot) => slot,
             None if inbound.flags.syn && !inbound.flags.ack && !inbound.flags.rst => {
-                match self.accept(now, &inbound.key, packet) {
+                match self.accept(now, &inbound.key, inbound.seq, packet) {
                     Some(slot) => {
                         self.ingress(now, packet);
                         self.drop_if_still_listening(slot);
@@ -478,7 +519,12 @@ impl Stack {
             }
         };
 
-        // The per-flow hook.
+        self.deliver(now, slot, &inbound, packet);
+    }
+
+    /// The per-flow hook: every inbound packet of a known flow passes here, whether it came
+    /// from the TUN device or, for a flow restored here, through the tunnel.
+    fn deliver(&mut self, now: Instant, slot: usize, inbound: &packet::Inbound, packet: &[u8]) {
         let Some(flow) = self.flows.get_mut(slot) else {
             return;
         };
@@ -492,14 +538,48 @@ impl Stack {
                     flow.dirty = true;
                     self.dirty.push(slot);
                 }
-                self.ingress(now, packet);
+                match flow.restored {
+                    None => self.ingress(now, packet),
+                    Some(r) => {
+                        let ceiling = AckCeiling {
+                            sent: flow.snd_nxt,
+                            claimed: r.claimed,
+                        };
+                        let mut buf = std::mem::take(&mut self.scratch);
+                        buf.clear();
+                        buf.extend_from_slice(packet);
+                        if r.xlate.inbound(&mut buf, Some(ceiling)).is_ok() {
+                            self.ingress(now, &buf);
+                        }
+                        self.scratch = buf;
+                    }
+                }
             }
-            FlowMode::Frozen { queue } => {
+            FlowMode::Frozen {
+                queue,
+                queued_bytes,
+                ..
+            } => {
                 if queue.len() >= self.config.frozen_queue_packets {
                     self.drop_packet(DropReason::FrozenQueueFull, packet);
                 } else {
+                    *queued_bytes += packet.len();
                     queue.push_back(packet.to_vec());
                 }
+            }
+            FlowMode::Moved {
+                to,
+                client_fin,
+                ended,
+                owner_fin,
+            } => {
+                *client_fin |= inbound.flags.fin;
+                if ended.is_none() && (inbound.flags.rst || *client_fin && *owner_fin) {
+                    *ended = Some(now);
+                }
+                let to = *to;
+                self.stats.forwarded_to_owner += 1;
+                self.forward.push(ForwardKind::ToOwner, to, packet, 0);
             }
         }
     }
@@ -547,7 +627,7 @@ impl Stack {
     }
 
     /// A SYN for a flow we do not have: give it a socket if a service and the budget allow.
-    fn accept(&mut self, now: Instant, key: &FlowKey, syn: &[u8]) -> Option<usize> {
+    fn accept(&mut self, now: Instant, key: &FlowKey, syn_seq: u32, syn: &[u8]) -> Option<usize> {
         let Some((kind, app_config)) = self.services[usize::from(key.service.port())].clone()
         else {
             self.stats.refused_no_service += 1;
@@ -579,14 +659,7 @@ impl Stack {
             }
             return None;
         }
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.config.tcp.rx_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.config.tcp.tx_buffer]),
-        );
-        socket.set_nagle_enabled(false);
-        socket.set_congestion_control(tcp::CongestionControl::Cubic);
-        socket.set_tsval_generator(Some(tsval_now));
-        socket.set_timeout(Some(UNACKED_TIMEOUT));
+        let mut socket = self.new_socket(self.config.tcp.rx_buffer, self.config.tcp.tx_buffer);
         let endpoint = (IpAddress::Ipv4(*key.service.ip()), key.service.port());
         if socket.listen(endpoint).is_err() {
             self.budget.release();
@@ -608,17 +681,37 @@ impl Stack {
             },
             mirror: SendMirror::new(self.config.tcp.tx_buffer),
             bytes_in: 0,
+            send_base: 0,
+            recv_base: syn_seq.wrapping_add(1),
+            snd_nxt: 0,
+            buffers: (self.config.tcp.rx_buffer, self.config.tcp.tx_buffer),
+            restored: None,
+            ingress: None,
             created: now,
             fin_delivered: false,
             close_sent: false,
             dirty: false,
             half_open: true,
+            counted: true,
             rates: Default::default(),
         };
         self.half_open += 1;
         self.stats.conns_accepted += 1;
         tracing::debug!(id, client = %key.client, service = %key.service, app = ?kind, "accepted");
         Some(self.flows.insert(flow))
+    }
+
+    /// A socket as every flow's is set up, with buffers of `rx` and `tx` bytes.
+    fn new_socket(&self, rx: usize, tx: usize) -> tcp::Socket<'static> {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; rx]),
+            tcp::SocketBuffer::new(vec![0; tx]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
+        socket.set_tsval_generator(Some(tsval_now));
+        socket.set_timeout(Some(UNACKED_TIMEOUT));
+        socket
     }
 
     /// Runs timers, serves the apps of flows that saw packets, and emits what is ready.
@@ -650,13 +743,13 @@ impl Stack {
             return;
         };
         flow.dirty = false;
+        if !matches!(flow.mode, FlowMode::Local) {
+            return;
+        }
         let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
         if flow.half_open && socket.state() != tcp::State::SynReceived {
             flow.half_open = false;
             self.half_open -= 1;
-        }
-        if !matches!(flow.mode, FlowMode::Local) {
-            return;
         }
         // Up to two passes: the app may produce output that frees its input buffer.
         for _ in 0..2 {
@@ -719,8 +812,9 @@ impl Stack {
         let Some(flow) = self.flows.get(slot) else {
             return;
         };
-        let socket = self.sockets.get::<tcp::Socket>(flow.handle);
-        if socket.state() != tcp::State::Closed || !matches!(flow.mode, FlowMode::Local) {
+        if !matches!(flow.mode, FlowMode::Local)
+            || self.sockets.get::<tcp::Socket>(flow.handle).state() != tcp::State::Closed
+        {
             return;
         }
         let Some(flow) = self.flows.remove(slot) else {
@@ -728,7 +822,9 @@ impl Stack {
         };
         self.half_open -= usize::from(flow.half_open);
         self.sockets.remove(flow.handle);
-        self.budget.release();
+        if flow.counted {
+            self.budget.release();
+        }
         self.stats.conns_closed += 1;
         tracing::debug!(
             id = flow.id,
@@ -743,25 +839,39 @@ impl Stack {
         self.next_sweep = now + SWEEP_INTERVAL;
         let slots: Vec<usize> = self.flows.slots().collect();
         for slot in slots {
-            if let Some(flow) = self.flows.get_mut(slot) {
-                let out = flow.bytes_out();
-                flow.rates.update(now, flow.bytes_in, out);
-                let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
-                // smoltcp retransmits a SYN-ACK forever: a spoofed SYN flood would hold
-                // `max_connections` slots for good. Give handshakes a deadline.
-                if socket.state() == tcp::State::SynReceived
-                    && now - flow.created > HANDSHAKE_TIMEOUT
-                {
-                    socket.abort();
-                    self.stats.handshake_timeouts += 1;
-                    tracing::debug!(id = flow.id, client = %flow.key.client, "handshake timed out");
-                    if !flow.dirty {
-                        flow.dirty = true;
-                        self.dirty.push(slot);
+            let Some(flow) = self.flows.get_mut(slot) else {
+                continue;
+            };
+            let out = flow.bytes_out();
+            flow.rates.update(now, flow.bytes_in, out);
+            match flow.mode {
+                FlowMode::Local => {
+                    let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+                    // smoltcp retransmits a SYN-ACK forever: a spoofed SYN flood would hold
+                    // `max_connections` slots for good. Give handshakes a deadline.
+                    if socket.state() == tcp::State::SynReceived
+                        && now - flow.created > HANDSHAKE_TIMEOUT
+                    {
+                        socket.abort();
+                        self.stats.handshake_timeouts += 1;
+                        tracing::debug!(id = flow.id, client = %flow.key.client, "handshake timed out");
+                        if !flow.dirty {
+                            flow.dirty = true;
+                            self.dirty.push(slot);
+                        }
+                    }
+                    self.reap_if_closed(slot);
+                }
+                FlowMode::Moved {
+                    ended: Some(at), ..
+                } if now - at >= MOVED_LINGER => {
+                    if let Some(flow) = self.flows.remove(slot) {
+                        self.stats.moved_closed += 1;
+                        tracing::debug!(id = flow.id, client = %flow.key.client, "moved connection ended");
                     }
                 }
+                FlowMode::Frozen { .. } | FlowMode::Moved { .. } => {}
             }
-            self.reap_if_closed(slot);
         }
     }
 
@@ -782,31 +892,69 @@ impl Stack {
     pub fn drain_transmit_batch(&mut self, write: impl FnOnce(&mut [Vec<u8>], &[u16], usize)) {
         let n = self.tx.len;
         let headroom = self.tx.headroom;
+        let fix_checksum = self.caps.checksum.tcp.tx();
+        // Packets for the TUN device are compacted to the front; those of flows whose
+        // packets enter at another node go to the forward queue instead.
+        let mut kept = 0;
         for i in 0..n {
-            let packet = &self.tx.bufs[i][headroom..];
+            let buf = &mut self.tx.bufs[i];
             self.stats.packets_out += 1;
-            self.stats.bytes_out += packet.len() as u64;
-            let Some(out) = packet::outbound(packet) else {
-                continue;
-            };
-            if !(out.flags.syn || out.tsval.is_some()) {
-                continue;
-            }
-            if let Some(slot) = self.flows.lookup(&out.key)
+            self.stats.bytes_out += (buf.len() - headroom) as u64;
+            let mut to_ingress = None;
+            if let Some(out) = packet::outbound(&buf[headroom..])
+                && let Some(slot) = self.flows.lookup(&out.key)
                 && let Some(flow) = self.flows.get_mut(slot)
             {
-                if out.flags.syn && out.flags.ack {
-                    flow.record.our_syn_ack = packet::syn_options(packet);
+                if out.flags.syn || seq_gt(out.seq_end(), flow.snd_nxt) {
+                    flow.snd_nxt = out.seq_end();
                 }
-                if out.tsval.is_some() {
-                    flow.record.our_tsval = out.tsval;
+                let mut tsval = out.tsval;
+                if let Some(r) = flow.restored {
+                    let _ = r.xlate.outbound(&mut buf[headroom..], fix_checksum);
+                    tsval = tsval.map(|t| t.wrapping_add(r.xlate.ts_off));
+                }
+                if out.flags.syn && out.flags.ack {
+                    flow.record.our_syn_ack = packet::syn_options(&buf[headroom..]);
+                    flow.send_base = out.seq.wrapping_add(1);
+                }
+                if tsval.is_some() {
+                    flow.record.our_tsval = tsval;
+                }
+                to_ingress = flow.ingress;
+            }
+            match to_ingress {
+                Some(to) => {
+                    let gso = self.tx.gso_sizes[i];
+                    self.stats.forwarded_to_ingress += 1;
+                    self.forward
+                        .push(ForwardKind::ToIngress, to, &buf[headroom..], gso);
+                }
+                None => {
+                    self.tx.bufs.swap(kept, i);
+                    self.tx.gso_sizes.swap(kept, i);
+                    kept += 1;
                 }
             }
         }
-        if n > 0 {
-            write(&mut self.tx.bufs[..n], &self.tx.gso_sizes[..n], headroom);
+        if kept > 0 {
+            write(
+                &mut self.tx.bufs[..kept],
+                &self.tx.gso_sizes[..kept],
+                headroom,
+            );
         }
         self.tx.len = 0;
+    }
+
+    /// Hands every packet that leaves through the tunnel to `f` (see [`Forwarded`]) and
+    /// empties that queue. Call after [`drain_transmit_batch`](Self::drain_transmit_batch).
+    pub fn drain_forward(&mut self, f: impl FnMut(Forwarded<'_>)) {
+        self.forward.drain(f);
+    }
+
+    /// Packets waiting in the forward queue.
+    pub fn forward_len(&self) -> usize {
+        self.forward.len()
     }
 
     /// When [`poll`](Self::poll) should run next, at the latest (never before `now`).
@@ -828,12 +976,35 @@ impl Stack {
         Duration::from_micros((at.total_micros() - now.total_micros()).max(0) as u64)
     }
 
-    /// Stops accepting connections and closes every open one (FIN after queued data).
-    pub fn begin_shutdown(&mut self) {
+    /// Stops accepting connections and closes every open one (FIN after queued data). Frozen
+    /// flows are thawed first: nothing is left half-moved.
+    pub fn begin_shutdown(&mut self, now: Instant) {
         self.accepting = false;
+        let frozen: Vec<u64> = self
+            .flows
+            .iter()
+            .filter(|f| matches!(f.mode, FlowMode::Frozen { .. }))
+            .map(|f| f.id)
+            .collect();
+        for id in frozen {
+            let _ = self.thaw(now, id);
+        }
+        let moved = self
+            .flows
+            .iter()
+            .filter(|f| matches!(f.mode, FlowMode::Moved { ended: None, .. }))
+            .count();
+        if moved > 0 {
+            tracing::warn!(
+                moved,
+                "connections moved to other nodes still enter here; they end when this node stops"
+            );
+        }
         let slots: Vec<usize> = self.flows.slots().collect();
         for slot in slots {
-            if let Some(flow) = self.flows.get_mut(slot) {
+            if let Some(flow) = self.flows.get_mut(slot)
+                && matches!(flow.mode, FlowMode::Local)
+            {
                 let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
                 if socket.state() == tcp::State::SynReceived {
                     // smoltcp would take the ACK of its SYN-ACK for the ACK of the FIN: the
@@ -851,13 +1022,23 @@ impl Stack {
         }
     }
 
-    /// Resets every connection still open (after the shutdown deadline).
-    pub fn abort_all(&mut self) {
+    /// Resets every connection still open here (after the shutdown deadline).
+    pub fn abort_all(&mut self, now: Instant) {
+        let frozen: Vec<u64> = self
+            .flows
+            .iter()
+            .filter(|f| matches!(f.mode, FlowMode::Frozen { .. }))
+            .map(|f| f.id)
+            .collect();
+        for id in frozen {
+            let _ = self.thaw(now, id);
+        }
         let slots: Vec<usize> = self.flows.slots().collect();
         for slot in slots {
-            if let Some(flow) = self.flows.get_mut(slot) {
+            if let Some(flow) = self.flows.get_mut(slot)
+                && matches!(flow.mode, FlowMode::Local)
+            {
                 self.sockets.get_mut::<tcp::Socket>(flow.handle).abort();
-                flow.mode = FlowMode::Local;
                 if !flow.dirty {
                     flow.dirty = true;
                     self.dirty.push(slot);
@@ -866,23 +1047,31 @@ impl Stack {
         }
     }
 
-    /// Open connections on this stack (TIME-WAIT included: they hold a socket).
+    /// Connections on this stack (TIME-WAIT and moved ones included).
     pub fn connection_count(&self) -> usize {
         self.flows.len()
     }
 
-    /// Connections that still have a peer to talk to: all but TIME-WAIT and CLOSED. A shutdown
-    /// is complete when this reaches zero.
+    /// Connections served here that still have a peer to talk to: all but TIME-WAIT, CLOSED
+    /// and moved ones. A shutdown is complete when this reaches zero.
     pub fn live_connection_count(&self) -> usize {
         self.flows
             .iter()
             .filter(|f| {
-                !matches!(
-                    self.sockets.get::<tcp::Socket>(f.handle).state(),
-                    tcp::State::TimeWait | tcp::State::Closed
-                )
+                self.socket_of(f).is_some_and(|s| {
+                    !matches!(s.state(), tcp::State::TimeWait | tcp::State::Closed)
+                })
             })
             .count()
+    }
+
+    /// The socket of `flow`: in the set while local, held aside while frozen, none once moved.
+    fn socket_of<'a>(&'a self, flow: &'a Flow) -> Option<&'a tcp::Socket<'static>> {
+        match &flow.mode {
+            FlowMode::Local => Some(self.sockets.get::<tcp::Socket>(flow.handle)),
+            FlowMode::Frozen { socket, .. } => Some(socket),
+            FlowMode::Moved { .. } => None,
+        }
     }
 
     /// Counters.
@@ -895,75 +1084,92 @@ impl Stack {
         self.flows
             .iter()
             .map(|f| {
-                let socket = self.sockets.get::<tcp::Socket>(f.handle);
+                let socket = self.socket_of(f);
                 ConnInfo {
                     id: f.id,
                     client: f.key.client,
                     service: f.key.service,
-                    state: socket.state().to_string(),
+                    state: socket.map_or_else(|| "-".to_owned(), |s| s.state().to_string()),
                     app: f.app_kind,
                     mode: f.mode.as_str().to_owned(),
+                    owner: match f.mode {
+                        FlowMode::Moved { to, .. } => Some(to),
+                        _ => None,
+                    },
+                    ingress: f.ingress,
                     age_ms: (now - f.created).total_millis(),
                     bytes_in: f.bytes_in,
                     bytes_out: f.bytes_out(),
                     rate_in: f.rates.rate_in,
                     rate_out: f.rates.rate_out,
-                    send_queue: socket.send_queue(),
-                    recv_queue: socket.recv_queue(),
+                    send_queue: socket.map_or(0, |s| s.send_queue()),
+                    recv_queue: socket.map_or(0, |s| s.recv_queue()),
                     handshake: f.record,
                 }
             })
             .collect()
     }
 
-    /// Freezes the flow `id`: its inbound packets are queued from now on.
+    /// Freezes the flow `id`: its socket leaves the socket set (no timer, no transmission,
+    /// no delivery) and its inbound packets are queued from now on.
     pub fn freeze(&mut self, id: u64) -> Result<(), FlowError> {
         let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
         let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
-        match flow.mode {
-            FlowMode::Local => {
-                flow.mode = FlowMode::Frozen {
-                    queue: VecDeque::new(),
-                };
-                Ok(())
-            }
-            ref m => Err(FlowError::WrongMode {
+        if !matches!(flow.mode, FlowMode::Local) {
+            return Err(FlowError::WrongMode {
                 id,
-                mode: m.as_str(),
-            }),
+                mode: flow.mode.as_str(),
+            });
         }
+        let smoltcp::socket::Socket::Tcp(socket) = self.sockets.remove(flow.handle);
+        let socket = Box::new(socket);
+        flow.mode = FlowMode::Frozen {
+            socket,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+        };
+        Ok(())
     }
 
-    /// Thaws the frozen flow `id`: its queued packets are delivered, in order, then new ones.
+    /// Thaws the frozen flow `id`: its socket rejoins the set and its queued packets are
+    /// delivered, in order, then new ones. Returns how many were queued.
     pub fn thaw(&mut self, now: Instant, id: u64) -> Result<usize, FlowError> {
         Self::set_clock(now);
         let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
         let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
-        let queue = match std::mem::replace(&mut flow.mode, FlowMode::Local) {
-            FlowMode::Frozen { queue } => queue,
+        let (socket, queue) = match std::mem::replace(&mut flow.mode, FlowMode::Local) {
+            FlowMode::Frozen { socket, queue, .. } => (socket, queue),
             m => {
                 let mode = m.as_str();
                 flow.mode = m;
                 return Err(FlowError::WrongMode { id, mode });
             }
         };
+        flow.handle = self.sockets.add(*socket);
         if !flow.dirty {
             flow.dirty = true;
             self.dirty.push(slot);
         }
         let n = queue.len();
+        let key = flow.key;
         for packet in queue {
-            self.ingress(now, &packet);
+            // Queued packets were classified on arrival; they pass the hook again (a restored
+            // flow translates them).
+            if let Ok(inbound) = packet::classify_with(&packet, |a| a == *key.service.ip(), false) {
+                self.deliver(now, slot, &inbound, &packet);
+            }
         }
         Ok(n)
     }
 
-    /// Copies the bytes of flow `id` that smoltcp holds unacknowledged or unsent (for capture).
+    /// Copies the bytes of flow `id` that smoltcp holds unacknowledged or unsent.
     pub fn unacked_bytes(&mut self, id: u64) -> Result<Vec<u8>, FlowError> {
         let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
         let flow = self.flows.get(slot).ok_or(FlowError::NoSuchFlow(id))?;
-        let queued = self.sockets.get::<tcp::Socket>(flow.handle).send_queue();
-        self.scratch.clear();
+        let queued = self
+            .socket_of(flow)
+            .ok_or(FlowError::WrongMode { id, mode: "moved" })?
+            .send_queue();
         let mut out = Vec::with_capacity(queued);
         flow.mirror
             .copy_last(queued, &mut out)
@@ -974,9 +1180,8 @@ impl Stack {
         Ok(out)
     }
 
-    /// The smoltcp socket of a flow, for tests and capture.
-    pub fn socket(&self, id: u64) -> Option<(&tcp::Socket<'static>, SocketHandle)> {
-        let flow = self.flows.get(self.flows.find_id(id)?)?;
-        Some((self.sockets.get::<tcp::Socket>(flow.handle), flow.handle))
+    /// The smoltcp socket of a flow that has one (local or frozen), for tests and capture.
+    pub fn socket(&self, id: u64) -> Option<&tcp::Socket<'static>> {
+        self.socket_of(self.flows.get(self.flows.find_id(id)?)?)
     }
 }

@@ -1,0 +1,665 @@
+//! Live migration between two stacks, in memory, on virtual time.
+//!
+//! A smoltcp client talks to node A (where its packets enter); flows are frozen, captured,
+//! restored on node B and forwarded, exactly as the daemon does it but without threads or a
+//! tunnel: A's forwarded packets are cut to tunnel-datagram size with `segment` and handed to
+//! B, B's replies come back to A and from A to the client. Every test checks the client's
+//! bytes exactly and that the client never saw a RST.
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+
+use flowshift_core::app::{AppConfig, AppKind};
+use flowshift_core::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+use flowshift_core::flow::{PeerRef, Remote};
+use flowshift_core::segment::segment;
+use flowshift_core::stack::{
+    ConnectionBudget, ForwardKind, RestoreParams, Stack, StackConfig, UNACKED_TIMEOUT,
+};
+use flowshift_statesync::snapshot::ConnSnapshot;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address, Ipv4Packet, TcpPacket};
+
+const CLIENT: Ipv4Address = Ipv4Addr::new(198, 18, 1, 2);
+const SERVICE: Ipv4Address = Ipv4Addr::new(198, 19, 255, 1);
+/// What a tunnel datagram carries of an IP packet (1,409 bytes minus the envelope).
+const DATAGRAM_IP: usize = 1_399;
+/// The MSS a restored socket may use so that its segments fit a datagram.
+const MSS_CLAMP: u16 = (DATAGRAM_IP - 20 - 32) as u16;
+
+#[derive(Default)]
+struct Pipe {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+impl phy::TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = vec![0; len];
+        let r = f(&mut b);
+        self.0.push_back(b);
+        r
+    }
+}
+impl phy::Device for Pipe {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((Rx(p), Tx(&mut self.tx)))
+    }
+    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ip;
+        c.max_transmission_unit = 1500;
+        c
+    }
+}
+
+/// A packet in the tunnel: kind, destination node, flow id there, source node.
+struct InTunnel {
+    kind: ForwardKind,
+    to: usize,
+    flow: u64,
+    from: usize,
+    packet: Vec<u8>,
+}
+
+/// Client options that the kernel lets a namespace turn off.
+#[derive(Clone, Copy)]
+struct ClientOpts {
+    timestamps: bool,
+    window_scale: bool,
+}
+
+impl ClientOpts {
+    const DEFAULT: ClientOpts = ClientOpts {
+        timestamps: true,
+        window_scale: true,
+    };
+}
+
+struct Net {
+    now: Instant,
+    nodes: [Stack; 2],
+    client: Interface,
+    pipe: Pipe,
+    sockets: SocketSet<'static>,
+    tunnel: VecDeque<InTunnel>,
+    next_port: u16,
+    /// Packets the client received with RST set.
+    client_rsts: usize,
+    /// Packets node B wrote to its own TUN device (relay mode: there must be none).
+    b_tun_packets: usize,
+    /// Every `n`th tunnel packet is lost (0: none).
+    tunnel_loss_every: usize,
+    tunnel_count: usize,
+    scratch: Vec<u8>,
+}
+
+fn node(worker: u16, seed: u64, now: Instant) -> Stack {
+    let service = |port, app, bytes| ServiceConfig {
+        port,
+        app,
+        app_config: AppConfig { bytes },
+    };
+    Stack::new(
+        StackConfig {
+            worker,
+            addresses: vec![Ipv4Cidr {
+                addr: SERVICE,
+                prefix_len: 32,
+            }],
+            services: vec![
+                service(7, AppKind::Echo, None),
+                service(9, AppKind::Sink, None),
+                service(19, AppKind::Source, Some(3_000_000)),
+                service(20, AppKind::Source, Some(100_000)),
+                service(80, AppKind::Http, None),
+            ],
+            tcp: TcpConfig::default(),
+            mtu: 1500,
+            max_packet: 1500,
+            frozen_queue_packets: 4096,
+            max_half_open: 64,
+            seed,
+            tx_headroom: 0,
+            tso_max: None,
+        },
+        ConnectionBudget::new(1000),
+        now,
+    )
+}
+
+impl Net {
+    fn new() -> Self {
+        let now = Instant::from_millis(5_000);
+        let mut pipe = Pipe::default();
+        let mut cfg = Config::new(HardwareAddress::Ip);
+        cfg.random_seed = 11;
+        let mut client = Interface::new(cfg, &mut pipe, now);
+        client.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(CLIENT), 24)).unwrap();
+        });
+        client
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Addr::new(198, 18, 1, 1))
+            .unwrap();
+        Self {
+            now,
+            // Different seeds: the restored socket's ISN differs from the original's.
+            nodes: [node(0, 7, now), node(0, 99, now)],
+            client,
+            pipe,
+            sockets: SocketSet::new(vec![]),
+            tunnel: VecDeque::new(),
+            next_port: 40_000,
+            client_rsts: 0,
+            b_tun_packets: 0,
+            tunnel_loss_every: 0,
+            tunnel_count: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn connect(&mut self, port: u16, opts: ClientOpts) -> SocketHandle {
+        // A small receive buffer without scaling: smoltcp picks the shift from the buffer.
+        let rx = if opts.window_scale { 1 << 20 } else { 65_535 };
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; rx]),
+            tcp::SocketBuffer::new(vec![0; 1 << 20]),
+        );
+        if !opts.timestamps {
+            s.set_tsval_generator(None);
+        } else {
+            s.set_tsval_generator(Some(client_tsval));
+        }
+        self.next_port += 1;
+        s.connect(
+            self.client.context(),
+            (IpAddress::Ipv4(SERVICE), port),
+            self.next_port,
+        )
+        .unwrap();
+        self.sockets.add(s)
+    }
+
+    /// Node index of the other node, as a peer reference.
+    fn peer(i: usize) -> PeerRef {
+        PeerRef(i as u32 + 1)
+    }
+
+    fn node_of(peer: PeerRef) -> usize {
+        peer.0 as usize - 1
+    }
+
+    /// One millisecond of everything.
+    fn step(&mut self) {
+        CLOCK_MS.with(|c| c.set(self.now.total_millis() as u32));
+        self.client
+            .poll(self.now, &mut self.pipe, &mut self.sockets);
+        while let Some(p) = self.pipe.tx.pop_front() {
+            self.nodes[0].handle_packet(self.now, &p);
+        }
+        for round in 0..3 {
+            for i in 0..2 {
+                self.nodes[i].poll(self.now);
+                let rx = &mut self.pipe.rx;
+                let rsts = &mut self.client_rsts;
+                let b_tun = &mut self.b_tun_packets;
+                self.nodes[i].drain_transmit(|p| {
+                    if i == 0 {
+                        *rsts += usize::from(is_rst(p));
+                        rx.push_back(p.to_vec());
+                    } else {
+                        *b_tun += 1;
+                    }
+                });
+                let tunnel = &mut self.tunnel;
+                let scratch = &mut self.scratch;
+                self.nodes[i].drain_forward(|f| {
+                    segment(f.packet, DATAGRAM_IP, scratch, |s| {
+                        tunnel.push_back(InTunnel {
+                            kind: f.kind,
+                            to: Self::node_of(f.to.peer),
+                            flow: f.to.flow,
+                            from: i,
+                            packet: s.to_vec(),
+                        })
+                    })
+                    .expect("forwarded packets segment");
+                });
+            }
+            // The tunnel delivers within the same millisecond.
+            while let Some(t) = self.tunnel.pop_front() {
+                self.tunnel_count += 1;
+                if self.tunnel_loss_every > 0
+                    && self.tunnel_count.is_multiple_of(self.tunnel_loss_every)
+                {
+                    continue;
+                }
+                let from = Self::peer(t.from);
+                match t.kind {
+                    ForwardKind::ToOwner => {
+                        self.nodes[t.to].handle_forwarded(self.now, from, t.flow, &t.packet)
+                    }
+                    ForwardKind::ToIngress => {
+                        if self.nodes[t.to].handle_from_owner(self.now, from, t.flow, &t.packet) {
+                            self.client_rsts += usize::from(is_rst(&t.packet));
+                            self.pipe.rx.push_back(t.packet);
+                        }
+                    }
+                }
+            }
+            let _ = round;
+        }
+        self.client
+            .poll(self.now, &mut self.pipe, &mut self.sockets);
+        self.now += Duration::from_millis(1);
+    }
+
+    fn run_until(&mut self, limit_ms: u64, mut done: impl FnMut(&mut Self) -> bool) {
+        for _ in 0..limit_ms {
+            if done(self) {
+                return;
+            }
+            self.step();
+        }
+        panic!("condition not reached within {limit_ms} virtual ms");
+    }
+
+    fn sock(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    /// Moves flow `id` from node `src` to node `dst`, frozen for `freeze_ms` of virtual time
+    /// (packets arriving meanwhile are queued), and returns its id on `dst`.
+    fn migrate(&mut self, src: usize, dst: usize, id: u64, freeze_ms: u64) -> u64 {
+        self.nodes[src].freeze(id).expect("freeze");
+        for _ in 0..freeze_ms {
+            self.step();
+        }
+        let captured = self.nodes[src].capture(id).expect("capture");
+        // Through the wire format, as between nodes.
+        let snapshot = ConnSnapshot::decode(&captured.snapshot.to_bytes()).expect("decodes");
+        assert_eq!(snapshot, captured.snapshot);
+        // Where the client's packets enter, as the target sees it: nowhere else if it is the
+        // target itself.
+        let ingress = match captured.ingress {
+            None => Some(Remote {
+                peer: Self::peer(src),
+                flow: id,
+            }),
+            Some(r) if Self::node_of(r.peer) == dst => None,
+            Some(r) => Some(r),
+        };
+        let new_id = self.nodes[dst]
+            .restore(
+                self.now,
+                &snapshot,
+                RestoreParams {
+                    mss_clamp: MSS_CLAMP,
+                    ingress,
+                    max_buffer: 16 << 20,
+                },
+            )
+            .expect("restore");
+        self.nodes[src]
+            .complete_move(
+                self.now,
+                id,
+                Remote {
+                    peer: Self::peer(dst),
+                    flow: new_id,
+                },
+            )
+            .expect("complete");
+        new_id
+    }
+
+    /// The id of the only connection that lives on node `i`.
+    fn only_local(&self, i: usize) -> u64 {
+        let conns: Vec<_> = self.nodes[i]
+            .conns(self.now)
+            .into_iter()
+            .filter(|c| c.mode != "moved")
+            .collect();
+        assert_eq!(conns.len(), 1, "node {i}: {conns:?}");
+        conns[0].id
+    }
+}
+
+thread_local! {
+    static CLOCK_MS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The client's TSval: a clock unrelated to the nodes', 1000 ms ahead.
+fn client_tsval() -> u32 {
+    CLOCK_MS.with(|c| c.get()).wrapping_add(1000)
+}
+
+fn is_rst(p: &[u8]) -> bool {
+    let ip = Ipv4Packet::new_checked(p).unwrap();
+    TcpPacket::new_checked(ip.payload()).unwrap().rst()
+}
+
+fn counting(offset: u64, n: usize) -> Vec<u8> {
+    (offset..offset + n as u64)
+        .map(|i| ((i / 8) >> (8 * (i % 8))) as u8)
+        .collect()
+}
+
+fn recv_all(s: &mut tcp::Socket<'static>, into: &mut Vec<u8>) {
+    while s.can_recv() {
+        s.recv(|b| {
+            into.extend_from_slice(b);
+            (b.len(), ())
+        })
+        .unwrap();
+    }
+}
+
+/// A counting-stream download moved from A to B mid-stream, under each client option set.
+fn download_moved_once(opts: ClientOpts) {
+    let mut n = Net::new();
+    let h = n.connect(19, opts);
+    let mut got = Vec::new();
+    n.run_until(10_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got.len() > 500_000
+    });
+    let id = n.only_local(0);
+    let moved = n.migrate(0, 1, id, 3);
+    n.run_until(60_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        !n.sock(h).may_recv()
+    });
+    assert_eq!(got.len(), 3_000_000);
+    assert!(got == counting(0, 3_000_000), "counting stream mismatch");
+    assert_eq!(n.client_rsts, 0);
+    assert_eq!(n.b_tun_packets, 0, "B wrote to its own TUN");
+    let b = n.nodes[1].stats().clone();
+    assert_eq!(b.conns_restored, 1);
+    assert!(b.forwarded_to_ingress > 100, "{b:?}");
+    assert_eq!(b.tunnel_packets_refused, 0);
+    let a = n.nodes[0].stats().clone();
+    assert_eq!(a.conns_moved_out, 1);
+    assert!(a.relayed_from_owner > 100, "{a:?}");
+    // The source sent its FIN from B: the client closes, and every node cleans up.
+    n.sock(h).close();
+    n.run_until(30_000, |n| {
+        n.nodes[0].connection_count() == 0 && n.nodes[1].connection_count() == 0
+    });
+    assert_eq!(n.client_rsts, 0);
+    let _ = moved;
+}
+
+#[test]
+fn a_download_moved_mid_stream_is_byte_exact() {
+    download_moved_once(ClientOpts::DEFAULT);
+}
+
+#[test]
+fn a_download_moves_without_client_timestamps() {
+    download_moved_once(ClientOpts {
+        timestamps: false,
+        window_scale: true,
+    });
+}
+
+#[test]
+fn a_download_moves_without_window_scaling() {
+    download_moved_once(ClientOpts {
+        timestamps: true,
+        window_scale: false,
+    });
+}
+
+#[test]
+fn a_frozen_flow_sends_nothing_and_does_not_time_out() {
+    let mut n = Net::new();
+    let h = n.connect(19, ClientOpts::DEFAULT);
+    let mut got = Vec::new();
+    n.run_until(10_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got.len() > 200_000
+    });
+    let id = n.only_local(0);
+    n.nodes[0].freeze(id).unwrap();
+    let before = n.nodes[0].stats().packets_out;
+    // Longer than smoltcp's unacknowledged-data timeout: a socket still in the set would
+    // retransmit, then reset the client.
+    let frozen_ms = UNACKED_TIMEOUT.total_millis() + 5_000;
+    for _ in 0..frozen_ms / 50 {
+        n.now += Duration::from_millis(49);
+        n.step();
+    }
+    assert_eq!(
+        n.nodes[0].stats().packets_out,
+        before,
+        "a frozen flow transmitted"
+    );
+    let conns = n.nodes[0].conns(n.now);
+    assert_eq!(conns[0].mode, "frozen");
+    assert_eq!(conns[0].state, "ESTABLISHED");
+    let replayed = n.nodes[0].thaw(n.now, id).unwrap();
+    assert!(replayed > 0, "the client's retransmissions were queued");
+    n.run_until(120_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        !n.sock(h).may_recv()
+    });
+    assert!(got == counting(0, 3_000_000), "counting stream mismatch");
+    assert_eq!(n.client_rsts, 0);
+}
+
+#[test]
+fn an_upload_moved_mid_stream_is_byte_exact() {
+    let mut n = Net::new();
+    let h = n.connect(9, ClientOpts::DEFAULT);
+    let data = counting(3, 2_000_000);
+    let mut sent = 0;
+    let mut got = Vec::new();
+    let mut moved = false;
+    n.run_until(60_000, |n| {
+        let s = n.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+            if sent == data.len() {
+                s.close();
+            }
+        }
+        recv_all(s, &mut got);
+        if !moved
+            && n.nodes[0]
+                .conns(n.now)
+                .first()
+                .is_some_and(|c| c.bytes_in > 700_000)
+        {
+            moved = true;
+            let id = n.only_local(0);
+            n.migrate(0, 1, id, 2);
+        }
+        got.ends_with(b"\n")
+    });
+    assert!(moved);
+    let want = format!("{} {:08x}\n", data.len(), crc32fast::hash(&data));
+    assert_eq!(String::from_utf8(got).unwrap(), want);
+    assert_eq!(n.client_rsts, 0);
+    assert_eq!(n.b_tun_packets, 0);
+}
+
+#[test]
+fn an_echo_session_moves_back_and_forth_fifty_times() {
+    let mut n = Net::new();
+    let h = n.connect(7, ClientOpts::DEFAULT);
+    n.run_until(1_000, |n| n.sock(h).state() == tcp::State::Established);
+    let mut on = 0usize;
+    let mut id = n.only_local(0);
+    let mut offset = 0u64;
+    let mut got = Vec::new();
+    for round in 0..50 {
+        // Some bytes before each move, some still in flight when it freezes.
+        let chunk = counting(offset, 20_000 + round * 97);
+        offset += chunk.len() as u64;
+        let mut sent = 0;
+        n.run_until(5_000, |n| {
+            let s = n.sock(h);
+            if sent < chunk.len() && s.can_send() {
+                sent += s.send_slice(&chunk[sent..]).unwrap();
+            }
+            recv_all(s, &mut got);
+            sent == chunk.len() && got.len() as u64 > offset - 5_000
+        });
+        let to = 1 - on;
+        id = n.migrate(on, to, id, 1 + round as u64 % 3);
+        on = to;
+    }
+    n.run_until(10_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got.len() as u64 == offset
+    });
+    assert!(got == counting(0, offset as usize), "echo mismatch");
+    assert_eq!(n.client_rsts, 0);
+    // 50 moves end on A, where the packets enter: no entry left on B.
+    assert_eq!(on, 0);
+    assert_eq!(n.nodes[1].connection_count(), 0);
+    assert_eq!(n.nodes[0].conns(n.now)[0].mode, "local");
+    assert_eq!(n.nodes[0].stats().conns_restored, 25);
+    assert_eq!(n.b_tun_packets, 0);
+}
+
+#[test]
+fn unread_bytes_and_a_closed_window_move() {
+    // The client writes to echo without reading: echo's buffer fills, then the node's receive
+    // buffer (unread bytes), then the client's window closes. Move in that state.
+    let mut n = Net::new();
+    let h = n.connect(7, ClientOpts::DEFAULT);
+    let data = counting(0, 3_000_000);
+    let mut sent = 0;
+    n.run_until(20_000, |n| {
+        let s = n.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        n.nodes[0]
+            .conns(n.now)
+            .first()
+            .is_some_and(|c| c.recv_queue > 30_000)
+    });
+    let recv_queue = n.nodes[0].conns(n.now)[0].recv_queue;
+    assert!(recv_queue > 30_000, "unread bytes: {recv_queue}");
+    let id = n.only_local(0);
+    n.migrate(0, 1, id, 5);
+    let mut got = Vec::new();
+    n.run_until(60_000, |n| {
+        let s = n.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        recv_all(s, &mut got);
+        got.len() == data.len()
+    });
+    assert!(got == data, "echo mismatch");
+    assert_eq!(n.client_rsts, 0);
+}
+
+#[test]
+fn a_move_over_a_lossy_tunnel_completes() {
+    let mut n = Net::new();
+    n.tunnel_loss_every = 10;
+    let h = n.connect(19, ClientOpts::DEFAULT);
+    let mut got = Vec::new();
+    n.run_until(10_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got.len() > 300_000
+    });
+    let id = n.only_local(0);
+    n.migrate(0, 1, id, 3);
+    n.run_until(300_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        !n.sock(h).may_recv()
+    });
+    assert!(got == counting(0, 3_000_000), "counting stream mismatch");
+    assert_eq!(n.client_rsts, 0);
+}
+
+/// Waits (client not reading) until node A's only flow is in `state`, moves it to B, then
+/// reads everything: `want` bytes and the node's FIN.
+fn move_in_state(port: u16, upload: &[u8], close_first: bool, state: &str, want: &[u8]) {
+    let mut n = Net::new();
+    // No window scaling: a 64 KiB client buffer, so the node's send buffer stays full.
+    let h = n.connect(
+        port,
+        ClientOpts {
+            timestamps: true,
+            window_scale: false,
+        },
+    );
+    let mut sent = 0;
+    n.run_until(20_000, |n| {
+        let s = n.sock(h);
+        if s.can_send() && sent < upload.len() {
+            sent += s.send_slice(&upload[sent..]).unwrap();
+        }
+        if close_first && sent == upload.len() && s.state() == tcp::State::Established {
+            s.close();
+        }
+        n.nodes[0]
+            .conns(n.now)
+            .first()
+            .is_some_and(|c| c.state == state)
+    });
+    let c = n.nodes[0].conns(n.now)[0].clone();
+    assert!(c.send_queue > 0, "bytes in flight: {c:?}");
+    n.migrate(0, 1, c.id, 2);
+    let conns = n.nodes[1].conns(n.now);
+    assert_eq!(conns[0].state, state, "restored in the same state");
+    let mut got = Vec::new();
+    n.run_until(20_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        !n.sock(h).may_recv()
+    });
+    assert!(got == want, "{} bytes, want {}", got.len(), want.len());
+    n.sock(h).close();
+    n.run_until(30_000, |n| {
+        n.nodes[0].connection_count() == 0 && n.nodes[1].connection_count() == 0
+    });
+    assert_eq!(n.client_rsts, 0);
+    assert_eq!(n.b_tun_packets, 0);
+}
+
+#[test]
+fn a_flow_in_fin_wait_1_moves() {
+    // The source app wrote its last byte and closed: FIN queued behind unacknowledged bytes.
+    move_in_state(20, &[], false, "FIN-WAIT-1", &counting(0, 100_000));
+}
+
+#[test]
+fn a_flow_in_close_wait_moves() {
+    // The client sent everything and its FIN; echo has more to return than the client's
+    // window takes, so the node is in CLOSE-WAIT with bytes to send.
+    let data = counting(9, 160_000);
+    move_in_state(7, &data, true, "CLOSE-WAIT", &data);
+}
+
+#[test]
+fn a_flow_in_last_ack_moves() {
+    // Echo returned everything it will (100 KB after the client's FIN) and closed: FIN
+    // queued behind bytes the closed client window holds back.
+    let data = counting(9, 100_000);
+    move_in_state(7, &data, true, "LAST-ACK", &data);
+}
