@@ -25,12 +25,18 @@ fn write_seeds(target: &str, seeds: &[(String, Vec<u8>)]) {
     }
 }
 
-/// Runs `harness` over every committed file of `target`'s corpus.
-fn replay(target: &str, harness: impl Fn(&[u8])) {
+/// Runs `harness` over every committed file of `target`'s corpus. The files this test
+/// writes (`seed-*`) must be accepted: a format change without a corpus rewrite fails here.
+fn replay(target: &str, harness: impl Fn(&[u8]) -> bool) {
     let dir = corpus_dir(target);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-        harness(&std::fs::read(entry.path()).unwrap());
+        let accepted = harness(&std::fs::read(entry.path()).unwrap());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(
+            accepted || !name.starts_with("seed-"),
+            "{name} is rejected: rewrite the corpus (FLOWSHIFT_WRITE_CORPUS=1)"
+        );
         n += 1;
     }
     assert!(n > 0, "no corpus files in {}", dir.display());
@@ -51,7 +57,5 @@ fn snapshot_seeds_round_trip() {
 
 #[test]
 fn snapshot_corpus_replay() {
-    replay("snapshot", |b| {
-        fuzzing::snapshot(b);
-    });
+    replay("snapshot", fuzzing::snapshot);
 }
