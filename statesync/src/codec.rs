@@ -4,10 +4,13 @@
 //! * [`Bytes`] / [`BoundedBytes`] encode byte strings as postcard byte arrays (a varint
 //!   length, then the bytes: the same layout as a sequence of `u8`, but copied at once)
 //!   and refuse, before copying, any longer than a stated bound.
+//! * [`batch`] decodes a sequence of at most [`MAX_BATCH`](crate::protocol::MAX_BATCH)
+//!   entries, refusing a longer one from its length prefix, before decoding any entry.
 
 use core::fmt;
+use core::marker::PhantomData;
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// A postcard output flavor that appends to a borrowed vector.
@@ -101,5 +104,47 @@ pub(crate) mod app_bytes {
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         BoundedBytes::<MAX_APP_STATE>::deserialize(d).map(|b| b.0)
+    }
+}
+
+/// `#[serde(deserialize_with = "crate::codec::batch")]`: a sequence of at most
+/// [`MAX_BATCH`](crate::protocol::MAX_BATCH) entries.
+pub(crate) fn batch<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    d.deserialize_seq(BatchVisitor(PhantomData))
+}
+
+struct BatchVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for BatchVisitor<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "a sequence of at most {} entries",
+            crate::protocol::MAX_BATCH
+        )
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let max = crate::protocol::MAX_BATCH;
+        // postcard hints the declared length, or nothing when the declared length is
+        // longer than the remaining input (which then fails on its own).
+        let hint = seq.size_hint().unwrap_or(0);
+        if hint > max {
+            return Err(de::Error::invalid_length(hint, &self));
+        }
+        let mut out = Vec::with_capacity(hint);
+        while let Some(v) = seq.next_element()? {
+            if out.len() == max {
+                return Err(de::Error::invalid_length(max + 1, &self));
+            }
+            out.push(v);
+        }
+        Ok(out)
     }
 }

@@ -59,3 +59,23 @@ fn snapshot_seeds_round_trip() {
 fn snapshot_corpus_replay() {
     replay("snapshot", fuzzing::snapshot);
 }
+
+#[test]
+fn message_seeds_decode() {
+    let seeds: Vec<(String, Vec<u8>)> = common::message_seeds()
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (format!("seed-{i:02}"), m.to_bytes()))
+        .collect();
+    let mut h = fuzzing::MessageHarness::new();
+    for (name, bytes) in &seeds {
+        assert!(h.run(bytes), "{name} decodes");
+    }
+    write_seeds("message", &seeds);
+}
+
+#[test]
+fn message_corpus_replay() {
+    let h = std::cell::RefCell::new(fuzzing::MessageHarness::new());
+    replay("message", |b| h.borrow_mut().run(b));
+}

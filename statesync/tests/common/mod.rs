@@ -87,3 +87,52 @@ pub fn snapshot_seeds() -> Vec<ConnSnapshot> {
     out.push(wrap);
     out
 }
+
+/// Real messages of migration 1 between the `fuzzing::MessageHarness` source and target,
+/// one of each kind and variant: seeds for the `message` fuzz target and the hostile-input
+/// tests.
+pub fn message_seeds() -> Vec<flowshift_statesync::protocol::Message> {
+    use flowshift_statesync::fuzzing::{harness_offer, harness_snapshot};
+    use flowshift_statesync::protocol::*;
+    let m = MigrationId(1);
+    vec![
+        Message::Offer(Offer {
+            migration: m,
+            conns: (0..4).map(harness_offer).collect(),
+        }),
+        Message::Accept(Accept {
+            migration: m,
+            verdicts: vec![
+                (0, Verdict::Accepted),
+                (1, Verdict::Accepted),
+                (2, Verdict::Accepted),
+                (3, Verdict::Refused(RefuseReason::Capacity)),
+            ],
+        }),
+        Message::Transfer(Transfer {
+            migration: m,
+            snapshots: (0..3).map(|f| (f, harness_snapshot(f))).collect(),
+            withdrawn: vec![(3, RefuseReason::CaptureFailed)],
+        }),
+        Message::Commit(Commit {
+            migration: m,
+            results: vec![
+                (0, Ok(1000)),
+                (1, Ok(1001)),
+                (2, Err(RefuseReason::RestoreFailed)),
+            ],
+        }),
+        Message::Abort(Abort {
+            migration: m,
+            from: Side::Source,
+            reason: AbortReason::Timeout,
+            flows: vec![0, 1, 2, 3],
+        }),
+        Message::Abort(Abort {
+            migration: m,
+            from: Side::Target,
+            reason: AbortReason::UnknownMigration,
+            flows: vec![],
+        }),
+    ]
+}
