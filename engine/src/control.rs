@@ -2,7 +2,8 @@
 //!
 //! One request per line, one reply per line:
 //! `{"cmd":"status"}`, `{"cmd":"conns"}`, `{"cmd":"metrics"}`, `{"cmd":"freeze","id":N}`,
-//! `{"cmd":"thaw","id":N}`. A reply is `{"ok":true,"result":…}` or `{"ok":false,"error":"…"}`.
+//! `{"cmd":"thaw","id":N}`, `{"cmd":"migrate","to":"b","conns":[N…]}` (or `"port":P`,
+//! `"count":N`, `"all":true`), `{"cmd":"drain","to":"b"}`. A reply is `{"ok":true,"result":…}` or `{"ok":false,"error":"…"}`.
 //! Garbage gets an error reply; a line longer than [`MAX_LINE`] closes the connection.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -25,6 +26,11 @@ pub const MAX_CLIENTS: usize = 32;
 pub enum Request {
     /// Every connection.
     Conns,
+    /// Move everything to a peer, refusing new connections: the node empties.
+    Drain {
+        /// The target peer's name.
+        to: String,
+    },
     /// Freeze a connection: queue its packets.
     Freeze {
         /// Connection id from `conns`.
@@ -32,6 +38,24 @@ pub enum Request {
     },
     /// Prometheus text exposition.
     Metrics,
+    /// Move connections to a peer: those listed, or those on a port, or the first `count`,
+    /// or all.
+    Migrate {
+        /// The target peer's name.
+        to: String,
+        /// Connection ids.
+        #[serde(default)]
+        conns: Vec<u64>,
+        /// Every connection to this service port.
+        #[serde(default)]
+        port: Option<u16>,
+        /// The first N connections that can move.
+        #[serde(default)]
+        count: Option<usize>,
+        /// Every connection that can move.
+        #[serde(default)]
+        all: bool,
+    },
     /// Every tunnel peer.
     Peers,
     /// Node summary.

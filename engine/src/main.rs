@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flowshift::config::Config;
 use flowshift::control::{self, Request};
+use flowshift::tunnel::migrate::{ConnOutcome, MigrateReport};
 use flowshift_core::stack::ConnInfo;
 
 mod demo;
@@ -92,6 +93,32 @@ enum CtlCommand {
     },
     /// Tunnel peers: handshake age, RTT, loss, bytes, liveness, last load report.
     Peers,
+    /// Move live connections to a peer node; the clients keep their connections.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["conn", "port", "count", "all"])))]
+    Migrate {
+        /// The target peer (its name in `[[tunnel.peer]]`).
+        #[arg(long)]
+        to: String,
+        /// Connection ids, as `conns` shows them (`0x…`) or in decimal.
+        #[arg(long, value_parser = parse_id, num_args = 1..)]
+        conn: Vec<u64>,
+        /// Every connection to this service port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// The first N connections that can move.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Every connection that can move.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Refuse new connections and move every connection to a peer; says when the node is
+    /// empty.
+    Drain {
+        /// The target peer.
+        #[arg(long)]
+        to: String,
+    },
     /// Send N bytes of the counting stream to a peer over the tunnel (for tests and benchmarks).
     TunnelSend {
         /// Peer name.
@@ -167,6 +194,20 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
         CtlCommand::Freeze { id } => Request::Freeze { id },
         CtlCommand::Thaw { id } => Request::Thaw { id },
         CtlCommand::Peers => Request::Peers,
+        CtlCommand::Migrate {
+            to,
+            conn,
+            port,
+            count,
+            all,
+        } => Request::Migrate {
+            to,
+            conns: conn,
+            port,
+            count,
+            all,
+        },
+        CtlCommand::Drain { to } => Request::Drain { to },
         CtlCommand::TunnelSend {
             peer,
             bytes,
@@ -238,6 +279,33 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
                 )?;
             }
         }
+        Request::Migrate { .. } => {
+            let report: MigrateReport = serde_json::from_value(result)?;
+            write!(out, "{}", migrate_table(&report))?;
+        }
+        Request::Drain { .. } => {
+            let conns: Vec<ConnOutcome> =
+                serde_json::from_value(result["conns"].clone()).unwrap_or_default();
+            let report = MigrateReport {
+                peer: plain(&result["peer"]),
+                migration: None,
+                moved: conns.iter().filter(|c| c.moved).count(),
+                stayed: conns.iter().filter(|c| !c.moved).count(),
+                elapsed_ms: result["elapsed_ms"].as_f64().unwrap_or(0.0),
+                abort: None,
+                conns,
+            };
+            write!(out, "{}", migrate_table(&report))?;
+            if result["empty"].as_bool() == Some(true) {
+                writeln!(out, "node empty: every connection moved to {}", report.peer)?;
+            } else {
+                writeln!(
+                    out,
+                    "node not empty: {} connection(s) left (see --json)",
+                    plain(&result["left"])
+                )?;
+            }
+        }
         Request::Status => {
             if let Some(map) = result.as_object() {
                 for (k, v) in map {
@@ -273,6 +341,47 @@ fn human_bytes(n: f64) -> String {
     } else {
         format!("{v:.1}{}", UNITS[u])
     }
+}
+
+/// Renders a migration report: one line per connection, then a summary.
+fn migrate_table(r: &MigrateReport) -> String {
+    let mut s = format!(
+        "{:<16} {:<21} {:<24} {:>10}\n",
+        "ID", "CLIENT", "OUTCOME", "FREEZE"
+    );
+    for c in &r.conns {
+        let outcome = match (c.moved, c.remote_id) {
+            (true, Some(remote)) => format!("moved to {} as {remote:#x}", r.peer),
+            (true, None) => format!("moved to {}", r.peer),
+            (false, _) => format!("stayed: {}", c.reason.as_deref().unwrap_or("unknown")),
+        };
+        s += &format!(
+            "{:<16} {:<21} {:<24} {:>10}\n",
+            format!("{:#x}", c.id),
+            c.client.map_or("-".into(), |a| a.to_string()),
+            outcome,
+            c.freeze_ms.map_or("-".into(), |ms| format!("{ms:.2}ms")),
+        );
+    }
+    let mut freezes: Vec<f64> = r
+        .conns
+        .iter()
+        .filter(|c| c.moved)
+        .filter_map(|c| c.freeze_ms)
+        .collect();
+    freezes.sort_by(f64::total_cmp);
+    let median = freezes.get(freezes.len() / 2).copied();
+    s += &format!(
+        "{} moved, {} stayed in {:.1} ms{}{}\n",
+        r.moved,
+        r.stayed,
+        r.elapsed_ms,
+        median.map_or(String::new(), |m| format!("; median freeze {m:.2} ms")),
+        r.abort
+            .as_ref()
+            .map_or(String::new(), |a| format!("; aborted: {a}")),
+    );
+    s
 }
 
 /// Renders `conns` as the `ctl conns` table.

@@ -11,6 +11,8 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+
+use crate::tunnel::migrate::{FREEZE_BUCKETS_MS, MigrationStats};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -55,6 +57,7 @@ pub fn render(
     stats: &StackStats,
     gauges: &NodeGauges,
     tunnel: Option<&flowshift_tunnel::Stats>,
+    migration: Option<&MigrationStats>,
 ) -> String {
     let mut r = Registry::with_prefix("flowshift");
     counter(
@@ -287,10 +290,97 @@ pub fn render(
             counter(&mut r, name, help, v);
         }
     }
+    counter(
+        &mut r,
+        "moved_packets_forwarded",
+        "Client packets of connections moved away, forwarded to their owner",
+        stats.forwarded_to_owner,
+    );
+    counter(
+        &mut r,
+        "moved_packets_relayed",
+        "Packets of connections moved away, from their owner to the TUN device",
+        stats.relayed_from_owner,
+    );
+    counter(
+        &mut r,
+        "restored_packets_returned",
+        "Packets of connections restored here, sent back to where they entered",
+        stats.forwarded_to_ingress,
+    );
+    counter(
+        &mut r,
+        "tunnel_packets_refused",
+        "Forwarded packets refused (unknown connection, wrong peer or 4-tuple)",
+        stats.tunnel_packets_refused,
+    );
+    let mut freeze = String::new();
+    if let Some(m) = migration {
+        counter(
+            &mut r,
+            "migrations_moved_out",
+            "Connections moved from this node to another",
+            m.moved_out,
+        );
+        counter(
+            &mut r,
+            "migrations_moved_in",
+            "Connections restored on this node from another",
+            m.moved_in,
+        );
+        for (name, help, list) in [
+            (
+                "migration_stayed",
+                "Connections offered for a move that stayed, by reason",
+                &m.stayed,
+            ),
+            (
+                "migration_aborts",
+                "Migrations given up, by reason",
+                &m.aborts,
+            ),
+        ] {
+            let family = Family::<ReasonLabel, Counter>::default();
+            for (reason, n) in list {
+                family
+                    .get_or_create(&ReasonLabel {
+                        reason: reason.clone(),
+                    })
+                    .inc_by(*n);
+            }
+            r.register(name, help, family);
+        }
+        freeze = freeze_histogram(m);
+    }
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+    if !freeze.is_empty()
+        && let Some(body) = out.strip_suffix("# EOF\n")
+    {
+        out = format!("{body}{freeze}# EOF\n");
+    }
     out
+}
+
+/// The freeze-time histogram, in OpenMetrics text (its buckets are counted by the
+/// coordinator, not observed here).
+fn freeze_histogram(m: &MigrationStats) -> String {
+    use std::fmt::Write;
+    let name = "flowshift_migration_freeze_seconds";
+    let mut s = format!(
+        "# HELP {name} Time moved connections were frozen (nothing delivered or sent).\n# TYPE {name} histogram\n"
+    );
+    let mut cumulative = 0;
+    for (i, le) in FREEZE_BUCKETS_MS.iter().enumerate() {
+        cumulative += m.freeze_buckets.get(i).copied().unwrap_or(0);
+        let _ = writeln!(s, "{name}_bucket{{le=\"{}\"}} {cumulative}", le / 1e3);
+    }
+    cumulative += m.freeze_buckets.last().copied().unwrap_or(0);
+    let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(s, "{name}_sum {}", m.freeze_sum_s);
+    let _ = writeln!(s, "{name}_count {cumulative}");
+    s
 }
 
 /// What [`render`]'s text is: OpenMetrics (it ends with `# EOF`).
@@ -363,8 +453,35 @@ mod tests {
                 ..Default::default()
             },
             Some(&tunnel),
+            Some(&MigrationStats {
+                moved_out: 3,
+                stayed: vec![("capacity".into(), 2)],
+                freeze_buckets: vec![1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1],
+                freeze_sum_s: 3.5,
+                ..Default::default()
+            }),
         );
         assert!(text.contains("flowshift_tun_packets_in_total 5"), "{text}");
+        assert!(
+            text.contains("flowshift_migrations_moved_out_total 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_migration_stayed_total{reason=\"capacity\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_migration_freeze_seconds_bucket{le=\"0.002\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_migration_freeze_seconds_bucket{le=\"+Inf\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_migration_freeze_seconds_count 4\n"),
+            "{text}"
+        );
         assert!(
             text.contains("flowshift_tunnel_rejected_total{reason=\"replayed\"} 4"),
             "{text}"

@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
@@ -25,14 +25,24 @@ use crate::metrics::{self, NodeGauges};
 use crate::netlink;
 use crate::offload;
 use crate::tunnel;
+use crate::tunnel::migrate::{ConnOutcome, MigrateReport, OfferResult};
+use flowshift_core::flow::PeerRef;
+use flowshift_core::flow::Remote;
+use flowshift_core::segment::segment;
+use flowshift_core::stack::{CaptureError, ForwardKind, RestoreError, RestoreParams};
 use flowshift_core::stack::{
     ConnInfo, ConnectionBudget, FlowError, Stack, StackConfig, StackStats,
 };
+use flowshift_statesync::envelope::{EnvelopeKind, EnvelopeRepr, HEADER_LEN};
+use flowshift_statesync::protocol::{MigrationId, RefuseReason};
+use flowshift_statesync::snapshot::ConnSnapshot;
 
 const TUN: Token = Token(0);
 const WAKER: Token = Token(1);
 /// Packets read per turn before the worker serves its stack (fairness, bounded latency).
 const READ_BATCH: usize = 256;
+/// Largest socket buffer a connection moved here may bring (its window scale comes from it).
+const MAX_RESTORED_BUFFER: usize = 16 << 20;
 /// Largest TCP segment handed to the kernel for segmentation (TSO), IP header included.
 const TSO_MAX: usize = 65_000;
 
@@ -82,22 +92,58 @@ fn setup(what: &'static str) -> impl FnOnce(io::Error) -> NodeError {
     move |source| NodeError::Setup { what, source }
 }
 
-/// Messages from the control thread to a worker.
-enum WorkerMsg {
+/// Messages to a worker, from the control and tunnel threads.
+pub(crate) enum WorkerMsg {
     Conns(Sender<Vec<ConnInfo>>),
     Stats(Sender<StackStats>),
     Freeze(u64, Sender<Result<(), FlowError>>),
     Thaw(u64, Sender<Result<usize, FlowError>>),
-    Shutdown { deadline: StdInstant },
+    /// Packets of moved flows that arrived through the tunnel.
+    Tunnel(Vec<tunnel::TunnelPacket>),
+    /// What migration offers say of these flows (ids of other workers' flows are skipped).
+    Offers(Vec<u64>, Sender<Vec<(u64, OfferResult)>>),
+    /// Freeze and capture these flows; answer with `Command::Captured`.
+    Capture {
+        migration: MigrationId,
+        flows: Vec<u64>,
+    },
+    /// The target committed: forward the frozen flow to it; answer with `Command::MoveDone`.
+    Complete {
+        migration: MigrationId,
+        flow: u64,
+        to: Remote,
+    },
+    /// The move failed: thaw the frozen flow; answer with `Command::MoveDone`.
+    ThawMoved {
+        migration: MigrationId,
+        flow: u64,
+    },
+    /// Restore these snapshots; answer with `Command::Restored`.
+    Restore {
+        peer: PeerRef,
+        migration: MigrationId,
+        items: Vec<(u64, ConnSnapshot, Option<Remote>)>,
+        mss_clamp: u16,
+        max_buffer: usize,
+    },
+    /// Drop these restored flows silently: their source kept them.
+    Discard(Vec<u64>),
+    /// Refuse new connections from now on (a drain).
+    StopAccepting,
+    Shutdown {
+        deadline: StdInstant,
+    },
 }
 
-struct WorkerHandle {
+/// A worker's inbox, with the waker that makes it look.
+#[derive(Clone)]
+pub(crate) struct WorkerHandle {
     tx: Sender<WorkerMsg>,
     waker: Arc<Waker>,
 }
 
 impl WorkerHandle {
-    fn send(&self, msg: WorkerMsg) -> bool {
+    pub(crate) fn send(&self, msg: WorkerMsg) -> bool {
         self.tx.send(msg).is_ok() && self.waker.wake().is_ok()
     }
 }
@@ -121,6 +167,12 @@ struct Worker {
     clock: Clock,
     tun_write_errors: Arc<AtomicU64>,
     packets: RxBuffers,
+    /// The tunnel, where packets of moved flows go.
+    tunnel: Option<tunnel::TunnelSender>,
+    /// Scratch for cutting forwarded packets into datagrams.
+    segment_buf: Vec<u8>,
+    /// Scratch for writing relayed packets behind a virtio-net header.
+    relay_buf: Vec<u8>,
 }
 
 /// The receive buffer: one packet (with TUN offload, a virtio-net header and possibly a packet
@@ -173,11 +225,91 @@ impl Worker {
                         let _ = reply.send(self.stack.stats().clone());
                     }
                     WorkerMsg::Freeze(id, reply) => {
-                        let _ = reply.send(self.stack.freeze(id));
+                        let _ = reply.send(self.stack.freeze(now, id));
                     }
                     WorkerMsg::Thaw(id, reply) => {
                         let _ = reply.send(self.stack.thaw(now, id));
                     }
+                    WorkerMsg::Tunnel(packets) => self.tunnel_packets(now, packets),
+                    WorkerMsg::Offers(ids, reply) => {
+                        let offers = ids
+                            .into_iter()
+                            .filter_map(|id| match self.stack.offer(id) {
+                                Err(CaptureError::NoSuchFlow(_)) => None,
+                                r => Some((id, r.map_err(|e| e.to_string()))),
+                            })
+                            .collect();
+                        let _ = reply.send(offers);
+                    }
+                    WorkerMsg::Capture { migration, flows } => self.capture(now, migration, flows),
+                    WorkerMsg::Complete {
+                        migration,
+                        flow,
+                        to,
+                    } => {
+                        let frozen = self.stack.frozen_for(now, flow).map(std_duration);
+                        let moved = match self.stack.complete_move(now, flow, to) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::warn!(%migration, flow = format_args!("{flow:#x}"), error = %e, "move not completed");
+                                false
+                            }
+                        };
+                        self.send_to_tunnel(tunnel::Command::MoveDone {
+                            migration,
+                            flow,
+                            moved,
+                            frozen,
+                        });
+                    }
+                    WorkerMsg::ThawMoved { migration, flow } => {
+                        let frozen = self.stack.frozen_for(now, flow).map(std_duration);
+                        if let Err(e) = self.stack.thaw(now, flow) {
+                            tracing::warn!(%migration, flow = format_args!("{flow:#x}"), error = %e, "thaw after a failed move");
+                        }
+                        self.send_to_tunnel(tunnel::Command::MoveDone {
+                            migration,
+                            flow,
+                            moved: false,
+                            frozen,
+                        });
+                    }
+                    WorkerMsg::Restore {
+                        peer,
+                        migration,
+                        items,
+                        mss_clamp,
+                        max_buffer,
+                    } => {
+                        let results = items
+                            .into_iter()
+                            .map(|(flow, snap, ingress)| {
+                                let params = RestoreParams {
+                                    mss_clamp,
+                                    ingress,
+                                    max_buffer,
+                                };
+                                let r = self.stack.restore(now, &snap, params).map_err(|e| {
+                                    tracing::info!(%migration, flow = format_args!("{flow:#x}"), client = %snap.client, error = %e, "restore refused");
+                                    refuse_reason(&e)
+                                });
+                                (flow, r)
+                            })
+                            .collect();
+                        self.send_to_tunnel(tunnel::Command::Restored {
+                            peer,
+                            migration,
+                            results,
+                        });
+                    }
+                    WorkerMsg::Discard(flows) => {
+                        for f in flows {
+                            if let Err(e) = self.stack.discard(f) {
+                                tracing::debug!(flow = format_args!("{f:#x}"), error = %e, "discard");
+                            }
+                        }
+                    }
+                    WorkerMsg::StopAccepting => self.stack.stop_accepting(),
                     WorkerMsg::Shutdown { deadline } => {
                         if shutdown.is_none() {
                             tracing::debug!(
@@ -242,7 +374,123 @@ impl Worker {
         true
     }
 
+    fn send_to_tunnel(&self, cmd: tunnel::Command) {
+        if !self.tunnel.as_ref().is_some_and(|t| t.send(cmd)) {
+            tracing::warn!(worker = self.index, "the tunnel thread is gone");
+        }
+    }
+
+    /// Freezes and captures `flows` for `migration`. A flow whose capture fails is thawed at
+    /// once; a flow not local here (frozen by an operator, or gone) is left as it is.
+    fn capture(&mut self, now: Instant, migration: MigrationId, flows: Vec<u64>) {
+        // Packets smoltcp emitted before the freeze go out first, through the hook, so the
+        // captured `snd_nxt` covers them.
+        self.flush();
+        let mut results = Vec::with_capacity(flows.len());
+        for id in flows {
+            let r = match self.stack.freeze(now, id) {
+                Err(e) => {
+                    tracing::info!(%migration, flow = format_args!("{id:#x}"), error = %e, "not captured");
+                    Err(RefuseReason::CaptureFailed)
+                }
+                Ok(()) => match self.stack.capture(id) {
+                    Ok(c) => Ok((c.snapshot, c.ingress)),
+                    Err(e) => {
+                        tracing::info!(%migration, flow = format_args!("{id:#x}"), error = %e, "not captured; thawed");
+                        let _ = self.stack.thaw(now, id);
+                        Err(RefuseReason::CaptureFailed)
+                    }
+                },
+            };
+            results.push((id, r));
+        }
+        self.send_to_tunnel(tunnel::Command::Captured { migration, results });
+    }
+
+    /// Packets of moved flows from the tunnel: client packets go to the stack, packets for
+    /// the client to the TUN queue (this worker's: the flow id named it).
+    fn tunnel_packets(&mut self, now: Instant, packets: Vec<tunnel::TunnelPacket>) {
+        for p in packets {
+            match p.kind {
+                ForwardKind::ToOwner => self.stack.handle_forwarded(now, p.from, p.flow, &p.packet),
+                ForwardKind::ToIngress => {
+                    if self.stack.handle_from_owner(now, p.from, p.flow, &p.packet) {
+                        self.write_relayed(&p.packet);
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_relayed(&mut self, packet: &[u8]) {
+        let sent = if self.packets.offload {
+            let buf = &mut self.relay_buf;
+            buf.clear();
+            buf.resize(offload::VNET_HDR_LEN, 0);
+            buf.extend_from_slice(packet);
+            offload::prepare(buf, offload::VNET_HDR_LEN, 0).and_then(|()| self.tun.send(buf))
+        } else {
+            self.tun.send(packet)
+        };
+        if let Err(e) = sent
+            && (self.tun_write_errors.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+        {
+            tracing::warn!(error = %e, "TUN write failed");
+        }
+    }
+
+    /// Cuts the stack's forwarded packets into tunnel datagrams, one batch per peer.
+    fn flush_forward(&mut self) {
+        if self.stack.forward_len() == 0 {
+            return;
+        }
+        let Some(tunnel) = &self.tunnel else {
+            self.stack.drain_forward(|_| {});
+            return;
+        };
+        let room = tunnel.max_datagram.saturating_sub(HEADER_LEN);
+        let mut batches: Vec<(PeerRef, tunnel::DatagramBatch)> = Vec::new();
+        let scratch = &mut self.segment_buf;
+        self.stack.drain_forward(|f| {
+            let kind = match f.kind {
+                ForwardKind::ToOwner => EnvelopeKind::ToOwner,
+                ForwardKind::ToIngress => EnvelopeKind::ToIngress,
+            };
+            let header = EnvelopeRepr {
+                kind,
+                flow_id: f.to.flow,
+            }
+            .to_header();
+            let i = match batches.iter().position(|(p, _)| *p == f.to.peer) {
+                Some(i) => i,
+                None => {
+                    batches.push((f.to.peer, Default::default()));
+                    batches.len() - 1
+                }
+            };
+            let batch = &mut batches[i].1;
+            let cut = segment(f.packet, room, scratch, |seg| {
+                batch.buf.extend_from_slice(&header);
+                batch.buf.extend_from_slice(seg);
+                batch.lens.push((HEADER_LEN + seg.len()) as u16);
+            });
+            if let Err(e) = cut {
+                tracing::debug!(error = %e, "forwarded packet not sent");
+            }
+        });
+        for (peer, batch) in batches {
+            tunnel.send(tunnel::Command::Datagrams { peer, batch });
+        }
+    }
+
     fn flush(&mut self) {
+        self.flush_tun();
+        // After the TUN drain: it moves packets of flows whose packets enter elsewhere to the
+        // forward queue.
+        self.flush_forward();
+    }
+
+    fn flush_tun(&mut self) {
         let tun = &self.tun;
         let errors = &self.tun_write_errors;
         let report = |e: io::Error| {
@@ -274,6 +522,8 @@ impl Worker {
 }
 
 struct Node {
+    /// False once the node drains or shuts down: no new connections, no moves in.
+    accepting: Arc<AtomicBool>,
     config: Config,
     workers: Vec<WorkerHandle>,
     budget: ConnectionBudget,
@@ -325,7 +575,13 @@ impl Node {
     }
 
     fn metrics(&self) -> String {
-        metrics::render(&self.stats(), &self.gauges(), self.tunnel_stats().as_ref())
+        let migration = self.ask_tunnel(tunnel::Command::MigrationStats).ok();
+        metrics::render(
+            &self.stats(),
+            &self.gauges(),
+            self.tunnel_stats().as_ref(),
+            migration.as_ref(),
+        )
     }
 
     fn status(&self) -> serde_json::Value {
@@ -399,9 +655,216 @@ fn process_cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// Which connections a `migrate` request names.
+enum Selection {
+    Ids(Vec<u64>),
+    Port(u16),
+    Count(usize),
+    All,
+}
+
+/// TCP states that move (as `ConnInfo::state` names them).
+const MOVABLE: [&str; 5] = [
+    "ESTABLISHED",
+    "CLOSE-WAIT",
+    "FIN-WAIT-1",
+    "CLOSING",
+    "LAST-ACK",
+];
+
+/// How long an operator waits for one migration's outcome: the protocol's own timeouts
+/// (accept 2 s, commit 3 s) end every migration well before.
+const MIGRATE_WAIT: Duration = Duration::from_secs(30);
+
+impl Node {
+    /// Moves the selected connections to the peer named `to`.
+    fn migrate(&self, to: &str, selection: Selection) -> Result<MigrateReport, String> {
+        let started = StdInstant::now();
+        if self.tunnel.is_none() {
+            return Err("this node has no [tunnel]".into());
+        }
+        let conns = self.conns();
+        let local = |c: &&ConnInfo| c.mode == "local" && MOVABLE.contains(&c.state.as_str());
+        let ids: Vec<u64> = match selection {
+            Selection::Ids(ids) => {
+                if let Some(id) = ids.iter().find(|id| !conns.iter().any(|c| c.id == **id)) {
+                    return Err(FlowError::NoSuchFlow(*id).to_string());
+                }
+                ids
+            }
+            Selection::Port(p) => conns
+                .iter()
+                .filter(local)
+                .filter(|c| c.service.port() == p)
+                .map(|c| c.id)
+                .collect(),
+            Selection::Count(n) => conns.iter().filter(local).take(n).map(|c| c.id).collect(),
+            Selection::All => conns.iter().filter(local).map(|c| c.id).collect(),
+        };
+        let mut stayed = Vec::new();
+        let mut offers = Vec::new();
+        for (id, r) in self
+            .ask(|tx| WorkerMsg::Offers(ids.clone(), tx))
+            .into_iter()
+            .flatten()
+        {
+            match r {
+                Ok(o) => offers.push(o),
+                Err(reason) => stayed.push(ConnOutcome {
+                    id,
+                    client: conns.iter().find(|c| c.id == id).map(|c| c.client),
+                    moved: false,
+                    remote_id: None,
+                    freeze_ms: None,
+                    reason: Some(reason),
+                }),
+            }
+        }
+        // One migration per protocol batch, all under way at once.
+        let mut waiting = Vec::new();
+        for chunk in offers.chunks(flowshift_statesync::protocol::MAX_BATCH) {
+            let (tx, rx) = bounded(1);
+            let cmd = tunnel::Command::Migrate {
+                peer: to.to_owned(),
+                offers: chunk.to_vec(),
+                reply: tx,
+            };
+            if !self.tunnel.as_ref().is_some_and(|t| t.send(cmd)) {
+                return Err("the tunnel thread is gone".into());
+            }
+            waiting.push(rx);
+        }
+        let mut report = MigrateReport {
+            peer: to.to_owned(),
+            migration: None,
+            moved: 0,
+            stayed: 0,
+            elapsed_ms: 0.0,
+            abort: None,
+            conns: stayed,
+        };
+        for rx in waiting {
+            let r = rx
+                .recv_timeout(MIGRATE_WAIT)
+                .map_err(|_| "the tunnel thread did not answer".to_owned())??;
+            report.migration = report.migration.or(r.migration);
+            report.abort = report.abort.or(r.abort);
+            report.conns.extend(r.conns);
+        }
+        report.conns.sort_by_key(|c| c.id);
+        report.moved = report.conns.iter().filter(|c| c.moved).count();
+        report.stayed = report.conns.len() - report.moved;
+        report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            peer = to,
+            moved = report.moved,
+            stayed = report.stayed,
+            elapsed_ms = report.elapsed_ms,
+            "migrate request done"
+        );
+        Ok(report)
+    }
+
+    /// Stops accepting, then moves every connection to `to`, round after round, until none
+    /// is left here or a round moves nothing.
+    fn drain(&self, to: &str) -> Result<serde_json::Value, String> {
+        let started = StdInstant::now();
+        if self.tunnel.is_none() {
+            return Err("this node has no [tunnel]".into());
+        }
+        self.accepting.store(false, Ordering::Release);
+        for w in &self.workers {
+            w.send(WorkerMsg::StopAccepting);
+        }
+        tracing::info!(
+            peer = to,
+            "draining: new connections refused, moving every connection"
+        );
+        let mut outcomes: Vec<ConnOutcome> = Vec::new();
+        let mut rounds = 0;
+        while rounds < 20 {
+            rounds += 1;
+            let report = self.migrate(to, Selection::All)?;
+            let moved = report.moved;
+            for c in report.conns {
+                match outcomes.iter_mut().find(|o| o.id == c.id) {
+                    Some(o) => *o = c,
+                    None => outcomes.push(c),
+                }
+            }
+            if moved == 0 {
+                break;
+            }
+        }
+        let left: Vec<ConnInfo> = self
+            .conns()
+            .into_iter()
+            .filter(|c| c.mode != "moved" && !matches!(c.state.as_str(), "TIME-WAIT" | "CLOSED"))
+            .collect();
+        let moved = outcomes.iter().filter(|c| c.moved).count();
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            peer = to,
+            moved,
+            left = left.len(),
+            elapsed_ms,
+            "drain done{}",
+            if left.is_empty() {
+                ": the node is empty"
+            } else {
+                ""
+            }
+        );
+        Ok(serde_json::json!({
+            "peer": to,
+            "rounds": rounds,
+            "moved": moved,
+            "left": left.len(),
+            "empty": left.is_empty(),
+            "elapsed_ms": elapsed_ms,
+            "left_conns": left.iter().map(|c| serde_json::json!({"id": c.id, "client": c.client, "state": c.state, "mode": c.mode})).collect::<Vec<_>>(),
+            "conns": outcomes,
+        }))
+    }
+}
+
 impl Handler for Node {
     fn handle(&self, request: Request) -> Reply {
         match request {
+            Request::Migrate {
+                to,
+                conns,
+                port,
+                count,
+                all,
+            } => {
+                let chosen = usize::from(!conns.is_empty())
+                    + usize::from(port.is_some())
+                    + usize::from(count.is_some())
+                    + usize::from(all);
+                if chosen != 1 {
+                    return Reply::error(
+                        "say which connections: exactly one of conns, port, count, all",
+                    );
+                }
+                let selection = if all {
+                    Selection::All
+                } else if let Some(p) = port {
+                    Selection::Port(p)
+                } else if let Some(n) = count {
+                    Selection::Count(n)
+                } else {
+                    Selection::Ids(conns)
+                };
+                match self.migrate(&to, selection) {
+                    Ok(r) => Reply::ok(serde_json::to_value(r).unwrap_or_default()),
+                    Err(e) => Reply::error(e),
+                }
+            }
+            Request::Drain { to } => match self.drain(&to) {
+                Ok(v) => Reply::ok(v),
+                Err(e) => Reply::error(e),
+            },
             Request::Peers => match self.ask_tunnel(tunnel::Command::Peers) {
                 Ok(peers) => Reply::ok(serde_json::to_value(peers).unwrap_or_default()),
                 Err(e) => Reply::error(e),
@@ -580,10 +1043,12 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         }
     };
 
+    let accepting = Arc::new(AtomicBool::new(true));
+    // Every worker's inbox first: the tunnel thread delivers forwarded packets to them, and
+    // the workers send theirs to the tunnel.
     let mut handles: Vec<WorkerHandle> = Vec::new();
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    for (index, tun) in queues.into_iter().enumerate() {
+    let mut inboxes = Vec::new();
+    for tun in &queues {
         let poll = Poll::new().map_err(setup("mio poll"))?;
         let fd = tun.as_raw_fd();
         poll.registry()
@@ -591,6 +1056,39 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             .map_err(setup("register TUN queue"))?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(setup("mio waker"))?);
         let (tx, rx) = unbounded();
+        handles.push(WorkerHandle { tx, waker });
+        inboxes.push((poll, rx));
+    }
+    let tunnel = match &config.tunnel {
+        None => None,
+        Some(t) => Some(tunnel::start(
+            t,
+            os_random_seed().map_err(setup("random seed"))?,
+            handles.clone(),
+            tunnel::migrate::Coordinator::new(
+                tunnel::migrate::Admission {
+                    addresses: config
+                        .tun
+                        .service_addresses
+                        .iter()
+                        .map(|a| a.addr)
+                        .collect(),
+                    max_buffer: MAX_RESTORED_BUFFER,
+                    budget: budget.clone(),
+                    accepting: accepting.clone(),
+                },
+                *t.private_key.public_key().as_bytes(),
+                // Migration ids never repeat across restarts (a target remembers them).
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_micros() as u64),
+            ),
+        )?),
+    };
+
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    for (index, (tun, (poll, rx))) in queues.into_iter().zip(inboxes).enumerate() {
         let stack = Stack::new(
             StackConfig {
                 worker: index as u16,
@@ -621,6 +1119,9 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             clock,
             tun_write_errors: tun_write_errors.clone(),
             packets: RxBuffers::new(config.tun.offload),
+            tunnel: tunnel.as_ref().map(tunnel::TunnelHandle::sender),
+            segment_buf: Vec::new(),
+            relay_buf: Vec::new(),
         };
         let core = cores.get(index % cores.len().max(1)).copied();
         let thread = std::thread::Builder::new()
@@ -633,18 +1134,11 @@ pub fn run(config: Config) -> Result<(), NodeError> {
                 worker.run();
             })
             .map_err(setup("worker thread"))?;
-        handles.push(WorkerHandle { tx, waker });
         threads.push(thread);
     }
 
-    let tunnel = match &config.tunnel {
-        None => None,
-        Some(t) => Some(tunnel::start(
-            t,
-            os_random_seed().map_err(setup("random seed"))?,
-        )?),
-    };
     let node = Arc::new(Node {
+        accepting,
         config: config.clone(),
         workers: handles,
         budget,
@@ -697,6 +1191,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         "shutting down: no new connections, closing open ones"
     );
     let deadline = StdInstant::now() + timeout;
+    node.accepting.store(false, Ordering::Release);
     for w in &node.workers {
         w.send(WorkerMsg::Shutdown { deadline });
     }
@@ -714,6 +1209,25 @@ pub fn run(config: Config) -> Result<(), NodeError> {
     match panicked {
         Some(index) => Err(NodeError::WorkerPanicked(index)),
         None => Ok(()),
+    }
+}
+
+fn std_duration(d: smoltcp::time::Duration) -> Duration {
+    Duration::from_micros(d.total_micros())
+}
+
+/// The protocol's name for why a restore failed.
+fn refuse_reason(e: &RestoreError) -> RefuseReason {
+    match e {
+        RestoreError::Duplicate(..) => RefuseReason::Duplicate,
+        RestoreError::NotOurAddress(_) => RefuseReason::Malformed,
+        RestoreError::Shutdown => RefuseReason::Shutdown,
+        RestoreError::Capacity => RefuseReason::Capacity,
+        RestoreError::BufferTooLarge { .. } => RefuseReason::BufferMismatch,
+        RestoreError::WindowScaleMismatch { .. } => RefuseReason::WindowScaleMismatch,
+        RestoreError::UnknownApp(_) => RefuseReason::UnknownApp,
+        RestoreError::AppVersion(_) => RefuseReason::AppVersion,
+        RestoreError::App(_) | RestoreError::Handshake(_) => RefuseReason::RestoreFailed,
     }
 }
 

@@ -62,6 +62,8 @@ pub enum FlowMode {
         queue: VecDeque<Vec<u8>>,
         /// Bytes in `queue`.
         queued_bytes: usize,
+        /// When it was frozen.
+        since: Instant,
     },
     /// The connection lives on another node and its packets enter here: they are forwarded
     /// to the owner through the tunnel, and the owner's replies come back to be written to

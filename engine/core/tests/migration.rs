@@ -289,7 +289,7 @@ impl Net {
     /// Moves flow `id` from node `src` to node `dst`, frozen for `freeze_ms` of virtual time
     /// (packets arriving meanwhile are queued), and returns its id on `dst`.
     fn migrate(&mut self, src: usize, dst: usize, id: u64, freeze_ms: u64) -> u64 {
-        self.nodes[src].freeze(id).expect("freeze");
+        self.nodes[src].freeze(self.now, id).expect("freeze");
         for _ in 0..freeze_ms {
             self.step();
         }
@@ -439,7 +439,7 @@ fn a_frozen_flow_sends_nothing_and_does_not_time_out() {
         got.len() > 200_000
     });
     let id = n.only_local(0);
-    n.nodes[0].freeze(id).unwrap();
+    n.nodes[0].freeze(n.now, id).unwrap();
     let before = n.nodes[0].stats().packets_out;
     // Longer than smoltcp's unacknowledged-data timeout: a socket still in the set would
     // retransmit, then reset the client.

@@ -351,7 +351,7 @@ fn frozen_flow_queues_then_resumes() {
     let h = p.connect(7);
     p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
     let id = p.stack.conns(p.now)[0].id;
-    p.stack.freeze(id).unwrap();
+    p.stack.freeze(p.now, id).unwrap();
     p.sock(h).send_slice(b"hello while frozen").unwrap();
     for _ in 0..50 {
         p.step();

@@ -33,6 +33,7 @@ use smoltcp::wire::{
     HardwareAddress, IpAddress, IpCidr, TcpControl, TcpRepr, TcpSeqNumber, TcpTimestampRepr,
 };
 
+use flowshift_statesync::protocol::ConnOffer;
 use flowshift_statesync::snapshot::{AppState, ConnSnapshot, Ingress, TcpState, Timestamps};
 
 use super::{Stack, TurnDevice, TxQueue, tsval_now};
@@ -54,6 +55,9 @@ pub enum CaptureError {
     /// Only frozen flows are captured.
     #[error("connection {0} is not frozen")]
     NotFrozen(u64),
+    /// Only local flows are offered.
+    #[error("connection {0} is frozen or lives on another node")]
+    NotLocal(u64),
     /// Its TCP state does not move.
     #[error("connection {id} is in state {state}, which does not move")]
     State {
@@ -224,6 +228,38 @@ pub fn window_shift(capacity: usize) -> u8 {
 }
 
 impl Stack {
+    /// What a migration offer says of flow `id` (see [`ConnOffer`]), and where its packets
+    /// enter when not here. Only a local flow in a state that moves is offered.
+    pub fn offer(&self, id: u64) -> Result<(ConnOffer, Option<Remote>), CaptureError> {
+        let flow = self
+            .flows
+            .get(self.flows.find_id(id).ok_or(CaptureError::NoSuchFlow(id))?)
+            .ok_or(CaptureError::NoSuchFlow(id))?;
+        if !matches!(flow.mode, FlowMode::Local) {
+            return Err(CaptureError::NotLocal(id));
+        }
+        let socket = self.sockets.get::<tcp::Socket>(flow.handle);
+        let state = tcp_state(socket.state()).ok_or(CaptureError::State {
+            id,
+            state: state_name(socket.state()),
+        })?;
+        let syn_ack = flow.record.our_syn_ack.ok_or(CaptureError::Handshake(id))?;
+        Ok((
+            ConnOffer {
+                flow: id,
+                client: flow.key.client,
+                service: flow.key.service,
+                app_kind: flow.app_kind.code(),
+                app_version: app::SNAPSHOT_VERSION,
+                state,
+                rx_capacity: flow.buffers.0 as u32,
+                tx_capacity: flow.buffers.1 as u32,
+                our_wscale: syn_ack.window_scale.unwrap_or(0),
+            },
+            flow.ingress,
+        ))
+    }
+
     /// Captures the frozen flow `id` for a move. The flow stays frozen; see the module docs.
     pub fn capture(&mut self, id: u64) -> Result<Captured, CaptureError> {
         let slot = self.flows.find_id(id).ok_or(CaptureError::NoSuchFlow(id))?;

@@ -976,6 +976,11 @@ impl Stack {
         Duration::from_micros((at.total_micros() - now.total_micros()).max(0) as u64)
     }
 
+    /// Refuses new connections (with RST) and restores from now on; open ones carry on.
+    pub fn stop_accepting(&mut self) {
+        self.accepting = false;
+    }
+
     /// Stops accepting connections and closes every open one (FIN after queued data). Frozen
     /// flows are thawed first: nothing is left half-moved.
     pub fn begin_shutdown(&mut self, now: Instant) {
@@ -1112,7 +1117,7 @@ impl Stack {
 
     /// Freezes the flow `id`: its socket leaves the socket set (no timer, no transmission,
     /// no delivery) and its inbound packets are queued from now on.
-    pub fn freeze(&mut self, id: u64) -> Result<(), FlowError> {
+    pub fn freeze(&mut self, now: Instant, id: u64) -> Result<(), FlowError> {
         let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
         let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
         if !matches!(flow.mode, FlowMode::Local) {
@@ -1127,6 +1132,7 @@ impl Stack {
             socket,
             queue: VecDeque::new(),
             queued_bytes: 0,
+            since: now,
         };
         Ok(())
     }
@@ -1160,6 +1166,14 @@ impl Stack {
             }
         }
         Ok(n)
+    }
+
+    /// How long flow `id` has been frozen, if it is.
+    pub fn frozen_for(&self, now: Instant, id: u64) -> Option<Duration> {
+        match self.flows.get(self.flows.find_id(id)?)?.mode {
+            FlowMode::Frozen { since, .. } => Some(now - since),
+            _ => None,
+        }
     }
 
     /// Copies the bytes of flow `id` that smoltcp holds unacknowledged or unsent.

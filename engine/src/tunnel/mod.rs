@@ -5,10 +5,13 @@
 //! consecutive transmits to one peer of one size go out as one GSO send. The thread wakes on the
 //! socket, on the endpoint's timer, and on a [`mio::Waker`] for commands from the control thread.
 //!
-//! Besides the endpoint, the driver carries a test stream used by `ctl tunnel-send` and the
-//! benchmark: messages (or datagrams) tagged [`TEST_STREAM`], each an 8-byte offset and the
-//! counting stream from there. The receiver verifies every byte, so loss, duplication or
-//! reordering of reliable messages shows up as an error.
+//! Every datagram and message between nodes starts with a typed, versioned
+//! [`Envelope`](flowshift_statesync::envelope): forwarded packets of moved connections
+//! (`ToOwner`, `ToIngress`, each naming the flow's id on the receiving node, whose top bits
+//! name the worker that owns it), migration protocol messages (`Migration`) and the
+//! diagnostic test stream ([`diag`], `Diagnostic`). Forwarded packets go to the owning
+//! worker's queue, never to the TUN device from this thread; what workers forward arrives as
+//! ready-made datagrams ([`Command::Datagrams`]).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
@@ -19,21 +22,26 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use flowshift_tunnel::{
     Config as TunnelCoreConfig, Endpoint, Event, Instant, Keypair, LoadReport, PeerConfig, PeerId,
-    SendError, Stats,
+    Stats,
 };
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde::Serialize;
 
+use flowshift_core::flow::PeerRef;
+use flowshift_core::flow::Remote;
+use flowshift_core::stack::ForwardKind;
+use flowshift_statesync::envelope::{EnvelopeKind, EnvelopeRepr};
+use flowshift_statesync::protocol::{ConnOffer, MigrationId};
+
 use crate::config::TunnelConfig;
-use flowshift_core::app::counting;
+use crate::node::{WorkerHandle, WorkerMsg};
+
+mod diag;
+pub mod migrate;
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
-/// First byte of a test-stream message or datagram.
-pub const TEST_STREAM: u8 = 0x01;
-/// Payload of one test-stream message.
-const TEST_MESSAGE: usize = 60 * 1024;
 /// Receive buffers per `recvmmsg` call, each large enough for a GRO batch.
 const RX_BATCH: usize = 8;
 const RX_BUF: usize = 64 * 1024;
@@ -165,14 +173,100 @@ pub enum Command {
     },
     /// The node's load, for the next heartbeats.
     Load(LoadReport),
+    /// Datagrams a worker made of forwarded packets (envelope included), for `peer`.
+    Datagrams {
+        /// The peer.
+        peer: PeerRef,
+        /// The datagrams.
+        batch: DatagramBatch,
+    },
+    /// Move these flows (offers made by their workers, with where their packets enter when
+    /// not here) to the peer named `peer`.
+    Migrate {
+        /// The target's name.
+        peer: String,
+        /// The flows.
+        offers: Vec<(ConnOffer, Option<Remote>)>,
+        /// The outcome, when every flow's is known.
+        reply: Sender<Result<migrate::MigrateReport, String>>,
+    },
+    /// A worker froze and captured flows of a migration.
+    Captured {
+        /// The migration.
+        migration: MigrationId,
+        /// Per flow: its snapshot and where its packets enter, or why it was not captured
+        /// (then it was thawed).
+        results: Vec<(u64, migrate::CaptureResult)>,
+    },
+    /// A worker restored flows of a migration.
+    Restored {
+        /// The source.
+        peer: PeerRef,
+        /// The migration.
+        migration: MigrationId,
+        /// Per source flow: its id here, or why it was not restored.
+        results: Vec<(u64, migrate::RestoreResult)>,
+    },
+    /// A worker moved a flow to its target, or thawed it.
+    MoveDone {
+        /// The migration.
+        migration: MigrationId,
+        /// The flow.
+        flow: u64,
+        /// Moved (else thawed).
+        moved: bool,
+        /// How long it was frozen.
+        frozen: Option<Duration>,
+    },
+    /// Migration counters.
+    MigrationStats(Sender<migrate::MigrationStats>),
     /// Stop the thread.
     Shutdown,
 }
 
-/// The control side of a running tunnel thread.
-pub struct TunnelHandle {
+/// Datagrams in one buffer, back to back.
+#[derive(Debug, Default)]
+pub struct DatagramBatch {
+    /// The datagrams' bytes.
+    pub buf: Vec<u8>,
+    /// Each datagram's length, in order.
+    pub lens: Vec<u16>,
+}
+
+/// A packet of a moved connection that arrived through the tunnel, for the worker that owns
+/// the flow.
+#[derive(Debug)]
+pub struct TunnelPacket {
+    /// `ToOwner`: a client packet for a flow restored here; `ToIngress`: a packet for the
+    /// client of a flow moved away from here.
+    pub kind: ForwardKind,
+    /// The node it came from.
+    pub from: PeerRef,
+    /// The flow's id on this node.
+    pub flow: u64,
+    /// The IPv4 packet (complete checksums: see `flowshift_core::segment`).
+    pub packet: Vec<u8>,
+}
+
+/// What workers use to reach the tunnel thread.
+#[derive(Clone)]
+pub struct TunnelSender {
     tx: Sender<Command>,
     waker: Arc<Waker>,
+    /// Largest datagram payload the tunnel carries (envelope included).
+    pub max_datagram: usize,
+}
+
+impl TunnelSender {
+    /// Sends `cmd` to the tunnel thread.
+    pub fn send(&self, cmd: Command) -> bool {
+        self.tx.send(cmd).is_ok() && self.waker.wake().is_ok()
+    }
+}
+
+/// The control side of a running tunnel thread.
+pub struct TunnelHandle {
+    sender: TunnelSender,
     /// Disconnects when the thread ends.
     done: Receiver<()>,
 }
@@ -180,7 +274,12 @@ pub struct TunnelHandle {
 impl TunnelHandle {
     /// Sends `cmd` to the tunnel thread.
     pub fn send(&self, cmd: Command) -> bool {
-        self.tx.send(cmd).is_ok() && self.waker.wake().is_ok()
+        self.sender.send(cmd)
+    }
+
+    /// A sender for workers.
+    pub fn sender(&self) -> TunnelSender {
+        self.sender.clone()
     }
 
     /// Stops the thread and waits (briefly) for it to end.
@@ -190,31 +289,14 @@ impl TunnelHandle {
     }
 }
 
-#[derive(Default)]
-struct TestRx {
-    next_offset: u64,
-    verified: u64,
-    errors: u64,
-    dgram_verified: u64,
-    dgram_errors: u64,
-}
-
-struct TestTx {
-    offset: u64,
-    end: u64,
-    datagram: bool,
-}
-
 struct PeerSlot {
     name: String,
     id: PeerId,
     liveness: Liveness,
     handshake_at: Option<Instant>,
     load: Option<LoadReport>,
-    test_rx: TestRx,
-    test_tx: Option<TestTx>,
-    /// Offset the next test job starts at (the stream continues across jobs).
-    test_next: u64,
+    /// The diagnostic test stream with this peer.
+    diag: diag::Diagnostic,
 }
 
 impl PeerSlot {
@@ -226,34 +308,8 @@ impl PeerSlot {
             liveness: Liveness::Never,
             handshake_at: None,
             load: None,
-            test_rx: TestRx::default(),
-            test_tx: None,
-            test_next: 0,
+            diag: diag::Diagnostic::default(),
         }
-    }
-
-    /// Starts a test-stream job of `bytes` (control input: checked, never overflows). The
-    /// reliable stream continues where the last job ended; datagrams start at offset 0.
-    fn start_test(&mut self, bytes: u64, datagram: bool) -> Result<(), String> {
-        if self.test_tx.is_some() {
-            return Err(format!("a transfer to {} is under way", self.name));
-        }
-        let start = if datagram { 0 } else { self.test_next };
-        let end = start.checked_add(bytes).ok_or_else(|| {
-            format!(
-                "{bytes} bytes from test-stream offset {start} would overflow the 64-bit offset"
-            )
-        })?;
-        self.test_tx = Some(TestTx {
-            offset: start,
-            end,
-            datagram,
-        });
-        if !datagram {
-            self.test_next = end;
-        }
-        tracing::info!(peer = %self.name, bytes, datagram, "test transfer started");
-        Ok(())
     }
 }
 
@@ -300,10 +356,26 @@ struct Driver {
     /// Sends the socket refused (other than "would block").
     send_errors: u64,
     scratch: Vec<u8>,
+    /// The workers, to hand them forwarded packets.
+    workers: Vec<WorkerHandle>,
+    /// Forwarded packets received this turn, per worker.
+    inbox: Vec<Vec<TunnelPacket>>,
+    /// Datagrams and messages refused (bad envelope, unknown kind, no such worker).
+    refused_total: u64,
+    /// Forwarded datagrams the endpoint would not queue.
+    forward_dropped: u64,
+    /// The migration coordinator.
+    migration: migrate::Coordinator,
 }
 
-/// Starts the tunnel thread for `config`.
-pub fn start(config: &TunnelConfig, seed: [u8; 32]) -> Result<TunnelHandle, TunnelError> {
+/// Starts the tunnel thread for `config`, delivering forwarded packets to `workers` and
+/// running migrations with `migration`.
+pub(crate) fn start(
+    config: &TunnelConfig,
+    seed: [u8; 32],
+    workers: Vec<WorkerHandle>,
+    migration: migrate::Coordinator,
+) -> Result<TunnelHandle, TunnelError> {
     let sock_err = |source| TunnelError::Socket {
         addr: config.listen,
         source,
@@ -354,8 +426,14 @@ pub fn start(config: &TunnelConfig, seed: [u8; 32]) -> Result<TunnelHandle, Tunn
         feeding: false,
         rx_more: false,
         send_errors: 0,
-        scratch: vec![0u8; TEST_MESSAGE + 9],
+        scratch: diag::scratch(),
+        inbox: workers.iter().map(|_| Vec::new()).collect(),
+        workers,
+        refused_total: 0,
+        forward_dropped: 0,
+        migration,
     };
+    let max_datagram = driver.ep.max_datagram_payload();
     tracing::info!(
         listen = %config.listen,
         public_key = %config.private_key.public_key().to_base64(),
@@ -373,7 +451,14 @@ pub fn start(config: &TunnelConfig, seed: [u8; 32]) -> Result<TunnelHandle, Tunn
             addr: config.listen,
             source,
         })?;
-    Ok(TunnelHandle { tx, waker, done })
+    Ok(TunnelHandle {
+        sender: TunnelSender {
+            tx,
+            waker,
+            max_datagram,
+        },
+        done,
+    })
 }
 
 impl Driver {
@@ -381,9 +466,10 @@ impl Driver {
         let mut events = Events::with_capacity(16);
         loop {
             let now = self.clock.now();
-            let timeout = self
-                .ep
-                .poll_timeout()
+            let timeout = [self.ep.poll_timeout(), self.migration.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min()
                 .map(|t| t.saturating_duration_since(now))
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
@@ -416,6 +502,7 @@ impl Driver {
             self.ep.handle_timeout(now);
             self.events(now);
             self.feeding = self.feed_tests();
+            self.migration_poll(self.clock.now());
             self.transmit();
         }
     }
@@ -443,11 +530,43 @@ impl Driver {
             } => {
                 let r = match self.peers.iter_mut().find(|p| p.name == peer) {
                     None => Err(format!("no peer named {peer}")),
-                    Some(p) => p.start_test(bytes, datagram),
+                    Some(p) => p.diag.start(&p.name, bytes, datagram),
                 };
                 let _ = reply.send(r);
             }
             Command::Load(report) => self.ep.set_load_report(report),
+            Command::Datagrams { peer, batch } => self.send_datagrams(peer, batch),
+            Command::Migrate {
+                peer,
+                offers,
+                reply,
+            } => self.migration_start(self.clock.now(), peer, offers, reply),
+            Command::Captured { migration, results } => {
+                self.migration_captured(self.clock.now(), migration, results)
+            }
+            Command::Restored {
+                peer,
+                migration,
+                results,
+            } => {
+                if let Some(id) = self
+                    .peers
+                    .iter()
+                    .find(|p| p.id.as_u32() == peer.0)
+                    .map(|p| p.id)
+                {
+                    self.migration_restored(self.clock.now(), id, migration, results);
+                }
+            }
+            Command::MoveDone {
+                migration,
+                flow,
+                moved,
+                frozen,
+            } => self.migration_move_done(migration, flow, moved, frozen),
+            Command::MigrationStats(reply) => {
+                let _ = reply.send(self.migration.stats.clone());
+            }
             Command::Shutdown => return false,
         }
         true
@@ -476,14 +595,11 @@ impl Driver {
             timeouts: stats.rto_expirations,
             retransmitted_bytes: stats.stream_bytes_retransmitted,
             send_buffered: stats.send_buffered,
-            rx_verified_bytes: p.test_rx.verified,
-            rx_errors: p.test_rx.errors,
-            rx_datagram_verified_bytes: p.test_rx.dgram_verified,
-            rx_datagram_errors: p.test_rx.dgram_errors,
-            tx_pending_bytes: p
-                .test_tx
-                .as_ref()
-                .map_or(0, |t| t.end.saturating_sub(t.offset)),
+            rx_verified_bytes: p.diag.rx.verified,
+            rx_errors: p.diag.rx.errors,
+            rx_datagram_verified_bytes: p.diag.rx.dgram_verified,
+            rx_datagram_errors: p.diag.rx.dgram_errors,
+            tx_pending_bytes: p.diag.pending(),
         }
     }
 
@@ -521,22 +637,22 @@ impl Driver {
                 }
             };
             let now = self.clock.now();
-            for (m, buf) in meta.iter().zip(self.rx_bufs.iter_mut()).take(n) {
+            let mut bufs = std::mem::take(&mut self.rx_bufs);
+            for (m, buf) in meta.iter().zip(bufs.iter_mut()).take(n) {
                 let stride = m.stride.max(1);
                 let mut at = 0;
                 while at < m.len {
                     let end = (at + stride).min(m.len);
                     let dgram = &mut buf[at..end];
                     if let Some(r) = self.ep.handle_datagram(now, m.addr, dgram) {
-                        let data = &dgram[r.datagram.clone()];
-                        if let Some(p) = self.peers.iter_mut().find(|p| p.id == r.peer) {
-                            verify_test(&mut p.test_rx, data, true);
-                        }
+                        self.dispatch_datagram(r.peer, &dgram[r.datagram.clone()]);
                     }
                     at = end;
                 }
             }
+            self.rx_bufs = bufs;
             self.events(now);
+            self.deliver_to_workers();
         }
         true
     }
@@ -565,11 +681,7 @@ impl Driver {
                         p.load = Some(report);
                     }
                 }
-                Event::Message { peer, data } => {
-                    if let Some(p) = self.slot(peer) {
-                        verify_test(&mut p.test_rx, &data, false);
-                    }
-                }
+                Event::Message { peer, data } => self.dispatch_message(now, peer, &data),
                 Event::PeerAlive { peer } => {
                     if let Some(p) = self.slot(peer) {
                         tracing::info!(peer = %p.name, "peer alive");
@@ -588,65 +700,129 @@ impl Driver {
                 Event::PeerRestarted { peer } => {
                     if let Some(p) = self.slot(peer) {
                         tracing::warn!(peer = %p.name, "peer restarted: its reliable stream starts over");
-                        p.test_rx.next_offset = 0;
-                        p.test_next = 0;
+                        p.diag.reset();
                     }
+                    self.migration_peer_restarted(now, peer);
                 }
                 other => tracing::debug!(event = ?other, "tunnel event"),
             }
         }
     }
 
-    /// Queues test-stream data into the endpoint until it pushes back; true if it queued some
-    /// and could take more.
+    /// Queues diagnostic data for every peer with a job; true if some was queued and the
+    /// endpoint could take more.
     fn feed_tests(&mut self) -> bool {
         let mut more = false;
-        let max_dgram = self.ep.max_datagram_payload();
         for p in &mut self.peers {
-            let Some(job) = p.test_tx.as_mut() else {
-                continue;
-            };
-            // A bounded amount per turn keeps the loop responsive.
-            for _ in 0..64 {
-                if job.offset >= job.end {
-                    break;
-                }
-                let room = if job.datagram {
-                    max_dgram.saturating_sub(9)
-                } else {
-                    TEST_MESSAGE
-                };
-                let n = (job.end.saturating_sub(job.offset)).min(room as u64) as usize;
-                let msg = &mut self.scratch[..9 + n];
-                msg[0] = TEST_STREAM;
-                msg[1..9].copy_from_slice(&job.offset.to_le_bytes());
-                counting::fill(job.offset, &mut msg[9..]);
-                let r = if job.datagram {
-                    self.ep.send_datagram(p.id, msg)
-                } else {
-                    self.ep.send_message(p.id, msg)
-                };
-                match r {
-                    Ok(()) => {
-                        job.offset += n as u64;
-                        more = true;
-                    }
-                    Err(SendError::BufferFull | SendError::QueueFull) => {
-                        more = false;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(peer = %p.name, error = %e, "test transfer stopped");
-                        job.offset = job.end;
-                    }
-                }
-            }
-            if job.offset >= job.end {
-                tracing::info!(peer = %p.name, "test transfer queued completely");
-                p.test_tx = None;
-            }
+            more |= p.diag.feed(&mut self.ep, p.id, &p.name, &mut self.scratch);
         }
         more
+    }
+
+    /// A datagram from `peer`: a forwarded packet for a worker, or the diagnostic stream.
+    fn dispatch_datagram(&mut self, peer: PeerId, data: &[u8]) {
+        let (envelope, payload) = match EnvelopeRepr::split(data) {
+            Ok(e) => e,
+            Err(e) => {
+                self.refused(peer, "datagram", &e);
+                return;
+            }
+        };
+        let kind = match envelope.kind {
+            EnvelopeKind::ToOwner => ForwardKind::ToOwner,
+            EnvelopeKind::ToIngress => ForwardKind::ToIngress,
+            EnvelopeKind::Diagnostic => {
+                if let Some(p) = self.slot(peer) {
+                    p.diag.verify(payload, true);
+                }
+                return;
+            }
+            other => {
+                self.refused(
+                    peer,
+                    "datagram",
+                    &format_args!("{other:?} is not a datagram kind"),
+                );
+                return;
+            }
+        };
+        let worker = (envelope.flow_id >> 48) as usize;
+        match self.inbox.get_mut(worker) {
+            Some(batch) => batch.push(TunnelPacket {
+                kind,
+                from: PeerRef(peer.as_u32()),
+                flow: envelope.flow_id,
+                packet: payload.to_vec(),
+            }),
+            None => self.refused(
+                peer,
+                "datagram",
+                &format_args!("flow id {:#x} names no worker", envelope.flow_id),
+            ),
+        }
+    }
+
+    /// A reliable message from `peer`: the migration protocol, or the diagnostic stream.
+    fn dispatch_message(&mut self, now: Instant, peer: PeerId, data: &[u8]) {
+        match EnvelopeRepr::split(data) {
+            Ok((e, payload)) => match e.kind {
+                EnvelopeKind::Migration => self.migration_message(now, peer, payload),
+                EnvelopeKind::Diagnostic => {
+                    if let Some(p) = self.slot(peer) {
+                        p.diag.verify(payload, false);
+                    }
+                }
+                other => self.refused(
+                    peer,
+                    "message",
+                    &format_args!("{other:?} is not a message kind"),
+                ),
+            },
+            Err(e) => self.refused(peer, "message", &e),
+        }
+    }
+
+    /// Counts (and logs, sparingly) something `peer` sent that this node does not take.
+    fn refused(&mut self, peer: PeerId, what: &str, why: &dyn std::fmt::Display) {
+        self.refused_total += 1;
+        if self.refused_total.is_power_of_two() {
+            let name = self.slot(peer).map(|p| p.name.clone()).unwrap_or_default();
+            tracing::warn!(peer = %name, what, %why, refused = self.refused_total, "tunnel input refused");
+        }
+    }
+
+    /// Hands each worker the packets that arrived for its flows this turn, one wake-up each.
+    fn deliver_to_workers(&mut self) {
+        for (worker, batch) in self.workers.iter().zip(self.inbox.iter_mut()) {
+            if !batch.is_empty() && !worker.send(WorkerMsg::Tunnel(std::mem::take(batch))) {
+                tracing::debug!("a worker is gone; its forwarded packets are dropped");
+            }
+        }
+    }
+
+    /// Datagrams a worker made of forwarded packets: queued to `peer` as they are.
+    fn send_datagrams(&mut self, peer: PeerRef, batch: DatagramBatch) {
+        let Some(id) = self
+            .peers
+            .iter()
+            .find(|p| p.id.as_u32() == peer.0)
+            .map(|p| p.id)
+        else {
+            self.forward_dropped += batch.lens.len() as u64;
+            return;
+        };
+        let mut at = 0;
+        for &len in &batch.lens {
+            let end = at + usize::from(len);
+            let Some(d) = batch.buf.get(at..end) else {
+                break;
+            };
+            if self.ep.send_datagram(id, d).is_err() {
+                // The datagram queue is full or the peer has no session: TCP retransmits.
+                self.forward_dropped += 1;
+            }
+            at = end;
+        }
     }
 
     /// Sends what the endpoint has, batching consecutive equal-size datagrams to one
@@ -770,70 +946,5 @@ fn socket_buffers(socket: &UdpSocket, bytes: usize) {
                 break;
             }
         }
-    }
-}
-
-/// Checks a test-stream message or datagram against the counting stream.
-fn verify_test(rx: &mut TestRx, data: &[u8], datagram: bool) {
-    if data.first() != Some(&TEST_STREAM) {
-        return;
-    }
-    let ok_len = data.len() >= 9;
-    let offset = if ok_len {
-        u64::from_le_bytes(data[1..9].try_into().unwrap_or([0; 8]))
-    } else {
-        0
-    };
-    let payload = if ok_len { &data[9..] } else { &[][..] };
-    let bytes_ok = ok_len && counting::verify(offset, payload).is_none();
-    if datagram {
-        if bytes_ok {
-            rx.dgram_verified += payload.len() as u64;
-        } else {
-            rx.dgram_errors += 1;
-        }
-    } else if bytes_ok && offset == rx.next_offset {
-        rx.next_offset += payload.len() as u64;
-        rx.verified += payload.len() as u64;
-    } else {
-        rx.errors += 1;
-        tracing::warn!(
-            offset,
-            expected = rx.next_offset,
-            "test stream mismatch on the reliable channel"
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn slot() -> PeerSlot {
-        use flowshift_tunnel::PrivateKey;
-        let mut ep = Endpoint::new(
-            TunnelCoreConfig::default(),
-            Keypair::from_private(PrivateKey::from_bytes([1; 32])),
-            [0; 32],
-            Instant::ZERO,
-        );
-        let peer = PeerConfig::new(PrivateKey::from_bytes([2; 32]).public_key(), None);
-        PeerSlot::new("b".into(), ep.add_peer(peer, Instant::ZERO).unwrap())
-    }
-
-    #[test]
-    fn test_jobs_reject_offsets_that_overflow() {
-        let mut p = slot();
-        assert_eq!(p.start_test(u64::MAX, false), Ok(()));
-        p.test_tx = None;
-        assert_eq!(p.test_next, u64::MAX);
-        // The reliable stream would continue past 2^64: refused, state unchanged.
-        let e = p.start_test(1, false).unwrap_err();
-        assert!(e.contains("overflow"), "{e}");
-        assert!(p.test_tx.is_none());
-        assert_eq!(p.test_next, u64::MAX);
-        // Datagrams start at 0, so any size is fine.
-        assert_eq!(p.start_test(u64::MAX, true), Ok(()));
-        assert!(p.start_test(1, true).unwrap_err().contains("under way"));
     }
 }
