@@ -282,12 +282,12 @@ pub enum InvalidSnapshot {
     /// `client_mss` is below [`MIN_MSS`].
     #[error("client MSS {0} below {MIN_MSS}")]
     ClientMss(u16),
-    /// `app.fin_delivered` without `client_fin`.
-    #[error("the app was told of a client FIN that was not received")]
-    FinDelivered,
     /// `client_wscale` is above [`MAX_WINDOW_SCALE`].
     #[error("client window scale {0} above {MAX_WINDOW_SCALE}")]
     ClientWindowScale(u8),
+    /// `app.fin_delivered` without `client_fin`.
+    #[error("the app was told of a client FIN that was not received")]
+    FinDelivered,
     /// The FIN flags contradict the state.
     #[error("state {state} contradicts client_fin={client_fin} our_fin={our_fin}")]
     FinFlags {
@@ -342,13 +342,13 @@ pub enum SnapshotError {
     /// No bytes at all.
     #[error("empty snapshot")]
     Empty,
+    /// The body decoded but breaks an invariant.
+    #[error("invalid snapshot: {0}")]
+    Invalid(#[from] InvalidSnapshot),
     /// The body is not a valid postcard encoding of the fields (truncated, an unknown
     /// state code, a bad `bool` or `Option` byte, an over-long byte string, …).
     #[error("malformed snapshot body: {0}")]
     Malformed(postcard::Error),
-    /// The body decoded but breaks an invariant.
-    #[error("invalid snapshot: {0}")]
-    Invalid(#[from] InvalidSnapshot),
     /// Bytes follow the body.
     #[error("{0} trailing bytes after the snapshot")]
     TrailingBytes(usize),

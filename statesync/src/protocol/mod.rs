@@ -282,11 +282,11 @@ impl fmt::Display for RefuseReason {
 pub enum AbortReason {
     /// The operator or the driver cancelled it (3).
     Cancelled,
+    /// The peer restarted and lost the migration (4).
+    PeerRestarted,
     /// A message contradicted the migration (for example a different Offer under the same
     /// id) (6).
     Protocol,
-    /// The peer restarted and lost the migration (4).
-    PeerRestarted,
     /// The target refuses the whole migration (too many from this peer) (2).
     Refused,
     /// The node is shutting down (8).
