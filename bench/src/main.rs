@@ -4,6 +4,9 @@
 //! kernel-socket server side by side in node-a, and measures both from the client namespace in one
 //! run: single-flow download and upload, 8 parallel flows, new connections per second, CPU seconds
 //! per GB, and memory per idle connection. It writes JSON and a markdown table.
+//!
+//! `flowshift-bench repair` is the kernel baseline of live migration: a download's kernel TCP
+//! connection handed between node-a and node-b with TCP_REPAIR, stalls measured by the client.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -15,6 +18,7 @@ use serde::Serialize;
 
 mod kernel_server;
 mod load;
+mod repair;
 mod sys;
 mod throughput;
 mod tunnel;
@@ -33,6 +37,9 @@ enum Command {
     Throughput(throughput::Args),
     /// flowshift's tunnel between two nodes against wireguard-go carrying iperf3, in one run.
     Tunnel(tunnel::Args),
+    /// The kernel baseline of live migration: a download's connection handed between node-a
+    /// and node-b with Linux TCP_REPAIR (as CRIU does), stalls measured by the client.
+    Repair(repair::Args),
     /// The kernel baseline's servers (source :19, sink :9, echo :7) on an address; runs until
     /// killed. The throughput benchmark starts it in node-a.
     #[command(hide = true)]
@@ -49,6 +56,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Throughput(args) => throughput::run(args),
         Command::Tunnel(args) => tunnel::run(args),
+        Command::Repair(args) => repair::run(args),
         Command::KernelServer { addr: ip } => {
             kernel_server::source(addr(ip, 19))?;
             kernel_server::sink(addr(ip, 9))?;

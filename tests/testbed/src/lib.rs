@@ -5,8 +5,11 @@
 //! Everything here needs root (CAP_NET_ADMIN): without it, [`Testbed::new`] fails with a message
 //! saying so, and so do the tests — they never skip silently.
 
+pub mod kernel_handoff;
 pub mod node;
 pub mod oracle;
+pub mod service;
+pub mod tcp_repair;
 pub mod testbed;
 pub mod tunnel;
 
