@@ -165,6 +165,8 @@ pub(crate) struct HandoffStats {
     pub(crate) duration_s: f64,
     /// Mean download rate over the whole run.
     pub(crate) gbit_s: f64,
+    /// Share of the machine's CPU time the hypervisor gave to other guests during the run.
+    pub(crate) steal_percent: f64,
     /// Handoffs per second during the handoff phase (set by the interval).
     pub(crate) handoffs_per_s: f64,
     /// 1 / mean downtime: handoffs per second if nothing else ran.
@@ -197,8 +199,14 @@ pub(crate) fn run_kernel_handoffs(
     tb: &Testbed,
     opts: &RepairOptions,
 ) -> anyhow::Result<HandoffStats> {
+    let (steal0, t0) = (sys::machine_steal_seconds(), std::time::Instant::now());
     let run = kernel_handoff::run(tb, &opts.handoff).context("kernel TCP_REPAIR handoffs")?;
-    Ok(stats(&run, opts, tb_mtu(tb)))
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let steal =
+        100.0 * (sys::machine_steal_seconds() - steal0) / (t0.elapsed().as_secs_f64() * cores);
+    let mut s = stats(&run, opts, tb_mtu(tb));
+    s.steal_percent = steal;
+    Ok(s)
 }
 
 /// The veth MTU of the testbed (read back from the client's link).
@@ -307,6 +315,7 @@ fn stats(run: &HandoffRun, o: &RepairOptions, mtu: u16) -> HandoffStats {
         resets: 0,
         duration_s: run.duration.as_secs_f64(),
         gbit_s: gbit_s(run.received, run.duration),
+        steal_percent: 0.0,
         handoffs_per_s: if span.is_zero() {
             0.0
         } else {
@@ -406,13 +415,15 @@ pub(crate) fn markdown(s: &HandoffStats) -> String {
     );
     m += &format!(
         "\n{:.2} GB in {:.1} s ({:.2} Gbit/s mean), byte-exact (counting stream, CRC-32 {}), \
-         no reset · {:.2} handoffs/s done, {:.0}/s possible at the mean downtime\n",
+         no reset · {:.2} handoffs/s done, {:.0}/s possible at the mean downtime · CPU stolen \
+         by the hypervisor {:.0} %\n",
         s.bytes as f64 / 1e9,
         s.duration_s,
         s.gbit_s,
         s.crc32,
         s.handoffs_per_s,
-        s.max_handoffs_per_s
+        s.max_handoffs_per_s,
+        s.steal_percent
     );
     m
 }
