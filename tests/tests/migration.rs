@@ -3,7 +3,8 @@
 //! client's bytes exactly, that the client saw no reset (its own result), and the nodes'
 //! counters.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,4 +126,369 @@ fn curl_download_of_1_gb_moves_mid_stream_byte_exact() {
     assert_eq!(stat(&a, "conns_moved_out"), 1);
     assert_eq!(stat(&b, "conns_restored"), 1);
     eprintln!("report: {report}");
+}
+
+/// Reads the counting stream from `out` on a thread, publishing the verified byte count.
+fn verify_counting(
+    mut out: impl Read + Send + 'static,
+) -> (Arc<AtomicU64>, std::thread::JoinHandle<u64>) {
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    let handle = std::thread::spawn(move || {
+        let mut v = CountingVerifier::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let k = out.read(&mut buf).expect("read");
+            if k == 0 {
+                break;
+            }
+            v.feed(&buf[..k]).expect("counting stream");
+            r.store(v.offset(), Ordering::Relaxed);
+        }
+        v.offset()
+    });
+    (received, handle)
+}
+
+/// curl downloads `n` bytes; the connection moves from a to b once `move_at` bytes arrived.
+/// Returns the migrate report.
+fn download_moved(tb: &Testbed, a: &NodeHandle, n: u64, move_at: u64) -> serde_json::Value {
+    let mut child = tb
+        .spawn({
+            let mut c = tb.client().command("curl");
+            c.args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "300",
+                &format!("http://{SERVICE_ADDR}/bytes/{n}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            c
+        })
+        .unwrap();
+    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    eventually(120, "bytes before the move", || {
+        received.load(Ordering::Relaxed) > move_at
+    });
+    let ids = local_ids(a);
+    assert_eq!(ids.len(), 1, "one connection on a");
+    let report = migrate(a, "b", ids[0]);
+    assert!(received.load(Ordering::Relaxed) < n, "moved mid-stream");
+    let total = reader.join().unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    assert!(status.success(), "curl failed (a reset?): {status} {err}");
+    assert_eq!(total, n);
+    report
+}
+
+/// The client namespace turns one TCP option off; a download still moves byte-exact.
+fn download_moves_with_client_sysctl(key: &str) {
+    ensure_tools(&["curl"]).unwrap();
+    let (tb, a, b) = pair();
+    tb.client().sysctl(key, "0").unwrap();
+    download_moved(&tb, &a, 200_000_000, 30_000_000);
+    assert_eq!(stat(&b, "conns_restored"), 1);
+    assert_eq!(stat(&b, "tunnel_packets_refused"), 0);
+}
+
+#[test]
+fn a_download_moves_with_client_sack_off() {
+    download_moves_with_client_sysctl("net.ipv4.tcp_sack");
+}
+
+#[test]
+fn a_download_moves_with_client_timestamps_off() {
+    download_moves_with_client_sysctl("net.ipv4.tcp_timestamps");
+}
+
+#[test]
+fn a_download_moves_with_client_window_scaling_off() {
+    download_moves_with_client_sysctl("net.ipv4.tcp_window_scaling");
+}
+
+#[test]
+fn a_download_moves_under_5_percent_loss() {
+    ensure_tools(&["curl", "nft"]).unwrap();
+    let (tb, a, b) = pair();
+    tb.set_router_loss(5).unwrap();
+    // smoltcp recovers from random loss slowly (no SACK recovery: ~50 KB/s at 5 %), so the
+    // transfer is small.
+    download_moved(&tb, &a, 2_000_000, 500_000);
+    assert_eq!(stat(&b, "conns_restored"), 1);
+}
+
+#[test]
+fn curl_upload_of_200_mb_moves_mid_stream_and_the_crc_matches() {
+    ensure_tools(&["curl"]).unwrap();
+    let (tb, a, b) = pair();
+    let n: u64 = 200_000_000;
+    let mut child = tb
+        .spawn({
+            let mut c = tb.client().command("curl");
+            c.args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "300",
+                "--data-binary",
+                "@-",
+                "-H",
+                "Content-Type: application/octet-stream",
+                &format!("http://{SERVICE_ADDR}/upload"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+            c
+        })
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < n {
+                let k = (n - at).min(buf.len() as u64) as usize;
+                flowshift_tests::oracle::counting_fill(at, &mut buf[..k]);
+                stdin.write_all(&buf[..k]).unwrap();
+                at += k as u64;
+            }
+        })
+    };
+    // curl reads its whole input before it sends (the length goes in the header): watch the
+    // node's byte count instead.
+    let bytes_in = |node: &NodeHandle| {
+        let conns = node.ctl_json(&["conns"]).unwrap();
+        conns[0]["bytes_in"].as_u64().unwrap_or(0)
+    };
+    eventually(60, "50 MB uploaded", || bytes_in(&a) > 50_000_000);
+    let ids = local_ids(&a);
+    assert_eq!(ids.len(), 1);
+    migrate(&a, "b", ids[0]);
+    assert!(bytes_in(&b) < n, "moved mid-stream");
+    let mut reply = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut reply)
+        .unwrap();
+    writer.join().unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "curl failed; reply {reply:?}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&reply).expect("JSON reply");
+    assert_eq!(json["bytes"].as_u64(), Some(n), "{reply}");
+    assert_eq!(
+        json["crc32"].as_str(),
+        Some(flowshift_tests::oracle::counting_crc32_hex(n).as_str()),
+        "{reply}"
+    );
+    assert!(stat(&b, "app_bytes_in") > 0);
+    assert!(stat(&a, "forwarded_to_owner") > 1000);
+}
+
+/// Deterministic pseudo-random bytes (xorshift).
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_socat_echo_session_moves_back_and_forth_50_times() {
+    ensure_tools(&["socat"]).unwrap();
+    let (tb, a, b) = pair();
+    let mut child = tb
+        .spawn({
+            let mut c = tb.client().command("socat");
+            c.args(["-b", "65536", "-", &format!("TCP:{SERVICE_ADDR}:7")])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped());
+            c
+        })
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let nodes = [(&a, "a"), (&b, "b")];
+    let mut on = 0;
+    for round in 0..50u64 {
+        let chunk = noise(100_000 + round as usize * 1000, round + 1);
+        stdin.write_all(&chunk).unwrap();
+        stdin.flush().unwrap();
+        let mut got = Vec::new();
+        while got.len() < chunk.len() {
+            let k = out.read(&mut buf).unwrap();
+            assert!(k > 0, "socat closed (reset?) in round {round}");
+            got.extend_from_slice(&buf[..k]);
+        }
+        assert!(got == chunk, "round {round}: echoed bytes differ");
+        let ids = local_ids(nodes[on].0);
+        assert_eq!(
+            ids.len(),
+            1,
+            "round {round}: one connection on {}",
+            nodes[on].1
+        );
+        let to = 1 - on;
+        migrate(nodes[on].0, nodes[to].1, ids[0]);
+        on = to;
+    }
+    drop(stdin);
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(child.wait().unwrap().success(), "socat failed");
+    // 50 moves: 25 to b, 25 back home to a.
+    assert_eq!(stat(&a, "conns_moved_out"), 25);
+    assert_eq!(stat(&b, "conns_moved_out"), 25);
+    assert_eq!(stat(&a, "conns_restored"), 25);
+    assert_eq!(stat(&b, "conns_restored"), 25);
+    assert_eq!(
+        stat(&a, "tunnel_packets_refused") + stat(&b, "tunnel_packets_refused"),
+        0
+    );
+}
+
+#[test]
+fn a_connection_with_a_zero_window_moves() {
+    let (tb, a, _b) = pair();
+    let addr = SocketAddr::from((SERVICE_ADDR, 19));
+    let mut s = tb
+        .client()
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Read nothing until the node's send buffer is full and the window is closed.
+    eventually(20, "the source app blocked on a zero window", || {
+        let conns = a.ctl_json(&["conns"]).unwrap();
+        conns[0]["send_queue"].as_u64().unwrap_or(0) >= 60_000
+    });
+    let id = local_ids(&a)[0];
+    migrate(&a, "b", id);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut v = CountingVerifier::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while v.offset() < 100_000_000 {
+        let k = s.read(&mut buf).expect("read (reset?)");
+        assert!(k > 0, "closed early");
+        v.feed(&buf[..k]).expect("counting stream");
+    }
+}
+
+#[test]
+fn the_target_killed_mid_transfer_leaves_the_flow_on_the_source() {
+    ensure_tools(&["curl", "nft"]).unwrap();
+    let (tb, a, b) = pair();
+    let mut child = tb
+        .spawn({
+            let mut c = tb.client().command("curl");
+            c.args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "300",
+                &format!("http://{SERVICE_ADDR}/bytes/300000000"),
+            ])
+            .stdout(Stdio::piped());
+            c
+        })
+        .unwrap();
+    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    eventually(60, "30 MB downloaded", || {
+        received.load(Ordering::Relaxed) > 30_000_000
+    });
+    // The state transfer (large tunnel datagrams from a to b) never arrives; small ones
+    // (the offer, heartbeats) do: the migration stalls after the target accepted.
+    tb.router()
+        .exec("nft", &["add", "table", "ip", "fs_block"])
+        .expect("nft table");
+    tb.router()
+        .exec(
+            "nft",
+            &[
+                "add",
+                "chain",
+                "ip",
+                "fs_block",
+                "forward",
+                "{ type filter hook forward priority 0; }",
+            ],
+        )
+        .expect("nft chain");
+    tb.router()
+        .exec(
+            "nft",
+            &[
+                "add",
+                "rule",
+                "ip",
+                "fs_block",
+                "forward",
+                "ip",
+                "saddr",
+                "198.18.2.2",
+                "ip",
+                "daddr",
+                "198.18.3.2",
+                "udp",
+                "dport",
+                "51871",
+                "meta",
+                "length",
+                ">",
+                "600",
+                "drop",
+            ],
+        )
+        .expect("nft rule");
+    let id = local_ids(&a)[0];
+    let a_ctl = a.control_socket().to_owned();
+    let bin = flowshift_tests::flowshift_bin().unwrap();
+    let mig = std::thread::spawn(move || {
+        std::process::Command::new(bin)
+            .args(["ctl", "-s"])
+            .arg(a_ctl)
+            .args([
+                "migrate",
+                "--json",
+                "--to",
+                "b",
+                "--conn",
+                &format!("{id:#x}"),
+            ])
+            .output()
+            .expect("ctl")
+    });
+    eventually(10, "the flow frozen on a", || {
+        a.ctl_json(&["conns"]).unwrap()[0]["mode"] == "frozen"
+    });
+    // SIGKILL the target.
+    let pid = b.pid();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let out = mig.join().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
+    assert_eq!(report["moved"], 0, "{report}");
+    assert_eq!(report["stayed"], 1, "{report}");
+    assert!(
+        report["conns"][0]["freeze_ms"].as_f64().is_some(),
+        "{report}"
+    );
+    let total = reader.join().unwrap();
+    assert!(child.wait().unwrap().success(), "curl failed");
+    assert_eq!(total, 300_000_000);
+    let conns = a.ctl_json(&["status"]).unwrap();
+    assert_eq!(conns["stats"]["conns_moved_out"], 0);
 }

@@ -220,8 +220,8 @@ impl RateSample {
             if dt <= 0.0 {
                 return;
             }
-            self.rate_in = (bytes_in - self.bytes_in) as f64 / dt;
-            self.rate_out = (bytes_out - self.bytes_out) as f64 / dt;
+            self.rate_in = bytes_in.saturating_sub(self.bytes_in) as f64 / dt;
+            self.rate_out = bytes_out.saturating_sub(self.bytes_out) as f64 / dt;
         }
         self.at = Some(now);
         self.bytes_in = bytes_in;

@@ -108,6 +108,9 @@ struct Net {
     /// Every `n`th tunnel packet is lost (0: none).
     tunnel_loss_every: usize,
     tunnel_count: usize,
+    /// Percent of client <-> A packets lost, both ways (seeded).
+    client_loss: u64,
+    rng: u64,
     scratch: Vec<u8>,
 }
 
@@ -172,6 +175,8 @@ impl Net {
             b_tun_packets: 0,
             tunnel_loss_every: 0,
             tunnel_count: 0,
+            client_loss: 0,
+            rng: 0x9e37_79b9_7f4a_7c15,
             scratch: Vec::new(),
         }
     }
@@ -213,22 +218,25 @@ impl Net {
         self.client
             .poll(self.now, &mut self.pipe, &mut self.sockets);
         while let Some(p) = self.pipe.tx.pop_front() {
-            self.nodes[0].handle_packet(self.now, &p);
+            if !self.lose() {
+                self.nodes[0].handle_packet(self.now, &p);
+            }
         }
         for round in 0..3 {
             for i in 0..2 {
                 self.nodes[i].poll(self.now);
-                let rx = &mut self.pipe.rx;
-                let rsts = &mut self.client_rsts;
+                let mut out = Vec::new();
                 let b_tun = &mut self.b_tun_packets;
                 self.nodes[i].drain_transmit(|p| {
                     if i == 0 {
-                        *rsts += usize::from(is_rst(p));
-                        rx.push_back(p.to_vec());
+                        out.push(p.to_vec());
                     } else {
                         *b_tun += 1;
                     }
                 });
+                for p in out {
+                    self.deliver_to_client(p);
+                }
                 let tunnel = &mut self.tunnel;
                 let scratch = &mut self.scratch;
                 self.nodes[i].drain_forward(|f| {
@@ -270,6 +278,25 @@ impl Net {
         self.client
             .poll(self.now, &mut self.pipe, &mut self.sockets);
         self.now += Duration::from_millis(1);
+    }
+
+    /// A seeded coin with `client_loss` percent for "lost".
+    fn lose(&mut self) -> bool {
+        if self.client_loss == 0 {
+            return false;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % 100 < self.client_loss
+    }
+
+    fn deliver_to_client(&mut self, p: Vec<u8>) {
+        if self.lose() {
+            return;
+        }
+        self.client_rsts += usize::from(is_rst(&p));
+        self.pipe.rx.push_back(p);
     }
 
     fn run_until(&mut self, limit_ms: u64, mut done: impl FnMut(&mut Self) -> bool) {
@@ -662,4 +689,30 @@ fn a_flow_in_last_ack_moves() {
     // queued behind bytes the closed client window holds back.
     let data = counting(9, 100_000);
     move_in_state(7, &data, true, "LAST-ACK", &data);
+}
+
+#[test]
+fn a_download_moves_under_5_percent_loss_on_the_client_path() {
+    for seed in 1..=4u64 {
+        let mut n = Net::new();
+        n.client_loss = 5;
+        n.rng ^= seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let h = n.connect(19, ClientOpts::DEFAULT);
+        let mut got = Vec::new();
+        n.run_until(60_000, |n| {
+            recv_all(n.sock(h), &mut got);
+            got.len() > 300_000
+        });
+        let id = n.only_local(0);
+        n.migrate(0, 1, id, 3);
+        n.run_until(600_000, |n| {
+            recv_all(n.sock(h), &mut got);
+            !n.sock(h).may_recv()
+        });
+        assert!(
+            got == counting(0, 3_000_000),
+            "seed {seed}: counting stream mismatch"
+        );
+        assert_eq!(n.client_rsts, 0);
+    }
 }

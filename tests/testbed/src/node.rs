@@ -155,7 +155,7 @@ pub fn flowshift_bin() -> Result<PathBuf, TestbedError> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).to_path_buf()
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target")).to_path_buf()
         });
     for profile in ["release", "debug"] {
         let p = target.join(profile).join("flowshift");
