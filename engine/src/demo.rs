@@ -1,5 +1,5 @@
-//! `flowshift demo`: a testbed, two nodes joined by the tunnel, a download through node a, a
-//! bulk transfer from a to b over the tunnel through a lossy router, torn down again.
+//! `flowshift demo`: a testbed, two nodes joined by the tunnel, and a running download moved
+//! from node a to node b and back while the client keeps reading; torn down again.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,7 +13,7 @@ use flowshift_testbed::tunnel::{self, TUNNEL_PORT};
 use flowshift_testbed::{NodeHandle, Testbed, TestbedOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()> {
+pub(crate) fn run(bytes: u64) -> anyhow::Result<()> {
     flowshift_testbed::require_root().context("the demo builds network namespaces")?;
     flowshift_testbed::ensure_tools(&["ip", "nft"])?;
     // The testbed starts this very binary as the node.
@@ -47,9 +47,13 @@ pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()>
     }
     println!();
 
+    tunnel::wait_alive(&node, &node_b, Duration::from_secs(20))?;
+    println!("  tunnel a ⇄ b up (Noise IK handshake, ChaCha20-Poly1305 records)");
+    println!();
+
     let progress = AtomicU64::new(0);
     let url_path = format!("/bytes/{bytes}");
-    let (result, mid_conns) = std::thread::scope(|s| {
+    let (result, moves) = std::thread::scope(|s| {
         let download = s.spawn(|| tb.client().run(|| download(&url_path, bytes, &progress)));
         let bar = ProgressBar::new(bytes);
         bar.set_style(
@@ -60,14 +64,37 @@ pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()>
             .progress_chars("=> "),
         );
         bar.set_message(format!("http://{SERVICE_ADDR}{url_path}"));
-        let mut mid_conns = None;
+        // Move the download to b at a third, and back home to a at two thirds.
+        let plan = [(&node, &node_b, bytes / 3), (&node_b, &node, 2 * bytes / 3)];
+        let mut moves = Vec::new();
         while !download.is_finished() {
             let done = progress.load(Ordering::Relaxed);
             bar.set_position(done);
-            if mid_conns.is_none() && done > bytes / 2 {
-                mid_conns = Some(node.ctl(&["conns"]));
+            if let Some(&(from, to, at)) = plan.get(moves.len())
+                && done >= at
+            {
+                let m = move_download(from, to);
+                if let Ok(m) = &m {
+                    let mut text = format!(
+                        "  moved {} → {} at {} MB: frozen {:.2} ms (the client's connection never closed)\n",
+                        from.name(),
+                        to.name(),
+                        done / 1_000_000,
+                        m.freeze_ms
+                    );
+                    for line in m.tables.lines() {
+                        text += &format!("    {line}\n");
+                    }
+                    // A hidden bar (no terminal) prints nothing of its own.
+                    if bar.is_hidden() {
+                        print!("{text}");
+                    } else {
+                        bar.println(text.trim_end());
+                    }
+                }
+                moves.push(m);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         bar.set_position(progress.load(Ordering::Relaxed));
         bar.finish();
@@ -75,41 +102,49 @@ pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()>
             download
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("download thread panicked"))),
-            mid_conns,
+            moves,
         )
     });
     let (got, secs) = result?;
+    let mut freezes = Vec::new();
+    for m in moves {
+        freezes.push(m?.freeze_ms);
+    }
+    if freezes.len() < 2 {
+        bail!(
+            "the download finished before both moves ({} done): try a larger --bytes",
+            freezes.len()
+        );
+    }
     println!();
     println!(
-        "  downloaded {got} bytes in {secs:.2} s: {:.2} Gbit/s; every byte matched the counting stream",
+        "  downloaded {got} bytes in {secs:.2} s ({:.2} Gbit/s) over one TCP connection, moved a → b → a",
         got as f64 * 8.0 / secs / 1e9
     );
-    println!();
-    match mid_conns {
-        Some(Ok(c)) => {
-            println!("  flowshift ctl conns, taken half-way through the download:");
-            for line in c.lines() {
-                println!("    {line}");
-            }
-        }
-        Some(Err(e)) => println!("  flowshift ctl conns failed half-way through: {e}"),
-        None => println!("  (the download finished before the half-way `ctl conns` look)"),
-    }
-    let status = node.ctl_json(&["status"])?;
-    let stats = &status["stats"];
-    println!();
     println!(
-        "  node counters: {} packets in, {} out, {} connections accepted, {} packets dropped",
-        stats["packets_in"],
-        stats["packets_out"],
-        stats["conns_accepted"],
-        stats["dropped"]
-            .as_array()
-            .map_or(0, |a| a.iter().filter_map(|v| v.as_u64()).sum::<u64>())
+        "  every byte matched the counting stream, in order, and the client saw no reset; frozen {}",
+        freezes
+            .iter()
+            .map(|f| format!("{f:.2} ms"))
+            .collect::<Vec<_>>()
+            .join(" and ")
     );
+    for n in [&node, &node_b] {
+        let stats = &n.ctl_json(&["status"])?["stats"];
+        println!(
+            "  node {}: {} connection(s) moved out, {} restored, {} packets relayed for moved connections",
+            n.name(),
+            stats["conns_moved_out"],
+            stats["conns_restored"],
+            stats["relayed_from_owner"].as_u64().unwrap_or(0)
+                + stats["forwarded_to_ingress"].as_u64().unwrap_or(0)
+        );
+    }
     println!();
-    tunnel_transfer(&tb, &node, &node_b, tunnel_bytes, loss)?;
-
+    println!("  flowshift ctl peers on node a:");
+    for line in node.ctl(&["peers"])?.lines() {
+        println!("    {line}");
+    }
     println!();
     for n in [node, node_b] {
         let name = n.name().to_owned();
@@ -140,80 +175,34 @@ pub(crate) fn run(bytes: u64, tunnel_bytes: u64, loss: u8) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Moves `bytes` of the counting stream from `a` to `b` over the tunnel's reliable channel
-/// while the router drops `loss` percent of packets; shows progress from b's verified count.
-fn tunnel_transfer(
-    tb: &Testbed,
-    a: &NodeHandle,
-    b: &NodeHandle,
-    bytes: u64,
-    loss: u8,
-) -> anyhow::Result<()> {
-    tunnel::wait_alive(a, b, Duration::from_secs(20))?;
-    println!("  tunnel a ⇄ b up (Noise IK handshake, ChaCha20-Poly1305 records)");
-    if loss > 0 {
-        tb.set_router_loss(loss)?;
-        println!("  the router now drops {loss} % of packets at random");
+/// One move of the demo's download.
+struct Move {
+    freeze_ms: f64,
+    /// `ctl conns` of both nodes right after the move.
+    tables: String,
+}
+
+/// Moves the one connection living on `from` to `to` with `ctl migrate`.
+fn move_download(from: &NodeHandle, to: &NodeHandle) -> anyhow::Result<Move> {
+    let conns = from.ctl_json(&["conns"])?;
+    let id = conns
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["mode"] == "local"))
+        .and_then(|c| c["id"].as_u64())
+        .with_context(|| format!("no connection lives on {}", from.name()))?;
+    let report = from.ctl_json(&["migrate", "--to", to.name(), "--conn", &format!("{id:#x}")])?;
+    if report["moved"] != 1 {
+        bail!("the move failed: {report}");
     }
-    let verified = || -> anyhow::Result<(u64, u64)> {
-        let p = tunnel::peer(b, a.name())?;
-        Ok((
-            p["rx_verified_bytes"].as_u64().unwrap_or(0),
-            p["rx_errors"].as_u64().unwrap_or(0),
-        ))
-    };
-    let bar = ProgressBar::new(bytes);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "  tunnel a → b [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    let start = Instant::now();
-    a.ctl(&["tunnel-send", b.name(), &bytes.to_string()])?;
-    let mut last = (0, Instant::now());
-    let errors = loop {
-        let (got, errors) = verified()?;
-        bar.set_position(got.min(bytes));
-        if got >= bytes || errors > 0 {
-            break errors;
+    let freeze_ms = report["conns"][0]["freeze_ms"].as_f64().unwrap_or(f64::NAN);
+    let mut tables = String::new();
+    for n in [from, to] {
+        tables += &format!("ctl conns on node {}:\n", n.name());
+        for line in n.ctl(&["conns"])?.lines() {
+            tables += &format!("  {line}\n");
         }
-        if got != last.0 {
-            last = (got, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(30) {
-            tb.clear_router_loss();
-            bail!("the tunnel transfer stalled at {got} of {bytes} bytes");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let secs = start.elapsed().as_secs_f64();
-    bar.finish();
-    let drops = if loss > 0 {
-        tb.router_loss_drops().unwrap_or(0)
-    } else {
-        0
-    };
-    tb.clear_router_loss();
-    if errors > 0 {
-        bail!("node b found {errors} messages out of order or corrupted");
     }
-    let p = tunnel::peer(a, b.name())?;
-    println!();
-    println!(
-        "  moved {bytes} bytes in {secs:.2} s: {:.2} Gbit/s; node b verified every byte, in order, exactly once",
-        bytes as f64 * 8.0 / secs / 1e9
-    );
-    println!(
-        "  the router dropped {drops} packets; node a resent {} bytes",
-        p["retransmitted_bytes"]
-    );
-    println!();
-    println!("  flowshift ctl peers on node a:");
-    for line in a.ctl(&["peers"])?.lines() {
-        println!("    {line}");
-    }
-    Ok(())
+    Ok(Move { freeze_ms, tables })
 }
 
 /// GET `path` over HTTP/1.1 from the service address; verify the body against the counting

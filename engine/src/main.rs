@@ -48,17 +48,12 @@ enum Command {
     Pubkey,
     /// Print a new pre-shared key for the tunnel (32 random bytes, base64, like `wg genpsk`).
     Genpsk,
-    /// Build a namespace testbed, run a node in it, show it serving a download, tear it down.
+    /// Build a namespace testbed with two nodes, move a running download from one to the
+    /// other and back while the client reads, verify every byte, tear it all down.
     Demo {
         /// Bytes to download.
-        #[arg(long, default_value_t = 200_000_000)]
+        #[arg(long, default_value_t = 1_500_000_000)]
         bytes: u64,
-        /// Bytes to move from node a to node b over the tunnel.
-        #[arg(long, default_value_t = 500_000_000)]
-        tunnel_bytes: u64,
-        /// Percent of packets the router drops while the tunnel transfer runs.
-        #[arg(long, default_value_t = 2)]
-        loss: u8,
     },
 }
 
@@ -152,11 +147,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ctl { socket, json, what } => ctl(&socket, json, what),
-        Command::Demo {
-            bytes,
-            tunnel_bytes,
-            loss,
-        } => demo::run(bytes, tunnel_bytes, loss),
+        Command::Demo { bytes } => demo::run(bytes),
         Command::Genkey => {
             use rand_core::SeedableRng;
             let mut rng = rand_chacha::ChaCha20Rng::from_seed(flowshift::node::os_random_seed()?);
@@ -236,8 +227,13 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
     match request {
         Request::Metrics => write!(out, "{}", result.as_str().unwrap_or_default())?,
         Request::Conns => {
+            let rows = result.as_array().cloned().unwrap_or_default();
+            let places: Vec<(String, String)> = rows
+                .iter()
+                .map(|r| (plain(&r["lives_on"]), plain(&r["enters_at"])))
+                .collect();
             let conns: Vec<ConnInfo> = serde_json::from_value(result)?;
-            write!(out, "{}", conns_table(&conns))?;
+            write!(out, "{}", conns_table(&conns, &places))?;
         }
         Request::Peers => {
             let peers = result.as_array().cloned().unwrap_or_default();
@@ -385,15 +381,20 @@ fn migrate_table(r: &MigrateReport) -> String {
 }
 
 /// Renders `conns` as the `ctl conns` table.
-pub(crate) fn conns_table(conns: &[ConnInfo]) -> String {
+///
+/// `places` gives, per row, the node the connection lives on and the node where its packets
+/// enter (empty when unknown).
+pub(crate) fn conns_table(conns: &[ConnInfo], places: &[(String, String)]) -> String {
     let mut s = format!(
-        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
+        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
         "ID",
         "CLIENT",
         "SERVICE",
         "STATE",
         "APP",
         "MODE",
+        "LIVES-ON",
+        "ENTERS",
         "AGE",
         "IN",
         "OUT",
@@ -402,15 +403,18 @@ pub(crate) fn conns_table(conns: &[ConnInfo]) -> String {
         "SENDQ",
         "RECVQ"
     );
-    for c in conns {
+    for (i, c) in conns.iter().enumerate() {
+        let (lives, enters) = places.get(i).cloned().unwrap_or_default();
         s += &format!(
-            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
+            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
             format!("{:#x}", c.id),
             c.client.to_string(),
             c.service.to_string(),
             c.state,
             format!("{:?}", c.app).to_lowercase(),
             c.mode,
+            lives,
+            enters,
             c.age_ms as f64 / 1000.0,
             human_bytes(c.bytes_in as f64),
             human_bytes(c.bytes_out as f64),

@@ -564,6 +564,35 @@ impl Node {
         all
     }
 
+    /// `ctl conns`: every connection, with the names of the nodes it lives on and where its
+    /// packets enter.
+    fn conn_rows(&self) -> Vec<serde_json::Value> {
+        let names: Vec<(u32, String)> = self
+            .ask_tunnel(tunnel::Command::Peers)
+            .map(|peers| peers.into_iter().map(|p| (p.id, p.name)).collect())
+            .unwrap_or_default();
+        let name = |r: &Option<Remote>| {
+            r.map(|r| {
+                names
+                    .iter()
+                    .find(|(id, _)| *id == r.peer.0)
+                    .map_or_else(|| format!("peer {}", r.peer.0), |(_, n)| n.clone())
+            })
+        };
+        let me = &self.config.node.name;
+        self.conns()
+            .into_iter()
+            .map(|c| {
+                let lives_on = name(&c.owner).unwrap_or_else(|| me.clone());
+                let enters_at = name(&c.ingress).unwrap_or_else(|| me.clone());
+                let mut v = serde_json::to_value(&c).unwrap_or_default();
+                v["lives_on"] = lives_on.into();
+                v["enters_at"] = enters_at.into();
+                v
+            })
+            .collect()
+    }
+
     fn gauges(&self) -> NodeGauges {
         NodeGauges {
             connections: self.budget.open() as u64,
@@ -896,7 +925,7 @@ impl Handler for Node {
                 }
             }
             Request::Status => Reply::ok(self.status()),
-            Request::Conns => Reply::ok(serde_json::to_value(self.conns()).unwrap_or_default()),
+            Request::Conns => Reply::ok(serde_json::Value::Array(self.conn_rows())),
             Request::Metrics => Reply::ok(serde_json::Value::String(self.metrics())),
             Request::Freeze { id } => {
                 let results = self.ask(|tx| WorkerMsg::Freeze(id, tx));

@@ -217,7 +217,7 @@ fn a_download_moves_under_5_percent_loss() {
     tb.set_router_loss(5).unwrap();
     // smoltcp recovers from random loss slowly (no SACK recovery: ~50 KB/s at 5 %), so the
     // transfer is small.
-    download_moved(&tb, &a, 2_000_000, 500_000);
+    download_moved(&tb, &a, 600_000, 200_000);
     assert_eq!(stat(&b, "conns_restored"), 1);
 }
 
@@ -491,4 +491,42 @@ fn the_target_killed_mid_transfer_leaves_the_flow_on_the_source() {
     assert_eq!(total, 300_000_000);
     let conns = a.ctl_json(&["status"]).unwrap();
     assert_eq!(conns["stats"]["conns_moved_out"], 0);
+}
+
+#[test]
+fn drain_under_wrk_load_moves_200_keep_alive_connections_without_a_failed_request() {
+    ensure_tools(&["wrk"]).unwrap();
+    let (tb, a, b) = pair();
+    let wrk = tb
+        .spawn({
+            let mut c = tb.client().command("wrk");
+            c.args([
+                "-t2",
+                "-c200",
+                "-d6s",
+                "--timeout",
+                "5s",
+                &format!("http://{SERVICE_ADDR}/bytes/2000"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            c
+        })
+        .unwrap();
+    eventually(20, "wrk's 200 connections on a", || {
+        local_ids(&a).len() >= 200
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let report = a.ctl_json(&["drain", "--to", "b"]).expect("drain");
+    let out = wrk.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk: {text}");
+    assert_eq!(report["empty"], true, "{report}");
+    assert!(report["moved"].as_u64().unwrap() >= 200, "{report}");
+    assert!(!text.contains("Socket errors"), "{text}");
+    assert!(!text.contains("Non-2xx"), "{text}");
+    // Requests kept being served after the drain, by b.
+    assert!(stat(&b, "app_bytes_out") > 1_000_000, "{text}");
+    assert!(local_ids(&a).is_empty());
+    assert_eq!(stat(&b, "tunnel_packets_refused"), 0);
 }

@@ -89,6 +89,8 @@ pub enum Liveness {
 pub struct PeerInfo {
     /// Configured name.
     pub name: String,
+    /// The tunnel's number for the peer (what connection tables refer to).
+    pub id: u32,
     /// Current address.
     pub endpoint: Option<SocketAddr>,
     /// Liveness.
@@ -576,6 +578,7 @@ impl Driver {
         let stats = self.ep.peer_stats(p.id).unwrap_or_default();
         PeerInfo {
             name: p.name.clone(),
+            id: p.id.as_u32(),
             endpoint: self.ep.peer_address(p.id),
             liveness: p.liveness,
             handshake_age_s: p
