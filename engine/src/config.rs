@@ -90,6 +90,10 @@ pub struct PeerEntry {
     pub public_key: PublicKey,
     /// A pre-shared key for this peer (`preshared_key_file`, or the `[tunnel]` one).
     pub preshared_key: Option<PresharedKey>,
+    /// Connections moved here whose packets enter at this peer send their replies straight
+    /// out of this node's TUN device (direct server return) instead of back through the
+    /// peer. Only where the network lets this node send from the service address.
+    pub direct_return: bool,
 }
 
 /// `[node]`.
@@ -168,6 +172,8 @@ struct RawPeer {
     endpoint: Option<String>,
     public_key: String,
     preshared_key_file: Option<PathBuf>,
+    #[serde(default)]
+    direct_return: bool,
 }
 
 #[derive(Deserialize)]
@@ -531,6 +537,7 @@ impl Config {
                 endpoint,
                 public_key,
                 preshared_key,
+                direct_return: p.direct_return,
             });
         }
         Ok(Some(TunnelConfig {

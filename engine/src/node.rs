@@ -102,9 +102,10 @@ pub(crate) enum WorkerMsg {
     Tunnel(Vec<tunnel::TunnelPacket>),
     /// What migration offers say of these flows (ids of other workers' flows are skipped).
     Offers(Vec<u64>, Sender<Vec<(u64, OfferResult)>>),
-    /// Freeze and capture these flows; answer with `Command::Captured`.
+    /// Freeze and capture these flows for a move to `to`; answer with `Command::Captured`.
     Capture {
         migration: MigrationId,
+        to: PeerRef,
         flows: Vec<u64>,
     },
     /// The target committed: forward the frozen flow to it; answer with `Command::MoveDone`.
@@ -125,6 +126,8 @@ pub(crate) enum WorkerMsg {
         items: Vec<(u64, ConnSnapshot, Option<Remote>)>,
         mss_clamp: u16,
         max_buffer: usize,
+        /// Replies straight out of this node's TUN device (see `PeerEntry::direct_return`).
+        direct_return: bool,
     },
     /// Drop these restored flows silently: their source kept them.
     Discard(Vec<u64>),
@@ -241,7 +244,11 @@ impl Worker {
                             .collect();
                         let _ = reply.send(offers);
                     }
-                    WorkerMsg::Capture { migration, flows } => self.capture(now, migration, flows),
+                    WorkerMsg::Capture {
+                        migration,
+                        to,
+                        flows,
+                    } => self.capture(now, migration, to, flows),
                     WorkerMsg::Complete {
                         migration,
                         flow,
@@ -249,7 +256,12 @@ impl Worker {
                     } => {
                         let frozen = self.stack.frozen_for(now, flow).map(std_duration);
                         let moved = match self.stack.complete_move(now, flow, to) {
-                            Ok(()) => true,
+                            Ok(early) => {
+                                for p in early {
+                                    self.write_relayed(&p);
+                                }
+                                true
+                            }
                             Err(e) => {
                                 tracing::warn!(%migration, flow = format_args!("{flow:#x}"), error = %e, "move not completed");
                                 false
@@ -280,6 +292,7 @@ impl Worker {
                         items,
                         mss_clamp,
                         max_buffer,
+                        direct_return,
                     } => {
                         let results = items
                             .into_iter()
@@ -288,6 +301,7 @@ impl Worker {
                                     mss_clamp,
                                     ingress,
                                     max_buffer,
+                                    direct_return,
                                 };
                                 let r = self.stack.restore(now, &snap, params).map_err(|e| {
                                     tracing::info!(%migration, flow = format_args!("{flow:#x}"), client = %snap.client, error = %e, "restore refused");
@@ -304,7 +318,7 @@ impl Worker {
                     }
                     WorkerMsg::Discard(flows) => {
                         for f in flows {
-                            if let Err(e) = self.stack.discard(f) {
+                            if let Err(e) = self.stack.discard(now, f) {
                                 tracing::debug!(flow = format_args!("{f:#x}"), error = %e, "discard");
                             }
                         }
@@ -382,13 +396,13 @@ impl Worker {
 
     /// Freezes and captures `flows` for `migration`. A flow whose capture fails is thawed at
     /// once; a flow not local here (frozen by an operator, or gone) is left as it is.
-    fn capture(&mut self, now: Instant, migration: MigrationId, flows: Vec<u64>) {
+    fn capture(&mut self, now: Instant, migration: MigrationId, to: PeerRef, flows: Vec<u64>) {
         // Packets smoltcp emitted before the freeze go out first, through the hook, so the
         // captured `snd_nxt` covers them.
         self.flush();
         let mut results = Vec::with_capacity(flows.len());
         for id in flows {
-            let r = match self.stack.freeze(now, id) {
+            let r = match self.stack.freeze_for_move(now, id, to) {
                 Err(e) => {
                     tracing::info!(%migration, flow = format_args!("{id:#x}"), error = %e, "not captured");
                     Err(RefuseReason::CaptureFailed)

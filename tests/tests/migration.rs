@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use flowshift_tests::oracle::CountingVerifier;
 use flowshift_tests::testbed::SERVICE_ADDR;
-use flowshift_tests::tunnel::{start_tunnel_pair, wait_alive};
-use flowshift_tests::{NodeHandle, Testbed, TestbedOptions, ensure_tools};
+use flowshift_tests::tunnel::{start_tunnel_pair, start_tunnel_pair_with, wait_alive};
+use flowshift_tests::{NodeConfig, NodeHandle, Testbed, TestbedOptions, ensure_tools};
 
 fn pair() -> (Testbed, NodeHandle, NodeHandle) {
     let tb = Testbed::new(TestbedOptions::default()).expect("testbed");
@@ -529,4 +529,83 @@ fn drain_under_wrk_load_moves_200_keep_alive_connections_without_a_failed_reques
     assert!(stat(&b, "app_bytes_out") > 1_000_000, "{text}");
     assert!(local_ids(&a).is_empty());
     assert_eq!(stat(&b, "tunnel_packets_refused"), 0);
+}
+
+#[test]
+fn with_direct_return_the_target_replies_straight_to_the_client() {
+    ensure_tools(&["curl"]).unwrap();
+    let tb = Testbed::new(TestbedOptions::default()).expect("testbed");
+    let (a, b) = start_tunnel_pair_with(
+        &tb,
+        NodeConfig::standard("a"),
+        NodeConfig::standard("b"),
+        true,
+    )
+    .expect("nodes");
+    wait_alive(&a, &b, Duration::from_secs(10)).expect("tunnel up");
+    download_moved(&tb, &a, 500_000_000, 50_000_000);
+    let conns_b = b.ctl_json(&["conns"]).unwrap();
+    assert!(conns_b.as_array().unwrap().is_empty() || conns_b[0]["return_path"] == "direct");
+    // b's replies went out of its own TUN device, not back through a.
+    assert!(stat(&b, "packets_out") > 10_000);
+    assert!(
+        stat(&b, "forwarded_to_ingress") < 100,
+        "b sent {} packets back through a",
+        stat(&b, "forwarded_to_ingress")
+    );
+    assert!(stat(&a, "relayed_from_owner") < 100);
+    assert!(stat(&a, "forwarded_to_owner") > 1000);
+}
+
+#[test]
+fn a_target_without_room_refuses_and_the_connection_stays() {
+    ensure_tools(&["curl"]).unwrap();
+    let tb = Testbed::new(TestbedOptions::default()).expect("testbed");
+    // b holds one connection at most, and has one already (its own client on port 7).
+    let (a, b) = start_tunnel_pair_with(
+        &tb,
+        NodeConfig::standard("a"),
+        NodeConfig::standard("b").max_connections(1),
+        false,
+    )
+    .expect("nodes");
+    wait_alive(&a, &b, Duration::from_secs(10)).expect("tunnel up");
+    tb.route_service_to(flowshift_tests::Node::B).unwrap();
+    let addr = SocketAddr::from((SERVICE_ADDR, 7));
+    let _held = tb
+        .client()
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .expect("connect to b");
+    eventually(5, "b holds its connection", || local_ids(&b).len() == 1);
+    tb.route_service_to(flowshift_tests::Node::A).unwrap();
+    let mut child = tb
+        .spawn({
+            let mut c = tb.client().command("curl");
+            c.args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "120",
+                &format!("http://{SERVICE_ADDR}/bytes/300000000"),
+            ])
+            .stdout(Stdio::piped());
+            c
+        })
+        .unwrap();
+    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    eventually(60, "30 MB downloaded", || {
+        received.load(Ordering::Relaxed) > 30_000_000
+    });
+    let id = local_ids(&a)[0];
+    let report = a
+        .ctl_json(&["migrate", "--to", "b", "--conn", &format!("{id:#x}")])
+        .expect("migrate");
+    assert_eq!(report["moved"], 0, "{report}");
+    assert_eq!(report["conns"][0]["reason"], "no capacity", "{report}");
+    // Refused before anything was frozen; still served by a.
+    assert!(report["conns"][0]["freeze_ms"].is_null(), "{report}");
+    assert_eq!(local_ids(&a), vec![id]);
+    assert_eq!(reader.join().unwrap(), 300_000_000);
+    assert!(child.wait().unwrap().success(), "curl failed");
+    assert_eq!(stat(&a, "conns_moved_out"), 0);
 }

@@ -64,6 +64,12 @@ pub enum FlowMode {
         queued_bytes: usize,
         /// When it was frozen.
         since: Instant,
+        /// The node it is being moved to, if it is.
+        moving_to: Option<PeerRef>,
+        /// Packets for the client that node sent before this node learned that the move
+        /// committed (the restored socket may send at once): written out if it commits,
+        /// dropped if not. Bounded by [`EARLY_REPLIES`].
+        early_replies: Vec<Vec<u8>>,
     },
     /// The connection lives on another node and its packets enter here: they are forwarded
     /// to the owner through the tunnel, and the owner's replies come back to be written to
@@ -78,11 +84,34 @@ pub enum FlowMode {
         /// When the connection was seen to end (both FINs, or a RST): the entry is removed
         /// [`MOVED_LINGER`] later, so late retransmissions still reach the owner.
         ended: Option<Instant>,
+        /// When the last packet of the flow passed here (either way).
+        last_packet: Instant,
     },
 }
 
+/// Most packets held per frozen flow from its target before the move commits.
+pub const EARLY_REPLIES: usize = 256;
+
 /// How long an entry for a moved connection stays after the connection ended.
 pub const MOVED_LINGER: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
+
+/// How long an entry for a moved connection stays after the client's FIN when the owner's
+/// FIN is never seen (the owner replies directly, not through this node), counted from the
+/// flow's last packet.
+pub const MOVED_IDLE_AFTER_FIN: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+
+/// How a restored flow's replies reach the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReturnPath {
+    /// Through the node where its packets enter (relay).
+    Relay,
+    /// Straight out of this node's TUN device, once the first forwarded client packet
+    /// proved that the source moved the flow; through the ingress node until then.
+    DirectPending,
+    /// Straight out of this node's TUN device (direct server return).
+    Direct,
+}
 
 impl std::fmt::Debug for FlowMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -261,8 +290,10 @@ pub struct Flow {
     pub buffers: (usize, usize),
     /// Set when the flow was restored from another node.
     pub restored: Option<Restored>,
-    /// Where the client's packets enter, when not here: replies go back through that node.
+    /// Where the client's packets enter, when not here.
     pub ingress: Option<Remote>,
+    /// With `ingress`: how replies reach the client.
+    pub return_path: ReturnPath,
     /// When the SYN arrived.
     pub created: Instant,
     /// The app was told about the client's FIN.

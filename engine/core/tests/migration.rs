@@ -108,6 +108,10 @@ struct Net {
     /// Every `n`th tunnel packet is lost (0: none).
     tunnel_loss_every: usize,
     tunnel_count: usize,
+    /// Packets the target sent before the source completed a move (held by the source).
+    early_replies: usize,
+    /// B replies straight to the client (direct server return): its TUN reaches the client.
+    direct_return: bool,
     /// Percent of client <-> A packets lost, both ways (seeded).
     client_loss: u64,
     rng: u64,
@@ -175,6 +179,8 @@ impl Net {
             b_tun_packets: 0,
             tunnel_loss_every: 0,
             tunnel_count: 0,
+            early_replies: 0,
+            direct_return: false,
             client_loss: 0,
             rng: 0x9e37_79b9_7f4a_7c15,
             scratch: Vec::new(),
@@ -222,15 +228,25 @@ impl Net {
                 self.nodes[0].handle_packet(self.now, &p);
             }
         }
-        for round in 0..3 {
+        self.exchange_nodes();
+        self.client
+            .poll(self.now, &mut self.pipe, &mut self.sockets);
+        self.now += Duration::from_millis(1);
+    }
+
+    /// Both nodes run and the tunnel delivers, three rounds, without advancing time.
+    fn exchange_nodes(&mut self) {
+        for _round in 0..3 {
             for i in 0..2 {
                 self.nodes[i].poll(self.now);
                 let mut out = Vec::new();
                 let b_tun = &mut self.b_tun_packets;
+                let direct = self.direct_return;
                 self.nodes[i].drain_transmit(|p| {
-                    if i == 0 {
+                    if i == 0 || direct {
                         out.push(p.to_vec());
-                    } else {
+                    }
+                    if i == 1 {
                         *b_tun += 1;
                     }
                 });
@@ -273,11 +289,12 @@ impl Net {
                     }
                 }
             }
-            let _ = round;
         }
-        self.client
-            .poll(self.now, &mut self.pipe, &mut self.sockets);
-        self.now += Duration::from_millis(1);
+    }
+
+    /// The nodes and the tunnel only (no client), at the current time.
+    fn step_tunnel_only(&mut self) {
+        self.exchange_nodes();
     }
 
     /// A seeded coin with `client_loss` percent for "lost".
@@ -316,7 +333,9 @@ impl Net {
     /// Moves flow `id` from node `src` to node `dst`, frozen for `freeze_ms` of virtual time
     /// (packets arriving meanwhile are queued), and returns its id on `dst`.
     fn migrate(&mut self, src: usize, dst: usize, id: u64, freeze_ms: u64) -> u64 {
-        self.nodes[src].freeze(self.now, id).expect("freeze");
+        self.nodes[src]
+            .freeze_for_move(self.now, id, Self::peer(dst))
+            .expect("freeze");
         for _ in 0..freeze_ms {
             self.step();
         }
@@ -342,10 +361,13 @@ impl Net {
                     mss_clamp: MSS_CLAMP,
                     ingress,
                     max_buffer: 16 << 20,
+                    direct_return: self.direct_return,
                 },
             )
             .expect("restore");
-        self.nodes[src]
+        // The restored socket may already send: the source holds that until it commits.
+        self.step_tunnel_only();
+        let early = self.nodes[src]
             .complete_move(
                 self.now,
                 id,
@@ -355,6 +377,10 @@ impl Net {
                 },
             )
             .expect("complete");
+        self.early_replies += early.len();
+        for p in early {
+            self.deliver_to_client(p);
+        }
         new_id
     }
 
@@ -425,6 +451,9 @@ fn download_moved_once(opts: ClientOpts) {
     assert_eq!(b.tunnel_packets_refused, 0);
     let a = n.nodes[0].stats().clone();
     assert_eq!(a.conns_moved_out, 1);
+    // The restored socket sent at once; the source held that until the move completed.
+    assert!(n.early_replies > 0);
+    assert_eq!(a.tunnel_packets_refused, 0);
     assert!(a.relayed_from_owner > 100, "{a:?}");
     // The source sent its FIN from B: the client closes, and every node cleans up.
     n.sock(h).close();
@@ -715,4 +744,32 @@ fn a_download_moves_under_5_percent_loss_on_the_client_path() {
         );
         assert_eq!(n.client_rsts, 0);
     }
+}
+
+#[test]
+fn with_direct_return_the_target_sends_straight_to_the_client() {
+    let mut n = Net::new();
+    n.direct_return = true;
+    let h = n.connect(19, ClientOpts::DEFAULT);
+    let mut got = Vec::new();
+    n.run_until(10_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got.len() > 500_000
+    });
+    let id = n.only_local(0);
+    n.migrate(0, 1, id, 3);
+    n.run_until(60_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        !n.sock(h).may_recv()
+    });
+    assert!(got == counting(0, 3_000_000), "counting stream mismatch");
+    assert_eq!(n.client_rsts, 0);
+    let b = n.nodes[1].stats().clone();
+    // Until the first forwarded client packet, through A; then straight out.
+    assert!(n.b_tun_packets > 1000, "{b:?}");
+    assert!(b.forwarded_to_ingress < 50, "{b:?}");
+    assert_eq!(
+        n.nodes[1].conns(n.now)[0].return_path,
+        Some(flowshift_core::flow::ReturnPath::Direct)
+    );
 }

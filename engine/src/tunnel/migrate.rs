@@ -365,8 +365,11 @@ impl Driver {
     fn source_action(&mut self, now: Instant, action: SourceAction<PeerId>) {
         match action {
             SourceAction::Capture {
-                migration, flows, ..
+                migration,
+                flows,
+                peer,
             } => {
+                let to = PeerRef(peer.as_u32());
                 let mut per_worker: Vec<Vec<u64>> = vec![Vec::new(); self.workers.len()];
                 let mut missing = Vec::new();
                 for f in flows {
@@ -378,7 +381,11 @@ impl Driver {
                 let mut waiting = 0;
                 for (w, flows) in per_worker.into_iter().enumerate() {
                     if !flows.is_empty()
-                        && self.workers[w].send(WorkerMsg::Capture { migration, flows })
+                        && self.workers[w].send(WorkerMsg::Capture {
+                            migration,
+                            to,
+                            flows,
+                        })
                     {
                         waiting += 1;
                     }
@@ -717,6 +724,11 @@ impl Driver {
         }
         let mut waiting = 0;
         let mss_clamp = self.mss_clamp();
+        let direct_return = self
+            .peers
+            .iter()
+            .find(|p| p.id == peer)
+            .is_some_and(|p| p.direct_return);
         for (w, items) in per_worker.into_iter().enumerate() {
             if !items.is_empty()
                 && self.workers[w].send(WorkerMsg::Restore {
@@ -725,6 +737,7 @@ impl Driver {
                     items,
                     mss_clamp,
                     max_buffer: self.migration.admission.max_buffer,
+                    direct_return,
                 })
             {
                 waiting += 1;

@@ -299,6 +299,8 @@ struct PeerSlot {
     load: Option<LoadReport>,
     /// The diagnostic test stream with this peer.
     diag: diag::Diagnostic,
+    /// Connections moved here from this peer reply straight out of our TUN device.
+    direct_return: bool,
 }
 
 impl PeerSlot {
@@ -311,6 +313,7 @@ impl PeerSlot {
             handshake_at: None,
             load: None,
             diag: diag::Diagnostic::default(),
+            direct_return: false,
         }
     }
 }
@@ -410,7 +413,9 @@ pub(crate) fn start(
                 name: p.name.clone(),
                 reason: e.to_string(),
             })?;
-        peers.push(PeerSlot::new(p.name.clone(), id));
+        let mut slot = PeerSlot::new(p.name.clone(), id);
+        slot.direct_return = p.direct_return;
+        peers.push(slot);
     }
     let (tx, commands) = unbounded();
     let payload = ep.config().max_udp_payload;

@@ -112,6 +112,29 @@ pub fn start_tunnel_pair(
     Ok((a, b))
 }
 
+/// Starts node A and node B from `a` and `b` joined by the tunnel; with `b_direct_return`,
+/// B replies to the clients of connections moved to it straight out of its own TUN device
+/// (`direct_return` on its peer entry for A). Does not wait for the handshake.
+pub fn start_tunnel_pair_with(
+    tb: &Testbed,
+    a: NodeConfig,
+    b: NodeConfig,
+    b_direct_return: bool,
+) -> Result<(NodeHandle, NodeHandle), TestbedError> {
+    let ka = TunnelKeys::generate()?;
+    let kb = TunnelKeys::generate()?;
+    let a = a.extra(&tunnel_toml(tb, Node::A, &ka, Node::B, &kb.public)?);
+    let mut b_tunnel = tunnel_toml(tb, Node::B, &kb, Node::A, &ka.public)?;
+    if b_direct_return {
+        // The peer table is the last one written.
+        b_tunnel += "direct_return = true\n";
+    }
+    let b = b.extra(&b_tunnel);
+    let a = tb.start_node(Node::A, &a)?;
+    let b = tb.start_node(Node::B, &b)?;
+    Ok((a, b))
+}
+
 /// `ctl peers --json` row for `name` on `node`.
 pub fn peer(node: &NodeHandle, name: &str) -> Result<serde_json::Value, TestbedError> {
     let peers = node.ctl_json(&["peers"])?;

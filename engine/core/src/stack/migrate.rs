@@ -38,7 +38,7 @@ use flowshift_statesync::snapshot::{AppState, ConnSnapshot, Ingress, TcpState, T
 
 use super::{Stack, TurnDevice, TxQueue, tsval_now};
 use crate::app::{self, AppConfig, AppError, AppKind};
-use crate::flow::{Flow, FlowMode, HandshakeRecord, Remote, Restored, SendMirror};
+use crate::flow::{Flow, FlowMode, HandshakeRecord, Remote, Restored, ReturnPath, SendMirror};
 use crate::packet::{self, FlowKey, SynOptions};
 use crate::stack::forward::ForwardKind;
 use crate::translate::Translation;
@@ -130,6 +130,10 @@ pub struct RestoreParams {
     pub mss_clamp: u16,
     /// Where the client's packets enter, when not at this node: replies go back there.
     pub ingress: Option<Remote>,
+    /// With `ingress`: send replies straight out of this node's TUN device (direct server
+    /// return) once the first forwarded client packet arrives, instead of back through the
+    /// ingress node.
+    pub direct_return: bool,
     /// Largest socket buffer accepted.
     pub max_buffer: usize,
 }
@@ -258,6 +262,24 @@ impl Stack {
             },
             flow.ingress,
         ))
+    }
+
+    /// Freezes flow `id` for a move to `to` (see [`Stack::freeze`]): packets `to` sends for
+    /// the client before the move commits here are held, not dropped
+    /// ([`Stack::handle_from_owner`]).
+    pub fn freeze_for_move(
+        &mut self,
+        now: Instant,
+        id: u64,
+        to: crate::flow::PeerRef,
+    ) -> Result<(), super::FlowError> {
+        self.freeze(now, id)?;
+        if let Some(flow) = self.flows.find_id(id).and_then(|s| self.flows.get_mut(s))
+            && let FlowMode::Frozen { moving_to, .. } = &mut flow.mode
+        {
+            *moving_to = Some(to);
+        }
+        Ok(())
     }
 
     /// Captures the frozen flow `id` for a move. The flow stays frozen; see the module docs.
@@ -495,6 +517,11 @@ impl Stack {
                 home_from: home.map(|(_, _, to)| to),
             }),
             ingress: params.ingress,
+            return_path: if params.direct_return && params.ingress.is_some() {
+                ReturnPath::DirectPending
+            } else {
+                ReturnPath::Relay
+            },
             created: now,
             fin_delivered: snap.app.fin_delivered,
             close_sent: snap.our_fin,
@@ -558,13 +585,15 @@ impl Stack {
     /// Moves the frozen flow `id` to `to` after the target committed: where the client's
     /// packets enter here, the flow becomes [`FlowMode::Moved`] and forwards them; otherwise
     /// (the flow goes back to where its packets enter) it is removed. Either way its queued
-    /// packets go to the new owner, and its socket is dropped without a RST.
+    /// packets go to the new owner, and its socket is dropped without a RST. Returns the
+    /// packets for the client the target sent before the commit reached this node: the
+    /// driver writes them to the TUN device.
     pub fn complete_move(
         &mut self,
         now: Instant,
         id: u64,
         to: Remote,
-    ) -> Result<(), super::FlowError> {
+    ) -> Result<Vec<Vec<u8>>, super::FlowError> {
         let slot = self
             .flows
             .find_id(id)
@@ -573,7 +602,13 @@ impl Stack {
             .flows
             .get_mut(slot)
             .ok_or(super::FlowError::NoSuchFlow(id))?;
-        let FlowMode::Frozen { socket, queue, .. } = &mut flow.mode else {
+        let FlowMode::Frozen {
+            socket,
+            queue,
+            early_replies,
+            ..
+        } = &mut flow.mode
+        else {
             return Err(super::FlowError::WrongMode {
                 id,
                 mode: flow.mode.as_str(),
@@ -581,6 +616,8 @@ impl Stack {
         };
         let state = socket.state();
         let queue = std::mem::take(queue);
+        let early = std::mem::take(early_replies);
+        self.stats.relayed_from_owner += early.len() as u64;
         for p in &queue {
             self.forward.push(ForwardKind::ToOwner, to, p, 0);
         }
@@ -602,6 +639,7 @@ impl Stack {
                         tcp::State::FinWait1 | tcp::State::Closing | tcp::State::LastAck
                     ),
                     ended: None,
+                    last_packet: now,
                 };
                 flow.counted = false;
                 flow.restored = None;
@@ -626,14 +664,13 @@ impl Stack {
                 );
             }
         }
-        let _ = now;
-        Ok(())
+        Ok(early)
     }
 
     /// Drops a flow restored here whose move was called off by its source after the
     /// restore: silently (no RST: the source still serves the client). A flow that had come
     /// home becomes moved again, to where it was.
-    pub fn discard(&mut self, id: u64) -> Result<(), super::FlowError> {
+    pub fn discard(&mut self, now: Instant, id: u64) -> Result<(), super::FlowError> {
         let slot = self
             .flows
             .find_id(id)
@@ -669,6 +706,7 @@ impl Stack {
                     client_fin: false,
                     owner_fin: false,
                     ended: None,
+                    last_packet: now,
                 };
                 flow.counted = false;
                 flow.restored = None;
@@ -701,7 +739,7 @@ impl Stack {
             self.stats.tunnel_packets_refused += 1;
             return;
         };
-        let Some(flow) = self.flows.get(slot) else {
+        let Some(flow) = self.flows.get_mut(slot) else {
             return;
         };
         let service = *flow.key.service.ip();
@@ -709,6 +747,11 @@ impl Stack {
         let inbound = packet::classify_with(packet, |a| a == service, false);
         match inbound {
             Ok(inbound) if ok_peer && inbound.key == flow.key => {
+                if flow.return_path == ReturnPath::DirectPending {
+                    // The source forwards: it moved the flow. Replies may go straight out.
+                    flow.return_path = ReturnPath::Direct;
+                    tracing::debug!(id, "direct return from now on");
+                }
                 let packet = &packet[..inbound.ip_len];
                 self.deliver(now, slot, &inbound, packet);
             }
@@ -736,11 +779,29 @@ impl Stack {
         let Some(flow) = self.flows.get_mut(slot) else {
             return false;
         };
+        if let FlowMode::Frozen {
+            moving_to: Some(target),
+            early_replies,
+            ..
+        } = &mut flow.mode
+        {
+            // The target restored the flow and sends; this node has not seen the commit yet.
+            let ok = *target == from
+                && packet::outbound(packet).is_some_and(|o| o.key == flow.key)
+                && early_replies.len() < crate::flow::EARLY_REPLIES;
+            if ok {
+                early_replies.push(packet.to_vec());
+            } else {
+                self.stats.tunnel_packets_refused += 1;
+            }
+            return false;
+        }
         let FlowMode::Moved {
             to,
             client_fin,
             owner_fin,
             ended,
+            last_packet,
         } = &mut flow.mode
         else {
             self.stats.tunnel_packets_refused += 1;
@@ -748,6 +809,7 @@ impl Stack {
         };
         match packet::outbound(packet) {
             Some(out) if to.peer == from && out.key == flow.key => {
+                *last_packet = now;
                 *owner_fin |= out.flags.fin;
                 if ended.is_none() && (out.flags.rst || *client_fin && *owner_fin) {
                     *ended = Some(now);

@@ -31,7 +31,10 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
 use crate::app::{self, AppConfig, AppKind};
 use crate::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
-use crate::flow::{Flow, FlowMode, FlowTable, HandshakeRecord, MOVED_LINGER, Remote, SendMirror};
+use crate::flow::{
+    Flow, FlowMode, FlowTable, HandshakeRecord, MOVED_IDLE_AFTER_FIN, MOVED_LINGER, Remote,
+    SendMirror,
+};
 use crate::packet::{self, DropReason, FlowKey};
 use crate::translate::{AckCeiling, seq_gt};
 
@@ -225,6 +228,8 @@ pub struct ConnInfo {
     /// For a connection restored here whose packets enter at another node: that node, and
     /// the connection's id there.
     pub ingress: Option<Remote>,
+    /// With `ingress`: how its replies reach the client.
+    pub return_path: Option<crate::flow::ReturnPath>,
     /// Milliseconds since the SYN.
     pub age_ms: u64,
     /// App bytes received.
@@ -572,7 +577,9 @@ impl Stack {
                 client_fin,
                 ended,
                 owner_fin,
+                last_packet,
             } => {
+                *last_packet = now;
                 *client_fin |= inbound.flags.fin;
                 if ended.is_none() && (inbound.flags.rst || *client_fin && *owner_fin) {
                     *ended = Some(now);
@@ -687,6 +694,7 @@ impl Stack {
             buffers: (self.config.tcp.rx_buffer, self.config.tcp.tx_buffer),
             restored: None,
             ingress: None,
+            return_path: crate::flow::ReturnPath::Relay,
             created: now,
             fin_delivered: false,
             close_sent: false,
@@ -870,6 +878,17 @@ impl Stack {
                         tracing::debug!(id = flow.id, client = %flow.key.client, "moved connection ended");
                     }
                 }
+                FlowMode::Moved {
+                    client_fin: true,
+                    ended: None,
+                    last_packet,
+                    ..
+                } if now - last_packet >= MOVED_IDLE_AFTER_FIN => {
+                    if let Some(flow) = self.flows.remove(slot) {
+                        self.stats.moved_closed += 1;
+                        tracing::debug!(id = flow.id, client = %flow.key.client, "moved connection idle since the client's FIN: entry removed");
+                    }
+                }
                 FlowMode::Frozen { .. } | FlowMode::Moved { .. } => {}
             }
         }
@@ -920,7 +939,9 @@ impl Stack {
                 if tsval.is_some() {
                     flow.record.our_tsval = tsval;
                 }
-                to_ingress = flow.ingress;
+                if flow.return_path != crate::flow::ReturnPath::Direct {
+                    to_ingress = flow.ingress;
+                }
             }
             match to_ingress {
                 Some(to) => {
@@ -1102,6 +1123,7 @@ impl Stack {
                         _ => None,
                     },
                     ingress: f.ingress,
+                    return_path: f.ingress.map(|_| f.return_path),
                     age_ms: (now - f.created).total_millis(),
                     bytes_in: f.bytes_in,
                     bytes_out: f.bytes_out(),
@@ -1133,6 +1155,8 @@ impl Stack {
             queue: VecDeque::new(),
             queued_bytes: 0,
             since: now,
+            moving_to: None,
+            early_replies: Vec::new(),
         };
         Ok(())
     }
