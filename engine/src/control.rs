@@ -249,9 +249,12 @@ pub fn call(path: &Path, request: &Request) -> Result<Reply, ControlError> {
         source,
     };
     let mut stream = UnixStream::connect(path).map_err(io_err)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io_err)?;
+    // A drain moves every connection, round after round; the rest answer at once.
+    let wait = match request {
+        Request::Drain { .. } | Request::Migrate { .. } => Duration::from_secs(600),
+        _ => Duration::from_secs(30),
+    };
+    stream.set_read_timeout(Some(wait)).map_err(io_err)?;
     let mut line = serde_json::to_vec(request).map_err(|e| io_err(io::Error::other(e)))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err)?;

@@ -91,7 +91,7 @@ enum CtlCommand {
     /// Move live connections to a peer node; the clients keep their connections.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["conn", "port", "count", "all"])))]
     Migrate {
-        /// The target peer (its name in `[[tunnel.peer]]`).
+        /// The target peer (its name in `[[peer]]`).
         #[arg(long)]
         to: String,
         /// Connection ids, as `conns` shows them (`0x…`) or in decimal.
@@ -342,7 +342,7 @@ fn human_bytes(n: f64) -> String {
 /// Renders a migration report: one line per connection, then a summary.
 fn migrate_table(r: &MigrateReport) -> String {
     let mut s = format!(
-        "{:<16} {:<21} {:<24} {:>10}\n",
+        "{:<16} {:<21} {:<34} {:>10}\n",
         "ID", "CLIENT", "OUTCOME", "FREEZE"
     );
     for c in &r.conns {
@@ -352,7 +352,7 @@ fn migrate_table(r: &MigrateReport) -> String {
             (false, _) => format!("stayed: {}", c.reason.as_deref().unwrap_or("unknown")),
         };
         s += &format!(
-            "{:<16} {:<21} {:<24} {:>10}\n",
+            "{:<16} {:<21} {:<34} {:>10}\n",
             format!("{:#x}", c.id),
             c.client.map_or("-".into(), |a| a.to_string()),
             outcome,

@@ -328,6 +328,12 @@ pub fn render(
             "Connections restored on this node from another",
             m.moved_in,
         );
+        counter(
+            &mut r,
+            "migration_messages_refused",
+            "Migration protocol messages refused (malformed, unknown version)",
+            m.messages_refused,
+        );
         for (name, help, list) in [
             (
                 "migration_stayed",

@@ -609,3 +609,52 @@ fn a_target_without_room_refuses_and_the_connection_stays() {
     assert!(child.wait().unwrap().success(), "curl failed");
     assert_eq!(stat(&a, "conns_moved_out"), 0);
 }
+
+#[test]
+fn moves_complete_under_10_percent_loss_on_the_tunnel_path() {
+    ensure_tools(&["curl", "nft"]).unwrap();
+    let (tb, a, b) = pair();
+    let n: u64 = 2_000_000_000;
+    let mut child = tb
+        .spawn({
+            let mut c = tb.client().command("curl");
+            c.args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "300",
+                &format!("http://{SERVICE_ADDR}/bytes/{n}"),
+            ])
+            .stdout(Stdio::piped());
+            c
+        })
+        .unwrap();
+    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    eventually(60, "20 MB downloaded", || {
+        received.load(Ordering::Relaxed) > 20_000_000
+    });
+    // Only the tunnel between the nodes loses packets: the protocol's messages and the
+    // forwarded packets cross it, the client's own link is clean.
+    tb.set_router_loss_matching(10, &["udp", "dport", "51871"])
+        .unwrap();
+    let nodes = [(&a, "a"), (&b, "b")];
+    for round in 0..6 {
+        let (from, to) = (nodes[round % 2], nodes[(round + 1) % 2]);
+        let ids = local_ids(from.0);
+        assert_eq!(ids.len(), 1, "round {round}");
+        let r = from
+            .0
+            .ctl_json(&["migrate", "--to", to.1, "--conn", &format!("{:#x}", ids[0])])
+            .expect("migrate");
+        assert_eq!(r["moved"], 1, "round {round}: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let drops = tb.router_loss_drops().unwrap();
+    tb.clear_router_loss();
+    assert!(drops > 0, "the tunnel lost nothing");
+    assert!(received.load(Ordering::Relaxed) < n, "moved mid-stream");
+    assert_eq!(reader.join().unwrap(), n);
+    assert!(child.wait().unwrap().success(), "curl failed");
+    assert_eq!(stat(&a, "conns_moved_out"), 3);
+    assert_eq!(stat(&b, "conns_moved_out"), 3);
+}

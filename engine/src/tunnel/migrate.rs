@@ -230,6 +230,18 @@ impl Driver {
         let mut ingress = HashMap::new();
         let mut go = Vec::new();
         for (offer, from) in offers {
+            if !offer.is_valid() {
+                outcomes.insert(
+                    offer.flow,
+                    stayed(
+                        offer.flow,
+                        Some(offer.client),
+                        None,
+                        "its buffers are larger than a move carries (16 MiB)".into(),
+                    ),
+                );
+                continue;
+            }
             match from {
                 // A flow whose packets enter at a third node cannot move on yet: the node
                 // where they enter would keep forwarding to us.
@@ -540,6 +552,21 @@ impl Driver {
                 self.migration.record_freeze(f);
             }
         }
+        let remote = self
+            .migration
+            .pending
+            .get(&migration)
+            .and_then(|p| p.outcomes.get(&flow))
+            .and_then(|o| o.remote_id);
+        tracing::info!(
+            %migration,
+            flow = format_args!("{flow:#x}"),
+            moved,
+            remote = ?remote.map(|r| format!("{r:#x}")),
+            freeze_ms = frozen.map(|d| d.as_secs_f64() * 1e3),
+            "{}",
+            if moved { "connection moved" } else { "connection thawed: it stays here" }
+        );
         if let Some(p) = self.migration.pending.get_mut(&migration) {
             p.unconfirmed = p.unconfirmed.saturating_sub(1);
             if let Some(o) = p.outcomes.get_mut(&flow) {

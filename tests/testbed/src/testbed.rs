@@ -418,6 +418,16 @@ impl Testbed {
     /// TCP TSO and UDP GSO batches before they reach the router. Otherwise one drop there
     /// would take a whole batch (tens of packets) at once: bursts, not random loss.
     pub fn set_router_loss(&self, percent: u8) -> Result<(), TestbedError> {
+        self.set_router_loss_matching(percent, &[])
+    }
+
+    /// Like [`set_router_loss`](Self::set_router_loss), for the forwarded packets that match
+    /// the nft expression `matching` only (e.g. `["udp", "dport", "51871"]`: the tunnel).
+    pub fn set_router_loss_matching(
+        &self,
+        percent: u8,
+        matching: &[&str],
+    ) -> Result<(), TestbedError> {
         self.clear_router_loss();
         self.set_gso_max_segs(1)?;
         let n = percent.to_string();
@@ -434,18 +444,13 @@ impl Testbed {
                 "{ type filter hook forward priority 0; policy accept; }",
             ],
         )?;
-        self.router
-            .exec(
-                "nft",
-                &[
-                    "add", "rule", "inet", "fst_loss", "forward", "numgen", "random", "mod", "100",
-                    "<", &n, "counter", "drop",
-                ],
-            )
-            .map(|_| ())
+        let mut rule = vec!["add", "rule", "inet", "fst_loss", "forward"];
+        rule.extend_from_slice(matching);
+        rule.extend_from_slice(&["numgen", "random", "mod", "100", "<", &n, "counter", "drop"]);
+        self.router.exec("nft", &rule).map(|_| ())
     }
 
-    /// Removes the loss rule (and lets GSO batches through whole again).
+    /// Removes the loss rule and restores the links' GSO batches.
     pub fn clear_router_loss(&self) {
         let _ = self
             .router

@@ -50,16 +50,16 @@ const RESTORE_CHUNK: usize = 60_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CaptureError {
     /// No flow has this id here.
-    #[error("no connection with id {0}")]
+    #[error("no connection with id {0:#x}")]
     NoSuchFlow(u64),
     /// Only frozen flows are captured.
-    #[error("connection {0} is not frozen")]
+    #[error("connection {0:#x} is not frozen")]
     NotFrozen(u64),
     /// Only local flows are offered.
-    #[error("connection {0} is frozen or lives on another node")]
+    #[error("connection {0:#x} is frozen or lives on another node")]
     NotLocal(u64),
     /// Its TCP state does not move.
-    #[error("connection {id} is in state {state}, which does not move")]
+    #[error("connection {id:#x} is in state {state}, which does not move")]
     State {
         /// The flow.
         id: u64,
@@ -67,10 +67,10 @@ pub enum CaptureError {
         state: &'static str,
     },
     /// The handshake options were not recorded (never happens for a flow past its handshake).
-    #[error("connection {0} has no recorded handshake")]
+    #[error("connection {0:#x} has no recorded handshake")]
     Handshake(u64),
     /// The send mirror does not hold the unacknowledged bytes (a bug).
-    #[error("connection {0}: unacknowledged bytes not mirrored")]
+    #[error("connection {0:#x}: unacknowledged bytes not mirrored")]
     Unmirrored(u64),
 }
 
@@ -743,7 +743,13 @@ impl Stack {
             return;
         };
         let service = *flow.key.service.ip();
-        let ok_peer = flow.ingress.is_some_and(|r| r.peer == from);
+        // From where its packets enter; or, for a flow that came home, the node it came
+        // from forwarding what it queued while frozen.
+        let ok_peer = flow.ingress.is_some_and(|r| r.peer == from)
+            || flow
+                .restored
+                .and_then(|r| r.home_from)
+                .is_some_and(|r| r.peer == from);
         let inbound = packet::classify_with(packet, |a| a == service, false);
         match inbound {
             Ok(inbound) if ok_peer && inbound.key == flow.key => {

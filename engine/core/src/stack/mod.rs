@@ -252,10 +252,10 @@ pub struct ConnInfo {
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
 pub enum FlowError {
     /// No flow has this id on this stack.
-    #[error("no connection with id {0}")]
+    #[error("no connection with id {0:#x}")]
     NoSuchFlow(u64),
     /// The flow is not in a mode that allows the operation.
-    #[error("connection {id} is {mode}")]
+    #[error("connection {id:#x} is {mode}")]
     WrongMode {
         /// The flow.
         id: u64,
