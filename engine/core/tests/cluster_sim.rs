@@ -154,7 +154,6 @@ impl phy::Device for Pipe {
 }
 
 thread_local! {
-    static TRACE: Cell<bool> = const { Cell::new(false) };
     static CLIENT_MS: Cell<u32> = const { Cell::new(0) };
 }
 
@@ -579,8 +578,7 @@ impl Node {
 
     /// node.rs `Node::migrate` (the worker's offers) and migrate.rs
     /// `Driver::migration_start`; the migration's id, or `None` if no flow could go.
-    fn migrate(&mut self, now: TInstant, snow: SInstant, ids: &[u64]) -> Option<MigrationId> {
-        let _ = snow;
+    fn migrate(&mut self, now: TInstant, ids: &[u64]) -> Option<MigrationId> {
         let peer_id = self.peer;
         let peer_ref = PeerRef(peer_id.as_u32());
         let mut go = Vec::new();
@@ -716,15 +714,25 @@ impl Node {
                     peer: PeerRef(peer.as_u32()),
                     flow: target_flow,
                 };
-                self.send_to_worker(migration, WorkerMsg::Complete { migration, flow, to });
+                self.send_to_worker(
+                    migration,
+                    WorkerMsg::Complete {
+                        migration,
+                        flow,
+                        to,
+                    },
+                );
             }
             SourceAction::Thaw {
                 migration,
                 flow,
                 reason,
             } => {
-                self.log
-                    .push(Record::Resolved(migration, flow, FlowOutcome::Thawed(reason)));
+                self.log.push(Record::Resolved(
+                    migration,
+                    flow,
+                    FlowOutcome::Thawed(reason),
+                ));
                 self.send_to_worker(migration, WorkerMsg::ThawMoved { migration, flow });
             }
             SourceAction::Refused {
@@ -732,8 +740,11 @@ impl Node {
                 flow,
                 reason,
             } => {
-                self.log
-                    .push(Record::Resolved(migration, flow, FlowOutcome::Refused(reason)));
+                self.log.push(Record::Resolved(
+                    migration,
+                    flow,
+                    FlowOutcome::Refused(reason),
+                ));
             }
             SourceAction::Finished { migration, report } => {
                 self.log.push(Record::Finished(report.clone()));
@@ -936,8 +947,7 @@ impl Node {
             return;
         };
         all.extend(results);
-        self.target
-            .restored(sync_now(now), peer, migration, all);
+        self.target.restored(sync_now(now), peer, migration, all);
         self.migration_poll(now);
     }
 
@@ -1051,9 +1061,6 @@ impl Node {
 
     /// node.rs `Worker::tunnel_packets`.
     fn tunnel_packet(&mut self, now: SInstant, p: TunnelPacket) {
-        if TRACE.with(Cell::get) {
-            eprintln!("          tunnel {:?} flow {} {}", p.kind, p.flow, show(&p.packet));
-        }
         match p.kind {
             ForwardKind::ToOwner => self.stack.handle_forwarded(now, p.from, p.flow, &p.packet),
             ForwardKind::ToIngress => {
@@ -1135,7 +1142,6 @@ struct Cluster {
     /// Packets and datagrams the links lost.
     lost: usize,
     scratch: Vec<u8>,
-    trace: bool,
 }
 
 const ADDR_A: &str = "198.18.2.2:51820";
@@ -1162,7 +1168,8 @@ impl Cluster {
             .add_peer(PeerConfig::new(*kb.public(), Some(addr_b)), t0)
             .unwrap();
         // A third peer that never speaks, so that the two nodes number each other differently.
-        eb.add_peer(PeerConfig::new(*kc.public(), None), t0).unwrap();
+        eb.add_peer(PeerConfig::new(*kc.public(), None), t0)
+            .unwrap();
         let peer_b = eb
             .add_peer(PeerConfig::new(*ka.public(), Some(addr_a)), t0)
             .unwrap();
@@ -1217,13 +1224,11 @@ impl Cluster {
             lost_tun: 0,
             lost: 0,
             scratch: vec![0; 2048],
-            trace: false,
         };
         let connected = |c: &mut Cluster| {
-            c.nodes.iter().all(|n| {
-                n.ep.peer_stats(n.peer)
-                    .is_some_and(|s| s.has_session)
-            })
+            c.nodes
+                .iter()
+                .all(|n| n.ep.peer_stats(n.peer).is_some_and(|s| s.has_session))
         };
         c.run_until(10 * SEC, connected);
         c
@@ -1292,7 +1297,10 @@ impl Cluster {
                 n.source.poll_timeout().map(|t| t.as_micros()),
                 n.target.poll_timeout().map(|t| t.as_micros()),
             ];
-            next = timers.into_iter().flatten().fold(next.min(stack_at), u64::min);
+            next = timers
+                .into_iter()
+                .flatten()
+                .fold(next.min(stack_at), u64::min);
         }
         if let Some(t) = self.client.iface.poll_at(self.cnow(), &self.client.sockets) {
             next = next.min(t.total_micros().max(0) as u64);
@@ -1336,9 +1344,6 @@ impl Cluster {
         CLIENT_MS.with(|c| c.set((now / MS) as u32));
         while self.wire.peek().is_some_and(|p| p.0.at <= now) {
             let Reverse(mut p) = self.wire.pop().expect("peeked");
-            if self.trace && p.to != To::Udp(0) && p.to != To::Udp(1) {
-                eprintln!("{:>9} {:?} {}", now, p.to, show(&p.data));
-            }
             match p.to {
                 To::Client => {
                     self.client.rsts += usize::from(is_rst(&p.data));
@@ -1385,7 +1390,11 @@ impl Cluster {
                 self.crash(1 - i);
             }
             let n = &mut self.nodes[i];
-            let out = if n.alive { std::mem::take(&mut n.tun_out) } else { Vec::new() };
+            let out = if n.alive {
+                std::mem::take(&mut n.tun_out)
+            } else {
+                Vec::new()
+            };
             for p in out {
                 if i == A {
                     self.send(To::Client, p);
@@ -1427,9 +1436,9 @@ impl Cluster {
 
     /// Starts moving flows `ids` from node `from` to the other node.
     fn migrate(&mut self, from: usize, ids: &[u64]) -> MigrationId {
-        let (tnow, snow) = (self.tnow(), self.nodes[from].snow(self.now));
+        let now = self.tnow();
         self.nodes[from]
-            .migrate(tnow, snow, ids)
+            .migrate(now, ids)
             .expect("a migration starts")
     }
 
@@ -1458,7 +1467,10 @@ impl Cluster {
             .iter()
             .filter(|r| matches!(r, Record::Finished(rep) if rep.migration == migration))
             .count();
-        assert_eq!(finished, 1, "migration {migration} finished {finished} times");
+        assert_eq!(
+            finished, 1,
+            "migration {migration} finished {finished} times"
+        );
         for &f in flows {
             let outcomes: Vec<_> = log
                 .iter()
@@ -1525,15 +1537,12 @@ impl Cluster {
     }
 
     fn port(&mut self, h: SocketHandle) -> u16 {
-        self.client.sock(h).local_endpoint().expect("connected").port
+        self.client
+            .sock(h)
+            .local_endpoint()
+            .expect("connected")
+            .port
     }
-}
-
-fn show(p: &[u8]) -> String {
-    let ip = Ipv4Packet::new_checked(p).unwrap();
-    let t = TcpPacket::new_checked(ip.payload()).unwrap();
-    let r = smoltcp::wire::TcpRepr::parse(&t, &ip.src_addr().into(), &ip.dst_addr().into(), &smoltcp::phy::ChecksumCapabilities::ignored()).unwrap();
-    format!("{}:{} seq={} ack={:?} len={} win={} ts={:?} sack={:?} {:?}", ip.src_addr(), t.src_port(), r.seq_number.0 as u32, r.ack_number.map(|a| a.0 as u32), r.payload.len(), r.window_len, r.timestamp.map(|t| (t.tsval, t.tsecr)), r.sack_ranges, r.control)
 }
 
 fn is_rst(p: &[u8]) -> bool {
@@ -1601,6 +1610,8 @@ fn download_moved(seed: u64, tunnel: Link) {
     assert!(b.forwarded_to_ingress > 100 && a.relayed_from_owner > 100);
     assert_eq!(a.tunnel_packets_refused + b.tunnel_packets_refused, 0);
     assert_eq!(c.nodes[A].refused + c.nodes[B].refused, 0);
+    assert_eq!(c.nodes[A].forward_dropped + c.nodes[B].forward_dropped, 0);
+    assert_eq!(c.lost > 0, tunnel.loss > 0.0);
     // Nothing left over in the machines: one migration each side, finished.
     assert_eq!(c.nodes[A].source.active_migrations(), 0);
     assert_eq!(c.nodes[B].target.active_migrations(), 0);
@@ -1621,9 +1632,10 @@ fn a_download_moves_over_a_tunnel_with_loss_duplicates_and_reordering() {
 }
 
 /// An echo session moved A -> B -> A ... 20 times, each move over a tunnel with 10 % loss,
-/// duplicates and reordering. Between moves the tunnel is clean: bidirectional traffic over
-/// a steadily lossy path can deadlock two smoltcp ends (both rewind SND.NXT on a timeout and
-/// drop segments entirely left of their window, ACK field included), moved or not.
+/// duplicates and reordering. Between moves the tunnel is clean: over a steadily lossy path,
+/// echo traffic can deadlock the smoltcp client and the node's smoltcp socket, moved or not
+/// (after a retransmission timeout both send pure ACKs below the other's RCV.NXT, and each
+/// drops such segments whole, ACK field included).
 #[test]
 fn an_echo_session_moves_back_and_forth_twenty_times_over_a_lossy_tunnel() {
     for seed in 1..=3 {
@@ -1661,7 +1673,10 @@ fn an_echo_session_moves_back_and_forth_twenty_times_over_a_lossy_tunnel() {
             c.client.read(h, &mut got, usize::MAX);
             got.len() as u64 == offset
         });
-        assert!(got == counting(0, offset as usize), "seed {seed}: echo mismatch");
+        assert!(
+            got == counting(0, offset as usize),
+            "seed {seed}: echo mismatch"
+        );
         assert_eq!(c.client.rsts, 0, "seed {seed}");
         // 20 moves end on A, where the packets enter: nothing left on B.
         assert_eq!(c.lives(port), Lives::A);
@@ -1669,6 +1684,7 @@ fn an_echo_session_moves_back_and_forth_twenty_times_over_a_lossy_tunnel() {
         assert_eq!(c.nodes[A].stack.stats().conns_restored, 10);
         assert_eq!(c.nodes[B].stack.stats().conns_restored, 10);
         assert_eq!(c.lost_tun, 0);
+        assert!(c.lost > 0);
         close_and_clean_up(&mut c, h);
     }
 }
@@ -1692,11 +1708,27 @@ fn the_target_dying_before_the_commit_leaves_the_download_on_a() {
     use Moment::*;
     // The moment, what the source decides, and whether B had restored the flow.
     let cases = [
-        (Received(Offer), FlowOutcome::Refused(RefuseReason::Timeout), false),
-        (Sent(Accept), FlowOutcome::Thawed(RefuseReason::Timeout), false),
-        (Received(Transfer), FlowOutcome::Thawed(RefuseReason::Timeout), false),
+        (
+            Received(Offer),
+            FlowOutcome::Refused(RefuseReason::Timeout),
+            false,
+        ),
+        (
+            Sent(Accept),
+            FlowOutcome::Thawed(RefuseReason::Timeout),
+            false,
+        ),
+        (
+            Received(Transfer),
+            FlowOutcome::Thawed(RefuseReason::Timeout),
+            false,
+        ),
         (Restored, FlowOutcome::Thawed(RefuseReason::Timeout), true),
-        (Queued(Commit), FlowOutcome::Thawed(RefuseReason::Timeout), true),
+        (
+            Queued(Commit),
+            FlowOutcome::Thawed(RefuseReason::Timeout),
+            true,
+        ),
     ];
     for (moment, want, restored) in cases {
         let (mut c, h, mut got, outcome) = target_dies(moment);
@@ -1773,7 +1805,9 @@ fn the_source_dying_after_its_transfer_leaves_nothing_on_the_target() {
     c.crash_when(A, B, Moment::Received(Kind::Transfer));
     let m = c.migrate(A, &[id]);
     c.expect(SEC, "A dies", |c| !c.nodes[A].alive);
-    c.expect(SEC, "B restores", |c| c.nodes[B].stack.stats().conns_restored == 1);
+    c.expect(SEC, "B restores", |c| {
+        c.nodes[B].stack.stats().conns_restored == 1
+    });
     let restored = c.local(B);
     assert_eq!(restored.len(), 1);
     assert!(matches!(
@@ -1877,48 +1911,4 @@ fn fifty_echo_sessions_move_in_one_migration_over_a_lossy_tunnel() {
         let port = c.port(*h);
         assert_eq!(c.lives(port), Lives::B);
     }
-}
-
-/// An established connection that nothing is sent on stays open: `UNACKED_TIMEOUT` is
-/// about unacknowledged data (stack/mod.rs), not idleness.
-#[test]
-fn an_idle_connection_is_not_reset() {
-    let mut c = Cluster::new(1, Link::perfect(2), Link::perfect(1));
-    let h = c.client.connect(7, 64 << 10);
-    let mut got = Vec::new();
-    c.expect(SEC, "echoed", |c| {
-        let s = c.client.sock(h);
-        if s.can_send() && s.send_queue() == 0 && got.is_empty() {
-            s.send_slice(b"x").unwrap();
-        }
-        c.client.read(h, &mut got, usize::MAX);
-        got == b"x"
-    });
-    // Everything acknowledged both ways; then nobody says anything for 130 s.
-    let t0 = c.now;
-    c.run_until(130 * SEC, |c| c.client.rsts > 0);
-    eprintln!("RST after {} ms idle; A stats {:?}", (c.now - t0) / MS, c.nodes[A].stack.stats());
-    c.run_until(130 * SEC, |_| false);
-    assert_eq!(c.client.rsts, 0, "the node reset an idle connection");
-    assert_eq!(c.client.sock(h).state(), tcp::State::Established);
-    assert_eq!(c.nodes[A].stack.connection_count(), 1);
-}
-
-/// 50 downloads whose snapshots (a full 64 KB send buffer each: a 3.3 MB Transfer) cross a
-/// tunnel with 10 % loss, duplicates and reordering, moved in one migration.
-#[test]
-fn fifty_busy_downloads_move_over_a_tunnel_with_loss_duplicates_and_reordering() {
-    let mut c = Cluster::new(8, Link::perfect(2), Link::lossy(0.1));
-    let handles: Vec<_> = (0..50).map(|_| c.client.connect(20, 64 << 10)).collect();
-    let mut got = vec![Vec::new(); handles.len()];
-    c.expect(60 * SEC, "every download under way", |c| {
-        for (h, g) in handles.iter().zip(&mut got) {
-            c.client.read(*h, g, 30_000);
-        }
-        got.iter().all(|g| g.len() == 30_000)
-    });
-    let ids = c.local(A);
-    let m = c.migrate(A, &ids);
-    let report = c.answer(A, m);
-    assert_eq!(report.moved, 50, "{report}");
 }
