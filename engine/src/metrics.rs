@@ -176,6 +176,12 @@ pub fn render(
         "Half-open TCP connections reset after the handshake deadline",
         stats.handshake_timeouts,
     );
+    counter(
+        &mut r,
+        "close_timeouts",
+        "Closing TCP connections (FIN sent) reset after two minutes of silence from the client",
+        stats.close_timeouts,
+    );
     if let Some(t) = tunnel {
         counter(
             &mut r,

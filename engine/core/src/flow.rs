@@ -294,8 +294,10 @@ pub struct Flow {
     pub ingress: Option<Remote>,
     /// With `ingress`: how replies reach the client.
     pub return_path: ReturnPath,
-    /// When the SYN arrived.
+    /// When the SYN arrived (or the flow was restored here).
     pub created: Instant,
+    /// When the client's last packet arrived.
+    pub last_rx: Instant,
     /// The app was told about the client's FIN.
     pub fin_delivered: bool,
     /// We called `close()` on the socket.

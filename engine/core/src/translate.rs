@@ -71,12 +71,31 @@ impl Translation {
 
     /// Rewrites an outbound IPv4/TCP packet from local to wire numbers; with `fix_checksum`,
     /// recomputes the TCP checksum.
-    pub fn outbound(&self, packet: &mut [u8], fix_checksum: bool) -> Result<(), TranslateError> {
+    ///
+    /// `ack_floor` (local) raises the sequence number of a pure ACK (no data, SYN, FIN or RST)
+    /// that lies below it: a restored socket starts at the previous owner's `snd_una` and, until
+    /// it has resent what that owner had sent, would stamp its ACKs with numbers the client
+    /// has already received — which the client discards, window update and all (RFC 9293's
+    /// acceptability test), and which smoltcp clients never get past.
+    pub fn outbound(
+        &self,
+        packet: &mut [u8],
+        fix_checksum: bool,
+        ack_floor: Option<u32>,
+    ) -> Result<(), TranslateError> {
         let mut ip = Ipv4Packet::new_checked(packet).map_err(|_| TranslateError::Malformed)?;
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         let mut tcp =
             TcpPacket::new_checked(ip.payload_mut()).map_err(|_| TranslateError::Malformed)?;
-        let seq = (tcp.seq_number().0 as u32).wrapping_add(self.seq_off);
+        let mut local = tcp.seq_number().0 as u32;
+        if let Some(floor) = ack_floor
+            && tcp.payload_mut().is_empty()
+            && !(tcp.syn() || tcp.fin() || tcp.rst())
+            && seq_gt(floor, local)
+        {
+            local = floor;
+        }
+        let seq = local.wrapping_add(self.seq_off);
         tcp.set_seq_number(TcpSeqNumber(seq as i32));
         let ts_off = self.ts_off;
         for_each_option(tcp.options_mut(), |kind, body| {
@@ -216,13 +235,33 @@ mod tests {
             ts_off: 1_000_000,
         };
         let mut p = emit_ipv4_tcp(A, B, &repr(0x20, Some(5), [None; 3]));
-        t.outbound(&mut p, true).unwrap();
+        t.outbound(&mut p, true, None).unwrap();
         let r = parse(&p);
         assert_eq!(r.seq_number, TcpSeqNumber(0x10)); // wrapped
         assert_eq!(r.ack_number, Some(TcpSeqNumber(5))); // the client's space: untouched
         assert_eq!(r.timestamp.unwrap().tsval, 1_000_100);
         assert_eq!(r.timestamp.unwrap().tsecr, 7);
         assert_eq!(r.payload, b"abc");
+    }
+
+    #[test]
+    fn a_pure_ack_below_the_floor_is_raised_and_data_is_not() {
+        let t = Translation {
+            seq_off: 100,
+            ts_off: 0,
+        };
+        let mut ack = repr(50, Some(5), [None; 3]);
+        ack.payload = b"";
+        let mut p = emit_ipv4_tcp(A, B, &ack);
+        t.outbound(&mut p, true, Some(80)).unwrap();
+        assert_eq!(parse(&p).seq_number, TcpSeqNumber(180));
+        let mut p = emit_ipv4_tcp(A, B, &ack);
+        t.outbound(&mut p, true, Some(40)).unwrap();
+        assert_eq!(parse(&p).seq_number, TcpSeqNumber(150));
+        // Data keeps its number: it is a retransmission.
+        let mut p = emit_ipv4_tcp(A, B, &repr(50, Some(5), [None; 3]));
+        t.outbound(&mut p, true, Some(80)).unwrap();
+        assert_eq!(parse(&p).seq_number, TcpSeqNumber(150));
     }
 
     #[test]
@@ -287,7 +326,7 @@ mod tests {
             }
             p.truncate((seed >> 40) as usize % (p.len() + 1));
             let _ = t.inbound(&mut p.clone(), None);
-            let _ = t.outbound(&mut p, true);
+            let _ = t.outbound(&mut p, true, Some(7));
         }
     }
 }

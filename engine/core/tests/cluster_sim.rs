@@ -1912,3 +1912,45 @@ fn fifty_echo_sessions_move_in_one_migration_over_a_lossy_tunnel() {
         assert_eq!(c.lives(port), Lives::B);
     }
 }
+
+/// An established connection that nothing is sent on stays open: `UNACKED_TIMEOUT` is
+/// about unacknowledged data (stack/mod.rs), not idleness.
+#[test]
+fn an_idle_connection_is_not_reset() {
+    let mut c = Cluster::new(1, Link::perfect(2), Link::perfect(1));
+    let h = c.client.connect(7, 64 << 10);
+    let (mut sent, mut got) = (false, Vec::new());
+    c.expect(SEC, "echoed", |c| {
+        let s = c.client.sock(h);
+        if !sent && s.can_send() {
+            sent = s.send_slice(b"x").unwrap() == 1;
+        }
+        c.client.read(h, &mut got, usize::MAX);
+        got == b"x"
+    });
+    // Everything acknowledged both ways; then nobody says anything for 130 s.
+    c.run_until(130 * SEC, |_| false);
+    assert_eq!(c.client.rsts, 0, "the node reset an idle connection");
+    assert_eq!(c.client.sock(h).state(), tcp::State::Established);
+    assert_eq!(c.nodes[A].stack.connection_count(), 1);
+}
+
+/// 50 downloads whose snapshots (a full 64 KB send buffer each: a 3.3 MB Transfer) cross a
+/// tunnel with 10 % loss, duplicates and reordering, moved in one migration: the commit
+/// deadline grows with the transfer.
+#[test]
+fn fifty_busy_downloads_move_over_a_tunnel_with_loss_duplicates_and_reordering() {
+    let mut c = Cluster::new(8, Link::perfect(2), Link::lossy(0.1));
+    let handles: Vec<_> = (0..50).map(|_| c.client.connect(20, 64 << 10)).collect();
+    let mut got = vec![Vec::new(); handles.len()];
+    c.expect(60 * SEC, "every download under way", |c| {
+        for (h, g) in handles.iter().zip(&mut got) {
+            c.client.read(*h, g, 30_000);
+        }
+        got.iter().all(|g| g.len() == 30_000)
+    });
+    let ids = c.local(A);
+    let m = c.migrate(A, &ids);
+    let report = c.answer(A, m);
+    assert_eq!(report.moved, 50, "{report}");
+}

@@ -579,3 +579,50 @@ fn timestamps_are_recorded_both_ways() {
     assert_eq!(c.handshake.client_tsval, Some(5_000));
     assert!(c.handshake.our_tsval.is_some(), "{:?}", c.handshake);
 }
+
+#[test]
+fn an_idle_connection_is_not_reset() {
+    // smoltcp's timeout counts from the last packet received: armed for good, it would reset
+    // every connection idle for two minutes.
+    let mut p = Pair::new(10);
+    let h = p.connect(7);
+    let mut got = Vec::new();
+    let mut sent = false;
+    p.run_until(1_000, |p| {
+        let s = p.sock(h);
+        if !sent && s.can_send() {
+            sent = s.send_slice(b"x").unwrap() == 1;
+        }
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        got == b"x"
+    });
+    for _ in 0..2 {
+        p.step();
+    }
+    // Ten minutes of silence, a second at a time.
+    for _ in 0..600 {
+        p.now += Duration::from_millis(999);
+        p.step();
+    }
+    assert_eq!(p.sock(h).state(), tcp::State::Established);
+    assert_eq!(p.stack.conns(p.now)[0].state, "ESTABLISHED");
+    // And it still works.
+    p.sock(h).send_slice(b"y").unwrap();
+    p.run_until(1_000, |p| {
+        let s = p.sock(h);
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        got == b"xy"
+    });
+}

@@ -48,8 +48,8 @@
 //!
 //! # Timers (see [`Config`])
 //! * source, `accept_timeout` (2 s) from the Offer: no Accept → Abort, every flow Refused.
-//! * source, `commit_timeout` (3 s) from the Transfers: flows without a Commit result →
-//!   Abort, those flows Thaw.
+//! * source, `commit_timeout` (3 s, plus `commit_timeout_per_mib`, 1 s per MiB of Transfer
+//!   messages) from the Transfers: flows without a Commit result → Abort, those flows Thaw.
 //! * target, `transfer_timeout` (5 s) from the Accept: accepted flows without a snapshot →
 //!   Release.
 //! * both, `linger` (60 s): a finished migration is kept to answer late duplicates, then
@@ -126,8 +126,10 @@ impl fmt::Display for Side {
 pub struct Config {
     /// Source: how long to wait for the Accept after sending the Offer.
     pub accept_timeout: Duration,
-    /// Source: how long to wait for every Commit result after queueing the Transfers.
+    /// Source: how long to wait for every Commit result after queueing the Transfers…
     pub commit_timeout: Duration,
+    /// …plus this much per MiB of Transfer messages (a large batch over a lossy tunnel).
+    pub commit_timeout_per_mib: Duration,
     /// Target: how long an accepted flow stays reserved without its snapshot.
     pub transfer_timeout: Duration,
     /// Both: how long a finished migration is remembered to answer late duplicates.
@@ -149,6 +151,7 @@ impl Default for Config {
         Config {
             accept_timeout: Duration::from_secs(2),
             commit_timeout: Duration::from_secs(3),
+            commit_timeout_per_mib: Duration::from_secs(1),
             transfer_timeout: Duration::from_secs(5),
             linger: Duration::from_secs(60),
             max_message_bytes: 4 << 20,

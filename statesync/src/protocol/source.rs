@@ -3,6 +3,7 @@
 use core::fmt;
 use core::hash::Hash;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
 
 use tracing::{debug, warn};
 
@@ -522,8 +523,13 @@ impl<P: Copy + Eq + Hash + fmt::Debug> Source<P> {
             finish(&mut self.out, &self.config, now, migration, m);
         } else {
             debug!(%migration, transfers = m.transfers, bytes = m.transfer_bytes, "snapshots sent: awaiting commit");
+            // Large transfers take longer to cross a lossy tunnel: the deadline grows with
+            // the bytes sent.
+            let per_mib = self.config.commit_timeout_per_mib.as_secs_f64();
+            let extra =
+                Duration::from_secs_f64(per_mib * m.transfer_bytes as f64 / (1 << 20) as f64);
             m.phase = Phase::AwaitCommit {
-                deadline: now + self.config.commit_timeout,
+                deadline: now + self.config.commit_timeout + extra,
             };
         }
     }

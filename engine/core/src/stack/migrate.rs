@@ -523,6 +523,7 @@ impl Stack {
                 ReturnPath::Relay
             },
             created: now,
+            last_rx: now,
             fin_delivered: snap.app.fin_delivered,
             close_sent: snap.our_fin,
             dirty: true,

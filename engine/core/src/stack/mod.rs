@@ -51,7 +51,10 @@ pub const MAX_SERVICE_ADDRESSES: usize = 8;
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
 /// How long a connection may stay half-open (SYN received, our SYN-ACK unanswered).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection whose sent data stays unacknowledged this long is reset (smoltcp's timeout).
+/// A connection whose sent data stays unacknowledged this long is reset (smoltcp's timeout,
+/// armed only while the send buffer holds data: smoltcp counts it from the last packet
+/// received, so an idle connection would otherwise be reset), and so is a closing connection
+/// (our FIN sent) that hears nothing from its client this long.
 pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Connections open at once, shared by all workers of a node.
@@ -153,6 +156,8 @@ pub struct StackStats {
     pub refused_half_open: u64,
     /// Half-open connections reset after [`HANDSHAKE_TIMEOUT`].
     pub handshake_timeouts: u64,
+    /// Closing connections (our FIN sent) reset after [`UNACKED_TIMEOUT`] of silence.
+    pub close_timeouts: u64,
     /// Packets for unknown flows handed to smoltcp (answered with RST).
     pub unknown_flow_packets: u64,
     /// Application bytes received from clients.
@@ -194,6 +199,7 @@ impl StackStats {
         self.refused_shutdown += other.refused_shutdown;
         self.refused_half_open += other.refused_half_open;
         self.handshake_timeouts += other.handshake_timeouts;
+        self.close_timeouts += other.close_timeouts;
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
         self.app_bytes_out += other.app_bytes_out;
@@ -534,6 +540,7 @@ impl Stack {
             return;
         };
         flow.record.client_window = inbound.window;
+        flow.last_rx = now;
         if inbound.tsval.is_some() {
             flow.record.client_tsval = inbound.tsval;
         }
@@ -696,6 +703,7 @@ impl Stack {
             ingress: None,
             return_path: crate::flow::ReturnPath::Relay,
             created: now,
+            last_rx: now,
             fin_delivered: false,
             close_sent: false,
             dirty: false,
@@ -718,7 +726,6 @@ impl Stack {
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         socket.set_tsval_generator(Some(tsval_now));
-        socket.set_timeout(Some(UNACKED_TIMEOUT));
         socket
     }
 
@@ -814,6 +821,9 @@ impl Stack {
             socket.close();
             flow.close_sent = true;
         }
+        // smoltcp's timeout runs from the last packet received, data or not: armed only while
+        // data waits for its acknowledgement, it resets a dead client, not an idle one.
+        socket.set_timeout((socket.send_queue() > 0).then_some(UNACKED_TIMEOUT));
     }
 
     fn reap_if_closed(&mut self, slot: usize) {
@@ -863,6 +873,24 @@ impl Stack {
                         socket.abort();
                         self.stats.handshake_timeouts += 1;
                         tracing::debug!(id = flow.id, client = %flow.key.client, "handshake timed out");
+                        if !flow.dirty {
+                            flow.dirty = true;
+                            self.dirty.push(slot);
+                        }
+                    }
+                    // Our FIN is out and the client has gone quiet (no ACK of the FIN, or no
+                    // FIN of its own): as Linux's FIN timeout, give up.
+                    let closing = matches!(
+                        socket.state(),
+                        tcp::State::FinWait1
+                            | tcp::State::FinWait2
+                            | tcp::State::Closing
+                            | tcp::State::LastAck
+                    );
+                    if closing && now - flow.last_rx > UNACKED_TIMEOUT {
+                        socket.abort();
+                        self.stats.close_timeouts += 1;
+                        tracing::debug!(id = flow.id, client = %flow.key.client, "closing connection timed out");
                         if !flow.dirty {
                             flow.dirty = true;
                             self.dirty.push(slot);
@@ -929,7 +957,13 @@ impl Stack {
                 }
                 let mut tsval = out.tsval;
                 if let Some(r) = flow.restored {
-                    let _ = r.xlate.outbound(&mut buf[headroom..], fix_checksum);
+                    // Pure ACKs carry at least what the previous owner had sent.
+                    let floor = if seq_gt(r.claimed, flow.snd_nxt) {
+                        Some(r.claimed)
+                    } else {
+                        None
+                    };
+                    let _ = r.xlate.outbound(&mut buf[headroom..], fix_checksum, floor);
                     tsval = tsval.map(|t| t.wrapping_add(r.xlate.ts_off));
                 }
                 if out.flags.syn && out.flags.ack {
