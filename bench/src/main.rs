@@ -7,6 +7,10 @@
 //!
 //! `flowshift-bench repair` is the kernel baseline of live migration: a download's kernel TCP
 //! connection handed between node-a and node-b with TCP_REPAIR, stalls measured by the client.
+//!
+//! `flowshift-bench migrate` measures flowshift's live migration beside that baseline in one
+//! run: the client-observed stall per move of a bulk download, the drain rate of idle
+//! connections, the throughput dip around a move and of a moved (relayed) flow.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -18,6 +22,7 @@ use serde::Serialize;
 
 mod kernel_server;
 mod load;
+mod migrate;
 mod repair;
 mod sys;
 mod throughput;
@@ -40,6 +45,9 @@ enum Command {
     /// The kernel baseline of live migration: a download's connection handed between node-a
     /// and node-b with Linux TCP_REPAIR (as CRIU does), stalls measured by the client.
     Repair(repair::Args),
+    /// flowshift's live migration beside the kernel's TCP_REPAIR handoff, in one run: stall
+    /// per move of a download, drain rate, throughput around a move and of a moved flow.
+    Migrate(migrate::Args),
     /// The kernel baseline's servers (source :19, sink :9, echo :7) on an address; runs until
     /// killed. The throughput benchmark starts it in node-a.
     #[command(hide = true)]
@@ -57,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         Command::Throughput(args) => throughput::run(args),
         Command::Tunnel(args) => tunnel::run(args),
         Command::Repair(args) => repair::run(args),
+        Command::Migrate(args) => migrate::run(args),
         Command::KernelServer { addr: ip } => {
             kernel_server::source(addr(ip, 19))?;
             kernel_server::sink(addr(ip, 9))?;
