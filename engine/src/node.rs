@@ -254,7 +254,11 @@ impl Worker {
                         flow,
                         to,
                     } => {
-                        let frozen = self.stack.frozen_for(now, flow).map(std_duration);
+                        // A fresh reading: the capture may have happened in this same turn.
+                        let frozen = self
+                            .stack
+                            .frozen_for(self.clock.now(), flow)
+                            .map(std_duration);
                         let moved = match self.stack.complete_move(now, flow, to) {
                             Ok(early) => {
                                 for p in early {
@@ -275,7 +279,11 @@ impl Worker {
                         });
                     }
                     WorkerMsg::ThawMoved { migration, flow } => {
-                        let frozen = self.stack.frozen_for(now, flow).map(std_duration);
+                        // A fresh reading: the capture may have happened in this same turn.
+                        let frozen = self
+                            .stack
+                            .frozen_for(self.clock.now(), flow)
+                            .map(std_duration);
                         if let Err(e) = self.stack.thaw(now, flow) {
                             tracing::warn!(%migration, flow = format_args!("{flow:#x}"), error = %e, "thaw after a failed move");
                         }
