@@ -715,7 +715,11 @@ max_connections = 100000
         let b = PrivateKey::generate(&mut rng);
         let dir = key_dir();
         let key_path = dir.join("a.key");
-        std::fs::write(&key_path, format!("{}\n", a.to_base64())).unwrap();
+        // Tests run in parallel and share the file: write it whole, then rename it into
+        // place, so that no test ever reads it half-written (empty).
+        let tmp = dir.join(format!("a.key.{:?}", std::thread::current().id()));
+        std::fs::write(&tmp, format!("{}\n", a.to_base64())).unwrap();
+        std::fs::rename(&tmp, &key_path).unwrap();
         let text = format!(
             "{EXAMPLE}\n[tunnel]\nlisten = \"198.18.2.2:51871\"\nprivate_key_file = \"{}\"\n[[peer]]\nname = \"b\"\nendpoint = \"198.18.3.2:51871\"\npublic_key = \"{}\"\n{extra}",
             key_path.display(),
