@@ -69,53 +69,7 @@ fn curl_download_of_1_gb_moves_mid_stream_byte_exact() {
     ensure_tools(&["curl"]).unwrap();
     let (tb, a, b) = pair();
     let n: u64 = 1_000_000_000;
-    let mut child = tb
-        .spawn({
-            let mut c = tb.client().command("curl");
-            c.args([
-                "-sS",
-                "--fail",
-                "--max-time",
-                "300",
-                &format!("http://{SERVICE_ADDR}/bytes/{n}"),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-            c
-        })
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let received = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let received = received.clone();
-        std::thread::spawn(move || {
-            let mut v = CountingVerifier::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let k = out.read(&mut buf).unwrap();
-                if k == 0 {
-                    break;
-                }
-                v.feed(&buf[..k]).expect("counting stream");
-                received.store(v.offset(), Ordering::Relaxed);
-            }
-            v.offset()
-        })
-    };
-    eventually(60, "100 MB downloaded", || {
-        received.load(Ordering::Relaxed) > 100_000_000
-    });
-    let ids = local_ids(&a);
-    assert_eq!(ids.len(), 1, "one connection on a");
-    let report = migrate(&a, "b", ids[0]);
-    let at_move = received.load(Ordering::Relaxed);
-    assert!(at_move < n, "the move happened mid-stream");
-    let total = reader.join().unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).ok();
-    assert!(status.success(), "curl failed: {status} {err}");
-    assert_eq!(total, n);
+    let (report, at_move) = download_moved(&tb, &a, n, 100_000_000);
     // The bytes after the move came from b, through a.
     assert!(
         stat(&b, "app_bytes_out") >= n - at_move - 1_000_000,
@@ -125,7 +79,6 @@ fn curl_download_of_1_gb_moves_mid_stream_byte_exact() {
     assert_eq!(stat(&b, "tunnel_packets_refused"), 0);
     assert_eq!(stat(&a, "conns_moved_out"), 1);
     assert_eq!(stat(&b, "conns_restored"), 1);
-    eprintln!("report: {report}");
 }
 
 /// Reads the counting stream from `out` on a thread, publishing the verified byte count.
@@ -150,24 +103,32 @@ fn verify_counting(
     (received, handle)
 }
 
+/// Starts curl in the client namespace downloading `n` bytes of the counting stream
+/// (`extra` goes before the URL); stdout and stderr piped.
+fn curl_get(tb: &Testbed, n: u64, extra: &[&str]) -> std::process::Child {
+    let mut c = tb.client().command("curl");
+    c.args(["-sS", "--fail", "--max-time", "300"])
+        .args(extra)
+        .arg(format!("http://{SERVICE_ADDR}/bytes/{n}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    tb.spawn(c).expect("curl")
+}
+
+/// Waits for curl to end and asserts it succeeded (a reset makes it fail).
+fn curl_ok(mut child: std::process::Child) {
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).ok();
+    }
+    assert!(status.success(), "curl failed (a reset?): {status} {err}");
+}
+
 /// curl downloads `n` bytes; the connection moves from a to b once `move_at` bytes arrived.
-/// Returns the migrate report.
-fn download_moved(tb: &Testbed, a: &NodeHandle, n: u64, move_at: u64) -> serde_json::Value {
-    let mut child = tb
-        .spawn({
-            let mut c = tb.client().command("curl");
-            c.args([
-                "-sS",
-                "--fail",
-                "--max-time",
-                "300",
-                &format!("http://{SERVICE_ADDR}/bytes/{n}"),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-            c
-        })
-        .unwrap();
+/// Returns the migrate report and the bytes the client had when the move was made.
+fn download_moved(tb: &Testbed, a: &NodeHandle, n: u64, move_at: u64) -> (serde_json::Value, u64) {
+    let mut child = curl_get(tb, n, &[]);
     let (received, reader) = verify_counting(child.stdout.take().unwrap());
     eventually(120, "bytes before the move", || {
         received.load(Ordering::Relaxed) > move_at
@@ -175,14 +136,12 @@ fn download_moved(tb: &Testbed, a: &NodeHandle, n: u64, move_at: u64) -> serde_j
     let ids = local_ids(a);
     assert_eq!(ids.len(), 1, "one connection on a");
     let report = migrate(a, "b", ids[0]);
-    assert!(received.load(Ordering::Relaxed) < n, "moved mid-stream");
+    let at_move = received.load(Ordering::Relaxed);
+    assert!(at_move < n, "moved mid-stream");
     let total = reader.join().unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).ok();
-    assert!(status.success(), "curl failed (a reset?): {status} {err}");
+    curl_ok(child);
     assert_eq!(total, n);
-    report
+    (report, at_move)
 }
 
 /// The client namespace turns one TCP option off; a download still moves byte-exact.
@@ -391,24 +350,13 @@ fn a_connection_with_a_zero_window_moves() {
 fn the_target_killed_mid_transfer_leaves_the_flow_on_the_source() {
     ensure_tools(&["curl", "nft"]).unwrap();
     let (tb, a, b) = pair();
-    let mut child = tb
-        .spawn({
-            let mut c = tb.client().command("curl");
-            c.args([
-                "-sS",
-                "--fail",
-                "--max-time",
-                "300",
-                // A slow reader keeps the node's send buffer full: the state to transfer
-                // is large (tens of KB), larger than what the router lets through below.
-                "--limit-rate",
-                "20M",
-                &format!("http://{SERVICE_ADDR}/bytes/100000000"),
-            ])
-            .stdout(Stdio::piped());
-            c
-        })
-        .unwrap();
+    let mut child = curl_get(
+        &tb,
+        100_000_000,
+        // A slow reader keeps the node's send buffer full: the state to transfer is large
+        // (tens of KB), larger than what the router lets through below.
+        &["--limit-rate", "20M"],
+    );
     let (received, reader) = verify_counting(child.stdout.take().unwrap());
     eventually(60, "20 MB downloaded", || {
         received.load(Ordering::Relaxed) > 20_000_000
@@ -491,7 +439,7 @@ fn the_target_killed_mid_transfer_leaves_the_flow_on_the_source() {
         "{report}"
     );
     let total = reader.join().unwrap();
-    assert!(child.wait().unwrap().success(), "curl failed");
+    curl_ok(child);
     assert_eq!(total, 100_000_000);
     let conns = a.ctl_json(&["status"]).unwrap();
     assert_eq!(conns["stats"]["conns_moved_out"], 0);
@@ -548,8 +496,6 @@ fn with_direct_return_the_target_replies_straight_to_the_client() {
     .expect("nodes");
     wait_alive(&a, &b, Duration::from_secs(10)).expect("tunnel up");
     download_moved(&tb, &a, 500_000_000, 50_000_000);
-    let conns_b = b.ctl_json(&["conns"]).unwrap();
-    assert!(conns_b.as_array().unwrap().is_empty() || conns_b[0]["return_path"] == "direct");
     // b's replies went out of its own TUN device, not back through a.
     assert!(stat(&b, "packets_out") > 10_000);
     assert!(
@@ -582,20 +528,7 @@ fn a_target_without_room_refuses_and_the_connection_stays() {
         .expect("connect to b");
     eventually(5, "b holds its connection", || local_ids(&b).len() == 1);
     tb.route_service_to(flowshift_tests::Node::A).unwrap();
-    let mut child = tb
-        .spawn({
-            let mut c = tb.client().command("curl");
-            c.args([
-                "-sS",
-                "--fail",
-                "--max-time",
-                "120",
-                &format!("http://{SERVICE_ADDR}/bytes/300000000"),
-            ])
-            .stdout(Stdio::piped());
-            c
-        })
-        .unwrap();
+    let mut child = curl_get(&tb, 300_000_000, &[]);
     let (received, reader) = verify_counting(child.stdout.take().unwrap());
     eventually(60, "30 MB downloaded", || {
         received.load(Ordering::Relaxed) > 30_000_000
@@ -610,7 +543,7 @@ fn a_target_without_room_refuses_and_the_connection_stays() {
     assert!(report["conns"][0]["freeze_ms"].is_null(), "{report}");
     assert_eq!(local_ids(&a), vec![id]);
     assert_eq!(reader.join().unwrap(), 300_000_000);
-    assert!(child.wait().unwrap().success(), "curl failed");
+    curl_ok(child);
     assert_eq!(stat(&a, "conns_moved_out"), 0);
 }
 
@@ -619,20 +552,7 @@ fn moves_complete_under_10_percent_loss_on_the_tunnel_path() {
     ensure_tools(&["curl", "nft"]).unwrap();
     let (tb, a, b) = pair();
     let n: u64 = 2_000_000_000;
-    let mut child = tb
-        .spawn({
-            let mut c = tb.client().command("curl");
-            c.args([
-                "-sS",
-                "--fail",
-                "--max-time",
-                "300",
-                &format!("http://{SERVICE_ADDR}/bytes/{n}"),
-            ])
-            .stdout(Stdio::piped());
-            c
-        })
-        .unwrap();
+    let mut child = curl_get(&tb, n, &[]);
     let (received, reader) = verify_counting(child.stdout.take().unwrap());
     eventually(60, "20 MB downloaded", || {
         received.load(Ordering::Relaxed) > 20_000_000
@@ -658,7 +578,7 @@ fn moves_complete_under_10_percent_loss_on_the_tunnel_path() {
     assert!(drops > 0, "the tunnel lost nothing");
     assert!(received.load(Ordering::Relaxed) < n, "moved mid-stream");
     assert_eq!(reader.join().unwrap(), n);
-    assert!(child.wait().unwrap().success(), "curl failed");
+    curl_ok(child);
     assert_eq!(stat(&a, "conns_moved_out"), 3);
     assert_eq!(stat(&b, "conns_moved_out"), 3);
 }
