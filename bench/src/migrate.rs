@@ -1820,6 +1820,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     );
     let tb = Testbed::new(TestbedOptions {
         mtu: args.mtu,
+        watchdog: None,
         ..Default::default()
     })
     .context("building the testbed")?;

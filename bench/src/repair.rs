@@ -432,6 +432,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     crate::require_root()?;
     let tb = Testbed::new(TestbedOptions {
         mtu: args.mtu,
+        watchdog: None,
         ..Default::default()
     })
     .context("building the testbed")?;

@@ -80,6 +80,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let tun_mtu = args.tun_mtu.unwrap_or(args.mtu);
     let tb = Testbed::new(TestbedOptions {
         mtu: args.mtu,
+        watchdog: None,
         ..Default::default()
     })
     .context("building the testbed")?;

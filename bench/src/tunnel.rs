@@ -135,6 +135,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     ensure_tools(&["iperf3", "wireguard-go", "wg"])?;
     let tb = Testbed::new(TestbedOptions {
         mtu: args.mtu,
+        watchdog: None,
         ..Default::default()
     })?;
 

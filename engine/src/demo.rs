@@ -22,7 +22,10 @@ pub(crate) fn run(bytes: u64) -> anyhow::Result<()> {
 
     println!("flowshift demo");
     println!("  building the testbed: client, router, node-a, node-b namespaces (198.18.0.0/15)");
-    let tb = Testbed::new(TestbedOptions::default())?;
+    let tb = Testbed::new(TestbedOptions {
+        watchdog: None,
+        ..Default::default()
+    })?;
     println!("  namespaces: {}", tb.namespace_names().join(", "));
     println!();
     println!(

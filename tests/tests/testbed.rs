@@ -144,3 +144,31 @@ fn stale_namespaces_of_dead_runs_are_removed() {
     }
     drop(again);
 }
+
+#[test]
+fn the_watchdog_stops_a_stuck_test_s_processes_and_keeps_its_namespaces() {
+    use std::os::unix::process::ExitStatusExt;
+    let tb = Testbed::new(TestbedOptions {
+        watchdog: Some(Duration::from_secs(2)),
+        ..Default::default()
+    })
+    .unwrap();
+    // A client that would wait far longer than any test should.
+    let mut stuck = tb
+        .spawn({
+            let mut c = tb.client().command("sleep");
+            c.arg("600");
+            c
+        })
+        .unwrap();
+    let status = stuck.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGTERM),
+        "the stuck process ended otherwise: {status:?}"
+    );
+    // The namespaces stay until the test drops the testbed.
+    for n in tb.namespace_names() {
+        assert!(namespaces().contains(&n), "{n} removed by the watchdog");
+    }
+}

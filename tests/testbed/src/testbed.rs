@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::node::{NodeConfig, NodeHandle};
@@ -226,13 +226,21 @@ pub struct TestbedOptions {
     pub mtu: u16,
     /// Also create node-c.
     pub node_c: bool,
+    /// Stop every process of the testbed once it has existed this long, so that a test stuck
+    /// on a peer that never answers fails (its reads end) instead of hanging the suite.
+    /// `None` for long-running users (the demo, benchmarks).
+    pub watchdog: Option<Duration>,
 }
+
+/// The default [`TestbedOptions::watchdog`]: far beyond any test's normal run time.
+pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(600);
 
 impl Default for TestbedOptions {
     fn default() -> Self {
         Self {
             mtu: 1500,
             node_c: false,
+            watchdog: Some(DEFAULT_WATCHDOG),
         }
     }
 }
@@ -256,6 +264,52 @@ pub struct Testbed {
     nodes: Vec<(Node, Netns)>,
     dir: PathBuf,
     tracked: Tracked,
+    watchdog: Option<Watchdog>,
+}
+
+/// Stops a testbed's processes when its deadline passes (see [`TestbedOptions::watchdog`]).
+#[derive(Debug)]
+struct Watchdog {
+    done: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(prefix: String, namespaces: Vec<Netns>, tracked: Tracked, after: Duration) -> Self {
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let d = done.clone();
+        let thread = std::thread::spawn(move || {
+            let (lock, cv) = &*d;
+            let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (_guard, wait) = cv
+                .wait_timeout_while(guard, after, |done| !*done)
+                .unwrap_or_else(|e| e.into_inner());
+            if !wait.timed_out() {
+                return;
+            }
+            eprintln!(
+                "testbed {prefix}: watchdog: still running after {} s; stopping its processes so the test fails instead of hanging",
+                after.as_secs()
+            );
+            let pids = tracked.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            stop_pids(&pids);
+            let inside: Vec<u32> = namespaces.iter().flat_map(|n| n.pids()).collect();
+            stop_pids(&inside);
+        });
+        Watchdog {
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        let (lock, cv) = &*self.done;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Testbed {
@@ -281,14 +335,24 @@ impl Testbed {
             node_list.push((Node::C, ns("c")));
         }
         // Build the value first so a failure half-way still tears down what exists.
-        let tb = Testbed {
+        let mut tb = Testbed {
             prefix: prefix.clone(),
             client: ns("client"),
             router: ns("router"),
             nodes: node_list,
             dir,
             tracked: Tracked::default(),
+            watchdog: None,
         };
+        if let Some(after) = options.watchdog {
+            let namespaces = tb.all().cloned().collect();
+            tb.watchdog = Some(Watchdog::start(
+                prefix,
+                namespaces,
+                tb.tracked.clone(),
+                after,
+            ));
+        }
         tb.build(&options)?;
         Ok(tb)
     }
@@ -500,6 +564,9 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        if let Some(mut w) = self.watchdog.take() {
+            w.stop();
+        }
         let pids: Vec<u32> =
             std::mem::take(&mut *self.tracked.0.lock().unwrap_or_else(|e| e.into_inner()));
         stop_pids(&pids);
