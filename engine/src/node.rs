@@ -93,6 +93,19 @@ fn setup(what: &'static str) -> impl FnOnce(io::Error) -> NodeError {
 }
 
 /// Messages to a worker, from the control and tunnel threads.
+/// A snapshot to restore, with how its packets reach this node.
+#[derive(Debug)]
+pub(crate) struct RestoreItem {
+    /// The flow's id at the source.
+    pub(crate) flow: u64,
+    pub(crate) snapshot: ConnSnapshot,
+    /// Where its packets enter, when not here.
+    pub(crate) ingress: Option<Remote>,
+    /// Replies straight out of this node's TUN device (see `PeerEntry::direct_return` of the
+    /// ingress peer).
+    pub(crate) direct_return: bool,
+}
+
 pub(crate) enum WorkerMsg {
     Conns(Sender<Vec<ConnInfo>>),
     Stats(Sender<StackStats>),
@@ -123,11 +136,15 @@ pub(crate) enum WorkerMsg {
     Restore {
         peer: PeerRef,
         migration: MigrationId,
-        items: Vec<(u64, ConnSnapshot, Option<Remote>)>,
+        items: Vec<RestoreItem>,
         mss_clamp: u16,
         max_buffer: usize,
-        /// Replies straight out of this node's TUN device (see `PeerEntry::direct_return`).
-        direct_return: bool,
+    },
+    /// The owner (`from`) of moved flow `flow` moved it on to `to`.
+    Rehome {
+        from: PeerRef,
+        flow: u64,
+        to: Remote,
     },
     /// Drop these restored flows silently: their source kept them.
     Discard(Vec<u64>),
@@ -300,18 +317,19 @@ impl Worker {
                         items,
                         mss_clamp,
                         max_buffer,
-                        direct_return,
                     } => {
                         let results = items
                             .into_iter()
-                            .map(|(flow, snap, ingress)| {
+                            .map(|item| {
                                 let params = RestoreParams {
                                     mss_clamp,
-                                    ingress,
+                                    ingress: item.ingress,
                                     max_buffer,
-                                    direct_return,
+                                    direct_return: item.direct_return,
+                                    source: Some(peer),
                                 };
-                                let r = self.stack.restore(now, &snap, params).map_err(|e| {
+                                let (flow, snap) = (item.flow, &item.snapshot);
+                                let r = self.stack.restore(now, snap, params).map_err(|e| {
                                     tracing::info!(%migration, flow = format_args!("{flow:#x}"), client = %snap.client, error = %e, "restore refused");
                                     refuse_reason(&e)
                                 });
@@ -323,6 +341,18 @@ impl Worker {
                             migration,
                             results,
                         });
+                    }
+                    WorkerMsg::Rehome { from, flow, to } => {
+                        match self.stack.rehome(now, flow, from, to) {
+                            Ok(held) => {
+                                for p in held {
+                                    self.write_relayed(&p);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(flow = format_args!("{flow:#x}"), peer = from.0, error = %e, "move on to a third node refused");
+                            }
+                        }
                     }
                     WorkerMsg::Discard(flows) => {
                         for f in flows {

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use flowshift_tests::oracle::CountingVerifier;
 use flowshift_tests::testbed::SERVICE_ADDR;
-use flowshift_tests::tunnel::{start_tunnel_pair, start_tunnel_pair_with, wait_alive};
+use flowshift_tests::tunnel::{
+    start_tunnel_pair, start_tunnel_pair_with, start_tunnel_trio, wait_alive,
+};
 use flowshift_tests::{NodeConfig, NodeHandle, Testbed, TestbedOptions, ensure_tools};
 
 fn pair() -> (Testbed, NodeHandle, NodeHandle) {
@@ -618,4 +620,73 @@ fn moves_complete_under_10_percent_loss_on_the_tunnel_path() {
     curl_ok(child);
     assert_eq!(stat(&a, "conns_moved_out"), 3);
     assert_eq!(stat(&b, "conns_moved_out"), 3);
+}
+
+#[test]
+fn a_download_moves_a_to_b_to_c_and_home_byte_exact() {
+    ensure_tools(&["curl"]).unwrap();
+    let tb = Testbed::new(TestbedOptions {
+        node_c: true,
+        ..Default::default()
+    })
+    .expect("testbed");
+    let [a, b, c] = start_tunnel_trio(&tb).expect("nodes");
+    for (x, y) in [(&a, &b), (&a, &c), (&b, &c)] {
+        wait_alive(x, y, Duration::from_secs(10)).expect("tunnel up");
+    }
+    let n: u64 = 400_000_000;
+    let mut child = curl_get(&tb, n, &[]);
+    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    let past = |bytes: u64, what: &str| {
+        eventually(120, what, || received.load(Ordering::Relaxed) > bytes);
+    };
+    past(20_000_000, "20 MB from a");
+    let on_a = local_ids(&a);
+    assert_eq!(on_a.len(), 1);
+    migrate(&a, "b", on_a[0]);
+    past(60_000_000, "40 MB more, from b");
+    let on_b = local_ids(&b);
+    assert_eq!(on_b.len(), 1);
+    // b -> c: the client's packets enter at a, neither source nor target.
+    let report = migrate(&b, "c", on_b[0]);
+    let on_c = local_ids(&c);
+    assert_eq!(on_c.len(), 1, "{report}");
+    past(100_000_000, "40 MB more, from c");
+    // a was told: it forwards to c, not through b.
+    let row = a.ctl_json(&["conns"]).unwrap()[0].clone();
+    assert_eq!(row["mode"], "moved", "{row}");
+    assert_eq!(row["lives_on"], "c", "{row}");
+    let through_b = stat(&b, "forwarded_to_owner");
+    past(140_000_000, "40 MB more, from c");
+    assert!(
+        stat(&b, "forwarded_to_owner") <= through_b + 10,
+        "a still forwards through b"
+    );
+    assert!(stat(&c, "forwarded_to_ingress") > 1000);
+    // c -> a: home.
+    migrate(&c, "a", on_c[0]);
+    let at_home = received.load(Ordering::Relaxed);
+    assert!(at_home < n, "moved mid-stream");
+    assert_eq!(local_ids(&a), on_a, "the connection keeps its id at home");
+    let total = reader.join().unwrap();
+    curl_ok(child);
+    assert_eq!(total, n);
+    for (node, name) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        assert_eq!(
+            stat(node, "tunnel_packets_refused"),
+            0,
+            "node {name}\n{}",
+            node.log()
+        );
+        assert_eq!(stat(node, "conns_moved_out"), 1, "node {name}");
+        assert_eq!(stat(node, "conns_restored"), 1, "node {name}");
+    }
+    // Nothing of the connection is left on c; b's forwarding entry goes once idle.
+    eventually(10, "c empty", || {
+        c.ctl_json(&["conns"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
 }

@@ -86,6 +86,10 @@ pub enum FlowMode {
         ended: Option<Instant>,
         /// When the last packet of the flow passed here (either way).
         last_packet: Instant,
+        /// Packets for the client from another node than `to`, held until `to` says the
+        /// flow moved on there ([`crate::stack::Stack::rehome`]): the new owner may send
+        /// before this node learns of the move. Bounded by [`EARLY_REPLIES`].
+        successor_replies: Vec<(PeerRef, Vec<u8>)>,
     },
 }
 
@@ -94,6 +98,11 @@ pub const EARLY_REPLIES: usize = 256;
 
 /// How long an entry for a moved connection stays after the connection ended.
 pub const MOVED_LINGER: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
+
+/// How long a node that moved a connection on to a third node keeps forwarding what the
+/// node where its packets enter still sends it, counted from the last such packet (that node
+/// sends straight to the new owner once told).
+pub const FORWARDER_IDLE: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(30);
 
 /// How long an entry for a moved connection stays after the client's FIN when the owner's
 /// FIN is never seen (the owner replies directly, not through this node), counted from the
@@ -144,6 +153,10 @@ pub struct Restored {
     /// The flow came home: before the restore it was moved to this node (where its packets
     /// enter), so a move called off after the restore makes it moved again.
     pub home_from: Option<Remote>,
+    /// The node it was moved from: it forwards what it queued while the flow was frozen,
+    /// and, when the flow moved on from a node where its packets do not enter, what the
+    /// ingress node still sends there until told of the move.
+    pub source: Option<PeerRef>,
 }
 
 /// A ring of the last bytes written to a socket's send buffer.

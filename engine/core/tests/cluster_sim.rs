@@ -29,7 +29,7 @@ use flowshift_core::stack::{
 use flowshift_statesync::envelope::{EnvelopeKind, EnvelopeRepr, HEADER_LEN};
 use flowshift_statesync::protocol::{
     Config as ProtocolConfig, ConnOffer, FlowOutcome, Message, MigrationId, MigrationReport,
-    RefuseReason, Side, Source, SourceAction, Target, TargetAction, Verdict,
+    Recipient, RefuseReason, Source, SourceAction, Target, TargetAction, Verdict,
 };
 use flowshift_statesync::snapshot::ConnSnapshot;
 use flowshift_tunnel::{Config as TunnelConfig, Endpoint, Event, Keypair, PeerConfig, PeerId};
@@ -237,6 +237,7 @@ enum Kind {
     Commit,
     Offer,
     Transfer,
+    Rehome,
 }
 
 fn kind(m: &Message) -> Kind {
@@ -246,6 +247,7 @@ fn kind(m: &Message) -> Kind {
         Message::Commit(_) => Kind::Commit,
         Message::Offer(_) => Kind::Offer,
         Message::Transfer(_) => Kind::Transfer,
+        Message::Rehome(_) => Kind::Rehome,
     }
 }
 
@@ -610,8 +612,10 @@ impl Node {
         }
         let now_s = sync_now(now);
         match msg.recipient() {
-            Side::Source => self.source.handle_message(now_s, peer, msg),
-            Side::Target => self.target.handle_message(now_s, peer, msg),
+            Recipient::Source => self.source.handle_message(now_s, peer, msg),
+            Recipient::Target => self.target.handle_message(now_s, peer, msg),
+            // Two nodes: no flow's packets enter at a third one.
+            Recipient::Ingress => self.refused += 1,
         }
         self.migration_poll(now);
     }
@@ -1015,6 +1019,7 @@ impl Node {
                             ingress,
                             max_buffer,
                             direct_return: false,
+                            source: Some(peer),
                         };
                         let r = self.stack.restore(now, &snap, params);
                         (flow, r.map_err(|e| refuse_reason(&e)))

@@ -95,7 +95,8 @@ impl ClientOpts {
 
 struct Net {
     now: Instant,
-    nodes: [Stack; 2],
+    /// A (where the client's packets enter), B and C.
+    nodes: [Stack; 3],
     client: Interface,
     pipe: Pipe,
     sockets: SocketSet<'static>,
@@ -103,13 +104,15 @@ struct Net {
     next_port: u16,
     /// Packets the client received with RST set.
     client_rsts: usize,
-    /// Packets node B wrote to its own TUN device (relay mode: there must be none).
+    /// Packets node B or C wrote to its own TUN device (relay mode: there must be none).
     b_tun_packets: usize,
     /// Every `n`th tunnel packet is lost (0: none).
     tunnel_loss_every: usize,
     tunnel_count: usize,
     /// Packets the target sent before the source completed a move (held by the source).
     early_replies: usize,
+    /// Packets a third node sent before the ingress node learned of the move (held there).
+    successor_replies: usize,
     /// B replies straight to the client (direct server return): its TUN reaches the client.
     direct_return: bool,
     /// Percent of client <-> A packets lost, both ways (seeded).
@@ -169,7 +172,7 @@ impl Net {
         Self {
             now,
             // Different seeds: the restored socket's ISN differs from the original's.
-            nodes: [node(0, 7, now), node(0, 99, now)],
+            nodes: [node(0, 7, now), node(0, 99, now), node(0, 1234, now)],
             client,
             pipe,
             sockets: SocketSet::new(vec![]),
@@ -180,6 +183,7 @@ impl Net {
             tunnel_loss_every: 0,
             tunnel_count: 0,
             early_replies: 0,
+            successor_replies: 0,
             direct_return: false,
             client_loss: 0,
             rng: 0x9e37_79b9_7f4a_7c15,
@@ -237,7 +241,7 @@ impl Net {
     /// Both nodes run and the tunnel delivers, three rounds, without advancing time.
     fn exchange_nodes(&mut self) {
         for _round in 0..3 {
-            for i in 0..2 {
+            for i in 0..self.nodes.len() {
                 self.nodes[i].poll(self.now);
                 let mut out = Vec::new();
                 let b_tun = &mut self.b_tun_packets;
@@ -246,7 +250,7 @@ impl Net {
                     if i == 0 || direct {
                         out.push(p.to_vec());
                     }
-                    if i == 1 {
+                    if i != 0 {
                         *b_tun += 1;
                     }
                 });
@@ -362,6 +366,7 @@ impl Net {
                     ingress,
                     max_buffer: 16 << 20,
                     direct_return: self.direct_return,
+                    source: Some(Self::peer(src)),
                 },
             )
             .expect("restore");
@@ -380,6 +385,28 @@ impl Net {
         self.early_replies += early.len();
         for p in early {
             self.deliver_to_client(p);
+        }
+        // Moved on from a node that is not where the packets enter: that node is told (the
+        // daemon's Rehome), after the new owner may have sent already.
+        if let Some(r) = captured.ingress
+            && Self::node_of(r.peer) != dst
+        {
+            self.step_tunnel_only();
+            let held = self.nodes[Self::node_of(r.peer)]
+                .rehome(
+                    self.now,
+                    r.flow,
+                    Self::peer(src),
+                    Remote {
+                        peer: Self::peer(dst),
+                        flow: new_id,
+                    },
+                )
+                .expect("rehome");
+            self.successor_replies += held.len();
+            for p in held {
+                self.deliver_to_client(p);
+            }
         }
         new_id
     }
@@ -772,4 +799,101 @@ fn with_direct_return_the_target_sends_straight_to_the_client() {
         n.nodes[1].conns(n.now)[0].return_path,
         Some(flowshift_core::flow::ReturnPath::Direct)
     );
+}
+
+#[test]
+fn a_download_moves_on_to_a_third_node_and_home_byte_exact() {
+    let mut n = Net::new();
+    let h = n.connect(19, ClientOpts::DEFAULT);
+    let mut got = Vec::new();
+    let mut read_past = |n: &mut Net, bytes: usize| {
+        n.run_until(20_000, |n| {
+            recv_all(n.sock(h), &mut got);
+            got.len() > bytes
+        });
+    };
+    read_past(&mut n, 300_000);
+    let on_a = n.only_local(0);
+    let on_b = n.migrate(0, 1, on_a, 2);
+    read_past(&mut n, 900_000);
+    // B -> C: A is where the packets enter, neither source nor target.
+    let on_c = n.migrate(1, 2, on_b, 2);
+    read_past(&mut n, 1_500_000);
+    let a_row = n.nodes[0].conns(n.now).remove(0);
+    assert_eq!(a_row.mode, "moved");
+    assert_eq!(
+        a_row.owner,
+        Some(Remote {
+            peer: Net::peer(2),
+            flow: on_c
+        }),
+        "A forwards straight to C"
+    );
+    let b_row = n.nodes[1].conns(n.now).remove(0);
+    assert_eq!(b_row.mode, "moved", "B keeps forwarding what A still sends");
+    assert_eq!(b_row.ingress.map(|r| r.peer), Some(Net::peer(0)));
+    assert!(n.nodes[2].stats().forwarded_to_ingress > 100);
+    // C sent before A was told; A held that and wrote it out once told.
+    assert!(n.successor_replies > 0);
+    // C -> A: home.
+    let home = n.migrate(2, 0, on_c, 2);
+    assert_eq!(home, on_a, "the connection keeps its id at home");
+    n.run_until(60_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        !n.sock(h).may_recv()
+    });
+    assert_eq!(got.len(), 3_000_000);
+    assert!(got == counting(0, 3_000_000), "counting stream mismatch");
+    assert_eq!(n.client_rsts, 0);
+    assert_eq!(n.b_tun_packets, 0, "B or C wrote to its own TUN");
+    for (i, node) in n.nodes.iter().enumerate() {
+        assert_eq!(node.stats().tunnel_packets_refused, 0, "node {i}");
+    }
+    // B's forwarding entry goes once idle; C's went when the flow came home.
+    assert_eq!(n.nodes[2].connection_count(), 0);
+    n.sock(h).close();
+    n.run_until(60_000, |n| {
+        n.nodes.iter().all(|node| node.connection_count() == 0)
+    });
+    assert_eq!(n.client_rsts, 0);
+}
+
+#[test]
+fn an_echo_session_tours_three_nodes_byte_exact() {
+    let mut n = Net::new();
+    let h = n.connect(7, ClientOpts::DEFAULT);
+    n.run_until(1_000, |n| n.sock(h).state() == tcp::State::Established);
+    let mut on = 0usize;
+    let mut id = n.only_local(0);
+    let mut offset = 0u64;
+    let mut got = Vec::new();
+    // A B C B C A C A B A ...: every kind of move, home and third node alike.
+    let tour = [1, 2, 1, 2, 0, 2, 0, 1, 0, 2, 1, 0];
+    for (round, &to) in tour.iter().enumerate() {
+        let chunk = counting(offset, 20_000 + round * 131);
+        offset += chunk.len() as u64;
+        let mut sent = 0;
+        n.run_until(5_000, |n| {
+            let s = n.sock(h);
+            if sent < chunk.len() && s.can_send() {
+                sent += s.send_slice(&chunk[sent..]).unwrap();
+            }
+            recv_all(s, &mut got);
+            sent == chunk.len() && got.len() as u64 > offset - 5_000
+        });
+        id = n.migrate(on, to, id, 1 + round as u64 % 3);
+        on = to;
+    }
+    n.run_until(10_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got.len() as u64 == offset
+    });
+    assert!(got == counting(0, offset as usize), "echo mismatch");
+    assert_eq!(n.client_rsts, 0);
+    assert_eq!(on, 0);
+    assert_eq!(n.nodes[0].conns(n.now)[0].mode, "local");
+    assert_eq!(n.b_tun_packets, 0);
+    for (i, node) in n.nodes.iter().enumerate() {
+        assert_eq!(node.stats().tunnel_packets_refused, 0, "node {i}");
+    }
 }

@@ -31,15 +31,16 @@ use flowshift_core::flow::{PeerRef, Remote};
 use flowshift_core::stack::{ConnectionBudget, window_shift};
 use flowshift_statesync::envelope::EnvelopeRepr;
 use flowshift_statesync::protocol::{
-    Config as ProtocolConfig, ConnOffer, FlowOutcome, Message, MigrationId, MigrationReport,
-    RefuseReason, Source, SourceAction, Target, TargetAction, Verdict,
+    Config as ProtocolConfig, ConnOffer, FlowOutcome, MAX_BATCH, Message, MigrationId,
+    MigrationReport, Recipient, RefuseReason, Rehome, Source, SourceAction, Target, TargetAction,
+    Verdict,
 };
 use flowshift_statesync::snapshot::ConnSnapshot;
 use flowshift_tunnel::{Instant, PeerId, SendError};
 use serde::{Deserialize, Serialize};
 
 use super::Driver;
-use crate::node::WorkerMsg;
+use crate::node::{RestoreItem, WorkerMsg};
 
 /// A flow's offer made by its worker, with where its packets enter when not here.
 pub(crate) type OfferResult = Result<(ConnOffer, Option<Remote>), String>;
@@ -159,6 +160,9 @@ pub(crate) struct Coordinator {
     restores: HashMap<(PeerId, MigrationId), Gather<(u64, RestoreResult)>>,
     /// Encoded messages the endpoint would not take yet (its send buffer was full).
     outbox: VecDeque<(PeerId, Vec<u8>)>,
+    /// Flows moved on to a third node, by (their ingress node, migration, new owner):
+    /// `(flow id at the ingress node, flow id at the owner)`, to send as Rehome messages.
+    rehomes: HashMap<(PeerId, MigrationId, PeerId), Vec<(u64, u64)>>,
     next_worker: usize,
     pub(crate) stats: MigrationStats,
 }
@@ -175,6 +179,7 @@ impl Coordinator {
             captures: HashMap::new(),
             restores: HashMap::new(),
             outbox: VecDeque::new(),
+            rehomes: HashMap::new(),
             next_worker: 0,
             stats: MigrationStats {
                 freeze_buckets: vec![0; FREEZE_BUCKETS_MS.len() + 1],
@@ -225,7 +230,7 @@ impl Driver {
             let _ = reply.send(Err(format!("no peer named {peer}")));
             return;
         };
-        let (peer_id, peer_ref) = (slot.id, PeerRef(slot.id.as_u32()));
+        let peer_id = slot.id;
         let mut outcomes = HashMap::new();
         let mut ingress = HashMap::new();
         let mut go = Vec::new();
@@ -242,25 +247,10 @@ impl Driver {
                 );
                 continue;
             }
-            match from {
-                // A flow whose packets enter at a third node cannot move on yet: the node
-                // where they enter would keep forwarding to us.
-                Some(r) if r.peer != peer_ref => {
-                    outcomes.insert(
-                        offer.flow,
-                        stayed(
-                            offer.flow,
-                            Some(offer.client),
-                            None,
-                            "its packets enter at another node; it can only move back there".into(),
-                        ),
-                    );
-                }
-                _ => {
-                    ingress.insert(offer.flow, from);
-                    go.push(offer);
-                }
-            }
+            // A flow whose packets enter at a third node may move on: that node is told
+            // (a Rehome) once the flow is moved.
+            ingress.insert(offer.flow, from);
+            go.push(offer);
         }
         let started = std::time::Instant::now();
         if go.is_empty() {
@@ -307,11 +297,12 @@ impl Driver {
         let now_s = sync_now(now);
         tracing::debug!(migration = %msg.migration(), kind = ?msg.recipient(), "migration message");
         match msg.recipient() {
-            flowshift_statesync::protocol::Side::Source => {
-                self.migration.source.handle_message(now_s, peer, msg)
-            }
-            flowshift_statesync::protocol::Side::Target => {
-                self.migration.target.handle_message(now_s, peer, msg)
+            Recipient::Source => self.migration.source.handle_message(now_s, peer, msg),
+            Recipient::Target => self.migration.target.handle_message(now_s, peer, msg),
+            Recipient::Ingress => {
+                if let Message::Rehome(r) = msg {
+                    self.rehome(peer, r);
+                }
             }
         }
         self.migration_poll(now);
@@ -346,10 +337,57 @@ impl Driver {
         while let Some((peer, msg)) = self.migration.source.poll_transmit() {
             self.queue_migration_message(peer, &msg);
         }
+        self.send_rehomes();
         while let Some((peer, msg)) = self.migration.target.poll_transmit() {
             self.queue_migration_message(peer, &msg);
         }
         self.flush_migration_outbox();
+    }
+
+    /// Tells the nodes where moved flows' packets enter (third nodes) where they live now.
+    fn send_rehomes(&mut self) {
+        let rehomes = std::mem::take(&mut self.migration.rehomes);
+        for ((ingress, migration, owner), flows) in rehomes {
+            let Some(owner_key) = self.ep.peer_public_key(owner).map(|k| *k.as_bytes()) else {
+                continue;
+            };
+            for chunk in flows.chunks(MAX_BATCH) {
+                tracing::info!(%migration, ?ingress, flows = chunk.len(), "telling the node where their packets enter that they moved on");
+                let msg = Message::Rehome(Rehome {
+                    migration,
+                    owner_key,
+                    flows: chunk.to_vec(),
+                });
+                self.queue_migration_message(ingress, &msg);
+            }
+        }
+    }
+
+    /// A Rehome from `peer`: flows moved from here to `peer` were moved on by it.
+    fn rehome(&mut self, peer: PeerId, msg: Rehome) {
+        let Some(owner) = self
+            .peers
+            .iter()
+            .find(|p| self.ep.peer_public_key(p.id).map(|k| *k.as_bytes()) == Some(msg.owner_key))
+            .map(|p| p.id)
+        else {
+            self.migration.stats.messages_refused += 1;
+            tracing::warn!(migration = %msg.migration, ?peer, flows = msg.flows.len(), "connections moved on to a node this node has no tunnel to: their packets keep going to the previous owner");
+            return;
+        };
+        tracing::info!(migration = %msg.migration, from = ?peer, to = ?owner, flows = msg.flows.len(), "connections moved on: forwarding to their new owner");
+        for (flow, owner_flow) in msg.flows {
+            if let Some(w) = self.workers.get(worker_of(flow)) {
+                w.send(WorkerMsg::Rehome {
+                    from: PeerRef(peer.as_u32()),
+                    flow,
+                    to: Remote {
+                        peer: PeerRef(owner.as_u32()),
+                        flow: owner_flow,
+                    },
+                });
+            }
+        }
     }
 
     fn queue_migration_message(&mut self, peer: PeerId, msg: &Message) {
@@ -432,10 +470,22 @@ impl Driver {
                         to,
                     },
                 );
-                if let Some(p) = self.migration.pending.get_mut(&migration)
-                    && let Some(o) = p.outcomes.get_mut(&flow)
-                {
-                    o.remote_id = Some(target_flow);
+                if let Some(p) = self.migration.pending.get_mut(&migration) {
+                    if let Some(o) = p.outcomes.get_mut(&flow) {
+                        o.remote_id = Some(target_flow);
+                    }
+                    // Its packets enter at a third node: tell it where the flow lives now.
+                    if let Some(Some(ingress)) = p.ingress.get(&flow)
+                        && ingress.peer != to.peer
+                        && let Some(at) =
+                            self.peers.iter().find(|e| e.id.as_u32() == ingress.peer.0)
+                    {
+                        self.migration
+                            .rehomes
+                            .entry((at.id, migration, peer))
+                            .or_default()
+                            .push((ingress.flow, target_flow));
+                    }
                 }
             }
             SourceAction::Thaw {
@@ -616,7 +666,6 @@ impl Driver {
             outcomes,
             abort,
         )));
-        let _ = p.ingress;
     }
 
     fn target_action(&mut self, now: Instant, action: TargetAction<PeerId>) {
@@ -722,40 +771,47 @@ impl Driver {
         snapshots: Vec<(u64, ConnSnapshot)>,
     ) {
         let own = self.own_key();
-        let source_key = self.ep.peer_public_key(peer).map(|k| *k.as_bytes());
-        let mut per_worker: Vec<Vec<(u64, ConnSnapshot, Option<Remote>)>> =
-            vec![Vec::new(); self.workers.len()];
+        let mut per_worker: Vec<Vec<RestoreItem>> = std::iter::repeat_with(Vec::new)
+            .take(self.workers.len())
+            .collect();
         let mut results = Vec::new();
-        for (flow, snap) in snapshots {
-            let (worker, ingress) = if snap.ingress.node_key == own {
-                (worker_of(snap.ingress.flow_id), None)
-            } else if Some(snap.ingress.node_key) == source_key {
+        for (flow, snapshot) in snapshots {
+            let (worker, ingress, direct_return) = if snapshot.ingress.node_key == own {
+                // Coming home: to the worker that holds its entry.
+                (worker_of(snapshot.ingress.flow_id), None, false)
+            } else {
+                // Its packets enter at the source, or at a third node the source moved it
+                // from: a peer of this node either way.
+                let key = snapshot.ingress.node_key;
+                let Some(entry) = self
+                    .peers
+                    .iter()
+                    .find(|p| self.ep.peer_public_key(p.id).map(|k| *k.as_bytes()) == Some(key))
+                else {
+                    tracing::info!(%migration, flow = format_args!("{flow:#x}"), "refused: its packets enter at a node this node has no tunnel to");
+                    results.push((flow, Err(RefuseReason::RestoreFailed)));
+                    continue;
+                };
                 let w = self.migration.next_worker % self.workers.len().max(1);
                 self.migration.next_worker += 1;
-                (
-                    w,
-                    Some(Remote {
-                        peer: PeerRef(peer.as_u32()),
-                        flow: snap.ingress.flow_id,
-                    }),
-                )
-            } else {
-                tracing::info!(%migration, flow = format_args!("{flow:#x}"), "refused: its packets enter at a third node");
-                results.push((flow, Err(RefuseReason::RestoreFailed)));
-                continue;
+                let ingress = Remote {
+                    peer: PeerRef(entry.id.as_u32()),
+                    flow: snapshot.ingress.flow_id,
+                };
+                (w, Some(ingress), entry.direct_return)
             };
             match per_worker.get_mut(worker) {
-                Some(v) => v.push((flow, snap, ingress)),
+                Some(v) => v.push(RestoreItem {
+                    flow,
+                    snapshot,
+                    ingress,
+                    direct_return,
+                }),
                 None => results.push((flow, Err(RefuseReason::Malformed))),
             }
         }
         let mut waiting = 0;
         let mss_clamp = self.mss_clamp();
-        let direct_return = self
-            .peers
-            .iter()
-            .find(|p| p.id == peer)
-            .is_some_and(|p| p.direct_return);
         for (w, items) in per_worker.into_iter().enumerate() {
             if !items.is_empty()
                 && self.workers[w].send(WorkerMsg::Restore {
@@ -764,7 +820,6 @@ impl Driver {
                     items,
                     mss_clamp,
                     max_buffer: self.migration.admission.max_buffer,
-                    direct_return,
                 })
             {
                 waiting += 1;

@@ -774,7 +774,13 @@ impl Driver {
     fn dispatch_message(&mut self, now: Instant, peer: PeerId, data: &[u8]) {
         match EnvelopeRepr::split(data) {
             Ok((e, payload)) => match e.kind {
-                EnvelopeKind::Migration => self.migration_message(now, peer, payload),
+                EnvelopeKind::Migration => {
+                    // Forwarded packets that arrived before the message go to the workers
+                    // first: a Commit completes a move, and packets the ingress node sent
+                    // the flow before it must reach it while it is still here.
+                    self.deliver_to_workers();
+                    self.migration_message(now, peer, payload)
+                }
                 EnvelopeKind::Diagnostic => {
                     if let Some(p) = self.slot(peer) {
                         p.diag.verify(payload, false);

@@ -15,6 +15,7 @@
 //! | 2 | [`Commit`] | target → source | `migration, results: [(flow, Result<target flow, RefuseReason>)]` | restore results, for the flows of one or more Transfers |
 //! | 3 | [`Offer`] | source → target | `migration, conns: [ConnOffer]` | flows the source would like to move, without their state |
 //! | 4 | [`Transfer`] | source → target | `migration, snapshots: [(flow, ConnSnapshot)], withdrawn: [(flow, RefuseReason)]` | the frozen state of accepted flows (several messages of at most `max_message_bytes`), and the accepted flows that will not come |
+//! | 5 | [`Rehome`] | source → ingress node | `migration, owner_key, flows: [(ingress flow, owner flow)]` | flows whose packets enter at a third node moved on to the target: that node sends them there from now on (not part of the state machines: the driver sends it once a flow is moved) |
 //!
 //! `#` is the postcard variant index. Integers are varints, a [`MigrationId`] is a `u64`,
 //! [`Side`] is 0 (source) or 1 (target), [`RefuseReason`] and [`AbortReason`] are one-byte
@@ -84,7 +85,7 @@ pub use source::{FlowOutcome, MigrationReport, Source, SourceAction, StartError}
 pub use target::{Target, TargetAction};
 
 /// Version of the message encoding (the first byte of every message).
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Most entries in any list of one message (and so most flows in one migration).
 pub const MAX_BATCH: usize = 4096;
 /// Smallest `max_message_bytes` honoured (smaller values are raised to it).
@@ -500,6 +501,32 @@ pub struct Transfer {
     pub withdrawn: Vec<(u64, RefuseReason)>,
 }
 
+/// Source → the node where the moved flows' packets enter, when that node is neither the
+/// source nor the target: the flows live on the node with `owner_key` now. Sent when the
+/// source moved them (after their `Commit`); the receiver checks that the sender is the
+/// flows' current owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rehome {
+    /// The migration that moved them.
+    pub migration: MigrationId,
+    /// The tunnel public key of the node the flows live on now.
+    pub owner_key: [u8; 32],
+    /// `(flow id at the receiving node, flow id at the new owner)`.
+    #[serde(deserialize_with = "codec::batch")]
+    pub flows: Vec<(u64, u64)>,
+}
+
+/// Which part of a node handles a [`Message`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recipient {
+    /// The [`Source`] machine.
+    Source,
+    /// The [`Target`] machine.
+    Target,
+    /// The node where the flows' packets enter (a [`Rehome`]).
+    Ingress,
+}
+
 /// A migration protocol message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -513,6 +540,8 @@ pub enum Message {
     Offer(Offer),
     /// See [`Transfer`] (variant 4).
     Transfer(Transfer),
+    /// See [`Rehome`] (variant 5).
+    Rehome(Rehome),
 }
 
 /// Why bytes did not decode as a [`Message`].
@@ -543,19 +572,22 @@ impl Message {
             Message::Commit(m) => m.migration,
             Message::Offer(m) => m.migration,
             Message::Transfer(m) => m.migration,
+            Message::Rehome(m) => m.migration,
         }
     }
 
-    /// Which state machine handles it: [`Side::Target`] for Offer, Transfer and the
-    /// source's Abort; [`Side::Source`] for Accept, Commit and the target's Abort.
-    pub fn recipient(&self) -> Side {
+    /// Who handles it: the [`Target`] machine for Offer, Transfer and the source's Abort;
+    /// the [`Source`] machine for Accept, Commit and the target's Abort; the node's flows
+    /// for a Rehome.
+    pub fn recipient(&self) -> Recipient {
         match self {
-            Message::Offer(_) | Message::Transfer(_) => Side::Target,
-            Message::Accept(_) | Message::Commit(_) => Side::Source,
+            Message::Offer(_) | Message::Transfer(_) => Recipient::Target,
+            Message::Accept(_) | Message::Commit(_) => Recipient::Source,
             Message::Abort(a) => match a.from {
-                Side::Source => Side::Target,
-                Side::Target => Side::Source,
+                Side::Source => Recipient::Target,
+                Side::Target => Recipient::Source,
             },
+            Message::Rehome(_) => Recipient::Ingress,
         }
     }
 
@@ -567,6 +599,7 @@ impl Message {
             Message::Commit(m) => m.results.len(),
             Message::Offer(m) => m.conns.len(),
             Message::Transfer(m) => m.snapshots.len().max(m.withdrawn.len()),
+            Message::Rehome(m) => m.flows.len(),
         }
     }
 
@@ -661,6 +694,12 @@ impl fmt::Display for Message {
                 m.migration,
                 m.snapshots.len(),
                 m.withdrawn.len()
+            ),
+            Message::Rehome(m) => write!(
+                f,
+                "Rehome(migration {}, {} flows)",
+                m.migration,
+                m.flows.len()
             ),
         }
     }

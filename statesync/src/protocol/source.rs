@@ -22,7 +22,7 @@ use crate::time::Instant;
 ///
 /// # Driving it
 /// * [`start`](Self::start) a migration; feed every [`Message`] whose
-///   [`recipient`](Message::recipient) is [`Side::Source`] to
+///   [`recipient`](Message::recipient) is [`Recipient::Source`](super::Recipient::Source) to
 ///   [`handle_message`](Self::handle_message); answer every
 ///   [`SourceAction::Capture`] with [`captured`](Self::captured); call
 ///   [`handle_timeout`](Self::handle_timeout) when the deadline of

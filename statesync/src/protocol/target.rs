@@ -20,7 +20,7 @@ use crate::time::Instant;
 /// named by its source peer and [`MigrationId`].
 ///
 /// # Driving it
-/// * Feed every [`Message`] whose [`recipient`](Message::recipient) is [`Side::Target`] to
+/// * Feed every [`Message`] whose [`recipient`](Message::recipient) is [`Recipient::Target`](super::Recipient::Target) to
 ///   [`handle_message`](Self::handle_message); answer every [`TargetAction::Admit`] with
 ///   [`admitted`](Self::admitted) and every [`TargetAction::Restore`] with
 ///   [`restored`](Self::restored) (possibly in several calls, each flow once); call

@@ -59,7 +59,7 @@ fn snap(flow: u64, send: usize) -> ConnSnapshot {
 // ---- wire fixtures ----
 
 static OFFER_BYTES: &[u8] = &[
-    0x01, // protocol version
+    0x02, // protocol version
     0x03, // Offer
     0x07, // migration 7
     0x01, // one conn
@@ -74,19 +74,27 @@ static OFFER_BYTES: &[u8] = &[
 ];
 
 static ACCEPT_BYTES: &[u8] = &[
-    0x01, 0x01, 0x07, 0x02, // version, Accept, migration 7, two verdicts
+    0x02, 0x01, 0x07, 0x02, // version, Accept, migration 7, two verdicts
     0xac, 0x02, 0x00, // 300 accepted
     0xad, 0x02, 0x01, 0x04, // 301 refused: unknown app (4)
 ];
 
 static COMMIT_BYTES: &[u8] = &[
-    0x01, 0x02, 0x07, 0x02, // version, Commit, migration 7, two results
+    0x02, 0x02, 0x07, 0x02, // version, Commit, migration 7, two results
     0xac, 0x02, 0x00, 0x05, // 300: Ok(5)
     0xad, 0x02, 0x01, 0x01, // 301: Err(capacity)
 ];
 
+static REHOME_BYTES: &[u8] = &[
+    0x02, 0x05, 0x07, // version, Rehome, migration 7
+    0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, // owner key: 32 bytes, no length
+    0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab,
+    0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0x01, 0xac, 0x02,
+    0x05, // one flow: 300 here, 5 at the owner
+];
+
 static ABORT_BYTES: &[u8] = &[
-    0x01, 0x00, 0x07, // version, Abort, migration 7
+    0x02, 0x00, 0x07, // version, Abort, migration 7
     0x00, 0x01, // from the source, timeout
     0x02, 0x01, 0xac, 0x02, // flows 1 and 300
 ];
@@ -126,6 +134,14 @@ fn fixtures() -> Vec<(&'static [u8], Message)> {
                 flows: vec![1, 300],
             }),
         ),
+        (
+            REHOME_BYTES,
+            Message::Rehome(Rehome {
+                migration: MigrationId(7),
+                owner_key: [0xab; 32],
+                flows: vec![(300, 5)],
+            }),
+        ),
     ]
 }
 
@@ -153,7 +169,7 @@ fn transfer_nests_versioned_snapshots() {
         withdrawn: vec![(301, RefuseReason::CaptureFailed)],
     });
     let bytes = msg.to_bytes();
-    let mut expected = vec![0x01, 0x04, 0x07, 0x01, 0xac, 0x02];
+    let mut expected = vec![0x02, 0x04, 0x07, 0x01, 0xac, 0x02];
     s.encode(&mut expected); // the snapshot's own encoding, version byte first
     expected.extend_from_slice(&[0x01, 0xad, 0x02, 13]);
     assert_eq!(bytes, expected);
@@ -179,14 +195,16 @@ fn transfer_nests_versioned_snapshots() {
 #[test]
 fn decode_rejects_framing() {
     assert_eq!(Message::decode(&[]), Err(MessageError::Empty));
-    let mut b = OFFER_BYTES.to_vec();
-    b[0] = 2;
-    assert_eq!(Message::decode(&b), Err(MessageError::Version(2)));
+    for old_or_new in [1, 3] {
+        let mut b = OFFER_BYTES.to_vec();
+        b[0] = old_or_new;
+        assert_eq!(Message::decode(&b), Err(MessageError::Version(old_or_new)));
+    }
     let mut b = OFFER_BYTES.to_vec();
     b.push(0);
     assert_eq!(Message::decode(&b), Err(MessageError::TrailingBytes(1)));
     let mut b = OFFER_BYTES.to_vec();
-    b[1] = 5; // no such message
+    b[1] = 6; // no such message
     assert!(matches!(
         Message::decode(&b),
         Err(MessageError::Malformed(_))
@@ -243,7 +261,7 @@ fn decode_rejects_oversize_batches() {
     ));
     // A length prefix claiming far more entries than there are bytes fails without
     // allocating for them.
-    let b = [0x01, 0x00, 0x07, 0x00, 0x01, 0xff, 0xff, 0xff, 0xff, 0x0f];
+    let b = [0x02, 0x00, 0x07, 0x00, 0x01, 0xff, 0xff, 0xff, 0xff, 0x0f];
     assert!(matches!(
         Message::decode(&b),
         Err(MessageError::Malformed(_))
@@ -253,11 +271,13 @@ fn decode_rejects_oversize_batches() {
 #[test]
 fn recipients() {
     let msgs: Vec<Message> = fixtures().into_iter().map(|(_, m)| m).collect();
-    let [offer_msg, accept, commit, abort] = <[Message; 4]>::try_from(msgs).unwrap();
-    assert_eq!(offer_msg.recipient(), Side::Target);
-    assert_eq!(accept.recipient(), Side::Source);
-    assert_eq!(commit.recipient(), Side::Source);
-    assert_eq!(abort.recipient(), Side::Target);
+    let [offer_msg, accept, commit, abort, rehome] = <[Message; 5]>::try_from(msgs).unwrap();
+    assert_eq!(offer_msg.recipient(), Recipient::Target);
+    assert_eq!(accept.recipient(), Recipient::Source);
+    assert_eq!(commit.recipient(), Recipient::Source);
+    assert_eq!(abort.recipient(), Recipient::Target);
+    assert_eq!(rehome.recipient(), Recipient::Ingress);
+    assert_eq!(rehome.to_string(), "Rehome(migration 7, 1 flows)");
     assert_eq!(abort.migration(), MigrationId(7));
     assert_eq!(
         Message::Abort(Abort {
@@ -267,7 +287,7 @@ fn recipients() {
             flows: vec![],
         })
         .recipient(),
-        Side::Source
+        Recipient::Source
     );
     assert_eq!(commit.to_string(), "Commit(migration 7, 1 of 2 restored)");
 }

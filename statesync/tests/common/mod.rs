@@ -128,6 +128,11 @@ pub fn message_seeds() -> Vec<flowshift_statesync::protocol::Message> {
             reason: AbortReason::Timeout,
             flows: vec![0, 1, 2, 3],
         }),
+        Message::Rehome(Rehome {
+            migration: m,
+            owner_key: [7; 32],
+            flows: vec![(0, 1000), (1, 1001)],
+        }),
         Message::Abort(Abort {
             migration: m,
             from: Side::Target,

@@ -35,6 +35,7 @@ pub enum Kind {
     Commit,
     Offer,
     Transfer,
+    Rehome,
 }
 
 pub fn kind(m: &Message) -> Kind {
@@ -44,6 +45,7 @@ pub fn kind(m: &Message) -> Kind {
         Message::Commit(_) => Kind::Commit,
         Message::Offer(_) => Kind::Offer,
         Message::Transfer(_) => Kind::Transfer,
+        Message::Rehome(_) => Kind::Rehome,
     }
 }
 

@@ -73,6 +73,16 @@ pub fn tunnel_toml(
     peer: Node,
     peer_public: &str,
 ) -> Result<String, TestbedError> {
+    tunnel_toml_peers(tb, me, keys, &[(peer, peer_public)])
+}
+
+/// Like [`tunnel_toml`], with several peers.
+pub fn tunnel_toml_peers(
+    tb: &Testbed,
+    me: Node,
+    keys: &TunnelKeys,
+    peers: &[(Node, &str)],
+) -> Result<String, TestbedError> {
     let path = tb.dir().join(format!("{}.key", me.short()));
     std::fs::OpenOptions::new()
         .write(true)
@@ -85,14 +95,48 @@ pub fn tunnel_toml(
             what: format!("writing {}", path.display()),
             source,
         })?;
-    Ok(format!(
-        "[tunnel]\nlisten = \"{}:{TUNNEL_PORT}\"\nprivate_key_file = \"{}\"\n\
-         [[peer]]\nname = \"{}\"\nendpoint = \"{}:{TUNNEL_PORT}\"\npublic_key = \"{peer_public}\"\n",
+    let mut toml = format!(
+        "[tunnel]\nlisten = \"{}:{TUNNEL_PORT}\"\nprivate_key_file = \"{}\"\n",
         me.addr(),
         path.display(),
-        peer.short(),
-        peer.addr(),
-    ))
+    );
+    for (peer, public) in peers {
+        toml += &format!(
+            "[[peer]]\nname = \"{}\"\nendpoint = \"{}:{TUNNEL_PORT}\"\npublic_key = \"{public}\"\n",
+            peer.short(),
+            peer.addr(),
+        );
+    }
+    Ok(toml)
+}
+
+/// Starts nodes A, B and C (standard services), each joined by the tunnel to the other two.
+/// The testbed needs [`TestbedOptions::node_c`](crate::TestbedOptions::node_c). Does not
+/// wait for the handshakes: see [`wait_alive`].
+pub fn start_tunnel_trio(tb: &Testbed) -> Result<[NodeHandle; 3], TestbedError> {
+    let nodes = [Node::A, Node::B, Node::C];
+    let keys = [
+        TunnelKeys::generate()?,
+        TunnelKeys::generate()?,
+        TunnelKeys::generate()?,
+    ];
+    let mut handles = Vec::new();
+    for (i, me) in nodes.iter().enumerate() {
+        let peers: Vec<(Node, &str)> = nodes
+            .iter()
+            .zip(&keys)
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (n, k))| (*n, k.public.as_str()))
+            .collect();
+        let config =
+            NodeConfig::standard(me.short()).extra(&tunnel_toml_peers(tb, *me, &keys[i], &peers)?);
+        handles.push(tb.start_node(*me, &config)?);
+    }
+    let [a, b, c]: [NodeHandle; 3] = handles
+        .try_into()
+        .map_err(|_| TestbedError::Tool("three nodes".into()))?;
+    Ok([a, b, c])
 }
 
 /// Starts node A and node B (standard services) joined by the tunnel. `b_knows_a_as`

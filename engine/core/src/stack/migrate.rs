@@ -136,6 +136,8 @@ pub struct RestoreParams {
     pub direct_return: bool,
     /// Largest socket buffer accepted.
     pub max_buffer: usize,
+    /// The node the flow comes from (it forwards the flow's queued packets after the move).
+    pub source: Option<crate::flow::PeerRef>,
 }
 
 /// A flow captured for a move.
@@ -515,6 +517,7 @@ impl Stack {
                 xlate: Translation { seq_off, ts_off },
                 claimed: snap.snd_nxt.wrapping_sub(seq_off),
                 home_from: home.map(|(_, _, to)| to),
+                source: params.source,
             }),
             ingress: params.ingress,
             return_path: if params.direct_return && params.ingress.is_some() {
@@ -628,6 +631,8 @@ impl Stack {
             self.budget.release();
         }
         match flow.ingress {
+            // Where its packets enter, or on to a third node: what enters here (or what the
+            // ingress node sends here until told of the move) is forwarded to the new owner.
             None => {
                 flow.mode = FlowMode::Moved {
                     to,
@@ -641,6 +646,7 @@ impl Stack {
                     ),
                     ended: None,
                     last_packet: now,
+                    successor_replies: Vec::new(),
                 };
                 flow.counted = false;
                 flow.restored = None;
@@ -652,6 +658,28 @@ impl Stack {
                     remote = to.flow,
                     forwarded = queue.len(),
                     "moved; forwarding"
+                );
+            }
+            Some(ingress) if ingress.peer != to.peer => {
+                flow.mode = FlowMode::Moved {
+                    to,
+                    client_fin: false,
+                    owner_fin: false,
+                    ended: None,
+                    last_packet: now,
+                    successor_replies: Vec::new(),
+                };
+                flow.counted = false;
+                flow.restored = None;
+                flow.app = app::new_app(flow.app_kind, &AppConfig::default());
+                flow.mirror = SendMirror::new(0);
+                tracing::debug!(
+                    id,
+                    peer = to.peer.0,
+                    remote = to.flow,
+                    ingress = ingress.peer.0,
+                    forwarded = queue.len(),
+                    "moved on to a third node; forwarding until the ingress node is told"
                 );
             }
             Some(_) => {
@@ -708,6 +736,7 @@ impl Stack {
                     owner_fin: false,
                     ended: None,
                     last_packet: now,
+                    successor_replies: Vec::new(),
                 };
                 flow.counted = false;
                 flow.restored = None;
@@ -744,13 +773,12 @@ impl Stack {
             return;
         };
         let service = *flow.key.service.ip();
-        // From where its packets enter; or, for a flow that came home, the node it came
-        // from forwarding what it queued while frozen.
+        // From where its packets enter; or from the node it was moved from, forwarding what
+        // it queued while frozen (and what the ingress node still sends it).
         let ok_peer = flow.ingress.is_some_and(|r| r.peer == from)
-            || flow
-                .restored
-                .and_then(|r| r.home_from)
-                .is_some_and(|r| r.peer == from);
+            || flow.restored.is_some_and(|r| {
+                r.source == Some(from) || r.home_from.is_some_and(|h| h.peer == from)
+            });
         let inbound = packet::classify_with(packet, |a| a == service, false);
         match inbound {
             Ok(inbound) if ok_peer && inbound.key == flow.key => {
@@ -767,6 +795,66 @@ impl Stack {
                 tracing::trace!(id, "forwarded packet refused");
             }
         }
+    }
+
+    /// The owner of moved flow `id` (at `from`) moved it on to `to`, a third node: packets
+    /// entering here go straight there from now on. Returns the packets for the client `to`
+    /// sent before this node knew: the driver writes them to the TUN device. Only the
+    /// current owner may say so; held packets from other nodes are dropped.
+    pub fn rehome(
+        &mut self,
+        now: Instant,
+        id: u64,
+        from: crate::flow::PeerRef,
+        to: Remote,
+    ) -> Result<Vec<Vec<u8>>, super::FlowError> {
+        let flow = self
+            .flows
+            .find_id(id)
+            .and_then(|slot| self.flows.get_mut(slot))
+            .ok_or(super::FlowError::NoSuchFlow(id))?;
+        let FlowMode::Moved {
+            to: owner,
+            last_packet,
+            successor_replies,
+            ..
+        } = &mut flow.mode
+        else {
+            return Err(super::FlowError::WrongMode {
+                id,
+                mode: flow.mode.as_str(),
+            });
+        };
+        if owner.peer != from || flow.ingress.is_some() {
+            return Err(super::FlowError::WrongMode {
+                id,
+                mode: "moved, to another node than the sender",
+            });
+        }
+        let previous = *owner;
+        *owner = to;
+        *last_packet = now;
+        let held = std::mem::take(successor_replies);
+        let dropped = held.iter().filter(|(p, _)| *p != to.peer).count();
+        let replies: Vec<Vec<u8>> = held
+            .into_iter()
+            .filter(|(p, _)| *p == to.peer)
+            .map(|(_, packet)| packet)
+            .collect();
+        self.stats.relayed_from_owner += replies.len() as u64;
+        self.stats.packets_out += replies.len() as u64;
+        self.stats.bytes_out += replies.iter().map(|p| p.len() as u64).sum::<u64>();
+        self.stats.tunnel_packets_refused += dropped as u64;
+        tracing::debug!(
+            id,
+            from = previous.peer.0,
+            peer = to.peer.0,
+            remote = to.flow,
+            held = replies.len(),
+            dropped,
+            "moved on: forwarding to the new owner"
+        );
+        Ok(replies)
     }
 
     /// A packet the owner of moved flow `id` (at `from`) sends to the client; true if the
@@ -809,12 +897,24 @@ impl Stack {
             owner_fin,
             ended,
             last_packet,
+            successor_replies,
         } = &mut flow.mode
         else {
             self.stats.tunnel_packets_refused += 1;
             return false;
         };
         match packet::outbound(packet) {
+            // Another node sends for the flow: the owner may have moved it on there without
+            // this node knowing yet. Held until the owner says so (bounded), dropped if not.
+            Some(out)
+                if to.peer != from
+                    && out.key == flow.key
+                    && flow.ingress.is_none()
+                    && successor_replies.len() < crate::flow::EARLY_REPLIES =>
+            {
+                successor_replies.push((from, packet.to_vec()));
+                false
+            }
             Some(out) if to.peer == from && out.key == flow.key => {
                 *last_packet = now;
                 *owner_fin |= out.flags.fin;

@@ -32,8 +32,8 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 use crate::app::{self, AppConfig, AppKind};
 use crate::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
 use crate::flow::{
-    Flow, FlowMode, FlowTable, HandshakeRecord, MOVED_IDLE_AFTER_FIN, MOVED_LINGER, Remote,
-    SendMirror,
+    FORWARDER_IDLE, Flow, FlowMode, FlowTable, HandshakeRecord, MOVED_IDLE_AFTER_FIN, MOVED_LINGER,
+    Remote, SendMirror,
 };
 use crate::packet::{self, DropReason, FlowKey};
 use crate::translate::{AckCeiling, seq_gt};
@@ -585,6 +585,7 @@ impl Stack {
                 ended,
                 owner_fin,
                 last_packet,
+                ..
             } => {
                 *last_packet = now;
                 *client_fin |= inbound.flags.fin;
@@ -915,6 +916,16 @@ impl Stack {
                     if let Some(flow) = self.flows.remove(slot) {
                         self.stats.moved_closed += 1;
                         tracing::debug!(id = flow.id, client = %flow.key.client, "moved connection idle since the client's FIN: entry removed");
+                    }
+                }
+                // Moved on to a third node: forwarding what the ingress node still sends
+                // here, until it has been told for long enough.
+                FlowMode::Moved { last_packet, .. }
+                    if flow.ingress.is_some() && now - last_packet >= FORWARDER_IDLE =>
+                {
+                    if let Some(flow) = self.flows.remove(slot) {
+                        self.stats.moved_closed += 1;
+                        tracing::debug!(id = flow.id, client = %flow.key.client, "forwarding entry of a connection moved on removed: idle");
                     }
                 }
                 FlowMode::Frozen { .. } | FlowMode::Moved { .. } => {}
