@@ -24,8 +24,12 @@ pub const MAX_CLIENTS: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    /// Every connection.
-    Conns,
+    /// Every live connection; with `all`, those in TIME-WAIT too.
+    Conns {
+        /// Include connections in TIME-WAIT.
+        #[serde(default)]
+        all: bool,
+    },
     /// Move everything to a peer, refusing new connections: the node empties.
     Drain {
         /// The target peer's name.
@@ -309,7 +313,7 @@ mod tests {
         BufReader::new(s).read_line(&mut line).unwrap();
         assert!(line.contains("longer than"), "{line}");
         // Still serving.
-        let reply = call(&path, &Request::Conns).unwrap();
+        let reply = call(&path, &Request::Conns { all: false }).unwrap();
         assert!(reply.ok);
         let _ = std::fs::remove_dir_all(dir);
     }

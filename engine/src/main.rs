@@ -70,8 +70,12 @@ fn parse_id(s: &str) -> Result<u64, String> {
 enum CtlCommand {
     /// Node summary.
     Status,
-    /// Every connection.
-    Conns,
+    /// Every live connection (TIME-WAIT ones are counted in `status`).
+    Conns {
+        /// Also list connections in TIME-WAIT.
+        #[arg(long)]
+        all: bool,
+    },
     /// Prometheus text exposition.
     Metrics,
     /// Freeze a connection (its packets are queued).
@@ -180,7 +184,7 @@ fn main() -> anyhow::Result<()> {
 fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result<()> {
     let request = match what {
         CtlCommand::Status => Request::Status,
-        CtlCommand::Conns => Request::Conns,
+        CtlCommand::Conns { all } => Request::Conns { all },
         CtlCommand::Metrics => Request::Metrics,
         CtlCommand::Freeze { id } => Request::Freeze { id },
         CtlCommand::Thaw { id } => Request::Thaw { id },
@@ -226,7 +230,7 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
     }
     match request {
         Request::Metrics => write!(out, "{}", result.as_str().unwrap_or_default())?,
-        Request::Conns => {
+        Request::Conns { .. } => {
             let rows = result.as_array().cloned().unwrap_or_default();
             let places: Vec<(String, String)> = rows
                 .iter()

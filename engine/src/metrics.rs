@@ -133,6 +133,30 @@ pub fn render(
         "SYNs refused with RST, by reason",
         refused,
     );
+    gauge(
+        &mut r,
+        "time_wait_connections",
+        "Connections in TIME-WAIT (records without a socket)",
+        stats.time_wait,
+    );
+    counter(
+        &mut r,
+        "time_wait_reused",
+        "SYNs accepted on the 4-tuple of a connection in TIME-WAIT (port reuse)",
+        stats.time_wait_reused,
+    );
+    counter(
+        &mut r,
+        "time_wait_acks",
+        "ACKs sent again from TIME-WAIT (retransmitted FIN, or a SYN that may be old)",
+        stats.time_wait_acks,
+    );
+    counter(
+        &mut r,
+        "time_wait_overflow",
+        "TIME-WAIT records dropped early because the table was full",
+        stats.time_wait_overflow,
+    );
     counter(
         &mut r,
         "unknown_flow_packets",

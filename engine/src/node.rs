@@ -107,7 +107,8 @@ pub(crate) struct RestoreItem {
 }
 
 pub(crate) enum WorkerMsg {
-    Conns(Sender<Vec<ConnInfo>>),
+    /// Every connection; with `true`, those in TIME-WAIT too.
+    Conns(Sender<Vec<ConnInfo>>, bool),
     Stats(Sender<StackStats>),
     Freeze(u64, Sender<Result<(), FlowError>>),
     Thaw(u64, Sender<Result<usize, FlowError>>),
@@ -238,8 +239,12 @@ impl Worker {
             more_to_read = self.read_batch(now);
             while let Ok(msg) = self.control.try_recv() {
                 match msg {
-                    WorkerMsg::Conns(reply) => {
-                        let _ = reply.send(self.stack.conns(now));
+                    WorkerMsg::Conns(reply, all) => {
+                        let mut conns = self.stack.conns(now);
+                        if all {
+                            conns.extend(self.stack.time_wait_conns(now));
+                        }
+                        let _ = reply.send(conns);
                     }
                     WorkerMsg::Stats(reply) => {
                         let _ = reply.send(self.stack.stats().clone());
@@ -610,15 +615,19 @@ impl Node {
         total
     }
 
-    fn conns(&self) -> Vec<ConnInfo> {
-        let mut all: Vec<ConnInfo> = self.ask(WorkerMsg::Conns).into_iter().flatten().collect();
+    fn conns(&self, time_wait: bool) -> Vec<ConnInfo> {
+        let mut all: Vec<ConnInfo> = self
+            .ask(|tx| WorkerMsg::Conns(tx, time_wait))
+            .into_iter()
+            .flatten()
+            .collect();
         all.sort_by_key(|c| c.id);
         all
     }
 
     /// `ctl conns`: every connection, with the names of the nodes it lives on and where its
     /// packets enter.
-    fn conn_rows(&self) -> Vec<serde_json::Value> {
+    fn conn_rows(&self, time_wait: bool) -> Vec<serde_json::Value> {
         let names: Vec<(u32, String)> = self
             .ask_tunnel(tunnel::Command::Peers)
             .map(|peers| peers.into_iter().map(|p| (p.id, p.name)).collect())
@@ -632,7 +641,7 @@ impl Node {
             })
         };
         let me = &self.config.node.name;
-        self.conns()
+        self.conns(time_wait)
             .into_iter()
             .map(|c| {
                 let lives_on = name(&c.owner).unwrap_or_else(|| me.clone());
@@ -679,6 +688,7 @@ impl Node {
             "services": self.config.services.iter().map(|s| serde_json::json!({"port": s.port, "app": s.app})).collect::<Vec<_>>(),
             "connections": self.budget.open(),
             "max_connections": self.budget.max(),
+            "time_wait": stats.time_wait,
             "stats": stats,
         })
     }
@@ -764,7 +774,7 @@ impl Node {
         if self.tunnel.is_none() {
             return Err("this node has no [tunnel]".into());
         }
-        let conns = self.conns();
+        let conns = self.conns(false);
         let local = |c: &&ConnInfo| c.mode == "local" && MOVABLE.contains(&c.state.as_str());
         let ids: Vec<u64> = match selection {
             Selection::Ids(ids) => {
@@ -878,7 +888,7 @@ impl Node {
             }
         }
         let left: Vec<ConnInfo> = self
-            .conns()
+            .conns(false)
             .into_iter()
             .filter(|c| c.mode != "moved" && !matches!(c.state.as_str(), "TIME-WAIT" | "CLOSED"))
             .collect();
@@ -977,7 +987,7 @@ impl Handler for Node {
                 }
             }
             Request::Status => Reply::ok(self.status()),
-            Request::Conns => Reply::ok(serde_json::Value::Array(self.conn_rows())),
+            Request::Conns { all } => Reply::ok(serde_json::Value::Array(self.conn_rows(all))),
             Request::Metrics => Reply::ok(serde_json::Value::String(self.metrics())),
             Request::Freeze { id } => {
                 let results = self.ask(|tx| WorkerMsg::Freeze(id, tx));

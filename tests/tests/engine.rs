@@ -932,3 +932,95 @@ fn ctl_freeze_and_thaw_take_the_id_conns_shows() {
         assert!(node.ctl(&["freeze", "zz"]).is_err());
     });
 }
+
+/// `n` sequential short HTTP connections from one kernel client (`Connection: close`, read to
+/// the end), as health checkers and load generators make them: every one must succeed, byte
+/// exact. Linux picks source ports with random increments, so ports come back while the node
+/// still holds their previous connection in TIME-WAIT.
+fn sequential_short_connections(timestamps: bool) {
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    if !timestamps {
+        tb.client().sysctl("net.ipv4.tcp_timestamps", "0").unwrap();
+    }
+    let n = 20_000usize;
+    let failures = tb.client().run(move || {
+        let mut failures = Vec::new();
+        for i in 0..n {
+            let len = 1 + (i * 37) % 1500;
+            let r = (|| -> Result<(), String> {
+                let mut s = TcpStream::connect_timeout(&service(80), Duration::from_secs(5))
+                    .map_err(|e| format!("connect: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(|e| e.to_string())?;
+                // One write, as real clients send a request (`write!` would make several
+                // small writes, and Nagle would hold the later ones for the node's ACK).
+                let request =
+                    format!("GET /bytes/{len} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+                s.write_all(request.as_bytes())
+                    .map_err(|e| format!("write: {e}"))?;
+                let mut all = Vec::new();
+                s.read_to_end(&mut all).map_err(|e| format!("read: {e}"))?;
+                let head_end = all
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .ok_or("no response head")?;
+                if !all.starts_with(b"HTTP/1.1 200 ") {
+                    return Err(format!(
+                        "status: {}",
+                        String::from_utf8_lossy(&all[..head_end])
+                    ));
+                }
+                let body = &all[head_end + 4..];
+                if body.len() != len {
+                    return Err(format!("{} body bytes, not {len}", body.len()));
+                }
+                CountingVerifier::new()
+                    .feed(body)
+                    .map_err(|e| format!("body: {e}"))
+            })();
+            if let Err(e) = r {
+                failures.push(format!("connection {i}: {e}"));
+                if failures.len() >= 10 {
+                    break;
+                }
+            }
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "failures: {failures:#?}");
+    let s = node.ctl_json(&["status"]).unwrap();
+    let st = &s["stats"];
+    assert_eq!(st["conns_accepted"], n as u64, "{s}");
+    for refused in [
+        "refused_limit",
+        "refused_no_service",
+        "refused_half_open",
+        "refused_shutdown",
+    ] {
+        assert_eq!(st[refused], 0, "{refused}: {s}");
+    }
+    // The node closed each connection first: what is left is TIME-WAIT records, listed only
+    // with --all, and ports did come back while their previous connection was in TIME-WAIT.
+    assert!(
+        st["time_wait_reused"].as_u64().unwrap() > 0,
+        "no port came back: the test did not exercise reuse: {s}"
+    );
+    assert!(s["time_wait"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["connections"], 0, "{s}");
+    let live = node.ctl_json(&["conns"]).unwrap();
+    assert_eq!(live.as_array().unwrap().len(), 0, "{live}");
+    let all = node.ctl_json(&["conns", "--all"]).unwrap();
+    let all = all.as_array().unwrap();
+    assert!(!all.is_empty());
+    assert!(all.iter().all(|c| c["state"] == "TIME-WAIT"), "{all:?}");
+}
+
+#[test]
+fn twenty_thousand_sequential_short_connections_from_one_client_all_succeed() {
+    sequential_short_connections(true);
+}
+
+#[test]
+fn twenty_thousand_sequential_short_connections_succeed_with_client_timestamps_off() {
+    sequential_short_connections(false);
+}

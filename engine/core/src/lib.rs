@@ -19,4 +19,5 @@ pub mod flow;
 pub mod packet;
 pub mod segment;
 pub mod stack;
+pub mod timewait;
 pub mod translate;

@@ -282,11 +282,12 @@ fn source_sends_n_bytes_then_fin() {
     assert_eq!(got.len(), 1_000_000);
     assert!(got == counting(0, 1_000_000), "counting stream mismatch");
     p.sock(h).close();
-    // We closed first: TIME-WAIT holds the socket for smoltcp's 10 s.
-    p.run_until(15_000, |p| {
+    // We closed first: the socket goes as soon as it reaches TIME-WAIT (a record stays).
+    p.run_until(100, |p| {
         p.stack.connection_count() == 0 && p.budget.open() == 0
     });
     assert_eq!(p.stack.stats().conns_closed, 1);
+    assert_eq!(p.stack.stats().time_wait, 1);
 }
 
 #[test]
@@ -625,4 +626,193 @@ fn an_idle_connection_is_not_reset() {
         }
         got == b"xy"
     });
+}
+
+/// Downloads the source app's bytes and closes after its FIN, so the node closed first and
+/// ends in TIME-WAIT. Returns the client's port and a copy of the client's FIN.
+fn download_then_time_wait(p: &mut Pair) -> (u16, Vec<u8>) {
+    let fins = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = fins.clone();
+    p.filter = Some(Box::new(move |pkt| {
+        let ip = smoltcp::wire::Ipv4Packet::new_checked(&pkt[..]).unwrap();
+        let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+        if tcp.fin() {
+            seen.borrow_mut().push(pkt.clone());
+        }
+        true
+    }));
+    let h = p.connect(19);
+    let port = p.next_port;
+    let mut got = 0;
+    p.run_until(20_000, |p| {
+        let s = p.sock(h);
+        while s.can_recv() {
+            got += s.recv(|b| (b.len(), b.len())).unwrap();
+        }
+        !s.may_recv() && s.state() != tcp::State::SynSent
+    });
+    assert_eq!(got, 1_000_000);
+    let before = p.stack.stats().time_wait;
+    p.sock(h).close();
+    // The client got the ACK of its FIN before the node's socket went: CLOSED, not LAST-ACK.
+    p.run_until(1_000, |p| p.sock(h).state() == tcp::State::Closed);
+    p.run_until(100, |p| p.stack.stats().time_wait == before + 1);
+    p.filter = None;
+    let fin = fins.borrow().last().cloned().expect("the client's FIN");
+    (port, fin)
+}
+
+/// A bare segment from the client's `port` to the source service.
+fn client_segment(
+    port: u16,
+    control: smoltcp::wire::TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+) -> Vec<u8> {
+    use smoltcp::wire::{TcpRepr, TcpSeqNumber};
+    let repr = TcpRepr {
+        src_port: port,
+        dst_port: 19,
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: 1000,
+        window_scale: None,
+        max_seg_size: (control == smoltcp::wire::TcpControl::Syn).then_some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    flowshift_core::packet::emit_ipv4_tcp(CLIENT, SERVICE, &repr)
+}
+
+/// Feeds `packet` to the stack and returns what it sends back.
+fn exchange(p: &mut Pair, packet: &[u8]) -> Vec<smoltcp::wire::TcpRepr<'static>> {
+    p.stack.handle_packet(p.now, packet);
+    p.stack.poll(p.now);
+    let mut out = Vec::new();
+    p.stack.drain_transmit(|b| {
+        let ip = smoltcp::wire::Ipv4Packet::new_checked(b).unwrap();
+        let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+        out.push((
+            tcp.syn(),
+            tcp.ack(),
+            tcp.rst(),
+            tcp.seq_number(),
+            tcp.ack_number(),
+        ));
+    });
+    out.into_iter()
+        .map(|(syn, ack, rst, seq, ackn)| smoltcp::wire::TcpRepr {
+            src_port: 19,
+            dst_port: 0,
+            control: if syn {
+                smoltcp::wire::TcpControl::Syn
+            } else if rst {
+                smoltcp::wire::TcpControl::Rst
+            } else {
+                smoltcp::wire::TcpControl::None
+            },
+            seq_number: seq,
+            ack_number: ack.then_some(ackn),
+            window_len: 0,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        })
+        .collect()
+}
+
+fn fin_seq(fin: &[u8]) -> (u32, u32) {
+    let ip = smoltcp::wire::Ipv4Packet::new_checked(fin).unwrap();
+    let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+    (tcp.seq_number().0 as u32, tcp.ack_number().0 as u32)
+}
+
+#[test]
+fn a_connection_the_node_closed_first_becomes_a_time_wait_record_without_a_socket() {
+    let mut p = Pair::new(100);
+    let (_port, fin) = download_then_time_wait(&mut p);
+    assert_eq!(p.stack.connection_count(), 0);
+    assert_eq!(p.budget.open(), 0, "the connection slot is free");
+    assert!(p.stack.conns(p.now).is_empty());
+    let tw = p.stack.time_wait_conns(p.now);
+    assert_eq!(tw.len(), 1);
+    assert_eq!(tw[0].state, "TIME-WAIT");
+    assert_eq!(p.stack.stats().time_wait, 1);
+    assert_eq!(p.stack.stats().conns_closed, 1);
+    // The client's FIN again (our ACK was lost): acknowledged again from the record.
+    let (seq, ack) = fin_seq(&fin);
+    let out = exchange(&mut p, &fin);
+    assert_eq!(out.len(), 1, "one ACK");
+    assert_eq!(out[0].control, smoltcp::wire::TcpControl::None);
+    assert_eq!(
+        out[0].ack_number.map(|a| a.0 as u32),
+        Some(seq.wrapping_add(1))
+    );
+    assert_eq!(out[0].seq_number.0 as u32, ack);
+    assert_eq!(p.stack.stats().time_wait_acks, 1);
+    // The record goes after 60 s.
+    p.now += Duration::from_secs(61);
+    p.run_until(2_000, |p| p.stack.stats().time_wait == 0);
+    assert!(p.stack.time_wait_conns(p.now).is_empty());
+}
+
+#[test]
+fn a_newer_syn_on_a_time_wait_4_tuple_opens_a_connection_and_an_older_one_is_acked() {
+    let mut p = Pair::new(100);
+    let (port, fin) = download_then_time_wait(&mut p);
+    let (seq, _) = fin_seq(&fin);
+    // Below the old rcv_nxt: maybe an old duplicate. ACKed, the record stays.
+    let out = exchange(
+        &mut p,
+        &client_segment(
+            port,
+            smoltcp::wire::TcpControl::Syn,
+            seq.wrapping_sub(5_000),
+            None,
+        ),
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].control,
+        smoltcp::wire::TcpControl::None,
+        "not a SYN-ACK"
+    );
+    assert_eq!(p.stack.stats().time_wait, 1);
+    assert_eq!(p.stack.connection_count(), 0);
+    // Beyond it: a new connection at once, as Linux accepts it.
+    let isn = seq.wrapping_add(100_000);
+    let out = exchange(
+        &mut p,
+        &client_segment(port, smoltcp::wire::TcpControl::Syn, isn, None),
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].control, smoltcp::wire::TcpControl::Syn, "SYN-ACK");
+    assert_eq!(
+        out[0].ack_number.map(|a| a.0 as u32),
+        Some(isn.wrapping_add(1))
+    );
+    assert_eq!(p.stack.stats().time_wait_reused, 1);
+    assert_eq!(p.stack.stats().time_wait, 0);
+    assert_eq!(p.stack.connection_count(), 1);
+    // A RST on another record ends its wait.
+    let (port2, fin2) = download_then_time_wait(&mut p);
+    let (seq2, _) = fin_seq(&fin2);
+    assert_eq!(p.stack.stats().time_wait, 1);
+    let out = exchange(
+        &mut p,
+        &client_segment(
+            port2,
+            smoltcp::wire::TcpControl::Rst,
+            seq2.wrapping_add(1),
+            None,
+        ),
+    );
+    assert!(out.is_empty());
+    assert_eq!(p.stack.stats().time_wait, 0);
 }

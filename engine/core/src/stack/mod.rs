@@ -27,7 +27,9 @@ use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, TcpControl, TcpRepr, TcpSeqNumber, TcpTimestampRepr,
+};
 
 use crate::app::{self, AppConfig, AppKind};
 use crate::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
@@ -36,6 +38,7 @@ use crate::flow::{
     Remote, SendMirror,
 };
 use crate::packet::{self, DropReason, FlowKey};
+use crate::timewait::{self, TIME_WAIT, TimeWait, TimeWaitTable, Verdict as TwVerdict};
 use crate::translate::{AckCeiling, seq_gt};
 
 mod forward;
@@ -46,6 +49,9 @@ pub use migrate::{CaptureError, Captured, RestoreError, RestoreParams, window_sh
 
 /// Most service addresses one node serves (smoltcp's interface address table).
 pub const MAX_SERVICE_ADDRESSES: usize = 8;
+
+/// Most TIME-WAIT records one worker holds (Linux's `tcp_max_tw_buckets` is 262,144).
+pub const MAX_TIME_WAIT: usize = 262_144;
 
 /// How often flows are swept for rates, handshake deadlines and closed sockets.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
@@ -180,6 +186,14 @@ pub struct StackStats {
     pub conns_moved_out: u64,
     /// Restored connections dropped because their source called the move off.
     pub conns_discarded: u64,
+    /// Connections in TIME-WAIT now (records, no socket): a gauge.
+    pub time_wait: u64,
+    /// SYNs accepted on the 4-tuple of a connection in TIME-WAIT (port reuse).
+    pub time_wait_reused: u64,
+    /// ACKs sent again from TIME-WAIT (a retransmitted FIN, or a SYN that could be old).
+    pub time_wait_acks: u64,
+    /// TIME-WAIT records dropped early because the table was full.
+    pub time_wait_overflow: u64,
 }
 
 impl StackStats {
@@ -211,6 +225,10 @@ impl StackStats {
         self.conns_restored += other.conns_restored;
         self.conns_moved_out += other.conns_moved_out;
         self.conns_discarded += other.conns_discarded;
+        self.time_wait += other.time_wait;
+        self.time_wait_reused += other.time_wait_reused;
+        self.time_wait_acks += other.time_wait_acks;
+        self.time_wait_overflow += other.time_wait_overflow;
     }
 }
 
@@ -400,6 +418,11 @@ pub struct Stack {
     forward: forward::ForwardQueue,
     /// The scratch interface restores run their synthetic handshakes in (made on first use).
     restore_iface: Option<migrate::ScratchIface>,
+    /// Connections in TIME-WAIT, as records without a socket (see [`crate::timewait`]).
+    time_wait: TimeWaitTable,
+    /// Flows whose socket reached TIME-WAIT or CLOSED in the last poll: retired at the start
+    /// of the next, after their last packets were drained with the flow still known.
+    retiring: Vec<usize>,
 }
 
 impl Stack {
@@ -448,6 +471,9 @@ impl Stack {
             services[usize::from(s.port)] = Some((s.app, s.app_config.clone()));
         }
         let addresses = config.addresses.iter().map(|a| a.addr).collect();
+        // TIME-WAIT records per worker: as many as the node has connection slots, within
+        // bounds (a record is ~100 bytes).
+        let budget_cap = budget.max().clamp(1024, MAX_TIME_WAIT);
         Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
@@ -467,6 +493,8 @@ impl Stack {
             scratch: Vec::new(),
             forward: Default::default(),
             restore_iface: None,
+            time_wait: TimeWaitTable::new(budget_cap),
+            retiring: Vec::new(),
         }
     }
 
@@ -506,10 +534,41 @@ impl Stack {
                 }
             };
         let packet = &packet[..inbound.ip_len];
+        let fresh_syn = inbound.flags.syn && !inbound.flags.ack && !inbound.flags.rst;
 
-        let slot = match self.flows.lookup(&inbound.key) {
+        let mut slot = self.flows.lookup(&inbound.key);
+        // A new SYN on the 4-tuple of a connection that just ended: its socket goes now.
+        if let Some(s) = slot
+            && fresh_syn
+            && self.retire_if_ended(now, s)
+        {
+            slot = None;
+        }
+        if slot.is_none()
+            && let Some(tw) = self.time_wait.get(&inbound.key).copied()
+        {
+            match timewait::judge(&tw, &inbound) {
+                TwVerdict::NewConnection => {
+                    self.time_wait.remove(&inbound.key);
+                    self.stats.time_wait_reused += 1;
+                    tracing::debug!(id = tw.id, client = %tw.key.client, "port reused: SYN on a TIME-WAIT 4-tuple accepted");
+                }
+                TwVerdict::Ack => {
+                    self.time_wait_ack(&tw);
+                    return;
+                }
+                TwVerdict::Remove => {
+                    self.time_wait.remove(&inbound.key);
+                    self.stats.time_wait = self.time_wait.len() as u64;
+                    return;
+                }
+                TwVerdict::Drop => return,
+            }
+            self.stats.time_wait = self.time_wait.len() as u64;
+        }
+        let slot = match slot {
             Some(slot) => slot,
-            None if inbound.flags.syn && !inbound.flags.ack && !inbound.flags.rst => {
+            None if fresh_syn => {
                 match self.accept(now, &inbound.key, inbound.seq, packet) {
                     Some(slot) => {
                         self.ingress(now, packet);
@@ -733,6 +792,12 @@ impl Stack {
     /// Runs timers, serves the apps of flows that saw packets, and emits what is ready.
     pub fn poll(&mut self, now: Instant) {
         Self::set_clock(now);
+        let retiring = std::mem::take(&mut self.retiring);
+        for &slot in &retiring {
+            self.retire_if_ended(now, slot);
+        }
+        self.retiring = retiring;
+        self.retiring.clear();
         let dirty = std::mem::take(&mut self.dirty);
         for &slot in &dirty {
             self.serve(slot);
@@ -744,7 +809,15 @@ impl Stack {
         };
         self.iface.poll(now, &mut dev, &mut self.sockets);
         for &slot in &dirty {
-            self.reap_if_closed(slot);
+            if let Some(flow) = self.flows.get(slot)
+                && matches!(flow.mode, FlowMode::Local)
+                && matches!(
+                    self.sockets.get::<tcp::Socket>(flow.handle).state(),
+                    tcp::State::TimeWait | tcp::State::Closed
+                )
+            {
+                self.retiring.push(slot);
+            }
         }
         self.dirty = dirty;
         self.dirty.clear();
@@ -818,13 +891,131 @@ impl Stack {
             }
         }
         if !flow.close_sent && flow.app.wants_close() && socket.may_send() {
-            // FIN goes out after everything already written.
+            // FIN goes out after everything already written. From now on ACKs go at once:
+            // the one for the client's FIN must leave before the socket becomes a TIME-WAIT
+            // record.
             socket.close();
+            socket.set_ack_delay(None);
             flow.close_sent = true;
         }
         // smoltcp's timeout runs from the last packet received, data or not: armed only while
         // data waits for its acknowledgement, it resets a dead client, not an idle one.
         socket.set_timeout((socket.send_queue() > 0).then_some(UNACKED_TIMEOUT));
+    }
+
+    /// Retires the flow in `slot` if its socket's connection is over: a socket in TIME-WAIT
+    /// becomes a record, a CLOSED one is reaped. True if the flow went.
+    fn retire_if_ended(&mut self, now: Instant, slot: usize) -> bool {
+        let Some(flow) = self.flows.get(slot) else {
+            return false;
+        };
+        if !matches!(flow.mode, FlowMode::Local) {
+            return false;
+        }
+        let socket = self.sockets.get::<tcp::Socket>(flow.handle);
+        match socket.state() {
+            tcp::State::Closed => {
+                self.reap_if_closed(slot);
+                true
+            }
+            tcp::State::TimeWait => {
+                let unread = socket.recv_queue() as u32;
+                let Some(flow) = self.flows.remove(slot) else {
+                    return false;
+                };
+                self.half_open -= usize::from(flow.half_open);
+                self.sockets.remove(flow.handle);
+                if flow.counted {
+                    self.budget.release();
+                }
+                let restored = flow.restored.map(|r| r.xlate);
+                // Wire numbers: the client's are never translated; ours are from send_base.
+                let rcv_nxt = flow
+                    .recv_base
+                    .wrapping_add(flow.bytes_in as u32)
+                    .wrapping_add(unread)
+                    .wrapping_add(1);
+                let snd_nxt = flow
+                    .send_base
+                    .wrapping_add(flow.mirror.total() as u32)
+                    .wrapping_add(1);
+                let wscale = flow
+                    .record
+                    .our_syn_ack
+                    .and_then(|s| s.window_scale)
+                    .unwrap_or(0);
+                let tw = TimeWait {
+                    id: flow.id,
+                    key: flow.key,
+                    app: flow.app_kind,
+                    created: flow.created,
+                    rcv_nxt,
+                    snd_nxt,
+                    ts_recent: flow
+                        .record
+                        .client_syn
+                        .and_then(|s| s.timestamp)
+                        .and(flow.record.client_tsval),
+                    ts_off: restored.map_or(0, |x| x.ts_off),
+                    window: (flow.buffers.0 >> wscale).min(usize::from(u16::MAX)) as u16,
+                    ingress: flow
+                        .ingress
+                        .filter(|_| flow.return_path != crate::flow::ReturnPath::Direct),
+                    deadline: now + TIME_WAIT,
+                };
+                if self.time_wait.insert(tw) {
+                    self.stats.time_wait_overflow += 1;
+                    if self.stats.time_wait_overflow.is_power_of_two() {
+                        tracing::warn!(
+                            overflows = self.stats.time_wait_overflow,
+                            "TIME-WAIT table full: the oldest record was dropped"
+                        );
+                    }
+                }
+                self.stats.time_wait = self.time_wait.len() as u64;
+                self.stats.conns_closed += 1;
+                tracing::debug!(
+                    id = flow.id,
+                    client = %flow.key.client,
+                    bytes_in = flow.bytes_in,
+                    bytes_out = flow.bytes_out(),
+                    "closed: TIME-WAIT"
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Acknowledges the client's FIN again for a connection in TIME-WAIT.
+    fn time_wait_ack(&mut self, tw: &TimeWait) {
+        let repr = TcpRepr {
+            src_port: tw.key.service.port(),
+            dst_port: tw.key.client.port(),
+            control: TcpControl::None,
+            seq_number: TcpSeqNumber(tw.snd_nxt as i32),
+            ack_number: Some(TcpSeqNumber(tw.rcv_nxt as i32)),
+            window_len: tw.window,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: tw.ts_recent.map(|tsecr| TcpTimestampRepr {
+                tsval: tsval_now().wrapping_add(tw.ts_off),
+                tsecr,
+            }),
+            payload: &[],
+        };
+        let packet = packet::emit_ipv4_tcp(*tw.key.service.ip(), *tw.key.client.ip(), &repr);
+        self.stats.time_wait_acks += 1;
+        match tw.ingress {
+            Some(to) => {
+                self.stats.forwarded_to_ingress += 1;
+                self.forward.push(ForwardKind::ToIngress, to, &packet, 0);
+            }
+            // No flow has this 4-tuple: the transmit hook passes it as it is.
+            None => self.tx.push(packet.len(), 0).copy_from_slice(&packet),
+        }
     }
 
     fn reap_if_closed(&mut self, slot: usize) {
@@ -856,6 +1047,9 @@ impl Stack {
 
     fn sweep(&mut self, now: Instant) {
         self.next_sweep = now + SWEEP_INTERVAL;
+        if self.time_wait.expire(now) > 0 {
+            self.stats.time_wait = self.time_wait.len() as u64;
+        }
         let slots: Vec<usize> = self.flows.slots().collect();
         for slot in slots {
             let Some(flow) = self.flows.get_mut(slot) else {
@@ -1148,6 +1342,32 @@ impl Stack {
     /// Counters.
     pub fn stats(&self) -> &StackStats {
         &self.stats
+    }
+
+    /// One row per connection in TIME-WAIT (a record: no socket, no app).
+    pub fn time_wait_conns(&self, now: Instant) -> Vec<ConnInfo> {
+        self.time_wait
+            .iter()
+            .map(|tw| ConnInfo {
+                id: tw.id,
+                client: tw.key.client,
+                service: tw.key.service,
+                state: tcp::State::TimeWait.to_string(),
+                app: tw.app,
+                mode: "time-wait".to_owned(),
+                owner: None,
+                ingress: tw.ingress,
+                return_path: None,
+                age_ms: (now - tw.created).total_millis(),
+                bytes_in: 0,
+                bytes_out: 0,
+                rate_in: 0.0,
+                rate_out: 0.0,
+                send_queue: 0,
+                recv_queue: 0,
+                handshake: HandshakeRecord::default(),
+            })
+            .collect()
     }
 
     /// One row per connection.
