@@ -103,6 +103,9 @@ pub struct NodeConfig {
     pub name: String,
     /// Path of the control socket (a Unix socket).
     pub control_socket: PathBuf,
+    /// A group whose members may use the control socket too (mode 0660, group-owned);
+    /// without it the socket is 0600 and only root and the node's own user may.
+    pub control_group: Option<u32>,
     /// Worker threads, each with its own TUN queue and stack. Default: number of cores.
     pub workers: usize,
     /// How long a graceful shutdown waits for connections to close before resetting them.
@@ -181,6 +184,7 @@ struct RawPeer {
 struct RawNode {
     name: String,
     control_socket: PathBuf,
+    control_group: Option<String>,
     workers: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
 }
@@ -251,6 +255,15 @@ impl Config {
         if raw.node.control_socket.as_os_str().is_empty() {
             return Err(invalid("node.control_socket", "must not be empty".into()));
         }
+        let control_group = match &raw.node.control_group {
+            None => None,
+            Some(g) => Some(group_id(g).ok_or_else(|| {
+                invalid(
+                    "node.control_group",
+                    format!("no group named {g:?} (a name in /etc/group, or a number)"),
+                )
+            })?),
+        };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let workers = raw.node.workers.unwrap_or(cores);
         if !(1..=64).contains(&workers) {
@@ -420,6 +433,7 @@ impl Config {
             node: NodeConfig {
                 name: raw.node.name,
                 control_socket: raw.node.control_socket,
+                control_group,
                 workers,
                 shutdown_timeout_ms,
             },
@@ -568,6 +582,31 @@ fn warn_if_readable_by_others(path: &Path) {
     }
 }
 
+/// The id of group `name` (or `name` itself, if it is a number).
+fn group_id(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Some(gid);
+    }
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: all-zero is a valid `group` (null pointers, zero ids) for getgrnam_r to fill.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: a NUL-terminated name, a `group` to fill,
+    // a buffer of the length given for its strings, and an out-pointer; getgrnam_r is the
+    // thread-safe variant.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some(group.gr_gid)
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -600,6 +639,24 @@ max_connections = 100000
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("node.toml"), text)
+    }
+
+    #[test]
+    fn control_group_is_a_name_or_a_number() {
+        let with = |g: &str| {
+            EXAMPLE.replace(
+                "control_socket = \"/run/flowshift/a.sock\"",
+                &format!("control_socket = \"/run/flowshift/a.sock\"\ncontrol_group = \"{g}\""),
+            )
+        };
+        assert_eq!(parse(EXAMPLE).unwrap().node.control_group, None);
+        assert_eq!(parse(&with("root")).unwrap().node.control_group, Some(0));
+        assert_eq!(parse(&with("4242")).unwrap().node.control_group, Some(4242));
+        let e = parse(&with("no-such-group-here")).unwrap_err().to_string();
+        assert!(
+            e.contains("node.control_group") && e.contains("no-such-group-here"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! Garbage gets an error reply; a line longer than [`MAX_LINE`] closes the connection.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +21,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_LINE: usize = 64 * 1024;
 /// Control connections served at once; more are answered with an error and closed.
 pub const MAX_CLIENTS: usize = 32;
+/// How long a reply may wait for a client that does not read it before the connection goes.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +139,21 @@ pub enum ControlError {
     /// Another node is serving this socket.
     #[error("control socket {0} is in use by a running node")]
     InUse(PathBuf),
+    /// Something that is not a socket sits at the path: it is left alone.
+    #[error(
+        "{path} exists and is {kind}, not a socket: refusing to replace it (remove it, or set node.control_socket elsewhere)"
+    )]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+        /// What is there.
+        kind: &'static str,
+    },
+    /// The socket's permissions do not let this user in.
+    #[error(
+        "permission denied on control socket {0}: run as root, as the node's user, or as a member of its node.control_group"
+    )]
+    PermissionDenied(PathBuf),
     /// Talking to the node failed.
     #[error("control socket {path}: {source}")]
     Io {
@@ -148,30 +167,144 @@ pub enum ControlError {
     MalformedReply(String),
 }
 
-/// Binds the control socket at `path`, replacing a stale socket file of a node that is gone.
-pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+/// Who may use the control socket: root, the node's own user, and the members of `group`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Access {
+    /// A group whose members may connect (the socket is 0660 and group-owned); without it
+    /// the socket is 0600.
+    pub group: Option<u32>,
+}
+
+impl Access {
+    /// The socket file's mode.
+    pub fn mode(&self) -> u32 {
+        if self.group.is_some() { 0o660 } else { 0o600 }
+    }
+
+    /// Whether a peer with `uid` may send requests. The file mode already keeps out who may
+    /// not connect; this also refuses a peer that connected before the mode was set, or
+    /// through a mode someone loosened by hand.
+    pub fn allows(&self, peer: Peer) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        peer.uid == 0
+            || peer.uid == me
+            || self
+                .group
+                .is_some_and(|g| peer.gid == g || supplementary_groups(peer.pid).contains(&g))
+    }
+}
+
+/// Binds the control socket at `path` with `access`'s mode, replacing the socket file of a
+/// node that is gone. Anything else at the path (a file, a directory, a live node's socket) is
+/// an error that names it; it is never removed.
+pub fn bind(path: &Path, access: Access) -> Result<UnixListener, ControlError> {
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(dir).map_err(|source| ControlError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
     }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ControlError::InUse(path.to_owned()));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.to_owned()));
+            }
+            tracing::info!(path = %path.display(), "removing the stale control socket of a node that is gone");
+            std::fs::remove_file(path).map_err(bind_err)?;
         }
-        let _ = std::fs::remove_file(path);
+        Ok(m) => {
+            let t = m.file_type();
+            let kind = if t.is_dir() {
+                "a directory"
+            } else if t.is_symlink() {
+                "a symbolic link"
+            } else if t.is_file() {
+                "a regular file"
+            } else {
+                "a special file"
+            };
+            return Err(ControlError::NotASocket {
+                path: path.to_owned(),
+                kind,
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
     }
-    UnixListener::bind(path).map_err(|source| ControlError::Bind {
-        path: path.to_owned(),
-        source,
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    // Until the mode is set the umask's applies; `Access::allows` covers that window.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode()))
+        .map_err(bind_err)?;
+    if let Some(gid) = access.group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(bind_err)?;
+    }
+    Ok(listener)
+}
+
+/// The process at the other end of a control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its pid (when it connected).
+    pub pid: i32,
+    /// Its effective uid.
+    pub uid: u32,
+    /// Its effective gid.
+    pub gid: u32,
+}
+
+/// The supplementary groups of process `pid` (`Groups:` in `/proc/<pid>/status`); empty if
+/// it cannot be read.
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|l| {
+                l.strip_prefix("Groups:").map(|g| {
+                    g.split_whitespace()
+                        .filter_map(|n| n.parse().ok())
+                        .collect()
+                })
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// The process at the other end of `stream` (`SO_PEERCRED`).
+fn peer_credentials(stream: &UnixStream) -> io::Result<Peer> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` is `cred`'s size, as
+    // getsockopt(SO_PEERCRED) requires; the fd is open for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Peer {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
     })
 }
 
-/// Accepts control connections until the listener fails; each is served on its own thread.
-pub fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
+/// Accepts control connections until the listener fails; each permitted one is served on its
+/// own thread.
+pub fn serve(listener: UnixListener, handler: Arc<dyn Handler>, access: Access) {
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         let mut stream = match stream {
@@ -182,6 +315,33 @@ pub fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
                 continue;
             }
         };
+        // A client that never reads its replies must not hold a slot for good.
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        match peer_credentials(&stream) {
+            Ok(peer) if access.allows(peer) => {}
+            Ok(Peer { pid, uid, gid }) => {
+                tracing::warn!(
+                    pid,
+                    uid,
+                    gid,
+                    "control connection refused: not root, the node's user or its control group"
+                );
+                let _ = write_reply(
+                    &mut stream,
+                    &Reply::error(format!(
+                        "permission denied: uid {uid} may not use this node's control socket (root, the node's user{})",
+                        access
+                            .group
+                            .map_or(String::new(), |g| format!(" or group {g}"))
+                    )),
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control connection refused: no peer credentials");
+                continue;
+            }
+        }
         if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
             active.fetch_sub(1, Ordering::AcqRel);
             let _ = write_reply(&mut stream, &Reply::error("too many control connections"));
@@ -252,7 +412,13 @@ pub fn call(path: &Path, request: &Request) -> Result<Reply, ControlError> {
         path: path.to_owned(),
         source,
     };
-    let mut stream = UnixStream::connect(path).map_err(io_err)?;
+    let mut stream = UnixStream::connect(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            ControlError::PermissionDenied(path.to_owned())
+        } else {
+            io_err(e)
+        }
+    })?;
     // A drain moves every connection, round after round; the rest answer at once.
     let wait = match request {
         Request::Drain { .. } | Request::Migrate { .. } => Duration::from_secs(600),
@@ -261,10 +427,16 @@ pub fn call(path: &Path, request: &Request) -> Result<Reply, ControlError> {
     stream.set_read_timeout(Some(wait)).map_err(io_err)?;
     let mut line = serde_json::to_vec(request).map_err(|e| io_err(io::Error::other(e)))?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(io_err)?;
+    // The node may answer and close before reading the request (a refused peer): its
+    // reply is still there to read when the write fails.
+    let written = stream.write_all(&line);
     let mut reader = BufReader::new(stream);
     let mut reply = String::new();
-    reader.read_line(&mut reply).map_err(io_err)?;
+    let read = reader.read_line(&mut reply);
+    if reply.is_empty() {
+        written.map_err(io_err)?;
+        read.map_err(io_err)?;
+    }
     serde_json::from_str(&reply).map_err(|e| ControlError::MalformedReply(e.to_string()))
 }
 
@@ -292,9 +464,12 @@ mod tests {
     fn serves_and_survives_garbage() {
         let dir = std::env::temp_dir().join(format!("fs-ctl-test-{}", std::process::id()));
         let path = dir.join("c.sock");
-        let listener = bind(&path).unwrap();
-        std::thread::spawn(move || serve(listener, Arc::new(Echo)));
-        assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
+        let listener = bind(&path, Access::default()).unwrap();
+        std::thread::spawn(move || serve(listener, Arc::new(Echo), Access::default()));
+        assert!(matches!(
+            bind(&path, Access::default()),
+            Err(ControlError::InUse(_))
+        ));
 
         let mut s = UnixStream::connect(&path).unwrap();
         s.write_all(b"garbage\n\xff\xfe\n{\"cmd\":\"status\"}\n")
@@ -316,5 +491,64 @@ mod tests {
         let reply = call(&path, &Request::Conns { all: false }).unwrap();
         assert!(reply.ok);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn bind_sets_the_mode_replaces_only_stale_sockets_and_never_other_files() {
+        let dir = std::env::temp_dir().join(format!("fs-ctl-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+        // A regular file at the path is left alone, and the error names it.
+        std::fs::write(&path, b"precious").unwrap();
+        let e = bind(&path, Access::default()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ControlError::NotASocket {
+                    kind: "a regular file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&path.display().to_string()));
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        // A directory too.
+        std::fs::create_dir(&path).unwrap();
+        assert!(matches!(
+            bind(&path, Access::default()),
+            Err(ControlError::NotASocket {
+                kind: "a directory",
+                ..
+            })
+        ));
+        std::fs::remove_dir(&path).unwrap();
+        // 0600 without a group; a socket nobody listens on is replaced.
+        let l = bind(&path, Access::default()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(l);
+        let l = bind(&path, Access { group: Some(0) }).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
+        drop(l);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn access_admits_root_the_node_s_user_and_the_group_only() {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let own = std::process::id() as i32;
+        let no_group = Access::default();
+        let peer = |uid, gid| Peer { pid: own, uid, gid };
+        assert!(no_group.allows(peer(0, 0)));
+        assert!(no_group.allows(peer(me, 12345)));
+        assert!(!no_group.allows(peer(65534, 65534)) || me == 65534);
+        let group = Access { group: Some(4242) };
+        assert!(group.allows(peer(65534, 4242)));
+        assert!(!group.allows(peer(65534, 65534)) || me == 65534);
     }
 }

@@ -1100,7 +1100,10 @@ pub fn run(config: Config) -> Result<(), NodeError> {
 
     // The control socket first: a second node started with the same config stops here,
     // before it attaches queues to the first one's TUN device or touches its routes.
-    let listener = control::bind(&config.node.control_socket)?;
+    let access = control::Access {
+        group: config.node.control_group,
+    };
+    let listener = control::bind(&config.node.control_socket, access)?;
     let mut cleanup = Cleanup {
         socket: Some(config.node.control_socket.clone()),
         routes: Vec::new(),
@@ -1259,7 +1262,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
     let handler: Arc<dyn Handler> = node.clone();
     std::thread::Builder::new()
         .name("fs-control".into())
-        .spawn(move || control::serve(listener, handler))
+        .spawn(move || control::serve(listener, handler, access))
         .map_err(setup("control thread"))?;
 
     tracing::info!(

@@ -1024,3 +1024,54 @@ fn twenty_thousand_sequential_short_connections_from_one_client_all_succeed() {
 fn twenty_thousand_sequential_short_connections_succeed_with_client_timestamps_off() {
     sequential_short_connections(false);
 }
+
+/// Runs `flowshift ctl --socket <socket> status` as `nobody` (the binary copied where that
+/// user can run it); returns whether it succeeded and what it printed on stderr.
+fn ctl_as_nobody(bin: &std::path::Path, socket: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(bin)
+        .arg("ctl")
+        .arg("--socket")
+        .arg(socket)
+        .arg("status")
+        .output()
+        .expect("runuser");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_unprivileged_user_cannot_use_the_control_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    let socket = node.control_socket().to_owned();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode");
+    // A copy of the binary and a directory `nobody` can reach, holding the socket.
+    let dir = tb.dir().join("open");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(tb.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("flowshift");
+    std::fs::copy(flowshift_tests::flowshift_bin().unwrap(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The file mode keeps `nobody` out, with a message saying what to do.
+    let (ok, err) = ctl_as_nobody(&bin, &socket);
+    assert!(!ok, "nobody used the control socket");
+    assert!(err.contains("permission denied"), "{err}");
+    // A mode loosened by hand: the node still refuses by the peer's credentials.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (ok, err) = ctl_as_nobody(&bin, &socket);
+    assert!(!ok, "nobody used the control socket");
+    assert!(err.contains("permission denied: uid 65534"), "{err}");
+    assert!(
+        node.log().contains("control connection refused"),
+        "{}",
+        node.log()
+    );
+    // Root still can.
+    assert!(node.ctl_json(&["status"]).is_ok());
+}
