@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -422,47 +423,101 @@ fn freeze_histogram(m: &MigrationStats) -> String {
 /// What [`render`]'s text is: OpenMetrics (it ends with `# EOF`).
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves `GET /metrics` on `addr` with what `scrape` renders, on its own thread.
+/// Scrapes served at once; a client beyond that gets `503` at once.
+pub const MAX_SCRAPERS: usize = 16;
+/// How long one scrape connection may take in all (reading the request, writing the reply).
+pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Serves `GET /metrics` on `addr` with what `scrape` renders: an accepting thread, and a
+/// short-lived thread per connection (at most [`MAX_SCRAPERS`]), each with
+/// [`SCRAPE_DEADLINE`], so a slow or silent client cannot hold up the others.
+/// Returns the address it listens on.
 pub fn serve_http(
     addr: SocketAddr,
     scrape: Arc<dyn Fn() -> String + Send + Sync>,
-) -> std::io::Result<()> {
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
+    let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving /metrics");
     std::thread::Builder::new().name("fs-metrics".into()).spawn(move || {
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut backoff = Duration::from_millis(10);
+        let mut errors = 0u64;
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            // One request at a time, so a slow or silent client gets at most 2 s in all.
-            let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-            let mut head = [0u8; 4096];
-            let mut len = 0;
-            while len < head.len() {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-                    break;
+            let mut stream = match stream {
+                Ok(s) => {
+                    backoff = Duration::from_millis(10);
+                    s
                 }
-                match stream.read(&mut head[len..]) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => len += n,
+                Err(e) => {
+                    // Out of descriptors and the like: do not spin.
+                    errors += 1;
+                    if errors.is_power_of_two() {
+                        tracing::warn!(error = %e, errors, "metrics accept failed; backing off");
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
                 }
-                if head[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let (status, body) = if head[..len].starts_with(b"GET /metrics ") {
-                ("200 OK", scrape())
-            } else {
-                ("404 Not Found", "not found\n".to_owned())
             };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            let _ = stream.set_write_timeout(Some(SCRAPE_DEADLINE));
+            if active.fetch_add(1, Ordering::AcqRel) >= MAX_SCRAPERS {
+                active.fetch_sub(1, Ordering::AcqRel);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                continue;
+            }
+            let scrape = scrape.clone();
+            let done = active.clone();
+            let spawned = std::thread::Builder::new()
+                .name("fs-metrics-conn".into())
+                .spawn(move || {
+                    serve_scrape(stream, &*scrape);
+                    done.fetch_sub(1, Ordering::AcqRel);
+                });
+            if spawned.is_err() {
+                active.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!("cannot spawn a metrics connection thread");
+            }
         }
     })?;
-    Ok(())
+    Ok(addr)
+}
+
+/// One request on `stream`, within [`SCRAPE_DEADLINE`].
+fn serve_scrape(mut stream: std::net::TcpStream, scrape: &(dyn Fn() -> String + Send + Sync)) {
+    let deadline = std::time::Instant::now() + SCRAPE_DEADLINE;
+    let mut head = [0u8; 4096];
+    let mut len = 0;
+    while len < head.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut head[len..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => len += n,
+        }
+        if head[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let (status, body) = if head[..len].starts_with(b"GET /metrics ") {
+        ("200 OK", scrape())
+    } else {
+        ("404 Not Found", "not found\n".to_owned())
+    };
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+        return;
+    }
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 #[cfg(test)]
@@ -540,5 +595,47 @@ mod tests {
         );
         assert!(text.contains("flowshift_connections 1"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn silent_clients_do_not_hold_up_a_scrape() {
+        let addr = serve_http(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(|| "metrics body\n# EOF\n".to_owned()),
+        )
+        .unwrap();
+        // Ten clients that connect and say nothing: served one at a time, they would hold a
+        // scrape up for 10 x SCRAPE_DEADLINE.
+        let silent: Vec<std::net::TcpStream> = (0..10)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(SCRAPE_DEADLINE * 5)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)
+            .expect("scrape answered while silent clients wait");
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(reply.ends_with("metrics body\n# EOF\n"), "{reply}");
+        // The silent ones are cut off at their deadline.
+        for mut c in silent {
+            c.set_read_timeout(Some(SCRAPE_DEADLINE * 5)).unwrap();
+            let mut buf = [0u8; 16];
+            assert!(
+                matches!(c.read(&mut buf), Ok(0)),
+                "silent client not closed"
+            );
+        }
+        // Past MAX_SCRAPERS at once: 503, not a queue.
+        let held: Vec<std::net::TcpStream> = (0..MAX_SCRAPERS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut extra = std::net::TcpStream::connect(addr).unwrap();
+        extra.set_read_timeout(Some(SCRAPE_DEADLINE * 5)).unwrap();
+        let mut reply = String::new();
+        let _ = extra.read_to_string(&mut reply);
+        assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+        drop(held);
     }
 }
