@@ -77,6 +77,9 @@ pub struct TunnelConfig {
     pub private_key: PrivateKey,
     /// `[[peer]]`s: names and keys unique.
     pub peers: Vec<PeerEntry>,
+    /// Where the node keeps the newest handshake timestamp its peers accepted, across
+    /// restarts (`state_file`; default: the private key file's path with `.state` added).
+    pub state_file: PathBuf,
 }
 
 /// One `[[peer]]`.
@@ -166,6 +169,7 @@ struct RawTunnel {
     listen: String,
     private_key_file: PathBuf,
     preshared_key_file: Option<PathBuf>,
+    state_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -554,10 +558,16 @@ impl Config {
                 direct_return: p.direct_return,
             });
         }
+        let state_file = raw.state_file.unwrap_or_else(|| {
+            let mut p = raw.private_key_file.clone().into_os_string();
+            p.push(".state");
+            PathBuf::from(p)
+        });
         Ok(Some(TunnelConfig {
             listen,
             private_key,
             peers: entries,
+            state_file,
         }))
     }
 

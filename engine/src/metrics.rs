@@ -246,6 +246,7 @@ pub fn render(
             ("handshake_mac2", t.handshake_mac2_rejected),
             ("handshake_unknown_peer", t.handshake_unknown_peer),
             ("handshake_replayed", t.handshake_replayed),
+            ("handshake_clock_ahead", t.handshake_clock_ahead),
         ] {
             rejected
                 .get_or_create(&ReasonLabel {

@@ -184,3 +184,37 @@ fn garbage_at_the_tunnel_port_is_counted_and_the_tunnel_carries_on() {
     // And the tunnel still works afterwards.
     move_bytes(&a, &b, 10_000_000, 60);
 }
+
+#[test]
+fn nodes_keep_their_accepted_handshake_timestamp_across_restarts() {
+    let tb = Testbed::new(TestbedOptions::default()).unwrap();
+    // As if both nodes had run before with clocks five minutes ahead (within what peers
+    // accept): their handshakes must carry timestamps above that, whatever the clock says.
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let seeded = now_us + 300_000_000;
+    let state = |n: &str| tb.dir().join(format!("{n}.key.state"));
+    for n in ["a", "b"] {
+        std::fs::write(state(n), format!("{seeded}\n")).unwrap();
+    }
+    let (a, b) = pair(&tb, None);
+    alive(&a, &b);
+    // Whichever node's initiation was answered kept the newer timestamp, above the floor.
+    let kept: Vec<u64> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(state(n))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(kept.iter().all(|&k| k >= seeded), "{kept:?}");
+    assert!(
+        kept.iter().any(|&k| k > seeded),
+        "no handshake above the floor: {kept:?}"
+    );
+}

@@ -38,6 +38,10 @@ pub struct Config {
     pub handshake_rate: u32,
     /// Token bucket size for initiations.
     pub handshake_burst: u32,
+    /// An initiation whose timestamp is further ahead of this endpoint's clock is refused
+    /// and its timestamp not remembered, so a peer whose clock ran ahead can connect again
+    /// once its clock is right (default 10 minutes: clocks of a cluster agree far better).
+    pub max_clock_ahead: Duration,
     /// Initiations processed per second from one source IP address; under load, the same
     /// allowance again from a separate bucket per source for initiations with a valid `mac2`
     /// (which only the owner of the address can send).
@@ -92,6 +96,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             handshake_rate: 50,
             handshake_burst: 20,
+            max_clock_ahead: Duration::from_secs(600),
             handshake_rate_per_source: 5,
             handshake_burst_per_source: 10,
             handshake_sources: 4096,

@@ -14,7 +14,7 @@ use crate::event::{Event, HandshakeError, PeerId};
 use crate::key::{Keypair, PublicKey};
 use crate::load::LoadReport;
 use crate::noise;
-use crate::peer::{Ctx, InitiationInfo, Peer};
+use crate::peer::{Ctx, InitiationClock, InitiationInfo, Peer};
 use crate::ratelimit::{RecentSet, SourceLimiter, TokenBucket};
 use crate::stats::{PeerStats, Stats};
 use crate::time::Instant;
@@ -119,6 +119,8 @@ pub struct Endpoint {
     by_key: HashMap<PublicKey, PeerId>,
     /// Newest initiation timestamps of removed peers, restored if they are added again.
     removed_timestamps: HashMap<PublicKey, u64>,
+    /// Timestamps of our own initiations.
+    clock: InitiationClock,
     /// Local session index → peer (initiations in flight and sessions).
     indices: HashMap<u32, PeerId>,
     next_peer_id: u32,
@@ -169,6 +171,7 @@ macro_rules! split {
             events,
             stats,
             heartbeat,
+            clock,
             ..
         } = $self;
         (
@@ -181,6 +184,7 @@ macro_rules! split {
                 local: keypair,
                 instance: *instance,
                 heartbeat: heartbeat.as_slice(),
+                clock,
             },
             peers,
         )
@@ -224,6 +228,7 @@ impl Endpoint {
             peers: BTreeMap::new(),
             by_key: HashMap::new(),
             removed_timestamps: HashMap::new(),
+            clock: InitiationClock::default(),
             indices: HashMap::new(),
             next_peer_id: 0,
             cursor: 0,
@@ -363,6 +368,22 @@ impl Endpoint {
             return Err(SendError::QueueFull);
         }
         Ok(())
+    }
+
+    /// The newest timestamp of our own initiations that a peer answered: peers refuse ours
+    /// at or below it for as long as they run. A driver keeps it across restarts (see
+    /// [`set_initiation_floor`](Self::set_initiation_floor)), so that a clock stepped back
+    /// cannot make this node's initiations look replayed.
+    pub fn accepted_initiation_timestamp(&self) -> u64 {
+        self.clock.accepted
+    }
+
+    /// Our initiations carry timestamps above `floor` from now on, whatever the clock says
+    /// (a value [`accepted_initiation_timestamp`](Self::accepted_initiation_timestamp)
+    /// returned before a restart).
+    pub fn set_initiation_floor(&mut self, floor: u64) {
+        self.clock.last_used = self.clock.last_used.max(floor);
+        self.clock.accepted = self.clock.accepted.max(floor);
     }
 
     /// Seals `plaintext` as the next data record to `peer` with the current session, exactly

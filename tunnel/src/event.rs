@@ -28,6 +28,14 @@ pub enum HandshakeError {
     /// (a replay, or the peer's clock went backwards).
     #[error("replayed handshake initiation")]
     Replayed,
+    /// An initiation's timestamp was further ahead of our clock than
+    /// [`Config::max_clock_ahead`](crate::Config): one of the two clocks is wrong. Refused
+    /// and not remembered.
+    #[error("handshake initiation from {ahead_s} s in the future: check both nodes' clocks")]
+    ClockAhead {
+        /// How far ahead of our clock, seconds.
+        ahead_s: u64,
+    },
     /// The response did not authenticate: the peer uses a different pre-shared key, or is
     /// not the holder of the static key we have configured for it.
     #[error("handshake response failed authentication (wrong pre-shared key or peer key?)")]

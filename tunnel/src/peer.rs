@@ -54,6 +54,25 @@ pub(crate) struct Ctx<'a> {
     pub(crate) local: &'a Keypair,
     pub(crate) instance: u64,
     pub(crate) heartbeat: &'a [u8],
+    pub(crate) clock: &'a mut InitiationClock,
+}
+
+/// The timestamps this endpoint puts in its initiations, and the newest a peer accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct InitiationClock {
+    /// The last timestamp used: the next is above it, whatever the clock says.
+    pub(crate) last_used: u64,
+    /// The newest timestamp of ours a peer answered (what peers remember of us).
+    pub(crate) accepted: u64,
+}
+
+impl InitiationClock {
+    /// The timestamp for a new initiation at `now`: the clock, but always above the last.
+    pub(crate) fn next(&mut self, now: Instant) -> u64 {
+        let ts = now.as_micros().max(self.last_used.saturating_add(1));
+        self.last_used = ts;
+        ts
+    }
 }
 
 impl Ctx<'_> {
@@ -142,6 +161,8 @@ struct Initiation {
     /// Responses to it that failed to authenticate. Each costs a DH to find out, so after
     /// [`MAX_FAILED_RESPONSES`] the rest are dropped unread until the next attempt.
     failed_responses: u8,
+    /// Its timestamp.
+    timestamp: u64,
 }
 
 /// Responses per initiation that may fail authentication (and cost a DH each) before the
@@ -483,7 +504,8 @@ impl Peer {
         }
         .emit(&mut view);
         let mut payload = [0u8; INIT_PAYLOAD_LEN];
-        payload[..8].copy_from_slice(&now.as_micros().to_le_bytes());
+        let timestamp = ctx.clock.next(now);
+        payload[..8].copy_from_slice(&timestamp.to_le_bytes());
         payload[8..].copy_from_slice(&ctx.instance.to_le_bytes());
         if hs.write_message(&payload, view.noise_mut()).is_err() {
             ctx.indices.remove(&local_index);
@@ -505,6 +527,7 @@ impl Peer {
             packet: pkt,
             resent_with_cookie: false,
             failed_responses: 0,
+            timestamp,
         });
         ctx.stats.handshake_initiated += 1;
     }
@@ -558,6 +581,22 @@ impl Peer {
             timestamp,
             remote_instance,
         } = init;
+        // A timestamp far ahead of our clock is refused, and not remembered: a peer whose
+        // clock ran ahead must not lock itself out once its clock is corrected.
+        let limit = now
+            .as_micros()
+            .saturating_add(crate::time::duration_micros(ctx.config.max_clock_ahead));
+        if timestamp > limit {
+            ctx.stats.handshake_clock_ahead += 1;
+            ctx.events.push_back(Event::HandshakeFailed {
+                peer: Some(self.id),
+                remote: Some(from),
+                error: HandshakeError::ClockAhead {
+                    ahead_s: (timestamp - now.as_micros()) / 1_000_000,
+                },
+            });
+            return;
+        }
         if self
             .last_init_timestamp
             .is_some_and(|last| timestamp <= last)
@@ -677,6 +716,7 @@ impl Peer {
             confirmed: true,
         };
         self.addr = Some(from);
+        ctx.clock.accepted = ctx.clock.accepted.max(init.timestamp);
         self.establish(ctx, now, session);
         self.confirm_pending = true;
         self.series_start = None;

@@ -52,6 +52,8 @@ pub struct Stats {
     pub handshake_unknown_peer: u64,
     /// Initiations with a stale timestamp, or repeated verbatim under load.
     pub handshake_replayed: u64,
+    /// Initiations whose timestamp was too far ahead of our clock (refused, not remembered).
+    pub handshake_clock_ahead: u64,
     /// Handshake messages that failed cryptographically.
     pub handshake_failed: u64,
     /// Attempt series that timed out.

@@ -1264,3 +1264,74 @@ fn per_peer_byte_counts_cover_authenticated_records_only() {
     );
     assert!(s.tx_bytes >= s.tx_packets * 32);
 }
+
+fn restart_a(p: &mut Pair, floor: Option<u64>) {
+    let mut ea = Endpoint::new(Config::default(), p.a.keypair.clone(), [7; 32], p.now);
+    if let Some(f) = floor {
+        ea.set_initiation_floor(f);
+    }
+    p.a.peer = ea
+        .add_peer(
+            PeerConfig::new(*p.b.keypair.public(), Some(p.b.addr)),
+            p.now,
+        )
+        .unwrap();
+    p.a.ep = ea;
+    p.a.events.clear();
+}
+
+#[test]
+fn an_initiation_from_far_ahead_is_refused_and_not_remembered() {
+    // Only A initiates (B does not know where A is).
+    let mut setup = Setup::new(90);
+    setup.b_knows_a_addr = false;
+    let mut p = setup.build();
+    // A's clock runs an hour ahead.
+    p.a.ep
+        .set_initiation_floor(p.now.as_micros() + 3_600_000_000);
+    assert!(!p.run_until(Duration::from_secs(5), |p| p.connected()));
+    assert!(p.b.ep.stats().handshake_clock_ahead > 0);
+    assert!(
+        p.b.count(|e| matches!(
+            e,
+            Event::HandshakeFailed {
+                error: HandshakeError::ClockAhead {
+                    ahead_s: 3590..=3600
+                },
+                ..
+            }
+        )) > 0
+    );
+    assert_eq!(p.b.ep.stats().handshake_completed, 0);
+    // Its clock corrected (a restart with the right time): B did not remember the future.
+    restart_a(&mut p, None);
+    assert!(p.run_until(Duration::from_secs(5), |p| p.connected()));
+}
+
+#[test]
+fn a_node_restarted_with_its_clock_behind_continues_above_what_peers_accepted() {
+    // Only A initiates (B does not know where A is).
+    let mut setup = Setup::new(91);
+    setup.b_knows_a_addr = false;
+    let mut p = setup.build();
+    // A's clock is five minutes ahead (within the bound): B accepts and remembers that.
+    p.a.ep.set_initiation_floor(p.now.as_micros() + 300_000_000);
+    p.connect();
+    let accepted = p.a.ep.accepted_initiation_timestamp();
+    assert!(accepted > p.now.as_micros() + 290_000_000, "{accepted}");
+    // Restarted with its clock corrected and nothing kept: its initiations look replayed.
+    // (B, which knows A's address by now, may still reach it with initiations of its own.)
+    restart_a(&mut p, None);
+    let replayed = p.b.ep.stats().handshake_replayed;
+    p.run_for(Duration::from_secs(3));
+    assert!(p.b.ep.stats().handshake_replayed > replayed);
+    assert_eq!(p.a.ep.accepted_initiation_timestamp(), 0, "B answered A");
+    // Restarted with what the driver keeps across restarts: B answers A's initiations.
+    restart_a(&mut p, Some(accepted));
+    let replayed = p.b.ep.stats().handshake_replayed;
+    assert!(p.run_until(
+        Duration::from_secs(5),
+        |p| p.a.ep.accepted_initiation_timestamp() > accepted
+    ));
+    assert_eq!(p.b.ep.stats().handshake_replayed, replayed);
+}

@@ -371,6 +371,10 @@ struct Driver {
     forward_dropped: u64,
     /// The migration coordinator.
     migration: migrate::Coordinator,
+    /// Where the newest handshake timestamp peers accepted is kept across restarts.
+    state_file: std::path::PathBuf,
+    /// The value last written there.
+    persisted_timestamp: u64,
 }
 
 /// Starts the tunnel thread for `config`, delivering forwarded packets to `workers` and
@@ -398,6 +402,10 @@ pub(crate) fn start(
     let clock = Clock::new();
     let keypair = Keypair::from_private(config.private_key.clone());
     let mut ep = Endpoint::new(TunnelCoreConfig::default(), keypair, seed, clock.now());
+    // Our handshakes carry timestamps above what peers accepted before a restart, even if
+    // the clock was stepped back meanwhile.
+    let persisted_timestamp = read_timestamp_state(&config.state_file);
+    ep.set_initiation_floor(persisted_timestamp);
     let mut peers = Vec::new();
     for p in &config.peers {
         let id = ep
@@ -439,6 +447,8 @@ pub(crate) fn start(
         refused_total: 0,
         forward_dropped: 0,
         migration,
+        state_file: config.state_file.clone(),
+        persisted_timestamp,
     };
     let max_datagram = driver.ep.max_datagram_payload();
     tracing::info!(
@@ -669,6 +679,7 @@ impl Driver {
         while let Some(e) = self.ep.poll_event() {
             match e {
                 Event::HandshakeCompleted { peer } => {
+                    self.persist_timestamp();
                     if let Some(p) = self.slot(peer) {
                         if p.handshake_at.is_none() {
                             tracing::info!(peer = %p.name, "tunnel handshake completed");
@@ -713,6 +724,20 @@ impl Driver {
                     self.migration_peer_restarted(now, peer);
                 }
                 other => tracing::debug!(event = ?other, "tunnel event"),
+            }
+        }
+    }
+
+    /// Writes the newest handshake timestamp a peer accepted to the state file, if it grew.
+    fn persist_timestamp(&mut self) {
+        let ts = self.ep.accepted_initiation_timestamp();
+        if ts <= self.persisted_timestamp {
+            return;
+        }
+        match write_timestamp_state(&self.state_file, ts) {
+            Ok(()) => self.persisted_timestamp = ts,
+            Err(e) => {
+                tracing::warn!(file = %self.state_file.display(), error = %e, "cannot keep the handshake timestamp across restarts: after a restart with the clock stepped back, peers would refuse this node's handshakes until the clock passes it")
             }
         }
     }
@@ -961,4 +986,32 @@ fn socket_buffers(socket: &UdpSocket, bytes: usize) {
             }
         }
     }
+}
+
+/// The handshake timestamp kept in `path` (microseconds since the UNIX epoch, one decimal
+/// line), or 0 if there is none yet. A file that does not parse is reported and ignored.
+fn read_timestamp_state(path: &std::path::Path) -> u64 {
+    match std::fs::read_to_string(path) {
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(ts) => ts,
+            Err(_) => {
+                tracing::warn!(file = %path.display(), "tunnel state file does not hold a timestamp: ignored");
+                0
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the tunnel state file: ignored");
+            0
+        }
+    }
+}
+
+/// Writes `ts` to `path` whole (a temporary file renamed into place).
+fn write_timestamp_state(path: &std::path::Path, ts: u64) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{ts}\n"))?;
+    std::fs::rename(&tmp, path)
 }
