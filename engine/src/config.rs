@@ -208,6 +208,8 @@ struct RawService {
     port: u32,
     app: String,
     bytes: Option<u64>,
+    idle_timeout_s: Option<u64>,
+    head_timeout_s: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -364,11 +366,21 @@ impl Config {
                     "only the `source` app takes `bytes`".into(),
                 ));
             }
-            services.push(ServiceConfig {
-                port,
-                app,
-                app_config: AppConfig { bytes: s.bytes },
-            });
+            let mut service = ServiceConfig::new(port, app, AppConfig { bytes: s.bytes });
+            let secs = |v: u64| (v > 0).then(|| smoltcp::time::Duration::from_secs(v));
+            if let Some(v) = s.idle_timeout_s {
+                service.idle_timeout = secs(v);
+            }
+            if let Some(v) = s.head_timeout_s {
+                if app != AppKind::Http {
+                    return Err(invalid(
+                        &key("head_timeout_s"),
+                        "only the `http` app reads request heads".into(),
+                    ));
+                }
+                service.head_timeout = secs(v);
+            }
+            services.push(service);
         }
 
         let limits = LimitsConfig {
@@ -649,6 +661,37 @@ max_connections = 100000
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("node.toml"), text)
+    }
+
+    #[test]
+    fn service_timeouts_default_per_app_and_can_be_set_or_turned_off() {
+        let c = parse(EXAMPLE).unwrap();
+        let http = c.service(80).unwrap();
+        assert_eq!(
+            http.idle_timeout,
+            Some(smoltcp::time::Duration::from_secs(75))
+        );
+        assert_eq!(
+            http.head_timeout,
+            Some(smoltcp::time::Duration::from_secs(60))
+        );
+        assert_eq!(c.service(7).unwrap().idle_timeout, None);
+        let text = EXAMPLE.replace(
+            "port = 80\napp = \"http\"",
+            "port = 80\napp = \"http\"\nidle_timeout_s = 0\nhead_timeout_s = 5",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.service(80).unwrap().idle_timeout, None);
+        assert_eq!(
+            c.service(80).unwrap().head_timeout,
+            Some(smoltcp::time::Duration::from_secs(5))
+        );
+        let text = EXAMPLE.replace(
+            "port = 7\napp = \"echo\"",
+            "port = 7\napp = \"echo\"\nhead_timeout_s = 5",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("head_timeout_s"), "{e}");
     }
 
     #[test]

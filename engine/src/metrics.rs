@@ -160,6 +160,18 @@ pub fn render(
     );
     counter(
         &mut r,
+        "idle_closed",
+        "Connections closed for idling between requests (service idle_timeout_s)",
+        stats.idle_closed,
+    );
+    counter(
+        &mut r,
+        "head_timeouts",
+        "Connections closed because a request head did not complete in time (head_timeout_s)",
+        stats.head_timeouts,
+    );
+    counter(
+        &mut r,
         "unknown_flow_packets",
         "Packets for no known connection (answered with RST)",
         stats.unknown_flow_packets,

@@ -56,6 +56,29 @@ pub struct ServiceConfig {
     pub app: AppKind,
     /// App settings.
     pub app_config: AppConfig,
+    /// A connection that moved no byte either way for this long, between requests (the
+    /// app quiescent, nothing unsent), is closed gracefully: as nginx's `keepalive_timeout`.
+    /// `None`: never (long-lived connections are what flowshift is for).
+    pub idle_timeout: Option<smoltcp::time::Duration>,
+    /// A request head must be complete this long after its first byte arrived, or the
+    /// connection is closed: as nginx's `client_header_timeout` (apps with request heads).
+    pub head_timeout: Option<smoltcp::time::Duration>,
+}
+
+impl ServiceConfig {
+    /// `app` on `port` with `app_config` and the app's default timeouts: for `http` 75 s
+    /// idle between requests and 60 s for a request head (nginx's defaults); none for the
+    /// others.
+    pub fn new(port: u16, app: AppKind, app_config: AppConfig) -> Self {
+        let http = app == AppKind::Http;
+        Self {
+            port,
+            app,
+            app_config,
+            idle_timeout: http.then(|| smoltcp::time::Duration::from_secs(75)),
+            head_timeout: http.then(|| smoltcp::time::Duration::from_secs(60)),
+        }
+    }
 }
 
 /// `[tcp]`: per-connection buffer sizes.

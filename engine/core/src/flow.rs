@@ -309,6 +309,10 @@ pub struct Flow {
     pub return_path: ReturnPath,
     /// When the SYN arrived (or the flow was restored here).
     pub created: Instant,
+    /// When the app last took or gave a byte (idle timeout).
+    pub active_at: Instant,
+    /// Since when part of a request head is buffered in the app, if it is (head deadline).
+    pub head_since: Option<Instant>,
     /// When the client's last packet arrived.
     pub last_rx: Instant,
     /// The app was told about the client's FIN.

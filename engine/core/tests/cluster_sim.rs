@@ -392,11 +392,7 @@ struct Node {
 }
 
 fn node_stack(seed: u64, now: SInstant, budget: ConnectionBudget) -> Stack {
-    let service = |port, app, bytes| ServiceConfig {
-        port,
-        app,
-        app_config: AppConfig { bytes },
-    };
+    let service = |port, app, bytes| ServiceConfig::new(port, app, AppConfig { bytes });
     Stack::new(
         StackConfig {
             worker: 0,

@@ -122,11 +122,7 @@ struct Net {
 }
 
 fn node(worker: u16, seed: u64, now: Instant) -> Stack {
-    let service = |port, app, bytes| ServiceConfig {
-        port,
-        app,
-        app_config: AppConfig { bytes },
-    };
+    let service = |port, app, bytes| ServiceConfig::new(port, app, AppConfig { bytes });
     Stack::new(
         StackConfig {
             worker,

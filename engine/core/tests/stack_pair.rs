@@ -79,11 +79,7 @@ impl Pair {
     fn new(max_connections: usize) -> Self {
         let now = Instant::from_millis(1_000);
         let budget = ConnectionBudget::new(max_connections);
-        let service = |port, app, bytes| ServiceConfig {
-            port,
-            app,
-            app_config: AppConfig { bytes },
-        };
+        let service = |port, app, bytes| ServiceConfig::new(port, app, AppConfig { bytes });
         let stack = Stack::new(
             StackConfig {
                 worker: 0,
@@ -815,4 +811,73 @@ fn a_newer_syn_on_a_time_wait_4_tuple_opens_a_connection_and_an_older_one_is_ack
     );
     assert!(out.is_empty());
     assert_eq!(p.stack.stats().time_wait, 0);
+}
+
+fn recv_text(p: &mut Pair, h: SocketHandle) -> String {
+    let mut got = Vec::new();
+    let s = p.sock(h);
+    while s.can_recv() {
+        s.recv(|b| {
+            got.extend_from_slice(b);
+            (b.len(), ())
+        })
+        .unwrap();
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn an_http_connection_idle_between_requests_is_closed_and_an_echo_one_is_not() {
+    let mut p = Pair::new(100);
+    let http = p.connect(80);
+    let echo = p.connect(7);
+    p.run_until(1_000, |p| {
+        p.sock(http).state() == tcp::State::Established
+            && p.sock(echo).state() == tcp::State::Established
+    });
+    p.sock(http)
+        .send_slice(b"GET /bytes/10 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    p.run_until(1_000, |p| {
+        text += &recv_text(p, http);
+        text.ends_with("\r\n\r\n") || text.len() > 40 && text.contains("Content-Length: 10")
+    });
+    // 72 s (and 1.5 s of steps) idle: still open.
+    p.now += Duration::from_secs(72);
+    for _ in 0..1_500 {
+        p.step();
+    }
+    assert!(p.sock(http).may_recv(), "closed before the idle timeout");
+    // Past 75 s: a graceful close (FIN), counted; the echo connection stays.
+    p.now += Duration::from_secs(3);
+    p.run_until(2_000, |p| !p.sock(http).may_recv());
+    assert_eq!(p.stack.stats().idle_closed, 1);
+    p.now += Duration::from_secs(600);
+    for _ in 0..1_500 {
+        p.step();
+    }
+    assert_eq!(p.sock(echo).state(), tcp::State::Established);
+    assert_eq!(p.stack.stats().idle_closed, 1);
+}
+
+#[test]
+fn a_request_head_that_never_completes_is_cut_off() {
+    let mut p = Pair::new(100);
+    let h = p.connect(80);
+    p.run_until(1_000, |p| p.sock(h).state() == tcp::State::Established);
+    // A slow client: a byte now and then, never the end of the head.
+    p.sock(h).send_slice(b"GET /bytes/10 HTTP/1.1\r\n").unwrap();
+    for i in 0..58 {
+        p.now += Duration::from_secs(1);
+        p.sock(h).send_slice(&[b'X' + (i % 2)]).unwrap();
+        for _ in 0..10 {
+            p.step();
+        }
+        assert!(p.sock(h).may_recv(), "cut off after {i} s");
+    }
+    p.now += Duration::from_secs(3);
+    p.run_until(2_000, |p| !p.sock(h).may_recv());
+    assert_eq!(p.stack.stats().head_timeouts, 1);
+    assert_eq!(p.stack.stats().idle_closed, 0);
 }

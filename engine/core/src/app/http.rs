@@ -987,6 +987,10 @@ impl App for HttpApp {
         self.phase == Phase::Head && self.head.is_empty() && self.responses.is_empty()
     }
 
+    fn in_request_head(&self) -> bool {
+        self.phase == Phase::Head && !self.head.is_empty()
+    }
+
     fn snapshot(&self) -> Vec<u8> {
         encode_snapshot(self)
     }

@@ -122,6 +122,12 @@ pub trait App: Send {
     /// (no partial request parsed, no response half sent).
     fn is_quiescent(&self) -> bool;
 
+    /// True while part of a request head has arrived and its end has not (the engine gives
+    /// heads a deadline: [`crate::config::ServiceConfig::head_timeout`]).
+    fn in_request_head(&self) -> bool {
+        false
+    }
+
     /// Serialises the app's whole state (see [`restore`]).
     fn snapshot(&self) -> Vec<u8>;
 }

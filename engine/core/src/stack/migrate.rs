@@ -527,6 +527,8 @@ impl Stack {
             },
             created: now,
             last_rx: now,
+            active_at: now,
+            head_since: None,
             fin_delivered: snap.app.fin_delivered,
             close_sent: snap.our_fin,
             dirty: true,

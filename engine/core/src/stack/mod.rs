@@ -31,7 +31,7 @@ use smoltcp::wire::{
     HardwareAddress, IpAddress, IpCidr, TcpControl, TcpRepr, TcpSeqNumber, TcpTimestampRepr,
 };
 
-use crate::app::{self, AppConfig, AppKind};
+use crate::app::{self, AppKind};
 use crate::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
 use crate::flow::{
     FORWARDER_IDLE, Flow, FlowMode, FlowTable, HandshakeRecord, MOVED_IDLE_AFTER_FIN, MOVED_LINGER,
@@ -194,6 +194,10 @@ pub struct StackStats {
     pub time_wait_acks: u64,
     /// TIME-WAIT records dropped early because the table was full.
     pub time_wait_overflow: u64,
+    /// Connections closed for idling between requests (`idle_timeout`).
+    pub idle_closed: u64,
+    /// Connections closed because a request head did not complete in time (`head_timeout`).
+    pub head_timeouts: u64,
 }
 
 impl StackStats {
@@ -229,6 +233,8 @@ impl StackStats {
         self.time_wait_reused += other.time_wait_reused;
         self.time_wait_acks += other.time_wait_acks;
         self.time_wait_overflow += other.time_wait_overflow;
+        self.idle_closed += other.idle_closed;
+        self.head_timeouts += other.head_timeouts;
     }
 }
 
@@ -402,8 +408,8 @@ pub struct Stack {
     caps: DeviceCapabilities,
     tx: TxQueue,
     flows: FlowTable,
-    /// App per port; `None` where no service is configured.
-    services: Vec<Option<(AppKind, AppConfig)>>,
+    /// Service per port; `None` where none is configured.
+    services: Vec<Option<ServiceConfig>>,
     addresses: Vec<Ipv4Addr>,
     budget: ConnectionBudget,
     config: StackConfig,
@@ -468,7 +474,7 @@ impl Stack {
 
         let mut services = vec![None; 65536];
         for s in &config.services {
-            services[usize::from(s.port)] = Some((s.app, s.app_config.clone()));
+            services[usize::from(s.port)] = Some(s.clone());
         }
         let addresses = config.addresses.iter().map(|a| a.addr).collect();
         // TIME-WAIT records per worker: as many as the node has connection slots, within
@@ -702,7 +708,11 @@ impl Stack {
 
     /// A SYN for a flow we do not have: give it a socket if a service and the budget allow.
     fn accept(&mut self, now: Instant, key: &FlowKey, syn_seq: u32, syn: &[u8]) -> Option<usize> {
-        let Some((kind, app_config)) = self.services[usize::from(key.service.port())].clone()
+        let Some(ServiceConfig {
+            app: kind,
+            app_config,
+            ..
+        }) = self.services[usize::from(key.service.port())].clone()
         else {
             self.stats.refused_no_service += 1;
             return None;
@@ -764,6 +774,8 @@ impl Stack {
             return_path: crate::flow::ReturnPath::Relay,
             created: now,
             last_rx: now,
+            active_at: now,
+            head_since: None,
             fin_delivered: false,
             close_sent: false,
             dirty: false,
@@ -800,7 +812,7 @@ impl Stack {
         self.retiring.clear();
         let dirty = std::mem::take(&mut self.dirty);
         for &slot in &dirty {
-            self.serve(slot);
+            self.serve(now, slot);
         }
         let mut dev = TurnDevice {
             rx: None,
@@ -827,7 +839,7 @@ impl Stack {
     }
 
     /// Moves bytes between the socket and the app of the flow in `slot`.
-    fn serve(&mut self, slot: usize) {
+    fn serve(&mut self, now: Instant, slot: usize) {
         let Some(flow) = self.flows.get_mut(slot) else {
             return;
         };
@@ -840,6 +852,8 @@ impl Stack {
             flow.half_open = false;
             self.half_open -= 1;
         }
+        let in_before = flow.bytes_in;
+        let mut wrote_any = false;
         // Up to two passes: the app may produce output that frees its input buffer.
         for _ in 0..2 {
             while socket.can_recv() {
@@ -882,6 +896,7 @@ impl Stack {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         wrote += n;
+                        wrote_any = true;
                         self.stats.app_bytes_out += n as u64;
                     }
                 }
@@ -889,6 +904,9 @@ impl Stack {
             if wrote == 0 {
                 break;
             }
+        }
+        if flow.bytes_in != in_before || wrote_any {
+            flow.active_at = now;
         }
         if !flow.close_sent && flow.app.wants_close() && socket.may_send() {
             // FIN goes out after everything already written. From now on ACKs go at once:
@@ -1082,6 +1100,42 @@ impl Stack {
                             | tcp::State::Closing
                             | tcp::State::LastAck
                     );
+                    // The service's deadlines: a request head that takes too long, and a
+                    // connection idle between requests (graceful close, as nginx).
+                    let service = self.services[usize::from(flow.key.service.port())].as_ref();
+                    let (idle, head) =
+                        service.map_or((None, None), |s| (s.idle_timeout, s.head_timeout));
+                    let mut close_why = None;
+                    if flow.app.in_request_head() {
+                        let since = *flow.head_since.get_or_insert(now);
+                        if head.is_some_and(|h| now - since >= h) {
+                            close_why = Some("request head not complete in time");
+                            self.stats.head_timeouts += 1;
+                        }
+                    } else {
+                        flow.head_since = None;
+                    }
+                    if close_why.is_none()
+                        && idle.is_some_and(|t| now - flow.active_at >= t)
+                        && socket.state() == tcp::State::Established
+                        && socket.send_queue() == 0
+                        && flow.app.is_quiescent()
+                    {
+                        close_why = Some("idle between requests");
+                        self.stats.idle_closed += 1;
+                    }
+                    if let Some(why) = close_why
+                        && !flow.close_sent
+                    {
+                        socket.close();
+                        socket.set_ack_delay(None);
+                        flow.close_sent = true;
+                        tracing::debug!(id = flow.id, client = %flow.key.client, why, "closing");
+                        if !flow.dirty {
+                            flow.dirty = true;
+                            self.dirty.push(slot);
+                        }
+                    }
                     if closing && now - flow.last_rx > UNACKED_TIMEOUT {
                         socket.abort();
                         self.stats.close_timeouts += 1;
