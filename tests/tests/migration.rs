@@ -130,7 +130,18 @@ fn curl_ok(mut child: std::process::Child) {
 /// curl downloads `n` bytes; the connection moves from a to b once `move_at` bytes arrived.
 /// Returns the migrate report and the bytes the client had when the move was made.
 fn download_moved(tb: &Testbed, a: &NodeHandle, n: u64, move_at: u64) -> (serde_json::Value, u64) {
-    let mut child = curl_get(tb, n, &[]);
+    download_moved_with(tb, a, n, move_at, &[])
+}
+
+/// [`download_moved`] with extra curl arguments.
+fn download_moved_with(
+    tb: &Testbed,
+    a: &NodeHandle,
+    n: u64,
+    move_at: u64,
+    extra: &[&str],
+) -> (serde_json::Value, u64) {
+    let mut child = curl_get(tb, n, extra);
     let (received, reader) = verify_counting(child.stdout.take().unwrap());
     eventually(120, "bytes before the move", || {
         received.load(Ordering::Relaxed) > move_at
@@ -177,8 +188,9 @@ fn a_download_moves_under_5_percent_loss() {
     let (tb, a, b) = pair();
     tb.set_router_loss(5).unwrap();
     // smoltcp recovers from random loss slowly (no SACK recovery: ~50 KB/s at 5 %), so the
-    // transfer is small.
-    download_moved(&tb, &a, 600_000, 200_000);
+    // transfer is small; rate-limited, so the move lands mid-stream however few packets
+    // happen to be lost.
+    download_moved_with(&tb, &a, 600_000, 200_000, &["--limit-rate", "150k"]);
     assert_eq!(stat(&b, "conns_restored"), 1);
 }
 
