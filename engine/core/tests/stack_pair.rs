@@ -881,3 +881,30 @@ fn a_request_head_that_never_completes_is_cut_off() {
     assert_eq!(p.stack.stats().head_timeouts, 1);
     assert_eq!(p.stack.stats().idle_closed, 0);
 }
+
+#[test]
+fn a_request_split_over_two_writes_is_answered_without_waiting_for_a_delayed_ack() {
+    let mut p = Pair::new(100);
+    let h = p.connect(80);
+    p.run_until(1_000, |p| p.sock(h).state() == tcp::State::Established);
+    assert!(
+        p.sock(h).nagle_enabled(),
+        "the client must use Nagle for this test"
+    );
+    p.sock(h).send_slice(b"GET /bytes/10 HTTP/1.1\r\n").unwrap();
+    p.step();
+    // Nagle holds this until the first part is acknowledged.
+    p.sock(h).send_slice(b"Host: t\r\n\r\n").unwrap();
+    let start = p.now;
+    let mut text = String::new();
+    p.run_until(1_000, |p| {
+        text += &recv_text(p, h);
+        text.contains("Content-Length: 10\r\n")
+    });
+    // Virtual time: a delayed ACK would cost 10 ms here.
+    assert!(
+        p.now - start < Duration::from_millis(5),
+        "answered {} after the second write",
+        p.now - start
+    );
+}

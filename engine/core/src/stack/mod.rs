@@ -50,6 +50,12 @@ pub use migrate::{CaptureError, Captured, RestoreError, RestoreParams, window_sh
 /// Most service addresses one node serves (smoltcp's interface address table).
 pub const MAX_SERVICE_ADDRESSES: usize = 8;
 
+/// Received bytes after which a connection's ACKs may be delayed (about 16 full segments,
+/// Linux's `TCP_MAX_QUICKACKS`).
+pub const QUICKACK_BYTES: u64 = 16 * 1448;
+/// The ACK delay after that (smoltcp's default).
+const ACK_DELAY: Duration = Duration::from_millis(10);
+
 /// Most TIME-WAIT records one worker holds (Linux's `tcp_max_tw_buckets` is 262,144).
 pub const MAX_TIME_WAIT: usize = 262_144;
 
@@ -796,6 +802,10 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0; tx]),
         );
         socket.set_nagle_enabled(false);
+        // Quick ACKs at the start, as Linux's quickack mode: a client whose request is split
+        // over two writes (Nagle holds the second until the first is acknowledged) is not
+        // held up by a delayed ACK. Delayed ACKs come on after `QUICKACK_BYTES` (`serve`).
+        socket.set_ack_delay(None);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         socket.set_tsval_generator(Some(tsval_now));
         socket
@@ -907,6 +917,9 @@ impl Stack {
         }
         if flow.bytes_in != in_before || wrote_any {
             flow.active_at = now;
+        }
+        if !flow.close_sent && flow.bytes_in >= QUICKACK_BYTES && socket.ack_delay().is_none() {
+            socket.set_ack_delay(Some(ACK_DELAY));
         }
         if !flow.close_sent && flow.app.wants_close() && socket.may_send() {
             // FIN goes out after everything already written. From now on ACKs go at once:
