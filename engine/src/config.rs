@@ -136,6 +136,12 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Packets held per frozen flow before further ones are dropped (and counted).
     pub frozen_queue_packets: usize,
+    /// Bytes held per frozen flow before further packets are dropped (and counted).
+    pub frozen_queue_bytes: usize,
+    /// Bytes held over all frozen flows of the node (split evenly over the workers).
+    pub frozen_total_bytes: usize,
+    /// A flow frozen this long is thawed (milliseconds).
+    pub freeze_timeout_ms: u64,
     /// Connections still in their handshake (SYN received, not yet ACKed), over all
     /// workers; further SYNs are refused with RST. Each holds its socket buffers, so this
     /// bounds what a SYN flood can claim.
@@ -217,6 +223,9 @@ struct RawService {
 struct RawLimits {
     max_connections: Option<usize>,
     frozen_queue_packets: Option<usize>,
+    frozen_queue_bytes: Option<usize>,
+    frozen_total_bytes: Option<usize>,
+    freeze_timeout_ms: Option<u64>,
     max_half_open: Option<usize>,
 }
 
@@ -386,12 +395,34 @@ impl Config {
         let limits = LimitsConfig {
             max_connections: raw.limits.max_connections.unwrap_or(100_000),
             frozen_queue_packets: raw.limits.frozen_queue_packets.unwrap_or(1024),
+            frozen_queue_bytes: raw.limits.frozen_queue_bytes.unwrap_or(4 << 20),
+            frozen_total_bytes: raw.limits.frozen_total_bytes.unwrap_or(256 << 20),
+            freeze_timeout_ms: raw.limits.freeze_timeout_ms.unwrap_or(60_000),
             max_half_open: raw.limits.max_half_open.unwrap_or(DEFAULT_MAX_HALF_OPEN),
         };
         if limits.max_connections == 0 {
             return Err(invalid(
                 "limits.max_connections",
                 "must be at least 1".into(),
+            ));
+        }
+        if limits.frozen_queue_bytes < 65_536 {
+            return Err(invalid(
+                "limits.frozen_queue_bytes",
+                "must be at least 65536 (one full-size packet with TUN offload)".into(),
+            ));
+        }
+        if limits.frozen_total_bytes < limits.frozen_queue_bytes {
+            return Err(invalid(
+                "limits.frozen_total_bytes",
+                "must be at least limits.frozen_queue_bytes".into(),
+            ));
+        }
+        if limits.freeze_timeout_ms < 30_000 {
+            return Err(invalid(
+                "limits.freeze_timeout_ms",
+                "must be at least 30000: moves run their own deadlines (up to ~21 s) within it"
+                    .into(),
             ));
         }
         if !(1..=65536).contains(&limits.frozen_queue_packets) {

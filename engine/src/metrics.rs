@@ -160,6 +160,12 @@ pub fn render(
     );
     counter(
         &mut r,
+        "freeze_timeouts",
+        "Frozen connections thawed because nothing ended their freeze in time (limits.freeze_timeout_ms)",
+        stats.freeze_timeouts,
+    );
+    counter(
+        &mut r,
         "idle_closed",
         "Connections closed for idling between requests (service idle_timeout_s)",
         stats.idle_closed,

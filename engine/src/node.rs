@@ -1192,6 +1192,11 @@ pub fn run(config: Config) -> Result<(), NodeError> {
                 mtu: usize::from(config.tun.mtu),
                 max_packet,
                 frozen_queue_packets: config.limits.frozen_queue_packets,
+                frozen_queue_bytes: config.limits.frozen_queue_bytes,
+                frozen_total_bytes: config.limits.frozen_total_bytes / config.node.workers,
+                freeze_timeout: smoltcp::time::Duration::from_millis(
+                    config.limits.freeze_timeout_ms,
+                ),
                 max_half_open: config.limits.max_half_open.div_ceil(config.node.workers),
                 seed: seed.wrapping_add(index as u64),
                 tx_headroom: if config.tun.offload {

@@ -141,6 +141,11 @@ fn node(worker: u16, seed: u64, now: Instant) -> Stack {
             mtu: 1500,
             max_packet: 1500,
             frozen_queue_packets: 4096,
+            frozen_queue_bytes: 4 << 20,
+            frozen_total_bytes: 64 << 20,
+            // Longer than any freeze here, which outlasts smoltcp's own timeout on
+            // purpose (a_frozen_flow_sends_nothing_and_does_not_time_out).
+            freeze_timeout: Duration::from_secs(600),
             max_half_open: 64,
             seed,
             tx_headroom: 0,

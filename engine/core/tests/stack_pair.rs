@@ -77,34 +77,39 @@ struct Pair {
 
 impl Pair {
     fn new(max_connections: usize) -> Self {
+        Self::new_with(max_connections, |_| {})
+    }
+
+    fn new_with(max_connections: usize, tune: impl FnOnce(&mut StackConfig)) -> Self {
         let now = Instant::from_millis(1_000);
         let budget = ConnectionBudget::new(max_connections);
         let service = |port, app, bytes| ServiceConfig::new(port, app, AppConfig { bytes });
-        let stack = Stack::new(
-            StackConfig {
-                worker: 0,
-                addresses: vec![Ipv4Cidr {
-                    addr: SERVICE,
-                    prefix_len: 32,
-                }],
-                services: vec![
-                    service(7, AppKind::Echo, None),
-                    service(9, AppKind::Sink, None),
-                    service(19, AppKind::Source, Some(1_000_000)),
-                    service(80, AppKind::Http, None),
-                ],
-                tcp: TcpConfig::default(),
-                mtu: 1500,
-                max_packet: 1500,
-                frozen_queue_packets: 64,
-                max_half_open: 4,
-                seed: 7,
-                tx_headroom: 0,
-                tso_max: None,
-            },
-            budget.clone(),
-            now,
-        );
+        let mut config = StackConfig {
+            worker: 0,
+            addresses: vec![Ipv4Cidr {
+                addr: SERVICE,
+                prefix_len: 32,
+            }],
+            services: vec![
+                service(7, AppKind::Echo, None),
+                service(9, AppKind::Sink, None),
+                service(19, AppKind::Source, Some(1_000_000)),
+                service(80, AppKind::Http, None),
+            ],
+            tcp: TcpConfig::default(),
+            mtu: 1500,
+            max_packet: 1500,
+            frozen_queue_packets: 64,
+            frozen_queue_bytes: 4 << 20,
+            frozen_total_bytes: 64 << 20,
+            freeze_timeout: Duration::from_secs(60),
+            max_half_open: 4,
+            seed: 7,
+            tx_headroom: 0,
+            tso_max: None,
+        };
+        tune(&mut config);
+        let stack = Stack::new(config, budget.clone(), now);
         let mut pipe = Pipe::default();
         let mut cfg = Config::new(HardwareAddress::Ip);
         cfg.random_seed = 11;
@@ -907,4 +912,60 @@ fn a_request_split_over_two_writes_is_answered_without_waiting_for_a_delayed_ack
         "answered {} after the second write",
         p.now - start
     );
+}
+
+#[test]
+fn a_frozen_flow_queues_at_most_its_bytes_and_a_forgotten_freeze_ends() {
+    let mut p = Pair::new_with(10, |c| {
+        c.frozen_queue_bytes = 5_200;
+        c.freeze_timeout = Duration::from_secs(60);
+    });
+    let h = p.connect(9);
+    p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+    let id = p.stack.conns(p.now)[0].id;
+    p.stack.freeze(p.now, id).unwrap();
+    // Ten 1,040-byte packets while frozen (crafted: the queue does not look at sequence
+    // numbers): five fit the 5,200-byte cap, five are dropped and counted.
+    let port = p.next_port;
+    for i in 0..10u32 {
+        let repr = smoltcp::wire::TcpRepr {
+            src_port: port,
+            dst_port: 9,
+            control: smoltcp::wire::TcpControl::Psh,
+            seq_number: smoltcp::wire::TcpSeqNumber((i * 1000) as i32),
+            ack_number: None,
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[0u8; 1000],
+        };
+        let packet = flowshift_core::packet::emit_ipv4_tcp(CLIENT, SERVICE, &repr);
+        p.stack.handle_packet(p.now, &packet);
+    }
+    let dropped = p.stack.stats().dropped[DropReason::FrozenQueueFull.index()];
+    assert_eq!(dropped, 5, "{:?}", p.stack.stats());
+    assert_eq!(p.stack.conns(p.now)[0].bytes_in, 0);
+    // And the client's own bytes, sent while frozen.
+    let data = counting(0, 100_000);
+    let mut sent = 0;
+    for _ in 0..200 {
+        if sent < data.len() {
+            sent += p.sock(h).send_slice(&data[sent..]).unwrap();
+        }
+        p.step();
+    }
+    assert_eq!(p.stack.conns(p.now)[0].bytes_in, 0);
+    // Nobody thaws it: after freeze_timeout it thaws itself, and every byte arrives.
+    p.now += Duration::from_secs(61);
+    p.run_until(30_000, |p| {
+        if sent < data.len() {
+            sent += p.sock(h).send_slice(&data[sent..]).unwrap();
+        }
+        p.stack.conns(p.now)[0].bytes_in == 100_000
+    });
+    assert_eq!(p.stack.stats().freeze_timeouts, 1);
+    assert_eq!(p.stack.conns(p.now)[0].mode, "local");
 }

@@ -611,6 +611,7 @@ impl Stack {
         let FlowMode::Frozen {
             socket,
             queue,
+            queued_bytes,
             early_replies,
             ..
         } = &mut flow.mode
@@ -622,6 +623,9 @@ impl Stack {
         };
         let state = socket.state();
         let queue = std::mem::take(queue);
+        self.frozen_bytes = self
+            .frozen_bytes
+            .saturating_sub(std::mem::take(queued_bytes));
         let early = std::mem::take(early_replies);
         self.stats.relayed_from_owner += early.len() as u64;
         for p in &queue {
@@ -720,7 +724,9 @@ impl Stack {
             FlowMode::Local => {
                 self.sockets.remove(flow.handle);
             }
-            FlowMode::Frozen { .. } => {}
+            FlowMode::Frozen { queued_bytes, .. } => {
+                self.frozen_bytes = self.frozen_bytes.saturating_sub(queued_bytes);
+            }
             m @ FlowMode::Moved { .. } => {
                 flow.mode = m;
                 return Err(super::FlowError::WrongMode { id, mode: "moved" });

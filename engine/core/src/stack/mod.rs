@@ -129,6 +129,14 @@ pub struct StackConfig {
     pub max_packet: usize,
     /// Packets queued per frozen flow before dropping.
     pub frozen_queue_packets: usize,
+    /// Bytes queued per frozen flow before dropping.
+    pub frozen_queue_bytes: usize,
+    /// Bytes queued over all frozen flows of this stack before dropping.
+    pub frozen_total_bytes: usize,
+    /// A flow frozen this long is thawed, its queue delivered: a freeze nobody ends (a move
+    /// whose coordinator is stuck, a forgotten `ctl freeze`) must not hold it for good.
+    /// Far beyond the migration protocol's own deadlines.
+    pub freeze_timeout: Duration,
     /// Connections in SYN-RECEIVED this stack holds at once; further SYNs get RST.
     pub max_half_open: usize,
     /// Seed for smoltcp's ISNs and ephemeral choices.
@@ -204,6 +212,8 @@ pub struct StackStats {
     pub idle_closed: u64,
     /// Connections closed because a request head did not complete in time (`head_timeout`).
     pub head_timeouts: u64,
+    /// Frozen connections thawed because nothing ended their freeze in time.
+    pub freeze_timeouts: u64,
 }
 
 impl StackStats {
@@ -241,6 +251,7 @@ impl StackStats {
         self.time_wait_overflow += other.time_wait_overflow;
         self.idle_closed += other.idle_closed;
         self.head_timeouts += other.head_timeouts;
+        self.freeze_timeouts += other.freeze_timeouts;
     }
 }
 
@@ -435,6 +446,8 @@ pub struct Stack {
     /// Flows whose socket reached TIME-WAIT or CLOSED in the last poll: retired at the start
     /// of the next, after their last packets were drained with the flow still known.
     retiring: Vec<usize>,
+    /// Bytes queued over all frozen flows (bounded by `config.frozen_total_bytes`).
+    frozen_bytes: usize,
 }
 
 impl Stack {
@@ -507,6 +520,7 @@ impl Stack {
             restore_iface: None,
             time_wait: TimeWaitTable::new(budget_cap),
             retiring: Vec::new(),
+            frozen_bytes: 0,
         }
     }
 
@@ -643,10 +657,14 @@ impl Stack {
                 queued_bytes,
                 ..
             } => {
-                if queue.len() >= self.config.frozen_queue_packets {
+                if queue.len() >= self.config.frozen_queue_packets
+                    || *queued_bytes + packet.len() > self.config.frozen_queue_bytes
+                    || self.frozen_bytes + packet.len() > self.config.frozen_total_bytes
+                {
                     self.drop_packet(DropReason::FrozenQueueFull, packet);
                 } else {
                     *queued_bytes += packet.len();
+                    self.frozen_bytes += packet.len();
                     queue.push_back(packet.to_vec());
                 }
             }
@@ -1179,6 +1197,17 @@ impl Stack {
                         tracing::debug!(id = flow.id, client = %flow.key.client, "moved connection idle since the client's FIN: entry removed");
                     }
                 }
+                FlowMode::Frozen { since, .. } if now - since >= self.config.freeze_timeout => {
+                    let id = flow.id;
+                    self.stats.freeze_timeouts += 1;
+                    tracing::warn!(
+                        id,
+                        client = %flow.key.client,
+                        frozen_s = (now - since).secs(),
+                        "connection frozen too long: thawed, its queued packets delivered"
+                    );
+                    let _ = self.thaw(now, id);
+                }
                 // Moved on to a third node: forwarding what the ingress node still sends
                 // here, until it has been told for long enough.
                 FlowMode::Moved { last_packet, .. }
@@ -1500,7 +1529,15 @@ impl Stack {
         let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
         let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
         let (socket, queue) = match std::mem::replace(&mut flow.mode, FlowMode::Local) {
-            FlowMode::Frozen { socket, queue, .. } => (socket, queue),
+            FlowMode::Frozen {
+                socket,
+                queue,
+                queued_bytes,
+                ..
+            } => {
+                self.frozen_bytes = self.frozen_bytes.saturating_sub(queued_bytes);
+                (socket, queue)
+            }
             m => {
                 let mode = m.as_str();
                 flow.mode = m;
