@@ -141,6 +141,8 @@ pub(crate) enum WorkerMsg {
         mss_clamp: u16,
         max_buffer: usize,
     },
+    /// This tunnel peer restarted: its flows are gone.
+    PeerLost(PeerRef),
     /// The owner (`from`) of moved flow `flow` moved it on to `to`.
     Rehome {
         from: PeerRef,
@@ -346,6 +348,17 @@ impl Worker {
                             migration,
                             results,
                         });
+                    }
+                    WorkerMsg::PeerLost(peer) => {
+                        let (moved, restored) = self.stack.peer_lost(now, peer);
+                        if moved + restored > 0 {
+                            tracing::warn!(
+                                peer = peer.0,
+                                moved,
+                                restored,
+                                "a peer restarted: connections moved to it are gone (their entries removed) and those whose packets entered there were reset"
+                            );
+                        }
                     }
                     WorkerMsg::Rehome { from, flow, to } => {
                         match self.stack.rehome(now, flow, from, to) {

@@ -898,3 +898,35 @@ fn an_echo_session_tours_three_nodes_byte_exact() {
         assert_eq!(node.stats().tunnel_packets_refused, 0, "node {i}");
     }
 }
+
+#[test]
+fn when_the_owner_restarts_the_ingress_drops_its_entry_and_the_client_gets_a_reset() {
+    let mut n = Net::new();
+    let h = n.connect(7, ClientOpts::DEFAULT);
+    n.run_until(1_000, |n| n.sock(h).state() == tcp::State::Established);
+    n.sock(h).send_slice(b"before").unwrap();
+    let mut got = Vec::new();
+    n.run_until(1_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got == b"before"
+    });
+    let id = n.only_local(0);
+    n.migrate(0, 1, id, 1);
+    n.sock(h).send_slice(b" and moved").unwrap();
+    n.run_until(1_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got == b"before and moved"
+    });
+    // B restarts: its connections are gone. Each side learns it from the tunnel.
+    let (moved, restored) = n.nodes[0].peer_lost(n.now, Net::peer(1));
+    assert_eq!((moved, restored), (1, 0));
+    let (moved, restored) = n.nodes[1].peer_lost(n.now, Net::peer(0));
+    assert_eq!((moved, restored), (0, 1));
+    // The client's next bytes meet no connection at A: a RST, not silence.
+    n.sock(h).send_slice(b"after").unwrap();
+    n.run_until(1_000, |n| n.client_rsts > 0);
+    n.run_until(1_000, |n| {
+        n.nodes[0].connection_count() == 0 && n.nodes[1].connection_count() == 0
+    });
+    assert_eq!(n.sock(h).state(), tcp::State::Closed);
+}

@@ -722,6 +722,9 @@ impl Driver {
                         p.diag.reset();
                     }
                     self.migration_peer_restarted(now, peer);
+                    for w in &self.workers {
+                        w.send(WorkerMsg::PeerLost(PeerRef(peer.as_u32())));
+                    }
                 }
                 other => tracing::debug!(event = ?other, "tunnel event"),
             }

@@ -760,6 +760,41 @@ impl Stack {
         Ok(())
     }
 
+    /// Peer `peer` restarted and lost its flows: the entries of connections moved to it are
+    /// removed (the client's next packet meets no connection and gets a RST, instead of
+    /// being forwarded into the void), and connections restored here whose packets entered
+    /// there are reset (nothing reaches them any more). Returns how many of each.
+    pub fn peer_lost(&mut self, now: Instant, peer: crate::flow::PeerRef) -> (usize, usize) {
+        Self::set_clock(now);
+        let slots: Vec<usize> = self.flows.slots().collect();
+        let (mut moved, mut restored) = (0, 0);
+        for slot in slots {
+            let Some(flow) = self.flows.get_mut(slot) else {
+                continue;
+            };
+            match &flow.mode {
+                FlowMode::Moved { to, .. } if to.peer == peer => {
+                    if let Some(f) = self.flows.remove(slot) {
+                        self.stats.moved_closed += 1;
+                        moved += 1;
+                        tracing::debug!(id = f.id, client = %f.key.client, "moved connection lost: its owner restarted");
+                    }
+                }
+                FlowMode::Local if flow.ingress.is_some_and(|r| r.peer == peer) => {
+                    self.sockets.get_mut::<tcp::Socket>(flow.handle).abort();
+                    restored += 1;
+                    if !flow.dirty {
+                        flow.dirty = true;
+                        self.dirty.push(slot);
+                    }
+                    tracing::debug!(id = flow.id, client = %flow.key.client, "connection reset: the node its packets entered at restarted");
+                }
+                _ => {}
+            }
+        }
+        (moved, restored)
+    }
+
     /// A client packet for flow `id`, forwarded by `from` where it entered. Refused (and
     /// counted) unless the flow lives here, its packets enter at `from`, and the packet
     /// carries its 4-tuple.
