@@ -368,7 +368,9 @@ impl Worker {
                                 }
                             }
                             Err(e) => {
-                                tracing::warn!(flow = format_args!("{flow:#x}"), peer = from.0, error = %e, "move on to a third node refused");
+                                // Per connection, and a broken peer could send thousands: the
+                                // Rehome itself is logged once by the tunnel thread.
+                                tracing::debug!(flow = format_args!("{flow:#x}"), peer = from.0, error = %e, "move on to a third node refused");
                             }
                         }
                     }

@@ -639,56 +639,27 @@ impl Stack {
         match flow.ingress {
             // Where its packets enter, or on to a third node: what enters here (or what the
             // ingress node sends here until told of the move) is forwarded to the new owner.
-            None => {
-                flow.mode = FlowMode::Moved {
-                    to,
-                    client_fin: matches!(
-                        state,
-                        tcp::State::CloseWait | tcp::State::Closing | tcp::State::LastAck
-                    ),
-                    owner_fin: matches!(
-                        state,
-                        tcp::State::FinWait1 | tcp::State::Closing | tcp::State::LastAck
-                    ),
-                    ended: None,
-                    last_packet: now,
-                    successor_replies: Vec::new(),
-                };
-                flow.counted = false;
-                flow.restored = None;
-                flow.app = app::new_app(flow.app_kind, &AppConfig::default());
-                flow.mirror = SendMirror::new(0);
+            ingress if ingress.is_none_or(|i| i.peer != to.peer) => {
+                let client_fin = matches!(
+                    state,
+                    tcp::State::CloseWait | tcp::State::Closing | tcp::State::LastAck
+                );
+                let owner_fin = matches!(
+                    state,
+                    tcp::State::FinWait1 | tcp::State::Closing | tcp::State::LastAck
+                );
+                become_moved(flow, to, now, client_fin, owner_fin);
                 tracing::debug!(
                     id,
                     peer = to.peer.0,
                     remote = to.flow,
+                    ingress = ingress.map(|i| i.peer.0),
                     forwarded = queue.len(),
                     "moved; forwarding"
                 );
             }
-            Some(ingress) if ingress.peer != to.peer => {
-                flow.mode = FlowMode::Moved {
-                    to,
-                    client_fin: false,
-                    owner_fin: false,
-                    ended: None,
-                    last_packet: now,
-                    successor_replies: Vec::new(),
-                };
-                flow.counted = false;
-                flow.restored = None;
-                flow.app = app::new_app(flow.app_kind, &AppConfig::default());
-                flow.mirror = SendMirror::new(0);
-                tracing::debug!(
-                    id,
-                    peer = to.peer.0,
-                    remote = to.flow,
-                    ingress = ingress.peer.0,
-                    forwarded = queue.len(),
-                    "moved on to a third node; forwarding until the ingress node is told"
-                );
-            }
-            Some(_) => {
+            // Back to where its packets enter: that node serves it now.
+            _ => {
                 self.flows.remove(slot);
                 tracing::debug!(
                     id,
@@ -737,20 +708,7 @@ impl Stack {
         }
         self.half_open -= usize::from(flow.half_open);
         match restored.home_from {
-            Some(to) => {
-                flow.mode = FlowMode::Moved {
-                    to,
-                    client_fin: false,
-                    owner_fin: false,
-                    ended: None,
-                    last_packet: now,
-                    successor_replies: Vec::new(),
-                };
-                flow.counted = false;
-                flow.restored = None;
-                flow.app = app::new_app(flow.app_kind, &AppConfig::default());
-                flow.mirror = SendMirror::new(0);
-            }
+            Some(to) => become_moved(flow, to, now, false, false),
             None => {
                 self.flows.remove(slot);
             }
@@ -975,6 +933,22 @@ impl Stack {
             }
         }
     }
+}
+
+/// Turns `flow` into an entry that forwards to `to`: no socket, no slot, no app state.
+fn become_moved(flow: &mut Flow, to: Remote, now: Instant, client_fin: bool, owner_fin: bool) {
+    flow.mode = FlowMode::Moved {
+        to,
+        client_fin,
+        owner_fin,
+        ended: None,
+        last_packet: now,
+        successor_replies: Vec::new(),
+    };
+    flow.counted = false;
+    flow.restored = None;
+    flow.app = app::new_app(flow.app_kind, &AppConfig::default());
+    flow.mirror = SendMirror::new(0);
 }
 
 /// SYN, SYN-ACK, ACK, unread data and FIN, in `scratch`. Returns the socket's ISN.

@@ -972,11 +972,7 @@ impl Stack {
                 let Some(flow) = self.flows.remove(slot) else {
                     return false;
                 };
-                self.half_open -= usize::from(flow.half_open);
-                self.sockets.remove(flow.handle);
-                if flow.counted {
-                    self.budget.release();
-                }
+                self.release(&flow, "closed: TIME-WAIT");
                 let restored = flow.restored.map(|r| r.xlate);
                 // Wire numbers: the client's are never translated; ours are from send_base.
                 let rcv_nxt = flow
@@ -1022,14 +1018,6 @@ impl Stack {
                     }
                 }
                 self.stats.time_wait = self.time_wait.len() as u64;
-                self.stats.conns_closed += 1;
-                tracing::debug!(
-                    id = flow.id,
-                    client = %flow.key.client,
-                    bytes_in = flow.bytes_in,
-                    bytes_out = flow.bytes_out(),
-                    "closed: TIME-WAIT"
-                );
                 true
             }
             _ => false,
@@ -1079,6 +1067,11 @@ impl Stack {
         let Some(flow) = self.flows.remove(slot) else {
             return;
         };
+        self.release(&flow, "closed");
+    }
+
+    /// What a connection that ended held: its socket, its slot, its half-open count.
+    fn release(&mut self, flow: &Flow, how: &'static str) {
         self.half_open -= usize::from(flow.half_open);
         self.sockets.remove(flow.handle);
         if flow.counted {
@@ -1090,7 +1083,7 @@ impl Stack {
             client = %flow.key.client,
             bytes_in = flow.bytes_in,
             bytes_out = flow.bytes_out(),
-            "closed"
+            "{how}"
         );
     }
 
