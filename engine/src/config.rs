@@ -15,6 +15,9 @@ pub use flowshift_core::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
 /// Default `limits.max_half_open`: with the default 64 KiB buffers each way, a SYN flood can
 /// claim at most 256 MiB.
 pub const DEFAULT_MAX_HALF_OPEN: usize = 2048;
+/// Default `limits.syn_cookie_threshold`: 256 handshakes in flight at once is far beyond what
+/// legitimate clients produce within one round trip here.
+pub const DEFAULT_SYN_COOKIE_THRESHOLD: usize = 256;
 /// Upper bound of `node.shutdown_timeout_ms`.
 const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 3_600_000;
 
@@ -146,6 +149,12 @@ pub struct LimitsConfig {
     /// workers; further SYNs are refused with RST. Each holds its socket buffers, so this
     /// bounds what a SYN flood can claim.
     pub max_half_open: usize,
+    /// Answer SYNs with SYN cookies (no state) once `syn_cookie_threshold` handshakes are in
+    /// progress.
+    pub syn_cookies: bool,
+    /// Handshakes in progress over all workers (split evenly) beyond which SYNs get cookies;
+    /// 0: always. Below `max_half_open`.
+    pub syn_cookie_threshold: usize,
 }
 
 // ---- raw serde shapes --------------------------------------------------------------------------
@@ -215,6 +224,7 @@ struct RawService {
     app: String,
     bytes: Option<u64>,
     idle_timeout_s: Option<u64>,
+    keepalive_s: Option<u64>,
     head_timeout_s: Option<u64>,
 }
 
@@ -227,6 +237,8 @@ struct RawLimits {
     frozen_total_bytes: Option<usize>,
     freeze_timeout_ms: Option<u64>,
     max_half_open: Option<usize>,
+    syn_cookies: Option<bool>,
+    syn_cookie_threshold: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -380,6 +392,15 @@ impl Config {
             if let Some(v) = s.idle_timeout_s {
                 service.idle_timeout = secs(v);
             }
+            if let Some(v) = s.keepalive_s {
+                if v > 86_400 {
+                    return Err(invalid(
+                        &key("keepalive_s"),
+                        format!("{v} is over 86400 (a day)"),
+                    ));
+                }
+                service.keepalive = secs(v);
+            }
             if let Some(v) = s.head_timeout_s {
                 if app != AppKind::Http {
                     return Err(invalid(
@@ -399,6 +420,11 @@ impl Config {
             frozen_total_bytes: raw.limits.frozen_total_bytes.unwrap_or(256 << 20),
             freeze_timeout_ms: raw.limits.freeze_timeout_ms.unwrap_or(60_000),
             max_half_open: raw.limits.max_half_open.unwrap_or(DEFAULT_MAX_HALF_OPEN),
+            syn_cookies: raw.limits.syn_cookies.unwrap_or(true),
+            syn_cookie_threshold: raw
+                .limits
+                .syn_cookie_threshold
+                .unwrap_or(DEFAULT_SYN_COOKIE_THRESHOLD),
         };
         if limits.max_connections == 0 {
             return Err(invalid(
@@ -437,6 +463,15 @@ impl Config {
                 format!(
                     "{} is not in {workers}..=1000000 (at least one per worker)",
                     limits.max_half_open
+                ),
+            ));
+        }
+        if limits.syn_cookies && limits.syn_cookie_threshold >= limits.max_half_open {
+            return Err(invalid(
+                "limits.syn_cookie_threshold",
+                format!(
+                    "{} is not below limits.max_half_open ({}): cookies would never be sent",
+                    limits.syn_cookie_threshold, limits.max_half_open
                 ),
             ));
         }

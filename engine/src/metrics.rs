@@ -134,6 +134,23 @@ pub fn render(
         "SYNs refused with RST, by reason",
         refused,
     );
+    let cookies = Family::<ReasonLabel, Counter>::default();
+    for (what, v) in [
+        ("sent", stats.syn_cookies_sent),
+        ("accepted", stats.syn_cookies_accepted),
+        ("invalid", stats.syn_cookies_invalid),
+    ] {
+        cookies
+            .get_or_create(&ReasonLabel {
+                reason: what.to_owned(),
+            })
+            .inc_by(v);
+    }
+    r.register(
+        "syn_cookies",
+        "SYN cookies: SYNs answered with one (sent), connections opened by one (accepted), ACKs of unknown connections whose cookie failed (invalid)",
+        cookies,
+    );
     gauge(
         &mut r,
         "time_wait_connections",
@@ -218,6 +235,12 @@ pub fn render(
         "handshake_timeouts",
         "Half-open TCP connections reset after the handshake deadline",
         stats.handshake_timeouts,
+    );
+    counter(
+        &mut r,
+        "keepalive_timeouts",
+        "Connections reset because the client answered no keepalive probe (service keepalive_s)",
+        stats.keepalive_timeouts,
     );
     counter(
         &mut r,

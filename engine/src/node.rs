@@ -434,7 +434,7 @@ impl Worker {
                     Ok(offload::Inbound::Merged(p)) => self.stack.handle_merged_packet(now, p),
                     Err(e) => self.stack.count_unusable_read(&e),
                 },
-                Ok(n) => self.stack.handle_packet(now, &rx.raw[..n]),
+                Ok(n) => self.stack.handle_packet(now, &mut rx.raw[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -482,9 +482,12 @@ impl Worker {
     /// Packets of moved flows from the tunnel: client packets go to the stack, packets for
     /// the client to the TUN queue (this worker's: the flow id named it).
     fn tunnel_packets(&mut self, now: Instant, packets: Vec<tunnel::TunnelPacket>) {
-        for p in packets {
+        for mut p in packets {
             match p.kind {
-                ForwardKind::ToOwner => self.stack.handle_forwarded(now, p.from, p.flow, &p.packet),
+                ForwardKind::ToOwner => {
+                    self.stack
+                        .handle_forwarded(now, p.from, p.flow, &mut p.packet)
+                }
                 ForwardKind::ToIngress => {
                     if self.stack.handle_from_owner(now, p.from, p.flow, &p.packet) {
                         self.write_relayed(&p.packet);
@@ -1152,6 +1155,14 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         }
     };
 
+    // ISNs, timestamp offsets and SYN cookies: one secret for all workers (a cookie's ACK
+    // may arrive on another queue than its SYN), never the same on two nodes or two runs.
+    let secret = {
+        let s = os_random_seed().map_err(setup("random secret"))?;
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&s[..16]);
+        k
+    };
     let accepting = Arc::new(AtomicBool::new(true));
     // Every worker's inbox first: the tunnel thread delivers forwarded packets to them, and
     // the workers send theirs to the tunnel.
@@ -1213,7 +1224,14 @@ pub fn run(config: Config) -> Result<(), NodeError> {
                     config.limits.freeze_timeout_ms,
                 ),
                 max_half_open: config.limits.max_half_open.div_ceil(config.node.workers),
+                syn_cookies_after: config.limits.syn_cookies.then(|| {
+                    config
+                        .limits
+                        .syn_cookie_threshold
+                        .div_ceil(config.node.workers)
+                }),
                 seed: seed.wrapping_add(index as u64),
+                secret,
                 tx_headroom: if config.tun.offload {
                     offload::VNET_HDR_LEN
                 } else {

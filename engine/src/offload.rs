@@ -27,10 +27,10 @@ const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inbound<'a> {
     /// An ordinary packet: verify it.
-    Packet(&'a [u8]),
+    Packet(&'a mut [u8]),
     /// A TCPv4 packet the kernel merged (GRO) from validated segments: its checksum field is
     /// not meaningful and must not be verified.
-    Merged(&'a [u8]),
+    Merged(&'a mut [u8]),
 }
 
 /// Why a read from an offload TUN device was not usable.

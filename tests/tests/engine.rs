@@ -958,6 +958,39 @@ fn ctl_freeze_and_thaw_take_the_id_conns_shows() {
     });
 }
 
+/// One HTTP request on a fresh connection (`Connection: close`, read to EOF) for `len` bytes
+/// of the counting stream, every byte checked.
+fn short_request(len: usize) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&service(80), Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    // One write, as real clients send a request (`write!` would make several small writes,
+    // and Nagle would hold the later ones for the node's ACK).
+    let request = format!("GET /bytes/{len} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).map_err(|e| format!("read: {e}"))?;
+    let head_end = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no response head")?;
+    if !all.starts_with(b"HTTP/1.1 200 ") {
+        return Err(format!(
+            "status: {}",
+            String::from_utf8_lossy(&all[..head_end])
+        ));
+    }
+    let body = &all[head_end + 4..];
+    if body.len() != len {
+        return Err(format!("{} body bytes, not {len}", body.len()));
+    }
+    CountingVerifier::new()
+        .feed(body)
+        .map_err(|e| format!("body: {e}"))
+}
+
 /// `n` sequential short HTTP connections from one kernel client (`Connection: close`, read to
 /// the end), as health checkers and load generators make them: every one must succeed, byte
 /// exact. Linux picks source ports with random increments, so ports come back while the node
@@ -972,37 +1005,7 @@ fn sequential_short_connections(timestamps: bool) {
         let mut failures = Vec::new();
         for i in 0..n {
             let len = 1 + (i * 37) % 1500;
-            let r = (|| -> Result<(), String> {
-                let mut s = TcpStream::connect_timeout(&service(80), Duration::from_secs(5))
-                    .map_err(|e| format!("connect: {e}"))?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))
-                    .map_err(|e| e.to_string())?;
-                // One write, as real clients send a request (`write!` would make several
-                // small writes, and Nagle would hold the later ones for the node's ACK).
-                let request =
-                    format!("GET /bytes/{len} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-                s.write_all(request.as_bytes())
-                    .map_err(|e| format!("write: {e}"))?;
-                let mut all = Vec::new();
-                s.read_to_end(&mut all).map_err(|e| format!("read: {e}"))?;
-                let head_end = all
-                    .windows(4)
-                    .position(|w| w == b"\r\n\r\n")
-                    .ok_or("no response head")?;
-                if !all.starts_with(b"HTTP/1.1 200 ") {
-                    return Err(format!(
-                        "status: {}",
-                        String::from_utf8_lossy(&all[..head_end])
-                    ));
-                }
-                let body = &all[head_end + 4..];
-                if body.len() != len {
-                    return Err(format!("{} body bytes, not {len}", body.len()));
-                }
-                CountingVerifier::new()
-                    .feed(body)
-                    .map_err(|e| format!("body: {e}"))
-            })();
+            let r = short_request(len);
             if let Err(e) = r {
                 failures.push(format!("connection {i}: {e}"));
                 if failures.len() >= 10 {
@@ -1099,4 +1102,186 @@ fn an_unprivileged_user_cannot_use_the_control_socket() {
     );
     // Root still can.
     assert!(node.ctl_json(&["status"]).is_ok());
+}
+
+/// The Internet checksum of a TCP segment over IPv4 (pseudo-header included).
+fn tcp_checksum(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, segment: &[u8]) -> u16 {
+    let mut sum: u32 = 6 + segment.len() as u32;
+    for b in [src.octets(), dst.octets()] {
+        sum += u32::from(u16::from_be_bytes([b[0], b[1]]))
+            + u32::from(u16::from_be_bytes([b[2], b[3]]));
+    }
+    for w in segment.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A SYN from `src:port` to the http service, with the options a Linux client sends.
+fn spoofed_syn(src: std::net::Ipv4Addr, port: u16, seq: u32) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(40);
+    tcp.extend_from_slice(&port.to_be_bytes());
+    tcp.extend_from_slice(&80u16.to_be_bytes());
+    tcp.extend_from_slice(&seq.to_be_bytes());
+    tcp.extend_from_slice(&0u32.to_be_bytes());
+    tcp.extend_from_slice(&[0xa0, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]); // 40-byte header, SYN
+    tcp.extend_from_slice(&[2, 4, 0x05, 0xb4, 4, 2, 8, 10]); // MSS 1460, SACK-permitted, TS
+    tcp.extend_from_slice(&seq.rotate_left(7).to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]); // TSecr 0, NOP, window scale 7
+    let sum = tcp_checksum(src, SERVICE_ADDR, &tcp);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&SERVICE_ADDR.octets());
+    ip.extend_from_slice(&tcp);
+    let len = ip.len() as u16;
+    ip[2..4].copy_from_slice(&len.to_be_bytes());
+    ip
+}
+
+#[test]
+fn a_spoofed_syn_flood_of_25000_per_second_is_answered_with_cookies_and_real_requests_succeed() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const SYNS: u64 = 200_000;
+    const RATE: u64 = 25_000; // per second: 8 s of flood
+    let (tb, node) = setup(NodeConfig::standard("a"));
+    // The SYN-ACKs to the spoofed sources end in node-a's namespace (they are never routed
+    // anywhere): 198.19.128.0/17 is assigned to nothing in the testbed.
+    tb.node(Node::A)
+        .ip(&["route", "add", "blackhole", "198.19.128.0/17"])
+        .unwrap();
+    // A keep-alive connection opened before the flood must carry on through it.
+    let flooding = AtomicBool::new(true);
+    let (sent, elapsed, failures, requests, keepalive_bytes) = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            tb.client().run(|| {
+                // SAFETY: plain socket(2); checked below and owned by `fd`.
+                let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+                assert!(raw >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                // SAFETY: `raw` is a fresh descriptor nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                let dst = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(SERVICE_ADDR).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let start = Instant::now();
+                let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+                let mut sent = 0u64;
+                while sent < SYNS {
+                    // Paced from the start: as many as the rate allows by now.
+                    let due = (start.elapsed().as_micros() as u64 * RATE / 1_000_000).min(SYNS);
+                    if sent >= due {
+                        std::thread::sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                    while sent < due {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let src = std::net::Ipv4Addr::from(0xc613_8000 | (x as u32 & 0x7fff));
+                        let syn =
+                            spoofed_syn(src, 1024 + (x >> 17) as u16 % 60_000, (x >> 32) as u32);
+                        // SAFETY: `syn` and `dst` are valid for the lengths given.
+                        let n = unsafe {
+                            libc::sendto(
+                                fd.as_raw_fd(),
+                                syn.as_ptr().cast(),
+                                syn.len(),
+                                0,
+                                (&dst as *const libc::sockaddr_in).cast(),
+                                std::mem::size_of::<libc::sockaddr_in>() as u32,
+                            )
+                        };
+                        assert_eq!(
+                            n,
+                            syn.len() as isize,
+                            "sendto: {}",
+                            std::io::Error::last_os_error()
+                        );
+                        sent += 1;
+                    }
+                }
+                (sent, start.elapsed())
+            })
+        });
+        let keepalive = scope.spawn(|| {
+            tb.client().run(|| {
+                let mut c = connect(80);
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut bytes = 0u64;
+                let mut i = 0usize;
+                while flooding.load(Ordering::Relaxed) || i < 10 {
+                    let len = 1000 + i % 5000;
+                    c.write_all(format!("GET /bytes/{len} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+                        .expect("keep-alive request");
+                    let (status, body) = read_response(&mut r);
+                    assert_eq!(status, 200);
+                    assert_eq!(body.len(), len);
+                    CountingVerifier::new()
+                        .feed(&body)
+                        .expect("keep-alive body");
+                    bytes += len as u64;
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                bytes
+            })
+        });
+        // Real clients: fresh connections all through the flood.
+        let (failures, requests) = tb.client().run(|| {
+            let mut failures = Vec::new();
+            let mut requests = 0usize;
+            std::thread::sleep(Duration::from_millis(500));
+            while !flood.is_finished() {
+                if let Err(e) = short_request(1 + (requests * 131) % 20_000) {
+                    failures.push(format!("request {requests}: {e}"));
+                }
+                requests += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (failures, requests)
+        });
+        let (sent, elapsed) = flood.join().unwrap();
+        flooding.store(false, Ordering::Relaxed);
+        let keepalive_bytes = keepalive.join().unwrap();
+        (sent, elapsed, failures, requests, keepalive_bytes)
+    });
+    let rate = sent as f64 / elapsed.as_secs_f64();
+    eprintln!(
+        "flood: {sent} spoofed SYNs in {:.1} s ({rate:.0}/s); {requests} real requests, {} failed; keep-alive connection {keepalive_bytes} bytes",
+        elapsed.as_secs_f64(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "failures: {failures:#?}");
+    assert!(
+        requests >= 50,
+        "only {requests} requests made during the flood"
+    );
+    assert!(keepalive_bytes > 0);
+    let cookies = |what: &str| {
+        metric(
+            &node,
+            &format!("flowshift_syn_cookies_total{{reason=\"{what}\"}}"),
+        )
+    };
+    let (cookies_sent, cookies_accepted) = (cookies("sent"), cookies("accepted"));
+    eprintln!("cookies sent {cookies_sent}, accepted {cookies_accepted}");
+    // What reached the node was answered with cookies beyond the threshold (the kernel may
+    // drop some of the flood on the way; the node must answer nearly all of it).
+    assert!(
+        cookies_sent >= SYNS * 9 / 10,
+        "{cookies_sent} cookies for {SYNS} SYNs"
+    );
+    // Real clients got in, through cookies while the flood held the handshake slots.
+    assert!(cookies_accepted > 0 && cookies_accepted as usize <= requests + 1);
+    assert_eq!(stat(&node, "refused_half_open"), 0);
+    assert_eq!(stat(&node, "refused_limit"), 0);
 }

@@ -146,8 +146,6 @@ impl FlowMode {
 /// What a flow restored from another node keeps to speak the client's numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Restored {
-    /// Local ↔ wire offsets.
-    pub xlate: Translation,
     /// Local image of the previous owner's `snd_nxt` (see [`crate::translate::AckCeiling`]).
     pub claimed: u32,
     /// The flow came home: before the restore it was moved to this node (where its packets
@@ -301,6 +299,13 @@ pub struct Flow {
     pub snd_nxt: u32,
     /// Receive and send buffer capacities of its socket.
     pub buffers: (usize, usize),
+    /// Local ↔ wire offsets of our sequence numbers and timestamps ([`crate::translate`]):
+    /// every connection has its own (unpredictable ISNs, RFC 6528, [`crate::secure`]); a
+    /// restored one those that map its socket onto the numbers the client knows.
+    pub xlate: Translation,
+    /// The wire ISN of a connection accepted here: when smoltcp's SYN-ACK goes out, `xlate`
+    /// maps smoltcp's own ISN onto it.
+    pub wire_isn: Option<u32>,
     /// Set when the flow was restored from another node.
     pub restored: Option<Restored>,
     /// Where the client's packets enter, when not here.
@@ -330,6 +335,49 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// A local connection served by `app` on socket `handle` with buffers of `buffers`
+    /// (rx, tx) bytes, created at `now`, holding a connection slot; everything else empty.
+    /// Callers set what they know (the handshake, the numbers) with struct update syntax.
+    pub fn new(
+        id: u64,
+        key: FlowKey,
+        handle: SocketHandle,
+        (app, app_kind): (Box<dyn App>, AppKind),
+        buffers: (usize, usize),
+        now: Instant,
+    ) -> Self {
+        Self {
+            id,
+            key,
+            handle,
+            app,
+            app_kind,
+            mode: FlowMode::Local,
+            record: HandshakeRecord::default(),
+            mirror: SendMirror::new(buffers.1),
+            bytes_in: 0,
+            send_base: 0,
+            recv_base: 0,
+            snd_nxt: 0,
+            buffers,
+            xlate: Translation::default(),
+            wire_isn: None,
+            restored: None,
+            ingress: None,
+            return_path: ReturnPath::Relay,
+            created: now,
+            active_at: now,
+            head_since: None,
+            last_rx: now,
+            fin_delivered: false,
+            close_sent: false,
+            dirty: false,
+            half_open: false,
+            counted: true,
+            rates: RateSample::default(),
+        }
+    }
+
     /// Bytes the app wrote.
     pub fn bytes_out(&self) -> u64 {
         self.mirror.total()

@@ -25,7 +25,7 @@
 //! Inbound packets come from the network. Every rewrite works on checked views and walks TCP
 //! options with bounds checks; a packet that does not parse is left untouched and reported.
 
-use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket, TcpSeqNumber};
+use smoltcp::wire::{Ipv4Packet, TcpPacket, TcpSeqNumber};
 
 /// TCP option kinds rewritten here.
 const OPT_END: u8 = 0;
@@ -84,10 +84,10 @@ impl Translation {
         ack_floor: Option<u32>,
     ) -> Result<(), TranslateError> {
         let mut ip = Ipv4Packet::new_checked(packet).map_err(|_| TranslateError::Malformed)?;
-        let (src, dst) = (ip.src_addr(), ip.dst_addr());
         let mut tcp =
             TcpPacket::new_checked(ip.payload_mut()).map_err(|_| TranslateError::Malformed)?;
-        let mut local = tcp.seq_number().0 as u32;
+        let old_seq = tcp.seq_number().0 as u32;
+        let mut local = old_seq;
         if let Some(floor) = ack_floor
             && tcp.payload_mut().is_empty()
             && !(tcp.syn() || tcp.fin() || tcp.rst())
@@ -97,14 +97,24 @@ impl Translation {
         }
         let seq = local.wrapping_add(self.seq_off);
         tcp.set_seq_number(TcpSeqNumber(seq as i32));
+        // The checksum is updated for what changed (RFC 1624), not recomputed over the
+        // payload: sequence number (at an even offset) and TSval (anywhere in the options).
+        let mut delta = Delta::default();
+        delta.replace(old_seq, seq, false);
         let ts_off = self.ts_off;
-        for_each_option(tcp.options_mut(), |kind, body| {
-            if kind == OPT_TIMESTAMP && body.len() == 8 {
-                add_be32(&mut body[0..4], ts_off);
-            }
-        });
+        if ts_off != 0 {
+            for_each_option(tcp.options_mut(), |kind, body, odd| {
+                if kind == OPT_TIMESTAMP && body.len() == 8 {
+                    let old = be32(&body[0..4]);
+                    let new = old.wrapping_add(ts_off);
+                    body[0..4].copy_from_slice(&new.to_be_bytes());
+                    delta.replace(old, new, odd);
+                }
+            });
+        }
         if fix_checksum {
-            tcp.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+            let check = tcp.checksum();
+            tcp.set_checksum(delta.apply(check));
         }
         Ok(())
     }
@@ -132,8 +142,9 @@ impl Translation {
             tcp.set_ack_number(TcpSeqNumber(ack as i32));
             local_ack = Some(ack);
         }
-        let (seq_off, ts_off) = (self.seq_off, self.ts_off);
-        for_each_option(tcp.options_mut(), |kind, body| match kind {
+        // TSecr means something only with ACK set (RFC 7323): a SYN's is left alone.
+        let (seq_off, ts_off) = (self.seq_off, if tcp.ack() { self.ts_off } else { 0 });
+        for_each_option(tcp.options_mut(), |kind, body, _| match kind {
             OPT_TIMESTAMP if body.len() == 8 => sub_be32(&mut body[4..8], ts_off),
             OPT_SACK if body.len() % 8 == 0 => {
                 for edge in body.chunks_exact_mut(4) {
@@ -151,6 +162,41 @@ pub fn seq_gt(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
+fn be32(field: &[u8]) -> u32 {
+    <[u8; 4]>::try_from(field).map_or(0, u32::from_be_bytes)
+}
+
+/// An incremental Internet-checksum update (RFC 1624, eqn. 3): `HC' = ~(~HC + ~m + m')`,
+/// summed over every replaced 32-bit field.
+#[derive(Default)]
+struct Delta {
+    sum: u64,
+}
+
+impl Delta {
+    /// Accounts for `old` replaced by `new`; `odd` when the field starts at an odd offset
+    /// from the start of the TCP header (its bytes then sit in swapped halves of the
+    /// checksum's 16-bit words).
+    fn replace(&mut self, old: u32, new: u32, odd: bool) {
+        let (old, new) = if odd {
+            (old.rotate_right(8), new.rotate_right(8))
+        } else {
+            (old, new)
+        };
+        for (o, n) in [(old >> 16, new >> 16), (old & 0xffff, new & 0xffff)] {
+            self.sum += u64::from(!(o as u16)) + n as u64;
+        }
+    }
+
+    fn apply(&self, check: u16) -> u16 {
+        let mut sum = u64::from(!check) + self.sum;
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+}
+
 fn add_be32(field: &mut [u8], off: u32) {
     if let Ok(b) = <[u8; 4]>::try_from(&field[..]) {
         field.copy_from_slice(&u32::from_be_bytes(b).wrapping_add(off).to_be_bytes());
@@ -161,14 +207,19 @@ fn sub_be32(field: &mut [u8], off: u32) {
     add_be32(field, off.wrapping_neg());
 }
 
-/// Calls `f(kind, body)` for every well-formed option in `options`; stops at the end-of-list
-/// option or at the first malformed length.
-fn for_each_option(mut options: &mut [u8], mut f: impl FnMut(u8, &mut [u8])) {
+/// Calls `f(kind, body, odd)` for every well-formed option in `options` (which start 20 bytes
+/// into the TCP header), `odd` when the body starts at an odd offset; stops at the
+/// end-of-list option or at the first malformed length.
+fn for_each_option(mut options: &mut [u8], mut f: impl FnMut(u8, &mut [u8], bool)) {
+    let mut at = 0usize;
     loop {
         let Some(&kind) = options.first() else { return };
         match kind {
             OPT_END => return,
-            OPT_NOP => options = &mut options[1..],
+            OPT_NOP => {
+                options = &mut options[1..];
+                at += 1;
+            }
             _ => {
                 let Some(&len) = options.get(1) else { return };
                 let len = usize::from(len);
@@ -176,8 +227,9 @@ fn for_each_option(mut options: &mut [u8], mut f: impl FnMut(u8, &mut [u8])) {
                     return;
                 }
                 let (this, rest) = options.split_at_mut(len);
-                f(kind, &mut this[2..]);
+                f(kind, &mut this[2..], (at + 2) % 2 == 1);
                 options = rest;
+                at += len;
             }
         }
     }
@@ -188,7 +240,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{TcpControl, TcpRepr, TcpTimestampRepr};
+    use smoltcp::wire::{IpAddress, TcpControl, TcpRepr, TcpTimestampRepr};
 
     use super::*;
     use crate::packet::emit_ipv4_tcp;
@@ -242,6 +294,57 @@ mod tests {
         assert_eq!(r.timestamp.unwrap().tsval, 1_000_100);
         assert_eq!(r.timestamp.unwrap().tsecr, 7);
         assert_eq!(r.payload, b"abc");
+    }
+
+    #[test]
+    fn the_incremental_checksum_is_right_for_any_offsets_and_an_odd_aligned_timestamp() {
+        // Options laid out as [NOP, TS, NOP, NOP, NOP]: the TSval starts at an odd offset.
+        let mut p = emit_ipv4_tcp(A, B, &repr(0x20, Some(5), [None; 3]));
+        {
+            let mut ip = Ipv4Packet::new_checked(&mut p[..]).unwrap();
+            let mut tcp = TcpPacket::new_checked(ip.payload_mut()).unwrap();
+            let opts = tcp.options_mut();
+            assert_eq!(opts.len(), 12);
+            let at = opts.iter().position(|&b| b == OPT_TIMESTAMP).unwrap();
+            let ts: [u8; 10] = opts[at..at + 10].try_into().unwrap();
+            opts.fill(OPT_NOP);
+            opts[1..11].copy_from_slice(&ts);
+            tcp.fill_checksum(&IpAddress::Ipv4(A), &IpAddress::Ipv4(B));
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..2_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let t = Translation {
+                seq_off: seed as u32,
+                ts_off: (seed >> 32) as u32,
+            };
+            let mut q = p.clone();
+            t.outbound(&mut q, true, None).unwrap();
+            let r = parse(&q); // fails on a wrong checksum
+            assert_eq!(
+                r.seq_number,
+                TcpSeqNumber(0x20u32.wrapping_add(t.seq_off) as i32)
+            );
+            assert_eq!(r.timestamp.unwrap().tsval, 100u32.wrapping_add(t.ts_off));
+        }
+    }
+
+    #[test]
+    fn a_syns_tsecr_is_left_alone() {
+        let t = Translation {
+            seq_off: 1000,
+            ts_off: 50,
+        };
+        let mut syn = repr(9, None, [None; 3]);
+        syn.control = TcpControl::Syn;
+        syn.payload = b"";
+        let mut p = emit_ipv4_tcp(B, A, &syn);
+        assert_eq!(t.inbound(&mut p, None), Ok(None));
+        let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!(tcp.options_summary().unwrap().timestamp, Some((100, 7)));
     }
 
     #[test]

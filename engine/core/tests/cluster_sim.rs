@@ -20,7 +20,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use flowshift_core::app::{self, AppConfig, AppKind};
-use flowshift_core::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+use flowshift_core::config::{Ipv4Cidr, ServiceConfig};
 use flowshift_core::flow::{PeerRef, Remote};
 use flowshift_core::segment::segment;
 use flowshift_core::stack::{
@@ -391,31 +391,34 @@ struct Node {
     segment_buf: Vec<u8>,
 }
 
+/// A node's secret: distinct per node, as the daemon draws its own.
+fn secret(seed: u64) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[..8].copy_from_slice(&seed.to_le_bytes());
+    s[8..].copy_from_slice(&seed.rotate_left(29).to_le_bytes());
+    s
+}
+
 fn node_stack(seed: u64, now: SInstant, budget: ConnectionBudget) -> Stack {
     let service = |port, app, bytes| ServiceConfig::new(port, app, AppConfig { bytes });
     Stack::new(
         StackConfig {
-            worker: 0,
-            addresses: vec![Ipv4Cidr {
-                addr: SERVICE,
-                prefix_len: 32,
-            }],
-            services: vec![
-                service(7, AppKind::Echo, None),
-                service(19, AppKind::Source, Some(DOWNLOAD as u64)),
-                service(20, AppKind::Source, Some(SMALL_DOWNLOAD as u64)),
-            ],
-            tcp: TcpConfig::default(),
-            mtu: 1500,
-            max_packet: 1500,
             frozen_queue_packets: 4096,
-            frozen_queue_bytes: 4 << 20,
             frozen_total_bytes: 64 << 20,
-            freeze_timeout: smoltcp::time::Duration::from_secs(60),
             max_half_open: 64,
             seed,
-            tx_headroom: 0,
-            tso_max: None,
+            ..StackConfig::new(
+                vec![Ipv4Cidr {
+                    addr: SERVICE,
+                    prefix_len: 32,
+                }],
+                vec![
+                    service(7, AppKind::Echo, None),
+                    service(19, AppKind::Source, Some(DOWNLOAD as u64)),
+                    service(20, AppKind::Source, Some(SMALL_DOWNLOAD as u64)),
+                ],
+                secret(seed),
+            )
         },
         budget,
         now,
@@ -1066,7 +1069,10 @@ impl Node {
     /// node.rs `Worker::tunnel_packets`.
     fn tunnel_packet(&mut self, now: SInstant, p: TunnelPacket) {
         match p.kind {
-            ForwardKind::ToOwner => self.stack.handle_forwarded(now, p.from, p.flow, &p.packet),
+            ForwardKind::ToOwner => {
+                self.stack
+                    .handle_forwarded(now, p.from, p.flow, &mut p.packet.clone())
+            }
             ForwardKind::ToIngress => {
                 if self.stack.handle_from_owner(now, p.from, p.flow, &p.packet) {
                     self.tun_out.push(p.packet);
@@ -1355,7 +1361,7 @@ impl Cluster {
                 }
                 To::Tun(i) if self.nodes[i].alive => {
                     let n = &mut self.nodes[i];
-                    n.stack.handle_packet(n.snow(now), &p.data);
+                    n.stack.handle_packet(n.snow(now), &mut p.data.clone());
                 }
                 To::Udp(i) if self.nodes[i].alive => {
                     let from = self.nodes[1 - i].addr;

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
 use flowshift_core::app::{AppConfig, AppKind};
-use flowshift_core::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+use flowshift_core::config::{Ipv4Cidr, ServiceConfig};
 use flowshift_core::flow::{PeerRef, Remote};
 use flowshift_core::segment::segment;
 use flowshift_core::stack::{
@@ -122,38 +122,41 @@ struct Net {
 }
 
 fn node(worker: u16, seed: u64, now: Instant) -> Stack {
+    Stack::new(node_config(worker, seed), ConnectionBudget::new(1000), now)
+}
+
+fn node_config(worker: u16, seed: u64) -> StackConfig {
     let service = |port, app, bytes| ServiceConfig::new(port, app, AppConfig { bytes });
-    Stack::new(
-        StackConfig {
-            worker,
-            addresses: vec![Ipv4Cidr {
+    StackConfig {
+        worker,
+        frozen_queue_packets: 4096,
+        frozen_total_bytes: 64 << 20,
+        // Longer than any freeze here, which outlasts smoltcp's own timeout on
+        // purpose (a_frozen_flow_sends_nothing_and_does_not_time_out).
+        freeze_timeout: Duration::from_secs(600),
+        max_half_open: 64,
+        seed,
+        ..StackConfig::new(
+            vec![Ipv4Cidr {
                 addr: SERVICE,
                 prefix_len: 32,
             }],
-            services: vec![
+            vec![
                 service(7, AppKind::Echo, None),
                 service(9, AppKind::Sink, None),
                 service(19, AppKind::Source, Some(3_000_000)),
                 service(20, AppKind::Source, Some(100_000)),
                 service(80, AppKind::Http, None),
             ],
-            tcp: TcpConfig::default(),
-            mtu: 1500,
-            max_packet: 1500,
-            frozen_queue_packets: 4096,
-            frozen_queue_bytes: 4 << 20,
-            frozen_total_bytes: 64 << 20,
-            // Longer than any freeze here, which outlasts smoltcp's own timeout on
-            // purpose (a_frozen_flow_sends_nothing_and_does_not_time_out).
-            freeze_timeout: Duration::from_secs(600),
-            max_half_open: 64,
-            seed,
-            tx_headroom: 0,
-            tso_max: None,
-        },
-        ConnectionBudget::new(1000),
-        now,
-    )
+            {
+                // Each node its own secret, as the daemon draws.
+                let mut s = [0u8; 16];
+                s[..8].copy_from_slice(&seed.to_le_bytes());
+                s[8] = worker as u8;
+                s
+            },
+        )
+    }
 }
 
 impl Net {
@@ -230,7 +233,7 @@ impl Net {
             .poll(self.now, &mut self.pipe, &mut self.sockets);
         while let Some(p) = self.pipe.tx.pop_front() {
             if !self.lose() {
-                self.nodes[0].handle_packet(self.now, &p);
+                self.nodes[0].handle_packet(self.now, &mut p.clone());
             }
         }
         self.exchange_nodes();
@@ -283,9 +286,12 @@ impl Net {
                 }
                 let from = Self::peer(t.from);
                 match t.kind {
-                    ForwardKind::ToOwner => {
-                        self.nodes[t.to].handle_forwarded(self.now, from, t.flow, &t.packet)
-                    }
+                    ForwardKind::ToOwner => self.nodes[t.to].handle_forwarded(
+                        self.now,
+                        from,
+                        t.flow,
+                        &mut t.packet.clone(),
+                    ),
                     ForwardKind::ToIngress => {
                         if self.nodes[t.to].handle_from_owner(self.now, from, t.flow, &t.packet) {
                             self.client_rsts += usize::from(is_rst(&t.packet));
@@ -456,7 +462,11 @@ fn recv_all(s: &mut tcp::Socket<'static>, into: &mut Vec<u8>) {
 
 /// A counting-stream download moved from A to B mid-stream, under each client option set.
 fn download_moved_once(opts: ClientOpts) {
-    let mut n = Net::new();
+    download_moved_once_on(Net::new(), opts);
+}
+
+/// Returns A's counters at the end.
+fn download_moved_once_on(mut n: Net, opts: ClientOpts) -> flowshift_core::stack::StackStats {
     let h = n.connect(19, opts);
     let mut got = Vec::new();
     n.run_until(10_000, |n| {
@@ -490,11 +500,33 @@ fn download_moved_once(opts: ClientOpts) {
     });
     assert_eq!(n.client_rsts, 0);
     let _ = moved;
+    n.nodes[0].stats().clone()
 }
 
 #[test]
 fn a_download_moved_mid_stream_is_byte_exact() {
     download_moved_once(ClientOpts::DEFAULT);
+}
+
+#[test]
+fn a_connection_born_of_a_syn_cookie_moves_byte_exact() {
+    for opts in [
+        ClientOpts::DEFAULT,
+        ClientOpts {
+            timestamps: false,
+            ..ClientOpts::DEFAULT
+        },
+    ] {
+        let mut n = Net::new();
+        // A answers every SYN with a cookie: the connection is made from the client's ACK.
+        let config = StackConfig {
+            syn_cookies_after: Some(0),
+            ..node_config(0, 7)
+        };
+        n.nodes[0] = Stack::new(config, ConnectionBudget::new(1000), n.now);
+        let a = download_moved_once_on(n, opts);
+        assert_eq!((a.syn_cookies_sent, a.syn_cookies_accepted), (1, 1));
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use flowshift_core::app::{AppConfig, AppKind};
-use flowshift_core::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+use flowshift_core::config::{Ipv4Cidr, ServiceConfig};
 use flowshift_core::packet::DropReason;
 use flowshift_core::stack::{ConnectionBudget, Stack, StackConfig};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -85,28 +85,24 @@ impl Pair {
         let budget = ConnectionBudget::new(max_connections);
         let service = |port, app, bytes| ServiceConfig::new(port, app, AppConfig { bytes });
         let mut config = StackConfig {
-            worker: 0,
-            addresses: vec![Ipv4Cidr {
-                addr: SERVICE,
-                prefix_len: 32,
-            }],
-            services: vec![
-                service(7, AppKind::Echo, None),
-                service(9, AppKind::Sink, None),
-                service(19, AppKind::Source, Some(1_000_000)),
-                service(80, AppKind::Http, None),
-            ],
-            tcp: TcpConfig::default(),
-            mtu: 1500,
-            max_packet: 1500,
             frozen_queue_packets: 64,
-            frozen_queue_bytes: 4 << 20,
             frozen_total_bytes: 64 << 20,
-            freeze_timeout: Duration::from_secs(60),
             max_half_open: 4,
+            syn_cookies_after: None,
             seed: 7,
-            tx_headroom: 0,
-            tso_max: None,
+            ..StackConfig::new(
+                vec![Ipv4Cidr {
+                    addr: SERVICE,
+                    prefix_len: 32,
+                }],
+                vec![
+                    service(7, AppKind::Echo, None),
+                    service(9, AppKind::Sink, None),
+                    service(19, AppKind::Source, Some(1_000_000)),
+                    service(80, AppKind::Http, None),
+                ],
+                [7; 16],
+            )
         };
         tune(&mut config);
         let stack = Stack::new(config, budget.clone(), now);
@@ -155,7 +151,7 @@ impl Pair {
         while let Some(mut p) = self.pipe.tx.pop_front() {
             let keep = self.filter.as_mut().is_none_or(|f| f(&mut p));
             if keep {
-                self.stack.handle_packet(self.now, &p);
+                self.stack.handle_packet(self.now, &mut p.clone());
             }
         }
         self.stack.poll(self.now);
@@ -416,12 +412,12 @@ fn corrupted_packets_are_counted_and_do_not_disturb() {
     // Garbage of every shape.
     for len in 0..80usize {
         let junk: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
-        p.stack.handle_packet(p.now, &junk);
+        p.stack.handle_packet(p.now, &mut junk.clone());
         let mut v4 = junk.clone();
         if !v4.is_empty() {
             v4[0] = 0x45;
         }
-        p.stack.handle_packet(p.now, &v4);
+        p.stack.handle_packet(p.now, &mut v4.clone());
     }
     p.step();
     assert_eq!(p.sock(h).state(), tcp::State::Established);
@@ -440,7 +436,7 @@ fn shutdown_closes_gracefully() {
     let half_open = p.connect(7);
     p.client.poll(p.now, &mut p.pipe, &mut p.sockets);
     while let Some(pkt) = p.pipe.tx.pop_front() {
-        p.stack.handle_packet(p.now, &pkt);
+        p.stack.handle_packet(p.now, &mut pkt.clone());
     }
     p.stack.begin_shutdown(p.now);
     p.run_until(1_000, |p| !p.sock(h).may_recv());
@@ -690,7 +686,7 @@ fn client_segment(
 
 /// Feeds `packet` to the stack and returns what it sends back.
 fn exchange(p: &mut Pair, packet: &[u8]) -> Vec<smoltcp::wire::TcpRepr<'static>> {
-    p.stack.handle_packet(p.now, packet);
+    p.stack.handle_packet(p.now, &mut packet.to_vec());
     p.stack.poll(p.now);
     let mut out = Vec::new();
     p.stack.drain_transmit(|b| {
@@ -858,12 +854,16 @@ fn an_http_connection_idle_between_requests_is_closed_and_an_echo_one_is_not() {
     p.now += Duration::from_secs(3);
     p.run_until(2_000, |p| !p.sock(http).may_recv());
     assert_eq!(p.stack.stats().idle_closed, 1);
-    p.now += Duration::from_secs(600);
-    for _ in 0..1_500 {
-        p.step();
+    // Ten idle minutes, in 30 s jumps (the client answers the keepalive probes between).
+    for _ in 0..20 {
+        p.now += Duration::from_secs(30);
+        for _ in 0..50 {
+            p.step();
+        }
     }
     assert_eq!(p.sock(echo).state(), tcp::State::Established);
     assert_eq!(p.stack.stats().idle_closed, 1);
+    assert_eq!(p.stack.stats().keepalive_timeouts, 0);
 }
 
 #[test]
@@ -943,7 +943,7 @@ fn a_frozen_flow_queues_at_most_its_bytes_and_a_forgotten_freeze_ends() {
             payload: &[0u8; 1000],
         };
         let packet = flowshift_core::packet::emit_ipv4_tcp(CLIENT, SERVICE, &repr);
-        p.stack.handle_packet(p.now, &packet);
+        p.stack.handle_packet(p.now, &mut packet.clone());
     }
     let dropped = p.stack.stats().dropped[DropReason::FrozenQueueFull.index()];
     assert_eq!(dropped, 5, "{:?}", p.stack.stats());
@@ -968,4 +968,237 @@ fn a_frozen_flow_queues_at_most_its_bytes_and_a_forgotten_freeze_ends() {
     });
     assert_eq!(p.stack.stats().freeze_timeouts, 1);
     assert_eq!(p.stack.conns(p.now)[0].mode, "local");
+}
+
+/// Our wire ISN of the connection from the client's `port` (from the SYN-ACK as it left).
+fn wire_isn(p: &Pair, port: u16) -> u32 {
+    p.stack
+        .conns(p.now)
+        .iter()
+        .find(|c| c.client.port() == port)
+        .and_then(|c| c.handshake.our_syn_ack)
+        .expect("SYN-ACK recorded")
+        .isn
+}
+
+/// Echoes `n` counting bytes over the established connection `h` and checks them.
+fn echo_exact(p: &mut Pair, h: SocketHandle, n: usize) {
+    let data = counting(0, n);
+    let (mut sent, mut got) = (0, Vec::new());
+    p.run_until(20_000, |p| {
+        let s = p.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        got.len() == data.len()
+    });
+    assert_eq!(got, data);
+    assert_eq!(p.sock(h).state(), tcp::State::Established);
+}
+
+#[test]
+fn isns_are_the_keyed_hash_of_rfc_6528_unrelated_between_connections_and_nodes() {
+    use flowshift_core::secure::Secrets;
+    let mut a = Pair::new(100);
+    let mut b = Pair::new_with(100, |c| c.secret = [8; 16]);
+    let mut isns = Vec::new();
+    for _ in 0..40 {
+        let (ha, hb) = (a.connect(7), b.connect(7));
+        let port = a.next_port;
+        // The SYN reaches each stack in its next step.
+        let (a_at, b_at) = (a.now, b.now);
+        a.run_until(100, |p| p.sock(ha).state() == tcp::State::Established);
+        b.run_until(100, |p| p.sock(hb).state() == tcp::State::Established);
+        let client = SocketAddrV4::new(CLIENT, port);
+        let service = SocketAddrV4::new(SERVICE, 7);
+        let (isn_a, isn_b) = (wire_isn(&a, port), wire_isn(&b, port));
+        assert_eq!(isn_a, Secrets::new(&[7; 16]).isn(client, service, a_at));
+        assert_eq!(isn_b, Secrets::new(&[8; 16]).isn(client, service, b_at));
+        // Another node's secret: an unrelated number for the same 4-tuple at the same time.
+        let d = isn_b.wrapping_sub(Secrets::new(&[7; 16]).isn(client, service, b_at));
+        assert!(
+            d > 1 << 20 && d < u32::MAX - (1 << 20),
+            "nodes {isn_a} {isn_b}"
+        );
+        isns.push(isn_a);
+        // Both connections carry bytes both ways under the translation.
+        a.sock(ha).send_slice(b"ping").unwrap();
+        a.run_until(100, |p| p.sock(ha).recv_queue() == 4);
+        a.sock(ha).abort();
+        b.sock(hb).abort();
+        a.step();
+        b.step();
+    }
+    // Consecutive connections: no increment to learn (a clock-driven or counter ISN would
+    // differ by a small or constant step).
+    let steps: std::collections::HashSet<u32> =
+        isns.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+    assert_eq!(steps.len(), isns.len() - 1);
+    for s in &steps {
+        assert!(*s > 1 << 20 && *s < u32::MAX - (1 << 20), "step {s}");
+    }
+}
+
+#[test]
+fn a_syn_cookie_connection_carries_bytes_both_ways_with_and_without_timestamps() {
+    for timestamps in [false, true] {
+        let mut p = Pair::new_with(100, |c| c.syn_cookies_after = Some(0));
+        let h = p.connect(7);
+        if timestamps {
+            p.sock(h).set_tsval_generator(Some(|| 5_000));
+        }
+        p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+        p.step(); // the client's ACK reaches the stack
+        // Nothing was kept for the SYN: the connection came from the ACK's cookie.
+        let st = p.stack.stats().clone();
+        assert_eq!(st.syn_cookies_sent, 1, "timestamps {timestamps}");
+        assert_eq!(st.syn_cookies_accepted, 1);
+        assert_eq!(st.conns_accepted, 1);
+        assert_eq!(p.stack.connection_count(), 1);
+        echo_exact(&mut p, h, 300_000);
+        let c = &p.stack.conns(p.now)[0];
+        let syn = c.handshake.client_syn.unwrap();
+        // The client's options came back through the cookie: its MSS (1460 is in the
+        // table) and, with timestamps, its window scale (256 KiB buffer: bitlen - 16 = 3) and
+        // TS.recent.
+        assert_eq!(syn.mss, Some(1460));
+        if timestamps {
+            assert_eq!(syn.window_scale, Some(3));
+            assert_eq!(c.handshake.client_tsval, Some(5_000));
+        } else {
+            assert_eq!(syn.window_scale, None);
+        }
+        // It closes as any connection does.
+        p.sock(h).close();
+        p.run_until(2_000, |p| p.stack.connection_count() == 0);
+        assert_eq!(p.stack.stats().conns_closed, 1);
+    }
+}
+
+#[test]
+fn a_spoofed_syn_flood_gets_cookies_and_real_clients_still_get_in() {
+    use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber};
+    // max_half_open 4, cookies after 2 handshakes in progress.
+    let mut p = Pair::new_with(100, |c| c.syn_cookies_after = Some(2));
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut answered = 0;
+    for i in 0..20_000u32 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let src = Ipv4Addr::from(0xc612_0000 | (rng as u32 & 0xffff)); // 198.18.x.y
+        let syn = TcpRepr {
+            src_port: 1024 + (rng >> 20) as u16 % 60_000,
+            dst_port: 7,
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber((rng >> 32) as i32),
+            ack_number: None,
+            window_len: 64_240,
+            window_scale: Some(7),
+            max_seg_size: Some(1460),
+            sack_permitted: true,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let mut pkt = flowshift_core::packet::emit_ipv4_tcp(src, SERVICE, &syn);
+        p.stack.handle_packet(p.now, &mut pkt);
+        p.stack.poll(p.now);
+        p.stack.drain_transmit(|_| answered += 1);
+        if i % 1000 == 0 {
+            p.now += Duration::from_millis(1);
+        }
+    }
+    let st = p.stack.stats().clone();
+    // Two handshakes hold state; every other SYN got a cookie and left nothing behind.
+    assert_eq!(p.stack.connection_count(), 2);
+    assert_eq!(st.syn_cookies_sent, 20_000 - 2);
+    assert_eq!(st.refused_half_open, 0);
+    assert_eq!(answered, 20_000, "every SYN answered with a SYN-ACK");
+    // Real clients: all get in (by cookie) and carry bytes.
+    let clients: Vec<SocketHandle> = (0..8).map(|_| p.connect(7)).collect();
+    p.run_until(200, |p| {
+        clients
+            .iter()
+            .all(|&h| p.sock(h).state() == tcp::State::Established)
+    });
+    for &h in &clients {
+        echo_exact(&mut p, h, 20_000);
+    }
+    assert_eq!(p.stack.stats().syn_cookies_accepted, 8);
+    assert_eq!(p.stack.stats().refused_half_open, 0);
+}
+
+#[test]
+fn an_ack_with_a_forged_cookie_is_counted_and_reset() {
+    use smoltcp::wire::TcpControl;
+    let mut p = Pair::new_with(100, |c| c.syn_cookies_after = Some(0));
+    // Cookies are in use (one real handshake by cookie).
+    let h = p.connect(7);
+    p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+    p.step();
+    let forged = client_segment(50_000, TcpControl::None, 1_000, Some(123_456_789));
+    // client_segment aims at port 19 (a service too).
+    let out = exchange(&mut p, &forged);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].control, TcpControl::Rst);
+    assert_eq!(p.stack.stats().syn_cookies_invalid, 1);
+    assert_eq!(p.stack.connection_count(), 1);
+    // Without cookies in use, ACKs of unknown connections are not even checked.
+    let mut q = Pair::new(100);
+    let forged = client_segment(50_000, TcpControl::None, 1_000, Some(123_456_789));
+    let out = exchange(&mut q, &forged);
+    assert_eq!(out[0].control, TcpControl::Rst);
+    assert_eq!(q.stack.stats().syn_cookies_invalid, 0);
+}
+
+#[test]
+fn keepalive_probes_an_idle_client_and_resets_a_dead_one() {
+    let ka = Duration::from_secs(5);
+    let mut p = Pair::new_with(100, |c| {
+        for s in &mut c.services {
+            s.keepalive = Some(ka);
+        }
+    });
+    let alive = p.connect(7);
+    let dead = p.connect(7);
+    p.run_until(100, |p| {
+        [alive, dead]
+            .iter()
+            .all(|&h| p.sock(h).state() == tcp::State::Established)
+    });
+    p.step();
+    let dead_port = p.next_port;
+    // From now on the dead client's packets vanish (it crashed without a word).
+    p.filter = Some(Box::new(move |pkt| {
+        let ip = smoltcp::wire::Ipv4Packet::new_checked(&pkt[..]).unwrap();
+        let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+        tcp.src_port() != dead_port
+    }));
+    let out_before = p.stack.stats().packets_out;
+    // Silent for 3 intervals: probes go out to both, only the living one answers.
+    for _ in 0..15_500 {
+        p.step();
+    }
+    let probes = p.stack.stats().packets_out - out_before;
+    // Each of the two got a probe at 5, 10 and 15 s (the living one's answers rewind it).
+    assert!((5..=8).contains(&probes), "{probes} packets out while idle");
+    assert_eq!(p.stack.connection_count(), 2);
+    assert_eq!(p.stack.stats().keepalive_timeouts, 0);
+    // After 4 intervals of silence (20 s; the sweep runs every second) the dead one is
+    // reset; the living one stays.
+    p.run_until(7_000, |p| p.stack.stats().keepalive_timeouts == 1);
+    assert!(p.now - Instant::from_millis(1_000) >= Duration::from_secs(20));
+    assert_eq!(p.stack.connection_count(), 1);
+    let c = &p.stack.conns(p.now)[0];
+    assert_eq!(c.client.port(), dead_port - 1);
+    // And it still carries bytes.
+    echo_exact(&mut p, alive, 10_000);
 }

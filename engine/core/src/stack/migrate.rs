@@ -318,7 +318,7 @@ impl Stack {
         );
         // What the client may have been sent: the highest number seen going out, or what a
         // previous owner had sent, whichever is further, within what the bytes allow.
-        let seq_off = flow.restored.map_or(0, |r| r.xlate.seq_off);
+        let seq_off = flow.xlate.seq_off;
         let mut snd_nxt = flow.snd_nxt.wrapping_add(seq_off);
         if let Some(r) = flow.restored {
             let claimed = r.claimed.wrapping_add(seq_off);
@@ -442,35 +442,13 @@ impl Stack {
         if !self.budget.try_acquire() {
             return Err(RestoreError::Capacity);
         }
-        let restored = self.handshake(now, snap, &key, params.mss_clamp, rx, tx);
-        let (socket, isn) = match restored {
-            Ok(r) => r,
+        let flow = match self.install(now, snap, key, (app, kind), params.mss_clamp) {
+            Ok(flow) => flow,
             Err(e) => {
                 self.budget.release();
                 return Err(e);
             }
         };
-        let mut socket = socket;
-        let mut mirror = SendMirror::new(tx);
-        if !snap.send_bytes.is_empty() {
-            let n = socket.send_slice(&snap.send_bytes).unwrap_or(0);
-            if n != snap.send_bytes.len() {
-                self.budget.release();
-                return Err(RestoreError::Handshake("send buffer refused the bytes"));
-            }
-            mirror.push(&snap.send_bytes);
-        }
-        if snap.our_fin {
-            socket.close();
-        }
-        let local_una = isn.wrapping_add(1);
-        let seq_off = snap.snd_una.wrapping_sub(local_una);
-        let ts_off = snap.timestamps.map_or(0, |t| {
-            // Ours must never go below the last TSval the client saw (PAWS).
-            t.our_tsval.wrapping_sub(tsval_now()).wrapping_add(1)
-        });
-        let data_start = snap.rcv_nxt.wrapping_sub(snap.unread.len() as u32);
-        let handle = self.sockets.add(socket);
         let id = match home {
             Some((_, id, _)) => id,
             None => {
@@ -481,41 +459,8 @@ impl Stack {
         };
         let flow = Flow {
             id,
-            key,
-            handle,
-            app,
-            app_kind: kind,
-            mode: FlowMode::Local,
-            record: HandshakeRecord {
-                client_syn: Some(SynOptions {
-                    isn: data_start.wrapping_sub(1),
-                    mss: Some(snap.client_mss),
-                    window_scale: snap.client_wscale,
-                    sack_permitted: snap.sack_permitted,
-                    timestamp: snap.timestamps.map(|t| (t.ts_recent, 0)),
-                    window: snap.client_window,
-                }),
-                our_syn_ack: Some(SynOptions {
-                    isn: snap.snd_una.wrapping_sub(1),
-                    mss: Some(params.mss_clamp),
-                    window_scale: Some(snap.our_wscale),
-                    sack_permitted: snap.sack_permitted,
-                    timestamp: snap.timestamps.map(|t| (t.our_tsval, t.ts_recent)),
-                    window: 0,
-                }),
-                client_window: snap.client_window,
-                client_tsval: snap.timestamps.map(|t| t.ts_recent),
-                our_tsval: snap.timestamps.map(|t| t.our_tsval),
-            },
-            mirror,
-            bytes_in: 0,
-            send_base: snap.snd_una,
-            recv_base: data_start,
-            snd_nxt: local_una,
-            buffers: (rx, tx),
             restored: Some(Restored {
-                xlate: Translation { seq_off, ts_off },
-                claimed: snap.snd_nxt.wrapping_sub(seq_off),
+                claimed: snap.snd_nxt.wrapping_sub(flow.xlate.seq_off),
                 home_from: home.map(|(_, _, to)| to),
                 source: params.source,
             }),
@@ -525,17 +470,9 @@ impl Stack {
             } else {
                 ReturnPath::Relay
             },
-            created: now,
-            last_rx: now,
-            active_at: now,
-            head_since: None,
-            fin_delivered: snap.app.fin_delivered,
-            close_sent: snap.our_fin,
-            dirty: true,
-            half_open: false,
-            counted: true,
-            rates: Default::default(),
+            ..flow
         };
+        let (seq_off, ts_off) = (flow.xlate.seq_off, flow.xlate.ts_off);
         let slot = match home {
             Some((slot, _, _)) => {
                 if let Some(f) = self.flows.get_mut(slot) {
@@ -561,6 +498,73 @@ impl Stack {
         Ok(id)
     }
 
+    /// Builds the connection `snap` describes: a socket brought to its state by the
+    /// synthetic handshake, holding its unread and unsent bytes (and our FIN), in the live
+    /// socket set, and a flow (id 0, not in the table) whose translation maps the socket's
+    /// numbers onto the client's. The caller holds a connection slot for it.
+    pub(super) fn install(
+        &mut self,
+        now: Instant,
+        snap: &ConnSnapshot,
+        key: FlowKey,
+        app: (Box<dyn crate::app::App>, AppKind),
+        mss_clamp: u16,
+    ) -> Result<Flow, RestoreError> {
+        let (rx, tx) = (snap.rx_capacity as usize, snap.tx_capacity as usize);
+        let (mut socket, isn) = self.handshake(now, snap, &key, mss_clamp, rx, tx)?;
+        let mut mirror = SendMirror::new(tx);
+        if !snap.send_bytes.is_empty() {
+            let n = socket.send_slice(&snap.send_bytes).unwrap_or(0);
+            if n != snap.send_bytes.len() {
+                return Err(RestoreError::Handshake("send buffer refused the bytes"));
+            }
+            mirror.push(&snap.send_bytes);
+        }
+        if snap.our_fin {
+            socket.close();
+        }
+        let local_una = isn.wrapping_add(1);
+        let seq_off = snap.snd_una.wrapping_sub(local_una);
+        let ts_off = snap.timestamps.map_or(0, |t| {
+            // Ours must never go below the last TSval the client saw (PAWS).
+            t.our_tsval.wrapping_sub(tsval_now()).wrapping_add(1)
+        });
+        let data_start = snap.rcv_nxt.wrapping_sub(snap.unread.len() as u32);
+        let handle = self.sockets.add(socket);
+        Ok(Flow {
+            record: HandshakeRecord {
+                client_syn: Some(SynOptions {
+                    isn: data_start.wrapping_sub(1),
+                    mss: Some(snap.client_mss),
+                    window_scale: snap.client_wscale,
+                    sack_permitted: snap.sack_permitted,
+                    timestamp: snap.timestamps.map(|t| (t.ts_recent, 0)),
+                    window: snap.client_window,
+                }),
+                our_syn_ack: Some(SynOptions {
+                    isn: snap.snd_una.wrapping_sub(1),
+                    mss: Some(mss_clamp),
+                    window_scale: Some(snap.our_wscale),
+                    sack_permitted: snap.sack_permitted,
+                    timestamp: snap.timestamps.map(|t| (t.our_tsval, t.ts_recent)),
+                    window: 0,
+                }),
+                client_window: snap.client_window,
+                client_tsval: snap.timestamps.map(|t| t.ts_recent),
+                our_tsval: snap.timestamps.map(|t| t.our_tsval),
+            },
+            mirror,
+            send_base: snap.snd_una,
+            recv_base: data_start,
+            snd_nxt: local_una,
+            xlate: Translation { seq_off, ts_off },
+            fin_delivered: snap.app.fin_delivered,
+            close_sent: snap.our_fin,
+            dirty: true,
+            ..Flow::new(0, key, handle, app, (rx, tx), now)
+        })
+    }
+
     /// The synthetic handshake: returns the socket, established (or CLOSE-WAIT) with the
     /// unread bytes in its receive buffer, and its ISN.
     fn handshake(
@@ -572,7 +576,7 @@ impl Stack {
         rx: usize,
         tx: usize,
     ) -> Result<(tcp::Socket<'static>, u32), RestoreError> {
-        let mut socket = self.new_socket(rx, tx);
+        let mut socket = self.new_socket(key.service.port(), rx, tx);
         let seed = self.config.seed ^ 0x5eed_0f2e_570e;
         let addresses = &self.addresses;
         let scratch = self
@@ -761,7 +765,7 @@ impl Stack {
         now: Instant,
         from: crate::flow::PeerRef,
         id: u64,
-        packet: &[u8],
+        packet: &mut [u8],
     ) {
         Self::set_clock(now);
         self.stats.packets_in += 1;
@@ -788,7 +792,7 @@ impl Stack {
                     flow.return_path = ReturnPath::Direct;
                     tracing::debug!(id, "direct return from now on");
                 }
-                let packet = &packet[..inbound.ip_len];
+                let packet = &mut packet[..inbound.ip_len];
                 self.deliver(now, slot, &inbound, packet);
             }
             _ => {

@@ -32,15 +32,17 @@ use smoltcp::wire::{
 };
 
 use crate::app::{self, AppKind};
-use crate::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+use crate::config::{Ipv4Cidr, KEEPALIVE_PROBES, ServiceConfig, TcpConfig};
 use crate::flow::{
     FORWARDER_IDLE, Flow, FlowMode, FlowTable, HandshakeRecord, MOVED_IDLE_AFTER_FIN, MOVED_LINGER,
-    Remote, SendMirror,
+    Remote,
 };
 use crate::packet::{self, DropReason, FlowKey};
+use crate::secure::Secrets;
 use crate::timewait::{self, TIME_WAIT, TimeWait, TimeWaitTable, Verdict as TwVerdict};
-use crate::translate::{AckCeiling, seq_gt};
+use crate::translate::{AckCeiling, Translation, seq_gt};
 
+mod cookie;
 mod forward;
 mod migrate;
 
@@ -137,16 +139,49 @@ pub struct StackConfig {
     /// whose coordinator is stuck, a forgotten `ctl freeze`) must not hold it for good.
     /// Far beyond the migration protocol's own deadlines.
     pub freeze_timeout: Duration,
-    /// Connections in SYN-RECEIVED this stack holds at once; further SYNs get RST.
+    /// Connections in SYN-RECEIVED this stack holds at once; further SYNs get RST (or, with
+    /// `syn_cookies_after`, a cookie).
     pub max_half_open: usize,
-    /// Seed for smoltcp's ISNs and ephemeral choices.
+    /// Once this many handshakes are in progress, SYNs are answered with a SYN cookie and no
+    /// state ([`crate::secure`]); `None`: never.
+    pub syn_cookies_after: Option<usize>,
+    /// Seed for smoltcp's own choices (its ISNs are mapped onto `secret`'s).
     pub seed: u64,
+    /// The node's secret for ISNs, timestamp offsets and SYN cookies: the same on every
+    /// worker of a node (a cookie may come back on another queue), drawn at start.
+    pub secret: [u8; 16],
     /// Bytes kept free in front of every emitted packet (for the driver's virtio-net header).
     pub tx_headroom: usize,
     /// Largest TCP segment smoltcp may emit for the device to split (TSO), or `None` to
     /// segment at the MTU. Packets larger than the MTU carry their segment size in
     /// [`TxQueue`]'s per-packet `gso_size`.
     pub tso_max: Option<usize>,
+}
+
+impl StackConfig {
+    /// A configuration serving `services` on `addresses` with `secret`, and defaults for the
+    /// rest: worker 0, default buffers, a 1,500-byte MTU without offloads, the daemon's
+    /// default limits.
+    pub fn new(addresses: Vec<Ipv4Cidr>, services: Vec<ServiceConfig>, secret: [u8; 16]) -> Self {
+        Self {
+            worker: 0,
+            addresses,
+            services,
+            tcp: TcpConfig::default(),
+            mtu: 1500,
+            max_packet: 1500,
+            frozen_queue_packets: 1024,
+            frozen_queue_bytes: 4 << 20,
+            frozen_total_bytes: 256 << 20,
+            freeze_timeout: Duration::from_secs(60),
+            max_half_open: 2048,
+            syn_cookies_after: Some(1024),
+            seed: u64::from_le_bytes([secret[0], secret[1], secret[2], secret[3], 0, 0, 0, 1]),
+            secret,
+            tx_headroom: 0,
+            tso_max: None,
+        }
+    }
 }
 
 /// Counters of one stack. Plain integers: the driver exports them on request.
@@ -174,10 +209,18 @@ pub struct StackStats {
     pub refused_shutdown: u64,
     /// SYNs refused because `max_half_open` handshakes were in progress (a SYN flood).
     pub refused_half_open: u64,
+    /// SYNs answered with a SYN cookie (`syn_cookies_after` handshakes were in progress).
+    pub syn_cookies_sent: u64,
+    /// Connections opened by an ACK carrying a valid cookie.
+    pub syn_cookies_accepted: u64,
+    /// ACKs of unknown connections whose cookie did not check while cookies were in use.
+    pub syn_cookies_invalid: u64,
     /// Half-open connections reset after [`HANDSHAKE_TIMEOUT`].
     pub handshake_timeouts: u64,
     /// Closing connections (our FIN sent) reset after [`UNACKED_TIMEOUT`] of silence.
     pub close_timeouts: u64,
+    /// Connections reset because the client answered no keepalive probe (a dead client).
+    pub keepalive_timeouts: u64,
     /// Packets for unknown flows handed to smoltcp (answered with RST).
     pub unknown_flow_packets: u64,
     /// Application bytes received from clients.
@@ -232,8 +275,12 @@ impl StackStats {
         self.refused_no_service += other.refused_no_service;
         self.refused_shutdown += other.refused_shutdown;
         self.refused_half_open += other.refused_half_open;
+        self.syn_cookies_sent += other.syn_cookies_sent;
+        self.syn_cookies_accepted += other.syn_cookies_accepted;
+        self.syn_cookies_invalid += other.syn_cookies_invalid;
         self.handshake_timeouts += other.handshake_timeouts;
         self.close_timeouts += other.close_timeouts;
+        self.keepalive_timeouts += other.keepalive_timeouts;
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
         self.app_bytes_out += other.app_bytes_out;
@@ -437,7 +484,6 @@ pub struct Stack {
     half_open: usize,
     next_sweep: Instant,
     stats: StackStats,
-    scratch: Vec<u8>,
     forward: forward::ForwardQueue,
     /// The scratch interface restores run their synthetic handshakes in (made on first use).
     restore_iface: Option<migrate::ScratchIface>,
@@ -448,6 +494,12 @@ pub struct Stack {
     retiring: Vec<usize>,
     /// Bytes queued over all frozen flows (bounded by `config.frozen_total_bytes`).
     frozen_bytes: usize,
+    /// Keyed functions for ISNs, timestamp offsets and cookies.
+    secrets: Secrets,
+    /// When the last SYN cookie was sent: ACKs of unknown flows are checked for a cookie
+    /// only while cookies were sent in their lifetime (as Linux's
+    /// `tcp_synq_no_recent_overflow`).
+    last_cookie: Option<Instant>,
 }
 
 impl Stack {
@@ -499,6 +551,7 @@ impl Stack {
         // TIME-WAIT records per worker: as many as the node has connection slots, within
         // bounds (a record is ~100 bytes).
         let budget_cap = budget.max().clamp(1024, MAX_TIME_WAIT);
+        let secrets = Secrets::new(&config.secret);
         Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
@@ -515,12 +568,13 @@ impl Stack {
             half_open: 0,
             next_sweep: now + SWEEP_INTERVAL,
             stats: StackStats::default(),
-            scratch: Vec::new(),
             forward: Default::default(),
             restore_iface: None,
             time_wait: TimeWaitTable::new(budget_cap),
             retiring: Vec::new(),
             frozen_bytes: 0,
+            secrets,
+            last_cookie: None,
         }
     }
 
@@ -528,14 +582,15 @@ impl Stack {
         TSVAL_MS.with(|c| c.set(now.total_millis() as u32));
     }
 
-    /// Handles one packet read from the TUN device.
-    pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
+    /// Handles one packet read from the TUN device. The packet is translated in place (see
+    /// [`crate::translate`]): its contents are unspecified afterwards.
+    pub fn handle_packet(&mut self, now: Instant, packet: &mut [u8]) {
         self.handle(now, packet, true);
     }
 
     /// Handles a TCP packet the kernel merged (GRO) from segments it validated: handed to
-    /// smoltcp whole, checksums not verified (see [`crate::offload`]).
-    pub fn handle_merged_packet(&mut self, now: Instant, packet: &[u8]) {
+    /// smoltcp whole, checksums not verified (see [`crate::offload`]). Translated in place.
+    pub fn handle_merged_packet(&mut self, now: Instant, packet: &mut [u8]) {
         self.handle(now, packet, false);
     }
 
@@ -546,7 +601,7 @@ impl Stack {
         tracing::debug!(%why, "unusable TUN read");
     }
 
-    fn handle(&mut self, now: Instant, packet: &[u8], verify_checksums: bool) {
+    fn handle(&mut self, now: Instant, packet: &mut [u8], verify_checksums: bool) {
         Self::set_clock(now);
         self.stats.packets_in += 1;
         self.stats.bytes_in += packet.len() as u64;
@@ -559,7 +614,7 @@ impl Stack {
                     return;
                 }
             };
-        let packet = &packet[..inbound.ip_len];
+        let packet = &mut packet[..inbound.ip_len];
         let fresh_syn = inbound.flags.syn && !inbound.flags.ack && !inbound.flags.rst;
 
         let mut slot = self.flows.lookup(&inbound.key);
@@ -570,11 +625,15 @@ impl Stack {
         {
             slot = None;
         }
+        // Our ISN for a new incarnation of a TIME-WAIT 4-tuple starts beyond the old one's
+        // numbers (as Linux's `tcp_timewait_state_process`).
+        let mut isn_floor = None;
         if slot.is_none()
             && let Some(tw) = self.time_wait.get(&inbound.key).copied()
         {
             match timewait::judge(&tw, &inbound) {
                 TwVerdict::NewConnection => {
+                    isn_floor = Some(tw.snd_nxt.wrapping_add(65_535 + 2));
                     self.time_wait.remove(&inbound.key);
                     self.stats.time_wait_reused += 1;
                     tracing::debug!(id = tw.id, client = %tw.key.client, "port reused: SYN on a TIME-WAIT 4-tuple accepted");
@@ -595,7 +654,11 @@ impl Stack {
         let slot = match slot {
             Some(slot) => slot,
             None if fresh_syn => {
-                match self.accept(now, &inbound.key, inbound.seq, packet) {
+                if self.cookie_due(&inbound.key) {
+                    self.send_cookie(now, &inbound, packet);
+                    return;
+                }
+                match self.accept(now, &inbound.key, inbound.seq, packet, isn_floor) {
                     Some(slot) => {
                         self.ingress(now, packet);
                         self.drop_if_still_listening(slot);
@@ -609,6 +672,10 @@ impl Stack {
                 }
             }
             None => {
+                if let Some(slot) = self.accept_cookie(now, &inbound, packet) {
+                    self.deliver(now, slot, &inbound, packet);
+                    return;
+                }
                 self.stats.unknown_flow_packets += 1;
                 self.ingress(now, packet);
                 return;
@@ -620,7 +687,7 @@ impl Stack {
 
     /// The per-flow hook: every inbound packet of a known flow passes here, whether it came
     /// from the TUN device or, for a flow restored here, through the tunnel.
-    fn deliver(&mut self, now: Instant, slot: usize, inbound: &packet::Inbound, packet: &[u8]) {
+    fn deliver(&mut self, now: Instant, slot: usize, inbound: &packet::Inbound, packet: &mut [u8]) {
         let Some(flow) = self.flows.get_mut(slot) else {
             return;
         };
@@ -635,21 +702,14 @@ impl Stack {
                     flow.dirty = true;
                     self.dirty.push(slot);
                 }
-                match flow.restored {
-                    None => self.ingress(now, packet),
-                    Some(r) => {
-                        let ceiling = AckCeiling {
-                            sent: flow.snd_nxt,
-                            claimed: r.claimed,
-                        };
-                        let mut buf = std::mem::take(&mut self.scratch);
-                        buf.clear();
-                        buf.extend_from_slice(packet);
-                        if r.xlate.inbound(&mut buf, Some(ceiling)).is_ok() {
-                            self.ingress(now, &buf);
-                        }
-                        self.scratch = buf;
-                    }
+                let ceiling = flow.restored.map(|r| AckCeiling {
+                    sent: flow.snd_nxt,
+                    claimed: r.claimed,
+                });
+                if (flow.xlate.is_identity() && ceiling.is_none())
+                    || flow.xlate.inbound(packet, ceiling).is_ok()
+                {
+                    self.ingress(now, packet);
                 }
             }
             FlowMode::Frozen {
@@ -731,7 +791,14 @@ impl Stack {
     }
 
     /// A SYN for a flow we do not have: give it a socket if a service and the budget allow.
-    fn accept(&mut self, now: Instant, key: &FlowKey, syn_seq: u32, syn: &[u8]) -> Option<usize> {
+    fn accept(
+        &mut self,
+        now: Instant,
+        key: &FlowKey,
+        syn_seq: u32,
+        syn: &[u8],
+        isn_floor: Option<u32>,
+    ) -> Option<usize> {
         let Some(ServiceConfig {
             app: kind,
             app_config,
@@ -767,7 +834,11 @@ impl Stack {
             }
             return None;
         }
-        let mut socket = self.new_socket(self.config.tcp.rx_buffer, self.config.tcp.tx_buffer);
+        let mut socket = self.new_socket(
+            key.service.port(),
+            self.config.tcp.rx_buffer,
+            self.config.tcp.tx_buffer,
+        );
         let endpoint = (IpAddress::Ipv4(*key.service.ip()), key.service.port());
         if socket.listen(endpoint).is_err() {
             self.budget.release();
@@ -776,36 +847,28 @@ impl Stack {
         let handle = self.sockets.add(socket);
         let id = self.next_id;
         self.next_id += 1;
+        let mut wire_isn = self.secrets.isn(key.client, key.service, now);
+        if let Some(floor) = isn_floor
+            && seq_gt(floor, wire_isn)
+        {
+            wire_isn = floor;
+        }
+        let buffers = (self.config.tcp.rx_buffer, self.config.tcp.tx_buffer);
+        let app = (app::new_app(kind, &app_config), kind);
         let flow = Flow {
-            id,
-            key: *key,
-            handle,
-            app: app::new_app(kind, &app_config),
-            app_kind: kind,
-            mode: FlowMode::Local,
             record: HandshakeRecord {
                 client_syn: packet::syn_options(syn),
                 ..Default::default()
             },
-            mirror: SendMirror::new(self.config.tcp.tx_buffer),
-            bytes_in: 0,
-            send_base: 0,
             recv_base: syn_seq.wrapping_add(1),
-            snd_nxt: 0,
-            buffers: (self.config.tcp.rx_buffer, self.config.tcp.tx_buffer),
-            restored: None,
-            ingress: None,
-            return_path: crate::flow::ReturnPath::Relay,
-            created: now,
-            last_rx: now,
-            active_at: now,
-            head_since: None,
-            fin_delivered: false,
-            close_sent: false,
-            dirty: false,
+            // `seq_off` is known when smoltcp's SYN-ACK shows its ISN.
+            xlate: Translation {
+                seq_off: 0,
+                ts_off: self.secrets.ts_offset(key.client, key.service),
+            },
+            wire_isn: Some(wire_isn),
             half_open: true,
-            counted: true,
-            rates: Default::default(),
+            ..Flow::new(id, *key, handle, app, buffers, now)
         };
         self.half_open += 1;
         self.stats.conns_accepted += 1;
@@ -814,7 +877,8 @@ impl Stack {
     }
 
     /// A socket as every flow's is set up, with buffers of `rx` and `tx` bytes.
-    fn new_socket(&self, rx: usize, tx: usize) -> tcp::Socket<'static> {
+    /// Set before `listen`: smoltcp arms the timer when the handshake completes.
+    fn new_socket(&self, port: u16, rx: usize, tx: usize) -> tcp::Socket<'static> {
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; rx]),
             tcp::SocketBuffer::new(vec![0; tx]),
@@ -826,6 +890,13 @@ impl Stack {
         socket.set_ack_delay(None);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         socket.set_tsval_generator(Some(tsval_now));
+        // Keepalive probes (smoltcp sends one after each interval without sending anything);
+        // the sweep resets a connection whose client answers none.
+        socket.set_keep_alive(
+            self.services[usize::from(port)]
+                .as_ref()
+                .and_then(|s| s.keepalive),
+        );
         socket
     }
 
@@ -973,7 +1044,6 @@ impl Stack {
                     return false;
                 };
                 self.release(&flow, "closed: TIME-WAIT");
-                let restored = flow.restored.map(|r| r.xlate);
                 // Wire numbers: the client's are never translated; ours are from send_base.
                 let rcv_nxt = flow
                     .recv_base
@@ -1001,7 +1071,7 @@ impl Stack {
                         .client_syn
                         .and_then(|s| s.timestamp)
                         .and(flow.record.client_tsval),
-                    ts_off: restored.map_or(0, |x| x.ts_off),
+                    ts_off: flow.xlate.ts_off,
                     window: (flow.buffers.0 >> wscale).min(usize::from(u16::MAX)) as u16,
                     ingress: flow
                         .ingress
@@ -1127,8 +1197,9 @@ impl Stack {
                     // The service's deadlines: a request head that takes too long, and a
                     // connection idle between requests (graceful close, as nginx).
                     let service = self.services[usize::from(flow.key.service.port())].as_ref();
-                    let (idle, head) =
-                        service.map_or((None, None), |s| (s.idle_timeout, s.head_timeout));
+                    let (idle, head, keepalive) = service.map_or((None, None, None), |s| {
+                        (s.idle_timeout, s.head_timeout, s.keepalive)
+                    });
                     let mut close_why = None;
                     if flow.app.in_request_head() {
                         let since = *flow.head_since.get_or_insert(now);
@@ -1155,6 +1226,22 @@ impl Stack {
                         socket.set_ack_delay(None);
                         flow.close_sent = true;
                         tracing::debug!(id = flow.id, client = %flow.key.client, why, "closing");
+                        if !flow.dirty {
+                            flow.dirty = true;
+                            self.dirty.push(slot);
+                        }
+                    }
+                    // A client that answered none of the keepalive probes is gone.
+                    if let Some(ka) = keepalive
+                        && matches!(
+                            socket.state(),
+                            tcp::State::Established | tcp::State::CloseWait
+                        )
+                        && now - flow.last_rx >= ka * (KEEPALIVE_PROBES + 1)
+                    {
+                        socket.abort();
+                        self.stats.keepalive_timeouts += 1;
+                        tracing::debug!(id = flow.id, client = %flow.key.client, "no answer to keepalive probes: reset");
                         if !flow.dirty {
                             flow.dirty = true;
                             self.dirty.push(slot);
@@ -1249,20 +1336,25 @@ impl Stack {
                 if out.flags.syn || seq_gt(out.seq_end(), flow.snd_nxt) {
                     flow.snd_nxt = out.seq_end();
                 }
-                let mut tsval = out.tsval;
-                if let Some(r) = flow.restored {
-                    // Pure ACKs carry at least what the previous owner had sent.
-                    let floor = if seq_gt(r.claimed, flow.snd_nxt) {
-                        Some(r.claimed)
-                    } else {
-                        None
-                    };
-                    let _ = r.xlate.outbound(&mut buf[headroom..], fix_checksum, floor);
-                    tsval = tsval.map(|t| t.wrapping_add(r.xlate.ts_off));
+                let syn_ack = out.flags.syn && out.flags.ack;
+                if syn_ack && let Some(wire_isn) = flow.wire_isn {
+                    flow.xlate.seq_off = wire_isn.wrapping_sub(out.seq);
                 }
-                if out.flags.syn && out.flags.ack {
+                // Pure ACKs of a restored flow carry at least what the previous owner had
+                // sent.
+                let floor = flow
+                    .restored
+                    .map(|r| r.claimed)
+                    .filter(|&claimed| seq_gt(claimed, flow.snd_nxt));
+                if !flow.xlate.is_identity() || floor.is_some() {
+                    let _ = flow
+                        .xlate
+                        .outbound(&mut buf[headroom..], fix_checksum, floor);
+                }
+                let tsval = out.tsval.map(|t| t.wrapping_add(flow.xlate.ts_off));
+                if syn_ack {
                     flow.record.our_syn_ack = packet::syn_options(&buf[headroom..]);
-                    flow.send_base = out.seq.wrapping_add(1);
+                    flow.send_base = out.seq.wrapping_add(flow.xlate.seq_off).wrapping_add(1);
                 }
                 if tsval.is_some() {
                     flow.record.our_tsval = tsval;
@@ -1547,8 +1639,9 @@ impl Stack {
         for packet in queue {
             // Queued packets were classified on arrival; they pass the hook again (a restored
             // flow translates them).
+            let mut packet = packet;
             if let Ok(inbound) = packet::classify_with(&packet, |a| a == *key.service.ip(), false) {
-                self.deliver(now, slot, &inbound, &packet);
+                self.deliver(now, slot, &inbound, &mut packet);
             }
         }
         Ok(n)
