@@ -155,6 +155,9 @@ pub struct LimitsConfig {
     /// Handshakes in progress over all workers (split evenly) beyond which SYNs get cookies;
     /// 0: always. Below `max_half_open`.
     pub syn_cookie_threshold: usize,
+    /// Connections one client address may hold at once, over all workers (`None`: no
+    /// limit). Clients behind one NAT share an address: off by default.
+    pub max_per_source: Option<u32>,
 }
 
 // ---- raw serde shapes --------------------------------------------------------------------------
@@ -239,6 +242,7 @@ struct RawLimits {
     max_half_open: Option<usize>,
     syn_cookies: Option<bool>,
     syn_cookie_threshold: Option<usize>,
+    max_per_source: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -425,6 +429,7 @@ impl Config {
                 .limits
                 .syn_cookie_threshold
                 .unwrap_or(DEFAULT_SYN_COOKIE_THRESHOLD),
+            max_per_source: raw.limits.max_per_source.filter(|&n| n > 0),
         };
         if limits.max_connections == 0 {
             return Err(invalid(

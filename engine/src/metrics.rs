@@ -122,6 +122,7 @@ pub fn render(
         ("no_service", stats.refused_no_service),
         ("shutting_down", stats.refused_shutdown),
         ("max_half_open", stats.refused_half_open),
+        ("max_per_source", stats.refused_per_source),
     ] {
         refused
             .get_or_create(&ReasonLabel {

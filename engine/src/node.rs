@@ -1136,7 +1136,10 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         cleanup.routes.push((a.network(), a.prefix_len, ifindex));
     }
 
-    let budget = ConnectionBudget::new(config.limits.max_connections);
+    let budget = match config.limits.max_per_source {
+        None => ConnectionBudget::new(config.limits.max_connections),
+        Some(n) => ConnectionBudget::new(config.limits.max_connections).with_per_source(n),
+    };
     let tun_write_errors = Arc::new(AtomicU64::new(0));
     let max_packet = if config.tun.offload {
         65536

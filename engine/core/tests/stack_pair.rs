@@ -81,8 +81,11 @@ impl Pair {
     }
 
     fn new_with(max_connections: usize, tune: impl FnOnce(&mut StackConfig)) -> Self {
+        Self::with_budget(ConnectionBudget::new(max_connections), tune)
+    }
+
+    fn with_budget(budget: ConnectionBudget, tune: impl FnOnce(&mut StackConfig)) -> Self {
         let now = Instant::from_millis(1_000);
-        let budget = ConnectionBudget::new(max_connections);
         let service = |port, app, bytes| ServiceConfig::new(port, app, AppConfig { bytes });
         let mut config = StackConfig {
             frozen_queue_packets: 64,
@@ -1201,4 +1204,43 @@ fn keepalive_probes_an_idle_client_and_resets_a_dead_one() {
     assert_eq!(c.client.port(), dead_port - 1);
     // And it still carries bytes.
     echo_exact(&mut p, alive, 10_000);
+}
+
+#[test]
+fn a_client_address_holds_at_most_max_per_source_connections() {
+    let mut p = Pair::with_budget(ConnectionBudget::new(100).with_per_source(3), |_| {});
+    let hs: Vec<SocketHandle> = (0..5).map(|_| p.connect(7)).collect();
+    p.run_until(500, |p| {
+        hs.iter()
+            .filter(|&&h| p.sock(h).state() == tcp::State::Established)
+            .count()
+            == 3
+            && hs
+                .iter()
+                .filter(|&&h| p.sock(h).state() == tcp::State::Closed)
+                .count()
+                == 2
+    });
+    assert_eq!(p.stack.stats().refused_per_source, 2);
+    assert_eq!(p.stack.stats().refused_limit, 0);
+    assert_eq!(p.budget.open(), 3);
+    assert_eq!(p.budget.sources(), 1);
+    // One closes: its slot goes back to the address, and a new connection gets in.
+    let live: Vec<SocketHandle> = hs
+        .iter()
+        .copied()
+        .filter(|&h| p.sock(h).state() == tcp::State::Established)
+        .collect();
+    p.sock(live[0]).abort();
+    p.run_until(500, |p| p.budget.open() == 2);
+    let again = p.connect(7);
+    p.run_until(500, |p| p.sock(again).state() == tcp::State::Established);
+    echo_exact(&mut p, again, 5_000);
+    assert_eq!(p.stack.stats().refused_per_source, 2);
+    // Every connection gone: no address is tracked any more.
+    for h in [live[1], live[2], again] {
+        p.sock(h).abort();
+    }
+    p.run_until(500, |p| p.budget.open() == 0);
+    assert_eq!(p.budget.sources(), 0);
 }

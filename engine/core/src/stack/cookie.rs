@@ -123,8 +123,8 @@ impl Stack {
             self.stats.refused_shutdown += 1;
             return None;
         }
-        if !self.budget.try_acquire() {
-            self.stats.refused_limit += 1;
+        if let Err(why) = self.budget.try_acquire(*key.client.ip()) {
+            self.count_budget_refusal(why, &key);
             return None;
         }
         let opts = CookieOptions::decode(mss, tsopt.map(|(_, tsecr)| tsecr));
@@ -167,7 +167,7 @@ impl Stack {
         let flow = match self.install(now, &snap, key, app, mss_clamp) {
             Ok(flow) => flow,
             Err(e) => {
-                self.budget.release();
+                self.budget.release(*key.client.ip());
                 tracing::debug!(client = %key.client, error = %e, "cookie connection not created");
                 return None;
             }

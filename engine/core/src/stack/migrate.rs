@@ -439,13 +439,13 @@ impl Stack {
             return Err(RestoreError::Handshake("more bytes than the buffers hold"));
         }
         let app = app::restore(kind, &snap.app.bytes)?;
-        if !self.budget.try_acquire() {
+        if !self.budget.try_acquire_existing(*snap.client.ip()) {
             return Err(RestoreError::Capacity);
         }
         let flow = match self.install(now, snap, key, (app, kind), params.mss_clamp) {
             Ok(flow) => flow,
             Err(e) => {
-                self.budget.release();
+                self.budget.release(*snap.client.ip());
                 return Err(e);
             }
         };
@@ -638,7 +638,7 @@ impl Stack {
         self.stats.forwarded_to_owner += queue.len() as u64;
         self.stats.conns_moved_out += 1;
         if flow.counted {
-            self.budget.release();
+            self.budget.release(*flow.key.client.ip());
         }
         match flow.ingress {
             // Where its packets enter, or on to a third node: what enters here (or what the
@@ -708,7 +708,7 @@ impl Stack {
             }
         }
         if flow.counted {
-            self.budget.release();
+            self.budget.release(*flow.key.client.ip());
         }
         self.half_open -= usize::from(flow.half_open);
         match restored.home_from {

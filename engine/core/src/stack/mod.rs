@@ -18,10 +18,11 @@
 //! fits; a client that stops reading closes its own window and nothing grows.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
@@ -71,11 +72,37 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (our FIN sent) that hears nothing from its client this long.
 pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Connections open at once, shared by all workers of a node.
+/// Connections open at once, shared by all workers of a node: in total and, if set, per
+/// client address.
 #[derive(Debug, Clone)]
 pub struct ConnectionBudget {
     open: Arc<AtomicUsize>,
     max: usize,
+    per_source: Option<Arc<PerSource>>,
+}
+
+/// Connections per client address, in shards (one lock per accept, rarely contended).
+#[derive(Debug)]
+struct PerSource {
+    max: u32,
+    shards: [Mutex<HashMap<Ipv4Addr, u32>>; 16],
+}
+
+impl PerSource {
+    fn shard(&self, ip: Ipv4Addr) -> std::sync::MutexGuard<'_, HashMap<Ipv4Addr, u32>> {
+        let o = ip.octets();
+        let shard = &self.shards[usize::from(o[3] ^ o[2]) % 16];
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why the budget refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetRefusal {
+    /// `max_connections` are open.
+    Total,
+    /// The client's address holds `max_per_source` connections.
+    Source,
 }
 
 impl ConnectionBudget {
@@ -84,11 +111,20 @@ impl ConnectionBudget {
         Self {
             open: Arc::new(AtomicUsize::new(0)),
             max,
+            per_source: None,
         }
     }
 
-    /// Takes one connection from the budget; false if none is left.
-    pub fn try_acquire(&self) -> bool {
+    /// The same with at most `max` connections from any one client address.
+    pub fn with_per_source(mut self, max: u32) -> Self {
+        self.per_source = Some(Arc::new(PerSource {
+            max,
+            shards: Default::default(),
+        }));
+        self
+    }
+
+    fn take_total(&self) -> bool {
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max).then_some(n + 1)
@@ -96,11 +132,62 @@ impl ConnectionBudget {
             .is_ok()
     }
 
-    /// Returns one connection to the budget.
-    pub fn release(&self) {
+    /// Takes one connection from `client` out of the budget.
+    pub fn try_acquire(&self, client: Ipv4Addr) -> Result<(), BudgetRefusal> {
+        let Some(ps) = &self.per_source else {
+            return self.take_total().then_some(()).ok_or(BudgetRefusal::Total);
+        };
+        let mut shard = ps.shard(client);
+        let n = shard.entry(client).or_insert(0);
+        if *n >= ps.max {
+            return Err(BudgetRefusal::Source);
+        }
+        if !self.take_total() {
+            if *n == 0 {
+                shard.remove(&client);
+            }
+            return Err(BudgetRefusal::Total);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// Takes one connection for a connection that exists already (restored from another
+    /// node): the per-source limit counts it but does not refuse it.
+    pub fn try_acquire_existing(&self, client: Ipv4Addr) -> bool {
+        if !self.take_total() {
+            return false;
+        }
+        if let Some(ps) = &self.per_source {
+            *ps.shard(client).entry(client).or_insert(0) += 1;
+        }
+        true
+    }
+
+    /// Returns one connection of `client` to the budget.
+    pub fn release(&self, client: Ipv4Addr) {
         let _ = self
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if let Some(ps) = &self.per_source {
+            let mut shard = ps.shard(client);
+            if let Some(n) = shard.get_mut(&client) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    shard.remove(&client);
+                }
+            }
+        }
+    }
+
+    /// Client addresses holding connections now (with a per-source limit; else 0).
+    pub fn sources(&self) -> usize {
+        self.per_source.as_ref().map_or(0, |ps| {
+            ps.shards
+                .iter()
+                .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+                .sum()
+        })
     }
 
     /// Connections open now.
@@ -209,6 +296,8 @@ pub struct StackStats {
     pub refused_shutdown: u64,
     /// SYNs refused because `max_half_open` handshakes were in progress (a SYN flood).
     pub refused_half_open: u64,
+    /// SYNs refused because their client address held `max_per_source` connections.
+    pub refused_per_source: u64,
     /// SYNs answered with a SYN cookie (`syn_cookies_after` handshakes were in progress).
     pub syn_cookies_sent: u64,
     /// Connections opened by an ACK carrying a valid cookie.
@@ -275,6 +364,7 @@ impl StackStats {
         self.refused_no_service += other.refused_no_service;
         self.refused_shutdown += other.refused_shutdown;
         self.refused_half_open += other.refused_half_open;
+        self.refused_per_source += other.refused_per_source;
         self.syn_cookies_sent += other.syn_cookies_sent;
         self.syn_cookies_accepted += other.syn_cookies_accepted;
         self.syn_cookies_invalid += other.syn_cookies_invalid;
@@ -761,7 +851,7 @@ impl Stack {
             };
             self.half_open -= usize::from(flow.half_open);
             self.sockets.remove(flow.handle);
-            self.budget.release();
+            self.budget.release(*flow.key.client.ip());
             self.stats.conns_accepted -= 1;
             self.stats.dropped[DropReason::Malformed.index()] += 1;
             tracing::debug!(client = %flow.key.client, "SYN not taken by smoltcp: dropped");
@@ -823,15 +913,8 @@ impl Stack {
             }
             return None;
         }
-        if !self.budget.try_acquire() {
-            self.stats.refused_limit += 1;
-            if self.stats.refused_limit.is_power_of_two() {
-                tracing::warn!(
-                    max = self.budget.max(),
-                    refused = self.stats.refused_limit,
-                    "max_connections reached: refusing new connections"
-                );
-            }
+        if let Err(why) = self.budget.try_acquire(*key.client.ip()) {
+            self.count_budget_refusal(why, key);
             return None;
         }
         let mut socket = self.new_socket(
@@ -841,7 +924,7 @@ impl Stack {
         );
         let endpoint = (IpAddress::Ipv4(*key.service.ip()), key.service.port());
         if socket.listen(endpoint).is_err() {
-            self.budget.release();
+            self.budget.release(*key.client.ip());
             return None;
         }
         let handle = self.sockets.add(socket);
@@ -874,6 +957,32 @@ impl Stack {
         self.stats.conns_accepted += 1;
         tracing::debug!(id, client = %key.client, service = %key.service, app = ?kind, "accepted");
         Some(self.flows.insert(flow))
+    }
+
+    /// Counts (and, sparingly, logs) a connection the budget refused.
+    pub(super) fn count_budget_refusal(&mut self, why: BudgetRefusal, key: &FlowKey) {
+        match why {
+            BudgetRefusal::Total => {
+                self.stats.refused_limit += 1;
+                if self.stats.refused_limit.is_power_of_two() {
+                    tracing::warn!(
+                        max = self.budget.max(),
+                        refused = self.stats.refused_limit,
+                        "max_connections reached: refusing new connections"
+                    );
+                }
+            }
+            BudgetRefusal::Source => {
+                self.stats.refused_per_source += 1;
+                if self.stats.refused_per_source.is_power_of_two() {
+                    tracing::warn!(
+                        client = %key.client.ip(),
+                        refused = self.stats.refused_per_source,
+                        "limits.max_per_source reached: refusing a client's new connections"
+                    );
+                }
+            }
+        }
     }
 
     /// A socket as every flow's is set up, with buffers of `rx` and `tx` bytes.
@@ -1145,7 +1254,7 @@ impl Stack {
         self.half_open -= usize::from(flow.half_open);
         self.sockets.remove(flow.handle);
         if flow.counted {
-            self.budget.release();
+            self.budget.release(*flow.key.client.ip());
         }
         self.stats.conns_closed += 1;
         tracing::debug!(
