@@ -20,6 +20,9 @@
 //! 6. [`lease::Leases`] holds the lease of every connection offloaded to this node.
 //! 7. [`class`] sorts connections into size classes with a resource allocation each, and keeps
 //!    per-connection segment statistics.
+//!
+//! [`sim`] is a deterministic trace-driven simulator of a group of nodes that runs these pieces
+//! against synthetic workloads; `flowshift-bench sim` prints and plots its results.
 
 pub mod class;
 pub mod config;
@@ -29,6 +32,7 @@ pub mod lease;
 pub mod plan;
 pub mod profile;
 pub mod shadow;
+pub mod sim;
 
 pub use config::{ConfigError, PredictConfig};
 
