@@ -27,6 +27,13 @@ pub(crate) struct Args {
     /// Nodes in the group.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
+    /// Freeze per move, ms (the move's fixed cost; see docs/prediction.md for where the
+    /// default comes from).
+    #[arg(long, default_value_t = 40.0)]
+    freeze_ms: f64,
+    /// Extra freeze per MiB a move copies, ms.
+    #[arg(long, default_value_t = 0.2)]
+    per_mib_ms: f64,
     /// Where the table, JSON and plots go.
     #[arg(long, default_value = "bench-results/sim")]
     out: PathBuf,
@@ -114,6 +121,8 @@ struct Run {
 #[derive(Serialize)]
 struct Report {
     seeds: u64,
+    freeze_ms: f64,
+    per_mib_ms: f64,
     duration_s: u64,
     nodes: usize,
     rows: Vec<Row>,
@@ -121,11 +130,14 @@ struct Report {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let config = SimConfig {
+    let mut config = SimConfig {
         nodes: args.nodes.max(2),
         duration: Duration::from_secs(args.duration.max(10)),
         ..SimConfig::default()
     };
+    let micros = |ms: f64| Duration::from_micros((ms.clamp(0.0, 60_000.0) * 1000.0).round() as u64);
+    config.predict.plan.migration_cost.freeze = micros(args.freeze_ms);
+    config.predict.plan.migration_cost.per_mib = micros(args.per_mib_ms);
     config
         .predict
         .validate()
@@ -137,8 +149,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(
         md,
-        "{} nodes, {} s, seeds 1..={}; median (min–max) over seeds\n",
-        config.nodes, args.duration, args.seeds
+        "{} nodes, {} s, seeds 1..={}, move freeze {} ms + {} ms/MiB; median (min–max) over seeds\n",
+        config.nodes, args.duration, args.seeds, args.freeze_ms, args.per_mib_ms
     )?;
     md.push_str(
         "| workload | policy | overload-s | moves | conns moved | forecast MAPE | first move (s) | first overload (s) |\n\
@@ -204,6 +216,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
 
     let report = Report {
         seeds: args.seeds,
+        freeze_ms: args.freeze_ms,
+        per_mib_ms: args.per_mib_ms,
         duration_s: args.duration,
         nodes: config.nodes,
         rows,

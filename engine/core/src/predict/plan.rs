@@ -55,15 +55,20 @@ impl std::fmt::Display for Policy {
     }
 }
 
-/// The cost of moving one connection, as measured by `flowshift-bench migrate`: the connection
-/// is frozen for `freeze + per_mib × MiB moved`, and for that time the move keeps `load` units
-/// of capacity busy (capturing, sending and restoring). In load-seconds:
-/// `load × (freeze + per_mib × MiB)`.
+/// The cost of moving one connection: the connection is frozen for
+/// `freeze + per_mib × MiB moved`, and for that time the move keeps `load` units of capacity busy
+/// (capturing, sending and restoring). In load-seconds: `load × (freeze + per_mib × MiB)`.
+///
+/// The defaults (40 ms, 0.2 ms per MiB) are the figures this predictor was specified with as
+/// `flowshift-bench migrate`'s. The run recorded in `docs/benchmarks.md` (2026-12-03) reports
+/// less for one download: a node-reported freeze of 0.74 ms p50 / 4.4 ms p99 and a client stall
+/// of 5.3 / 11.5 ms; so 40 ms is conservative. Set them from a fresh `flowshift-bench migrate`
+/// run on the node's own hardware (`docs/prediction.md` shows what the simulator does with 5 ms).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MigrationCost {
-    /// Fixed freeze per move. Default 40 ms (median measured by `flowshift-bench migrate`).
+    /// Fixed freeze per move. Default 40 ms.
     pub freeze: Duration,
-    /// Extra freeze per MiB moved. Default 0.2 ms (measured likewise).
+    /// Extra freeze per MiB moved. Default 0.2 ms.
     pub per_mib: Duration,
     /// Capacity a move keeps busy while it runs. Default 0.1: an estimate, not a measurement
     /// (the freeze is mostly spent waiting for the peer, and `flowshift-bench migrate` does not

@@ -1,5 +1,5 @@
 //! A deterministic trace-driven simulator of a lease group: N nodes, connections with load
-//! traces, a policy, and moves that cost what `flowshift-bench migrate` measured.
+//! traces, a policy, and moves with a cost (freeze time and bytes moved) taken as parameters.
 //!
 //! Time advances in ticks of [`super::PredictConfig::interval`] (100 ms). Every tick each active
 //! connection puts its load on the node that holds it: `base × shape(t) × (1 + noise·N(0, 1))`
@@ -7,7 +7,7 @@
 //! sees exactly the same trace. Every node runs the predictor of this module on itself: a
 //! [`Forecaster`] of its utilisation and one per connection, a [`Detector`] and a [`Planner`].
 //! A planned move freezes the connection for [`MigrationCost::stall`] of its buffered bytes
-//! (40 ms + 0.2 ms per MiB by default, the figures measured by `flowshift-bench migrate`): its
+//! (40 ms + 0.2 ms per MiB by default; see [`MigrationCost`] for where that comes from): its
 //! load stays on the source until the freeze has ended, rounded up to whole ticks, and both ends
 //! carry the move's own load ([`MigrationCost::load`]) for the freeze. Peers' loads are read as
 //! the planner would get them from heartbeats, without delay.
