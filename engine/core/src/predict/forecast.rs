@@ -138,7 +138,7 @@ pub struct Accuracy {
 impl Accuracy {
     fn new(window: usize) -> Self {
         Self {
-            pairs: VecDeque::with_capacity(window),
+            pairs: VecDeque::new(),
             window,
         }
     }
@@ -265,7 +265,7 @@ impl HoltWinters {
             gamma: config.gamma,
             level: 0.0,
             trend: 0.0,
-            seasonal: Vec::with_capacity(config.season),
+            seasonal: Vec::new(),
             season: config.season,
             seen: 0,
         }
@@ -295,7 +295,7 @@ impl HoltWinters {
         if self.seen < self.season || h == 0 {
             return None;
         }
-        let i = (self.seen + h - 1) % self.season;
+        let i = (self.seen % self.season + (h - 1) % self.season) % self.season;
         Some(self.level + h as f64 * self.trend + self.seasonal[i])
     }
 }
@@ -393,11 +393,12 @@ impl Forecaster {
         Some(self.finish(model, value))
     }
 
-    /// The largest forecast over the next `horizon` samples, by the model chosen for the first.
+    /// The largest forecast over the next `horizon` samples (at most 65,536), by the model
+    /// chosen for the first.
     pub fn peak(&self, horizon: usize) -> Option<Forecast> {
         let (model, first) = self.choose(1)?;
         let mut best = first;
-        for h in 2..=horizon {
+        for h in 2..=horizon.min(1 << 16) {
             match self.raw(model, h) {
                 Some(v) if v.is_finite() => best = best.max(v),
                 _ => break,
@@ -586,6 +587,23 @@ mod tests {
             ModelChoice::LastValue(FallbackReason::ErrorAboveBound)
         );
         assert_eq!(fc.value, 100.0);
+    }
+
+    #[test]
+    fn unvalidated_config_and_horizons_do_not_panic() {
+        let config = ForecastConfig {
+            alpha: f64::NAN,
+            season: usize::MAX,
+            window: usize::MAX,
+            min_history: 0,
+            ..ForecastConfig::default()
+        };
+        let mut f = Forecaster::new(config);
+        feed(&mut f, (0..100).map(f64::from));
+        let _ = (f.forecast(usize::MAX), f.peak(usize::MAX));
+        let mut f = Forecaster::new(seasonal_config(7));
+        feed(&mut f, (0..100).map(f64::from));
+        assert!(f.forecast(usize::MAX).is_some());
     }
 
     #[test]

@@ -303,7 +303,14 @@ struct Node {
 }
 
 /// Runs one workload under one policy with one seed.
+///
+/// `config.predict` should have passed [`PredictConfig::validate`]; a group of fewer than one
+/// node is run as one node.
 pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> SimResult {
+    let config = &SimConfig {
+        nodes: config.nodes.max(1),
+        ..config.clone()
+    };
     let p = &config.predict;
     let tick = if p.interval > Duration::ZERO {
         p.interval
@@ -356,7 +363,7 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
         forecast_mape: None,
         first_move: None,
         first_overload: None,
-        utilisation: vec![Vec::with_capacity(ticks as usize); config.nodes],
+        utilisation: vec![Vec::with_capacity((ticks as usize).min(1 << 20)); config.nodes],
     };
     // Forecasts at the horizon waiting to be scored: (tick, node, forecast).
     let mut pending: std::collections::VecDeque<(u32, usize, f64)> = Default::default();
@@ -544,6 +551,22 @@ mod tests {
             assert_eq!(a, b);
             let c = run(&config, w, SimPolicy::Predictive, 4);
             assert_ne!(a.utilisation, c.utilisation, "another seed, another trace");
+        }
+    }
+
+    #[test]
+    fn degenerate_groups_do_not_panic() {
+        for (nodes, capacity, secs) in [(0, 1.0, 5), (2, 0.0, 5), (3, 1.0, 0)] {
+            let config = SimConfig {
+                nodes,
+                capacity,
+                duration: Duration::from_secs(secs),
+                ..SimConfig::default()
+            };
+            for policy in SimPolicy::ALL {
+                let r = run(&config, Workload::HeavyTail, policy, 1);
+                assert_eq!(r.utilisation.len(), nodes.max(1));
+            }
         }
     }
 
