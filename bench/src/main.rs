@@ -11,6 +11,9 @@
 //! `flowshift-bench migrate` measures flowshift's live migration beside that baseline in one
 //! run: the client-observed stall per move of a bulk download, the drain rate of idle
 //! connections, the throughput dip around a move and of a moved (relayed) flow.
+//!
+//! `flowshift-bench sim` runs the prediction simulator (no root needed): overload-seconds,
+//! moves and forecast error of no policy, reactive and predictive over synthetic workloads.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -24,6 +27,7 @@ mod kernel_server;
 mod load;
 mod migrate;
 mod repair;
+mod sim;
 mod sys;
 mod throughput;
 mod tunnel;
@@ -48,6 +52,9 @@ enum Command {
     /// flowshift's live migration beside the kernel's TCP_REPAIR handoff, in one run: stall
     /// per move of a download, drain rate, throughput around a move and of a moved flow.
     Migrate(migrate::Args),
+    /// The prediction simulator: every workload under no policy, reactive and predictive, with
+    /// several seeds; a table, JSON and plots. Needs no root.
+    Sim(sim::Args),
     /// The kernel baseline's servers (source :19, sink :9, echo :7) on an address; runs until
     /// killed. The throughput benchmark starts it in node-a.
     #[command(hide = true)]
@@ -66,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::Tunnel(args) => tunnel::run(args),
         Command::Repair(args) => repair::run(args),
         Command::Migrate(args) => migrate::run(args),
+        Command::Sim(args) => sim::run(args),
         Command::KernelServer { addr: ip } => {
             kernel_server::source(addr(ip, 19))?;
             kernel_server::sink(addr(ip, 9))?;

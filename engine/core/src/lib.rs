@@ -17,6 +17,7 @@ pub mod app;
 pub mod config;
 pub mod flow;
 pub mod packet;
+pub mod predict;
 pub mod secure;
 pub mod segment;
 pub mod stack;

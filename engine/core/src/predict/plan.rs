@@ -1,0 +1,728 @@
+//! The planner: which connections to offload, and to which peer.
+//!
+//! A plan is made at most once per [`PlanConfig::replan_interval`]. The policy decides what is
+//! compared with what:
+//!
+//! - [`Policy::Predictive`]: the larger of the node's current and predicted peak load (over the
+//!   horizon) against the learned threshold the caller passes ([`super::detect::Detector`]);
+//!   connections weighed by their predicted load.
+//! - [`Policy::Reactive`]: the current load against [`PlanConfig::reactive_threshold`];
+//!   connections weighed by their current load. A baseline.
+//! - [`Policy::Manual`]: never plans.
+//!
+//! Above the threshold the node sheds load until it is back at `threshold − hysteresis`, at most
+//! [`PlanConfig::max_moves`] moves per plan. Candidates are taken in this order: priority class
+//! ([`Priority::Background`] first, [`Priority::Interactive`] last), then net benefit, then age
+//! (older first), then id. The net benefit of a move is the load it takes off over the
+//! horizon — `load × min(horizon, age)` in load-seconds, the age standing in for the expected
+//! remaining life (a connection that has lived for a minute is likely to live on; one that
+//! started a second ago may be gone before the move pays off) — minus its [`MigrationCost`];
+//! a candidate whose benefit does not exceed its cost is not moved. A connection moved less than
+//! [`PlanConfig::cooldown`] ago is not moved again.
+//!
+//! The target is the peer with the lowest utilisation after the move among those that stay at or
+//! below `threshold − hysteresis` (so a move never pushes a peer into shedding, which is what
+//! would make connections ping-pong); peers within [`PlanConfig::rtt_tolerance`] of that lowest
+//! utilisation are tie-broken by the lower RTT.
+//!
+//! Loads are in units of capacity (CPU cores, or whatever the node's capacity is measured in);
+//! utilisation is load / capacity.
+
+use smoltcp::time::{Duration, Instant};
+
+use super::config::{ConfigError, count_in, duration_in, in_range};
+use super::{ConnId, NodeId, Priority, secs};
+
+/// What the planner does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Never plans; moves are made by the operator.
+    Manual,
+    /// Plans on the forecast.
+    #[default]
+    Predictive,
+    /// Plans on the current load.
+    Reactive,
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::Manual => "manual",
+            Policy::Predictive => "predictive",
+            Policy::Reactive => "reactive",
+        })
+    }
+}
+
+/// The cost of moving one connection: the connection is frozen for
+/// `freeze + per_mib × MiB moved`, and for that time the move keeps `load` units of capacity busy
+/// (capturing, sending and restoring). In load-seconds: `load × (freeze + per_mib × MiB)`.
+///
+/// The defaults (40 ms, 0.2 ms per MiB) are the figures this predictor was specified with as
+/// `flowshift-bench migrate`'s. The run recorded in `docs/benchmarks.md` (2026-12-03) reports
+/// less for one download: a node-reported freeze of 0.74 ms p50 / 4.4 ms p99 and a client stall
+/// of 5.3 / 11.5 ms; so 40 ms is conservative. Set them from a fresh `flowshift-bench migrate`
+/// run on the node's own hardware (`docs/prediction.md` shows what the simulator does with 5 ms).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MigrationCost {
+    /// Fixed freeze per move. Default 40 ms.
+    pub freeze: Duration,
+    /// Extra freeze per MiB moved. Default 0.2 ms.
+    pub per_mib: Duration,
+    /// Capacity a move keeps busy while it runs. Default 0.1: an estimate, not a measurement
+    /// (the freeze is mostly spent waiting for the peer, and `flowshift-bench migrate` does not
+    /// measure the CPU a move takes).
+    pub load: f64,
+}
+
+impl Default for MigrationCost {
+    fn default() -> Self {
+        Self {
+            freeze: Duration::from_millis(40),
+            per_mib: Duration::from_micros(200),
+            load: 0.1,
+        }
+    }
+}
+
+impl MigrationCost {
+    /// How long a connection with `bytes` to move is frozen.
+    pub fn stall(&self, bytes: u64) -> Duration {
+        let mib = bytes as f64 / (1024.0 * 1024.0);
+        let extra = (self.per_mib.total_micros() as f64 * mib).min(u64::MAX as f64 / 2.0);
+        self.freeze + Duration::from_micros(extra as u64)
+    }
+
+    /// The cost in load-seconds of moving `bytes`.
+    pub fn load_seconds(&self, bytes: u64) -> f64 {
+        self.load * secs(self.stall(bytes))
+    }
+}
+
+/// Settings of the planner.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanConfig {
+    /// What the planner does. Default [`Policy::Predictive`].
+    pub policy: Policy,
+    /// Shed down to `threshold − hysteresis`, and fill peers no higher. Default 0.1.
+    pub hysteresis: f64,
+    /// Least time between two plans. Default 1 s.
+    pub replan_interval: Duration,
+    /// Most moves per plan. Default 4.
+    pub max_moves: usize,
+    /// A connection moved less than this ago is not moved again. Default 30 s.
+    pub cooldown: Duration,
+    /// The cost of a move.
+    pub migration_cost: MigrationCost,
+    /// Threshold of [`Policy::Reactive`] on current utilisation. Default 0.85.
+    pub reactive_threshold: f64,
+    /// Peers within this much utilisation of the least loaded one are ranked by RTT. Default 0.05.
+    pub rtt_tolerance: f64,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Predictive,
+            hysteresis: 0.1,
+            replan_interval: Duration::from_secs(1),
+            max_moves: 4,
+            cooldown: Duration::from_secs(30),
+            migration_cost: MigrationCost::default(),
+            reactive_threshold: 0.85,
+            rtt_tolerance: 0.05,
+        }
+    }
+}
+
+impl PlanConfig {
+    /// Checks every setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        in_range("plan.hysteresis", self.hysteresis, 0.0, 1.0)?;
+        duration_in(
+            "plan.replan_interval",
+            self.replan_interval,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+        )?;
+        count_in("plan.max_moves", self.max_moves, 1, 1 << 16)?;
+        duration_in(
+            "plan.cooldown",
+            self.cooldown,
+            Duration::ZERO,
+            Duration::from_secs(86_400),
+        )?;
+        duration_in(
+            "plan.migration_cost.freeze",
+            self.migration_cost.freeze,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )?;
+        duration_in(
+            "plan.migration_cost.per_mib",
+            self.migration_cost.per_mib,
+            Duration::ZERO,
+            Duration::from_secs(1),
+        )?;
+        in_range(
+            "plan.migration_cost.load",
+            self.migration_cost.load,
+            0.0,
+            1e6,
+        )?;
+        in_range(
+            "plan.reactive_threshold",
+            self.reactive_threshold,
+            0.0,
+            10.0,
+        )?;
+        in_range("plan.rtt_tolerance", self.rtt_tolerance, 0.0, 10.0)?;
+        Ok(())
+    }
+}
+
+/// A node's load in units of its capacity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeLoad {
+    /// Load over the last interval.
+    pub current: f64,
+    /// Predicted peak load over the horizon.
+    pub predicted: f64,
+    /// Capacity; a node with capacity `<= 0` is never a target and never sheds.
+    pub capacity: f64,
+}
+
+/// A peer as its last load report describes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Peer {
+    /// The peer.
+    pub id: NodeId,
+    /// Its load.
+    pub load: NodeLoad,
+    /// Round-trip time to it.
+    pub rtt: Duration,
+}
+
+/// A connection that may be offloaded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// The connection.
+    pub conn: ConnId,
+    /// Its load over the last interval.
+    pub current: f64,
+    /// Its predicted load over the horizon.
+    pub predicted: f64,
+    /// Time since it was accepted.
+    pub age: Duration,
+    /// Its bandwidth, bytes/s both ways: what piles up during the freeze and must be moved too.
+    pub bandwidth: f64,
+    /// Bytes a move copies now (unacknowledged + unsent + unread).
+    pub buffered: u64,
+    /// Its priority class.
+    pub priority: Priority,
+    /// When it was last moved, if ever.
+    pub last_moved: Option<Instant>,
+}
+
+/// What the planner reads.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    /// This node.
+    pub local: NodeLoad,
+    /// The learned threshold ([`super::detect::Detector::threshold`]); used by
+    /// [`Policy::Predictive`].
+    pub threshold: f64,
+    /// The lease group's other nodes.
+    pub peers: &'a [Peer],
+    /// This node's connections that may move.
+    pub candidates: &'a [Candidate],
+}
+
+/// One planned move.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Move {
+    /// The connection to move.
+    pub conn: ConnId,
+    /// Where to.
+    pub target: NodeId,
+    /// Why, in figures; its `Display` is the human-readable reason.
+    pub reason: Reason,
+}
+
+/// The figures behind a move.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reason {
+    /// The policy that planned it.
+    pub policy: Policy,
+    /// This node's utilisation that triggered the plan (predicted or current, per policy).
+    pub utilisation: f64,
+    /// The threshold it exceeded.
+    pub threshold: f64,
+    /// The connection's load (predicted or current, per policy).
+    pub conn_load: f64,
+    /// The connection's age.
+    pub age: Duration,
+    /// The move's cost in load-seconds.
+    pub cost: f64,
+    /// The target's utilisation after the move.
+    pub target_utilisation: f64,
+    /// Round-trip time to the target.
+    pub rtt: Duration,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.policy {
+            Policy::Reactive => "current",
+            _ => "predicted",
+        };
+        write!(
+            f,
+            "{what} utilisation {:.2} above threshold {:.2}; connection load {:.3} (age {} s, \
+             move cost {:.3} load-s); target at {:.2} after the move, rtt {} ms",
+            self.utilisation,
+            self.threshold,
+            self.conn_load,
+            self.age.secs(),
+            self.cost,
+            self.target_utilisation,
+            self.rtt.total_millis(),
+        )
+    }
+}
+
+/// Where the planner stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Status {
+    /// Utilisation at or below the threshold: nothing to do.
+    Balanced {
+        /// Utilisation compared (predicted or current, per policy).
+        utilisation: f64,
+        /// Threshold.
+        threshold: f64,
+    },
+    /// [`Policy::Manual`].
+    Manual,
+    /// Above the threshold, but no candidate fits any peer.
+    NoTarget {
+        /// Utilisation compared.
+        utilisation: f64,
+    },
+    /// Planned less than `replan_interval` ago.
+    NotDue {
+        /// When the next plan may be made.
+        next: Instant,
+    },
+    /// Moves planned.
+    Shedding {
+        /// Utilisation before the moves.
+        from: f64,
+        /// Utilisation once they are done.
+        to: f64,
+    },
+}
+
+/// The moves to make now, and why there are (or are not) any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The moves, in the order to make them.
+    pub moves: Vec<Move>,
+    /// The planner's state.
+    pub status: Status,
+}
+
+impl Plan {
+    fn none(status: Status) -> Self {
+        Self {
+            moves: Vec::new(),
+            status,
+        }
+    }
+}
+
+/// Makes plans; remembers when it last did.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    config: PlanConfig,
+    horizon: Duration,
+    last_plan: Option<Instant>,
+}
+
+impl Planner {
+    /// A planner looking `horizon` ahead (the detection horizon).
+    pub fn new(config: PlanConfig, horizon: Duration) -> Self {
+        Self {
+            config,
+            horizon,
+            last_plan: None,
+        }
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &PlanConfig {
+        &self.config
+    }
+
+    /// When the next plan may be made (`None`: now).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.last_plan.map(|t| t + self.config.replan_interval)
+    }
+
+    /// Makes the plan for `now` (see the module doc).
+    pub fn plan(&mut self, now: Instant, input: &PlanInput<'_>) -> Plan {
+        let c = &self.config;
+        let (predictive, threshold) = match c.policy {
+            Policy::Manual => return Plan::none(Status::Manual),
+            Policy::Predictive => (true, input.threshold),
+            Policy::Reactive => (false, c.reactive_threshold),
+        };
+        if let Some(next) = self.poll_timeout().filter(|next| now < *next) {
+            return Plan::none(Status::NotDue { next });
+        }
+        self.last_plan = Some(now);
+        let node_load = |n: &NodeLoad| {
+            let load = if predictive {
+                n.current.max(n.predicted)
+            } else {
+                n.current
+            };
+            if load.is_finite() { load.max(0.0) } else { 0.0 }
+        };
+        let local = &input.local;
+        if local.capacity.is_nan() || local.capacity <= 0.0 {
+            return Plan::none(Status::Balanced {
+                utilisation: 0.0,
+                threshold,
+            });
+        }
+        let mut load = node_load(local);
+        let utilisation = load / local.capacity;
+        if utilisation <= threshold {
+            return Plan::none(Status::Balanced {
+                utilisation,
+                threshold,
+            });
+        }
+        let fill = threshold - c.hysteresis;
+        let goal = fill * local.capacity;
+
+        let conn_load = |cand: &Candidate| {
+            let l = if predictive {
+                cand.predicted
+            } else {
+                cand.current
+            };
+            if l.is_finite() { l.max(0.0) } else { 0.0 }
+        };
+        let horizon = secs(self.horizon);
+        let mut ranked: Vec<(&Candidate, f64, f64)> = input
+            .candidates
+            .iter()
+            .filter(|cand| cand.last_moved.is_none_or(|t| now >= t + c.cooldown))
+            .filter_map(|cand| {
+                let l = conn_load(cand);
+                let pending = (cand.bandwidth.max(0.0) * secs(c.migration_cost.freeze)) as u64;
+                let cost = c
+                    .migration_cost
+                    .load_seconds(cand.buffered.saturating_add(pending));
+                let benefit = l * horizon.min(secs(cand.age)) - cost;
+                (l > 0.0 && benefit > 0.0).then_some((cand, benefit, cost))
+            })
+            .collect();
+        ranked.sort_by(|(a, ab, _), (b, bb, _)| {
+            a.priority
+                .move_rank()
+                .cmp(&b.priority.move_rank())
+                .then(bb.total_cmp(ab))
+                .then(b.age.cmp(&a.age))
+                .then(a.conn.cmp(&b.conn))
+        });
+
+        let mut peers: Vec<(Peer, f64)> = input
+            .peers
+            .iter()
+            .filter(|p| p.load.capacity > 0.0)
+            .map(|p| (*p, node_load(&p.load)))
+            .collect();
+        let mut moves = Vec::new();
+        for (cand, _, cost) in ranked {
+            if load <= goal || moves.len() >= c.max_moves {
+                break;
+            }
+            let l = conn_load(cand);
+            let Some(i) = self.target(&peers, l, fill) else {
+                continue;
+            };
+            let (peer, peer_load) = &mut peers[i];
+            *peer_load += l;
+            load -= l;
+            moves.push(Move {
+                conn: cand.conn,
+                target: peer.id,
+                reason: Reason {
+                    policy: c.policy,
+                    utilisation,
+                    threshold,
+                    conn_load: l,
+                    age: cand.age,
+                    cost,
+                    target_utilisation: *peer_load / peer.load.capacity,
+                    rtt: peer.rtt,
+                },
+            });
+        }
+        let status = if moves.is_empty() {
+            Status::NoTarget { utilisation }
+        } else {
+            Status::Shedding {
+                from: utilisation,
+                to: load / local.capacity,
+            }
+        };
+        Plan { moves, status }
+    }
+
+    /// The index of the peer that takes `l` (see the module doc), if any has room.
+    fn target(&self, peers: &[(Peer, f64)], l: f64, fill: f64) -> Option<usize> {
+        let after = |(p, load): &(Peer, f64)| (load + l) / p.load.capacity;
+        let fits = || peers.iter().enumerate().filter(|(_, p)| after(p) <= fill);
+        let lowest = fits().map(|(_, p)| after(p)).min_by(f64::total_cmp)?;
+        fits()
+            .filter(|(_, p)| after(p) <= lowest + self.config.rtt_tolerance)
+            .min_by(|(_, a), (_, b)| {
+                a.0.rtt
+                    .cmp(&b.0.rtt)
+                    .then(after(a).total_cmp(&after(b)))
+                    .then(a.0.id.cmp(&b.0.id))
+            })
+            .map(|(i, _)| i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Instant = Instant::ZERO;
+
+    fn node(load: f64) -> NodeLoad {
+        NodeLoad {
+            current: load,
+            predicted: load,
+            capacity: 1.0,
+        }
+    }
+
+    fn peer(id: u32, load: f64, rtt_ms: u64) -> Peer {
+        Peer {
+            id: NodeId(id),
+            load: node(load),
+            rtt: Duration::from_millis(rtt_ms),
+        }
+    }
+
+    fn cand(conn: ConnId, load: f64, age_s: u64, priority: Priority) -> Candidate {
+        Candidate {
+            conn,
+            current: load,
+            predicted: load,
+            age: Duration::from_secs(age_s),
+            bandwidth: 0.0,
+            buffered: 0,
+            priority,
+            last_moved: None,
+        }
+    }
+
+    fn planner(policy: Policy) -> Planner {
+        let config = PlanConfig {
+            policy,
+            ..PlanConfig::default()
+        };
+        Planner::new(config, Duration::from_secs(5))
+    }
+
+    fn ids(plan: &Plan) -> Vec<(ConnId, u32)> {
+        plan.moves.iter().map(|m| (m.conn, m.target.0)).collect()
+    }
+
+    #[test]
+    fn ranks_by_class_then_benefit_then_age() {
+        let candidates = [
+            cand(1, 0.10, 60, Priority::Interactive),
+            cand(2, 0.05, 60, Priority::Normal),
+            cand(3, 0.05, 600, Priority::Normal),
+            cand(4, 0.02, 600, Priority::Background),
+            cand(5, 0.20, 1, Priority::Normal), // young: benefit 0.2 × 1 s < 0.05 × 5 s (less the 0.004 cost each)
+            cand(6, 0.30, 0, Priority::Background), // just accepted: no benefit, never moved
+        ];
+        let peers = [peer(7, 0.0, 1)];
+        let input = PlanInput {
+            local: node(1.2),
+            threshold: 0.85,
+            peers: &peers,
+            candidates: &candidates,
+        };
+        let mut p = planner(Policy::Predictive);
+        let mut config = *p.config();
+        config.max_moves = 10;
+        p.config = config;
+        let plan = p.plan(T0, &input);
+        // Shed from 1.2 to 0.75: 4 (0.02), 3 (0.05, older), 2 (0.05), 5 (0.2), 1 (0.1) = 0.42 → 0.78,
+        // then nothing else is left.
+        assert_eq!(ids(&plan), [(4, 7), (3, 7), (2, 7), (5, 7), (1, 7)]);
+        let Status::Shedding { from, to } = plan.status else {
+            panic!("{:?}", plan.status)
+        };
+        assert_eq!(from, 1.2);
+        assert!((to - 0.78).abs() < 1e-9);
+        let reason = plan.moves[0].reason.to_string();
+        assert_eq!(
+            reason,
+            "predicted utilisation 1.20 above threshold 0.85; connection load 0.020 (age 600 s, \
+             move cost 0.004 load-s); target at 0.02 after the move, rtt 1 ms"
+        );
+    }
+
+    #[test]
+    fn target_has_room_lowest_load_lower_rtt_within_tolerance() {
+        let candidates = [cand(1, 0.1, 60, Priority::Normal)];
+        let run = |peers: &[Peer]| {
+            let input = PlanInput {
+                local: node(0.9),
+                threshold: 0.85,
+                peers,
+                candidates: &candidates,
+            };
+            ids(&planner(Policy::Predictive).plan(T0, &input))
+        };
+        // 2 is least loaded; 3 is within 0.05 of it and nearer.
+        assert_eq!(
+            run(&[peer(1, 0.5, 1), peer(2, 0.30, 9), peer(3, 0.34, 2)]),
+            [(1, 3)]
+        );
+        // 3 is now 0.06 above 2: the least loaded wins despite its RTT.
+        assert_eq!(run(&[peer(2, 0.30, 9), peer(3, 0.36, 2)]), [(1, 2)]);
+        // No room at 0.75 after the move anywhere.
+        assert_eq!(run(&[peer(2, 0.66, 1)]), []);
+    }
+
+    #[test]
+    fn hysteresis_and_reactive_baseline() {
+        let candidates: Vec<_> = (0..10)
+            .map(|i| cand(i, 0.05, 60, Priority::Normal))
+            .collect();
+        let peers = [peer(9, 0.0, 1)];
+        let mut input = PlanInput {
+            local: NodeLoad {
+                current: 0.8,
+                predicted: 0.95,
+                capacity: 1.0,
+            },
+            threshold: 0.85,
+            peers: &peers,
+            candidates: &candidates,
+        };
+        // Predictive sees 0.95 coming and sheds 0.2 to reach 0.75 (max_moves 4 × 0.05).
+        let plan = planner(Policy::Predictive).plan(T0, &input);
+        assert_eq!(plan.moves.len(), 4);
+        // Reactive sees 0.8 now: nothing.
+        let plan = planner(Policy::Reactive).plan(T0, &input);
+        assert!(
+            matches!(plan.status, Status::Balanced { .. }),
+            "{:?}",
+            plan.status
+        );
+        // Between the goal and the threshold: nothing either.
+        input.local.predicted = 0.8;
+        let plan = planner(Policy::Predictive).plan(T0, &input);
+        assert_eq!(plan.moves, []);
+        assert_eq!(
+            planner(Policy::Manual).plan(T0, &input).status,
+            Status::Manual
+        );
+    }
+
+    #[test]
+    fn replan_interval_and_move_cap() {
+        let candidates: Vec<_> = (0..20)
+            .map(|i| cand(i, 0.05, 60, Priority::Normal))
+            .collect();
+        let peers = [peer(9, 0.0, 1)];
+        let input = PlanInput {
+            local: node(1.5),
+            threshold: 0.85,
+            peers: &peers,
+            candidates: &candidates,
+        };
+        let mut p = planner(Policy::Reactive);
+        assert_eq!(p.plan(T0, &input).moves.len(), 4);
+        let early = T0 + Duration::from_millis(999);
+        assert_eq!(
+            p.plan(early, &input).status,
+            Status::NotDue {
+                next: T0 + Duration::from_secs(1)
+            }
+        );
+        assert_eq!(p.plan(T0 + Duration::from_secs(1), &input).moves.len(), 4);
+    }
+
+    /// Two nodes take turns being hot. Without a cooldown the same connections go back and
+    /// forth; with it no connection moves twice.
+    #[test]
+    fn no_ping_pong() {
+        let run = |cooldown: Duration| {
+            let config = PlanConfig {
+                cooldown,
+                ..PlanConfig::default()
+            };
+            let mut planners = [
+                Planner::new(config, Duration::from_secs(5)),
+                Planner::new(config, Duration::from_secs(5)),
+            ];
+            // (conn, node, last moved)
+            let mut conns: Vec<(ConnId, usize, Option<Instant>)> =
+                (0..20).map(|i| (i, (i % 2) as usize, None)).collect();
+            let mut moved = vec![0u32; conns.len()];
+            for round in 0..20u64 {
+                let now = T0 + Duration::from_secs(round);
+                for (n, planner) in planners.iter_mut().enumerate() {
+                    // Other traffic (0.5) makes node `round % 2` hot.
+                    let load_of = |k: usize, c: &[(ConnId, usize, Option<Instant>)]| {
+                        c.iter().filter(|x| x.1 == k).count() as f64 * 0.04
+                            + if round % 2 == k as u64 { 0.5 } else { 0.0 }
+                    };
+                    let candidates: Vec<_> = conns
+                        .iter()
+                        .filter(|x| x.1 == n)
+                        .map(|x| Candidate {
+                            last_moved: x.2,
+                            ..cand(x.0, 0.04, 60, Priority::Normal)
+                        })
+                        .collect();
+                    let peers = [peer(1 - n as u32, load_of(1 - n, &conns), 1)];
+                    let local = node(load_of(n, &conns));
+                    let input = PlanInput {
+                        local,
+                        threshold: 0.85,
+                        peers: &peers,
+                        candidates: &candidates,
+                    };
+                    for m in planner.plan(now, &input).moves {
+                        let c = &mut conns[m.conn as usize];
+                        c.1 = m.target.0 as usize;
+                        c.2 = Some(now);
+                        moved[m.conn as usize] += 1;
+                    }
+                }
+            }
+            moved.into_iter().max().unwrap_or(0)
+        };
+        assert!(
+            run(Duration::ZERO) > 1,
+            "the scenario does ping-pong without a cooldown"
+        );
+        assert_eq!(run(Duration::from_secs(30)), 1);
+    }
+}
