@@ -29,10 +29,10 @@ pub(crate) struct Args {
     nodes: usize,
     /// Freeze per move, ms (the move's fixed cost; see docs/prediction.md for where the
     /// default comes from).
-    #[arg(long, default_value_t = 40.0)]
+    #[arg(long, default_value_t = 5.0)]
     freeze_ms: f64,
     /// Extra freeze per MiB a move copies, ms.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 1.0)]
     per_mib_ms: f64,
     /// Where the table, JSON and plots go.
     #[arg(long, default_value = "bench-results/sim")]

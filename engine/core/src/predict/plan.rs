@@ -59,16 +59,16 @@ impl std::fmt::Display for Policy {
 /// `freeze + per_mib × MiB moved`, and for that time the move keeps `load` units of capacity busy
 /// (capturing, sending and restoring). In load-seconds: `load × (freeze + per_mib × MiB)`.
 ///
-/// The defaults (40 ms, 0.2 ms per MiB) are the figures this predictor was specified with as
-/// `flowshift-bench migrate`'s. The run recorded in `docs/benchmarks.md` (2026-12-03) reports
-/// less for one download: a node-reported freeze of 0.74 ms p50 / 4.4 ms p99 and a client stall
-/// of 5.3 / 11.5 ms; so 40 ms is conservative. Set them from a fresh `flowshift-bench migrate`
-/// run on the node's own hardware (`docs/prediction.md` shows what the simulator does with 5 ms).
+/// The defaults come from the `flowshift-bench migrate` run in `docs/benchmarks.md`
+/// (2026-12-03, 2 vCPUs): 5 ms is the client-observed stall per move (p50 5.3 ms; the node's
+/// own freeze is 0.74 ms p50), and 1 ms per MiB is the capture time's growth with the send
+/// queue (4.4 ms p99 freeze with up to 4 MiB queued). Set them from a `flowshift-bench
+/// migrate` run on the node's own hardware.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MigrationCost {
-    /// Fixed freeze per move. Default 40 ms.
+    /// Fixed freeze per move. Default 5 ms.
     pub freeze: Duration,
-    /// Extra freeze per MiB moved. Default 0.2 ms.
+    /// Extra freeze per MiB moved. Default 1 ms.
     pub per_mib: Duration,
     /// Capacity a move keeps busy while it runs. Default 0.1: an estimate, not a measurement
     /// (the freeze is mostly spent waiting for the peer, and `flowshift-bench migrate` does not
@@ -79,8 +79,8 @@ pub struct MigrationCost {
 impl Default for MigrationCost {
     fn default() -> Self {
         Self {
-            freeze: Duration::from_millis(40),
-            per_mib: Duration::from_micros(200),
+            freeze: Duration::from_millis(5),
+            per_mib: Duration::from_millis(1),
             load: 0.1,
         }
     }
@@ -554,7 +554,7 @@ mod tests {
             cand(2, 0.05, 60, Priority::Normal),
             cand(3, 0.05, 600, Priority::Normal),
             cand(4, 0.02, 600, Priority::Background),
-            cand(5, 0.20, 1, Priority::Normal), // young: benefit 0.2 × 1 s < 0.05 × 5 s (less the 0.004 cost each)
+            cand(5, 0.20, 1, Priority::Normal), // young: benefit 0.2 × 1 s < 0.05 × 5 s (less the 0.001 cost each)
             cand(6, 0.30, 0, Priority::Background), // just accepted: no benefit, never moved
         ];
         let peers = [peer(7, 0.0, 1)];
@@ -581,7 +581,7 @@ mod tests {
         assert_eq!(
             reason,
             "predicted utilisation 1.20 above threshold 0.85; connection load 0.020 (age 600 s, \
-             move cost 0.004 load-s); target at 0.02 after the move, rtt 1 ms"
+             move cost 0.001 load-s); target at 0.02 after the move, rtt 1 ms"
         );
     }
 

@@ -7,7 +7,7 @@
 //! sees exactly the same trace. Every node runs the predictor of this module on itself: a
 //! [`Forecaster`] of its utilisation and one per connection, a [`Detector`] and a [`Planner`].
 //! A planned move freezes the connection for [`MigrationCost::stall`] of its buffered bytes
-//! (40 ms + 0.2 ms per MiB by default; see [`MigrationCost`] for where that comes from): its
+//! (5 ms + 1 ms per MiB by default; see [`MigrationCost`] for where that comes from): its
 //! load stays on the source until the freeze has ended, rounded up to whole ticks, and both ends
 //! carry the move's own load ([`MigrationCost::load`]) for the freeze. Peers' loads are read as
 //! the planner would get them from heartbeats, without delay.
