@@ -40,21 +40,86 @@ pub(crate) fn sink(addr: SocketAddr) -> std::io::Result<()> {
     })
 }
 
-/// Serves `echo` on `addr`.
+/// Serves `echo` on `addr` from one epoll loop (mio), as an event-driven server holds idle
+/// connections: a socket each, no thread — so the idle-memory baseline is the kernel's
+/// sockets, not thread stacks.
 pub(crate) fn echo(addr: SocketAddr) -> std::io::Result<()> {
-    serve(addr, |mut s| {
+    use mio::net::TcpListener as MioListener;
+    use mio::{Events, Interest, Poll, Token};
+    let mut listener = MioListener::bind(addr)?;
+    let mut poll = Poll::new()?;
+    poll.registry()
+        .register(&mut listener, Token(0), Interest::READABLE)?;
+    thread::spawn(move || {
+        let mut conns: std::collections::HashMap<usize, mio::net::TcpStream> = Default::default();
+        let mut next = 1usize;
+        let mut events = Events::with_capacity(1024);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        return;
+            if poll.poll(&mut events, None).is_err() {
+                continue;
+            }
+            for ev in &events {
+                if ev.token() == Token(0) {
+                    while let Ok((mut s, _)) = listener.accept() {
+                        let _ = s.set_nodelay(true);
+                        let t = Token(next);
+                        next += 1;
+                        if poll
+                            .registry()
+                            .register(&mut s, t, Interest::READABLE)
+                            .is_ok()
+                        {
+                            conns.insert(t.0, s);
+                        }
                     }
+                    continue;
+                }
+                let key = ev.token().0;
+                let Some(s) = conns.get_mut(&key) else {
+                    continue;
+                };
+                // Read what is there and write it back (blocking briefly on a full send
+                // buffer is fine for a benchmark baseline).
+                let mut close = false;
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => {
+                            close = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            let mut out = &buf[..n];
+                            while !out.is_empty() {
+                                match s.write(out) {
+                                    Ok(k) => out = &out[k..],
+                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                        thread::yield_now()
+                                    }
+                                    Err(_) => {
+                                        close = true;
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            close = true;
+                            break;
+                        }
+                    }
+                    if close {
+                        break;
+                    }
+                }
+                if close && let Some(mut s) = conns.remove(&key) {
+                    let _ = poll.registry().deregister(&mut s);
                 }
             }
         }
-    })
+    });
+    Ok(())
 }
 
 fn serve(addr: SocketAddr, handle: fn(TcpStream)) -> std::io::Result<()> {

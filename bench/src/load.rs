@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use flowshift_core::app::counting::fill as counting_fill;
+use flowshift_testbed::oracle::CountingVerifier;
+
 /// Bytes moved and the time it took.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub(crate) struct Transfer {
@@ -26,13 +29,14 @@ impl Transfer {
     }
 }
 
-/// Reads from a `source` service at `addr` for `duration`.
+/// Reads from a `source` service at `addr` for `duration`, every byte checked against the
+/// counting stream (an error names the first wrong byte).
 pub(crate) fn download(addr: SocketAddr, duration: Duration) -> io::Result<Transfer> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; 256 * 1024];
     let start = Instant::now();
-    let mut bytes = 0u64;
+    let mut verifier = CountingVerifier::new();
     while start.elapsed() < duration {
         let n = s.read(&mut buf)?;
         if n == 0 {
@@ -41,22 +45,30 @@ pub(crate) fn download(addr: SocketAddr, duration: Duration) -> io::Result<Trans
                 "source closed early",
             ));
         }
-        bytes += n as u64;
+        verifier
+            .feed(&buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     }
+    let bytes = verifier.offset();
     let seconds = start.elapsed().as_secs_f64();
     let _ = s.shutdown(Shutdown::Both);
     Ok(Transfer { bytes, seconds })
 }
 
-/// Writes to a `sink` service at `addr` for `duration`, half-closes and waits for its
-/// `<bytes> <crc>` line, so the time covers delivery. Checks the byte count it reports.
+/// Writes the counting stream to a `sink` service at `addr` for `duration`, half-closes and
+/// waits for its `<bytes> <crc>` line, so the time covers delivery. Checks the byte count and
+/// the CRC-32 it reports against what was sent.
 pub(crate) fn upload(addr: SocketAddr, duration: Duration) -> io::Result<Transfer> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let buf = vec![0x5au8; 256 * 1024];
+    // 256 KiB of the counting stream at a time; the CRC of what was sent, as sent.
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut crc = crc32fast::Hasher::new();
     let start = Instant::now();
     let mut bytes = 0u64;
     while start.elapsed() < duration {
+        counting_fill(bytes, &mut buf);
+        crc.update(&buf);
         s.write_all(&buf)?;
         bytes += buf.len() as u64;
     }
@@ -73,6 +85,13 @@ pub(crate) fn upload(addr: SocketAddr, duration: Duration) -> io::Result<Transfe
         return Err(io::Error::other(format!(
             "sink reported {reported} bytes, sent {bytes}"
         )));
+    }
+    let sent_crc = format!("{:08x}", crc.finalize());
+    if line.split_whitespace().nth(1) != Some(sent_crc.as_str()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("sink reported `{}`, sent CRC {sent_crc}", line.trim()),
+        ));
     }
     Ok(Transfer { bytes, seconds })
 }
@@ -163,17 +182,26 @@ fn reset_on_close(s: &TcpStream) {
     }
 }
 
-/// Opens `n` idle connections to `addr` (each sends and reads back one byte through `echo`, so
-/// it is fully established on both sides) and returns them.
-pub(crate) fn open_idle(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpStream>> {
+/// Opens `n` connections to `echo` at `addr`, each sending `payload` bytes of the counting
+/// stream (at least one) and reading them back checked, so it is fully established and has
+/// moved data both ways, and returns them, idle.
+pub(crate) fn open_idle(addr: SocketAddr, n: usize, payload: usize) -> io::Result<Vec<TcpStream>> {
     let mut conns = Vec::with_capacity(n);
-    let mut b = [0u8; 1];
+    let mut data = vec![0u8; payload.max(1)];
+    counting_fill(0, &mut data);
+    let mut back = vec![0u8; data.len()];
     for i in 0..n {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .map_err(|e| io::Error::new(e.kind(), format!("connection {i}: {e}")))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"i")?;
-        s.read_exact(&mut b)?;
+        s.write_all(&data)?;
+        s.read_exact(&mut back)?;
+        if back != data {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("connection {i}: echo returned other bytes"),
+            ));
+        }
         conns.push(s);
     }
     Ok(conns)

@@ -1,9 +1,10 @@
 //! `flowshift-bench`: the bundled benchmarks.
 //!
 //! `flowshift-bench throughput` builds the namespace testbed, runs a flowshift node and a plain
-//! kernel-socket server side by side in node-a, and measures both from the client namespace in one
-//! run: single-flow download and upload, 8 parallel flows, new connections per second, CPU seconds
-//! per GB, and memory per idle connection. It writes JSON and a markdown table.
+//! kernel-socket server side by side in node-a, and measures both from the client namespace,
+//! back to back in alternating order, over several runs: single-flow download and upload (bytes
+//! verified), 8 parallel flows, new connections per second, CPU seconds per GB, steal, and memory
+//! per idle connection. It writes JSON and a markdown table of medians and ranges.
 //!
 //! `flowshift-bench repair` is the kernel baseline of live migration: a download's kernel TCP
 //! connection handed between node-a and node-b with TCP_REPAIR, stalls measured by the client.
@@ -28,6 +29,7 @@ mod load;
 mod migrate;
 mod repair;
 mod sim;
+mod stats;
 mod sys;
 mod throughput;
 mod tunnel;

@@ -40,6 +40,7 @@ use anyhow::{Context, anyhow, bail, ensure};
 use serde::Serialize;
 
 use crate::repair::{self, HandoffStats, RepairOptions, Summary};
+use crate::stats::Spread;
 use crate::{addr, load, sys};
 use flowshift_testbed::kernel_handoff::HandoffOptions;
 use flowshift_testbed::oracle::CountingVerifier;
@@ -365,37 +366,6 @@ struct RunResult {
     kernel: Option<HandoffStats>,
     /// What failed, if anything (the figures above are what was measured up to there).
     errors: Vec<String>,
-}
-
-/// Median and range over runs.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-    n: usize,
-}
-
-impl Spread {
-    fn of(mut v: Vec<f64>) -> Option<Spread> {
-        v.retain(|x| x.is_finite());
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Some(Spread {
-            median,
-            min: v[0],
-            max: v[n - 1],
-            n,
-        })
-    }
 }
 
 /// One headline figure over the runs.
@@ -1157,7 +1127,7 @@ fn drain_part(tb: &Testbed, p: &Pair, o: &Args) -> anyhow::Result<DrainStats> {
     let n = o.idle;
     let mut conns = tb
         .client()
-        .run(move || load::open_idle(echo, n))
+        .run(move || load::open_idle(echo, n, 1))
         .with_context(|| format!("opening {n} idle connections"))?;
     let open_s = t_open.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(300));

@@ -194,6 +194,9 @@ struct Worker {
     tunnel: Option<tunnel::TunnelSender>,
     /// Scratch for cutting forwarded packets into datagrams.
     segment_buf: Vec<u8>,
+    /// `stats().compacted` when free memory was last released, and when it may be again.
+    compacted_seen: u64,
+    next_trim: StdInstant,
     /// Scratch for writing relayed packets behind a virtio-net header.
     relay_buf: Vec<u8>,
 }
@@ -397,6 +400,14 @@ impl Worker {
             }
             self.stack.poll(now);
             self.flush();
+            // Connections were compacted: hand the heap memory they freed back to the
+            // kernel (freed chunks stay resident in the allocator's arenas otherwise).
+            let compacted = self.stack.stats().compacted;
+            if compacted != self.compacted_seen && StdInstant::now() >= self.next_trim {
+                self.compacted_seen = compacted;
+                self.next_trim = StdInstant::now() + std::time::Duration::from_secs(1);
+                release_free_memory();
+            }
             if let Some(deadline) = shutdown {
                 if self.stack.live_connection_count() == 0 {
                     return;
@@ -1088,6 +1099,36 @@ fn open_tun(config: &Config) -> Result<Vec<SyncDevice>, NodeError> {
     Ok(queues)
 }
 
+/// Socket buffers (64 KiB by default) and send mirrors get mappings of their own instead of
+/// heap chunks: their pages are not resident until touched, and go back to the kernel when
+/// freed. An idle connection's compaction (`flowshift_core::stack`) re-homes it into fresh
+/// buffers; from the heap those would be recycled chunks, zeroed page by page, and the
+/// memory would stay resident. (glibc's default threshold adapts upwards to 32 MiB as large
+/// blocks are freed, which would undo this.)
+fn map_large_allocations() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only changes the allocator's tuning; called at start, before the
+        // node's threads exist.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024) };
+        if ok != 1 {
+            tracing::warn!(
+                "mallopt(M_MMAP_THRESHOLD) refused: idle connections keep their buffers' memory"
+            );
+        }
+    }
+}
+
+/// Returns the allocator's free memory to the kernel (glibc's `malloc_trim`).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator's arenas; it is
+    // thread-safe (it takes each arena's lock).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// 32 bytes from the kernel's CSPRNG (`getrandom(2)`).
 pub fn os_random_seed() -> io::Result<[u8; 32]> {
     let mut seed = [0u8; 32];
@@ -1111,6 +1152,7 @@ pub fn os_random_seed() -> io::Result<[u8; 32]> {
 /// Runs a node until SIGINT or SIGTERM, then closes its connections gracefully (within
 /// `node.shutdown_timeout_ms`), removes what it created, and returns.
 pub fn run(config: Config) -> Result<(), NodeError> {
+    map_large_allocations();
     let started = StdInstant::now();
     let clock = Clock(started);
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
@@ -1257,6 +1299,8 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             tunnel: tunnel.as_ref().map(tunnel::TunnelHandle::sender),
             segment_buf: Vec::new(),
             relay_buf: Vec::new(),
+            compacted_seen: 0,
+            next_trim: StdInstant::now(),
         };
         let core = cores.get(index % cores.len().max(1)).copied();
         let thread = std::thread::Builder::new()

@@ -179,6 +179,17 @@ impl SendMirror {
         }
     }
 
+    /// The same mirror with its bytes dropped and its memory freed, still counting: for a
+    /// connection with nothing unacknowledged (see `Stack`'s compaction). Memory is taken
+    /// again by the next write.
+    pub fn emptied(&self) -> Self {
+        Self {
+            buf: Vec::new(),
+            capacity: self.capacity,
+            total: self.total,
+        }
+    }
+
     /// Bytes written since the connection opened.
     pub fn total(&self) -> u64 {
         self.total
@@ -222,7 +233,9 @@ impl SendMirror {
             return None;
         }
         if self.buf.len() < self.capacity {
-            out.extend_from_slice(&self.buf[self.buf.len() - n..]);
+            // Still growing (or emptied by a compaction and not written since).
+            let from = self.buf.len().checked_sub(n)?;
+            out.extend_from_slice(&self.buf[from..]);
             return Some(());
         }
         let end = (self.total % self.capacity as u64) as usize;
@@ -332,6 +345,9 @@ pub struct Flow {
     pub counted: bool,
     /// Rates for status output.
     pub rates: RateSample,
+    /// Bytes moved (in + out) when the flow was last compacted: it is compacted again only
+    /// after it moved more.
+    pub compacted_at: Option<u64>,
 }
 
 impl Flow {
@@ -375,6 +391,7 @@ impl Flow {
             half_open: false,
             counted: true,
             rates: RateSample::default(),
+            compacted_at: None,
         }
     }
 

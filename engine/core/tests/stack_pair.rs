@@ -1191,8 +1191,10 @@ fn keepalive_probes_an_idle_client_and_resets_a_dead_one() {
         p.step();
     }
     let probes = p.stack.stats().packets_out - out_before;
-    // Each of the two got a probe at 5, 10 and 15 s (the living one's answers rewind it).
-    assert!((5..=8).contains(&probes), "{probes} packets out while idle");
+    // Each of the two got probes every 5 s (the living one's answers rewind it; the idle
+    // compaction at 2 s re-homes both sockets, which restarts their timers: 7 and 12 s).
+    assert!((4..=8).contains(&probes), "{probes} packets out while idle");
+    assert_eq!(p.stack.stats().compacted, 2);
     assert_eq!(p.stack.connection_count(), 2);
     assert_eq!(p.stack.stats().keepalive_timeouts, 0);
     // After 4 intervals of silence (20 s; the sweep runs every second) the dead one is
@@ -1243,4 +1245,77 @@ fn a_client_address_holds_at_most_max_per_source_connections() {
     }
     p.run_until(500, |p| p.budget.open() == 0);
     assert_eq!(p.budget.sources(), 0);
+}
+
+/// One `GET /bytes/{n}` on the keep-alive connection `h`: the body, checked.
+fn http_get_exact(p: &mut Pair, h: SocketHandle, n: usize) {
+    let req = format!("GET /bytes/{n} HTTP/1.1\r\nHost: t\r\n\r\n");
+    p.sock(h).send_slice(req.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    p.run_until(20_000, |p| {
+        let s = p.sock(h);
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        got.windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_some_and(|e| got.len() - (e + 4) >= n)
+    });
+    let e = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200 "));
+    assert_eq!(&got[e + 4..], &counting(0, n)[..], "body of {n} bytes");
+}
+
+#[test]
+fn an_idle_connection_is_compacted_and_carries_on_byte_exact() {
+    use flowshift_core::stack::COMPACT_AFTER;
+    let mut p = Pair::new(100);
+    let http = p.connect(80);
+    let echo = p.connect(7);
+    p.sock(echo).set_tsval_generator(Some(|| 7_000));
+    p.run_until(100, |p| {
+        p.sock(http).state() == tcp::State::Established
+            && p.sock(echo).state() == tcp::State::Established
+    });
+    http_get_exact(&mut p, http, 65_536);
+    echo_exact(&mut p, echo, 65_536);
+    let before = p.stack.conns(p.now);
+    assert_eq!(p.stack.stats().compacted, 0);
+    // Idle past COMPACT_AFTER: both are re-homed into fresh sockets, once.
+    let idle_ms = COMPACT_AFTER.total_millis() + 1_500;
+    for _ in 0..idle_ms {
+        p.step();
+    }
+    assert_eq!(p.stack.stats().compacted, 2);
+    for _ in 0..3_000 {
+        p.step();
+    }
+    assert_eq!(
+        p.stack.stats().compacted,
+        2,
+        "compacted again without moving a byte"
+    );
+    // The counters and the handshake record are those of before.
+    let after = p.stack.conns(p.now);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(
+            (b.id, b.bytes_in, b.bytes_out),
+            (a.id, a.bytes_in, a.bytes_out)
+        );
+        assert_eq!(b.handshake.our_syn_ack, a.handshake.our_syn_ack);
+    }
+    // Both carry on, byte-exact, in both directions; then idle again, compacted again.
+    http_get_exact(&mut p, http, 200_000);
+    echo_exact(&mut p, echo, 300_000);
+    for _ in 0..idle_ms {
+        p.step();
+    }
+    assert_eq!(p.stack.stats().compacted, 4);
+    http_get_exact(&mut p, http, 1_000);
+    assert_eq!(p.sock(http).state(), tcp::State::Established);
+    assert_eq!(p.sock(echo).state(), tcp::State::Established);
 }

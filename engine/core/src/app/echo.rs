@@ -76,6 +76,10 @@ impl App for EchoApp {
         self.fin_received && self.pending.is_empty()
     }
 
+    fn shrink(&mut self) {
+        self.pending.shrink_to_fit();
+    }
+
     /// A byte stream has no exchanges to split, and the snapshot holds every pending byte: always
     /// true.
     fn is_quiescent(&self) -> bool {

@@ -991,6 +991,11 @@ impl App for HttpApp {
         self.phase == Phase::Head && !self.head.is_empty()
     }
 
+    fn shrink(&mut self) {
+        self.head.shrink_to_fit();
+        self.responses.shrink_to_fit();
+    }
+
     fn snapshot(&self) -> Vec<u8> {
         encode_snapshot(self)
     }

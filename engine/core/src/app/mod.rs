@@ -130,6 +130,10 @@ pub trait App: Send {
 
     /// Serialises the app's whole state (see [`restore`]).
     fn snapshot(&self) -> Vec<u8>;
+
+    /// Gives back memory kept from busier times (buffer capacity beyond what is held): the
+    /// connection is idle. State is unchanged.
+    fn shrink(&mut self) {}
 }
 
 /// Creates a fresh app of `kind`.

@@ -291,100 +291,16 @@ impl Stack {
             .flows
             .get_mut(slot)
             .ok_or(CaptureError::NoSuchFlow(id))?;
-        let FlowMode::Frozen { socket, .. } = &mut flow.mode else {
-            return Err(CaptureError::NotFrozen(id));
-        };
-        let state = tcp_state(socket.state()).ok_or(CaptureError::State {
-            id,
-            state: state_name(socket.state()),
-        })?;
-        let (Some(syn), Some(syn_ack)) = (flow.record.client_syn, flow.record.our_syn_ack) else {
-            return Err(CaptureError::Handshake(id));
-        };
-        let queued = socket.send_queue();
-        let mut send_bytes = Vec::with_capacity(queued);
-        flow.mirror
-            .copy_last(queued, &mut send_bytes)
-            .ok_or(CaptureError::Unmirrored(id))?;
-        let acked = flow.mirror.total() - queued as u64;
-        let snd_una = flow.send_base.wrapping_add(acked as u32);
-        let our_fin = matches!(
-            state,
-            TcpState::FinWait1 | TcpState::Closing | TcpState::LastAck
-        );
-        let client_fin = matches!(
-            state,
-            TcpState::CloseWait | TcpState::Closing | TcpState::LastAck
-        );
-        // What the client may have been sent: the highest number seen going out, or what a
-        // previous owner had sent, whichever is further, within what the bytes allow.
-        let seq_off = flow.xlate.seq_off;
-        let mut snd_nxt = flow.snd_nxt.wrapping_add(seq_off);
-        if let Some(r) = flow.restored {
-            let claimed = r.claimed.wrapping_add(seq_off);
-            if crate::translate::seq_gt(claimed, snd_nxt) {
-                snd_nxt = claimed;
-            }
-        }
-        let max = snd_una
-            .wrapping_add(send_bytes.len() as u32)
-            .wrapping_add(u32::from(our_fin));
-        if crate::translate::seq_gt(snd_una, snd_nxt) {
-            snd_nxt = snd_una;
-        } else if crate::translate::seq_gt(snd_nxt, max) {
-            snd_nxt = max;
-        }
-        let mut unread = vec![0u8; socket.recv_queue()];
-        let n = socket.peek_slice(&mut unread).unwrap_or(0);
-        if n != unread.len() {
-            // `peek_slice` reads the whole ring; a short read would be a smoltcp change.
-            return Err(CaptureError::Handshake(id));
-        }
-        let rcv_nxt = flow
-            .recv_base
-            .wrapping_add(flow.bytes_in as u32)
-            .wrapping_add(unread.len() as u32);
-        let timestamps = match (syn.timestamp, syn_ack.timestamp) {
-            (Some((client_ts, _)), Some((our_ts, _))) => Some(Timestamps {
-                ts_recent: flow.record.client_tsval.unwrap_or(client_ts),
-                our_tsval: flow.record.our_tsval.unwrap_or(our_ts),
+        let mut mode = std::mem::replace(&mut flow.mode, FlowMode::Local);
+        let result = match &mut mode {
+            FlowMode::Frozen { socket, .. } => snapshot_of(flow, socket).map(|snapshot| Captured {
+                snapshot,
+                ingress: flow.ingress,
             }),
-            _ => None,
+            _ => Err(CaptureError::NotFrozen(id)),
         };
-        let snapshot = ConnSnapshot {
-            client: flow.key.client,
-            service: flow.key.service,
-            state,
-            snd_una,
-            snd_nxt,
-            rcv_nxt,
-            client_fin,
-            our_fin,
-            client_window: flow.record.client_window,
-            client_wscale: syn.window_scale,
-            our_wscale: syn_ack.window_scale.unwrap_or(0),
-            rx_capacity: flow.buffers.0 as u32,
-            tx_capacity: flow.buffers.1 as u32,
-            client_mss: syn.mss.unwrap_or(536),
-            sack_permitted: syn.sack_permitted,
-            timestamps,
-            send_bytes,
-            unread,
-            app: AppState {
-                kind: flow.app_kind.code(),
-                version: app::SNAPSHOT_VERSION,
-                bytes: flow.app.snapshot(),
-                fin_delivered: flow.fin_delivered,
-            },
-            ingress: Ingress {
-                node_key: [0; 32],
-                flow_id: flow.ingress.map_or(flow.id, |r| r.flow),
-            },
-        };
-        Ok(Captured {
-            snapshot,
-            ingress: flow.ingress,
-        })
+        flow.mode = mode;
+        result
     }
 
     /// Restores `snap` here and returns the new flow's id. See the module docs. A flow of the
@@ -956,6 +872,102 @@ fn become_moved(flow: &mut Flow, to: Remote, now: Instant, client_fin: bool, own
 }
 
 /// SYN, SYN-ACK, ACK, unread data and FIN, in `scratch`. Returns the socket's ISN.
+/// The snapshot of `flow` served by `socket` (out of the socket set), in wire numbers: see the
+/// module docs. Nothing is changed.
+pub(super) fn snapshot_of(
+    flow: &Flow,
+    socket: &mut tcp::Socket<'static>,
+) -> Result<ConnSnapshot, CaptureError> {
+    let state = tcp_state(socket.state()).ok_or(CaptureError::State {
+        id: flow.id,
+        state: state_name(socket.state()),
+    })?;
+    let (Some(syn), Some(syn_ack)) = (flow.record.client_syn, flow.record.our_syn_ack) else {
+        return Err(CaptureError::Handshake(flow.id));
+    };
+    let queued = socket.send_queue();
+    let mut send_bytes = Vec::with_capacity(queued);
+    flow.mirror
+        .copy_last(queued, &mut send_bytes)
+        .ok_or(CaptureError::Unmirrored(flow.id))?;
+    let acked = flow.mirror.total() - queued as u64;
+    let snd_una = flow.send_base.wrapping_add(acked as u32);
+    let our_fin = matches!(
+        state,
+        TcpState::FinWait1 | TcpState::Closing | TcpState::LastAck
+    );
+    let client_fin = matches!(
+        state,
+        TcpState::CloseWait | TcpState::Closing | TcpState::LastAck
+    );
+    // What the client may have been sent: the highest number seen going out, or what a
+    // previous owner had sent, whichever is further, within what the bytes allow.
+    let seq_off = flow.xlate.seq_off;
+    let mut snd_nxt = flow.snd_nxt.wrapping_add(seq_off);
+    if let Some(r) = flow.restored {
+        let claimed = r.claimed.wrapping_add(seq_off);
+        if crate::translate::seq_gt(claimed, snd_nxt) {
+            snd_nxt = claimed;
+        }
+    }
+    let max = snd_una
+        .wrapping_add(send_bytes.len() as u32)
+        .wrapping_add(u32::from(our_fin));
+    if crate::translate::seq_gt(snd_una, snd_nxt) {
+        snd_nxt = snd_una;
+    } else if crate::translate::seq_gt(snd_nxt, max) {
+        snd_nxt = max;
+    }
+    let mut unread = vec![0u8; socket.recv_queue()];
+    let n = socket.peek_slice(&mut unread).unwrap_or(0);
+    if n != unread.len() {
+        // `peek_slice` reads the whole ring; a short read would be a smoltcp change.
+        return Err(CaptureError::Handshake(flow.id));
+    }
+    let rcv_nxt = flow
+        .recv_base
+        .wrapping_add(flow.bytes_in as u32)
+        .wrapping_add(unread.len() as u32);
+    let timestamps = match (syn.timestamp, syn_ack.timestamp) {
+        (Some((client_ts, _)), Some((our_ts, _))) => Some(Timestamps {
+            ts_recent: flow.record.client_tsval.unwrap_or(client_ts),
+            our_tsval: flow.record.our_tsval.unwrap_or(our_ts),
+        }),
+        _ => None,
+    };
+    let snapshot = ConnSnapshot {
+        client: flow.key.client,
+        service: flow.key.service,
+        state,
+        snd_una,
+        snd_nxt,
+        rcv_nxt,
+        client_fin,
+        our_fin,
+        client_window: flow.record.client_window,
+        client_wscale: syn.window_scale,
+        our_wscale: syn_ack.window_scale.unwrap_or(0),
+        rx_capacity: flow.buffers.0 as u32,
+        tx_capacity: flow.buffers.1 as u32,
+        client_mss: syn.mss.unwrap_or(536),
+        sack_permitted: syn.sack_permitted,
+        timestamps,
+        send_bytes,
+        unread,
+        app: AppState {
+            kind: flow.app_kind.code(),
+            version: app::SNAPSHOT_VERSION,
+            bytes: flow.app.snapshot(),
+            fin_delivered: flow.fin_delivered,
+        },
+        ingress: Ingress {
+            node_key: [0; 32],
+            flow_id: flow.ingress.map_or(flow.id, |r| r.flow),
+        },
+    };
+    Ok(snapshot)
+}
+
 fn run_handshake(
     scratch: &mut ScratchIface,
     handle: SocketHandle,

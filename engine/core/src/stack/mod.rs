@@ -43,6 +43,8 @@ use crate::secure::Secrets;
 use crate::timewait::{self, TIME_WAIT, TimeWait, TimeWaitTable, Verdict as TwVerdict};
 use crate::translate::{AckCeiling, Translation, seq_gt};
 
+mod compact;
+pub use compact::COMPACT_AFTER;
 mod cookie;
 mod forward;
 mod migrate;
@@ -64,6 +66,10 @@ pub const MAX_TIME_WAIT: usize = 262_144;
 
 /// How often flows are swept for rates, handshake deadlines and closed sockets.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
+/// Transmit buffers kept across sweeps (the rest of a burst's are freed).
+const TX_BUFFERS_KEPT: usize = 64;
+/// Idle connections compacted per sweep at most (a few ms of a worker's time).
+const MAX_COMPACTIONS_PER_SWEEP: usize = 500;
 /// How long a connection may stay half-open (SYN received, our SYN-ACK unanswered).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection whose sent data stays unacknowledged this long is reset (smoltcp's timeout,
@@ -310,6 +316,8 @@ pub struct StackStats {
     pub close_timeouts: u64,
     /// Connections reset because the client answered no keepalive probe (a dead client).
     pub keepalive_timeouts: u64,
+    /// Idle connections re-homed into fresh sockets to give their memory back.
+    pub compacted: u64,
     /// Packets for unknown flows handed to smoltcp (answered with RST).
     pub unknown_flow_packets: u64,
     /// Application bytes received from clients.
@@ -371,6 +379,7 @@ impl StackStats {
         self.handshake_timeouts += other.handshake_timeouts;
         self.close_timeouts += other.close_timeouts;
         self.keepalive_timeouts += other.keepalive_timeouts;
+        self.compacted += other.compacted;
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
         self.app_bytes_out += other.app_bytes_out;
@@ -480,6 +489,19 @@ impl TxQueue {
         buf.resize(self.headroom + len, 0);
         self.len += 1;
         &mut buf[self.headroom..]
+    }
+
+    /// Frees the buffers beyond the first `keep` that are not in use: a burst grows the queue
+    /// to a buffer per packet of one turn (up to 64 KiB each with TSO), which would otherwise
+    /// stay resident for good.
+    fn trim(&mut self, keep: usize) {
+        let keep = keep.max(self.len);
+        if self.bufs.len() > keep {
+            self.bufs.truncate(keep);
+            self.gso_sizes.truncate(keep);
+            self.bufs.shrink_to_fit();
+            self.gso_sizes.shrink_to_fit();
+        }
     }
 
     /// Number of queued packets.
@@ -1268,10 +1290,12 @@ impl Stack {
 
     fn sweep(&mut self, now: Instant) {
         self.next_sweep = now + SWEEP_INTERVAL;
+        self.tx.trim(TX_BUFFERS_KEPT);
         if self.time_wait.expire(now) > 0 {
             self.stats.time_wait = self.time_wait.len() as u64;
         }
         let slots: Vec<usize> = self.flows.slots().collect();
+        let mut compactions = 0;
         for slot in slots {
             let Some(flow) = self.flows.get_mut(slot) else {
                 continue;
@@ -1408,6 +1432,11 @@ impl Stack {
                     }
                 }
                 FlowMode::Frozen { .. } | FlowMode::Moved { .. } => {}
+            }
+            // Idle connections give their memory back, a bounded number per sweep (each
+            // runs a synthetic handshake).
+            if compactions < MAX_COMPACTIONS_PER_SWEEP && self.compaction_due(now, slot) {
+                compactions += usize::from(self.compact(now, slot));
             }
         }
     }
