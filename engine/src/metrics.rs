@@ -239,6 +239,12 @@ pub fn render(
     );
     counter(
         &mut r,
+        "connections_compacted",
+        "Idle connections re-homed into fresh sockets to give their memory back",
+        stats.compacted,
+    );
+    counter(
+        &mut r,
         "keepalive_timeouts",
         "Connections reset because the client answered no keepalive probe (service keepalive_s)",
         stats.keepalive_timeouts,
