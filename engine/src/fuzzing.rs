@@ -133,9 +133,21 @@ pub fn control(data: &[u8]) -> ControlRun {
         Some((&c, rest)) => (usize::from(c) + 1, rest),
         None => (1, data),
     };
-    let small = serve(BufReader::with_capacity(capacity, input));
-    let large = serve(BufReader::new(input));
-    assert_eq!(small, large, "replies depend on the read buffer");
+    let (requests, out) = serve(BufReader::with_capacity(capacity, input));
+    let (large_requests, large_out) = serve(BufReader::new(input));
+    assert!(
+        out == large_out && requests == large_requests,
+        "replies depend on the read buffer"
+    );
+    let text = std::str::from_utf8(&out).expect("replies are UTF-8");
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "a reply without its newline"
+    );
+    let replies: Vec<Reply> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Reply>(l).expect("each reply line is a Reply"))
+        .collect();
 
     // The model: lines as the slices between newlines.
     let mut expected: Vec<Option<Request>> = Vec::new();
@@ -158,13 +170,9 @@ pub fn control(data: &[u8]) -> ControlRun {
         }
         expected.push(serde_json::from_str(text.trim()).ok());
     }
-    assert_eq!(
-        small.replies.len(),
-        expected.len(),
-        "one reply per request line"
-    );
-    let mut handled = small.requests.iter();
-    for (reply, want) in small.replies.iter().zip(&expected) {
+    assert_eq!(replies.len(), expected.len(), "one reply per request line");
+    let mut handled = requests.iter();
+    for (reply, want) in replies.iter().zip(&expected) {
         match want {
             Some(request) => {
                 assert!(reply.ok, "a valid request refused: {reply:?}");
@@ -183,25 +191,14 @@ pub fn control(data: &[u8]) -> ControlRun {
         handled.next().is_none(),
         "a request handled without a reply"
     );
-    small
+    ControlRun { requests, replies }
 }
 
-/// One run of [`control`]'s input through the control socket's line loop.
-fn serve(reader: BufReader<&[u8]>) -> ControlRun {
+/// One run of [`control`]'s input through the control socket's line loop: the requests
+/// handled and the bytes written.
+fn serve(reader: BufReader<&[u8]>) -> (Vec<Request>, Vec<u8>) {
     let recorder = Recorder::default();
     let mut out = Vec::new();
     control::serve_lines(reader, &mut out, &recorder).expect("reading a slice cannot fail");
-    let text = std::str::from_utf8(&out).expect("replies are UTF-8");
-    assert!(
-        text.is_empty() || text.ends_with('\n'),
-        "a reply without its newline"
-    );
-    let replies = text
-        .lines()
-        .map(|l| serde_json::from_str::<Reply>(l).expect("each reply line is a Reply"))
-        .collect();
-    ControlRun {
-        requests: recorder.0.into_inner().expect("not poisoned"),
-        replies,
-    }
+    (recorder.0.into_inner().expect("not poisoned"), out)
 }

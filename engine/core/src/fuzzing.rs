@@ -383,7 +383,7 @@ pub fn fill_checksums(p: &mut [u8]) {
 }
 
 /// Most response bytes [`http`] reads per run (`GET /bytes/N` may ask for any `N`).
-const HTTP_OUTPUT_CAP: usize = 64 * 1024;
+const HTTP_OUTPUT_CAP: usize = 16 * 1024;
 
 /// How one [`http`] run went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -400,8 +400,8 @@ pub struct HttpRun {
 
 /// Drives an [`app::HttpApp`] through the [`App`] trait with the request stream
 /// `data[2..]`, whole and then split at pseudo-random points chosen by `data[0]` (with, if
-/// `data[1]` is odd, the app snapshotted and restored at every split), and a send buffer of
-/// `data[1] / 2 + 1` bytes. Returns the unsplit run.
+/// `data[1]` is odd, the app snapshotted and restored at up to 32 of the splits), and a send buffer of
+/// 1 to 65,536 bytes (`data[1] >> 5` picks one of eight sizes). Returns the unsplit run.
 ///
 /// Whatever the split, the responses, the close and what was consumed must be the same; the
 /// app's state must pass the restore checks after every call of the unsplit run and at every
@@ -415,7 +415,7 @@ pub fn http(data: &[u8]) -> HttpRun {
         [a, b, rest @ ..] => (*a, *b, rest),
         _ => (0, 0, data),
     };
-    let send_chunk = usize::from(send / 2) + 1;
+    let send_chunk = [1, 3, 64, 536, 1460, 4096, 16384, 65536][usize::from(send >> 5) & 7];
     let whole = http_run(input, &[input.len()], send_chunk, Check::EveryCall);
     // Pieces of 1 to 2^(seed % 8) bytes, from a generator seeded with `seed`.
     let mut x = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -464,7 +464,8 @@ enum Check {
     EveryCall,
     /// Nothing.
     None,
-    /// The app is replaced by a restored snapshot of itself after each piece of input.
+    /// The app is replaced by a restored snapshot of itself after pieces of input (at most
+    /// 32 times, spread evenly).
     RestoreAtSplits,
 }
 
@@ -479,7 +480,9 @@ fn http_run(input: &[u8], cuts: &[usize], send_chunk: usize, check: Check) -> Ht
     };
     let mut buf = vec![0u8; send_chunk];
     let mut pos = 0;
-    for &cut in cuts {
+    // At most 32 restores: a snapshot holds the partial head, up to 8 KiB.
+    let restore_every = cuts.len().div_ceil(32);
+    for (i, &cut) in cuts.iter().enumerate() {
         let piece = &input[pos..pos + cut];
         pos += cut;
         let mut done = 0;
@@ -508,7 +511,7 @@ fn http_run(input: &[u8], cuts: &[usize], send_chunk: usize, check: Check) -> Ht
                 );
             }
         }
-        if check == Check::RestoreAtSplits {
+        if check == Check::RestoreAtSplits && i % restore_every == 0 {
             app = app::restore(AppKind::Http, &app.snapshot()).expect("own snapshot restores");
         }
     }
