@@ -363,7 +363,7 @@ pub fn serve(listener: UnixListener, handler: Arc<dyn Handler>, access: Access) 
     }
 }
 
-fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+fn write_reply(stream: &mut impl Write, reply: &Reply) -> io::Result<()> {
     let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line)
@@ -371,8 +371,18 @@ fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
 
 fn serve_one(stream: UnixStream, handler: &dyn Handler) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
+    let writer = stream.try_clone()?;
+    serve_lines(BufReader::new(stream), writer, handler)
+}
+
+/// Answers the requests read from `reader`, one per line, with one reply line each on
+/// `writer`, until the end of the input or a line longer than [`MAX_LINE`] (answered with an
+/// error). Blank lines are skipped; a line that is not a [`Request`] gets an error reply.
+pub(crate) fn serve_lines(
+    mut reader: impl BufRead,
+    mut writer: impl Write,
+    handler: &dyn Handler,
+) -> io::Result<()> {
     let mut line = Vec::new();
     loop {
         line.clear();

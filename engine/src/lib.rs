@@ -8,6 +8,8 @@
 
 pub mod config;
 pub mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod netlink;
 pub mod node;

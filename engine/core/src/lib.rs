@@ -16,6 +16,8 @@
 pub mod app;
 pub mod config;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod packet;
 pub mod predict;
 pub mod secure;
