@@ -202,3 +202,23 @@ fn serve(reader: BufReader<&[u8]>) -> (Vec<Request>, Vec<u8>) {
     control::serve_lines(reader, &mut out, &recorder).expect("reading a slice cannot fail");
     (recorder.0.into_inner().expect("not poisoned"), out)
 }
+
+/// Parses `data` as the kernel's answer to a route request (one netlink datagram, possibly
+/// several messages). Returns whether it held an acknowledgement of request 1. Never panics;
+/// an answer that does not parse is an error, not an acknowledgement.
+pub fn netlink_reply(data: &[u8]) -> bool {
+    matches!(crate::netlink::parse_ack(data, 1), Ok(Some(_)))
+}
+
+/// A route request as the node sends it, for the netlink seeds: `add` or delete
+/// `prefix/len dev ifindex`.
+pub fn netlink_request(add: bool, prefix: std::net::Ipv4Addr, len: u8, ifindex: u32) -> Vec<u8> {
+    use netlink_packet_route::RouteNetlinkMessage;
+    let route = crate::netlink::route(prefix, len, ifindex);
+    let msg = if add {
+        RouteNetlinkMessage::NewRoute(route)
+    } else {
+        RouteNetlinkMessage::DelRoute(route)
+    };
+    crate::netlink::encode(msg, 0)
+}

@@ -1,4 +1,6 @@
-//! Routes into the TUN device, through rtnetlink (no shelling out to `ip`).
+//! Routes into the TUN device, through rtnetlink (no shelling out to `ip`), with the
+//! maintained netlink crates: `netlink-packet-route` builds and parses the messages,
+//! `netlink-sys` owns the socket. No `unsafe` here.
 //!
 //! Only what the node needs: add and delete an IPv4 route `prefix dev <ifindex>` in the main
 //! table, and read the kernel's acknowledgement. Each call opens its own socket; routes change
@@ -6,23 +8,19 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-const NLMSG_HDRLEN: usize = 16;
-const RTMSG_LEN: usize = 12;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_EXCL: u16 = 0x200;
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RT_TABLE_MAIN: u8 = 254;
-const RTPROT_STATIC: u8 = 4;
-const RT_SCOPE_LINK: u8 = 253;
-const RTN_UNICAST: u8 = 1;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// Sequence number of our one request per socket.
+const SEQ: u32 = 1;
 
 /// Errors from route changes.
 #[derive(Debug, thiserror::Error)]
@@ -62,14 +60,8 @@ pub enum NetlinkError {
 /// already is left alone and reported ([`NetlinkError::RouteExists`]): it is not ours to
 /// replace, and removing it on exit would break whoever made it.
 pub fn add_route(prefix: Ipv4Addr, len: u8, ifindex: u32) -> Result<(), NetlinkError> {
-    match request(
-        RTM_NEWROUTE,
-        NLM_F_CREATE | NLM_F_EXCL,
-        prefix,
-        len,
-        ifindex,
-        "add route",
-    ) {
+    let msg = RouteNetlinkMessage::NewRoute(route(prefix, len, ifindex));
+    match request(msg, NLM_F_CREATE | NLM_F_EXCL, "add route", prefix, len) {
         Err(NetlinkError::Refused { source, .. })
             if source.raw_os_error() == Some(libc::EEXIST) =>
         {
@@ -81,186 +73,156 @@ pub fn add_route(prefix: Ipv4Addr, len: u8, ifindex: u32) -> Result<(), NetlinkE
 
 /// Deletes the route `prefix/len dev ifindex`.
 pub fn delete_route(prefix: Ipv4Addr, len: u8, ifindex: u32) -> Result<(), NetlinkError> {
-    request(RTM_DELROUTE, 0, prefix, len, ifindex, "delete route")
+    let msg = RouteNetlinkMessage::DelRoute(route(prefix, len, ifindex));
+    request(msg, 0, "delete route", prefix, len)
 }
 
-fn push_attr(msg: &mut Vec<u8>, kind: u16, data: &[u8]) {
-    let len = 4 + data.len();
-    msg.extend_from_slice(&(len as u16).to_ne_bytes());
-    msg.extend_from_slice(&kind.to_ne_bytes());
-    msg.extend_from_slice(data);
-    while !msg.len().is_multiple_of(4) {
-        msg.push(0);
-    }
+/// The route `prefix/len dev ifindex`, main table, static, link scope.
+pub(crate) fn route(prefix: Ipv4Addr, len: u8, ifindex: u32) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = len;
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::Static;
+    m.header.scope = RouteScope::Link;
+    m.header.kind = RouteType::Unicast;
+    m.attributes = vec![
+        RouteAttribute::Destination(RouteAddress::Inet(prefix)),
+        RouteAttribute::Oif(ifindex),
+    ];
+    m
 }
 
-/// Builds an RTM_NEWROUTE / RTM_DELROUTE message.
-fn route_message(
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    prefix: Ipv4Addr,
-    len: u8,
-    ifindex: u32,
-) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(64);
-    msg.extend_from_slice(&[0; 4]); // length, filled below
-    msg.extend_from_slice(&kind.to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | flags).to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel assigns
-    // struct rtmsg
-    msg.extend_from_slice(&[
-        libc::AF_INET as u8,
-        len,
-        0, // src_len
-        0, // tos
-        RT_TABLE_MAIN,
-        RTPROT_STATIC,
-        RT_SCOPE_LINK,
-        RTN_UNICAST,
-    ]);
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // rtm_flags
-    debug_assert_eq!(msg.len(), NLMSG_HDRLEN + RTMSG_LEN);
-    push_attr(&mut msg, RTA_DST, &prefix.octets());
-    push_attr(&mut msg, RTA_OIF, &ifindex.to_ne_bytes());
-    let total = msg.len() as u32;
-    msg[..4].copy_from_slice(&total.to_ne_bytes());
-    msg
+/// `inner` as a request asking for an acknowledgement, serialised.
+pub(crate) fn encode(inner: RouteNetlinkMessage, flags: u16) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+    header.sequence_number = SEQ;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(inner));
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    buf
 }
 
-/// Parses the kernel's ack: `Ok(errno)` where 0 means success.
-fn parse_ack(reply: &[u8], seq: u32) -> Result<i32, NetlinkError> {
-    let mut rest = reply;
-    while rest.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(
-            rest[0..4]
-                .try_into()
-                .map_err(|_| NetlinkError::MalformedReply)?,
-        ) as usize;
-        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-        let rseq = u32::from_ne_bytes(
-            rest[8..12]
-                .try_into()
-                .map_err(|_| NetlinkError::MalformedReply)?,
-        );
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            return Err(NetlinkError::MalformedReply);
+/// The acknowledgement of request `seq` in the datagram `reply`: `Some(0)` for success,
+/// `Some(errno)` for a refusal, `None` if it is not there. Other messages are skipped; a
+/// message that does not parse is an error.
+pub(crate) fn parse_ack(mut reply: &[u8], seq: u32) -> Result<Option<i32>, NetlinkError> {
+    while !reply.is_empty() {
+        let len = NetlinkBuffer::new_checked(reply)
+            .map_err(|_| NetlinkError::MalformedReply)?
+            .length() as usize;
+        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..len])
+            .map_err(|_| NetlinkError::MalformedReply)?;
+        if msg.header.sequence_number == seq
+            && let NetlinkPayload::Error(e) = msg.payload
+        {
+            return Ok(Some(e.code.map_or(0, |c| -c.get())));
         }
-        if kind == NLMSG_ERROR && rseq == seq {
-            let body = &rest[NLMSG_HDRLEN..len];
-            let errno = body.get(0..4).ok_or(NetlinkError::MalformedReply)?;
-            return Ok(-i32::from_ne_bytes(
-                errno.try_into().map_err(|_| NetlinkError::MalformedReply)?,
-            ));
-        }
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        // Messages are aligned to 4 bytes.
+        reply = reply.get(len.next_multiple_of(4)..).unwrap_or_default();
     }
-    Err(NetlinkError::MalformedReply)
+    Ok(None)
 }
 
 fn request(
-    kind: u16,
+    inner: RouteNetlinkMessage,
     flags: u16,
+    what: &'static str,
     prefix: Ipv4Addr,
     len: u8,
-    ifindex: u32,
-    what: &'static str,
 ) -> Result<(), NetlinkError> {
-    let fd = open()?;
-    let seq = 1;
-    let msg = route_message(kind, flags, seq, prefix, len, ifindex);
-    // SAFETY: `fd` is an open netlink socket; `msg` is a valid buffer of `msg.len()` bytes.
-    let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if sent < 0 {
-        return Err(NetlinkError::Socket(io::Error::last_os_error()));
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
+    socket.bind_auto().map_err(NetlinkError::Socket)?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(NetlinkError::Socket)?;
+    let msg = encode(inner, flags);
+    socket.send(&msg, 0).map_err(NetlinkError::Socket)?;
+    loop {
+        let mut buf = Vec::with_capacity(8192);
+        socket.recv(&mut buf, 0).map_err(NetlinkError::Socket)?;
+        match parse_ack(&buf, SEQ)? {
+            None => continue,
+            Some(0) => return Ok(()),
+            Some(errno) => {
+                return Err(NetlinkError::Refused {
+                    what,
+                    prefix,
+                    len,
+                    source: io::Error::from_raw_os_error(errno),
+                });
+            }
+        }
     }
-    let mut buf = [0u8; 4096];
-    // SAFETY: `buf` is writable for its whole length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(NetlinkError::Socket(io::Error::last_os_error()));
-    }
-    match parse_ack(&buf[..n as usize], seq)? {
-        0 => Ok(()),
-        errno => Err(NetlinkError::Refused {
-            what,
-            prefix,
-            len,
-            source: io::Error::from_raw_os_error(errno),
-        }),
-    }
-}
-
-fn open() -> Result<OwnedFd, NetlinkError> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(NetlinkError::Socket(io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: a zeroed sockaddr_nl with only the family set is a valid "kernel assigns" address.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: `addr` is a valid sockaddr_nl of the size given.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(NetlinkError::Socket(io::Error::last_os_error()));
-    }
-    Ok(fd)
 }
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::ErrorMessage;
+
     use super::*;
 
     #[test]
-    fn builds_a_route_message() {
-        let m = route_message(
-            RTM_NEWROUTE,
-            NLM_F_CREATE,
-            7,
-            Ipv4Addr::new(198, 19, 255, 1),
-            32,
-            5,
+    fn builds_a_route_message_the_kernel_reads_as_ours() {
+        let bytes = encode(
+            RouteNetlinkMessage::NewRoute(route(Ipv4Addr::new(198, 19, 255, 1), 32, 5)),
+            NLM_F_CREATE | NLM_F_EXCL,
         );
-        assert_eq!(m.len(), 16 + 12 + 8 + 8);
+        // struct nlmsghdr, struct rtmsg, RTA_DST (8), RTA_OIF (8).
+        assert_eq!(bytes.len(), 16 + 12 + 8 + 8);
+        assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), 24, "RTM_NEWROUTE");
         assert_eq!(
-            u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize,
-            m.len()
+            u16::from_ne_bytes([bytes[6], bytes[7]]),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         );
-        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), RTM_NEWROUTE);
-        assert_eq!(m[16], libc::AF_INET as u8);
-        assert_eq!(m[17], 32);
-        assert_eq!(&m[32..36], &[198, 19, 255, 1]);
-        assert_eq!(u32::from_ne_bytes(m[40..44].try_into().unwrap()), 5);
+        assert_eq!(bytes[16], libc::AF_INET as u8);
+        assert_eq!(bytes[17], 32);
+        assert_eq!(
+            &bytes[20..24],
+            &[254, 4, 253, 1],
+            "main table, static, link, unicast"
+        );
+        assert_eq!(&bytes[32..36], &[198, 19, 255, 1]);
+        assert_eq!(u32::from_ne_bytes(bytes[40..44].try_into().unwrap()), 5);
+    }
+
+    fn reply(seq: u32, code: i32) -> Vec<u8> {
+        let mut header = NetlinkHeader::default();
+        header.sequence_number = seq;
+        let mut e = ErrorMessage::default();
+        e.code = std::num::NonZeroI32::new(code);
+        e.header = vec![0; 16];
+        let mut msg = NetlinkMessage::<RouteNetlinkMessage>::new(header, NetlinkPayload::Error(e));
+        msg.finalize();
+        let mut buf = vec![0u8; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        buf
     }
 
     #[test]
     fn parses_acks_and_rejects_garbage() {
-        let mut ack = vec![0u8; 36];
-        ack[0..4].copy_from_slice(&36u32.to_ne_bytes());
-        ack[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
-        ack[8..12].copy_from_slice(&9u32.to_ne_bytes());
-        ack[16..20].copy_from_slice(&(-17i32).to_ne_bytes());
-        assert_eq!(parse_ack(&ack, 9).unwrap(), 17);
-        assert!(parse_ack(&ack, 8).is_err());
-        assert!(parse_ack(&ack[..10], 9).is_err());
-        let mut bad = ack.clone();
-        bad[0..4].copy_from_slice(&1000u32.to_ne_bytes());
-        assert!(parse_ack(&bad, 9).is_err());
+        assert_eq!(parse_ack(&reply(1, 0), 1).unwrap(), Some(0));
+        assert_eq!(parse_ack(&reply(1, -17), 1).unwrap(), Some(17));
+        // Another request's answer is not ours.
+        assert_eq!(parse_ack(&reply(2, -17), 1).unwrap(), None);
+        // Two messages in one datagram: the second is ours.
+        let mut two = reply(2, 0);
+        two.extend(reply(1, -1));
+        assert_eq!(parse_ack(&two, 1).unwrap(), Some(1));
+        let good = reply(1, -17);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut p = good.clone();
+            let at = (seed as usize) % p.len();
+            p[at] = (seed >> 32) as u8;
+            p.truncate((seed >> 40) as usize % (p.len() + 1));
+            let _ = parse_ack(&p, 1);
+        }
+        assert!(parse_ack(&[1, 2, 3], 1).is_err());
     }
 }

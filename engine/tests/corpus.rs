@@ -112,6 +112,57 @@ fn offload_corpus_replay() {
     replay("offload", fuzzing::offload);
 }
 
+/// Kernel answers: acknowledgements and refusals of request 1 (built by echoing our own
+/// request header in an NLMSG_ERROR, as the kernel does), another request's answer, and
+/// truncations.
+fn netlink_seeds() -> Vec<(String, Vec<u8>)> {
+    let ack = |seq: u32, errno: i32, request: &[u8]| {
+        let mut m = Vec::new();
+        let len = 16 + 4 + request.len().min(16);
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&2u16.to_ne_bytes()); // NLMSG_ERROR
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&(-errno).to_ne_bytes());
+        m.extend_from_slice(&request[..request.len().min(16)]);
+        m
+    };
+    let add = fuzzing::netlink_request(true, Ipv4Addr::new(198, 19, 255, 1), 32, 5);
+    let del = fuzzing::netlink_request(false, Ipv4Addr::new(198, 19, 0, 0), 16, 7);
+    let mut seeds = vec![
+        ("seed-ack".to_string(), ack(1, 0, &add)),
+        ("seed-eexist".to_string(), ack(1, 17, &add)),
+        ("seed-esrch".to_string(), ack(1, 3, &del)),
+    ];
+    let mut two = ack(2, 0, &del);
+    two.extend(ack(1, 1, &add));
+    seeds.push(("seed-second-of-two".into(), two));
+    seeds.push(("reject-other-request".into(), ack(2, 0, &add)));
+    let full = ack(1, 0, &add);
+    seeds.push(("reject-truncated".into(), full[..full.len() - 3].to_vec()));
+    seeds.push(("reject-request-not-an-answer".into(), add));
+    seeds
+}
+
+#[test]
+fn netlink_seeds_parse() {
+    let seeds = netlink_seeds();
+    for (name, bytes) in &seeds {
+        assert_eq!(
+            fuzzing::netlink_reply(bytes),
+            name.starts_with("seed-"),
+            "{name}"
+        );
+    }
+    write_seeds("netlink", &seeds);
+}
+
+#[test]
+fn netlink_corpus_replay() {
+    assert!(replay("netlink", fuzzing::netlink_reply) >= 4);
+}
+
 fn control_seeds() -> Vec<(String, Vec<u8>)> {
     let requests = [
         Request::Conns { all: true },
