@@ -469,6 +469,8 @@ fn the_target_killed_mid_transfer_leaves_the_flow_on_the_source() {
     });
     // SIGKILL the target.
     let pid = b.pid();
+    // SAFETY: kill(2) on the pid of the node this test started (still running: its
+    // handle is alive).
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let out = mig.join().unwrap();
     let report: serde_json::Value =
