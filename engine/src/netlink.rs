@@ -118,7 +118,13 @@ pub(crate) fn parse_ack(mut reply: &[u8], seq: u32) -> Result<Option<i32>, Netli
         if msg.header.sequence_number == seq
             && let NetlinkPayload::Error(e) = msg.payload
         {
-            return Ok(Some(e.code.map_or(0, |c| -c.get())));
+            // The kernel answers minus an errno; anything else is not an answer it gives
+            // (the fuzzer found i32::MIN, whose negation overflows).
+            return match e.code.map(|c| c.get()) {
+                None => Ok(Some(0)),
+                Some(c) if c < 0 && c > -4096 => Ok(Some(-c)),
+                Some(_) => Err(NetlinkError::MalformedReply),
+            };
         }
         // Messages are aligned to 4 bytes.
         reply = reply.get(len.next_multiple_of(4)..).unwrap_or_default();
@@ -224,5 +230,10 @@ mod tests {
             let _ = parse_ack(&p, 1);
         }
         assert!(parse_ack(&[1, 2, 3], 1).is_err());
+        // Found by the fuzzer: an error code of i32::MIN (its negation overflows), and codes
+        // the kernel never sends.
+        for code in [i32::MIN, 5, -4096] {
+            assert!(parse_ack(&reply(1, code), 1).is_err(), "{code}");
+        }
     }
 }

@@ -1174,6 +1174,10 @@ fn sequential_short_connections(timestamps: bool) {
         failures
     });
     assert!(failures.is_empty(), "failures: {failures:#?}");
+    // The client's last FIN may still be on its way when its loop ends.
+    eventually(10, "the last connection retired", || {
+        node.ctl_json(&["status"]).unwrap()["connections"] == 0
+    });
     let s = node.ctl_json(&["status"]).unwrap();
     let st = &s["stats"];
     assert_eq!(st["conns_accepted"], n as u64, "{s}");
