@@ -26,6 +26,7 @@ use crate::netlink;
 use crate::offload;
 use crate::tunnel;
 use crate::tunnel::migrate::{ConnOutcome, MigrateReport, OfferResult};
+use flowshift_core::coalesce::Coalescer;
 use flowshift_core::flow::PeerRef;
 use flowshift_core::flow::Remote;
 use flowshift_core::segment::segment;
@@ -197,8 +198,8 @@ struct Worker {
     /// `stats().compacted` when free memory was last released, and when it may be again.
     compacted_seen: u64,
     next_trim: StdInstant,
-    /// Scratch for writing relayed packets behind a virtio-net header.
-    relay_buf: Vec<u8>,
+    /// Merges relayed segments into TSO writes.
+    relay: Coalescer,
 }
 
 /// The receive buffer: one packet (with TUN offload, a virtio-net header and possibly a packet
@@ -288,9 +289,7 @@ impl Worker {
                             .map(std_duration);
                         let moved = match self.stack.complete_move(now, flow, to) {
                             Ok(early) => {
-                                for p in early {
-                                    self.write_relayed(&p);
-                                }
+                                self.write_relayed(&early);
                                 true
                             }
                             Err(e) => {
@@ -365,11 +364,7 @@ impl Worker {
                     }
                     WorkerMsg::Rehome { from, flow, to } => {
                         match self.stack.rehome(now, flow, from, to) {
-                            Ok(held) => {
-                                for p in held {
-                                    self.write_relayed(&p);
-                                }
-                            }
+                            Ok(held) => self.write_relayed(&held),
                             Err(e) => {
                                 // Per connection, and a broken peer could send thousands: the
                                 // Rehome itself is logged once by the tunnel thread.
@@ -491,37 +486,52 @@ impl Worker {
     }
 
     /// Packets of moved flows from the tunnel: client packets go to the stack, packets for
-    /// the client to the TUN queue (this worker's: the flow id named it).
+    /// the client to the TUN queue (this worker's: the flow id named it). With TUN offload,
+    /// consecutive segments of a flow are merged back into one TSO write (`coalesce`).
     fn tunnel_packets(&mut self, now: Instant, packets: Vec<tunnel::TunnelPacket>) {
+        let Self {
+            stack,
+            tun,
+            tun_write_errors,
+            relay,
+            packets: rx,
+            ..
+        } = self;
+        let offload = rx.offload;
+        let mut write = |buf: &mut Vec<u8>, gso: u16| write_merged(tun, tun_write_errors, buf, gso);
         for mut p in packets {
             match p.kind {
-                ForwardKind::ToOwner => {
-                    self.stack
-                        .handle_forwarded(now, p.from, p.flow, &mut p.packet)
-                }
+                ForwardKind::ToOwner => stack.handle_forwarded(now, p.from, p.flow, &mut p.packet),
                 ForwardKind::ToIngress => {
-                    if self.stack.handle_from_owner(now, p.from, p.flow, &p.packet) {
-                        self.write_relayed(&p.packet);
+                    if !stack.handle_from_owner(now, p.from, p.flow, &p.packet) {
+                        continue;
+                    }
+                    if offload {
+                        relay.push(&p.packet, &mut write);
+                    } else if let Err(e) = tun.send(&p.packet) {
+                        report_tun_error(tun_write_errors, e);
                     }
                 }
             }
         }
+        relay.flush(&mut write);
     }
 
-    fn write_relayed(&mut self, packet: &[u8]) {
-        let sent = if self.packets.offload {
-            let buf = &mut self.relay_buf;
-            buf.clear();
-            buf.resize(offload::VNET_HDR_LEN, 0);
-            buf.extend_from_slice(packet);
-            offload::prepare(buf, offload::VNET_HDR_LEN, 0).and_then(|()| self.tun.send(buf))
+    /// Writes packets for the clients of moved flows (held while a move completed).
+    fn write_relayed(&mut self, packets: &[Vec<u8>]) {
+        let (tun, errors) = (&self.tun, &self.tun_write_errors);
+        if self.packets.offload {
+            let mut write = |buf: &mut Vec<u8>, gso: u16| write_merged(tun, errors, buf, gso);
+            for p in packets {
+                self.relay.push(p, &mut write);
+            }
+            self.relay.flush(&mut write);
         } else {
-            self.tun.send(packet)
-        };
-        if let Err(e) = sent
-            && (self.tun_write_errors.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
-        {
-            tracing::warn!(error = %e, "TUN write failed");
+            for p in packets {
+                if let Err(e) = tun.send(p) {
+                    report_tun_error(errors, e);
+                }
+            }
         }
     }
 
@@ -578,12 +588,7 @@ impl Worker {
 
     fn flush_tun(&mut self) {
         let tun = &self.tun;
-        let errors = &self.tun_write_errors;
-        let report = |e: io::Error| {
-            if (errors.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two() {
-                tracing::warn!(error = %e, "TUN write failed");
-            }
-        };
+        let report = |e: io::Error| report_tun_error(&self.tun_write_errors, e);
         if self.packets.offload {
             self.stack
                 .drain_transmit_batch(|bufs, gso_sizes, headroom| {
@@ -604,6 +609,21 @@ impl Worker {
                 }
             });
         }
+    }
+}
+
+/// Writes a packet from the coalescer (after a virtio-net header's room) to an offload TUN.
+fn write_merged(tun: &SyncDevice, errors: &AtomicU64, buf: &mut [u8], gso: u16) {
+    let sent = offload::prepare(buf, offload::VNET_HDR_LEN, gso).and_then(|()| tun.send(buf));
+    if let Err(e) = sent {
+        report_tun_error(errors, e);
+    }
+}
+
+/// Counts a failed TUN write; logs the first and then at every power of two.
+fn report_tun_error(errors: &AtomicU64, e: io::Error) {
+    if (errors.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two() {
+        tracing::warn!(error = %e, "TUN write failed");
     }
 }
 
@@ -1298,7 +1318,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             packets: RxBuffers::new(config.tun.offload),
             tunnel: tunnel.as_ref().map(tunnel::TunnelHandle::sender),
             segment_buf: Vec::new(),
-            relay_buf: Vec::new(),
+            relay: Coalescer::new(offload::VNET_HDR_LEN),
             compacted_seen: 0,
             next_trim: StdInstant::now(),
         };

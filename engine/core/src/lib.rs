@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod coalesce;
 pub mod config;
 pub mod flow;
 #[doc(hidden)]
