@@ -6,14 +6,15 @@
 //!
 //! 1. **stall**: two flowshift nodes joined by the tunnel; a kernel client in the client
 //!    namespace downloads the counting stream from `source` (port 19) as fast as it reads,
-//!    checking every byte; the connection is moved A→B→A… (`ctl migrate --json --conn`, one
+//!    checking every byte; the connection is moved A→B→A… (a `migrate` request on the node's
+//!    control socket, or with `--trigger ctl` a `flowshift ctl migrate` process; one
 //!    request every `interval`, at most `max_seconds`). Per move: the longest gap between two
 //!    client reads from `before` ahead of the request to `after` past its reply (the stall),
 //!    the freeze time the node reports, the `ctl` round trip, the client's throughput in
 //!    `bin`-wide bins around the request (the dip). Two controls, with no move: the same
 //!    longest-gap measure over equal windows of the warm-up (the noise floor), and around a
-//!    `ctl status` half-way between two moves (what a ctl process and a request cost the
-//!    client's reads on this 2-core machine).
+//!    `status` request, sent the same way, half-way between two moves (what the request
+//!    alone costs the client's reads on this 2-core machine).
 //! 2. **steady**: one download moved to node-b (its packets enter at node-a and its replies are
 //!    relayed back through it, or with `--direct-return` leave node-b straight) beside one that
 //!    stays on node-a, read in alternate slices.
@@ -54,6 +55,18 @@ const CHUNK: usize = 256 * 1024;
 const SOURCE_PORT: u16 = 19;
 /// Port of the `echo` service.
 const ECHO_PORT: u16 = 7;
+
+/// How the benchmark asks a node to move a connection.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Trigger {
+    /// The JSON request on the node's control socket, sent from the benchmark's own process
+    /// (what an orchestrator does; the kernel baseline's handoff is also done in-process).
+    Socket,
+    /// A `flowshift ctl --json migrate` process per move (what an operator at a shell does:
+    /// the process start competes with the client for the 2 cores).
+    Ctl,
+}
 
 /// Which parts to measure.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -152,9 +165,12 @@ pub(crate) struct Args {
     /// the others).
     #[arg(long, default_value_t = 7019)]
     kernel_port: u16,
-    /// Half-way between two moves, run a `ctl status` on the connection's node and measure
-    /// the client's read gap around it too (the cost of the ctl call without a move):
-    /// `true` or `false`.
+    /// How moves (and the no-move control request) are sent to the node.
+    #[arg(long, value_enum, default_value = "socket")]
+    trigger: Trigger,
+    /// Half-way between two moves, send a `status` request (as `--trigger` says) to the
+    /// connection's node and measure the client's read gap around it too (the cost of the
+    /// request without a move): `true` or `false`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sham: bool,
     /// Print the results as JSON instead of tables.
@@ -226,7 +242,7 @@ struct StallStats {
     /// Longest gap in windows as long as a move's (median ctl time + before + after) in the
     /// warm-up, with no move.
     control_gap_ms: Summary,
-    /// The same around a `ctl status` half-way between two moves (a ctl process and a
+    /// The same around a `status` request half-way between two moves (sent as moves are: a
     /// request, no move), where its window does not overlap a move's.
     sham_gap_ms: Summary,
     freeze_ms: Summary,
@@ -387,6 +403,8 @@ struct Results {
     tcp_buffer: Option<usize>,
     /// Replies of moved connections leave node-b straight instead of through node-a.
     direct_return: bool,
+    /// How moves were requested.
+    trigger: Trigger,
     /// Bytes per second the downloading clients read at (`None`: as fast as they can).
     client_rate: Option<u64>,
     runs_requested: usize,
@@ -716,8 +734,13 @@ struct Migrated {
     node_ms: f64,
 }
 
-fn migrate_one(from: &NodeHandle, to: &str, id: u64) -> anyhow::Result<Migrated> {
-    let r = from.ctl_json(&["migrate", "--to", to, "--conn", &format!("{id:#x}")])?;
+fn migrate_one(from: &NodeHandle, to: &str, id: u64, trigger: Trigger) -> anyhow::Result<Migrated> {
+    let r = match trigger {
+        Trigger::Socket => {
+            from.request(&serde_json::json!({"cmd": "migrate", "to": to, "conns": [id]}))?
+        }
+        Trigger::Ctl => from.ctl_json(&["migrate", "--to", to, "--conn", &format!("{id:#x}")])?,
+    };
     let c = &r["conns"][0];
     Ok(Migrated {
         moved: r["moved"].as_u64() == Some(1) && c["moved"].as_bool() == Some(true),
@@ -792,7 +815,7 @@ fn stall_part(tb: &Testbed, p: &Pair, o: &Args) -> anyhow::Result<StallStats> {
         next += interval;
         let to = 1 - on;
         let t0 = epoch.elapsed();
-        let r = migrate_one(p.node(on), NAMES[to], id);
+        let r = migrate_one(p.node(on), NAMES[to], id, o.trigger);
         let t1 = epoch.elapsed();
         match &r {
             Ok(m) if m.moved => match m.remote_id {
@@ -805,11 +828,17 @@ fn stall_part(tb: &Testbed, p: &Pair, o: &Args) -> anyhow::Result<StallStats> {
             }
         }
         moves.push((to ^ 1, to, t0, t1, r));
-        // Half-way to the next move, the same kind of ctl call that moves nothing: the
-        // control for what starting a ctl process and a request cost the client.
+        // Half-way to the next move, the same kind of request, moving nothing: the control
+        // for what the request itself (and with `--trigger ctl`, its process) costs the client.
         if o.sham && sleep_until(next - interval / 2, &dl) {
             let s0 = epoch.elapsed();
-            let r = p.node(on).ctl(&["status"]);
+            let r = match o.trigger {
+                Trigger::Socket => p
+                    .node(on)
+                    .request(&serde_json::json!({"cmd": "status"}))
+                    .map(drop),
+                Trigger::Ctl => p.node(on).ctl(&["status"]).map(drop),
+            };
             let s1 = epoch.elapsed();
             if r.is_ok() {
                 shams.push((s0, s1));
@@ -1003,7 +1032,7 @@ fn steady_part(tb: &Testbed, p: &Pair, o: &Args) -> anyhow::Result<SteadyStats> 
     .context("the download to move")?;
     let (on, id) = locate(p, client_v4(&moved)?)?;
     ensure!(on == 0, "a new connection should live on node-a");
-    let m = migrate_one(&p.a, "b", id)?;
+    let m = migrate_one(&p.a, "b", id, o.trigger)?;
     ensure!(
         m.moved,
         "moving the steady download to b: {}",
@@ -1436,12 +1465,12 @@ fn headlines(runs: &[RunResult]) -> Vec<Headline> {
             |r| r.stall.as_ref().map(|s| s.control_gap_ms.max),
         ),
         (
-            "flowshift read gap around a ctl status (no move) p50",
+            "flowshift read gap around a status request (no move) p50",
             "ms",
             |r| r.stall.as_ref().map(|s| s.sham_gap_ms.p50),
         ),
         (
-            "flowshift read gap around a ctl status (no move) p99",
+            "flowshift read gap around a status request (no move) p99",
             "ms",
             |r| r.stall.as_ref().map(|s| s.sham_gap_ms.p99),
         ),
@@ -1451,10 +1480,10 @@ fn headlines(runs: &[RunResult]) -> Vec<Headline> {
         ("flowshift freeze p99", "ms", |r| {
             r.stall.as_ref().map(|s| s.freeze_ms.p99)
         }),
-        ("ctl migrate round trip p50", "ms", |r| {
+        ("migrate request round trip p50", "ms", |r| {
             r.stall.as_ref().map(|s| s.ctl_ms.p50)
         }),
-        ("ctl migrate round trip p99", "ms", |r| {
+        ("migrate request round trip p99", "ms", |r| {
             r.stall.as_ref().map(|s| s.ctl_ms.p99)
         }),
         ("flowshift moves done", "", |r| {
@@ -1583,14 +1612,18 @@ fn return_path(direct_return: bool) -> &'static str {
 fn markdown(res: &Results) -> String {
     let mut m = format!(
         "Machine: {} · kernel {} · veth MTU {} · {} run(s) · {} moves per run (A⇄B), one every \
-         {} ms · stall window {} ms before the request to {} ms after the reply · drain of {} \
-         idle connections\n\n",
+         {} ms, requested by {} · stall window {} ms before the request to {} ms after the \
+         reply · drain of {} idle connections\n\n",
         res.machine,
         res.kernel,
         res.veth_mtu,
         res.runs.len(),
         res.moves,
         res.interval_ms,
+        match res.trigger {
+            Trigger::Socket => "a request on the control socket",
+            Trigger::Ctl => "a `flowshift ctl` process",
+        },
         res.window_before_ms,
         res.window_after_ms,
         res.idle
@@ -1637,7 +1670,7 @@ fn markdown(res: &Results) -> String {
             m += &format!(
                 "- flowshift stall: {} of {} moves done ({} failed); stall ms p50/p99/max \
                  {:.2}/{:.2}/{:.2}; read gap without a move p50/p99/max {:.2}/{:.2}/{:.2} in \
-                 the warm-up ({} windows), {:.2}/{:.2}/{:.2} around a ctl status between moves \
+                 the warm-up ({} windows), {:.2}/{:.2}/{:.2} around a status request between moves \
                  ({} windows); \
                  freeze ms {:.2}/{:.2}/{:.2}; ctl ms {:.1}/{:.1}/{:.1}; node ms {:.1}/{:.1}/{:.1}; \
                  {:.2} GB at {:.2} Gbit/s, byte-exact {}, reset {}; node resets {}, tunnel \
@@ -1811,6 +1844,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         workers: args.workers,
         tcp_buffer: args.tcp_buffer,
         direct_return: args.direct_return,
+        trigger: args.trigger,
         client_rate: args.client_rate,
         runs_requested: args.runs,
         moves: args.moves,

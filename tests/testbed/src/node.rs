@@ -302,6 +302,47 @@ impl NodeHandle {
             .map_err(|e| self.fail(format!("ctl {args:?} printed non-JSON: {e}: {text}")))
     }
 
+    /// Sends one control request (a JSON object such as `{"cmd":"status"}`) on the node's
+    /// control socket from this process, as an orchestrator would, and returns the reply's
+    /// `result`. Unlike [`ctl`](Self::ctl) it starts no process: what it costs the machine is
+    /// the request alone.
+    pub fn request(&self, request: &serde_json::Value) -> Result<serde_json::Value, TestbedError> {
+        use std::io::{BufRead, BufReader, Write};
+        let io = |what: &str, source| TestbedError::Io {
+            what: format!("control request {request} to node {}: {what}", self.name),
+            source,
+        };
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.control_socket)
+            .map_err(|e| io("connect", e))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .map_err(|e| io("timeout", e))?;
+        let mut line = request.to_string();
+        line.push('\n');
+        stream
+            .write_all(line.as_bytes())
+            .map_err(|e| io("write", e))?;
+        let mut reply = String::new();
+        BufReader::new(stream)
+            .read_line(&mut reply)
+            .map_err(|e| io("read", e))?;
+        let mut reply: serde_json::Value = serde_json::from_str(&reply).map_err(|e| {
+            self.fail(format!(
+                "control reply to {request} is not JSON: {e}: {reply}"
+            ))
+        })?;
+        if reply["ok"].as_bool() != Some(true) {
+            return Err(TestbedError::Command {
+                command: format!("control request {request}"),
+                stderr: reply["error"]
+                    .as_str()
+                    .unwrap_or("no error given")
+                    .to_owned(),
+            });
+        }
+        Ok(reply["result"].take())
+    }
+
     /// Sends SIGTERM and waits (up to 20 s) for the node to exit.
     pub fn terminate(mut self) -> Result<ExitStatus, TestbedError> {
         let Some(mut child) = self.child.take() else {
