@@ -390,6 +390,12 @@ pub fn render(
     );
     counter(
         &mut r,
+        "moved_entries_expired",
+        "Entries of connections moved away removed after a silence past twice the keepalive limit",
+        stats.moved_expired,
+    );
+    counter(
+        &mut r,
         "tunnel_packets_refused",
         "Forwarded packets refused (unknown connection, wrong peer or 4-tuple)",
         stats.tunnel_packets_refused,

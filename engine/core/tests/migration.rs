@@ -117,6 +117,8 @@ struct Net {
     direct_return: bool,
     /// Percent of client <-> A packets lost, both ways (seeded).
     client_loss: u64,
+    /// A node that has died: never polled, and the tunnel loses everything to or from it.
+    dead: Option<usize>,
     rng: u64,
     scratch: Vec<u8>,
 }
@@ -190,6 +192,7 @@ impl Net {
             successor_replies: 0,
             direct_return: false,
             client_loss: 0,
+            dead: None,
             rng: 0x9e37_79b9_7f4a_7c15,
             scratch: Vec::new(),
         }
@@ -246,6 +249,9 @@ impl Net {
     fn exchange_nodes(&mut self) {
         for _round in 0..3 {
             for i in 0..self.nodes.len() {
+                if self.dead == Some(i) {
+                    continue;
+                }
                 self.nodes[i].poll(self.now);
                 let mut out = Vec::new();
                 let b_tun = &mut self.b_tun_packets;
@@ -282,6 +288,9 @@ impl Net {
                 if self.tunnel_loss_every > 0
                     && self.tunnel_count.is_multiple_of(self.tunnel_loss_every)
                 {
+                    continue;
+                }
+                if self.dead.is_some_and(|d| d == t.to || d == t.from) {
                     continue;
                 }
                 let from = Self::peer(t.from);
@@ -325,6 +334,14 @@ impl Net {
         }
         self.client_rsts += usize::from(is_rst(&p));
         self.pipe.rx.push_back(p);
+    }
+
+    /// `ms` of virtual time with nothing to do but timers, in 10 ms steps.
+    fn idle(&mut self, ms: u64) {
+        for _ in 0..ms / 10 {
+            self.step();
+            self.now += Duration::from_millis(9);
+        }
     }
 
     fn run_until(&mut self, limit_ms: u64, mut done: impl FnMut(&mut Self) -> bool) {
@@ -961,4 +978,64 @@ fn when_the_owner_restarts_the_ingress_drops_its_entry_and_the_client_gets_a_res
         n.nodes[0].connection_count() == 0 && n.nodes[1].connection_count() == 0
     });
     assert_eq!(n.sock(h).state(), tcp::State::Closed);
+}
+
+/// An echo session moved A → B whose bytes come back exact; returns the client's socket,
+/// the bytes echoed so far, and the connection's id on B.
+fn echo_moved_to_b(n: &mut Net) -> (SocketHandle, u64, u64) {
+    let h = n.connect(7, ClientOpts::DEFAULT);
+    n.run_until(1_000, |n| n.sock(h).state() == tcp::State::Established);
+    echo(n, h, 0, 10_000);
+    let id = n.only_local(0);
+    let on_b = n.migrate(0, 1, id, 1);
+    echo(n, h, 10_000, 10_000);
+    (h, 20_000, on_b)
+}
+
+/// `len` bytes of the counting stream from `offset` through echo, checked.
+fn echo(n: &mut Net, h: SocketHandle, offset: u64, len: usize) {
+    let chunk = counting(offset, len);
+    let mut got = Vec::new();
+    let mut sent = 0;
+    n.run_until(5_000, |n| {
+        let s = n.sock(h);
+        if sent < chunk.len() && s.can_send() {
+            sent += s.send_slice(&chunk[sent..]).unwrap();
+        }
+        recv_all(s, &mut got);
+        got.len() == chunk.len()
+    });
+    assert!(got == chunk, "echo mismatch");
+}
+
+/// The daemon's default keepalive: 60 s, so a moved entry expires after 2 × 60 × 4 s.
+const MOVED_EXPIRY_MS: u64 = 2 * 60_000 * (flowshift_core::config::KEEPALIVE_PROBES as u64 + 1);
+
+#[test]
+fn a_moved_entry_whose_owner_died_expires_after_twice_the_keepalive_limit() {
+    let mut n = Net::new();
+    echo_moved_to_b(&mut n);
+    assert_eq!(n.nodes[0].conns(n.now)[0].mode, "moved");
+    // B dies; the client stays idle: nothing of the connection passes A any more.
+    n.dead = Some(1);
+    n.idle(MOVED_EXPIRY_MS - 5_000);
+    assert_eq!(n.nodes[0].connection_count(), 1, "expired too early");
+    assert_eq!(n.nodes[0].stats().moved_expired, 0);
+    n.idle(10_000);
+    assert_eq!(n.nodes[0].connection_count(), 0, "the entry stayed");
+    assert_eq!(n.nodes[0].stats().moved_expired, 1);
+    assert_eq!(n.client_rsts, 0);
+}
+
+#[test]
+fn an_idle_moved_connection_whose_owner_lives_keeps_its_entry_and_carries_on() {
+    let mut n = Net::new();
+    let (h, echoed, on_b) = echo_moved_to_b(&mut n);
+    // Idle past the expiry: B's keepalive probes and the client's answers pass A.
+    n.idle(MOVED_EXPIRY_MS + 60_000);
+    assert_eq!(n.nodes[0].stats().moved_expired, 0);
+    assert_eq!(n.nodes[0].conns(n.now)[0].mode, "moved");
+    assert_eq!(n.only_local(1), on_b);
+    echo(&mut n, h, echoed, 5_000);
+    assert_eq!(n.client_rsts, 0);
 }

@@ -316,6 +316,9 @@ pub struct StackStats {
     pub close_timeouts: u64,
     /// Connections reset because the client answered no keepalive probe (a dead client).
     pub keepalive_timeouts: u64,
+    /// Moved-connection entries (where their packets enter) removed after a silence longer
+    /// than twice the keepalive's limit: the owner or the client went away unseen.
+    pub moved_expired: u64,
     /// Idle connections re-homed into fresh sockets to give their memory back.
     pub compacted: u64,
     /// Packets for unknown flows handed to smoltcp (answered with RST).
@@ -379,6 +382,7 @@ impl StackStats {
         self.handshake_timeouts += other.handshake_timeouts;
         self.close_timeouts += other.close_timeouts;
         self.keepalive_timeouts += other.keepalive_timeouts;
+        self.moved_expired += other.moved_expired;
         self.compacted += other.compacted;
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
@@ -1429,6 +1433,33 @@ impl Stack {
                     if let Some(flow) = self.flows.remove(slot) {
                         self.stats.moved_closed += 1;
                         tracing::debug!(id = flow.id, client = %flow.key.client, "forwarding entry of a connection moved on removed: idle");
+                    }
+                }
+                // Where its packets enter, a moved connection nobody has sent a packet of for
+                // twice the time the owner's keepalive gives a silent client (the owner's
+                // probes, or the client's answers to them, would have passed here): the owner
+                // or the client is gone without a FIN or RST passing here.
+                FlowMode::Moved {
+                    ended: None,
+                    last_packet,
+                    ..
+                } if flow.ingress.is_none()
+                    && self.services[usize::from(flow.key.service.port())]
+                        .as_ref()
+                        .and_then(|s| s.keepalive)
+                        .is_some_and(|ka| {
+                            now - last_packet >= ka * (2 * (KEEPALIVE_PROBES + 1))
+                        }) =>
+                {
+                    if let Some(flow) = self.flows.remove(slot) {
+                        self.stats.moved_closed += 1;
+                        self.stats.moved_expired += 1;
+                        tracing::info!(
+                            id = flow.id,
+                            client = %flow.key.client,
+                            silent_s = (now - last_packet).secs(),
+                            "moved connection silent past its keepalive: entry removed"
+                        );
                     }
                 }
                 FlowMode::Frozen { .. } | FlowMode::Moved { .. } => {}
