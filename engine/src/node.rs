@@ -816,6 +816,13 @@ const MOVABLE: [&str; 5] = [
 /// (accept 2 s, commit 3 s) end every migration well before.
 const MIGRATE_WAIT: Duration = Duration::from_secs(30);
 
+/// Connections per migration when a request moves many (at most the protocol's `MAX_BATCH`):
+/// each is frozen until its whole batch commits.
+const MOVE_BATCH: usize = 64;
+
+/// Migrations of one request under way at once.
+const MOVES_IN_FLIGHT: usize = 6;
+
 impl Node {
     /// Moves the selected connections to the peer named `to`.
     fn migrate(&self, to: &str, selection: Selection) -> Result<MigrateReport, String> {
@@ -860,20 +867,6 @@ impl Node {
                 }),
             }
         }
-        // One migration per protocol batch, all under way at once.
-        let mut waiting = Vec::new();
-        for chunk in offers.chunks(flowshift_statesync::protocol::MAX_BATCH) {
-            let (tx, rx) = bounded(1);
-            let cmd = tunnel::Command::Migrate {
-                peer: to.to_owned(),
-                offers: chunk.to_vec(),
-                reply: tx,
-            };
-            if !self.tunnel.as_ref().is_some_and(|t| t.send(cmd)) {
-                return Err("the tunnel thread is gone".into());
-            }
-            waiting.push(rx);
-        }
         let mut report = MigrateReport {
             peer: to.to_owned(),
             migration: None,
@@ -883,7 +876,29 @@ impl Node {
             abort: None,
             conns: stayed,
         };
-        for rx in waiting {
+        // A connection is frozen from its batch's capture to its batch's commit, so batches
+        // are small; a few run at once, so that one batch's transfer overlaps the next one's
+        // capture and the previous one's restore.
+        let mut chunks = offers.chunks(MOVE_BATCH);
+        let mut waiting = std::collections::VecDeque::new();
+        loop {
+            while waiting.len() < MOVES_IN_FLIGHT
+                && let Some(chunk) = chunks.next()
+            {
+                let (tx, rx) = bounded(1);
+                let cmd = tunnel::Command::Migrate {
+                    peer: to.to_owned(),
+                    offers: chunk.to_vec(),
+                    reply: tx,
+                };
+                if !self.tunnel.as_ref().is_some_and(|t| t.send(cmd)) {
+                    return Err("the tunnel thread is gone".into());
+                }
+                waiting.push_back(rx);
+            }
+            let Some(rx) = waiting.pop_front() else {
+                break;
+            };
             let r = rx
                 .recv_timeout(MIGRATE_WAIT)
                 .map_err(|_| "the tunnel thread did not answer".to_owned())??;
