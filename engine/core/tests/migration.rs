@@ -1039,3 +1039,52 @@ fn an_idle_moved_connection_whose_owner_lives_keeps_its_entry_and_carries_on() {
     echo(&mut n, h, echoed, 5_000);
     assert_eq!(n.client_rsts, 0);
 }
+
+#[test]
+fn an_idle_orphaned_copy_is_reset_by_its_keepalive_and_the_connection_carries_on_at_the_source() {
+    // The known gap: the target restored and committed, but the source never heard and
+    // thawed. The copy on B receives nothing; A keeps serving the client.
+    let mut n = Net::new();
+    let h = n.connect(7, ClientOpts::DEFAULT);
+    n.run_until(1_000, |n| n.sock(h).state() == tcp::State::Established);
+    echo(&mut n, h, 0, 10_000);
+    // Everything acknowledged: the copy has nothing to send (an idle copy).
+    n.idle(1_000);
+    let id = n.only_local(0);
+    n.nodes[0]
+        .freeze_for_move(n.now, id, Net::peer(1))
+        .expect("freeze");
+    let captured = n.nodes[0].capture(id).expect("capture");
+    assert!(captured.snapshot.send_bytes.is_empty());
+    n.nodes[1]
+        .restore(
+            n.now,
+            &captured.snapshot,
+            RestoreParams {
+                mss_clamp: MSS_CLAMP,
+                ingress: Some(Remote {
+                    peer: Net::peer(0),
+                    flow: id,
+                }),
+                max_buffer: 16 << 20,
+                direct_return: false,
+                source: Some(Net::peer(0)),
+            },
+        )
+        .expect("restore");
+    n.nodes[0].thaw(n.now, id).expect("thaw");
+    echo(&mut n, h, 10_000, 10_000);
+    assert_eq!(n.nodes[1].connection_count(), 1);
+    // The client stays idle; A's keepalive probes keep it alive there, B's copy hears nothing.
+    n.idle(4 * 60_000 + 10_000);
+    assert_eq!(n.nodes[1].connection_count(), 0, "the orphaned copy stayed");
+    assert_eq!(
+        n.nodes[1].stats().keepalive_timeouts,
+        1,
+        "{:?}",
+        n.nodes[1].stats()
+    );
+    assert_eq!(n.nodes[0].stats().keepalive_timeouts, 0);
+    echo(&mut n, h, 20_000, 5_000);
+    assert_eq!(n.client_rsts, 0, "the copy's RST reached the client");
+}
