@@ -211,6 +211,7 @@ struct RawPredict {
     interval_ms: Option<u64>,
     report_delay_ms: Option<u64>,
     history: Option<usize>,
+    max_tracked: Option<usize>,
     #[serde(default)]
     forecast: RawForecast,
     #[serde(default)]
@@ -680,7 +681,15 @@ impl Config {
             return Err(invalid("history", format!("{history} is not in 1..=10000")));
         }
         let defaults = NodeSettings::default();
+        let max_tracked = raw.max_tracked.unwrap_or(defaults.max_tracked);
+        if max_tracked > 1_000_000 {
+            return Err(invalid(
+                "max_tracked",
+                format!("{max_tracked} is not in 0..=1000000"),
+            ));
+        }
         let node = NodeSettings {
+            max_tracked,
             policy,
             metric,
             capacity,
@@ -1280,6 +1289,7 @@ max_connections = 100000
             ("interval_ms = 0", "predict.interval_ms"),
             ("interval_ms = 18446744073709551615", "predict.interval_ms"),
             ("history = 0", "predict.history"),
+            ("max_tracked = 1000001", "predict.max_tracked"),
             ("[predict.forecast]\nalpha = 2.0", "predict.forecast.alpha"),
             ("[predict.forecast]\nalpha = nan", "predict.forecast.alpha"),
             ("[predict.detect]\nhorizon_ms = 10", "predict.interval_ms"),

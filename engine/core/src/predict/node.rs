@@ -76,6 +76,10 @@ pub struct NodeSettings {
     pub report_delay: Duration,
     /// Decisions kept for display. Default 64.
     pub history: usize,
+    /// Connections with a forecaster of their own (those with the highest load); the others
+    /// are weighed by their current load. Bounds the predictor's memory and work per sample
+    /// (a forecaster keeps about 2 KB). Default 1,024.
+    pub max_tracked: usize,
 }
 
 impl Default for NodeSettings {
@@ -86,6 +90,7 @@ impl Default for NodeSettings {
             capacity: 1.0,
             report_delay: Duration::from_secs(3),
             history: 64,
+            max_tracked: 1024,
         }
     }
 }
@@ -330,30 +335,72 @@ impl NodePredictor {
         let forecast = self.node.peak(horizon);
         let predicted = forecast.map_or(utilisation, |f| f.value);
 
-        // Per-connection forecasts; forget connections that are gone.
+        // Per-connection forecasts, for at most `max_tracked` connections: those with the
+        // highest load (those already tracked first among equals, then the lowest id). The
+        // others are weighed by their current load.
+        let loads: Vec<(usize, f64)> = obs
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.here)
+            .map(|(i, _)| {
+                let l = conn_load(i);
+                (i, if l.is_finite() { l.max(0.0) } else { 0.0 })
+            })
+            .collect();
+        let max_tracked = self.settings.max_tracked;
+        let tracked: HashSet<ConnId> = if loads.len() <= max_tracked {
+            loads
+                .iter()
+                .map(|(i, _)| obs.conns[*i].report.conn)
+                .collect()
+        } else {
+            let mut order = loads.clone();
+            let key = |(i, _): &(usize, f64)| {
+                let id = obs.conns[*i].report.conn;
+                (!self.conns.contains_key(&id), id)
+            };
+            if max_tracked > 0 {
+                order.select_nth_unstable_by(max_tracked - 1, |a, b| {
+                    b.1.total_cmp(&a.1).then(key(a).cmp(&key(b)))
+                });
+            }
+            order
+                .iter()
+                .take(max_tracked)
+                .map(|(i, _)| obs.conns[*i].report.conn)
+                .collect()
+        };
+        self.conns.retain(|id, _| tracked.contains(id));
+        // Candidates are only built when the planner is due.
+        let due = self.planner.poll_timeout().is_none_or(|t| now >= t);
         let mut candidates = Vec::new();
-        let mut seen = HashMap::with_capacity(obs.conns.len());
-        for (i, c) in obs.conns.iter().enumerate() {
+        let mut candidate_count = 0;
+        for &(i, current) in &loads {
+            let c = &obs.conns[i];
             let id = c.report.conn;
-            seen.insert(id, c.movable);
-            if !c.here {
-                self.conns.remove(&id);
+            let f = if tracked.contains(&id) {
+                let f = self
+                    .conns
+                    .entry(id)
+                    .or_insert_with(|| Forecaster::new(self.config.forecast));
+                f.observe(current);
+                Some(&*f)
+            } else {
+                None
+            };
+            if !c.movable || self.shifting.contains(&id) {
                 continue;
             }
-            let current = conn_load(i);
-            let f = self
-                .conns
-                .entry(id)
-                .or_insert_with(|| Forecaster::new(self.config.forecast));
-            f.observe(current);
-            if !c.movable || self.shifting.contains(&id) {
+            candidate_count += 1;
+            if !due {
                 continue;
             }
             let profile = interval.conns.get(i);
             candidates.push(Candidate {
                 conn: id,
                 current,
-                predicted: f.peak(horizon).map_or(current, |f| f.value),
+                predicted: f.and_then(|f| f.peak(horizon)).map_or(current, |f| f.value),
                 age: profile.map_or(Duration::ZERO, |p| p.age),
                 bandwidth: profile.map_or(0.0, |p| p.rates.bandwidth()),
                 buffered: c.buffered,
@@ -361,6 +408,11 @@ impl NodePredictor {
                 last_moved: self.last_moved.get(&id).copied(),
             });
         }
+        let seen: HashMap<ConnId, bool> = obs
+            .conns
+            .iter()
+            .map(|c| (c.report.conn, c.movable))
+            .collect();
         self.conns.retain(|id, _| seen.contains_key(id));
         self.last_moved.retain(|id, _| seen.contains_key(id));
         self.shifting.retain(|id| seen.contains_key(id));
@@ -412,7 +464,7 @@ impl NodePredictor {
             peak_utilisation: self.estimate.peak_utilisation.max(utilisation),
             cpu_busy: interval.node.cpu_busy,
             connections,
-            candidates: candidates.len(),
+            candidates: candidate_count,
             imbalance: imbalance(&group, self.config.detect.imbalance_threshold),
             peers,
         };
@@ -709,6 +761,37 @@ mod tests {
         assert_eq!(p.estimate().peers[0].load, 3.0);
         p.handle_sample(Instant::from_millis(63_100), &obs);
         assert_eq!(p.estimate().peers[0].load, 0.0);
+    }
+
+    #[test]
+    fn only_the_busiest_connections_get_a_forecaster() {
+        let mut p = NodePredictor::new(
+            PredictConfig::default(),
+            NodeSettings {
+                policy: Policy::Predictive,
+                metric: LoadMetric::Bandwidth,
+                capacity: 1e9,
+                max_tracked: 2,
+                ..NodeSettings::default()
+            },
+        );
+        let mut conns: Vec<ConnSample> = (1..=5).map(|i| conn(i, 0, 0)).collect();
+        for t in 1..=20i64 {
+            for c in &mut conns {
+                // Connection i sends i kB per interval.
+                c.report.counters.bytes_out += c.report.conn * 1000;
+            }
+            let obs = Observation {
+                node: NodeReport::default(),
+                conns: &conns,
+                peers: &[],
+            };
+            p.handle_sample(Instant::from_millis(t * 100), &obs);
+        }
+        let mut tracked: Vec<ConnId> = p.conns.keys().copied().collect();
+        tracked.sort_unstable();
+        assert_eq!(tracked, [4, 5]);
+        assert_eq!(p.estimate().candidates, 5);
     }
 
     #[test]
