@@ -814,7 +814,7 @@ impl Node {
                 as u64,
             bytes_out_per_sec: ((stats.app_bytes_out.saturating_sub(last.1.app_bytes_out)) as f64
                 / dt) as u64,
-            forecast: None,
+            forecast: self.predict.forecast(),
         };
         t.send(tunnel::Command::Load(report));
         *last = (StdInstant::now(), stats);
@@ -903,6 +903,10 @@ impl Node {
                     cpu_busy: f64::from(load.cpu_busy),
                     connections: load.connections,
                     bandwidth: load.bytes_in_per_sec as f64 + load.bytes_out_per_sec as f64,
+                    forecast: load
+                        .forecast
+                        .as_ref()
+                        .map(|f| (f64::from(f.cpu_busy), f.connections)),
                     rtt: smoltcp::time::Duration::from_micros(
                         (p.rtt_ms.unwrap_or(0.0).max(0.0) * 1e3) as u64,
                     ),

@@ -42,6 +42,26 @@ impl Predict {
         plan_json(&p, &names, now)
     }
 
+    /// This node's forecast for its load report: the peak CPU busy fraction and connections
+    /// over the horizon, in the metric the predictor forecasts (the other one as it is now).
+    pub(crate) fn forecast(&self) -> Option<flowshift_tunnel::LoadForecast> {
+        use flowshift_core::predict::node::LoadMetric;
+        let p = self.predictor.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.estimate();
+        e.model?;
+        let predicted = e.predicted * p.settings().capacity;
+        let (cpu_busy, connections) = match p.settings().metric {
+            LoadMetric::Cpu => (predicted, e.connections),
+            LoadMetric::Connections => (e.cpu_busy, predicted.round().max(0.0) as u64),
+            LoadMetric::Bandwidth => return None,
+        };
+        Some(flowshift_tunnel::LoadForecast {
+            horizon: std::time::Duration::from_micros(p.config().detect.horizon.total_micros()),
+            cpu_busy: cpu_busy as f32,
+            connections,
+        })
+    }
+
     /// The figures `/metrics` shows.
     pub(crate) fn metrics(&self) -> PredictMetrics {
         let p = self.predictor.lock().unwrap_or_else(|e| e.into_inner());
@@ -184,6 +204,7 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
             "alive": peer.alive,
             "load": num(peer.load),
             "utilisation": num(peer.utilisation),
+            "predicted": num(peer.predicted),
             "rtt_ms": duration_ms(peer.rtt),
         })).collect::<Vec<_>>(),
         "imbalance": e.imbalance.map(|i| {
@@ -252,6 +273,7 @@ mod tests {
             cpu_busy: 0.1,
             connections: 0,
             bandwidth: 0.0,
+            forecast: None,
             rtt: smoltcp::time::Duration::from_millis(1),
         }];
         let now = Instant::from_secs(10);

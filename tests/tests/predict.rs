@@ -213,6 +213,9 @@ fn rising_downloads_are_offloaded_to_b_before_a_saturates_byte_exact() {
     assert!(metric(&a, "flowshift_predict_moves_planned_total") >= executed);
     assert_eq!(stat(&a, "conns_moved_out"), executed);
     assert_eq!(stat(&b, "conns_restored"), executed);
+    // B's heartbeats carry its own forecast (the load report's `forecast` extension).
+    let b_load = peer(&a, "b").unwrap()["load"].clone();
+    assert!(b_load["forecast"]["horizon_ms"] == 5000, "{b_load}");
     // B (policy manual by default) moved nothing by itself.
     let plan_b = b.ctl_json(&["plan"]).unwrap();
     assert_eq!(plan_b["policy"], "manual");

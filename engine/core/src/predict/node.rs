@@ -121,6 +121,9 @@ pub struct PeerSample {
     pub connections: u64,
     /// Its report's bytes/s both ways.
     pub bandwidth: f64,
+    /// Its own forecast of its peak CPU busy fraction and connections over its horizon, when
+    /// its report carries one (the `forecast` extension).
+    pub forecast: Option<(f64, u64)>,
     /// Round-trip time to it.
     pub rtt: Duration,
 }
@@ -193,6 +196,8 @@ pub struct PeerView {
     pub load: f64,
     /// Its utilisation (load / capacity).
     pub utilisation: f64,
+    /// Its predicted load (its own forecast, in the metric's unit), or `load` without one.
+    pub predicted: f64,
     /// Round-trip time.
     pub rtt: Duration,
     /// Alive.
@@ -437,10 +442,19 @@ impl NodePredictor {
                     .floors
                     .get(&p.id)
                     .map_or(reported, |(_, floor)| reported.max(*floor));
+                let forecast = match (self.settings.metric, p.forecast) {
+                    (LoadMetric::Cpu, Some((cpu, _))) => Some(cpu),
+                    (LoadMetric::Connections, Some((_, conns))) => Some(conns as f64),
+                    _ => None,
+                };
+                let predicted = forecast
+                    .filter(|f| f.is_finite())
+                    .map_or(load, |f| f.max(load));
                 PeerView {
                     id: p.id,
                     load,
                     utilisation: load / capacity,
+                    predicted,
                     rtt: p.rtt,
                     alive: p.alive,
                 }
@@ -478,7 +492,7 @@ impl NodePredictor {
                 id: p.id,
                 load: NodeLoad {
                     current: p.load,
-                    predicted: p.load,
+                    predicted: p.predicted,
                     capacity,
                 },
                 rtt: p.rtt,
@@ -631,6 +645,7 @@ mod tests {
             cpu_busy: 0.0,
             connections,
             bandwidth: 0.0,
+            forecast: None,
             rtt: Duration::from_millis(1),
         }
     }
@@ -761,6 +776,26 @@ mod tests {
         assert_eq!(p.estimate().peers[0].load, 3.0);
         p.handle_sample(Instant::from_millis(63_100), &obs);
         assert_eq!(p.estimate().peers[0].load, 0.0);
+    }
+
+    #[test]
+    fn a_peer_forecasting_a_rise_takes_less() {
+        // The peer reports 0 connections now but forecasts 6: of the 3 moves it could take at
+        // 0, only 1 fits under 0.75 of its capacity.
+        let mut p = NodePredictor::new(PredictConfig::default(), settings(Policy::Predictive));
+        let conns: Vec<ConnSample> = (1..=10).map(|i| conn(i, 0, 0)).collect();
+        let peers = [PeerSample {
+            forecast: Some((0.0, 6)),
+            ..peer(0)
+        }];
+        let obs = Observation {
+            node: NodeReport::default(),
+            conns: &conns,
+            peers: &peers,
+        };
+        let plan = p.handle_sample(Instant::from_secs(60), &obs).unwrap();
+        assert_eq!(plan.moves.len(), 1, "{plan:?}");
+        assert_eq!(p.estimate().peers[0].predicted, 6.0);
     }
 
     #[test]
