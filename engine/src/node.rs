@@ -968,6 +968,28 @@ impl Node {
         if !executes {
             return;
         }
+        // A draining or stopping node moves nothing on its own: the drain moves everything,
+        // a shutdown closes everything.
+        if !self.accepting.load(Ordering::Acquire) {
+            tracing::info!(
+                "predict: the node is draining or shutting down; planned moves not made"
+            );
+            let done = self.clock.now();
+            let mut p = self
+                .predict
+                .predictor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for m in &plan.moves {
+                p.record(
+                    done,
+                    m.conn,
+                    m.target,
+                    Outcome::Stayed("the node is draining or shutting down".into()),
+                );
+            }
+            return;
+        }
         for (target, ids) in by_target {
             let name = self.predict.name(target);
             let result = self.migrate(&name, Selection::Planned(ids.clone()));
