@@ -21,8 +21,10 @@ const DOWNLOADS: usize = 13;
 /// A's capacity in connections.
 const CAPACITY: usize = 10;
 /// Bytes per download, rate-limited by curl so that all of them are running at the peak.
-const BYTES: u64 = 6_000_000;
-const RATE: &str = "300k";
+/// 40 s per download: the ramp (13 s, longer on a busy machine) ends well before the first
+/// one does.
+const BYTES: u64 = 10_000_000;
+const RATE: &str = "250k";
 
 /// A's predictor: connections as the load, capacity 10; a trend factor that follows a ramp
 /// of one connection a second (the default 0.02 is tuned for noisy CPU load).
@@ -64,14 +66,6 @@ fn stat(node: &NodeHandle, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no stats.{key} in {s}"))
 }
 
-/// Connections of A's clients that A knows of (served here or moved away).
-fn known_conns(node: &NodeHandle) -> usize {
-    node.ctl_json(&["conns"])
-        .expect("conns")
-        .as_array()
-        .map_or(0, |a| a.len())
-}
-
 /// A metric's value in `ctl metrics`.
 fn metric(node: &NodeHandle, name: &str) -> u64 {
     let text = node.ctl(&["metrics"]).expect("metrics");
@@ -81,13 +75,14 @@ fn metric(node: &NodeHandle, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in:\n{text}")) as u64
 }
 
-#[test]
-fn rising_downloads_are_offloaded_to_b_before_a_saturates_byte_exact() {
+/// Nodes A (with `a_predict` appended to its config) and B joined by the tunnel, B's load
+/// report seen at A, and the client's receive buffers bounded.
+fn nodes(a_predict: &str) -> (Testbed, NodeHandle, NodeHandle) {
     ensure_tools(&["curl"]).unwrap();
     let tb = Testbed::new(TestbedOptions::default()).expect("testbed");
     let (a, b) = start_tunnel_pair_with(
         &tb,
-        NodeConfig::standard("a").extra(A_PREDICT),
+        NodeConfig::standard("a").extra(a_predict),
         NodeConfig::standard("b"),
         false,
     )
@@ -102,19 +97,24 @@ fn rising_downloads_are_offloaded_to_b_before_a_saturates_byte_exact() {
     eventually(20, "B's load report at A", || {
         !peer(&a, "b").unwrap()["load"].is_null()
     });
-    let plan = a.ctl_json(&["plan"]).unwrap();
-    assert_eq!(plan["policy"], "predictive");
-    assert_eq!(plan["executes"], true);
-    assert_eq!(plan["metric"], "connections");
-    assert_eq!(plan["counts"]["executed"], 0, "{plan}");
+    (tb, a, b)
+}
 
+/// Opens [`DOWNLOADS`] rate-limited downloads on A, one a second, then waits for every one
+/// and asserts each succeeded (no reset) byte-exact. Returns the moves A had executed just
+/// before it opened the last one (the load peak), and just after.
+fn ramp(tb: &Testbed, a: &NodeHandle) -> (u64, u64) {
+    let executed = || {
+        a.ctl_json(&["plan"]).unwrap()["counts"]["executed"]
+            .as_u64()
+            .unwrap()
+    };
     let mut downloads = Vec::new();
-    let mut executed_before_peak = None;
+    let mut executed_before_peak = 0;
     for i in 0..DOWNLOADS {
         if i == DOWNLOADS - 1 {
             // The last download makes the peak: what has A moved before it?
-            let plan = a.ctl_json(&["plan"]).unwrap();
-            executed_before_peak = plan["counts"]["executed"].as_u64();
+            executed_before_peak = executed();
         }
         let mut c = tb.client().command("curl");
         c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
@@ -125,13 +125,11 @@ fn rising_downloads_are_offloaded_to_b_before_a_saturates_byte_exact() {
         let reader = verify_counting(child.stdout.take().unwrap());
         downloads.push((child, reader));
         let what = format!("download {i}'s connection on A");
-        eventually(20, &what, || known_conns(&a) == i + 1);
+        eventually(20, &what, || stat(a, "conns_accepted") == i as u64 + 1);
         // One more connection a second: a ramp the forecast can follow.
         std::thread::sleep(Duration::from_secs(1));
     }
-    let at_peak = a.ctl_json(&["plan"]).unwrap()["counts"]["executed"]
-        .as_u64()
-        .unwrap();
+    let at_peak = executed();
     // The conns table shows each connection's predictor state.
     let conns = a.ctl_json(&["conns"]).unwrap();
     for c in conns.as_array().unwrap() {
@@ -157,11 +155,23 @@ fn rising_downloads_are_offloaded_to_b_before_a_saturates_byte_exact() {
         assert_eq!(total, BYTES, "byte-exact download");
     }
 
+    (executed_before_peak, at_peak)
+}
+
+#[test]
+fn rising_downloads_are_offloaded_to_b_before_a_saturates_byte_exact() {
+    let (tb, a, b) = nodes(A_PREDICT);
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan["policy"], "predictive");
+    assert_eq!(plan["executes"], true);
+    assert_eq!(plan["metric"], "connections");
+    assert_eq!(plan["counts"]["executed"], 0, "{plan}");
+    let (before, at_peak) = ramp(&tb, &a);
+
     let plan = a.ctl_json(&["plan"]).unwrap();
     let log = || format!("{plan:#}\n--- a's log:\n{}", a.log());
     // Moves happened before the peak (the last download), and A never held as many
     // connections as its capacity, although more downloads than that were opened on it.
-    let before = executed_before_peak.unwrap();
     assert!(before >= 1, "no move before the peak: {}", log());
     let peak = plan["peak_utilisation"].as_f64().unwrap();
     assert!(peak < 1.0, "A reached its capacity: {}", log());
@@ -224,4 +234,43 @@ fn rising_downloads_are_offloaded_to_b_before_a_saturates_byte_exact() {
     eprintln!("{table}");
     assert!(table.contains("policy predictive"), "{table}");
     assert!(table.contains("moved"), "{table}");
+}
+
+/// The baseline: with the default policy (`manual`) the same ramp is planned and shown, and
+/// nothing moves: A goes past its capacity.
+#[test]
+fn with_policy_manual_the_plan_is_shown_and_nothing_moves() {
+    let (tb, a, b) = nodes(
+        "[predict]\nmetric = \"connections\"\ncapacity = 10\n[predict.forecast]\nbeta = 0.2\n",
+    );
+    let (before, at_peak) = ramp(&tb, &a);
+    assert_eq!((before, at_peak), (0, 0));
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan["policy"], "manual", "{plan:#}");
+    assert_eq!(plan["executes"], false);
+    // A held every download: past its capacity.
+    let peak = plan["peak_utilisation"].as_f64().unwrap();
+    assert!(
+        peak >= DOWNLOADS as f64 / CAPACITY as f64 - 1e-9,
+        "{plan:#}"
+    );
+    // Moves were planned, with their reasons, and none executed.
+    let decisions = plan["decisions"].as_array().unwrap();
+    assert!(!decisions.is_empty(), "{plan:#}");
+    assert!(
+        decisions.iter().all(|d| d["outcome"] == "not-executed"
+            && d["reason"].as_str().unwrap().contains("above threshold")),
+        "{plan:#}"
+    );
+    assert_eq!(plan["counts"]["executed"], 0);
+    assert_eq!(plan["counts"]["failed"], 0);
+    assert!(plan["counts"]["planned"].as_u64().unwrap() >= decisions.len() as u64);
+    assert!(
+        a.log()
+            .contains("would move a connection (policy manual: not executed)")
+    );
+    assert_eq!(metric(&a, "flowshift_predict_moves_executed_total"), 0);
+    assert!(metric(&a, "flowshift_predict_moves_planned_total") > 0);
+    assert_eq!(stat(&a, "conns_moved_out"), 0);
+    assert_eq!(stat(&b, "conns_restored"), 0);
 }
