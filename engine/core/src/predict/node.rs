@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use smoltcp::time::{Duration, Instant};
 
 use super::detect::{Detector, Imbalance, imbalance};
-use super::forecast::{Forecaster, ModelChoice};
+use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
 use super::plan::{Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Status};
 use super::profile::{ConnReport, NodeReport, Sampler};
 use super::shadow::ConnState;
@@ -243,6 +243,9 @@ pub struct NodePredictor {
     sampler: Sampler,
     node: Forecaster,
     conns: HashMap<ConnId, Forecaster>,
+    /// The per-connection forecasters' settings: the node's without a season (a season of an
+    /// hour at 100 ms is 36,000 values per forecaster, times `max_tracked`).
+    conn_forecast: ForecastConfig,
     detector: Detector,
     planner: Planner,
     last_moved: HashMap<ConnId, Instant>,
@@ -269,6 +272,10 @@ impl NodePredictor {
             sampler: Sampler::new(config.interval),
             node: Forecaster::new(config.forecast),
             conns: HashMap::new(),
+            conn_forecast: ForecastConfig {
+                season: 0,
+                ..config.forecast
+            },
             detector: Detector::new(config.detect),
             planner: Planner::new(plan, config.detect.horizon),
             last_moved: HashMap::new(),
@@ -388,7 +395,7 @@ impl NodePredictor {
                 let f = self
                     .conns
                     .entry(id)
-                    .or_insert_with(|| Forecaster::new(self.config.forecast));
+                    .or_insert_with(|| Forecaster::new(self.conn_forecast));
                 f.observe(current);
                 Some(&*f)
             } else {
