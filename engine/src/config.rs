@@ -11,6 +11,10 @@ use serde::Deserialize;
 
 use flowshift_core::app::{AppConfig, AppKind};
 pub use flowshift_core::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+use flowshift_core::predict::node::{LoadMetric, NodeSettings};
+use flowshift_core::predict::plan::Policy;
+use flowshift_core::predict::{ConfigError as CoreConfigError, PredictConfig};
+use smoltcp::time::Duration;
 
 /// Default `limits.max_half_open`: with the default 64 KiB buffers each way, a SYN flood can
 /// claim at most 256 MiB.
@@ -69,6 +73,20 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// `[tunnel]` and its `[[peer]]`s, if this node talks to others.
     pub tunnel: Option<TunnelConfig>,
+    /// `[predict]`: the predictor's policy and settings (default: manual, CPU).
+    pub predict: PredictSection,
+}
+
+/// `[predict]`: how the node forecasts its load and offloads connections
+/// (`docs/prediction.md`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PredictSection {
+    /// Policy, load metric, capacity, report delay, decisions kept.
+    pub node: NodeSettings,
+    /// Forecasting, detection and planning settings (validated).
+    pub config: PredictConfig,
+    /// The `[[peer]]` names moves may go to (`peers`; default every peer).
+    pub targets: Vec<String>,
 }
 
 /// `[tunnel]`: this node's end of the encrypted tunnel, and its peers.
@@ -179,6 +197,72 @@ struct RawConfig {
     tunnel: Option<RawTunnel>,
     #[serde(default)]
     peer: Vec<RawPeer>,
+    #[serde(default)]
+    predict: Option<RawPredict>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPredict {
+    policy: Option<String>,
+    metric: Option<String>,
+    capacity: Option<f64>,
+    peers: Option<Vec<String>>,
+    interval_ms: Option<u64>,
+    report_delay_ms: Option<u64>,
+    history: Option<usize>,
+    max_tracked: Option<usize>,
+    #[serde(default)]
+    forecast: RawForecast,
+    #[serde(default)]
+    detect: RawDetect,
+    #[serde(default)]
+    plan: RawPlan,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawForecast {
+    alpha: Option<f64>,
+    beta: Option<f64>,
+    gamma: Option<f64>,
+    season: Option<usize>,
+    window: Option<usize>,
+    min_history: Option<usize>,
+    max_mape: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDetect {
+    horizon_ms: Option<u64>,
+    k: Option<f64>,
+    floor: Option<f64>,
+    ceiling: Option<f64>,
+    history: Option<usize>,
+    min_history: Option<usize>,
+    imbalance_threshold: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    hysteresis: Option<f64>,
+    replan_interval_ms: Option<u64>,
+    max_moves: Option<usize>,
+    cooldown_ms: Option<u64>,
+    reactive_threshold: Option<f64>,
+    rtt_tolerance: Option<f64>,
+    #[serde(default)]
+    migration_cost: RawMigrationCost,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMigrationCost {
+    freeze_ms: Option<f64>,
+    per_mib_ms: Option<f64>,
+    load: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -514,9 +598,11 @@ impl Config {
         };
 
         let tunnel = Self::tunnel(file, raw.tunnel, raw.peer)?;
+        let predict = Self::predict(file, raw.predict.unwrap_or_default(), tunnel.as_ref())?;
 
         Ok(Config {
             tunnel,
+            predict,
             node: NodeConfig {
                 name: raw.node.name,
                 control_socket: raw.node.control_socket,
@@ -534,6 +620,196 @@ impl Config {
             limits,
             tcp,
             metrics_listen,
+        })
+    }
+
+    fn predict(
+        file: &Path,
+        raw: RawPredict,
+        tunnel: Option<&TunnelConfig>,
+    ) -> Result<PredictSection, ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            key: format!("predict.{key}"),
+            reason,
+        };
+        // Durations in whole milliseconds, at most a day (so they never overflow).
+        let millis = |key: &str, v: Option<u64>, default: Duration| match v {
+            None => Ok(default),
+            Some(ms) if ms <= 86_400_000 => Ok(Duration::from_millis(ms)),
+            Some(ms) => Err(invalid(key, format!("{ms} is not in 0..=86400000"))),
+        };
+        let frac_millis = |key: &str, v: Option<f64>, default: Duration| match v {
+            None => Ok(default),
+            Some(ms) if ms.is_finite() && (0.0..=86_400_000.0).contains(&ms) => {
+                Ok(Duration::from_micros((ms * 1000.0).round() as u64))
+            }
+            Some(ms) => Err(invalid(key, format!("{ms} is not in 0..=86400000"))),
+        };
+
+        let policy = match raw.policy.as_deref() {
+            None | Some("manual") => Policy::Manual,
+            Some("reactive") => Policy::Reactive,
+            Some("predictive") => Policy::Predictive,
+            Some(other) => {
+                return Err(invalid(
+                    "policy",
+                    format!("`{other}` is not one of manual, reactive, predictive"),
+                ));
+            }
+        };
+        let metric = match raw.metric.as_deref() {
+            None | Some("cpu") => LoadMetric::Cpu,
+            Some("connections") => LoadMetric::Connections,
+            Some("bandwidth") => LoadMetric::Bandwidth,
+            Some(other) => {
+                return Err(invalid(
+                    "metric",
+                    format!("`{other}` is not one of cpu, connections, bandwidth"),
+                ));
+            }
+        };
+        let capacity = raw.capacity.unwrap_or(1.0);
+        if !capacity.is_finite() || capacity <= 0.0 || capacity > 1e15 {
+            return Err(invalid(
+                "capacity",
+                format!("{capacity} is not a positive number up to 1e15"),
+            ));
+        }
+        let history = raw.history.unwrap_or(64);
+        if !(1..=10_000).contains(&history) {
+            return Err(invalid("history", format!("{history} is not in 1..=10000")));
+        }
+        let defaults = NodeSettings::default();
+        let max_tracked = raw.max_tracked.unwrap_or(defaults.max_tracked);
+        if max_tracked > 1_000_000 {
+            return Err(invalid(
+                "max_tracked",
+                format!("{max_tracked} is not in 0..=1000000"),
+            ));
+        }
+        let node = NodeSettings {
+            max_tracked,
+            policy,
+            metric,
+            capacity,
+            report_delay: millis(
+                "report_delay_ms",
+                raw.report_delay_ms,
+                defaults.report_delay,
+            )?,
+            history,
+        };
+
+        let peer_names: Vec<&str> = tunnel
+            .map(|t| t.peers.iter().map(|p| p.name.as_str()).collect())
+            .unwrap_or_default();
+        let targets = raw.peers.unwrap_or_default();
+        for (i, name) in targets.iter().enumerate() {
+            if !peer_names.contains(&name.as_str()) {
+                return Err(invalid(
+                    &format!("peers[{i}]"),
+                    format!("no [[peer]] named {name:?}"),
+                ));
+            }
+        }
+        if policy != Policy::Manual && peer_names.is_empty() {
+            return Err(invalid(
+                "policy",
+                format!(
+                    "`{policy}` moves connections to peers: it needs a [tunnel] with a [[peer]]"
+                ),
+            ));
+        }
+
+        let mut config = PredictConfig::default();
+        config.interval = millis("interval_ms", raw.interval_ms, config.interval)?;
+        let f = &mut config.forecast;
+        let r = raw.forecast;
+        f.alpha = r.alpha.unwrap_or(f.alpha);
+        f.beta = r.beta.unwrap_or(f.beta);
+        f.gamma = r.gamma.unwrap_or(f.gamma);
+        f.season = r.season.unwrap_or(f.season);
+        f.window = r.window.unwrap_or(f.window);
+        f.min_history = r.min_history.unwrap_or(f.min_history);
+        f.max_mape = r.max_mape.unwrap_or(f.max_mape);
+        let r = raw.detect;
+        config.detect.horizon = millis("detect.horizon_ms", r.horizon_ms, config.detect.horizon)?;
+        let d = &mut config.detect;
+        d.k = r.k.unwrap_or(d.k);
+        d.floor = r.floor.unwrap_or(d.floor);
+        d.ceiling = r.ceiling.unwrap_or(d.ceiling);
+        d.history = r.history.unwrap_or(d.history);
+        d.min_history = r.min_history.unwrap_or(d.min_history);
+        d.imbalance_threshold = r.imbalance_threshold.unwrap_or(d.imbalance_threshold);
+        let r = raw.plan;
+        let p = config.plan;
+        config.plan.replan_interval = millis(
+            "plan.replan_interval_ms",
+            r.replan_interval_ms,
+            p.replan_interval,
+        )?;
+        config.plan.cooldown = millis("plan.cooldown_ms", r.cooldown_ms, p.cooldown)?;
+        config.plan.migration_cost.freeze = frac_millis(
+            "plan.migration_cost.freeze_ms",
+            r.migration_cost.freeze_ms,
+            p.migration_cost.freeze,
+        )?;
+        config.plan.migration_cost.per_mib = frac_millis(
+            "plan.migration_cost.per_mib_ms",
+            r.migration_cost.per_mib_ms,
+            p.migration_cost.per_mib,
+        )?;
+        let p = &mut config.plan;
+        p.policy = policy;
+        p.hysteresis = r.hysteresis.unwrap_or(p.hysteresis);
+        p.max_moves = r.max_moves.unwrap_or(p.max_moves);
+        p.reactive_threshold = r.reactive_threshold.unwrap_or(p.reactive_threshold);
+        p.rtt_tolerance = r.rtt_tolerance.unwrap_or(p.rtt_tolerance);
+        p.migration_cost.load = r.migration_cost.load.unwrap_or(p.migration_cost.load);
+        config.validate().map_err(|e| {
+            // The core names settings as its fields; the file names durations `_ms`.
+            let key = |field: &str| {
+                let ms = [
+                    "interval",
+                    "detect.horizon",
+                    "plan.replan_interval",
+                    "plan.cooldown",
+                    "plan.migration_cost.freeze",
+                    "plan.migration_cost.per_mib",
+                ];
+                if ms.contains(&field) {
+                    format!("{field}_ms")
+                } else {
+                    field.to_owned()
+                }
+            };
+            match e {
+                CoreConfigError::OutOfRange {
+                    field,
+                    value,
+                    min,
+                    max,
+                } => {
+                    let unit = if key(field).ends_with("_ms") {
+                        " (seconds)"
+                    } else {
+                        ""
+                    };
+                    invalid(
+                        &key(field),
+                        format!("{value} is not in {min}..={max}{unit}"),
+                    )
+                }
+                CoreConfigError::Order { low, high } => {
+                    invalid(&key(low), format!("must not exceed predict.{}", key(high)))
+                }
+            }
+        })?;
+        Ok(PredictSection {
+            node,
+            config,
+            targets,
         })
     }
 
@@ -966,6 +1242,87 @@ max_connections = 100000
             .unwrap_err()
             .to_string();
         assert!(e.contains("bad.key"), "{e}");
+    }
+
+    #[test]
+    fn predict_defaults_to_manual_and_reads_every_section() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.predict.node.policy, Policy::Manual);
+        assert_eq!(c.predict.node.metric, LoadMetric::Cpu);
+        let mut expected = PredictConfig::default();
+        expected.plan.policy = Policy::Manual;
+        assert_eq!(c.predict.config, expected);
+
+        let (text, _) = tunnel_config(
+            "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 10\n\
+             peers = [\"b\"]\ninterval_ms = 50\n[predict.forecast]\nbeta = 0.1\n\
+             [predict.detect]\nhorizon_ms = 3000\nceiling = 0.8\n[predict.plan]\n\
+             replan_interval_ms = 500\nmax_moves = 2\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n",
+        );
+        let p = parse(&text).unwrap().predict;
+        assert_eq!(p.node.policy, Policy::Predictive);
+        assert_eq!(p.node.metric, LoadMetric::Connections);
+        assert_eq!(p.node.capacity, 10.0);
+        assert_eq!(p.targets, ["b"]);
+        assert_eq!(p.config.interval, Duration::from_millis(50));
+        assert_eq!(p.config.forecast.beta, 0.1);
+        assert_eq!(p.config.detect.horizon, Duration::from_millis(3000));
+        assert_eq!(p.config.detect.ceiling, 0.8);
+        assert_eq!(p.config.plan.policy, Policy::Predictive);
+        assert_eq!(p.config.plan.replan_interval, Duration::from_millis(500));
+        assert_eq!(p.config.plan.max_moves, 2);
+        assert_eq!(
+            p.config.plan.migration_cost.freeze,
+            Duration::from_micros(500)
+        );
+    }
+
+    #[test]
+    fn bad_predict_settings_name_the_key() {
+        let cases = [
+            ("policy = \"eager\"", "predict.policy"),
+            ("metric = \"disk\"", "predict.metric"),
+            ("capacity = 0", "predict.capacity"),
+            ("capacity = nan", "predict.capacity"),
+            ("capacity = -inf", "predict.capacity"),
+            ("peers = [\"c\"]", "predict.peers[0]"),
+            ("interval_ms = 0", "predict.interval_ms"),
+            ("interval_ms = 18446744073709551615", "predict.interval_ms"),
+            ("history = 0", "predict.history"),
+            ("max_tracked = 1000001", "predict.max_tracked"),
+            ("[predict.forecast]\nalpha = 2.0", "predict.forecast.alpha"),
+            ("[predict.forecast]\nalpha = nan", "predict.forecast.alpha"),
+            ("[predict.detect]\nhorizon_ms = 10", "predict.interval_ms"),
+            ("[predict.detect]\nfloor = 0.9", "predict.detect.floor"),
+            ("[predict.plan]\nmax_moves = 0", "predict.plan.max_moves"),
+            (
+                "[predict.plan]\nreplan_interval_ms = 0",
+                "predict.plan.replan_interval_ms",
+            ),
+            (
+                "[predict.plan.migration_cost]\nfreeze_ms = -1",
+                "predict.plan.migration_cost.freeze_ms",
+            ),
+            (
+                "[predict.plan.migration_cost]\nload = inf",
+                "predict.plan.migration_cost.load",
+            ),
+        ];
+        for (extra, key) in cases {
+            let (text, _) = tunnel_config(&format!("[predict]\n{extra}\n"));
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "expected {key}: {e}");
+        }
+        // A policy that moves needs somewhere to move to.
+        let e = parse(&format!("{EXAMPLE}\n[predict]\npolicy = \"reactive\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`predict.policy`"), "{e}");
+        // Unknown keys are named.
+        let e = parse(&format!("{EXAMPLE}\n[predict]\npolcy = \"manual\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("polcy"), "{e}");
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub enum Request {
     },
     /// Every tunnel peer.
     Peers,
+    /// The predictor: its estimate, the current plan with the reason of each move, and the
+    /// last decisions.
+    Plan,
     /// Node summary.
     Status,
     /// Thaw a frozen connection.

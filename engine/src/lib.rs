@@ -3,7 +3,8 @@
 //! The logic lives in the sans-IO [`flowshift_core`] (TCP, flows, apps) and
 //! [`flowshift_tunnel`] (the encrypted tunnel) crates; this crate is their driver: [`node`] runs
 //! the TUN device and worker threads, [`tunnel`] the tunnel's UDP socket, [`control`] the control
-//! socket, [`metrics`] the Prometheus listener, [`netlink`] the routes, and [`config`] parses the
+//! socket, [`metrics`] the Prometheus listener, `predict` renders the
+//! predictor (`ctl plan`), [`netlink`] the routes, and [`config`] parses the
 //! node's config file.
 
 pub mod config;
@@ -14,4 +15,5 @@ pub mod metrics;
 pub mod netlink;
 pub mod node;
 pub mod offload;
+pub(crate) mod predict;
 pub mod tunnel;

@@ -92,6 +92,9 @@ enum CtlCommand {
     },
     /// Tunnel peers: handshake age, RTT, loss, bytes, liveness, last load report.
     Peers,
+    /// The predictor: utilisation now and predicted, threshold, the current plan with the
+    /// reason of each move, the policy, and the last decisions.
+    Plan,
     /// Move live connections to a peer node; the clients keep their connections.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["conn", "port", "count", "all"])))]
     Migrate {
@@ -189,6 +192,7 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
         CtlCommand::Freeze { id } => Request::Freeze { id },
         CtlCommand::Thaw { id } => Request::Thaw { id },
         CtlCommand::Peers => Request::Peers,
+        CtlCommand::Plan => Request::Plan,
         CtlCommand::Migrate {
             to,
             conn,
@@ -232,9 +236,15 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
         Request::Metrics => write!(out, "{}", result.as_str().unwrap_or_default())?,
         Request::Conns { .. } => {
             let rows = result.as_array().cloned().unwrap_or_default();
-            let places: Vec<(String, String)> = rows
+            let places: Vec<(String, String, String)> = rows
                 .iter()
-                .map(|r| (plain(&r["lives_on"]), plain(&r["enters_at"])))
+                .map(|r| {
+                    (
+                        plain(&r["lives_on"]),
+                        plain(&r["enters_at"]),
+                        r["predict"].as_str().unwrap_or("-").to_owned(),
+                    )
+                })
                 .collect();
             let conns: Vec<ConnInfo> = serde_json::from_value(result)?;
             write!(out, "{}", conns_table(&conns, &places))?;
@@ -279,6 +289,7 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
                 )?;
             }
         }
+        Request::Plan => write!(out, "{}", plan_text(&result))?,
         Request::Migrate { .. } => {
             let report: MigrateReport = serde_json::from_value(result)?;
             write!(out, "{}", migrate_table(&report))?;
@@ -384,19 +395,125 @@ fn migrate_table(r: &MigrateReport) -> String {
     s
 }
 
+/// Renders `ctl plan`'s reply for people.
+fn plan_text(v: &serde_json::Value) -> String {
+    let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.2}"));
+    let mut s = format!(
+        "policy {}{} · load metric {} · capacity {} · sample every {} ms, horizon {} ms\n",
+        plain(&v["policy"]),
+        if v["executes"] == true {
+            " (executes its plans)"
+        } else {
+            " (plans shown, nothing moves by itself)"
+        },
+        plain(&v["metric"]),
+        plain(&v["capacity"]),
+        plain(&v["interval_ms"]),
+        plain(&v["horizon_ms"]),
+    );
+    s += &format!(
+        "utilisation {} now, {} predicted peak ({}{}) · threshold {} · peak so far {} · cpu busy {} · {} connection(s), {} candidate(s)\n",
+        f(&v["utilisation"]),
+        f(&v["predicted_utilisation"]),
+        v["model"].as_str().unwrap_or("no forecast"),
+        v["mape"]
+            .as_f64()
+            .map_or(String::new(), |m| format!(", MAPE {:.1} %", m * 100.0)),
+        f(&v["threshold"]),
+        f(&v["peak_utilisation"]),
+        f(&v["cpu_busy"]),
+        plain(&v["connections"]),
+        plain(&v["candidates"]),
+    );
+    for p in v["peers"].as_array().into_iter().flatten() {
+        s += &format!(
+            "peer {:<12} utilisation {} (load {}), {}, rtt {} ms\n",
+            plain(&p["name"]),
+            f(&p["utilisation"]),
+            f(&p["load"]),
+            if p["alive"] == true {
+                "alive"
+            } else {
+                "not alive"
+            },
+            f(&p["rtt_ms"]),
+        );
+    }
+    if let Some(i) = v["imbalance"].as_object() {
+        s += &format!(
+            "imbalance: {} at {} against {} at {}\n",
+            plain(&i["busiest"]),
+            f(&i["busiest_utilisation"]),
+            plain(&i["idlest"]),
+            f(&i["idlest_utilisation"]),
+        );
+    }
+    match v["plan"].as_object() {
+        None => s += "no plan yet\n",
+        Some(plan) => {
+            s += &format!(
+                "plan at {:.1} s: {}\n",
+                plan["at_ms"].as_f64().unwrap_or(0.0) / 1e3,
+                plain(&plan["status_text"])
+            );
+            for m in plan["moves"].as_array().into_iter().flatten() {
+                s += &format!(
+                    "  move {:#x} to {}: {}\n",
+                    m["conn"].as_u64().unwrap_or(0),
+                    plain(&m["target"]),
+                    plain(&m["reason"]),
+                );
+            }
+        }
+    }
+    let c = &v["counts"];
+    s += &format!(
+        "moves planned {}, executed {}, failed {} ({} plans)\n",
+        plain(&c["planned"]),
+        plain(&c["executed"]),
+        plain(&c["failed"]),
+        plain(&c["plans"]),
+    );
+    let decisions = v["decisions"].as_array().cloned().unwrap_or_default();
+    if !decisions.is_empty() {
+        s += &format!(
+            "{:>9} {:<16} {:<8} {:<13} {:>6} {:>6} REASON\n",
+            "AT", "CONN", "TARGET", "OUTCOME", "NOW", "TRIG"
+        );
+        for d in &decisions {
+            let outcome = match d["detail"].as_str() {
+                Some(why) => format!("{}: {why}", plain(&d["outcome"])),
+                None => plain(&d["outcome"]),
+            };
+            s += &format!(
+                "{:>8.1}s {:<16} {:<8} {:<13} {:>6} {:>6} {}\n",
+                d["at_ms"].as_f64().unwrap_or(0.0) / 1e3,
+                format!("{:#x}", d["conn"].as_u64().unwrap_or(0)),
+                plain(&d["target"]),
+                outcome,
+                f(&d["current_utilisation"]),
+                f(&d["utilisation"]),
+                plain(&d["reason"]),
+            );
+        }
+    }
+    s
+}
+
 /// Renders `conns` as the `ctl conns` table.
 ///
-/// `places` gives, per row, the node the connection lives on and the node where its packets
-/// enter (empty when unknown).
-pub(crate) fn conns_table(conns: &[ConnInfo], places: &[(String, String)]) -> String {
+/// `places` gives, per row, the node the connection lives on, the node where its packets
+/// enter and its predictor state (empty when unknown).
+pub(crate) fn conns_table(conns: &[ConnInfo], places: &[(String, String, String)]) -> String {
     let mut s = format!(
-        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
+        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
         "ID",
         "CLIENT",
         "SERVICE",
         "STATE",
         "APP",
         "MODE",
+        "PREDICT",
         "LIVES-ON",
         "ENTERS",
         "AGE",
@@ -408,15 +525,16 @@ pub(crate) fn conns_table(conns: &[ConnInfo], places: &[(String, String)]) -> St
         "RECVQ"
     );
     for (i, c) in conns.iter().enumerate() {
-        let (lives, enters) = places.get(i).cloned().unwrap_or_default();
+        let (lives, enters, predict) = places.get(i).cloned().unwrap_or_default();
         s += &format!(
-            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
+            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
             format!("{:#x}", c.id),
             c.client.to_string(),
             c.service.to_string(),
             c.state,
             format!("{:?}", c.app).to_lowercase(),
             c.mode,
+            predict,
             lives,
             enters,
             c.age_ms as f64 / 1000.0,

@@ -35,6 +35,25 @@ pub struct NodeGauges {
     pub uptime_seconds: u64,
 }
 
+/// The predictor's figures (`docs/prediction.md`).
+#[derive(Debug, Clone, Default)]
+pub struct PredictMetrics {
+    /// Plans made, moves planned, executed and failed.
+    pub counts: flowshift_core::predict::node::Counts,
+    /// The node's utilisation over the last interval.
+    pub utilisation: f64,
+    /// The predicted peak utilisation over the horizon.
+    pub predicted: f64,
+    /// The learned threshold.
+    pub threshold: f64,
+}
+
+fn gauge_f64(registry: &mut Registry, name: &str, help: &str, value: f64) {
+    let g: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    g.set(if value.is_finite() { value } else { 0.0 });
+    registry.register(name, help, g);
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
@@ -59,8 +78,53 @@ pub fn render(
     gauges: &NodeGauges,
     tunnel: Option<&flowshift_tunnel::Stats>,
     migration: Option<&MigrationStats>,
+    predict: Option<&PredictMetrics>,
 ) -> String {
     let mut r = Registry::with_prefix("flowshift");
+    if let Some(p) = predict {
+        counter(
+            &mut r,
+            "predict_plans",
+            "Plans the predictor made",
+            p.counts.plans,
+        );
+        counter(
+            &mut r,
+            "predict_moves_planned",
+            "Moves the predictor planned (also under the manual policy, which executes none)",
+            p.counts.planned,
+        );
+        counter(
+            &mut r,
+            "predict_moves_executed",
+            "Planned moves executed: the connection moved",
+            p.counts.executed,
+        );
+        counter(
+            &mut r,
+            "predict_moves_failed",
+            "Planned moves that did not happen: the connection stayed or the move failed",
+            p.counts.failed,
+        );
+        gauge_f64(
+            &mut r,
+            "predict_utilisation",
+            "The node's utilisation over the last interval (load / capacity)",
+            p.utilisation,
+        );
+        gauge_f64(
+            &mut r,
+            "predict_predicted_utilisation",
+            "The predicted peak utilisation over the horizon",
+            p.predicted,
+        );
+        gauge_f64(
+            &mut r,
+            "predict_threshold",
+            "The learned utilisation threshold",
+            p.threshold,
+        );
+    }
     counter(
         &mut r,
         "tun_packets_in",
@@ -606,8 +670,36 @@ mod tests {
                 freeze_sum_s: 3.5,
                 ..Default::default()
             }),
+            Some(&PredictMetrics {
+                counts: flowshift_core::predict::node::Counts {
+                    planned: 6,
+                    executed: 4,
+                    failed: 2,
+                    ..Default::default()
+                },
+                utilisation: 0.5,
+                predicted: f64::NAN,
+                threshold: 0.85,
+            }),
         );
         assert!(text.contains("flowshift_tun_packets_in_total 5"), "{text}");
+        assert!(
+            text.contains("flowshift_predict_moves_planned_total 6"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_predict_moves_executed_total 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_predict_moves_failed_total 2"),
+            "{text}"
+        );
+        assert!(text.contains("flowshift_predict_utilisation 0.5"), "{text}");
+        assert!(
+            text.contains("flowshift_predict_predicted_utilisation 0.0"),
+            "{text}"
+        );
         assert!(
             text.contains("flowshift_migrations_moved_out_total 3"),
             "{text}"

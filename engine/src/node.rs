@@ -24,11 +24,16 @@ use crate::control::{self, Handler, Reply, Request};
 use crate::metrics::{self, NodeGauges};
 use crate::netlink;
 use crate::offload;
+use crate::predict::Predict;
 use crate::tunnel;
 use crate::tunnel::migrate::{ConnOutcome, MigrateReport, OfferResult};
 use flowshift_core::coalesce::Coalescer;
 use flowshift_core::flow::PeerRef;
 use flowshift_core::flow::Remote;
+use flowshift_core::predict::NodeId;
+use flowshift_core::predict::node::ConnSample;
+use flowshift_core::predict::node::{NodePredictor, Observation, Outcome, PeerSample};
+use flowshift_core::predict::profile::NodeReport;
 use flowshift_core::segment::segment;
 use flowshift_core::stack::{CaptureError, ForwardKind, RestoreError, RestoreParams};
 use flowshift_core::stack::{
@@ -111,6 +116,8 @@ pub(crate) enum WorkerMsg {
     /// Every connection; with `true`, those in TIME-WAIT too.
     Conns(Sender<Vec<ConnInfo>>, bool),
     Stats(Sender<StackStats>),
+    /// What the predictor samples: time busy so far and every connection's counters.
+    Sample(Sender<WorkerSample>),
     Freeze(u64, Sender<Result<(), FlowError>>),
     Thaw(u64, Sender<Result<usize, FlowError>>),
     /// Packets of moved flows that arrived through the tunnel.
@@ -159,6 +166,14 @@ pub(crate) enum WorkerMsg {
     },
 }
 
+/// One worker's sample for the predictor.
+pub(crate) struct WorkerSample {
+    /// Time the worker spent working (not waiting in `poll`) since it started.
+    pub(crate) busy: smoltcp::time::Duration,
+    /// Every connection.
+    pub(crate) conns: Vec<ConnSample>,
+}
+
 /// A worker's inbox, with the waker that makes it look.
 #[derive(Clone)]
 pub(crate) struct WorkerHandle {
@@ -200,6 +215,8 @@ struct Worker {
     next_trim: StdInstant,
     /// Merges relayed segments into TSO writes.
     relay: Coalescer,
+    /// Time spent working since the start: from each wake-up to the next wait.
+    busy: smoltcp::time::Duration,
 }
 
 /// The receive buffer: one packet (with TUN offload, a virtio-net header and possibly a packet
@@ -224,8 +241,15 @@ impl Worker {
         let mut shutdown: Option<StdInstant> = None;
         let mut aborted = false;
         let mut more_to_read = true;
+        let mut woke: Option<Instant> = None;
         loop {
             let now = self.clock.now();
+            // The busy fraction the predictor reads: two clock readings the loop makes anyway.
+            if let Some(w) = woke
+                && now > w
+            {
+                self.busy += now - w;
+            }
             let timeout = if more_to_read {
                 Duration::ZERO
             } else {
@@ -242,6 +266,7 @@ impl Worker {
                 return;
             }
             let now = self.clock.now();
+            woke = Some(now);
             more_to_read = self.read_batch(now);
             while let Ok(msg) = self.control.try_recv() {
                 match msg {
@@ -254,6 +279,12 @@ impl Worker {
                     }
                     WorkerMsg::Stats(reply) => {
                         let _ = reply.send(self.stack.stats().clone());
+                    }
+                    WorkerMsg::Sample(reply) => {
+                        let _ = reply.send(WorkerSample {
+                            busy: self.busy,
+                            conns: self.stack.predict_samples(),
+                        });
                     }
                     WorkerMsg::Freeze(id, reply) => {
                         let _ = reply.send(self.stack.freeze(now, id));
@@ -636,6 +667,9 @@ struct Node {
     started: StdInstant,
     tun_write_errors: Arc<AtomicU64>,
     tunnel: Option<tunnel::TunnelHandle>,
+    clock: Clock,
+    /// The predictor, fed by the `fs-predict` thread.
+    predict: Predict,
 }
 
 impl Node {
@@ -690,7 +724,13 @@ impl Node {
             })
         };
         let me = &self.config.node.name;
-        self.conns(time_wait)
+        let conns = self.conns(time_wait);
+        let predictor = self
+            .predict
+            .predictor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        conns
             .into_iter()
             .map(|c| {
                 let lives_on = name(&c.owner).unwrap_or_else(|| me.clone());
@@ -698,6 +738,7 @@ impl Node {
                 let mut v = serde_json::to_value(&c).unwrap_or_default();
                 v["lives_on"] = lives_on.into();
                 v["enters_at"] = enters_at.into();
+                v["predict"] = predictor.conn_state(c.id).as_str().into();
                 v
             })
             .collect()
@@ -720,6 +761,7 @@ impl Node {
             &self.gauges(),
             self.tunnel_stats().as_ref(),
             migration.as_ref(),
+            Some(&self.predict.metrics()),
         )
     }
 
@@ -758,46 +800,272 @@ impl Node {
         self.ask_tunnel(tunnel::Command::Stats).ok()
     }
 
-    /// Tells the tunnel this node's load, for its heartbeats: connections, bytes/s since the
-    /// last call, and the busy fraction of this process's CPU time.
-    fn report_load(&self, last: &mut (StdInstant, StackStats, f64)) {
+    /// Tells the tunnel this node's load, for its heartbeats: the workers' busy fraction
+    /// over the last second (as they measure it), connections, and bytes/s since the last
+    /// call.
+    fn report_load(&self, last: &mut (StdInstant, StackStats), cpu_busy: f64) {
         let Some(t) = &self.tunnel else { return };
         let stats = self.stats();
-        let cpu = process_cpu_seconds();
         let dt = last.0.elapsed().as_secs_f64().max(1e-3);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let report = flowshift_tunnel::LoadReport {
-            cpu_busy: (((cpu - last.2) / dt / cores) as f32).clamp(0.0, 1.0),
+            cpu_busy: (cpu_busy as f32).clamp(0.0, 1.0),
             connections: self.budget.open() as u64,
             bytes_in_per_sec: ((stats.app_bytes_in.saturating_sub(last.1.app_bytes_in)) as f64 / dt)
                 as u64,
             bytes_out_per_sec: ((stats.app_bytes_out.saturating_sub(last.1.app_bytes_out)) as f64
                 / dt) as u64,
-            forecast: None,
+            forecast: self.predict.forecast(),
         };
         t.send(tunnel::Command::Load(report));
-        *last = (StdInstant::now(), stats, cpu);
+        *last = (StdInstant::now(), stats);
     }
 }
 
-/// CPU seconds (user + system) this process used so far.
-fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+/// What the `fs-predict` thread carries from one sample to the next.
+struct PredictDriver {
+    /// The workers' summed busy time and when it was read.
+    busy: Option<(Instant, smoltcp::time::Duration)>,
+    /// Busy time at the last load report.
+    report_busy: (Instant, smoltcp::time::Duration),
+    /// The last load report: when, and the counters then.
+    report: (StdInstant, StackStats),
+    next_report: StdInstant,
+}
+
+/// How often the load report for the heartbeats is made.
+const LOAD_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+impl Node {
+    /// Runs the predictor (the `fs-predict` thread): a sample every interval, the plan's
+    /// moves executed when the policy says so, and the load report once a second.
+    fn run_predictor(&self) {
+        let mut d = PredictDriver {
+            busy: None,
+            report_busy: (self.clock.now(), smoltcp::time::Duration::ZERO),
+            report: (StdInstant::now(), self.stats()),
+            next_report: StdInstant::now() + LOAD_REPORT_EVERY,
+        };
+        loop {
+            let now = self.clock.now();
+            let due = self
+                .predict
+                .predictor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .poll_timeout();
+            if let Some(due) = due
+                && due > now
+            {
+                std::thread::sleep(std_duration(due - now));
+                continue;
+            }
+            self.predict_turn(now, &mut d);
+            if StdInstant::now() >= d.next_report {
+                let (at, busy) = d.busy.unwrap_or(d.report_busy);
+                let cpu = busy_fraction(d.report_busy, (at, busy), self.workers.len());
+                self.report_load(&mut d.report, cpu);
+                d.report_busy = (at, busy);
+                d.next_report = StdInstant::now() + LOAD_REPORT_EVERY;
+            }
+        }
+    }
+
+    /// One sample: the workers' connections and busy time, the peers' load reports; the
+    /// plan, if one is made, is logged and executed.
+    fn predict_turn(&self, now: Instant, d: &mut PredictDriver) {
+        let samples = self.ask(WorkerMsg::Sample);
+        let workers = samples.len();
+        let busy = smoltcp::time::Duration::from_micros(
+            samples.iter().map(|s| s.busy.total_micros()).sum(),
+        );
+        let cpu_busy = d
+            .busy
+            .map_or(0.0, |prev| busy_fraction(prev, (now, busy), workers));
+        d.busy = Some((now, busy));
+        let conns: Vec<ConnSample> = samples.into_iter().flat_map(|s| s.conns).collect();
+
+        let targets = &self.config.predict.targets;
+        let listed = if self.tunnel.is_some() {
+            self.ask_tunnel(tunnel::Command::Peers).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        *self.predict.names.lock().unwrap_or_else(|e| e.into_inner()) =
+            listed.iter().map(|p| (p.id, p.name.clone())).collect();
+        let peers: Vec<PeerSample> = listed
+            .iter()
+            .filter(|p| targets.is_empty() || targets.contains(&p.name))
+            .filter_map(|p| {
+                let load = p.load.as_ref()?;
+                Some(PeerSample {
+                    id: NodeId(p.id),
+                    alive: p.liveness == tunnel::Liveness::Alive,
+                    cpu_busy: f64::from(load.cpu_busy),
+                    connections: load.connections,
+                    bandwidth: load.bytes_in_per_sec as f64 + load.bytes_out_per_sec as f64,
+                    forecast: load
+                        .forecast
+                        .as_ref()
+                        .map(|f| (f64::from(f.cpu_busy), f.connections)),
+                    rtt: smoltcp::time::Duration::from_micros(
+                        (p.rtt_ms.unwrap_or(0.0).max(0.0) * 1e3) as u64,
+                    ),
+                })
+            })
+            .collect();
+        let node = NodeReport {
+            cpu_busy,
+            memory: resident_bytes(),
+            connections: self.budget.open() as u64,
+            queue_depth: 0,
+        };
+        let obs = Observation {
+            node,
+            conns: &conns,
+            peers: &peers,
+        };
+        let (plan, executes) = {
+            let mut p = self
+                .predict
+                .predictor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            (p.handle_sample(now, &obs), p.executes())
+        };
+        let Some(plan) = plan else { return };
+        let policy = self.config.predict.node.policy;
+        if plan.moves.is_empty() {
+            tracing::debug!(%policy, status = %crate::predict::status_text(&plan.status), "predict: plan");
+            return;
+        }
+        tracing::info!(
+            %policy,
+            moves = plan.moves.len(),
+            executes,
+            status = %crate::predict::status_text(&plan.status),
+            "predict: plan made"
+        );
+        let mut by_target: Vec<(NodeId, Vec<u64>)> = Vec::new();
+        for m in &plan.moves {
+            let target = self.predict.name(m.target);
+            tracing::info!(
+                conn = format_args!("{:#x}", m.conn),
+                %target,
+                %policy,
+                reason = %m.reason,
+                "{}",
+                if executes {
+                    "predict: moving a connection"
+                } else {
+                    "predict: would move a connection (policy manual: not executed)"
+                }
+            );
+            match by_target.iter_mut().find(|(t, _)| *t == m.target) {
+                Some((_, ids)) => ids.push(m.conn),
+                None => by_target.push((m.target, vec![m.conn])),
+            }
+        }
+        if !executes {
+            return;
+        }
+        // A draining or stopping node moves nothing on its own: the drain moves everything,
+        // a shutdown closes everything.
+        if !self.accepting.load(Ordering::Acquire) {
+            tracing::info!(
+                "predict: the node is draining or shutting down; planned moves not made"
+            );
+            let done = self.clock.now();
+            let mut p = self
+                .predict
+                .predictor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for m in &plan.moves {
+                p.record(
+                    done,
+                    m.conn,
+                    m.target,
+                    Outcome::Stayed("the node is draining or shutting down".into()),
+                );
+            }
+            return;
+        }
+        for (target, ids) in by_target {
+            let name = self.predict.name(target);
+            let result = self.migrate(&name, Selection::Planned(ids.clone()));
+            let done = self.clock.now();
+            let mut p = self
+                .predict
+                .predictor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match result {
+                Ok(report) => {
+                    for id in &ids {
+                        let outcome = match report.conns.iter().find(|c| c.id == *id) {
+                            Some(c) if c.moved => Outcome::Moved,
+                            Some(c) => Outcome::Stayed(
+                                c.reason.clone().unwrap_or_else(|| "unknown".into()),
+                            ),
+                            None => Outcome::Failed("no outcome reported".into()),
+                        };
+                        match &outcome {
+                            Outcome::Moved => {
+                                tracing::info!(conn = format_args!("{id:#x}"), target = %name, "predict: moved")
+                            }
+                            Outcome::Stayed(why) | Outcome::Failed(why) => {
+                                tracing::warn!(conn = format_args!("{id:#x}"), target = %name, reason = %why, "predict: planned move did not happen")
+                            }
+                            _ => {}
+                        }
+                        p.record(done, *id, target, outcome);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target = %name, error = %e, conns = ids.len(), "predict: planned moves failed");
+                    for id in ids {
+                        p.record(done, id, target, Outcome::Failed(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The busy fraction of `workers` between two readings of their summed busy time.
+fn busy_fraction(
+    (t0, b0): (Instant, smoltcp::time::Duration),
+    (t1, b1): (Instant, smoltcp::time::Duration),
+    workers: usize,
+) -> f64 {
+    if t1 <= t0 || b1 < b0 || workers == 0 {
         return 0.0;
+    }
+    let elapsed = (t1 - t0).total_micros() as f64 * workers as f64;
+    ((b1 - b0).total_micros() as f64 / elapsed).clamp(0.0, 1.0)
+}
+
+/// Resident memory of this process (`/proc/self/statm`), 0 when unknown.
+fn resident_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
     };
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / hz
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    pages.saturating_mul(page)
 }
 
 /// Which connections a `migrate` request names.
-enum Selection {
+pub(crate) enum Selection {
     Ids(Vec<u64>),
+    /// Ids the predictor planned: one that is gone by now stays (`closed`) instead of
+    /// failing the request.
+    Planned(Vec<u64>),
     Port(u16),
     Count(usize),
     All,
@@ -825,14 +1093,22 @@ const MOVES_IN_FLIGHT: usize = 6;
 
 impl Node {
     /// Moves the selected connections to the peer named `to`.
-    fn migrate(&self, to: &str, selection: Selection) -> Result<MigrateReport, String> {
+    pub(crate) fn migrate(&self, to: &str, selection: Selection) -> Result<MigrateReport, String> {
         let started = StdInstant::now();
         if self.tunnel.is_none() {
             return Err("this node has no [tunnel]".into());
         }
         let conns = self.conns(false);
         let local = |c: &&ConnInfo| c.mode == "local" && MOVABLE.contains(&c.state.as_str());
+        let mut gone = Vec::new();
         let ids: Vec<u64> = match selection {
+            Selection::Planned(ids) => {
+                let (here, closed): (Vec<u64>, Vec<u64>) = ids
+                    .into_iter()
+                    .partition(|id| conns.iter().any(|c| c.id == *id));
+                gone = closed;
+                here
+            }
             Selection::Ids(ids) => {
                 if let Some(id) = ids.iter().find(|id| !conns.iter().any(|c| c.id == **id)) {
                     return Err(FlowError::NoSuchFlow(*id).to_string());
@@ -848,7 +1124,17 @@ impl Node {
             Selection::Count(n) => conns.iter().filter(local).take(n).map(|c| c.id).collect(),
             Selection::All => conns.iter().filter(local).map(|c| c.id).collect(),
         };
-        let mut stayed = Vec::new();
+        let mut stayed: Vec<ConnOutcome> = gone
+            .into_iter()
+            .map(|id| ConnOutcome {
+                id,
+                client: None,
+                moved: false,
+                remote_id: None,
+                freeze_ms: None,
+                reason: Some("closed before the move".into()),
+            })
+            .collect();
         let mut offers = Vec::new();
         for (id, r) in self
             .ask(|tx| WorkerMsg::Offers(ids.clone(), tx))
@@ -1050,6 +1336,7 @@ impl Handler for Node {
                     Ok(Err(e)) | Err(e) => Reply::error(e),
                 }
             }
+            Request::Plan => Reply::ok(self.predict.plan_json(self.clock.now())),
             Request::Status => Reply::ok(self.status()),
             Request::Conns { all } => Reply::ok(serde_json::Value::Array(self.conn_rows(all))),
             Request::Metrics => Reply::ok(serde_json::Value::String(self.metrics())),
@@ -1336,6 +1623,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             relay: Coalescer::new(offload::VNET_HDR_LEN),
             compacted_seen: 0,
             next_trim: StdInstant::now(),
+            busy: smoltcp::time::Duration::ZERO,
         };
         let core = cores.get(index % cores.len().max(1)).copied();
         let thread = std::thread::Builder::new()
@@ -1359,20 +1647,19 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         started,
         tun_write_errors,
         tunnel,
+        clock,
+        predict: Predict::new(NodePredictor::new(
+            config.predict.config.clone(),
+            config.predict.node,
+        )),
     });
-    if node.tunnel.is_some() {
+    {
         let n = node.clone();
         std::thread::Builder::new()
-            .name("fs-load".into())
-            .spawn(move || {
-                let mut last = (StdInstant::now(), n.stats(), process_cpu_seconds());
-                // Ends with the process; the node holds no lock it would need.
-                loop {
-                    std::thread::sleep(Duration::from_secs(1));
-                    n.report_load(&mut last);
-                }
-            })
-            .map_err(setup("load reporter thread"))?;
+            .name("fs-predict".into())
+            // Ends with the process; the node holds no lock it would need.
+            .spawn(move || n.run_predictor())
+            .map_err(setup("predictor thread"))?;
     }
     if let Some(addr) = config.metrics_listen {
         let n = node.clone();

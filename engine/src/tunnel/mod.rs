@@ -143,6 +143,19 @@ pub struct LoadView {
     pub bytes_in_per_sec: u64,
     /// Bytes/s out.
     pub bytes_out_per_sec: u64,
+    /// The node's own forecast, if its report carries one.
+    pub forecast: Option<ForecastView>,
+}
+
+/// A load report's forecast, for output.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForecastView {
+    /// How far ahead, milliseconds.
+    pub horizon_ms: u64,
+    /// Predicted peak CPU busy fraction.
+    pub cpu_busy: f32,
+    /// Predicted connections.
+    pub connections: u64,
 }
 
 impl From<&LoadReport> for LoadView {
@@ -152,6 +165,11 @@ impl From<&LoadReport> for LoadView {
             connections: r.connections,
             bytes_in_per_sec: r.bytes_in_per_sec,
             bytes_out_per_sec: r.bytes_out_per_sec,
+            forecast: r.forecast.as_ref().map(|f| ForecastView {
+                horizon_ms: u64::try_from(f.horizon.as_millis()).unwrap_or(u64::MAX),
+                cpu_busy: f.cpu_busy,
+                connections: f.connections,
+            }),
         }
     }
 }

@@ -21,6 +21,8 @@
 //! 7. [`class`] sorts connections into size classes with a resource allocation each, and keeps
 //!    per-connection segment statistics.
 //!
+//! [`node::NodePredictor`] ties 1–4 together as a node runs them, and keeps its decisions.
+//!
 //! [`sim`] is a deterministic trace-driven simulator of a group of nodes that runs these pieces
 //! against synthetic workloads; `flowshift-bench sim` prints and plots its results.
 
@@ -29,6 +31,7 @@ pub mod config;
 pub mod detect;
 pub mod forecast;
 pub mod lease;
+pub mod node;
 pub mod plan;
 pub mod profile;
 pub mod shadow;

@@ -35,6 +35,18 @@ pub enum ConnState {
     Shifting,
 }
 
+impl ConnState {
+    /// The name `ctl` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Active => "active",
+            ConnState::Inactive => "inactive",
+            ConnState::Shadowing => "shadowing",
+            ConnState::Shifting => "shifting",
+        }
+    }
+}
+
 /// Settings of shadow trials.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ShadowConfig {

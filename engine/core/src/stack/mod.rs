@@ -1752,6 +1752,54 @@ impl Stack {
             .collect()
     }
 
+    /// What the predictor samples of every connection
+    /// ([`crate::predict::node::ConnSample`]): cumulative bytes each way, accept time, the
+    /// app's priority class, whether it is served here, whether it may move (served here, in
+    /// a state that moves, its packets entering here), and the bytes a move would copy.
+    /// Packet and request counts are not kept per connection (0).
+    pub fn predict_samples(&self) -> Vec<crate::predict::node::ConnSample> {
+        use crate::predict::Priority;
+        use crate::predict::node::ConnSample;
+        use crate::predict::profile::{ConnCounters, ConnReport};
+        self.flows
+            .iter()
+            .map(|f| {
+                let socket = self.socket_of(f);
+                let movable_state = socket.is_some_and(|s| {
+                    matches!(
+                        s.state(),
+                        tcp::State::Established
+                            | tcp::State::CloseWait
+                            | tcp::State::FinWait1
+                            | tcp::State::Closing
+                            | tcp::State::LastAck
+                    )
+                });
+                ConnSample {
+                    report: ConnReport {
+                        conn: f.id,
+                        counters: ConnCounters {
+                            bytes_in: f.bytes_in,
+                            bytes_out: f.bytes_out(),
+                            ..ConnCounters::default()
+                        },
+                        opened_at: f.created,
+                        priority: match f.app_kind {
+                            AppKind::Sink | AppKind::Source => Priority::Background,
+                            AppKind::Http => Priority::Normal,
+                            AppKind::Echo => Priority::Interactive,
+                        },
+                    },
+                    here: socket.is_some(),
+                    movable: matches!(f.mode, FlowMode::Local)
+                        && movable_state
+                        && f.ingress.is_none(),
+                    buffered: socket.map_or(0, |s| (s.send_queue() + s.recv_queue()) as u64),
+                }
+            })
+            .collect()
+    }
+
     /// Freezes the flow `id`: its socket leaves the socket set (no timer, no transmission,
     /// no delivery) and its inbound packets are queued from now on.
     pub fn freeze(&mut self, now: Instant, id: u64) -> Result<(), FlowError> {

@@ -1,0 +1,867 @@
+//! The predictor as a node runs it: one [`NodePredictor`] ties the sampler, the forecasters,
+//! the detector and the planner together, and remembers its decisions and their outcomes.
+//!
+//! The node's driver thread calls [`NodePredictor::handle_sample`] every
+//! [`super::PredictConfig::interval`] with `now`, the node's figures, every connection's
+//! cumulative counters and the peers' last load reports. When the planner runs (at most once
+//! per `replan_interval`) the plan comes back; the driver executes its moves when
+//! [`NodePredictor::executes`] says so (policy `reactive` or `predictive`) and reports each
+//! outcome with [`NodePredictor::record`]. With policy `manual` the plan is still computed as
+//! the predictive policy would make it, and shown, but nothing moves by itself.
+//!
+//! **Load.** The planner weighs node and connections in one unit, the node's capacity, chosen
+//! by [`LoadMetric`]:
+//!
+//! - [`LoadMetric::Cpu`]: the node's load is the workers' busy fraction (as the workers
+//!   measure it); a connection's share of it is the share of the node's bandwidth it carried
+//!   over the interval. A peer's load is the CPU busy fraction of its load report.
+//! - [`LoadMetric::Connections`]: every connection served here weighs 1; a peer's load is the
+//!   connection count of its load report.
+//! - [`LoadMetric::Bandwidth`]: a connection weighs its bytes/s both ways; a peer's load is
+//!   the bytes/s of its load report.
+//!
+//! Peers are assumed to have this node's capacity (a load report carries no capacity).
+//!
+//! **Stale reports.** A peer's report rides its heartbeats and is up to a couple of seconds
+//! old. After a move the peer's load is taken as at least what it was reported at plus the
+//! load moved to it, for [`NodeSettings::report_delay`], so the next plan does not fill a
+//! peer whose report has not caught up yet.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use smoltcp::time::{Duration, Instant};
+
+use super::detect::{Detector, Imbalance, imbalance};
+use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
+use super::plan::{Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Status};
+use super::profile::{ConnReport, NodeReport, Sampler};
+use super::shadow::ConnState;
+use super::{ConnId, NodeId, PredictConfig};
+
+/// What a node's load is measured in (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadMetric {
+    /// Bytes/s both ways.
+    Bandwidth,
+    /// Connections served here.
+    Connections,
+    /// The workers' busy fraction.
+    #[default]
+    Cpu,
+}
+
+impl LoadMetric {
+    /// The name used in config files and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadMetric::Bandwidth => "bandwidth",
+            LoadMetric::Connections => "connections",
+            LoadMetric::Cpu => "cpu",
+        }
+    }
+}
+
+/// How a node runs the predictor, beyond [`PredictConfig`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeSettings {
+    /// What the node does with plans. [`Policy::Manual`] plans as [`Policy::Predictive`]
+    /// would, and executes nothing.
+    pub policy: Policy,
+    /// What load is measured in.
+    pub metric: LoadMetric,
+    /// The node's capacity in the metric's unit (1.0 for CPU: all workers busy). Must be
+    /// finite and positive.
+    pub capacity: f64,
+    /// How long a move's load is added to its target's reported load. Default 3 s.
+    pub report_delay: Duration,
+    /// Decisions kept for display. Default 64.
+    pub history: usize,
+    /// Connections with a forecaster of their own (those with the highest load); the others
+    /// are weighed by their current load. Bounds the predictor's memory and work per sample
+    /// (a forecaster keeps about 2 KB). Default 1,024.
+    pub max_tracked: usize,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Manual,
+            metric: LoadMetric::Cpu,
+            capacity: 1.0,
+            report_delay: Duration::from_secs(3),
+            history: 64,
+            max_tracked: 1024,
+        }
+    }
+}
+
+/// One connection as the node samples it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConnSample {
+    /// Its counters, accept time and priority.
+    pub report: ConnReport,
+    /// Served by this node's stack (not moved away).
+    pub here: bool,
+    /// Served here, in a TCP state that moves, and its packets enter here: a candidate.
+    pub movable: bool,
+    /// Bytes a move would copy now (send and receive queues).
+    pub buffered: u64,
+}
+
+/// A peer's last load report, as the tunnel knows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeerSample {
+    /// The peer.
+    pub id: NodeId,
+    /// Its tunnel is alive; a dead peer is never a target.
+    pub alive: bool,
+    /// Its report's CPU busy fraction.
+    pub cpu_busy: f64,
+    /// Its report's connection count.
+    pub connections: u64,
+    /// Its report's bytes/s both ways.
+    pub bandwidth: f64,
+    /// Its own forecast of its peak CPU busy fraction and connections over its horizon, when
+    /// its report carries one (the `forecast` extension).
+    pub forecast: Option<(f64, u64)>,
+    /// Round-trip time to it.
+    pub rtt: Duration,
+}
+
+/// What the node saw this interval.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    /// The node's own figures.
+    pub node: NodeReport,
+    /// Every connection.
+    pub conns: &'a [ConnSample],
+    /// Every peer with a load report.
+    pub peers: &'a [PeerSample],
+}
+
+/// What became of a planned move.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The move failed as a whole (the tunnel or the peer did not answer).
+    Failed(String),
+    /// The connection lives on the target now.
+    Moved,
+    /// Not executed: the policy is manual.
+    NotExecuted,
+    /// Planned; the driver has not reported yet.
+    Pending,
+    /// The target or the source kept it here, for the reason given.
+    Stayed(String),
+}
+
+/// A planned move and what became of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// When it was planned.
+    pub at: Instant,
+    /// The connection.
+    pub conn: ConnId,
+    /// Where to.
+    pub target: NodeId,
+    /// Why.
+    pub reason: Reason,
+    /// Its outcome.
+    pub outcome: Outcome,
+    /// The node's current utilisation when it was planned (for [`Policy::Predictive`] the
+    /// reason's utilisation is the predicted one).
+    pub current: f64,
+}
+
+/// Counts since the node started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Samples taken.
+    pub samples: u64,
+    /// Plans made.
+    pub plans: u64,
+    /// Moves planned (also under the manual policy).
+    pub planned: u64,
+    /// Moves executed: the connection moved.
+    pub executed: u64,
+    /// Moves that did not happen: the connection stayed, or the move failed.
+    pub failed: u64,
+}
+
+/// A peer's load as the last plan saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeerView {
+    /// The peer.
+    pub id: NodeId,
+    /// Its load in the metric's unit, with the moves its report does not show yet.
+    pub load: f64,
+    /// Its utilisation (load / capacity).
+    pub utilisation: f64,
+    /// Its predicted load (its own forecast, in the metric's unit), or `load` without one.
+    pub predicted: f64,
+    /// Round-trip time.
+    pub rtt: Duration,
+    /// Alive.
+    pub alive: bool,
+}
+
+/// Where the predictor stands, for `ctl plan`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Estimate {
+    /// When it was last sampled.
+    pub at: Option<Instant>,
+    /// The node's load over the last interval, in the metric's unit.
+    pub load: f64,
+    /// Its utilisation.
+    pub utilisation: f64,
+    /// The predicted peak utilisation over the horizon.
+    pub predicted: f64,
+    /// The model of the node's forecast.
+    pub model: Option<ModelChoice>,
+    /// That model's recent MAPE.
+    pub mape: Option<f64>,
+    /// The learned threshold.
+    pub threshold: f64,
+    /// The highest utilisation sampled so far.
+    pub peak_utilisation: f64,
+    /// The workers' busy fraction.
+    pub cpu_busy: f64,
+    /// Connections served here.
+    pub connections: u64,
+    /// Candidates (connections that may move).
+    pub candidates: usize,
+    /// The peers.
+    pub peers: Vec<PeerView>,
+    /// Imbalance across the group, if any.
+    pub imbalance: Option<Imbalance>,
+}
+
+/// The predictor of one node (see the module doc).
+#[derive(Debug)]
+pub struct NodePredictor {
+    config: PredictConfig,
+    settings: NodeSettings,
+    sampler: Sampler,
+    node: Forecaster,
+    conns: HashMap<ConnId, Forecaster>,
+    /// The per-connection forecasters' settings: the node's without a season (a season of an
+    /// hour at 100 ms is 36,000 values per forecaster, times `max_tracked`).
+    conn_forecast: ForecastConfig,
+    detector: Detector,
+    planner: Planner,
+    last_moved: HashMap<ConnId, Instant>,
+    shifting: HashSet<ConnId>,
+    known: HashMap<ConnId, bool>,
+    /// Per peer: its load is at least this until then (moves its report does not show yet).
+    floors: HashMap<NodeId, (Instant, f64)>,
+    estimate: Estimate,
+    last_plan: Option<(Instant, Plan)>,
+    decisions: VecDeque<Decision>,
+    counts: Counts,
+}
+
+impl NodePredictor {
+    /// A predictor with no history. `config` should have passed [`PredictConfig::validate`];
+    /// its `plan.policy` is replaced by `settings.policy` (predictive for manual).
+    pub fn new(config: PredictConfig, settings: NodeSettings) -> Self {
+        let mut plan = config.plan;
+        plan.policy = match settings.policy {
+            Policy::Manual => Policy::Predictive,
+            p => p,
+        };
+        Self {
+            sampler: Sampler::new(config.interval),
+            node: Forecaster::new(config.forecast),
+            conns: HashMap::new(),
+            conn_forecast: ForecastConfig {
+                season: 0,
+                ..config.forecast
+            },
+            detector: Detector::new(config.detect),
+            planner: Planner::new(plan, config.detect.horizon),
+            last_moved: HashMap::new(),
+            shifting: HashSet::new(),
+            known: HashMap::new(),
+            floors: HashMap::new(),
+            estimate: Estimate::default(),
+            last_plan: None,
+            decisions: VecDeque::new(),
+            counts: Counts::default(),
+            config,
+            settings,
+        }
+    }
+
+    /// Its settings.
+    pub fn settings(&self) -> &NodeSettings {
+        &self.settings
+    }
+
+    /// Its predictor settings.
+    pub fn config(&self) -> &PredictConfig {
+        &self.config
+    }
+
+    /// The driver executes plans (policy reactive or predictive).
+    pub fn executes(&self) -> bool {
+        self.settings.policy != Policy::Manual
+    }
+
+    /// When the next sample is due (`None`: now).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.sampler.poll_timeout()
+    }
+
+    /// Takes the sample of `now`. Returns the plan when the planner ran (its moves are to be
+    /// executed when [`Self::executes`]); `None` when it was not due, or the sample was not
+    /// later than the last.
+    pub fn handle_sample(&mut self, now: Instant, obs: &Observation<'_>) -> Option<Plan> {
+        let interval = self
+            .sampler
+            .sample(now, obs.node, obs.conns.iter().map(|c| c.report))?;
+        self.counts.samples += 1;
+        let capacity = self.settings.capacity;
+        let bandwidth_of = |i: usize| interval.conns.get(i).map_or(0.0, |p| p.rates.bandwidth());
+        let here_bandwidth: f64 = obs
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.here)
+            .map(|(i, _)| bandwidth_of(i))
+            .sum();
+        let connections = obs.conns.iter().filter(|c| c.here).count() as u64;
+        let load = match self.settings.metric {
+            LoadMetric::Cpu => interval.node.cpu_busy,
+            LoadMetric::Connections => connections as f64,
+            LoadMetric::Bandwidth => here_bandwidth,
+        };
+        let conn_load = |i: usize| match self.settings.metric {
+            LoadMetric::Cpu if here_bandwidth > 0.0 => load * bandwidth_of(i) / here_bandwidth,
+            LoadMetric::Cpu => 0.0,
+            LoadMetric::Connections => 1.0,
+            LoadMetric::Bandwidth => bandwidth_of(i),
+        };
+        let utilisation = load / capacity;
+        self.node.observe(utilisation);
+        self.detector.observe(utilisation);
+        let horizon = self.config.horizon_samples();
+        let forecast = self.node.peak(horizon);
+        let predicted = forecast.map_or(utilisation, |f| f.value);
+
+        // Per-connection forecasts, for at most `max_tracked` connections: those with the
+        // highest load (those already tracked first among equals, then the lowest id). The
+        // others are weighed by their current load.
+        let loads: Vec<(usize, f64)> = obs
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.here)
+            .map(|(i, _)| {
+                let l = conn_load(i);
+                (i, if l.is_finite() { l.max(0.0) } else { 0.0 })
+            })
+            .collect();
+        let max_tracked = self.settings.max_tracked;
+        let tracked: HashSet<ConnId> = if loads.len() <= max_tracked {
+            loads
+                .iter()
+                .map(|(i, _)| obs.conns[*i].report.conn)
+                .collect()
+        } else {
+            let mut order = loads.clone();
+            let key = |(i, _): &(usize, f64)| {
+                let id = obs.conns[*i].report.conn;
+                (!self.conns.contains_key(&id), id)
+            };
+            if max_tracked > 0 {
+                order.select_nth_unstable_by(max_tracked - 1, |a, b| {
+                    b.1.total_cmp(&a.1).then(key(a).cmp(&key(b)))
+                });
+            }
+            order
+                .iter()
+                .take(max_tracked)
+                .map(|(i, _)| obs.conns[*i].report.conn)
+                .collect()
+        };
+        self.conns.retain(|id, _| tracked.contains(id));
+        // Candidates are only built when the planner is due.
+        let due = self.planner.poll_timeout().is_none_or(|t| now >= t);
+        let mut candidates = Vec::new();
+        let mut candidate_count = 0;
+        for &(i, current) in &loads {
+            let c = &obs.conns[i];
+            let id = c.report.conn;
+            let f = if tracked.contains(&id) {
+                let f = self
+                    .conns
+                    .entry(id)
+                    .or_insert_with(|| Forecaster::new(self.conn_forecast));
+                f.observe(current);
+                Some(&*f)
+            } else {
+                None
+            };
+            if !c.movable || self.shifting.contains(&id) {
+                continue;
+            }
+            candidate_count += 1;
+            if !due {
+                continue;
+            }
+            let profile = interval.conns.get(i);
+            candidates.push(Candidate {
+                conn: id,
+                current,
+                predicted: f.and_then(|f| f.peak(horizon)).map_or(current, |f| f.value),
+                age: profile.map_or(Duration::ZERO, |p| p.age),
+                bandwidth: profile.map_or(0.0, |p| p.rates.bandwidth()),
+                buffered: c.buffered,
+                priority: c.report.priority,
+                last_moved: self.last_moved.get(&id).copied(),
+            });
+        }
+        let seen: HashMap<ConnId, bool> = obs
+            .conns
+            .iter()
+            .map(|c| (c.report.conn, c.movable))
+            .collect();
+        self.conns.retain(|id, _| seen.contains_key(id));
+        self.last_moved.retain(|id, _| seen.contains_key(id));
+        self.shifting.retain(|id| seen.contains_key(id));
+        self.known = seen;
+        self.floors.retain(|_, (until, _)| now < *until);
+
+        let peers: Vec<PeerView> = obs
+            .peers
+            .iter()
+            .map(|p| {
+                let reported = match self.settings.metric {
+                    LoadMetric::Cpu => p.cpu_busy,
+                    LoadMetric::Connections => p.connections as f64,
+                    LoadMetric::Bandwidth => p.bandwidth,
+                };
+                let reported = if reported.is_finite() {
+                    reported.max(0.0)
+                } else {
+                    0.0
+                };
+                let load = self
+                    .floors
+                    .get(&p.id)
+                    .map_or(reported, |(_, floor)| reported.max(*floor));
+                let forecast = match (self.settings.metric, p.forecast) {
+                    (LoadMetric::Cpu, Some((cpu, _))) => Some(cpu),
+                    (LoadMetric::Connections, Some((_, conns))) => Some(conns as f64),
+                    _ => None,
+                };
+                let predicted = forecast
+                    .filter(|f| f.is_finite())
+                    .map_or(load, |f| f.max(load));
+                PeerView {
+                    id: p.id,
+                    load,
+                    utilisation: load / capacity,
+                    predicted,
+                    rtt: p.rtt,
+                    alive: p.alive,
+                }
+            })
+            .collect();
+        let mut group: Vec<(NodeId, f64)> = vec![(NodeId(u32::MAX), utilisation)];
+        group.extend(
+            peers
+                .iter()
+                .filter(|p| p.alive)
+                .map(|p| (p.id, p.utilisation)),
+        );
+        self.estimate = Estimate {
+            at: Some(now),
+            load,
+            utilisation,
+            predicted,
+            model: forecast.map(|f| f.model),
+            mape: forecast.and_then(|f| f.mape),
+            threshold: self.detector.threshold(),
+            peak_utilisation: self.estimate.peak_utilisation.max(utilisation),
+            cpu_busy: interval.node.cpu_busy,
+            connections,
+            candidates: candidate_count,
+            imbalance: imbalance(&group, self.config.detect.imbalance_threshold),
+            peers,
+        };
+
+        let plan_peers: Vec<Peer> = self
+            .estimate
+            .peers
+            .iter()
+            .filter(|p| p.alive)
+            .map(|p| Peer {
+                id: p.id,
+                load: NodeLoad {
+                    current: p.load,
+                    predicted: p.predicted,
+                    capacity,
+                },
+                rtt: p.rtt,
+            })
+            .collect();
+        let input = PlanInput {
+            local: NodeLoad {
+                current: load,
+                predicted: predicted * capacity,
+                capacity,
+            },
+            threshold: self.estimate.threshold,
+            peers: &plan_peers,
+            candidates: &candidates,
+        };
+        let plan = self.planner.plan(now, &input);
+        if matches!(plan.status, Status::NotDue { .. }) {
+            return None;
+        }
+        self.counts.plans += 1;
+        self.counts.planned += plan.moves.len() as u64;
+        let executes = self.executes();
+        for m in &plan.moves {
+            if executes {
+                self.shifting.insert(m.conn);
+            }
+            self.push_decision(Decision {
+                at: now,
+                conn: m.conn,
+                target: m.target,
+                reason: m.reason,
+                outcome: if executes {
+                    Outcome::Pending
+                } else {
+                    Outcome::NotExecuted
+                },
+                current: utilisation,
+            });
+        }
+        self.last_plan = Some((now, plan.clone()));
+        Some(plan)
+    }
+
+    fn push_decision(&mut self, d: Decision) {
+        while self.decisions.len() >= self.settings.history.max(1) {
+            self.decisions.pop_front();
+        }
+        self.decisions.push_back(d);
+    }
+
+    /// Records what became of the planned move of `conn` to `target`: its decision gets the
+    /// outcome, the connection is not moved again before the cooldown (also when it stayed:
+    /// it is not retried at once), and a move's load counts on the target until its reports
+    /// catch up.
+    pub fn record(&mut self, now: Instant, conn: ConnId, target: NodeId, outcome: Outcome) {
+        self.shifting.remove(&conn);
+        self.last_moved.insert(conn, now);
+        let load = self
+            .decisions
+            .iter()
+            .rev()
+            .find(|d| d.conn == conn && d.target == target && d.outcome == Outcome::Pending)
+            .map(|d| d.reason.conn_load);
+        match &outcome {
+            Outcome::Moved => {
+                self.counts.executed += 1;
+                let reported = self
+                    .estimate
+                    .peers
+                    .iter()
+                    .find(|p| p.id == target)
+                    .map_or(0.0, |p| p.load);
+                let until = now + self.settings.report_delay;
+                let floor = self.floors.entry(target).or_insert((until, reported));
+                *floor = (until, floor.1.max(reported) + load.unwrap_or(0.0));
+            }
+            Outcome::Failed(_) | Outcome::Stayed(_) => self.counts.failed += 1,
+            Outcome::NotExecuted | Outcome::Pending => {}
+        }
+        if let Some(d) = self
+            .decisions
+            .iter_mut()
+            .rev()
+            .find(|d| d.conn == conn && d.target == target && d.outcome == Outcome::Pending)
+        {
+            d.outcome = outcome;
+        }
+    }
+
+    /// A connection's state: shifting while a planned move is under way, active while it may
+    /// be moved, inactive otherwise (moved away, closing, or not seen).
+    pub fn conn_state(&self, conn: ConnId) -> ConnState {
+        if self.shifting.contains(&conn) {
+            ConnState::Shifting
+        } else if self.known.get(&conn).copied().unwrap_or(false) {
+            ConnState::Active
+        } else {
+            ConnState::Inactive
+        }
+    }
+
+    /// Where the predictor stood at the last sample.
+    pub fn estimate(&self) -> &Estimate {
+        &self.estimate
+    }
+
+    /// The last plan made, and when.
+    pub fn last_plan(&self) -> Option<&(Instant, Plan)> {
+        self.last_plan.as_ref()
+    }
+
+    /// The last decisions, oldest first.
+    pub fn decisions(&self) -> impl Iterator<Item = &Decision> {
+        self.decisions.iter()
+    }
+
+    /// Counts since the start.
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::predict::Priority;
+    use crate::predict::profile::ConnCounters;
+
+    fn conn(id: ConnId, bytes_out: u64, opened_ms: i64) -> ConnSample {
+        ConnSample {
+            report: ConnReport {
+                conn: id,
+                counters: ConnCounters {
+                    bytes_out,
+                    ..ConnCounters::default()
+                },
+                opened_at: Instant::from_millis(opened_ms),
+                priority: Priority::Normal,
+            },
+            here: true,
+            movable: true,
+            buffered: 0,
+        }
+    }
+
+    fn peer(connections: u64) -> PeerSample {
+        PeerSample {
+            id: NodeId(1),
+            alive: true,
+            cpu_busy: 0.0,
+            connections,
+            bandwidth: 0.0,
+            forecast: None,
+            rtt: Duration::from_millis(1),
+        }
+    }
+
+    fn settings(policy: Policy) -> NodeSettings {
+        NodeSettings {
+            policy,
+            metric: LoadMetric::Connections,
+            capacity: 10.0,
+            ..NodeSettings::default()
+        }
+    }
+
+    /// One connection more every second (10 samples); returns the predictor and the number of
+    /// connections when the first move was planned.
+    fn ramp(policy: Policy, peer_conns: u64) -> (NodePredictor, Option<usize>) {
+        let mut p = NodePredictor::new(PredictConfig::default(), settings(policy));
+        let mut conns = Vec::new();
+        let mut first = None;
+        for tick in 0..200i64 {
+            let now = Instant::from_millis(tick * 100);
+            if tick % 10 == 0 && conns.len() < 20 {
+                conns.push(conn(conns.len() as u64 + 1, 0, tick * 100));
+            }
+            for c in &mut conns {
+                c.report.counters.bytes_out += 1000;
+            }
+            let peers = [peer(peer_conns)];
+            let obs = Observation {
+                node: NodeReport::default(),
+                conns: &conns,
+                peers: &peers,
+            };
+            if let Some(plan) = p.handle_sample(now, &obs) {
+                for m in &plan.moves {
+                    first.get_or_insert(conns.iter().filter(|c| c.here).count());
+                    if p.executes() {
+                        let c = conns.iter_mut().find(|c| c.report.conn == m.conn).unwrap();
+                        c.here = false;
+                        c.movable = false;
+                        p.record(now, m.conn, m.target, Outcome::Moved);
+                    }
+                }
+            }
+        }
+        (p, first)
+    }
+
+    #[test]
+    fn predictive_moves_before_the_node_is_full_and_never_fills_it() {
+        let (p, first) = ramp(Policy::Predictive, 0);
+        let first = first.expect("a move");
+        assert!(first < 9, "first move at {first} connections");
+        assert!(p.estimate().peak_utilisation < 1.0, "{:?}", p.estimate());
+        let c = p.counts();
+        assert!(c.executed > 0 && c.executed == c.planned, "{c:?}");
+        assert!(
+            p.decisions().all(|d| d.outcome == Outcome::Moved),
+            "{:?}",
+            p.decisions().collect::<Vec<_>>()
+        );
+        // The peer is never filled above threshold − hysteresis by this node's own moves.
+        let fill = 0.85 - 0.1;
+        assert!(
+            p.decisions()
+                .all(|d| d.reason.target_utilisation <= fill + 1e-9)
+        );
+    }
+
+    #[test]
+    fn reactive_moves_later_than_predictive() {
+        let (_, predictive) = ramp(Policy::Predictive, 0);
+        let (_, reactive) = ramp(Policy::Reactive, 0);
+        assert!(predictive.unwrap() < reactive.unwrap());
+    }
+
+    #[test]
+    fn manual_plans_but_executes_nothing() {
+        let (p, first) = ramp(Policy::Manual, 0);
+        assert!(first.is_some());
+        assert!(!p.executes());
+        let c = p.counts();
+        assert!(c.planned > 0);
+        assert_eq!((c.executed, c.failed), (0, 0));
+        assert!(p.decisions().all(|d| d.outcome == Outcome::NotExecuted));
+        assert_eq!(p.estimate().connections, 20);
+        assert_eq!(p.conn_state(1), ConnState::Active);
+        assert_eq!(p.conn_state(99), ConnState::Inactive);
+    }
+
+    #[test]
+    fn a_full_peer_takes_nothing() {
+        let (p, _) = ramp(Policy::Predictive, 10);
+        assert_eq!(p.counts().planned, 0);
+        assert!(matches!(
+            p.last_plan().map(|(_, plan)| plan.status),
+            Some(Status::NoTarget { .. })
+        ));
+    }
+
+    #[test]
+    fn a_move_counts_on_its_target_until_reports_catch_up() {
+        let mut p = NodePredictor::new(PredictConfig::default(), settings(Policy::Predictive));
+        let conns: Vec<ConnSample> = (1..=10).map(|i| conn(i, 0, 0)).collect();
+        let peers = [peer(0)];
+        let obs = Observation {
+            node: NodeReport::default(),
+            conns: &conns,
+            peers: &peers,
+        };
+        let plan = p.handle_sample(Instant::from_secs(60), &obs).unwrap();
+        // 10 of 10: shed to 0.85 − 0.1 of capacity, 7.5 connections.
+        assert_eq!(plan.moves.len(), 3);
+        assert_eq!(p.conn_state(plan.moves[0].conn), ConnState::Shifting);
+        for m in &plan.moves {
+            p.record(Instant::from_secs(60), m.conn, m.target, Outcome::Moved);
+        }
+        assert_eq!(p.conn_state(plan.moves[0].conn), ConnState::Active);
+        p.record(
+            Instant::from_secs(60),
+            77,
+            NodeId(1),
+            Outcome::Stayed("no".into()),
+        );
+        assert_eq!(p.counts().failed, 1);
+        // The peer still reports 0 connections; it counts 3 until the report delay passes.
+        p.handle_sample(Instant::from_millis(60_100), &obs);
+        assert_eq!(p.estimate().peers[0].load, 3.0);
+        p.handle_sample(Instant::from_millis(63_100), &obs);
+        assert_eq!(p.estimate().peers[0].load, 0.0);
+    }
+
+    #[test]
+    fn a_peer_forecasting_a_rise_takes_less() {
+        // The peer reports 0 connections now but forecasts 6: of the 3 moves it could take at
+        // 0, only 1 fits under 0.75 of its capacity.
+        let mut p = NodePredictor::new(PredictConfig::default(), settings(Policy::Predictive));
+        let conns: Vec<ConnSample> = (1..=10).map(|i| conn(i, 0, 0)).collect();
+        let peers = [PeerSample {
+            forecast: Some((0.0, 6)),
+            ..peer(0)
+        }];
+        let obs = Observation {
+            node: NodeReport::default(),
+            conns: &conns,
+            peers: &peers,
+        };
+        let plan = p.handle_sample(Instant::from_secs(60), &obs).unwrap();
+        assert_eq!(plan.moves.len(), 1, "{plan:?}");
+        assert_eq!(p.estimate().peers[0].predicted, 6.0);
+    }
+
+    #[test]
+    fn only_the_busiest_connections_get_a_forecaster() {
+        let mut p = NodePredictor::new(
+            PredictConfig::default(),
+            NodeSettings {
+                policy: Policy::Predictive,
+                metric: LoadMetric::Bandwidth,
+                capacity: 1e9,
+                max_tracked: 2,
+                ..NodeSettings::default()
+            },
+        );
+        let mut conns: Vec<ConnSample> = (1..=5).map(|i| conn(i, 0, 0)).collect();
+        for t in 1..=20i64 {
+            for c in &mut conns {
+                // Connection i sends i kB per interval.
+                c.report.counters.bytes_out += c.report.conn * 1000;
+            }
+            let obs = Observation {
+                node: NodeReport::default(),
+                conns: &conns,
+                peers: &[],
+            };
+            p.handle_sample(Instant::from_millis(t * 100), &obs);
+        }
+        let mut tracked: Vec<ConnId> = p.conns.keys().copied().collect();
+        tracked.sort_unstable();
+        assert_eq!(tracked, [4, 5]);
+        assert_eq!(p.estimate().candidates, 5);
+    }
+
+    #[test]
+    fn hostile_figures_do_not_panic() {
+        let mut p = NodePredictor::new(
+            PredictConfig::default(),
+            NodeSettings {
+                policy: Policy::Predictive,
+                ..NodeSettings::default()
+            },
+        );
+        let conns = [conn(1, u64::MAX, i64::MAX / 2), conn(1, 0, -5)];
+        let peers = [PeerSample {
+            cpu_busy: f64::NAN,
+            bandwidth: f64::INFINITY,
+            ..peer(u64::MAX)
+        }];
+        for t in 0..30 {
+            let obs = Observation {
+                node: NodeReport {
+                    cpu_busy: f64::NAN,
+                    ..NodeReport::default()
+                },
+                conns: &conns,
+                peers: &peers,
+            };
+            p.handle_sample(Instant::from_millis(t * 100), &obs);
+        }
+        assert!(p.estimate().utilisation.is_finite());
+    }
+}

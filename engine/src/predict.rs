@@ -1,0 +1,308 @@
+//! The node's predictor as the control socket and the metrics see it: the shared
+//! [`NodePredictor`] that the `fs-predict` thread (`node.rs`) feeds, and `ctl plan`'s JSON.
+//!
+//! The logic lives in [`flowshift_core::predict`] (sans-IO); this module only renders it.
+
+use std::sync::Mutex;
+
+use flowshift_core::predict::NodeId;
+use flowshift_core::predict::node::{Decision, NodePredictor, Outcome};
+use flowshift_core::predict::plan::{Move, Status};
+use serde_json::{Value, json};
+use smoltcp::time::Instant;
+
+use crate::metrics::PredictMetrics;
+
+/// The predictor and the peer names its ids stand for.
+pub(crate) struct Predict {
+    /// Fed by the `fs-predict` thread; read by `ctl plan`, `ctl conns` and the metrics.
+    pub(crate) predictor: Mutex<NodePredictor>,
+    /// Tunnel peer ids and names, as the tunnel last listed them.
+    pub(crate) names: Mutex<Vec<(u32, String)>>,
+}
+
+impl Predict {
+    pub(crate) fn new(predictor: NodePredictor) -> Self {
+        Self {
+            predictor: Mutex::new(predictor),
+            names: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The name of peer `id`.
+    pub(crate) fn name(&self, id: NodeId) -> String {
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        name_in(&names, id)
+    }
+
+    /// `ctl plan`'s reply at `now`.
+    pub(crate) fn plan_json(&self, now: Instant) -> Value {
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let p = self.predictor.lock().unwrap_or_else(|e| e.into_inner());
+        plan_json(&p, &names, now)
+    }
+
+    /// This node's forecast for its load report: the peak CPU busy fraction and connections
+    /// over the horizon, in the metric the predictor forecasts (the other one as it is now).
+    pub(crate) fn forecast(&self) -> Option<flowshift_tunnel::LoadForecast> {
+        use flowshift_core::predict::node::LoadMetric;
+        let p = self.predictor.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.estimate();
+        e.model?;
+        let predicted = e.predicted * p.settings().capacity;
+        let (cpu_busy, connections) = match p.settings().metric {
+            LoadMetric::Cpu => (predicted, e.connections),
+            LoadMetric::Connections => (e.cpu_busy, predicted.round().max(0.0) as u64),
+            LoadMetric::Bandwidth => return None,
+        };
+        Some(flowshift_tunnel::LoadForecast {
+            horizon: std::time::Duration::from_micros(p.config().detect.horizon.total_micros()),
+            cpu_busy: cpu_busy as f32,
+            connections,
+        })
+    }
+
+    /// The figures `/metrics` shows.
+    pub(crate) fn metrics(&self) -> PredictMetrics {
+        let p = self.predictor.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.estimate();
+        PredictMetrics {
+            counts: p.counts(),
+            utilisation: e.utilisation,
+            predicted: e.predicted,
+            threshold: e.threshold,
+        }
+    }
+}
+
+fn name_in(names: &[(u32, String)], id: NodeId) -> String {
+    names
+        .iter()
+        .find(|(i, _)| *i == id.0)
+        .map_or_else(|| format!("peer {}", id.0), |(_, n)| n.clone())
+}
+
+fn ms(t: Instant) -> f64 {
+    t.total_micros() as f64 / 1e3
+}
+
+fn duration_ms(d: smoltcp::time::Duration) -> f64 {
+    d.total_micros() as f64 / 1e3
+}
+
+/// Finite or null.
+fn num(v: f64) -> Value {
+    if v.is_finite() { json!(v) } else { Value::Null }
+}
+
+/// A plan's status in words.
+pub(crate) fn status_text(status: &Status) -> String {
+    match *status {
+        Status::Balanced {
+            utilisation,
+            threshold,
+        } => format!("balanced: utilisation {utilisation:.2} at or below threshold {threshold:.2}"),
+        Status::Manual => "manual: no plan".into(),
+        Status::NoTarget { utilisation } => format!(
+            "no target: utilisation {utilisation:.2} above the threshold, but no peer has room \
+             for any candidate"
+        ),
+        Status::NotDue { next } => format!("not due until {:.0} ms", ms(next)),
+        Status::Shedding { from, to } => {
+            format!("shedding: utilisation {from:.2} down to {to:.2} once the moves are done")
+        }
+    }
+}
+
+fn status_name(status: &Status) -> &'static str {
+    match status {
+        Status::Balanced { .. } => "balanced",
+        Status::Manual => "manual",
+        Status::NoTarget { .. } => "no-target",
+        Status::NotDue { .. } => "not-due",
+        Status::Shedding { .. } => "shedding",
+    }
+}
+
+fn outcome_json(o: &Outcome) -> (&'static str, Option<&str>) {
+    match o {
+        Outcome::Failed(why) => ("failed", Some(why)),
+        Outcome::Moved => ("moved", None),
+        Outcome::NotExecuted => ("not-executed", None),
+        Outcome::Pending => ("pending", None),
+        Outcome::Stayed(why) => ("stayed", Some(why)),
+    }
+}
+
+fn move_json(m: &Move, names: &[(u32, String)]) -> Value {
+    let r = &m.reason;
+    json!({
+        "conn": m.conn,
+        "target": name_in(names, m.target),
+        "reason": r.to_string(),
+        "policy": r.policy.to_string(),
+        "utilisation": num(r.utilisation),
+        "threshold": num(r.threshold),
+        "conn_load": num(r.conn_load),
+        "age_s": duration_ms(r.age) / 1e3,
+        "cost_load_s": num(r.cost),
+        "target_utilisation": num(r.target_utilisation),
+        "rtt_ms": duration_ms(r.rtt),
+    })
+}
+
+fn decision_json(d: &Decision, names: &[(u32, String)]) -> Value {
+    let (outcome, detail) = outcome_json(&d.outcome);
+    let r = &d.reason;
+    json!({
+        "at_ms": ms(d.at),
+        "conn": d.conn,
+        "target": name_in(names, d.target),
+        "current_utilisation": num(d.current),
+        "utilisation": num(r.utilisation),
+        "threshold": num(r.threshold),
+        "conn_load": num(r.conn_load),
+        "target_utilisation": num(r.target_utilisation),
+        "reason": r.to_string(),
+        "outcome": outcome,
+        "detail": detail,
+    })
+}
+
+/// `ctl plan`'s reply: settings, the estimate of the last sample, the last plan, the counts
+/// and the last decisions (oldest first). Times are milliseconds since the node started.
+pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant) -> Value {
+    let s = p.settings();
+    let c = p.config();
+    let e = p.estimate();
+    let counts = p.counts();
+    json!({
+        "policy": s.policy.to_string(),
+        "executes": p.executes(),
+        "metric": s.metric.as_str(),
+        "capacity": num(s.capacity),
+        "interval_ms": duration_ms(c.interval),
+        "horizon_ms": duration_ms(c.detect.horizon),
+        "replan_interval_ms": duration_ms(c.plan.replan_interval),
+        "max_moves": c.plan.max_moves,
+        "hysteresis": num(c.plan.hysteresis),
+        "reactive_threshold": num(c.plan.reactive_threshold),
+        "now_ms": ms(now),
+        "sampled_at_ms": e.at.map(ms),
+        "load": num(e.load),
+        "utilisation": num(e.utilisation),
+        "predicted_utilisation": num(e.predicted),
+        "model": e.model.map(|m| m.to_string()),
+        "mape": e.mape.map(num),
+        "threshold": num(e.threshold),
+        "peak_utilisation": num(e.peak_utilisation),
+        "cpu_busy": num(e.cpu_busy),
+        "connections": e.connections,
+        "candidates": e.candidates,
+        "peers": e.peers.iter().map(|peer| json!({
+            "name": name_in(names, peer.id),
+            "alive": peer.alive,
+            "load": num(peer.load),
+            "utilisation": num(peer.utilisation),
+            "predicted": num(peer.predicted),
+            "rtt_ms": duration_ms(peer.rtt),
+        })).collect::<Vec<_>>(),
+        "imbalance": e.imbalance.map(|i| {
+            let who = |id: NodeId| if id.0 == u32::MAX { "self".to_owned() } else { name_in(names, id) };
+            json!({
+                "busiest": who(i.busiest.0),
+                "busiest_utilisation": num(i.busiest.1),
+                "idlest": who(i.idlest.0),
+                "idlest_utilisation": num(i.idlest.1),
+            })
+        }),
+        "plan": p.last_plan().map(|(at, plan)| json!({
+            "at_ms": ms(*at),
+            "status": status_name(&plan.status),
+            "status_text": status_text(&plan.status),
+            "moves": plan.moves.iter().map(|m| move_json(m, names)).collect::<Vec<_>>(),
+        })),
+        "counts": {
+            "samples": counts.samples,
+            "plans": counts.plans,
+            "planned": counts.planned,
+            "executed": counts.executed,
+            "failed": counts.failed,
+        },
+        "decisions": p.decisions().map(|d| decision_json(d, names)).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowshift_core::predict::PredictConfig;
+    use flowshift_core::predict::node::{
+        ConnSample, LoadMetric, NodeSettings, Observation, PeerSample,
+    };
+    use flowshift_core::predict::plan::Policy;
+    use flowshift_core::predict::profile::{ConnCounters, ConnReport, NodeReport};
+
+    #[test]
+    fn plan_json_shows_the_plan_its_reasons_and_the_decisions() {
+        let mut p = NodePredictor::new(
+            PredictConfig::default(),
+            NodeSettings {
+                policy: Policy::Reactive,
+                metric: LoadMetric::Connections,
+                capacity: 8.0,
+                ..NodeSettings::default()
+            },
+        );
+        let conns: Vec<ConnSample> = (1..=8)
+            .map(|id| ConnSample {
+                report: ConnReport {
+                    conn: id,
+                    counters: ConnCounters::default(),
+                    opened_at: Instant::ZERO,
+                    priority: Default::default(),
+                },
+                here: true,
+                movable: true,
+                buffered: 0,
+            })
+            .collect();
+        let peers = [PeerSample {
+            id: NodeId(7),
+            alive: true,
+            cpu_busy: 0.1,
+            connections: 0,
+            bandwidth: 0.0,
+            forecast: None,
+            rtt: smoltcp::time::Duration::from_millis(1),
+        }];
+        let now = Instant::from_secs(10);
+        let obs = Observation {
+            node: NodeReport::default(),
+            conns: &conns,
+            peers: &peers,
+        };
+        let plan = p.handle_sample(now, &obs).expect("a plan");
+        // 8 of 8: shed to 0.75 of capacity, two moves.
+        assert_eq!(plan.moves.len(), 2);
+        let first = plan.moves[0].conn;
+        p.record(now, first, NodeId(7), Outcome::Moved);
+        let v = plan_json(&p, &[(7, "b".into())], now);
+        assert_eq!(v["policy"], "reactive");
+        assert_eq!(v["executes"], true);
+        assert_eq!(v["metric"], "connections");
+        assert_eq!(v["utilisation"], 1.0);
+        assert_eq!(v["plan"]["status"], "shedding");
+        assert_eq!(v["plan"]["moves"][0]["target"], "b");
+        let reason = v["plan"]["moves"][0]["reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("current utilisation 1.00 above threshold 0.85"),
+            "{reason}"
+        );
+        assert_eq!(v["peers"][0]["name"], "b");
+        assert_eq!(v["counts"]["executed"], 1);
+        assert_eq!(v["decisions"][0]["outcome"], "moved");
+        assert_eq!(v["decisions"][0]["at_ms"], 10_000.0);
+        assert_eq!(v["decisions"][1]["outcome"], "pending");
+    }
+}

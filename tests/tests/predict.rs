@@ -1,0 +1,276 @@
+//! End-to-end predictive offload: node A runs the predictor with policy `predictive`, B is
+//! its peer. An increasing number of downloads on A makes A move connections to B before A
+//! reaches its configured capacity; every download stays byte-exact, without a reset.
+//!
+//! The load is measured in connections (`metric = "connections"`, `capacity = 10`), so what
+//! the predictor sees depends on the test's own steps, not on the machine's CPU. Assertions are
+//! on the orderings and counts the nodes report (`ctl plan`, `/metrics`, `status`), never on
+//! durations; the deadlines are liveness bounds.
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use flowshift_tests::oracle::CountingVerifier;
+use flowshift_tests::testbed::SERVICE_ADDR;
+use flowshift_tests::tunnel::{peer, start_tunnel_pair_with, wait_alive};
+use flowshift_tests::{NodeConfig, NodeHandle, Testbed, TestbedOptions, ensure_tools};
+
+/// Downloads opened on A, one after the other: more than A's capacity.
+const DOWNLOADS: usize = 13;
+/// A's capacity in connections.
+const CAPACITY: usize = 10;
+/// Bytes per download, rate-limited by curl so that all of them are running at the peak.
+/// 40 s per download: the ramp (13 s, longer on a busy machine) ends well before the first
+/// one does.
+const BYTES: u64 = 10_000_000;
+const RATE: &str = "250k";
+
+/// A's predictor: connections as the load, capacity 10; a trend factor that follows a ramp
+/// of one connection a second (the default 0.02 is tuned for noisy CPU load).
+const A_PREDICT: &str = "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\n\
+capacity = 10\n[predict.forecast]\nbeta = 0.2\n";
+
+/// Polls `f` every 20 ms until it is true; panics after `secs` (a liveness bound).
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "not reached within {secs} s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads the counting stream from `out` on a thread; returns the verified byte count.
+fn verify_counting(mut out: impl Read + Send + 'static) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut v = CountingVerifier::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let k = out.read(&mut buf).expect("read");
+            if k == 0 {
+                break;
+            }
+            v.feed(&buf[..k]).expect("counting stream");
+        }
+        v.offset()
+    })
+}
+
+fn stat(node: &NodeHandle, key: &str) -> u64 {
+    let s = node.ctl_json(&["status"]).expect("status");
+    s["stats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stats.{key} in {s}"))
+}
+
+/// A metric's value in `ctl metrics`.
+fn metric(node: &NodeHandle, name: &str) -> u64 {
+    let text = node.ctl(&["metrics"]).expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}")) as u64
+}
+
+/// Nodes A (with `a_predict` appended to its config) and B joined by the tunnel, B's load
+/// report seen at A, and the client's receive buffers bounded.
+fn nodes(a_predict: &str) -> (Testbed, NodeHandle, NodeHandle) {
+    ensure_tools(&["curl"]).unwrap();
+    let tb = Testbed::new(TestbedOptions::default()).expect("testbed");
+    let (a, b) = start_tunnel_pair_with(
+        &tb,
+        NodeConfig::standard("a").extra(a_predict),
+        NodeConfig::standard("b"),
+        false,
+    )
+    .expect("nodes");
+    wait_alive(&a, &b, Duration::from_secs(10)).expect("tunnel up");
+    // The client's kernel would otherwise take a whole download into its receive buffer (up
+    // to 6 MB) at once, ending the connection on the node while curl reads at its pace.
+    tb.client()
+        .sysctl("net.ipv4.tcp_rmem", "4096 65536 131072")
+        .unwrap();
+    // A plans with B's load report, which rides B's heartbeats.
+    eventually(20, "B's load report at A", || {
+        !peer(&a, "b").unwrap()["load"].is_null()
+    });
+    (tb, a, b)
+}
+
+/// Opens [`DOWNLOADS`] rate-limited downloads on A, one a second, then waits for every one
+/// and asserts each succeeded (no reset) byte-exact. Returns the moves A had executed just
+/// before it opened the last one (the load peak), and just after.
+fn ramp(tb: &Testbed, a: &NodeHandle) -> (u64, u64) {
+    let executed = || {
+        a.ctl_json(&["plan"]).unwrap()["counts"]["executed"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut downloads = Vec::new();
+    let mut executed_before_peak = 0;
+    for i in 0..DOWNLOADS {
+        if i == DOWNLOADS - 1 {
+            // The last download makes the peak: what has A moved before it?
+            executed_before_peak = executed();
+        }
+        let mut c = tb.client().command("curl");
+        c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
+            .arg(format!("http://{SERVICE_ADDR}/bytes/{BYTES}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = tb.spawn(c).expect("curl");
+        let reader = verify_counting(child.stdout.take().unwrap());
+        downloads.push((child, reader));
+        let what = format!("download {i}'s connection on A");
+        eventually(20, &what, || stat(a, "conns_accepted") == i as u64 + 1);
+        // One more connection a second: a ramp the forecast can follow.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let at_peak = executed();
+    // The conns table shows each connection's predictor state.
+    let conns = a.ctl_json(&["conns"]).unwrap();
+    for c in conns.as_array().unwrap() {
+        let expected = if c["mode"] == "moved" {
+            ["inactive"].as_slice()
+        } else {
+            ["active", "shifting", "inactive"].as_slice()
+        };
+        assert!(
+            expected.contains(&c["predict"].as_str().unwrap_or("")),
+            "{c}"
+        );
+    }
+
+    for (mut child, reader) in downloads {
+        let total = reader.join().unwrap();
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut err).ok();
+        }
+        assert!(status.success(), "curl failed (a reset?): {status} {err}");
+        assert_eq!(total, BYTES, "byte-exact download");
+    }
+
+    (executed_before_peak, at_peak)
+}
+
+#[test]
+fn rising_downloads_are_offloaded_to_b_before_a_saturates_byte_exact() {
+    let (tb, a, b) = nodes(A_PREDICT);
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan["policy"], "predictive");
+    assert_eq!(plan["executes"], true);
+    assert_eq!(plan["metric"], "connections");
+    assert_eq!(plan["counts"]["executed"], 0, "{plan}");
+    let (before, at_peak) = ramp(&tb, &a);
+
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    let log = || format!("{plan:#}\n--- a's log:\n{}", a.log());
+    // Moves happened before the peak (the last download), and A never held as many
+    // connections as its capacity, although more downloads than that were opened on it.
+    assert!(before >= 1, "no move before the peak: {}", log());
+    let peak = plan["peak_utilisation"].as_f64().unwrap();
+    assert!(peak < 1.0, "A reached its capacity: {}", log());
+    const { assert!(DOWNLOADS > CAPACITY) };
+    let executed = plan["counts"]["executed"].as_u64().unwrap();
+    assert!(executed >= (DOWNLOADS - CAPACITY + 1) as u64, "{}", log());
+    assert!(before <= at_peak && at_peak <= executed);
+    assert_eq!(plan["counts"]["failed"], 0, "{}", log());
+
+    // Every decision moved its connection, the first one on the forecast: the predicted
+    // utilisation that triggered it was above the current one, which was below capacity.
+    let decisions = plan["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len() as u64, executed, "{}", log());
+    assert!(
+        decisions.iter().all(|d| d["outcome"] == "moved"),
+        "{}",
+        log()
+    );
+    assert!(decisions.iter().all(|d| d["target"] == "b"), "{}", log());
+    let first = &decisions[0];
+    let current = first["current_utilisation"].as_f64().unwrap();
+    let trigger = first["utilisation"].as_f64().unwrap();
+    assert!(current < 1.0, "{}", log());
+    assert!(
+        trigger > current,
+        "the first move was not made on the forecast: {}",
+        log()
+    );
+    assert!(
+        first["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("predicted utilisation"),
+        "{}",
+        log()
+    );
+    assert!(
+        a.log().contains("predict: moving a connection"),
+        "{}",
+        log()
+    );
+
+    // The nodes' own counters agree.
+    assert_eq!(
+        metric(&a, "flowshift_predict_moves_executed_total"),
+        executed
+    );
+    assert_eq!(metric(&a, "flowshift_predict_moves_failed_total"), 0);
+    assert!(metric(&a, "flowshift_predict_moves_planned_total") >= executed);
+    assert_eq!(stat(&a, "conns_moved_out"), executed);
+    assert_eq!(stat(&b, "conns_restored"), executed);
+    // B's heartbeats carry its own forecast (the load report's `forecast` extension).
+    let b_load = peer(&a, "b").unwrap()["load"].clone();
+    assert!(b_load["forecast"]["horizon_ms"] == 5000, "{b_load}");
+    // B (policy manual by default) moved nothing by itself.
+    let plan_b = b.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan_b["policy"], "manual");
+    assert_eq!(plan_b["counts"]["executed"], 0);
+    let table = a.ctl(&["plan"]).unwrap();
+    eprintln!("{table}");
+    assert!(table.contains("policy predictive"), "{table}");
+    assert!(table.contains("moved"), "{table}");
+}
+
+/// The baseline: with the default policy (`manual`) the same ramp is planned and shown, and
+/// nothing moves: A goes past its capacity.
+#[test]
+fn with_policy_manual_the_plan_is_shown_and_nothing_moves() {
+    let (tb, a, b) = nodes(
+        "[predict]\nmetric = \"connections\"\ncapacity = 10\n[predict.forecast]\nbeta = 0.2\n",
+    );
+    let (before, at_peak) = ramp(&tb, &a);
+    assert_eq!((before, at_peak), (0, 0));
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan["policy"], "manual", "{plan:#}");
+    assert_eq!(plan["executes"], false);
+    // A held every download: past its capacity.
+    let peak = plan["peak_utilisation"].as_f64().unwrap();
+    assert!(
+        peak >= DOWNLOADS as f64 / CAPACITY as f64 - 1e-9,
+        "{plan:#}"
+    );
+    // Moves were planned, with their reasons, and none executed.
+    let decisions = plan["decisions"].as_array().unwrap();
+    assert!(!decisions.is_empty(), "{plan:#}");
+    assert!(
+        decisions.iter().all(|d| d["outcome"] == "not-executed"
+            && d["reason"].as_str().unwrap().contains("above threshold")),
+        "{plan:#}"
+    );
+    assert_eq!(plan["counts"]["executed"], 0);
+    assert_eq!(plan["counts"]["failed"], 0);
+    assert!(plan["counts"]["planned"].as_u64().unwrap() >= decisions.len() as u64);
+    assert!(
+        a.log()
+            .contains("would move a connection (policy manual: not executed)")
+    );
+    assert_eq!(metric(&a, "flowshift_predict_moves_executed_total"), 0);
+    assert!(metric(&a, "flowshift_predict_moves_planned_total") > 0);
+    assert_eq!(stat(&a, "conns_moved_out"), 0);
+    assert_eq!(stat(&b, "conns_restored"), 0);
+}
