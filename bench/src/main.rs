@@ -46,7 +46,8 @@ struct Cli {
 enum Command {
     /// flowshift against the kernel's own TCP on the same topology, in one run.
     Throughput(throughput::Args),
-    /// flowshift's tunnel between two nodes against wireguard-go carrying iperf3, in one run.
+    /// flowshift's tunnel between two nodes against kernel TCP on the plain path and through
+    /// wireguard-go, the same bytes each, runs interleaved.
     Tunnel(tunnel::Args),
     /// The kernel baseline of live migration: a download's connection handed between node-a
     /// and node-b with Linux TCP_REPAIR (as CRIU does), stalls measured by the client.

@@ -1,18 +1,24 @@
-//! `flowshift-bench tunnel`: flowshift's tunnel between node-a and node-b, beside wireguard-go
-//! carrying iperf3 on the same topology, in one run.
+//! `flowshift-bench tunnel`: flowshift's tunnel between node-a and node-b, beside kernel TCP over
+//! the plain path (the ceiling) and kernel TCP through wireguard-go, on one topology, the same
+//! number of bytes from memory each, runs interleaved.
 //!
-//! flowshift: node A sends N bytes of the counting stream to node B over the reliable channel
-//! (and, separately, as datagrams) through `ctl tunnel-send`; B verifies every byte and counts
-//! them (`ctl peers`). The time runs from the request until B has verified everything (reliable)
-//! or until the sender is done and the count settles (datagrams, which may be lost).
+//! - **kernel TCP, plain**: iperf3 (`-n bytes`, CUBIC, and again with BBR, this machine's
+//!   default) from node-a to node-b's own address through the router: no tunnel, no
+//!   encryption.
+//! - **kernel TCP through wireguard-go**: a userspace WireGuard interface in each node namespace
+//!   (inner addresses 198.19.1.1/24 and .2), the same iperf3 across it.
+//! - **flowshift reliable channel**: node A sends the bytes of the counting stream to node B
+//!   (`ctl tunnel-send`); B verifies every byte and its order (`ctl peers`). The time runs from
+//!   the request until B has verified everything.
+//! - **flowshift datagrams**: the same offered as datagrams, which may be lost: the rate counts
+//!   what was delivered and verified, and the delivered fraction is reported.
 //!
-//! wireguard-go: a userspace WireGuard interface in each node namespace (inner addresses
-//! 198.19.1.1/24 and .2), iperf3 from node-a to node-b across it.
-//!
-//! Both are measured again while the router drops `--loss` percent of packets (nft), the
-//! reliable channel against TCP over wireguard-go. CPU is reported twice: the whole machine's
-//! busy time (both ends, router and kernel included), and the tunnel processes' own (the two
-//! flowshift nodes; the two wireguard-go processes, without iperf3 and its kernel TCP).
+//! Each run measures all four, kernel first in odd runs and flowshift first in even ones, then
+//! the three stream transports again while the router drops `--loss` percent of packets. The
+//! report gives the median and range over runs, and per run the ratio to the plain kernel
+//! stream and to wireguard-go. CPU is reported twice: the whole machine's busy time (both ends,
+//! router and kernel included), and the tunnel processes' own (the two flowshift nodes; the two
+//! wireguard-go processes, without iperf3 and its kernel TCP; nothing for the plain path).
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde::Serialize;
 
+use crate::stats::Spread;
 use crate::{Output, sys};
 use flowshift_testbed::testbed::{NODE_A, NODE_B};
 use flowshift_testbed::tunnel;
@@ -28,23 +35,21 @@ use flowshift_testbed::{Netns, NodeHandle, Testbed, TestbedOptions, ensure_tools
 /// Arguments of `flowshift-bench tunnel`.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct Args {
-    /// Bytes to move over flowshift's reliable channel.
-    #[arg(long, default_value_t = 2_000_000_000)]
-    bytes: u64,
-    /// Bytes to offer as datagrams.
+    /// Runs; every figure is the median and range over them.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Bytes each stream transport moves (and offered as datagrams), per run.
     #[arg(long, default_value_t = 1_000_000_000)]
-    datagram_bytes: u64,
-    /// Seconds of iperf3 over wireguard-go.
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
+    bytes: u64,
     /// veth MTU of every link.
     #[arg(long, default_value_t = 1500)]
     mtu: u16,
-    /// Percent of packets the router drops in the lossy runs (0: skip them).
+    /// Percent of packets the router drops in the lossy part of each run (0: skip it).
     #[arg(long, default_value_t = 5)]
     loss: u8,
-    /// Bytes to move over the reliable channel in the lossy run.
-    #[arg(long, default_value_t = 500_000_000)]
+    /// Bytes each stream transport moves through the loss (kernel CUBIC moves ~0.5 MB/s
+    /// through 5 % loss here).
+    #[arg(long, default_value_t = 20_000_000)]
     loss_bytes: u64,
     #[command(flatten)]
     out: Output,
@@ -60,8 +65,50 @@ struct Run {
     /// Share of the machine's CPU time the hypervisor gave to other guests meanwhile: a run
     /// with much of it measured a noisy neighbour as much as the code.
     steal_percent: f64,
+    /// Datagrams: delivered and verified bytes / offered bytes.
+    delivered_fraction: Option<f64>,
 }
 
+/// What carried the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Transport {
+    KernelPlain,
+    KernelPlainBbr,
+    KernelWireguardGo,
+    FlowshiftReliable,
+    FlowshiftDatagram,
+}
+
+impl Transport {
+    const ALL: [Transport; 5] = [
+        Transport::KernelPlain,
+        Transport::KernelPlainBbr,
+        Transport::KernelWireguardGo,
+        Transport::FlowshiftReliable,
+        Transport::FlowshiftDatagram,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Transport::KernelPlain => "kernel TCP (CUBIC), plain path",
+            Transport::KernelPlainBbr => "kernel TCP (BBR), plain path",
+            Transport::KernelWireguardGo => "kernel TCP (CUBIC) through wireguard-go",
+            Transport::FlowshiftReliable => "flowshift reliable channel (verified)",
+            Transport::FlowshiftDatagram => "flowshift datagrams (delivered, verified)",
+        }
+    }
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Serialize)]
+struct Sample {
+    run: usize,
+    transport: Transport,
+    /// Through the router's loss.
+    lossy: bool,
+    result: Run,
+}
 /// Machine CPU readings at the start of a measurement.
 struct CpuMark {
     busy: f64,
@@ -108,6 +155,7 @@ impl Run {
             machine_cpu_s_per_gb: per_gb(busy),
             tunnel_cpu_s_per_gb: per_gb(tunnel),
             steal_percent,
+            delivered_fraction: None,
         }
     }
 }
@@ -123,50 +171,96 @@ struct Results {
     kernel: String,
     veth_mtu: u16,
     loss_percent: u8,
-    flowshift_reliable: Run,
-    flowshift_datagram: Run,
-    wireguard_go_iperf3: Run,
-    flowshift_reliable_lossy: Option<Run>,
-    wireguard_go_iperf3_lossy: Option<Run>,
+    bytes: u64,
+    loss_bytes: u64,
+    samples: Vec<Sample>,
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     crate::require_root()?;
     ensure_tools(&["iperf3", "wireguard-go", "wg"])?;
+    ensure!(args.runs > 0, "--runs must be at least 1");
     let tb = Testbed::new(TestbedOptions {
         mtu: args.mtu,
         watchdog: None,
         ..Default::default()
     })?;
-
-    // wireguard-go + iperf3 first: nothing of flowshift's runs yet.
-    let (wireguard, wireguard_lossy) =
-        wireguard_iperf(&tb, args.duration, args.loss).context("wireguard-go + iperf3")?;
-    eprintln!("  wireguard-go + iperf3: {:.2} Gbit/s", wireguard.gbit_s);
-    if let Some(r) = &wireguard_lossy {
-        eprintln!("    at {} % loss:        {:.2} Gbit/s", args.loss, r.gbit_s);
-    }
-
+    let wg = WireguardPair::start(&tb).context("wireguard-go")?;
     let (a, b) = flowshift_pair(&tb)?;
-    let reliable = flowshift_send(&a, &b, args.bytes, false).context("reliable channel")?;
-    eprintln!("  flowshift reliable:    {:.2} Gbit/s", reliable.gbit_s);
-    let datagram = flowshift_send(&a, &b, args.datagram_bytes, true).context("datagrams")?;
-    eprintln!("  flowshift datagrams:   {:.2} Gbit/s", datagram.gbit_s);
-    let reliable_lossy = if args.loss > 0 {
-        tb.set_router_loss(args.loss)?;
-        let r = flowshift_send(&a, &b, args.loss_bytes, false);
-        tb.clear_router_loss();
-        let r = r.context("reliable channel through loss")?;
-        eprintln!("    at {} % loss:        {:.2} Gbit/s", args.loss, r.gbit_s);
-        Some(r)
-    } else {
-        None
-    };
+    let mut samples = Vec::new();
+    for run in 1..=args.runs {
+        let kernel_first = run % 2 == 1;
+        eprintln!(
+            "run {run} of {} ({} first)",
+            args.runs,
+            if kernel_first { "kernel" } else { "flowshift" }
+        );
+        for lossy in [false, true] {
+            if lossy && args.loss == 0 {
+                continue;
+            }
+            if lossy {
+                tb.set_router_loss(args.loss)?;
+            }
+            let bytes = if lossy { args.loss_bytes } else { args.bytes };
+            let mut order = Transport::ALL.to_vec();
+            if !kernel_first {
+                order.rotate_left(3);
+            }
+            for t in order {
+                // Datagrams through loss say only what the loss rate is.
+                if lossy && t == Transport::FlowshiftDatagram {
+                    continue;
+                }
+                let r = match t {
+                    Transport::KernelPlain => iperf(&tb, NODE_B, bytes, "cubic", &[]),
+                    Transport::KernelPlainBbr => iperf(&tb, NODE_B, bytes, "bbr", &[]),
+                    Transport::KernelWireguardGo => {
+                        iperf(&tb, WG_INNER_B.parse()?, bytes, "cubic", &wg.pids())
+                    }
+                    Transport::FlowshiftReliable => flowshift_send(&a, &b, bytes, false),
+                    Transport::FlowshiftDatagram => flowshift_send(&a, &b, bytes, true),
+                };
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tb.clear_router_loss();
+                        return Err(e.context(format!(
+                            "{}{}",
+                            t.name(),
+                            if lossy { " through loss" } else { "" }
+                        )));
+                    }
+                };
+                eprintln!(
+                    "  {}{}: {:.2} Gbit/s{}",
+                    t.name(),
+                    if lossy {
+                        format!(", {} % loss", args.loss)
+                    } else {
+                        String::new()
+                    },
+                    r.gbit_s,
+                    r.delivered_fraction
+                        .map_or(String::new(), |f| format!(", {:.1} % delivered", f * 100.0))
+                );
+                samples.push(Sample {
+                    run,
+                    transport: t,
+                    lossy,
+                    result: r,
+                });
+            }
+            if lossy {
+                tb.clear_router_loss();
+            }
+        }
+    }
+    drop(wg);
     for (name, node) in [("a", a), ("b", b)] {
         let status = node.terminate()?;
         ensure!(status.success(), "node {name} exited with {status}");
     }
-
     let results = Results {
         machine: format!(
             "{} ({} cores)",
@@ -176,11 +270,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         kernel: sys::kernel_release(),
         veth_mtu: args.mtu,
         loss_percent: args.loss,
-        flowshift_reliable: reliable,
-        flowshift_datagram: datagram,
-        wireguard_go_iperf3: wireguard,
-        flowshift_reliable_lossy: reliable_lossy,
-        wireguard_go_iperf3_lossy: wireguard_lossy,
+        bytes: args.bytes,
+        loss_bytes: args.loss_bytes,
+        samples,
     };
     let md = markdown(&results);
     crate::write_results(&args.out, "tunnel", &results, &md)
@@ -275,7 +367,11 @@ fn flowshift_send(
     let cpu = cpu_of(&pids) - cpu0;
     let errs = peer_u64(b, "a", errors)?;
     ensure!(errs == 0, "{errs} verification errors on the receiver");
-    Ok(Run::new(got, seconds, busy, cpu))
+    let mut run = Run::new(got, seconds, busy, cpu);
+    if datagram {
+        run.delivered_fraction = Some(got as f64 / bytes as f64);
+    }
+    Ok(run)
 }
 
 /// A wireguard-go process: stopped with SIGTERM (so it removes its interface and UAPI socket),
@@ -362,47 +458,59 @@ fn wireguard(tb: &Testbed, me: &WgSide<'_>, peer: &WgSide<'_>) -> anyhow::Result
     Ok(wg)
 }
 
-/// iperf3 over wireguard-go: a clean run, then (if `loss` > 0) one through router loss.
-fn wireguard_iperf(tb: &Testbed, duration: u64, loss: u8) -> anyhow::Result<(Run, Option<Run>)> {
-    // UAPI sockets live in the shared /var/run/wireguard: names unique per run.
-    let tag = std::process::id() % 100_000;
-    let mut sides = Vec::new();
-    for (ns, end, outer, inner) in [
-        (tb.node_a(), "a", NODE_A, "198.19.1.1"),
-        (tb.node_b(), "b", NODE_B, "198.19.1.2"),
-    ] {
-        let (private, public) = keypair_with(std::path::Path::new("wg"))?;
-        let key = tb.dir().join(format!("wg{end}.key"));
-        std::fs::write(&key, format!("{private}\n"))?;
-        sides.push(WgSide {
-            ns,
-            ifname: format!("wgfs{tag}{end}"),
-            key_path: key.display().to_string(),
-            public,
-            outer,
-            inner,
-        });
-    }
-    let wa = wireguard(tb, &sides[0], &sides[1])?;
-    let wb = wireguard(tb, &sides[1], &sides[0])?;
-    let pids = [wa.child.id(), wb.child.id()];
-    let clean = iperf(tb, duration, &pids)?;
-    let lossy = if loss > 0 {
-        tb.set_router_loss(loss)?;
-        let r = iperf(tb, duration, &pids);
-        tb.clear_router_loss();
-        Some(r.context("through loss")?)
-    } else {
-        None
-    };
-    Ok((clean, lossy))
+/// Node B's address inside the wireguard-go tunnel.
+const WG_INNER_B: &str = "198.19.1.2";
+
+/// wireguard-go running in both node namespaces, joined.
+struct WireguardPair {
+    a: Wg,
+    b: Wg,
 }
 
-/// One iperf3 run from node-a to node-b across the wireguard-go interfaces.
-fn iperf(tb: &Testbed, duration: u64, pids: &[u32]) -> anyhow::Result<Run> {
+impl WireguardPair {
+    fn start(tb: &Testbed) -> anyhow::Result<Self> {
+        // UAPI sockets live in the shared /var/run/wireguard: names unique per run.
+        let tag = std::process::id() % 100_000;
+        let mut sides = Vec::new();
+        for (ns, end, outer, inner) in [
+            (tb.node_a(), "a", NODE_A, "198.19.1.1"),
+            (tb.node_b(), "b", NODE_B, WG_INNER_B),
+        ] {
+            let (private, public) = keypair_with(std::path::Path::new("wg"))?;
+            let key = tb.dir().join(format!("wg{end}.key"));
+            std::fs::write(&key, format!("{private}\n"))?;
+            sides.push(WgSide {
+                ns,
+                ifname: format!("wgfs{tag}{end}"),
+                key_path: key.display().to_string(),
+                public,
+                outer,
+                inner,
+            });
+        }
+        let a = wireguard(tb, &sides[0], &sides[1])?;
+        let b = wireguard(tb, &sides[1], &sides[0])?;
+        Ok(Self { a, b })
+    }
+
+    fn pids(&self) -> [u32; 2] {
+        [self.a.child.id(), self.b.child.id()]
+    }
+}
+
+/// iperf3 from node-a to `to` in node-b, `bytes` from memory, congestion control `cc`;
+/// `pids`: the tunnel processes whose CPU is counted.
+fn iperf(
+    tb: &Testbed,
+    to: std::net::Ipv4Addr,
+    bytes: u64,
+    cc: &str,
+    pids: &[u32],
+) -> anyhow::Result<Run> {
+    let to = to.to_string();
     let mut server = tb.node_b().command("iperf3");
     server
-        .args(["-s", "-1", "-B", "198.19.1.2"])
+        .args(["-s", "-1", "-B", &to])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut server = tb.spawn(server)?;
@@ -413,62 +521,122 @@ fn iperf(tb: &Testbed, duration: u64, pids: &[u32]) -> anyhow::Result<Run> {
         .node_a()
         .exec(
             "iperf3",
-            &["-c", "198.19.1.2", "-t", &duration.to_string(), "-J"],
+            &["-c", &to, "-n", &bytes.to_string(), "-C", cc, "-J"],
         )
-        .context("iperf3 client")?;
+        .context("iperf3 client");
     let busy = mark.since();
     let cpu = cpu_of(pids) - cpu0;
+    let _ = server.kill();
     let _ = server.wait();
-    let json: serde_json::Value = serde_json::from_str(&out)?;
+    let json: serde_json::Value = serde_json::from_str(&out?)?;
+    let sent = json["end"]["sum_sent"]["bytes"]
+        .as_f64()
+        .context("iperf3 bytes sent")? as u64;
     let end = &json["end"]["sum_received"];
-    let bytes = end["bytes"].as_f64().context("iperf3 bytes")? as u64;
+    let got = end["bytes"].as_f64().context("iperf3 bytes")? as u64;
     let seconds = end["seconds"].as_f64().context("iperf3 seconds")?;
-    Ok(Run::new(bytes, seconds, busy, cpu))
+    ensure!(sent >= bytes, "iperf3 sent {sent} of {bytes} bytes to {to}");
+    // The receiver's tally (its bytes and seconds give the rate) stops when the sender
+    // reports the end, up to a few MB short at 20 Gbit/s.
+    ensure!(
+        got as f64 >= 0.9 * bytes as f64,
+        "iperf3 delivered {got} of {bytes} bytes to {to}"
+    );
+    Ok(Run::new(got, seconds, busy, cpu))
 }
 
 fn markdown(r: &Results) -> String {
-    let ratio = |x: &Run, base: &Run| {
-        if base.gbit_s > 0.0 {
-            format!("{:.2}", x.gbit_s / base.gbit_s)
-        } else {
-            "-".into()
-        }
+    let pick = |t: Transport, lossy: bool| -> Vec<&Sample> {
+        r.samples
+            .iter()
+            .filter(|x| x.transport == t && x.lossy == lossy)
+            .collect()
     };
-    let wg = &r.wireguard_go_iperf3;
+    // Two decimals, or as many as a figure below 0.1 needs to show three digits.
+    let spread = |v: &[&Sample], f: &dyn Fn(&Run) -> f64| {
+        Spread::of(v.iter().map(|x| f(&x.result)).collect()).map_or("-".into(), |s| {
+            let digits = if s.median > 0.0 && s.median < 0.1 {
+                (2.0 - s.median.log10().floor()) as usize
+            } else {
+                2
+            };
+            s.show(digits.min(6))
+        })
+    };
+    // Per run, this transport's rate over `base`'s in the same run and loss.
+    let ratio = |v: &[&Sample], base: Transport| {
+        let per_run: Vec<f64> = v
+            .iter()
+            .filter_map(|x| {
+                r.samples
+                    .iter()
+                    .find(|b| b.run == x.run && b.lossy == x.lossy && b.transport == base)
+                    .filter(|b| b.result.gbit_s > 0.0)
+                    .map(|b| x.result.gbit_s / b.result.gbit_s)
+            })
+            .collect();
+        Spread::of(per_run).map_or("-".into(), |s| s.show(2))
+    };
+    let runs = r.samples.iter().map(|x| x.run).max().unwrap_or(0);
     let mut s = format!(
-        "Machine: {} · kernel {} · veth MTU {} · node-a → node-b through the router\n\n",
-        r.machine, r.kernel, r.veth_mtu
+        "Machine: {} · kernel {} · veth MTU {} · node-a → node-b through the router · {} run(s), \
+         kernel first in odd runs · {} bytes per transport and run, {} through {} % loss\n\n",
+        r.machine, r.kernel, r.veth_mtu, runs, r.bytes, r.loss_bytes, r.loss_percent
     );
-    s += "| transport | Gbit/s | tunnel processes' CPU s per GB | machine CPU s per GB | vs wireguard-go | steal % |\n|---|---:|---:|---:|---:|---:|\n";
-    let mut row = |name: String, run: &Run, base: &Run| {
+    s += "Median [min–max] over runs; ratios are taken run by run.\n\n";
+    s += "| transport | Gbit/s | vs kernel plain | vs wireguard-go | tunnel processes' CPU s per GB | machine CPU s per GB | steal % | delivered |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for lossy in [false, true] {
+        for t in Transport::ALL {
+            let v = pick(t, lossy);
+            if v.is_empty() {
+                continue;
+            }
+            let name = if lossy {
+                format!("{}, router drops {} %", t.name(), r.loss_percent)
+            } else {
+                t.name().to_owned()
+            };
+            let delivered = Spread::of(
+                v.iter()
+                    .filter_map(|x| x.result.delivered_fraction.map(|f| f * 100.0))
+                    .collect(),
+            )
+            .map_or("-".into(), |s| format!("{} %", s.show(1)));
+            s += &format!(
+                "| {name} | {} | {} | {} | {} | {} | {} | {delivered} |\n",
+                spread(&v, &|x| x.gbit_s),
+                ratio(&v, Transport::KernelPlain),
+                ratio(&v, Transport::KernelWireguardGo),
+                if matches!(t, Transport::KernelPlain | Transport::KernelPlainBbr) {
+                    "-".into()
+                } else {
+                    spread(&v, &|x| x.tunnel_cpu_s_per_gb)
+                },
+                spread(&v, &|x| x.machine_cpu_s_per_gb),
+                spread(&v, &|x| x.steal_percent),
+            );
+        }
+    }
+    s += "\nPer run, Gbit/s (plain CUBIC / plain BBR / wireguard-go / reliable / datagrams; then through loss: plain CUBIC / plain BBR / wireguard-go / reliable):\n\n";
+    for run in 1..=runs {
+        let g = |t: Transport, lossy: bool| {
+            r.samples
+                .iter()
+                .find(|x| x.run == run && x.transport == t && x.lossy == lossy)
+                .map_or("-".into(), |x| format!("{:.3}", x.result.gbit_s))
+        };
         s += &format!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {} | {:.0} |\n",
-            run.gbit_s,
-            run.tunnel_cpu_s_per_gb,
-            run.machine_cpu_s_per_gb,
-            ratio(run, base),
-            run.steal_percent
+            "- run {run}: {} / {} / {} / {} / {}; {} / {} / {} / {}\n",
+            g(Transport::KernelPlain, false),
+            g(Transport::KernelPlainBbr, false),
+            g(Transport::KernelWireguardGo, false),
+            g(Transport::FlowshiftReliable, false),
+            g(Transport::FlowshiftDatagram, false),
+            g(Transport::KernelPlain, true),
+            g(Transport::KernelPlainBbr, true),
+            g(Transport::KernelWireguardGo, true),
+            g(Transport::FlowshiftReliable, true),
         );
-    };
-    row(
-        "flowshift reliable channel (counting stream, verified)".into(),
-        &r.flowshift_reliable,
-        wg,
-    );
-    row(
-        "flowshift datagrams (delivered, verified)".into(),
-        &r.flowshift_datagram,
-        wg,
-    );
-    row("wireguard-go + iperf3 (TCP)".into(), wg, wg);
-    if let (Some(f), Some(w)) = (&r.flowshift_reliable_lossy, &r.wireguard_go_iperf3_lossy) {
-        let pct = r.loss_percent;
-        row(
-            format!("flowshift reliable channel, router drops {pct} %"),
-            f,
-            w,
-        );
-        row(format!("wireguard-go + iperf3, router drops {pct} %"), w, w);
     }
     s
 }
