@@ -845,7 +845,9 @@ mod tests {
                 ..NodeSettings::default()
             },
         );
-        let conns = [conn(1, u64::MAX, i64::MAX / 2), conn(1, 0, -5)];
+        let mut far = conn(1, u64::MAX, 0);
+        far.report.opened_at = Instant::from_micros(i64::MAX / 2);
+        let conns = [far, conn(1, 0, -5)];
         let peers = [PeerSample {
             cpu_busy: f64::NAN,
             bandwidth: f64::INFINITY,
