@@ -5,8 +5,9 @@
 //! - **kernel TCP, plain**: iperf3 (`-n bytes`, CUBIC, and again with BBR, this machine's
 //!   default) from node-a to node-b's own address through the router: no tunnel, no
 //!   encryption.
-//! - **kernel TCP through wireguard-go**: a userspace WireGuard interface in each node namespace
-//!   (inner addresses 198.19.1.1/24 and .2), the same iperf3 across it.
+//! - **kernel TCP through wireguard-go** and **through boringtun**: a userspace WireGuard
+//!   interface in each node namespace (inner addresses 198.19.1.0/24 and 198.19.2.0/24), the
+//!   same iperf3 across it.
 //! - **flowshift reliable channel**: node A sends the bytes of the counting stream to node B
 //!   (`ctl tunnel-send`); B verifies every byte and its order (`ctl peers`). The time runs from
 //!   the request until B has verified everything.
@@ -44,6 +45,10 @@ pub(crate) struct Args {
     /// veth MTU of every link.
     #[arg(long, default_value_t = 1500)]
     mtu: u16,
+    /// Also measure boringtun (`boringtun-cli`; installed with `cargo install` when it is
+    /// neither on PATH nor in ~/.cargo/bin): `true` or `false`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    boringtun: bool,
     /// Percent of packets the router drops in the lossy part of each run (0: skip it).
     #[arg(long, default_value_t = 5)]
     loss: u8,
@@ -76,15 +81,17 @@ enum Transport {
     KernelPlain,
     KernelPlainBbr,
     KernelWireguardGo,
+    KernelBoringtun,
     FlowshiftReliable,
     FlowshiftDatagram,
 }
 
 impl Transport {
-    const ALL: [Transport; 5] = [
+    const ALL: [Transport; 6] = [
         Transport::KernelPlain,
         Transport::KernelPlainBbr,
         Transport::KernelWireguardGo,
+        Transport::KernelBoringtun,
         Transport::FlowshiftReliable,
         Transport::FlowshiftDatagram,
     ];
@@ -94,6 +101,7 @@ impl Transport {
             Transport::KernelPlain => "kernel TCP (CUBIC), plain path",
             Transport::KernelPlainBbr => "kernel TCP (BBR), plain path",
             Transport::KernelWireguardGo => "kernel TCP (CUBIC) through wireguard-go",
+            Transport::KernelBoringtun => "kernel TCP (CUBIC) through boringtun",
             Transport::FlowshiftReliable => "flowshift reliable channel (verified)",
             Transport::FlowshiftDatagram => "flowshift datagrams (delivered, verified)",
         }
@@ -185,7 +193,14 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         watchdog: None,
         ..Default::default()
     })?;
-    let wg = WireguardPair::start(&tb).context("wireguard-go")?;
+    let wg = WireguardPair::start(&tb, &Userspace::WireguardGo).context("wireguard-go")?;
+    let bt = match args.boringtun {
+        true => Some(
+            WireguardPair::start(&tb, &Userspace::Boringtun(boringtun_bin()?))
+                .context("boringtun")?,
+        ),
+        false => None,
+    };
     let (a, b) = flowshift_pair(&tb)?;
     let mut samples = Vec::new();
     for run in 1..=args.runs {
@@ -205,7 +220,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             let bytes = if lossy { args.loss_bytes } else { args.bytes };
             let mut order = Transport::ALL.to_vec();
             if !kernel_first {
-                order.rotate_left(3);
+                order.rotate_left(4);
             }
             for t in order {
                 // Datagrams through loss say only what the loss rate is.
@@ -218,6 +233,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                     Transport::KernelWireguardGo => {
                         iperf(&tb, WG_INNER_B.parse()?, bytes, "cubic", &wg.pids())
                     }
+                    Transport::KernelBoringtun => match &bt {
+                        Some(bt) => iperf(&tb, BT_INNER_B.parse()?, bytes, "cubic", &bt.pids()),
+                        None => continue,
+                    },
                     Transport::FlowshiftReliable => flowshift_send(&a, &b, bytes, false),
                     Transport::FlowshiftDatagram => flowshift_send(&a, &b, bytes, true),
                 };
@@ -257,6 +276,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     drop(wg);
+    drop(bt);
     for (name, node) in [("a", a), ("b", b)] {
         let status = node.terminate()?;
         ensure!(status.success(), "node {name} exited with {status}");
@@ -408,14 +428,40 @@ struct WgSide<'a> {
     outer: std::net::Ipv4Addr,
     /// Address inside the tunnel.
     inner: &'static str,
+    /// UDP port both ends listen on.
+    port: u16,
+}
+
+/// A userspace WireGuard implementation driven through the UAPI socket with `wg`.
+#[derive(Debug, Clone)]
+enum Userspace {
+    /// Debian's `wireguard-go`.
+    WireguardGo,
+    /// Cloudflare's boringtun (`boringtun-cli`, Rust), at this path.
+    Boringtun(std::path::PathBuf),
 }
 
 /// Starts wireguard-go for `me`, configured with `wg` to talk to `peer`.
-fn wireguard(tb: &Testbed, me: &WgSide<'_>, peer: &WgSide<'_>) -> anyhow::Result<Wg> {
-    let mut cmd = me.ns.command("wireguard-go");
-    cmd.args(["-f", &me.ifname])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+fn wireguard(
+    tb: &Testbed,
+    imp: &Userspace,
+    me: &WgSide<'_>,
+    peer: &WgSide<'_>,
+) -> anyhow::Result<Wg> {
+    let mut cmd = match imp {
+        Userspace::WireguardGo => {
+            let mut c = me.ns.command("wireguard-go");
+            c.args(["-f", &me.ifname]);
+            c
+        }
+        Userspace::Boringtun(bin) => {
+            let mut c = me.ns.command(bin.to_str().context("boringtun path")?);
+            // As root it would drop to `nobody`, and then `wg` could not reach its socket.
+            c.args(["--foreground", "--disable-drop-privileges", &me.ifname]);
+            c
+        }
+    };
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let child = tb.spawn(cmd)?;
     let sock = format!("/var/run/wireguard/{}.sock", me.ifname);
     let wg = Wg {
@@ -438,11 +484,11 @@ fn wireguard(tb: &Testbed, me: &WgSide<'_>, peer: &WgSide<'_>) -> anyhow::Result
             "private-key",
             &me.key_path,
             "listen-port",
-            "51820",
+            &me.port.to_string(),
             "peer",
             &peer.public,
             "endpoint",
-            &format!("{}:51820", peer.outer),
+            &format!("{}:{}", peer.outer, peer.port),
             "allowed-ips",
             &format!("{}/32", peer.inner),
         ],
@@ -460,42 +506,78 @@ fn wireguard(tb: &Testbed, me: &WgSide<'_>, peer: &WgSide<'_>) -> anyhow::Result
 
 /// Node B's address inside the wireguard-go tunnel.
 const WG_INNER_B: &str = "198.19.1.2";
+/// Node B's address inside the boringtun tunnel.
+const BT_INNER_B: &str = "198.19.2.2";
 
-/// wireguard-go running in both node namespaces, joined.
+/// A userspace WireGuard running in both node namespaces, joined.
 struct WireguardPair {
     a: Wg,
     b: Wg,
 }
 
 impl WireguardPair {
-    fn start(tb: &Testbed) -> anyhow::Result<Self> {
+    fn start(tb: &Testbed, imp: &Userspace) -> anyhow::Result<Self> {
         // UAPI sockets live in the shared /var/run/wireguard: names unique per run.
         let tag = std::process::id() % 100_000;
+        let (prefix, inner_a, inner_b, port) = match imp {
+            Userspace::WireguardGo => ("wgfs", "198.19.1.1", WG_INNER_B, 51820),
+            Userspace::Boringtun(_) => ("btfs", "198.19.2.1", BT_INNER_B, 51821),
+        };
         let mut sides = Vec::new();
         for (ns, end, outer, inner) in [
-            (tb.node_a(), "a", NODE_A, "198.19.1.1"),
-            (tb.node_b(), "b", NODE_B, WG_INNER_B),
+            (tb.node_a(), "a", NODE_A, inner_a),
+            (tb.node_b(), "b", NODE_B, inner_b),
         ] {
             let (private, public) = keypair_with(std::path::Path::new("wg"))?;
-            let key = tb.dir().join(format!("wg{end}.key"));
+            let key = tb.dir().join(format!("{prefix}{end}.key"));
             std::fs::write(&key, format!("{private}\n"))?;
             sides.push(WgSide {
                 ns,
-                ifname: format!("wgfs{tag}{end}"),
+                ifname: format!("{prefix}{tag}{end}"),
                 key_path: key.display().to_string(),
                 public,
                 outer,
                 inner,
+                port,
             });
         }
-        let a = wireguard(tb, &sides[0], &sides[1])?;
-        let b = wireguard(tb, &sides[1], &sides[0])?;
+        let a = wireguard(tb, imp, &sides[0], &sides[1])?;
+        let b = wireguard(tb, imp, &sides[1], &sides[0])?;
         Ok(Self { a, b })
     }
 
     fn pids(&self) -> [u32; 2] {
         [self.a.child.id(), self.b.child.id()]
     }
+}
+
+/// `boringtun-cli`: on PATH, or in ~/.cargo/bin, or installed there now with `cargo install`
+/// (crates.io; a few minutes on 2 cores).
+fn boringtun_bin() -> anyhow::Result<std::path::PathBuf> {
+    const BIN: &str = "boringtun-cli";
+    if let Some(p) = flowshift_testbed::testbed::which(BIN) {
+        return Ok(p);
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let cargo_bin = std::path::Path::new(&home).join(".cargo/bin").join(BIN);
+    if cargo_bin.is_file() {
+        return Ok(cargo_bin);
+    }
+    eprintln!("installing boringtun-cli with `cargo install --locked boringtun-cli`");
+    let status = std::process::Command::new("cargo")
+        .args(["install", "--locked", BIN])
+        .status()
+        .context("running cargo install boringtun-cli")?;
+    ensure!(
+        status.success(),
+        "cargo install boringtun-cli failed: {status}"
+    );
+    ensure!(
+        cargo_bin.is_file(),
+        "cargo install did not leave {}",
+        cargo_bin.display()
+    );
+    Ok(cargo_bin)
 }
 
 /// iperf3 from node-a to `to` in node-b, `bytes` from memory, congestion control `cc`;
@@ -617,7 +699,7 @@ fn markdown(r: &Results) -> String {
             );
         }
     }
-    s += "\nPer run, Gbit/s (plain CUBIC / plain BBR / wireguard-go / reliable / datagrams; then through loss: plain CUBIC / plain BBR / wireguard-go / reliable):\n\n";
+    s += "\nPer run, Gbit/s (plain CUBIC / plain BBR / wireguard-go / boringtun / reliable / datagrams; then through loss: plain CUBIC / plain BBR / wireguard-go / boringtun / reliable):\n\n";
     for run in 1..=runs {
         let g = |t: Transport, lossy: bool| {
             r.samples
@@ -626,15 +708,17 @@ fn markdown(r: &Results) -> String {
                 .map_or("-".into(), |x| format!("{:.3}", x.result.gbit_s))
         };
         s += &format!(
-            "- run {run}: {} / {} / {} / {} / {}; {} / {} / {} / {}\n",
+            "- run {run}: {} / {} / {} / {} / {} / {}; {} / {} / {} / {} / {}\n",
             g(Transport::KernelPlain, false),
             g(Transport::KernelPlainBbr, false),
             g(Transport::KernelWireguardGo, false),
+            g(Transport::KernelBoringtun, false),
             g(Transport::FlowshiftReliable, false),
             g(Transport::FlowshiftDatagram, false),
             g(Transport::KernelPlain, true),
             g(Transport::KernelPlainBbr, true),
             g(Transport::KernelWireguardGo, true),
+            g(Transport::KernelBoringtun, true),
             g(Transport::FlowshiftReliable, true),
         );
     }
