@@ -634,9 +634,12 @@ fn markdown(r: &Results) -> String {
             .filter(|x| x.transport == t && x.lossy == lossy)
             .collect()
     };
-    // Two decimals, or as many as a figure below 0.1 needs to show three digits.
     let spread = |v: &[&Sample], f: &dyn Fn(&Run) -> f64| {
-        Spread::of(v.iter().map(|x| f(&x.result)).collect()).map_or("-".into(), |s| {
+        Spread::of(v.iter().map(|x| f(&x.result)).collect()).map_or("-".into(), |s| s.show(2))
+    };
+    // Rates: two decimals, or as many as a rate below 0.1 Gbit/s needs to show three digits.
+    let rate = |v: &[&Sample]| {
+        Spread::of(v.iter().map(|x| x.result.gbit_s).collect()).map_or("-".into(), |s| {
             let digits = if s.median > 0.0 && s.median < 0.1 {
                 (2.0 - s.median.log10().floor()) as usize
             } else {
@@ -686,7 +689,7 @@ fn markdown(r: &Results) -> String {
             .map_or("-".into(), |s| format!("{} %", s.show(1)));
             s += &format!(
                 "| {name} | {} | {} | {} | {} | {} | {} | {delivered} |\n",
-                spread(&v, &|x| x.gbit_s),
+                rate(&v),
                 ratio(&v, Transport::KernelPlain),
                 ratio(&v, Transport::KernelWireguardGo),
                 if matches!(t, Transport::KernelPlain | Transport::KernelPlainBbr) {
