@@ -193,6 +193,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         watchdog: None,
         ..Default::default()
     })?;
+    // flowshift's nodes first: boringtun's connected UDP sockets take ephemeral ports, and
+    // the nodes' tunnel port is one.
+    let (a, b) = flowshift_pair(&tb)?;
     let wg = WireguardPair::start(&tb, &Userspace::WireguardGo).context("wireguard-go")?;
     let bt = match args.boringtun {
         true => Some(
@@ -201,7 +204,6 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         ),
         false => None,
     };
-    let (a, b) = flowshift_pair(&tb)?;
     let mut samples = Vec::new();
     for run in 1..=args.runs {
         let kernel_first = run % 2 == 1;
