@@ -725,11 +725,7 @@ impl Node {
         };
         let me = &self.config.node.name;
         let conns = self.conns(time_wait);
-        let predictor = self
-            .predict
-            .predictor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let predictor = self.predict.lock();
         conns
             .into_iter()
             .map(|c| {
@@ -847,12 +843,7 @@ impl Node {
         };
         loop {
             let now = self.clock.now();
-            let due = self
-                .predict
-                .predictor
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .poll_timeout();
+            let due = self.predict.lock().poll_timeout();
             if let Some(due) = due
                 && due > now
             {
@@ -925,11 +916,7 @@ impl Node {
             peers: &peers,
         };
         let (plan, executes) = {
-            let mut p = self
-                .predict
-                .predictor
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut p = self.predict.lock();
             (p.handle_sample(now, &obs), p.executes())
         };
         let Some(plan) = plan else { return };
@@ -975,11 +962,7 @@ impl Node {
                 "predict: the node is draining or shutting down; planned moves not made"
             );
             let done = self.clock.now();
-            let mut p = self
-                .predict
-                .predictor
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut p = self.predict.lock();
             for m in &plan.moves {
                 p.record(
                     done,
@@ -994,11 +977,7 @@ impl Node {
             let name = self.predict.name(target);
             let result = self.migrate(&name, Selection::Planned(ids.clone()));
             let done = self.clock.now();
-            let mut p = self
-                .predict
-                .predictor
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut p = self.predict.lock();
             match result {
                 Ok(report) => {
                     for id in &ids {

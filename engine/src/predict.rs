@@ -22,6 +22,11 @@ pub(crate) struct Predict {
 }
 
 impl Predict {
+    /// The predictor, locked (a panic elsewhere while it was held does not stop the node).
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, NodePredictor> {
+        self.predictor.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(crate) fn new(predictor: NodePredictor) -> Self {
         Self {
             predictor: Mutex::new(predictor),
@@ -38,7 +43,7 @@ impl Predict {
     /// `ctl plan`'s reply at `now`.
     pub(crate) fn plan_json(&self, now: Instant) -> Value {
         let names = self.names.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let p = self.predictor.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.lock();
         plan_json(&p, &names, now)
     }
 
@@ -46,7 +51,7 @@ impl Predict {
     /// over the horizon, in the metric the predictor forecasts (the other one as it is now).
     pub(crate) fn forecast(&self) -> Option<flowshift_tunnel::LoadForecast> {
         use flowshift_core::predict::node::LoadMetric;
-        let p = self.predictor.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.lock();
         let e = p.estimate();
         e.model?;
         let predicted = e.predicted * p.settings().capacity;
@@ -64,7 +69,7 @@ impl Predict {
 
     /// The figures `/metrics` shows.
     pub(crate) fn metrics(&self) -> PredictMetrics {
-        let p = self.predictor.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.lock();
         let e = p.estimate();
         PredictMetrics {
             counts: p.counts(),
