@@ -43,8 +43,26 @@ pub(crate) struct Args {
     /// Runs; each measures the kernel and flowshift back to back, in alternating order.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Parts to measure, comma-separated: `transfer` (the runs of downloads, uploads, 8 flows
+    /// and new connections) and `idle` (memory per idle connection, once after the runs).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "transfer,idle"
+    )]
+    parts: Vec<Part>,
     #[command(flatten)]
     out: Output,
+}
+
+/// Which parts to measure.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part {
+    /// Downloads, uploads, 8 flows and the connection rate, `--runs` times.
+    Transfer,
+    /// Memory per idle connection.
+    Idle,
 }
 
 /// One target's figures in one run.
@@ -163,7 +181,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
 
     let d = secs(args.duration);
     let (mut kernel_tcp, mut flowshift) = (Vec::new(), Vec::new());
-    for run in 0..args.runs {
+    let runs = if args.parts.contains(&Part::Transfer) {
+        args.runs
+    } else {
+        0
+    };
+    for run in 0..runs {
         // Alternate who goes first, so a drift in the machine's speed hits both alike.
         let order = if run % 2 == 0 {
             [Target::Kernel, Target::Flowshift]
@@ -184,7 +207,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     }
     eprintln!("idle connections");
     let (mut kernel_idle, mut flowshift_idle) = (Vec::new(), Vec::new());
-    for payload in [1, 64 * 1024] {
+    let payloads: &[usize] = if args.parts.contains(&Part::Idle) {
+        &[1, 64 * 1024]
+    } else {
+        &[]
+    };
+    for &payload in payloads {
         kernel_idle.push(idle_memory(&tb, NODE_A, args.idle, None, payload)?);
         flowshift_idle.push(idle_memory(
             &tb,
@@ -198,7 +226,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let status = node.terminate().context("stopping the node")?;
     anyhow::ensure!(status.success(), "flowshift exited with {status}");
 
-    let flagged_runs = (0..args.runs)
+    let flagged_runs = (0..runs)
         .filter(|&i| {
             kernel_tcp[i].steal_percent > STEAL_FLAG_PERCENT
                 || flowshift[i].steal_percent > STEAL_FLAG_PERCENT
@@ -219,7 +247,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         workers: args.workers,
         tcp_buffer: args.tcp_buffer,
         duration_s: args.duration,
-        runs: args.runs,
+        runs,
         kernel_tcp,
         flowshift,
         flagged_runs,
