@@ -31,6 +31,7 @@ mod kernel_server;
 mod load;
 mod migrate;
 mod plot;
+mod progress;
 mod repair;
 mod sim;
 mod stats;

@@ -41,6 +41,7 @@ use anyhow::{Context, anyhow, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{self, Figure, RefLine, Series};
+use crate::progress::Progress;
 use crate::repair::{self, HandoffStats, RepairOptions, Summary};
 use crate::stats::Spread;
 use crate::{addr, load, sys};
@@ -1292,7 +1293,47 @@ fn kernel_options(o: &Args, run: usize) -> RepairOptions {
     }
 }
 
-fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<()> {
+/// Seconds part `p` of one run is expected to take (for the progress estimate).
+fn part_seconds(o: &Args, p: Part) -> f64 {
+    if !o.has(p) {
+        return 0.0;
+    }
+    let moving = |warmup_ms: u64| {
+        warmup_ms as f64 / 1e3
+            + (o.moves as f64 * o.interval_ms as f64 / 1e3).min(o.max_seconds as f64)
+            + 3.0
+    };
+    match p {
+        Part::Stall => moving(o.warmup_ms),
+        Part::Kernel => moving(o.warmup_ms),
+        Part::Steady => {
+            2.0 * o.steady_slices as f64 * o.steady_slice_ms as f64 / 1e3
+                + o.steady_hold_s as f64
+                + 3.0
+        }
+        Part::Drain => 4.0 + o.idle as f64 * 1e-3,
+    }
+}
+
+fn run_work(o: &Args) -> f64 {
+    [Part::Stall, Part::Steady, Part::Drain, Part::Kernel]
+        .into_iter()
+        .map(|p| part_seconds(o, p))
+        .sum()
+}
+
+fn flowshift_parts(
+    tb: &Testbed,
+    o: &Args,
+    r: &mut RunResult,
+    progress: &mut Progress,
+) -> anyhow::Result<()> {
+    let done = |progress: &mut Progress, p: Part, what: &str| {
+        progress.done(
+            part_seconds(o, p),
+            &format!("run {} of {}: {what} done", r.run + 1, o.runs),
+        );
+    };
     if !(o.has(Part::Stall) || o.has(Part::Steady) || o.has(Part::Drain)) {
         return Ok(());
     }
@@ -1327,6 +1368,7 @@ fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<
             }
             Err(e) => r.errors.push(format!("stall: {e:#}")),
         }
+        done(progress, Part::Stall, "flowshift stall");
     }
     if o.has(Part::Steady) {
         eprintln!("  flowshift: a moved download beside a local one");
@@ -1342,6 +1384,7 @@ fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<
             }
             Err(e) => r.errors.push(format!("steady: {e:#}")),
         }
+        done(progress, Part::Steady, "flowshift steady");
     }
     if o.has(Part::Drain) {
         // Let the connections of the parts before close.
@@ -1371,6 +1414,7 @@ fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<
             }
             Err(e) => r.errors.push(format!("drain: {e:#}")),
         }
+        done(progress, Part::Drain, "flowshift drain");
     }
     if let Err(e) = p.stop() {
         result = Err(e);
@@ -1378,7 +1422,7 @@ fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<
     result
 }
 
-fn one_run(tb: &Testbed, o: &Args, run: usize) -> RunResult {
+fn one_run(tb: &Testbed, o: &Args, run: usize, progress: &mut Progress) -> RunResult {
     let kernel_first = run % 2 == 1;
     let mut r = RunResult {
         run,
@@ -1390,7 +1434,7 @@ fn one_run(tb: &Testbed, o: &Args, run: usize) -> RunResult {
         kernel: None,
         errors: Vec::new(),
     };
-    let kernel = |r: &mut RunResult| {
+    let kernel = |r: &mut RunResult, progress: &mut Progress| {
         if !o.has(Part::Kernel) {
             return;
         }
@@ -1411,15 +1455,19 @@ fn one_run(tb: &Testbed, o: &Args, run: usize) -> RunResult {
             }
             Err(e) => r.errors.push(format!("kernel: {e:#}")),
         }
+        progress.done(
+            part_seconds(o, Part::Kernel),
+            &format!("run {} of {}: kernel TCP_REPAIR done", run + 1, o.runs),
+        );
     };
     if kernel_first {
-        kernel(&mut r);
+        kernel(&mut r, progress);
     }
-    if let Err(e) = flowshift_parts(tb, o, &mut r) {
+    if let Err(e) = flowshift_parts(tb, o, &mut r, progress) {
         r.errors.push(format!("flowshift nodes: {e:#}"));
     }
     if !kernel_first {
-        kernel(&mut r);
+        kernel(&mut r, progress);
     }
     r.loadavg[1] = loadavg();
     r
@@ -1817,9 +1865,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     })
     .context("building the testbed")?;
     let mut runs = Vec::new();
+    let mut progress = Progress::new(args.runs as f64 * run_work(&args));
     for i in 0..args.runs {
         eprintln!("run {} of {}", i + 1, args.runs);
-        runs.push(one_run(&tb, &args, i));
+        runs.push(one_run(&tb, &args, i, &mut progress));
     }
     let ok = runs.iter().all(|r| r.errors.is_empty());
     let res = Results {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::{self, Transfer};
 use crate::plot::{self, Figure, RefLine, Series};
+use crate::progress::Progress;
 use crate::stats::Spread;
 use crate::{Output, addr, secs, sys};
 use flowshift_testbed::testbed::{NODE_A, SERVICE_ADDR};
@@ -165,6 +166,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let pid = node.pid();
 
     let d = secs(args.duration);
+    // Expected seconds: four measures of `duration` and their set-up per target and run;
+    // per idle measurement the settling, the compaction wait and opening the connections.
+    let measure_s = 4.0 * args.duration as f64 + 3.0;
+    let idle_s = 3.5
+        + flowshift_core::stack::COMPACT_AFTER.total_millis() as f64 / 1e3
+        + args.idle as f64 * 1.5e-3;
+    let mut progress = Progress::new(2.0 * args.runs as f64 * measure_s + 4.0 * idle_s);
     let (mut kernel_tcp, mut flowshift) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
         // Alternate who goes first, so a drift in the machine's speed hits both alike.
@@ -183,12 +191,20 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 Target::Kernel => kernel_tcp.push(f),
                 Target::Flowshift => flowshift.push(f),
             }
+            progress.done(
+                measure_s,
+                &format!("run {}/{}: {target:?} measured", run + 1, args.runs),
+            );
         }
     }
     eprintln!("idle connections");
     let (mut kernel_idle, mut flowshift_idle) = (Vec::new(), Vec::new());
     for payload in [1, 64 * 1024] {
         kernel_idle.push(idle_memory(&tb, NODE_A, args.idle, None, payload)?);
+        progress.done(
+            idle_s,
+            &format!("idle connections, {payload} B echoed: kernel"),
+        );
         flowshift_idle.push(idle_memory(
             &tb,
             SERVICE_ADDR,
@@ -196,6 +212,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             Some(pid),
             payload,
         )?);
+        progress.done(
+            idle_s,
+            &format!("idle connections, {payload} B echoed: flowshift"),
+        );
     }
 
     let status = node.terminate().context("stopping the node")?;

@@ -28,6 +28,7 @@ use anyhow::{Context, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{self, Figure, RefLine, Series};
+use crate::progress::Progress;
 use crate::stats::Spread;
 use crate::{Output, sys};
 use flowshift_testbed::testbed::{NODE_A, NODE_B};
@@ -226,6 +227,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         false => None,
     };
     let mut samples = Vec::new();
+    let mut progress = Progress::new(args.runs as f64);
     for run in 1..=args.runs {
         let kernel_first = run % 2 == 1;
         eprintln!(
@@ -297,6 +299,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 tb.clear_router_loss();
             }
         }
+        progress.done(1.0, &format!("run {run} of {} done", args.runs));
     }
     drop(wg);
     drop(bt);
