@@ -168,7 +168,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let d = secs(args.duration);
     // Expected seconds: four measures of `duration` and their set-up per target and run;
     // per idle measurement the settling, the compaction wait and opening the connections.
-    let measure_s = 4.0 * args.duration as f64 + 3.0;
+    let measure_s = 4.0 * args.duration as f64 + 0.5;
     let idle_s = 3.5
         + flowshift_core::stack::COMPACT_AFTER.total_millis() as f64 / 1e3
         + args.idle as f64 * 1.5e-3;
@@ -728,6 +728,16 @@ mod tests {
                 "64 KiB",
             ],
         );
+        // `flowshift-bench plot` on the saved JSON: the same figures, next to it.
+        let json = dir.join("throughput.json");
+        std::fs::write(&json, serde_json::to_string_pretty(&results).unwrap()).unwrap();
+        for p in &paths {
+            std::fs::remove_file(p).unwrap();
+        }
+        plot::redraw(&json, None).unwrap();
+        for p in &paths {
+            assert_svg(p, &["flowshift"]);
+        }
         if std::env::var_os("FLOWSHIFT_KEEP_PLOTS").is_none() {
             let _ = std::fs::remove_dir_all(dir);
         }
