@@ -1941,6 +1941,8 @@ impl SavedSummary {
 
 #[derive(Debug, Deserialize)]
 struct SavedStall {
+    #[serde(default)]
+    steal_percent: f64,
     stall_ms: SavedSummary,
     freeze_ms: SavedSummary,
     #[serde(default)]
@@ -1956,6 +1958,8 @@ struct SavedStall {
 
 #[derive(Debug, Deserialize)]
 struct SavedKernel {
+    #[serde(default)]
+    steal_percent: f64,
     stall_ms: SavedSummary,
     downtime_us: SavedSummary,
 }
@@ -1997,17 +2001,36 @@ pub(crate) fn figures(
     let r: Saved = serde_json::from_value(v.clone()).context("migrate results")?;
     let runs = r.runs.len();
     let mut figures = Vec::new();
-    // Per percentile (p50, p90, p99) the run's values.
+    // Per percentile (p50, p90, p99) every run's value (NaN: none).
     let per_run = |f: &dyn Fn(&SavedRun) -> Option<[Option<f64>; 3]>| -> Vec<Vec<f64>> {
         (0..3)
-            .map(|p| r.runs.iter().filter_map(|x| f(x)?[p]).collect())
+            .map(|p| {
+                r.runs
+                    .iter()
+                    .map(|x| f(x).and_then(|v| v[p]).unwrap_or(f64::NAN))
+                    .collect()
+            })
             .collect()
+    };
+    // Per run: the part saw more steal than the flag's threshold (drawn hollow).
+    let flags = |steal: &dyn Fn(&SavedRun) -> Option<f64>| -> Vec<Vec<bool>> {
+        let per: Vec<bool> = r
+            .runs
+            .iter()
+            .map(|x| steal(x).is_some_and(|s| s > crate::stats::STEAL_FLAG_PERCENT))
+            .collect();
+        vec![per; 6]
     };
     let fs_stall = per_run(&|x| Some(x.stall.as_ref()?.stall_ms.pcts(1.0)));
     let fs_freeze = per_run(&|x| Some(x.stall.as_ref()?.freeze_ms.pcts(1.0)));
     let k_stall = per_run(&|x| Some(x.kernel.as_ref()?.stall_ms.pcts(1.0)));
     let k_freeze = per_run(&|x| Some(x.kernel.as_ref()?.downtime_us.pcts(1e-3)));
-    if fs_stall.iter().chain(&k_stall).any(|v| !v.is_empty()) {
+    if fs_stall
+        .iter()
+        .chain(&k_stall)
+        .flatten()
+        .any(|v| v.is_finite())
+    {
         let pct = ["p50", "p90", "p99"];
         figures.push((
             "migrate-stall",
@@ -2027,12 +2050,14 @@ pub(crate) fn figures(
                         label: "flowshift live migration".into(),
                         colour: plot::FLOWSHIFT,
                         values: fs_stall.into_iter().chain(fs_freeze).collect(),
-                    },
+                        flagged: flags(&|x| Some(x.stall.as_ref()?.steal_percent)),
+},
                     Series {
                         label: "kernel TCP_REPAIR handoff".into(),
                         colour: plot::KERNEL,
                         values: k_stall.into_iter().chain(k_freeze).collect(),
-                    },
+                        flagged: flags(&|x| Some(x.kernel.as_ref()?.steal_percent)),
+},
                 ],
                 refs: vec![RefLine {
                     label: format!("target: stall p99 ≤ {TARGET_STALL_P99_MS} ms"),
@@ -2084,12 +2109,14 @@ pub(crate) fn figures(
                         label: "A→B (the flow becomes relayed)".into(),
                         colour: plot::PALETTE[0],
                         values: dip(|s| &s.dip_a_to_b),
-                    },
+                    ..Default::default()
+},
                     Series {
                         label: "B→A (it comes home)".into(),
                         colour: plot::PALETTE[2],
                         values: dip(|s| &s.dip_b_to_a),
-                    },
+                    ..Default::default()
+},
                 ],
                 refs: Spread::of(warm)
                     .map(|w| RefLine {
@@ -2131,6 +2158,7 @@ pub(crate) fn figures(
                     label: "Gbit/s (points: slices)".into(),
                     colour: plot::FLOWSHIFT,
                     values: vec![all(|s| &s.moved_gbit_s), all(|s| &s.local_gbit_s)],
+                    ..Default::default()
                 }],
                 refs: vec![],
                 log_y: false,
@@ -2257,6 +2285,7 @@ mod tests {
         };
         let mut v = serde_json::to_value(&res).unwrap();
         let kernel = serde_json::json!({
+            "steal_percent": 12.0,
             "stall_ms": serde_json::to_value(sum(8.0)).unwrap(),
             "downtime_us": serde_json::to_value(sum(300.0)).unwrap(),
         });
@@ -2281,6 +2310,7 @@ mod tests {
                 "stall p90",
                 "freeze p99",
                 "target: stall p99 ≤ 5 ms",
+                plot::FLAGGED,
             ],
         );
         crate::plot::tests::assert_svg(

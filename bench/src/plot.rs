@@ -100,11 +100,23 @@ pub(crate) fn short_number(v: f64) -> String {
 
 /// One series of a [`Figure`]: a value per run in each category (empty: the series has
 /// nothing there).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Series {
     pub(crate) label: String,
     pub(crate) colour: RGBColor,
     pub(crate) values: Vec<Vec<f64>>,
+    /// Per category, the values to draw hollow (runs flagged for steal); empty: none.
+    pub(crate) flagged: Vec<Vec<bool>>,
+}
+
+impl Series {
+    fn is_flagged(&self, category: usize, run: usize) -> bool {
+        self.flagged
+            .get(category)
+            .and_then(|f| f.get(run))
+            .copied()
+            .unwrap_or(false)
+    }
 }
 
 /// A horizontal line at `y`, across the categories listed (all when empty).
@@ -271,29 +283,35 @@ where
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], style));
         }
     }
+    let mut any_flagged = false;
     for (k, series) in fig.series.iter().enumerate() {
         let colour = series.colour;
-        // (x, values) of this series' columns.
-        let columns: Vec<(f64, Vec<f64>)> = (0..n)
+        // (x, values, (value, flagged) per run) of this series' columns.
+        type Column = (f64, Vec<f64>, Vec<(f64, bool)>);
+        let columns: Vec<Column> = (0..n)
             .filter_map(|i| {
                 let (_, x) = fig.columns(i).into_iter().find(|(s, _)| *s == k)?;
-                let v: Vec<f64> = series.values[i]
+                let runs: Vec<(f64, bool)> = series.values[i]
                     .iter()
-                    .copied()
-                    .filter(|&v| fig.shown(v))
+                    .enumerate()
+                    .filter(|(_, v)| fig.shown(**v))
+                    .map(|(j, &v)| (v, series.is_flagged(i, j)))
                     .collect();
-                Some((x, v))
+                Some((x, runs.iter().map(|r| r.0).collect(), runs))
             })
             .collect();
+        any_flagged |= columns.iter().any(|c| c.2.iter().any(|r| r.1));
         let w = fig.column_width((0..n).map(|i| fig.columns(i).len()).max().unwrap_or(1));
         if fig.connect {
             chart.draw_series(LineSeries::new(
-                columns.iter().filter_map(|(x, v)| Some((*x, median(v)?))),
+                columns
+                    .iter()
+                    .filter_map(|(x, v, _)| Some((*x, median(v)?))),
                 colour.mix(0.6).stroke_width(1),
             ))?;
         }
         // Whiskers: min–max, with caps.
-        for (x, v) in &columns {
+        for (x, v, _) in &columns {
             let (lo, hi) = v
                 .iter()
                 .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
@@ -308,20 +326,26 @@ where
             ])?;
         }
         // Every run's value, spread a little sideways so that equal values stay visible.
-        chart.draw_series(columns.iter().flat_map(|(x, v)| {
-            let m = v.len() as f64;
-            v.iter().enumerate().map(move |(j, &y)| {
+        // Flagged runs hollow.
+        chart.draw_series(columns.iter().flat_map(|(x, _, runs)| {
+            let m = runs.len() as f64;
+            runs.iter().enumerate().map(move |(j, &(y, flagged))| {
                 let dx = if m > 1.0 {
                     (j as f64 / (m - 1.0) - 0.5) * w * 0.4
                 } else {
                     0.0
                 };
-                Circle::new((x + dx, y), 3, colour.mix(0.55).filled())
+                let style = if flagged {
+                    colour.stroke_width(1)
+                } else {
+                    colour.mix(0.55).filled()
+                };
+                Circle::new((x + dx, y), 3, style)
             })
         }))?;
         // The median, labelled for the legend.
         chart
-            .draw_series(columns.iter().filter_map(|(x, v)| {
+            .draw_series(columns.iter().filter_map(|(x, v, _)| {
                 let m = median(v)?;
                 Some(PathElement::new(
                     [(x - w * 0.35, m), (x + w * 0.35, m)],
@@ -331,9 +355,18 @@ where
             .label(series.label.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 4), (x + 14, y + 4)], colour.filled()));
     }
+    if any_flagged {
+        chart
+            .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
+            .label(FLAGGED)
+            .legend(|(x, y)| Circle::new((x + 7, y), 3, BLACK.stroke_width(1)));
+    }
     legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
+
+/// The legend of hollow points.
+pub(crate) const FLAGGED: &str = "hollow point: run flagged (steal > 10 %)";
 
 /// Which bench wrote a results JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -476,11 +509,13 @@ pub(crate) mod tests {
                     label: "alpha".into(),
                     colour: KERNEL,
                     values: vec![vec![1.0, 2.0, 3.0], vec![]],
+                    ..Default::default()
                 },
                 Series {
                     label: "beta".into(),
                     colour: FLOWSHIFT,
                     values: vec![vec![0.5], vec![10.0, f64::NAN, 0.0, 20.0]],
+                    flagged: vec![vec![], vec![false, false, false, true]],
                 },
             ],
             refs: vec![RefLine {
@@ -494,7 +529,15 @@ pub(crate) mod tests {
         let paths = draw_all(&dir, &[("fig", fig)]).unwrap();
         assert_svg(
             &paths[0],
-            &["test figure", "alpha", "beta", "target", "second", "line"],
+            &[
+                "test figure",
+                "alpha",
+                "beta",
+                "target",
+                "second",
+                "line",
+                FLAGGED,
+            ],
         );
         assert_eq!(short_number(0.6), "0.6");
         assert_eq!(short_number(12.0), "12");

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::load::{self, Transfer};
 use crate::plot::{self, Figure, RefLine, Series};
 use crate::progress::Progress;
-use crate::stats::Spread;
+use crate::stats::{STEAL_FLAG_PERCENT, Spread};
 use crate::{Output, addr, secs, sys};
 use flowshift_testbed::testbed::{NODE_A, SERVICE_ADDR};
 use flowshift_testbed::{NodeConfig, Testbed, TestbedOptions};
@@ -117,9 +117,6 @@ struct Results {
     kernel_idle: Vec<Idle>,
     flowshift_idle: Vec<Idle>,
 }
-
-/// Runs with more steal than this are flagged in the report.
-const STEAL_FLAG_PERCENT: f64 = 10.0;
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     crate::require_root()?;
@@ -460,6 +457,8 @@ struct Saved {
     flowshift_idle: Vec<Idle>,
     #[serde(default)]
     duration_s: u64,
+    #[serde(default)]
+    flagged_runs: Vec<usize>,
 }
 
 /// The targets for flowshift / kernel: single-flow download ≥ 0.6, upload and 8
@@ -485,6 +484,8 @@ pub(crate) fn figures(
             String::new()
         }
     );
+    // Per run: flagged for steal (drawn hollow).
+    let flagged: Vec<bool> = (1..=runs).map(|i| r.flagged_runs.contains(&i)).collect();
     type Pick = fn(&Figures) -> f64;
     let measures: [(&str, Pick); 4] = [
         ("single-flow\ndownload", |x| x.download.gbit_s()),
@@ -505,11 +506,17 @@ pub(crate) fn figures(
                     r.kernel_tcp
                         .iter()
                         .zip(&r.flowshift)
-                        .filter(|(k, _)| pick(k) > 0.0)
-                        .map(|(k, f)| pick(f) / pick(k))
+                        .map(|(k, f)| {
+                            if pick(k) > 0.0 {
+                                pick(f) / pick(k)
+                            } else {
+                                f64::NAN
+                            }
+                        })
                         .collect()
                 })
                 .collect(),
+            flagged: vec![flagged.clone(); measures.len()],
         }],
         refs: vec![
             RefLine {
@@ -549,6 +556,7 @@ pub(crate) fn figures(
                         .collect(),
                     vec![],
                 ],
+                flagged: vec![flagged.clone()],
             },
             Series {
                 label: "flowshift".into(),
@@ -557,9 +565,10 @@ pub(crate) fn figures(
                     r.flowshift.iter().map(|x| x.machine_cpu_s_per_gb).collect(),
                     r.flowshift
                         .iter()
-                        .filter_map(|x| x.process_cpu_s_per_gb)
+                        .map(|x| x.process_cpu_s_per_gb.unwrap_or(f64::NAN))
                         .collect(),
                 ],
+                flagged: vec![flagged.clone(), flagged.clone()],
             },
         ],
         refs: vec![],
@@ -589,11 +598,13 @@ pub(crate) fn figures(
                 label: "kernel TCP (half the slab growth)".into(),
                 colour: plot::KERNEL,
                 values: kib(&r.kernel_idle),
+                ..Default::default()
             },
             Series {
                 label: "flowshift (node RSS growth)".into(),
                 colour: plot::FLOWSHIFT,
                 values: kib(&r.flowshift_idle),
+                ..Default::default()
             },
         ],
         refs: r
@@ -659,7 +670,7 @@ mod tests {
                 figures_of(1.0, 0.6),
                 figures_of(1.0, 0.7),
             ],
-            flagged_runs: vec![],
+            flagged_runs: vec![2],
             summary: vec![],
             kernel_idle: vec![
                 Idle {
@@ -703,6 +714,7 @@ mod tests {
         assert_svg(
             &paths[0],
             &[
+                plot::FLAGGED,
                 "flowshift / kernel",
                 "target ≥ 0.6 (download)",
                 "target ≥ 0.8 (upload, 8 flows)",

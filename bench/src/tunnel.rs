@@ -771,6 +771,14 @@ pub(crate) fn figures(
             .map(|x| f(&x.result))
             .collect()
     };
+    // Samples with more steal than the flag's threshold are drawn hollow.
+    let flags = |t: Transport, lossy: bool| -> Vec<bool> {
+        r.samples
+            .iter()
+            .filter(|x| x.transport == t && x.lossy == lossy)
+            .map(|x| x.result.steal_percent > crate::stats::STEAL_FLAG_PERCENT)
+            .collect()
+    };
     let present = |lossy: bool| -> Vec<Transport> {
         Transport::ALL
             .into_iter()
@@ -814,6 +822,7 @@ pub(crate) fn figures(
                     }
                 })
                 .collect(),
+            flagged: transports.iter().map(|&t| flags(t, false)).collect(),
         })
         .collect()
     };
@@ -859,6 +868,7 @@ pub(crate) fn figures(
                     values(t, false, |x| x.gbit_s),
                     values(t, true, |x| x.gbit_s),
                 ],
+                flagged: vec![flags(t, false), flags(t, true)],
             })
             .collect(),
         refs: vec![],
@@ -882,6 +892,7 @@ pub(crate) fn figures(
                     .iter()
                     .map(|&t| values(t, false, |x| x.tunnel_cpu_s_per_gb))
                     .collect(),
+                flagged: tunnels.iter().map(|&t| flags(t, false)).collect(),
             },
             Series {
                 label: "whole machine (busy time)".into(),
@@ -890,6 +901,7 @@ pub(crate) fn figures(
                     .iter()
                     .map(|&t| values(t, false, |x| x.machine_cpu_s_per_gb))
                     .collect(),
+                flagged: tunnels.iter().map(|&t| flags(t, false)).collect(),
             },
         ],
         refs: vec![],
@@ -927,6 +939,9 @@ mod tests {
                     if t == Transport::FlowshiftDatagram {
                         result.delivered_fraction = Some(0.97);
                     }
+                    if run == 2 {
+                        result.steal_percent = 15.0;
+                    }
                     samples.push(Sample {
                         run,
                         transport: t,
@@ -960,6 +975,7 @@ mod tests {
                 "wireguard-go",
                 "boringtun",
                 "97.0 % delivered",
+                plot::FLAGGED,
             ],
         );
         assert_svg(
