@@ -1971,10 +1971,21 @@ struct SavedSteady {
 }
 
 #[derive(Debug, Deserialize)]
+struct SavedDrain {
+    idle: usize,
+    conns_per_s: f64,
+    conns_per_s_ctl: f64,
+    #[serde(default)]
+    steal_percent: f64,
+}
+
+#[derive(Debug, Deserialize)]
 struct SavedRun {
     stall: Option<SavedStall>,
     kernel: Option<SavedKernel>,
     steady: Option<SavedSteady>,
+    #[serde(default)]
+    drain: Option<SavedDrain>,
 }
 
 /// What the figures take from `migrate.json`.
@@ -1989,11 +2000,13 @@ struct Saved {
 
 /// The target for the stall's p99, ms.
 const TARGET_STALL_P99_MS: f64 = 5.0;
+/// The target for the drain rate, connections per second.
+const TARGET_DRAIN_PER_S: f64 = 5000.0;
 
 /// Draws `migrate-stall.svg` (stall and freeze percentiles, flowshift beside the kernel's
 /// TCP_REPAIR handoff), `migrate-dip.svg` (throughput around a move) and
-/// `migrate-steady.svg` (a moved download beside a local one) from a `migrate.json`, those
-/// whose parts were measured.
+/// `migrate-steady.svg` (a moved download beside a local one) and `migrate-drain.svg` (the
+/// drain rate) from a `migrate.json`, those whose parts were measured.
 pub(crate) fn figures(
     v: &serde_json::Value,
     dir: &std::path::Path,
@@ -2166,6 +2179,41 @@ pub(crate) fn figures(
             },
         ));
     }
+    let drains: Vec<&SavedDrain> = r.runs.iter().filter_map(|x| x.drain.as_ref()).collect();
+    if let Some(first) = drains.first() {
+        let flagged: Vec<bool> = drains
+            .iter()
+            .map(|d| d.steal_percent > crate::stats::STEAL_FLAG_PERCENT)
+            .collect();
+        figures.push((
+            "migrate-drain",
+            Figure {
+                title: format!(
+                    "ctl drain of {} idle connections to node-b ({} run(s))",
+                    first.idle,
+                    drains.len()
+                ),
+                y_desc: "connections per second".into(),
+                categories: vec!["node's own time".into(), "ctl round trip".into()],
+                series: vec![Series {
+                    label: "connections moved per second".into(),
+                    colour: plot::FLOWSHIFT,
+                    values: vec![
+                        drains.iter().map(|d| d.conns_per_s).collect(),
+                        drains.iter().map(|d| d.conns_per_s_ctl).collect(),
+                    ],
+                    flagged: vec![flagged.clone(), flagged],
+                }],
+                refs: vec![RefLine {
+                    label: format!("target ≥ {TARGET_DRAIN_PER_S:.0} per second"),
+                    y: TARGET_DRAIN_PER_S,
+                    categories: vec![],
+                }],
+                log_y: false,
+                connect: false,
+            },
+        ));
+    }
     plot::draw_all(dir, &figures)
 }
 
@@ -2291,6 +2339,9 @@ mod tests {
         });
         for r in v["runs"].as_array_mut().unwrap() {
             r["kernel"] = kernel.clone();
+            r["drain"] = serde_json::json!({
+                "idle": 10_000, "conns_per_s": 8000.0, "conns_per_s_ctl": 6000.0,
+            });
         }
         let dir = crate::plot::tests::temp_dir("migrate");
         let paths = figures(&v, &dir).unwrap();
@@ -2300,7 +2351,16 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["migrate-stall.svg", "migrate-dip.svg", "migrate-steady.svg"]
+            [
+                "migrate-stall.svg",
+                "migrate-dip.svg",
+                "migrate-steady.svg",
+                "migrate-drain.svg"
+            ]
+        );
+        crate::plot::tests::assert_svg(
+            &paths[3],
+            &["ctl round trip", "target ≥ 5000 per second", "10000 idle"],
         );
         crate::plot::tests::assert_svg(
             &paths[0],
