@@ -10,7 +10,7 @@ use flowshift_core::app::counting::fill as counting_fill;
 use flowshift_testbed::oracle::CountingVerifier;
 
 /// Bytes moved and the time it took.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Transfer {
     /// Application bytes.
     pub(crate) bytes: u64,

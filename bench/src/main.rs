@@ -13,6 +13,9 @@
 //! run: the client-observed stall per move of a bulk download, the drain rate of idle
 //! connections, the throughput dip around a move and of a moved (relayed) flow.
 //!
+//! `flowshift-bench plot <results.json>` redraws the figures (SVG) that `throughput`, `tunnel`
+//! and `migrate` draw next to their JSON, from a saved JSON.
+//!
 //! `flowshift-bench sim` runs the prediction simulator (no root needed): overload-seconds,
 //! moves and forecast error of no policy, reactive and predictive over synthetic workloads.
 
@@ -27,6 +30,8 @@ use serde::Serialize;
 mod kernel_server;
 mod load;
 mod migrate;
+mod plot;
+mod progress;
 mod repair;
 mod sim;
 mod stats;
@@ -58,6 +63,15 @@ enum Command {
     /// The prediction simulator: every workload under no policy, reactive and predictive, with
     /// several seeds; a table, JSON and plots. Needs no root.
     Sim(sim::Args),
+    /// Redraw the figures of a saved results JSON (of `throughput`, `tunnel` or `migrate`)
+    /// without rerunning the benchmark. Needs no root.
+    Plot {
+        /// The results JSON (`throughput.json`, `tunnel.json` or `migrate.json`).
+        results: PathBuf,
+        /// Where the SVGs go (default: the JSON's directory).
+        #[arg(long, visible_alias = "out-dir")]
+        out: Option<PathBuf>,
+    },
     /// The kernel baseline's servers (source :19, sink :9, echo :7) on an address; runs until
     /// killed. The throughput benchmark starts it in node-a.
     #[command(hide = true)]
@@ -77,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         Command::Repair(args) => repair::run(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Sim(args) => sim::run(args),
+        Command::Plot { results, out } => plot::redraw(&results, out.as_deref()),
         Command::KernelServer { addr: ip } => {
             kernel_server::source(addr(ip, 19))?;
             kernel_server::sink(addr(ip, 9))?;

@@ -38,8 +38,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::plot::{self, Figure, RefLine, Series};
+use crate::progress::Progress;
 use crate::repair::{self, HandoffStats, RepairOptions, Summary};
 use crate::stats::Spread;
 use crate::{addr, load, sys};
@@ -421,21 +423,9 @@ struct Results {
 // ---------------------------------------------------------------------------------------
 // Statistics helpers
 
-/// p50/p99/max/mean by nearest rank (as `repair` computes them).
-fn summary(mut v: Vec<f64>) -> Summary {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return Summary::default();
-    }
-    v.sort_by(f64::total_cmp);
-    let at = |p: f64| v[((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-    Summary {
-        n: v.len(),
-        p50: at(50.0),
-        p99: at(99.0),
-        max: v[v.len() - 1],
-        mean: v.iter().sum::<f64>() / v.len() as f64,
-    }
+/// p50/p90/p99/max/mean by nearest rank (as `repair` computes them).
+fn summary(v: Vec<f64>) -> Summary {
+    Summary::of(v)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -1303,7 +1293,47 @@ fn kernel_options(o: &Args, run: usize) -> RepairOptions {
     }
 }
 
-fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<()> {
+/// Seconds part `p` of one run is expected to take (for the progress estimate).
+fn part_seconds(o: &Args, p: Part) -> f64 {
+    if !o.has(p) {
+        return 0.0;
+    }
+    let moving = |warmup_ms: u64| {
+        warmup_ms as f64 / 1e3
+            + (o.moves as f64 * o.interval_ms as f64 / 1e3).min(o.max_seconds as f64)
+            + 3.0
+    };
+    match p {
+        Part::Stall => moving(o.warmup_ms),
+        Part::Kernel => moving(o.warmup_ms),
+        Part::Steady => {
+            2.0 * o.steady_slices as f64 * o.steady_slice_ms as f64 / 1e3
+                + o.steady_hold_s as f64
+                + 3.0
+        }
+        Part::Drain => 4.0 + o.idle as f64 * 1e-3,
+    }
+}
+
+fn run_work(o: &Args) -> f64 {
+    [Part::Stall, Part::Steady, Part::Drain, Part::Kernel]
+        .into_iter()
+        .map(|p| part_seconds(o, p))
+        .sum()
+}
+
+fn flowshift_parts(
+    tb: &Testbed,
+    o: &Args,
+    r: &mut RunResult,
+    progress: &mut Progress,
+) -> anyhow::Result<()> {
+    let done = |progress: &mut Progress, p: Part, what: &str| {
+        progress.done(
+            part_seconds(o, p),
+            &format!("run {} of {}: {what} done", r.run + 1, o.runs),
+        );
+    };
     if !(o.has(Part::Stall) || o.has(Part::Steady) || o.has(Part::Drain)) {
         return Ok(());
     }
@@ -1338,6 +1368,7 @@ fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<
             }
             Err(e) => r.errors.push(format!("stall: {e:#}")),
         }
+        done(progress, Part::Stall, "flowshift stall");
     }
     if o.has(Part::Steady) {
         eprintln!("  flowshift: a moved download beside a local one");
@@ -1353,6 +1384,7 @@ fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<
             }
             Err(e) => r.errors.push(format!("steady: {e:#}")),
         }
+        done(progress, Part::Steady, "flowshift steady");
     }
     if o.has(Part::Drain) {
         // Let the connections of the parts before close.
@@ -1382,6 +1414,7 @@ fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<
             }
             Err(e) => r.errors.push(format!("drain: {e:#}")),
         }
+        done(progress, Part::Drain, "flowshift drain");
     }
     if let Err(e) = p.stop() {
         result = Err(e);
@@ -1389,7 +1422,7 @@ fn flowshift_parts(tb: &Testbed, o: &Args, r: &mut RunResult) -> anyhow::Result<
     result
 }
 
-fn one_run(tb: &Testbed, o: &Args, run: usize) -> RunResult {
+fn one_run(tb: &Testbed, o: &Args, run: usize, progress: &mut Progress) -> RunResult {
     let kernel_first = run % 2 == 1;
     let mut r = RunResult {
         run,
@@ -1401,7 +1434,7 @@ fn one_run(tb: &Testbed, o: &Args, run: usize) -> RunResult {
         kernel: None,
         errors: Vec::new(),
     };
-    let kernel = |r: &mut RunResult| {
+    let kernel = |r: &mut RunResult, progress: &mut Progress| {
         if !o.has(Part::Kernel) {
             return;
         }
@@ -1422,15 +1455,19 @@ fn one_run(tb: &Testbed, o: &Args, run: usize) -> RunResult {
             }
             Err(e) => r.errors.push(format!("kernel: {e:#}")),
         }
+        progress.done(
+            part_seconds(o, Part::Kernel),
+            &format!("run {} of {}: kernel TCP_REPAIR done", run + 1, o.runs),
+        );
     };
     if kernel_first {
-        kernel(&mut r);
+        kernel(&mut r, progress);
     }
-    if let Err(e) = flowshift_parts(tb, o, &mut r) {
+    if let Err(e) = flowshift_parts(tb, o, &mut r, progress) {
         r.errors.push(format!("flowshift nodes: {e:#}"));
     }
     if !kernel_first {
-        kernel(&mut r);
+        kernel(&mut r, progress);
     }
     r.loadavg[1] = loadavg();
     r
@@ -1828,9 +1865,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     })
     .context("building the testbed")?;
     let mut runs = Vec::new();
+    let mut progress = Progress::new(args.runs as f64 * run_work(&args));
     for i in 0..args.runs {
         eprintln!("run {} of {}", i + 1, args.runs);
-        runs.push(one_run(&tb, &args, i));
+        runs.push(one_run(&tb, &args, i, &mut progress));
     }
     let ok = runs.iter().all(|r| r.errors.is_empty());
     let res = Results {
@@ -1865,6 +1903,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         )?;
         std::fs::write(dir.join("migrate.md"), &md)?;
         eprintln!("wrote {0}/migrate.json and {0}/migrate.md", dir.display());
+        plot::after_run(plot::Bench::Migrate, &res, dir);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&res)?);
@@ -1876,6 +1915,306 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         "some measurements failed their checks (see the errors above)"
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Figures
+
+/// Percentiles as saved (`p90` is missing in results written before it was added).
+#[derive(Debug, Deserialize)]
+struct SavedSummary {
+    #[serde(default)]
+    n: usize,
+    p50: f64,
+    #[serde(default)]
+    p90: Option<f64>,
+    p99: f64,
+}
+
+impl SavedSummary {
+    /// p50, p90, p99 (scaled), those there are, when the sample is not empty.
+    fn pcts(&self, scale: f64) -> [Option<f64>; 3] {
+        let some = |x: f64| (self.n > 0).then_some(x * scale);
+        [some(self.p50), self.p90.and_then(some), some(self.p99)]
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct SavedStall {
+    #[serde(default)]
+    steal_percent: f64,
+    stall_ms: SavedSummary,
+    freeze_ms: SavedSummary,
+    #[serde(default)]
+    bin_ms: f64,
+    #[serde(default)]
+    bins_from_ms: f64,
+    #[serde(default)]
+    dip_a_to_b: Vec<f64>,
+    #[serde(default)]
+    dip_b_to_a: Vec<f64>,
+    warmup_bin_gbit_s: Option<SavedSummary>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SavedKernel {
+    #[serde(default)]
+    steal_percent: f64,
+    stall_ms: SavedSummary,
+    downtime_us: SavedSummary,
+}
+
+#[derive(Debug, Deserialize)]
+struct SavedSteady {
+    moved_gbit_s: Vec<f64>,
+    local_gbit_s: Vec<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SavedDrain {
+    idle: usize,
+    conns_per_s: f64,
+    conns_per_s_ctl: f64,
+    #[serde(default)]
+    steal_percent: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct SavedRun {
+    stall: Option<SavedStall>,
+    kernel: Option<SavedKernel>,
+    steady: Option<SavedSteady>,
+    #[serde(default)]
+    drain: Option<SavedDrain>,
+}
+
+/// What the figures take from `migrate.json`.
+#[derive(Debug, Deserialize)]
+struct Saved {
+    runs: Vec<SavedRun>,
+    moves: usize,
+    interval_ms: u64,
+    #[serde(default)]
+    direct_return: bool,
+}
+
+/// The target for the stall's p99, ms.
+const TARGET_STALL_P99_MS: f64 = 5.0;
+/// The target for the drain rate, connections per second.
+const TARGET_DRAIN_PER_S: f64 = 5000.0;
+
+/// Draws `migrate-stall.svg` (stall and freeze percentiles, flowshift beside the kernel's
+/// TCP_REPAIR handoff), `migrate-dip.svg` (throughput around a move) and
+/// `migrate-steady.svg` (a moved download beside a local one) and `migrate-drain.svg` (the
+/// drain rate) from a `migrate.json`, those whose parts were measured.
+pub(crate) fn figures(
+    v: &serde_json::Value,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let r: Saved = serde_json::from_value(v.clone()).context("migrate results")?;
+    let runs = r.runs.len();
+    let mut figures = Vec::new();
+    // Per percentile (p50, p90, p99) every run's value (NaN: none).
+    let per_run = |f: &dyn Fn(&SavedRun) -> Option<[Option<f64>; 3]>| -> Vec<Vec<f64>> {
+        (0..3)
+            .map(|p| {
+                r.runs
+                    .iter()
+                    .map(|x| f(x).and_then(|v| v[p]).unwrap_or(f64::NAN))
+                    .collect()
+            })
+            .collect()
+    };
+    // Per run: the part saw more steal than the flag's threshold (drawn hollow).
+    let flags = |steal: &dyn Fn(&SavedRun) -> Option<f64>| -> Vec<Vec<bool>> {
+        let per: Vec<bool> = r
+            .runs
+            .iter()
+            .map(|x| steal(x).is_some_and(|s| s > crate::stats::STEAL_FLAG_PERCENT))
+            .collect();
+        vec![per; 6]
+    };
+    let fs_stall = per_run(&|x| Some(x.stall.as_ref()?.stall_ms.pcts(1.0)));
+    let fs_freeze = per_run(&|x| Some(x.stall.as_ref()?.freeze_ms.pcts(1.0)));
+    let k_stall = per_run(&|x| Some(x.kernel.as_ref()?.stall_ms.pcts(1.0)));
+    let k_freeze = per_run(&|x| Some(x.kernel.as_ref()?.downtime_us.pcts(1e-3)));
+    if fs_stall
+        .iter()
+        .chain(&k_stall)
+        .flatten()
+        .any(|v| v.is_finite())
+    {
+        let pct = ["p50", "p90", "p99"];
+        figures.push((
+            "migrate-stall",
+            Figure {
+                title: format!(
+                    "client-observed stall and freeze per move ({} moves, one every {} ms; {runs} run(s))",
+                    r.moves, r.interval_ms
+                ),
+                y_desc: "ms (log scale)".into(),
+                categories: pct
+                    .iter()
+                    .map(|p| format!("stall {p}\n(longest read gap)"))
+                    .chain(pct.iter().map(|p| format!("freeze {p}\n(kernel: downtime)")))
+                    .collect(),
+                series: vec![
+                    Series {
+                        label: "flowshift live migration".into(),
+                        colour: plot::FLOWSHIFT,
+                        values: fs_stall.into_iter().chain(fs_freeze).collect(),
+                        flagged: flags(&|x| Some(x.stall.as_ref()?.steal_percent)),
+},
+                    Series {
+                        label: "kernel TCP_REPAIR handoff".into(),
+                        colour: plot::KERNEL,
+                        values: k_stall.into_iter().chain(k_freeze).collect(),
+                        flagged: flags(&|x| Some(x.kernel.as_ref()?.steal_percent)),
+},
+                ],
+                refs: vec![RefLine {
+                    label: format!("target: stall p99 ≤ {TARGET_STALL_P99_MS} ms"),
+                    y: TARGET_STALL_P99_MS,
+                    categories: vec![2],
+                }],
+                log_y: true,
+                connect: false,
+            },
+        ));
+    }
+    let stalls: Vec<&SavedStall> = r.runs.iter().filter_map(|x| x.stall.as_ref()).collect();
+    let bins = stalls
+        .iter()
+        .map(|s| s.dip_a_to_b.len().max(s.dip_b_to_a.len()))
+        .max()
+        .unwrap_or(0);
+    if let Some(first) = stalls.first().filter(|_| bins > 0) {
+        let dip = |f: fn(&SavedStall) -> &Vec<f64>| -> Vec<Vec<f64>> {
+            (0..bins)
+                .map(|b| stalls.iter().filter_map(|s| f(s).get(b).copied()).collect())
+                .collect()
+        };
+        let warm: Vec<f64> = stalls
+            .iter()
+            .filter_map(|s| {
+                s.warmup_bin_gbit_s
+                    .as_ref()
+                    .filter(|w| w.n > 0)
+                    .map(|w| w.p50)
+            })
+            .collect();
+        figures.push((
+            "migrate-dip",
+            Figure {
+                title: format!(
+                    "download throughput around a move, per {:.0} ms bin (median over moves; {runs} run(s))",
+                    first.bin_ms
+                ),
+                y_desc: "Gbit/s".into(),
+                categories: (0..bins)
+                    .map(|b| {
+                        let from = first.bins_from_ms + b as f64 * first.bin_ms;
+                        format!("{from:+.0} ms\nfrom the request")
+                    })
+                    .collect(),
+                series: vec![
+                    Series {
+                        label: "A→B (the flow becomes relayed)".into(),
+                        colour: plot::PALETTE[0],
+                        values: dip(|s| &s.dip_a_to_b),
+                    ..Default::default()
+},
+                    Series {
+                        label: "B→A (it comes home)".into(),
+                        colour: plot::PALETTE[2],
+                        values: dip(|s| &s.dip_b_to_a),
+                    ..Default::default()
+},
+                ],
+                refs: Spread::of(warm)
+                    .map(|w| RefLine {
+                        label: "no move (warm-up bins, median)".into(),
+                        y: w.median,
+                        categories: vec![],
+                    })
+                    .into_iter()
+                    .collect(),
+                log_y: false,
+                connect: true,
+            },
+        ));
+    }
+    let steady: Vec<&SavedSteady> = r.runs.iter().filter_map(|x| x.steady.as_ref()).collect();
+    if !steady.is_empty() {
+        let all = |f: fn(&SavedSteady) -> &Vec<f64>| -> Vec<f64> {
+            steady.iter().flat_map(|s| f(s).iter().copied()).collect()
+        };
+        figures.push((
+            "migrate-steady",
+            Figure {
+                title: format!(
+                    "a moved download beside a local one, alternate slices ({runs} run(s))"
+                ),
+                y_desc: "Gbit/s".into(),
+                categories: vec![
+                    format!(
+                        "moved to node-b\n({})",
+                        if r.direct_return {
+                            "direct return"
+                        } else {
+                            "replies relayed through a"
+                        }
+                    ),
+                    "local on node-a".into(),
+                ],
+                series: vec![Series {
+                    label: "Gbit/s (points: slices)".into(),
+                    colour: plot::FLOWSHIFT,
+                    values: vec![all(|s| &s.moved_gbit_s), all(|s| &s.local_gbit_s)],
+                    ..Default::default()
+                }],
+                refs: vec![],
+                log_y: false,
+                connect: false,
+            },
+        ));
+    }
+    let drains: Vec<&SavedDrain> = r.runs.iter().filter_map(|x| x.drain.as_ref()).collect();
+    if let Some(first) = drains.first() {
+        let flagged: Vec<bool> = drains
+            .iter()
+            .map(|d| d.steal_percent > crate::stats::STEAL_FLAG_PERCENT)
+            .collect();
+        figures.push((
+            "migrate-drain",
+            Figure {
+                title: format!(
+                    "ctl drain of {} idle connections to node-b ({} run(s))",
+                    first.idle,
+                    drains.len()
+                ),
+                y_desc: "connections per second".into(),
+                categories: vec!["node's own time".into(), "ctl round trip".into()],
+                series: vec![Series {
+                    label: "connections moved per second".into(),
+                    colour: plot::FLOWSHIFT,
+                    values: vec![
+                        drains.iter().map(|d| d.conns_per_s).collect(),
+                        drains.iter().map(|d| d.conns_per_s_ctl).collect(),
+                    ],
+                    flagged: vec![flagged.clone(), flagged],
+                }],
+                refs: vec![RefLine {
+                    label: format!("target ≥ {TARGET_DRAIN_PER_S:.0} per second"),
+                    y: TARGET_DRAIN_PER_S,
+                    categories: vec![],
+                }],
+                log_y: false,
+                connect: false,
+            },
+        ));
+    }
+    plot::draw_all(dir, &figures)
 }
 
 #[cfg(test)]
@@ -1894,5 +2233,158 @@ mod tests {
         assert!(Spread::of(vec![f64::NAN]).is_none());
         let s = summary(vec![3.0, 1.0, 2.0, 4.0]);
         assert_eq!((s.p50, s.p99, s.max), (2.0, 4.0, 4.0));
+    }
+
+    #[test]
+    fn figures_of_a_synthetic_run() {
+        let sum = |p50: f64| summary(vec![p50, p50 * 1.5, p50 * 2.0, p50 * 4.0]);
+        let stall = |k: f64| StallStats {
+            moves_requested: 4,
+            moves_done: 4,
+            moves_failed: 0,
+            bytes: 1_000_000,
+            byte_exact: true,
+            reset: false,
+            client_error: None,
+            duration_s: 1.0,
+            gbit_s: 5.0,
+            steal_percent: 1.0,
+            stall_ms: sum(2.0 * k),
+            control_gap_ms: sum(0.5),
+            sham_gap_ms: sum(0.6),
+            freeze_ms: sum(0.8 * k),
+            ctl_ms: sum(3.0),
+            node_ms: sum(2.0),
+            gbit_s_before: sum(5.0),
+            gbit_s_after: sum(4.0),
+            gbit_s_a_to_b: [5.0, 4.0],
+            gbit_s_b_to_a: [5.0, 5.0],
+            bin_ms: 100.0,
+            bins_from_ms: -200.0,
+            dip_a_to_b: vec![5.0, 5.0, 3.0, 4.0, 4.5, 5.0],
+            dip_b_to_a: vec![5.0, 5.0, 4.0, 5.0, 5.0, 5.0],
+            warmup_bin_gbit_s: sum(5.0),
+            node_resets: 0,
+            tunnel_packets_refused: 0,
+            counters: BTreeMap::new(),
+            per_move: vec![MoveRecord {
+                from: "a",
+                to: "b",
+                moved: true,
+                reason: None,
+                request_ms: 1.0,
+                reply_ms: 2.0,
+                ctl_ms: 1.0,
+                node_ms: 1.0,
+                freeze_ms: Some(0.8),
+                stall_ms: 2.0,
+                gbit_s_before: 5.0,
+                gbit_s_after: 4.0,
+                bins_gbit_s: vec![5.0; 6],
+            }],
+        };
+        let steady = SteadyStats {
+            moved_gbit_s: vec![2.0, 2.2, 2.1],
+            local_gbit_s: vec![4.0, 4.1, 3.9],
+            moved_median: 2.1,
+            local_median: 4.0,
+            ratio: 0.52,
+            bytes: 1,
+            byte_exact: true,
+            steal_percent: 0.0,
+            moved_cpu: CpuView::default(),
+            local_cpu: CpuView::default(),
+            moved_conn: vec![],
+            peers: vec![],
+            counters: BTreeMap::new(),
+        };
+        let runs: Vec<RunResult> = (0..2)
+            .map(|i| RunResult {
+                run: i,
+                kernel_first: i % 2 == 1,
+                loadavg: [String::new(), String::new()],
+                stall: Some(stall(1.0 + i as f64)),
+                steady: Some(steady.clone()),
+                drain: None,
+                // The kernel baseline's JSON is built from the saved form (its statistics
+                // need a real handoff run).
+                kernel: None,
+                errors: vec![],
+            })
+            .collect();
+        let res = Results {
+            machine: "test (2 cores)".into(),
+            kernel: "6.1".into(),
+            veth_mtu: 1500,
+            workers: None,
+            tcp_buffer: None,
+            direct_return: false,
+            trigger: Trigger::Socket,
+            client_rate: None,
+            runs_requested: 2,
+            moves: 4,
+            interval_ms: 600,
+            window_before_ms: 50,
+            window_after_ms: 200,
+            idle: 10,
+            headlines: headlines(&runs),
+            runs,
+            ok: true,
+        };
+        let mut v = serde_json::to_value(&res).unwrap();
+        let kernel = serde_json::json!({
+            "steal_percent": 12.0,
+            "stall_ms": serde_json::to_value(sum(8.0)).unwrap(),
+            "downtime_us": serde_json::to_value(sum(300.0)).unwrap(),
+        });
+        for r in v["runs"].as_array_mut().unwrap() {
+            r["kernel"] = kernel.clone();
+            r["drain"] = serde_json::json!({
+                "idle": 10_000, "conns_per_s": 8000.0, "conns_per_s_ctl": 6000.0,
+            });
+        }
+        let dir = crate::plot::tests::temp_dir("migrate");
+        let paths = figures(&v, &dir).unwrap();
+        let names: Vec<String> = paths
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "migrate-stall.svg",
+                "migrate-dip.svg",
+                "migrate-steady.svg",
+                "migrate-drain.svg"
+            ]
+        );
+        crate::plot::tests::assert_svg(
+            &paths[3],
+            &["ctl round trip", "target ≥ 5000 per second", "10000 idle"],
+        );
+        crate::plot::tests::assert_svg(
+            &paths[0],
+            &[
+                "flowshift live migration",
+                "kernel TCP_REPAIR handoff",
+                "stall p90",
+                "freeze p99",
+                "target: stall p99 ≤ 5 ms",
+                plot::FLAGGED,
+            ],
+        );
+        crate::plot::tests::assert_svg(
+            &paths[1],
+            &[
+                "A→B (the flow becomes relayed)",
+                "B→A (it comes home)",
+                "no move",
+                "-200 ms",
+            ],
+        );
+        crate::plot::tests::assert_svg(&paths[2], &["moved to node-b", "local on node-a"]);
+        if std::env::var_os("FLOWSHIFT_KEEP_PLOTS").is_none() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

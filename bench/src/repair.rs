@@ -81,18 +81,21 @@ impl Default for RepairOptions {
     }
 }
 
-/// p50, p99, max and mean of a sample.
+/// p50, p90, p99, max and mean of a sample.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub(crate) struct Summary {
     pub(crate) n: usize,
     pub(crate) p50: f64,
+    pub(crate) p90: f64,
     pub(crate) p99: f64,
     pub(crate) max: f64,
     pub(crate) mean: f64,
 }
 
 impl Summary {
-    fn of(mut v: Vec<f64>) -> Summary {
+    /// Over the finite values of `v` (all zero when there are none).
+    pub(crate) fn of(mut v: Vec<f64>) -> Summary {
+        v.retain(|x| x.is_finite());
         if v.is_empty() {
             return Summary::default();
         }
@@ -102,6 +105,7 @@ impl Summary {
         Summary {
             n: v.len(),
             p50: at(50.0),
+            p90: at(90.0),
             p99: at(99.0),
             max: v[v.len() - 1],
             mean: v.iter().sum::<f64>() / v.len() as f64,

@@ -15,6 +15,8 @@ use plotters::prelude::*;
 use serde::Serialize;
 use smoltcp::time::Duration;
 
+use crate::plot;
+
 /// Arguments of `flowshift-bench sim`.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct Args {
@@ -206,13 +208,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         let path = args.out.join(format!("sim-{}.svg", w.name()));
-        plot_utilisation(&path, w, &traces, tick_seconds(&config))
-            .map_err(|e| anyhow!("plotting {}: {e}", path.display()))?;
+        plot_utilisation(&path, w, &traces, tick_seconds(&config))?;
     }
     md.push('\n');
     md.push_str(&comparison(&rows));
     let path = args.out.join("sim-overload.svg");
-    plot_overload(&path, &rows).map_err(|e| anyhow!("plotting {}: {e}", path.display()))?;
+    plot_overload(&path, &rows)?;
 
     let report = Report {
         seeds: args.seeds,
@@ -271,12 +272,8 @@ fn comparison(rows: &[Row]) -> String {
     out
 }
 
-const NODE_COLOURS: [RGBColor; 4] = [
-    RGBColor(214, 39, 40),
-    RGBColor(31, 119, 180),
-    RGBColor(44, 160, 44),
-    RGBColor(148, 103, 189),
-];
+/// Nodes' colours: indexes into [`plot::PALETTE`].
+const NODE_COLOURS: [usize; 4] = [3, 0, 2, 4];
 
 /// One panel per policy: every node's utilisation over time, and the capacity line.
 fn plot_utilisation(
@@ -284,9 +281,18 @@ fn plot_utilisation(
     w: Workload,
     traces: &[(SimPolicy, Vec<Vec<f32>>)],
     tick_s: f64,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (900, 300 * traces.len() as u32)).into_drawing_area();
-    root.fill(&WHITE)?;
+) -> anyhow::Result<()> {
+    plot::svg(path, (900, 300 * traces.len() as u32), |root| {
+        utilisation_panels(root, w, traces, tick_s)
+    })
+}
+
+fn utilisation_panels(
+    root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    w: Workload,
+    traces: &[(SimPolicy, Vec<Vec<f32>>)],
+    tick_s: f64,
+) -> anyhow::Result<()> {
     let panels = root.split_evenly((traces.len(), 1));
     let max_u = traces
         .iter()
@@ -297,7 +303,7 @@ fn plot_utilisation(
         let mut chart = ChartBuilder::on(&area)
             .caption(
                 format!("{}: policy {}", w.name(), policy.name()),
-                ("sans-serif", 18),
+                plot::CAPTION,
             )
             .margin(8)
             .x_label_area_size(30)
@@ -312,7 +318,7 @@ fn plot_utilisation(
         // overloads still show.
         let per_bin = ((1.0 / tick_s).round() as usize).max(1);
         for (n, trace) in nodes.iter().enumerate() {
-            let colour = NODE_COLOURS[n % NODE_COLOURS.len()];
+            let colour = plot::PALETTE[NODE_COLOURS[n % NODE_COLOURS.len()]];
             chart
                 .draw_series(LineSeries::new(
                     trace.chunks(per_bin).enumerate().map(|(b, bin)| {
@@ -331,27 +337,20 @@ fn plot_utilisation(
             ))?
             .label("capacity")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        plot::legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
-    root.present()?;
     Ok(())
 }
 
 /// Reactive against predictive per workload: median overload-seconds and median moves, the
 /// whisker spanning min–max over seeds. (No policy is left out: it is two orders of magnitude
 /// above both; the table has it.)
-fn plot_overload(path: &Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (900, 640)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (top, bottom) = root.split_vertically(320);
-    bars(&top, rows, "overload-seconds", |r| r.overload_seconds)?;
-    bars(&bottom, rows, "moves", |r| r.moves)?;
-    root.present()?;
-    Ok(())
+fn plot_overload(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
+    plot::svg(path, (900, 640), |root| {
+        let (top, bottom) = root.split_vertically(320);
+        bars(&top, rows, "overload-seconds", |r| r.overload_seconds)?;
+        bars(&bottom, rows, "moves", |r| r.moves)
+    })
 }
 
 fn bars(
@@ -359,11 +358,12 @@ fn bars(
     rows: &[Row],
     what: &str,
     metric: fn(&Row) -> Spread,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> anyhow::Result<()> {
     let policies = [
-        (SimPolicy::Reactive, RGBColor(255, 127, 14)),
-        (SimPolicy::Predictive, RGBColor(31, 119, 180)),
+        (SimPolicy::Reactive, plot::PALETTE[1]),
+        (SimPolicy::Predictive, plot::PALETTE[0]),
     ];
+    let names: Vec<String> = Workload::ALL.iter().map(|w| w.name().to_owned()).collect();
     let find = |w: Workload, p: SimPolicy| {
         rows.iter()
             .find(|r| r.workload == w.name() && r.policy == p.name())
@@ -377,7 +377,7 @@ fn bars(
     let mut chart = ChartBuilder::on(area)
         .caption(
             format!("{what}: reactive vs predictive (median, whisker min–max)"),
-            ("sans-serif", 18),
+            plot::CAPTION,
         )
         .margin(10)
         .x_label_area_size(30)
@@ -387,13 +387,7 @@ fn bars(
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(n)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            match Workload::ALL.get(i as usize) {
-                Some(w) if (x - i).abs() < 1e-6 && i >= 0.0 => w.name().to_string(),
-                _ => String::new(),
-            }
-        })
+        .x_label_formatter(&|x| plot::category_label(&names, *x))
         .y_desc(what)
         .draw()?;
     for (k, (policy, colour)) in policies.into_iter().enumerate() {
@@ -419,11 +413,5 @@ fn bars(
             )
         }))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    Ok(())
+    plot::legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }

@@ -2,6 +2,10 @@
 
 use serde::Serialize;
 
+/// Runs in which the hypervisor stole more than this share of the machine's CPU time are
+/// flagged in the reports (and drawn hollow in the figures).
+pub(crate) const STEAL_FLAG_PERCENT: f64 = 10.0;
+
 /// Median and range over runs.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub(crate) struct Spread {

@@ -4,10 +4,12 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::{self, Transfer};
-use crate::stats::Spread;
+use crate::plot::{self, Figure, RefLine, Series};
+use crate::progress::Progress;
+use crate::stats::{STEAL_FLAG_PERCENT, Spread};
 use crate::{Output, addr, secs, sys};
 use flowshift_testbed::testbed::{NODE_A, SERVICE_ADDR};
 use flowshift_testbed::{NodeConfig, Testbed, TestbedOptions};
@@ -66,7 +68,8 @@ pub(crate) enum Part {
 }
 
 /// One target's figures in one run.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Figures {
     download: Transfer,
     upload: Transfer,
@@ -82,7 +85,8 @@ struct Figures {
 }
 
 /// Memory per idle connection, measured once per target after the throughput runs.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Idle {
     /// Bytes per idle connection: flowshift's RSS growth, or for the kernel half its slab
     /// growth (the client's sockets are kernel sockets of the same kind: half is the
@@ -132,9 +136,6 @@ struct Results {
     flowshift_idle: Vec<Idle>,
 }
 
-/// Runs with more steal than this are flagged in the report.
-const STEAL_FLAG_PERCENT: f64 = 10.0;
-
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     crate::require_root()?;
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
@@ -180,6 +181,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let pid = node.pid();
 
     let d = secs(args.duration);
+    // Expected seconds: four measures of `duration` and their set-up per target and run;
+    // per idle measurement the settling, the compaction wait and opening the connections.
+    let measure_s = 4.0 * args.duration as f64 + 0.5;
+    let idle_s = 3.5
+        + flowshift_core::stack::COMPACT_AFTER.total_millis() as f64 / 1e3
+        + args.idle as f64 * 1.5e-3;
+    let mut progress = Progress::new(2.0 * args.runs as f64 * measure_s + 4.0 * idle_s);
     let (mut kernel_tcp, mut flowshift) = (Vec::new(), Vec::new());
     let runs = if args.parts.contains(&Part::Transfer) {
         args.runs
@@ -203,6 +211,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 Target::Kernel => kernel_tcp.push(f),
                 Target::Flowshift => flowshift.push(f),
             }
+            progress.done(
+                measure_s,
+                &format!("run {}/{}: {target:?} measured", run + 1, args.runs),
+            );
         }
     }
     eprintln!("idle connections");
@@ -214,6 +226,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     };
     for &payload in payloads {
         kernel_idle.push(idle_memory(&tb, NODE_A, args.idle, None, payload)?);
+        progress.done(
+            idle_s,
+            &format!("idle connections, {payload} B echoed: kernel"),
+        );
         flowshift_idle.push(idle_memory(
             &tb,
             SERVICE_ADDR,
@@ -221,6 +237,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             Some(pid),
             payload,
         )?);
+        progress.done(
+            idle_s,
+            &format!("idle connections, {payload} B echoed: flowshift"),
+        );
     }
 
     let status = node.terminate().context("stopping the node")?;
@@ -257,7 +277,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     };
     let md = markdown(&results);
     eprintln!("{md}");
-    crate::write_results(&args.out, "throughput", &results, &md)
+    crate::write_results(&args.out, "throughput", &results, &md)?;
+    plot::after_run(plot::Bench::Throughput, &results, &args.out.out_dir);
+    Ok(())
 }
 
 /// The throughput measures of one target, one after the other.
@@ -450,4 +472,314 @@ fn markdown(r: &Results) -> String {
         s += &format!("| {}{flag} | {} | {} |\n", i + 1, one(k), one(f));
     }
     s
+}
+
+/// What the figures take from `throughput.json`.
+#[derive(Debug, Deserialize)]
+struct Saved {
+    kernel_tcp: Vec<Figures>,
+    flowshift: Vec<Figures>,
+    #[serde(default)]
+    kernel_idle: Vec<Idle>,
+    #[serde(default)]
+    flowshift_idle: Vec<Idle>,
+    #[serde(default)]
+    duration_s: u64,
+    #[serde(default)]
+    flagged_runs: Vec<usize>,
+}
+
+/// The issue's targets for flowshift / kernel: single-flow download ≥ 0.6, upload and 8
+/// flows ≥ 0.8 (issue 13).
+const TARGET_DOWNLOAD: f64 = 0.6;
+const TARGET_UPLOAD_8FLOWS: f64 = 0.8;
+/// The issue's target for node RSS per idle connection that has moved 64 KiB.
+const TARGET_IDLE_KIB: f64 = 16.0;
+
+/// Draws `throughput-ratios.svg`, `throughput-cpu.svg` and `throughput-memory.svg` from a
+/// `throughput.json` into `dir`.
+pub(crate) fn figures(
+    v: &serde_json::Value,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let r: Saved = serde_json::from_value(v.clone()).context("throughput results")?;
+    let runs = r.kernel_tcp.len().min(r.flowshift.len());
+    let title_runs = format!(
+        "{runs} run(s){}",
+        if r.duration_s > 0 {
+            format!(" of {} s", r.duration_s)
+        } else {
+            String::new()
+        }
+    );
+    // Per run: flagged for steal (drawn hollow).
+    let flagged: Vec<bool> = (1..=runs).map(|i| r.flagged_runs.contains(&i)).collect();
+    type Pick = fn(&Figures) -> f64;
+    let measures: [(&str, Pick); 4] = [
+        ("single-flow\ndownload", |x| x.download.gbit_s()),
+        ("single-flow\nupload", |x| x.upload.gbit_s()),
+        ("8 parallel\ndownloads", |x| x.parallel8.gbit_s()),
+        ("new connections\nper second", |x| x.connections_per_s),
+    ];
+    let ratios = Figure {
+        title: format!("flowshift / kernel TCP, run by run ({title_runs})"),
+        y_desc: "flowshift / kernel".into(),
+        categories: measures.iter().map(|(n, _)| (*n).to_owned()).collect(),
+        series: vec![Series {
+            label: "flowshift / kernel (points: runs, bar: median, whisker: min–max)".into(),
+            colour: plot::FLOWSHIFT,
+            values: measures
+                .iter()
+                .map(|(_, pick)| {
+                    r.kernel_tcp
+                        .iter()
+                        .zip(&r.flowshift)
+                        .map(|(k, f)| {
+                            if pick(k) > 0.0 {
+                                pick(f) / pick(k)
+                            } else {
+                                f64::NAN
+                            }
+                        })
+                        .collect()
+                })
+                .collect(),
+            flagged: vec![flagged.clone(); measures.len()],
+        }],
+        refs: vec![
+            RefLine {
+                label: "kernel = 1".into(),
+                y: 1.0,
+                categories: vec![],
+            },
+            RefLine {
+                label: format!("target ≥ {TARGET_DOWNLOAD} (download)"),
+                y: TARGET_DOWNLOAD,
+                categories: vec![0],
+            },
+            RefLine {
+                label: format!("target ≥ {TARGET_UPLOAD_8FLOWS} (upload, 8 flows)"),
+                y: TARGET_UPLOAD_8FLOWS,
+                categories: vec![1, 2],
+            },
+        ],
+        log_y: false,
+        connect: false,
+    };
+    let cpu = Figure {
+        title: format!("CPU seconds per GB downloaded, single flow ({title_runs})"),
+        y_desc: "CPU s per GB".into(),
+        categories: vec![
+            "whole machine\n(busy time)".into(),
+            "flowshift process\nonly".into(),
+        ],
+        series: vec![
+            Series {
+                label: "kernel TCP".into(),
+                colour: plot::KERNEL,
+                values: vec![
+                    r.kernel_tcp
+                        .iter()
+                        .map(|x| x.machine_cpu_s_per_gb)
+                        .collect(),
+                    vec![],
+                ],
+                flagged: vec![flagged.clone()],
+            },
+            Series {
+                label: "flowshift".into(),
+                colour: plot::FLOWSHIFT,
+                values: vec![
+                    r.flowshift.iter().map(|x| x.machine_cpu_s_per_gb).collect(),
+                    r.flowshift
+                        .iter()
+                        .map(|x| x.process_cpu_s_per_gb.unwrap_or(f64::NAN))
+                        .collect(),
+                ],
+                flagged: vec![flagged.clone(), flagged.clone()],
+            },
+        ],
+        refs: vec![],
+        log_y: false,
+        connect: false,
+    };
+    let idle_cat = |i: &Idle| {
+        format!(
+            "idle after echoing {}\n({} connections)",
+            if i.payload >= 1024 {
+                format!("{} KiB", i.payload / 1024)
+            } else {
+                format!("{} B", i.payload)
+            },
+            i.conns
+        )
+    };
+    let kib = |v: &[Idle]| -> Vec<Vec<f64>> {
+        v.iter().map(|i| vec![i.bytes_per_conn / 1024.0]).collect()
+    };
+    let memory = Figure {
+        title: "memory per idle connection".into(),
+        y_desc: "KiB per connection".into(),
+        categories: r.flowshift_idle.iter().map(idle_cat).collect(),
+        series: vec![
+            Series {
+                label: "kernel TCP (half the slab growth)".into(),
+                colour: plot::KERNEL,
+                values: kib(&r.kernel_idle),
+                ..Default::default()
+            },
+            Series {
+                label: "flowshift (node RSS growth)".into(),
+                colour: plot::FLOWSHIFT,
+                values: kib(&r.flowshift_idle),
+                ..Default::default()
+            },
+        ],
+        refs: r
+            .flowshift_idle
+            .iter()
+            .position(|i| i.payload >= 64 * 1024)
+            .map(|i| RefLine {
+                label: format!("target ≤ {TARGET_IDLE_KIB} KiB"),
+                y: TARGET_IDLE_KIB,
+                categories: vec![i],
+            })
+            .into_iter()
+            .collect(),
+        log_y: false,
+        connect: false,
+    };
+    plot::draw_all(
+        dir,
+        &[
+            ("throughput-ratios", ratios),
+            ("throughput-cpu", cpu),
+            ("throughput-memory", memory),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plot::tests::{assert_svg, temp_dir};
+
+    fn figures_of(k: f64, f: f64) -> Figures {
+        let t = |gbit: f64| Transfer {
+            bytes: (gbit * 1e9 / 8.0) as u64,
+            seconds: 1.0,
+        };
+        Figures {
+            download: t(10.0 * f),
+            upload: t(8.0 * f),
+            parallel8: t(12.0 * f),
+            connections_per_s: 20_000.0 * f,
+            machine_cpu_s_per_gb: 1.0 / f,
+            process_cpu_s_per_gb: (f < 1.0).then_some(0.7),
+            steal_percent: 3.0 * k,
+        }
+    }
+
+    #[test]
+    fn figures_of_a_synthetic_run() {
+        let results = Results {
+            machine: "test machine (2 cores)".into(),
+            kernel: "6.1".into(),
+            veth_mtu: 1500,
+            tun_mtu: 1500,
+            offload: true,
+            workers: None,
+            tcp_buffer: None,
+            duration_s: 1,
+            runs: 3,
+            kernel_tcp: vec![figures_of(1.0, 1.0); 3],
+            flowshift: vec![
+                figures_of(1.0, 0.5),
+                figures_of(1.0, 0.6),
+                figures_of(1.0, 0.7),
+            ],
+            flagged_runs: vec![2],
+            summary: vec![],
+            kernel_idle: vec![
+                Idle {
+                    bytes_per_conn: 4096.0,
+                    conns: 100,
+                    payload: 1,
+                },
+                Idle {
+                    bytes_per_conn: 8192.0,
+                    conns: 100,
+                    payload: 65536,
+                },
+            ],
+            flowshift_idle: vec![
+                Idle {
+                    bytes_per_conn: 2048.0,
+                    conns: 100,
+                    payload: 1,
+                },
+                Idle {
+                    bytes_per_conn: 140_000.0,
+                    conns: 100,
+                    payload: 65536,
+                },
+            ],
+        };
+        let dir = temp_dir("throughput");
+        let paths = figures(&serde_json::to_value(&results).unwrap(), &dir).unwrap();
+        let names: Vec<String> = paths
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "throughput-ratios.svg",
+                "throughput-cpu.svg",
+                "throughput-memory.svg"
+            ]
+        );
+        assert_svg(
+            &paths[0],
+            &[
+                plot::FLAGGED,
+                "flowshift / kernel",
+                "target ≥ 0.6 (download)",
+                "target ≥ 0.8 (upload, 8 flows)",
+                "single-flow",
+                "8 parallel",
+            ],
+        );
+        assert_svg(
+            &paths[1],
+            &[
+                "kernel TCP",
+                "flowshift",
+                "CPU s per GB",
+                "flowshift process",
+            ],
+        );
+        assert_svg(
+            &paths[2],
+            &[
+                "kernel TCP (half the slab growth)",
+                "flowshift (node RSS growth)",
+                "target ≤ 16 KiB",
+                "64 KiB",
+            ],
+        );
+        // `flowshift-bench plot` on the saved JSON: the same figures, next to it.
+        let json = dir.join("throughput.json");
+        std::fs::write(&json, serde_json::to_string_pretty(&results).unwrap()).unwrap();
+        for p in &paths {
+            std::fs::remove_file(p).unwrap();
+        }
+        plot::redraw(&json, None).unwrap();
+        for p in &paths {
+            assert_svg(p, &["flowshift"]);
+        }
+        if std::env::var_os("FLOWSHIFT_KEEP_PLOTS").is_none() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }

@@ -25,8 +25,10 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::plot::{self, Figure, RefLine, Series};
+use crate::progress::Progress;
 use crate::stats::Spread;
 use crate::{Output, sys};
 use flowshift_testbed::testbed::{NODE_A, NODE_B};
@@ -60,7 +62,8 @@ pub(crate) struct Args {
     out: Output,
 }
 
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(default)]
 struct Run {
     bytes: u64,
     seconds: f64,
@@ -75,7 +78,7 @@ struct Run {
 }
 
 /// What carried the bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Transport {
     KernelPlain,
@@ -106,10 +109,29 @@ impl Transport {
             Transport::FlowshiftDatagram => "flowshift datagrams (delivered, verified)",
         }
     }
+
+    /// The name in a figure (`\n` breaks lines).
+    fn short(self) -> &'static str {
+        match self {
+            Transport::KernelPlain => "kernel TCP CUBIC\nplain path",
+            Transport::KernelPlainBbr => "kernel TCP BBR\nplain path",
+            Transport::KernelWireguardGo => "kernel TCP CUBIC\nwireguard-go",
+            Transport::KernelBoringtun => "kernel TCP CUBIC\nboringtun",
+            Transport::FlowshiftReliable => "flowshift\nreliable channel",
+            Transport::FlowshiftDatagram => "flowshift\ndatagrams",
+        }
+    }
+
+    fn is_kernel(self) -> bool {
+        !matches!(
+            self,
+            Transport::FlowshiftReliable | Transport::FlowshiftDatagram
+        )
+    }
 }
 
 /// One measurement.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Sample {
     run: usize,
     transport: Transport,
@@ -173,7 +195,7 @@ fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().map(|&p| sys::process_cpu_seconds(p)).sum()
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Results {
     machine: String,
     kernel: String,
@@ -205,6 +227,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         false => None,
     };
     let mut samples = Vec::new();
+    let mut progress = Progress::new(args.runs as f64);
     for run in 1..=args.runs {
         let kernel_first = run % 2 == 1;
         eprintln!(
@@ -276,6 +299,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 tb.clear_router_loss();
             }
         }
+        progress.done(1.0, &format!("run {run} of {} done", args.runs));
     }
     drop(wg);
     drop(bt);
@@ -297,7 +321,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         samples,
     };
     let md = markdown(&results);
-    crate::write_results(&args.out, "tunnel", &results, &md)
+    crate::write_results(&args.out, "tunnel", &results, &md)?;
+    plot::after_run(plot::Bench::Tunnel, &results, &args.out.out_dir);
+    Ok(())
 }
 
 /// `<tool> genkey | <tool> pubkey` (flowshift and wg print the same key format).
@@ -728,4 +754,245 @@ fn markdown(r: &Results) -> String {
         );
     }
     s
+}
+
+/// Draws `tunnel-throughput.svg`, `tunnel-loss.svg` and `tunnel-cpu.svg` from a
+/// `tunnel.json` into `dir`.
+pub(crate) fn figures(
+    v: &serde_json::Value,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let r: Results = serde_json::from_value(v.clone()).context("tunnel results")?;
+    let runs = r.samples.iter().map(|x| x.run).max().unwrap_or(0);
+    let values = |t: Transport, lossy: bool, f: fn(&Run) -> f64| -> Vec<f64> {
+        r.samples
+            .iter()
+            .filter(|x| x.transport == t && x.lossy == lossy)
+            .map(|x| f(&x.result))
+            .collect()
+    };
+    // Samples with more steal than the flag's threshold are drawn hollow.
+    let flags = |t: Transport, lossy: bool| -> Vec<bool> {
+        r.samples
+            .iter()
+            .filter(|x| x.transport == t && x.lossy == lossy)
+            .map(|x| x.result.steal_percent > crate::stats::STEAL_FLAG_PERCENT)
+            .collect()
+    };
+    let present = |lossy: bool| -> Vec<Transport> {
+        Transport::ALL
+            .into_iter()
+            .filter(|&t| {
+                r.samples
+                    .iter()
+                    .any(|x| x.transport == t && x.lossy == lossy)
+            })
+            .collect()
+    };
+    let clear = present(false);
+    let category = |t: Transport| {
+        let delivered: Vec<f64> = r
+            .samples
+            .iter()
+            .filter(|x| x.transport == t && !x.lossy)
+            .filter_map(|x| x.result.delivered_fraction)
+            .collect();
+        match crate::stats::Spread::of(delivered) {
+            Some(d) => format!("{}\n{:.1} % delivered", t.short(), d.median * 100.0),
+            None => t.short().to_owned(),
+        }
+    };
+    // Kernel transports in one colour, flowshift's in another; each category has one.
+    let by_owner = |transports: &[Transport], f: fn(&Run) -> f64| -> Vec<Series> {
+        [
+            ("kernel TCP", plot::KERNEL, true),
+            ("flowshift", plot::FLOWSHIFT, false),
+        ]
+        .into_iter()
+        .map(|(label, colour, kernel)| Series {
+            label: label.into(),
+            colour,
+            values: transports
+                .iter()
+                .map(|&t| {
+                    if t.is_kernel() == kernel {
+                        values(t, false, f)
+                    } else {
+                        vec![]
+                    }
+                })
+                .collect(),
+            flagged: transports.iter().map(|&t| flags(t, false)).collect(),
+        })
+        .collect()
+    };
+    let ceiling = crate::stats::Spread::of(values(Transport::KernelPlain, false, |x| x.gbit_s));
+    let throughput = Figure {
+        title: format!(
+            "node-a → node-b, {:.1} GB per transport and run ({runs} run(s), interleaved)",
+            r.bytes as f64 / 1e9
+        ),
+        y_desc: "Gbit/s".into(),
+        categories: clear.iter().map(|&t| category(t)).collect(),
+        series: by_owner(&clear, |x| x.gbit_s),
+        refs: ceiling
+            .map(|c| RefLine {
+                label: format!(
+                    "plain path ceiling (kernel CUBIC median, {:.2} Gbit/s)",
+                    c.median
+                ),
+                y: c.median,
+                categories: vec![],
+            })
+            .into_iter()
+            .collect(),
+        log_y: false,
+        connect: false,
+    };
+    // Loss: each stream transport without and with the router's loss.
+    let lossy = present(true);
+    let loss = Figure {
+        title: format!(
+            "throughput under {} % random loss at the router ({runs} run(s))",
+            r.loss_percent
+        ),
+        y_desc: "Gbit/s (log scale)".into(),
+        categories: vec!["no loss".into(), format!("{} % loss", r.loss_percent)],
+        series: lossy
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| Series {
+                label: t.short().replace('\n', ", "),
+                colour: plot::PALETTE[i % plot::PALETTE.len()],
+                values: vec![
+                    values(t, false, |x| x.gbit_s),
+                    values(t, true, |x| x.gbit_s),
+                ],
+                flagged: vec![flags(t, false), flags(t, true)],
+            })
+            .collect(),
+        refs: vec![],
+        log_y: true,
+        connect: true,
+    };
+    let tunnels: Vec<Transport> = clear
+        .iter()
+        .copied()
+        .filter(|t| !matches!(t, Transport::KernelPlain | Transport::KernelPlainBbr))
+        .collect();
+    let cpu = Figure {
+        title: format!("CPU seconds per GB moved ({runs} run(s))"),
+        y_desc: "CPU s per GB".into(),
+        categories: tunnels.iter().map(|t| t.short().to_owned()).collect(),
+        series: vec![
+            Series {
+                label: "tunnel processes (flowshift nodes / WireGuard daemons)".into(),
+                colour: plot::PALETTE[2],
+                values: tunnels
+                    .iter()
+                    .map(|&t| values(t, false, |x| x.tunnel_cpu_s_per_gb))
+                    .collect(),
+                flagged: tunnels.iter().map(|&t| flags(t, false)).collect(),
+            },
+            Series {
+                label: "whole machine (busy time)".into(),
+                colour: plot::PALETTE[4],
+                values: tunnels
+                    .iter()
+                    .map(|&t| values(t, false, |x| x.machine_cpu_s_per_gb))
+                    .collect(),
+                flagged: tunnels.iter().map(|&t| flags(t, false)).collect(),
+            },
+        ],
+        refs: vec![],
+        log_y: false,
+        connect: false,
+    };
+    let mut figures = vec![("tunnel-throughput", throughput), ("tunnel-cpu", cpu)];
+    if !lossy.is_empty() {
+        figures.insert(1, ("tunnel-loss", loss));
+    }
+    plot::draw_all(dir, &figures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plot::tests::{assert_svg, temp_dir};
+
+    #[test]
+    fn figures_of_a_synthetic_run() {
+        let mut samples = Vec::new();
+        for run in 1..=3 {
+            for lossy in [false, true] {
+                for (i, t) in Transport::ALL.into_iter().enumerate() {
+                    if lossy && t == Transport::FlowshiftDatagram {
+                        continue;
+                    }
+                    let gbit = (i + run) as f64 / if lossy { 50.0 } else { 1.0 };
+                    let mut result = Run::new(
+                        1_000_000_000,
+                        8.0 / gbit,
+                        (2.0 + i as f64, 1.0),
+                        0.5 * i as f64,
+                    );
+                    if t == Transport::FlowshiftDatagram {
+                        result.delivered_fraction = Some(0.97);
+                    }
+                    if run == 2 {
+                        result.steal_percent = 15.0;
+                    }
+                    samples.push(Sample {
+                        run,
+                        transport: t,
+                        lossy,
+                        result,
+                    });
+                }
+            }
+        }
+        let results = Results {
+            machine: "test (2 cores)".into(),
+            kernel: "6.1".into(),
+            veth_mtu: 1500,
+            loss_percent: 5,
+            bytes: 1_000_000_000,
+            loss_bytes: 20_000_000,
+            samples,
+        };
+        let dir = temp_dir("tunnel");
+        let paths = figures(&serde_json::to_value(&results).unwrap(), &dir).unwrap();
+        assert_eq!(paths.len(), 3);
+        assert!(paths[0].ends_with("tunnel-throughput.svg"));
+        assert!(paths[1].ends_with("tunnel-loss.svg"));
+        assert!(paths[2].ends_with("tunnel-cpu.svg"));
+        assert_svg(
+            &paths[0],
+            &[
+                "kernel TCP",
+                "flowshift",
+                "plain path ceiling",
+                "wireguard-go",
+                "boringtun",
+                "97.0 % delivered",
+                plot::FLAGGED,
+            ],
+        );
+        assert_svg(
+            &paths[1],
+            &[
+                "no loss",
+                "5 % loss",
+                "flowshift, reliable channel",
+                "kernel TCP CUBIC, wireguard-go",
+            ],
+        );
+        assert_svg(
+            &paths[2],
+            &["tunnel processes", "whole machine", "CPU s per GB"],
+        );
+        if std::env::var_os("FLOWSHIFT_KEEP_PLOTS").is_none() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
