@@ -72,6 +72,20 @@ enum Command {
         #[arg(long, visible_alias = "out-dir")]
         out: Option<PathBuf>,
     },
+    /// Opens `n` connections to an echo server from `source`, each echoing `payload` bytes
+    /// (checked), prints `ready <n>` and holds them idle until its stdin closes. The
+    /// throughput benchmark's idle-memory part runs several in the client namespace.
+    #[command(hide = true)]
+    IdleClient {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        payload: usize,
+        #[arg(long)]
+        source: Ipv4Addr,
+    },
     /// The kernel baseline's servers (source :19, sink :9, echo :7) on an address; runs until
     /// killed. The throughput benchmark starts it in node-a.
     #[command(hide = true)]
@@ -92,6 +106,27 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate(args) => migrate::run(args),
         Command::Sim(args) => sim::run(args),
         Command::Plot { results, out } => plot::redraw(&results, out.as_deref()),
+        Command::IdleClient {
+            addr,
+            n,
+            payload,
+            source,
+        } => {
+            let conns = match load::open_idle_from(addr, n, payload, &[source]) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("error {e}");
+                    std::process::exit(1);
+                }
+            };
+            println!("ready {}", conns.len());
+            std::io::Write::flush(&mut std::io::stdout())?;
+            // Hold the connections until the benchmark closes our stdin.
+            let mut sink = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)?;
+            drop(conns);
+            Ok(())
+        }
         Command::KernelServer { addr: ip } => {
             kernel_server::source(addr(ip, 19))?;
             kernel_server::sink(addr(ip, 9))?;
@@ -104,15 +139,31 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The idle-connection benchmark needs more descriptors than the default soft limit.
+/// The idle-connection benchmark holds up to 100,000s of sockets, in this process (the
+/// clients) and in the kernel-server child (which inherits the limit): raise the soft limit,
+/// and as root the hard one too, to `fs.nr_open`'s bound.
 fn raise_nofile_limit() {
+    const WANT: libc::rlim_t = 1 << 20;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(WANT);
     // SAFETY: `lim` is a valid rlimit to fill and then read.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let want = lim.rlim_max.max(WANT.min(nr_open));
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 && lim.rlim_cur < lim.rlim_max {
+            // Not allowed to raise the hard limit: the soft one up to it.
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }

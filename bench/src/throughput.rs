@@ -219,13 +219,22 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     }
     eprintln!("idle connections");
     let (mut kernel_idle, mut flowshift_idle) = (Vec::new(), Vec::new());
+    // The 64 KiB case first: it is the one with a target, and the first to open this many
+    // connections also pays for the tables that grow to hold them (both sides alike).
     let payloads: &[usize] = if args.parts.contains(&Part::Idle) {
-        &[1, 64 * 1024]
+        &[64 * 1024, 1]
     } else {
         &[]
     };
+    // The kernel's server holds a descriptor per connection, under this machine's limit.
+    let kernel_n = args.idle.min(kernel_idle_max());
+    if kernel_n < args.idle {
+        eprintln!(
+            "  the kernel baseline holds {kernel_n} connections (its one server process may open no more files)"
+        );
+    }
     for &payload in payloads {
-        kernel_idle.push(idle_memory(&tb, NODE_A, args.idle, None, payload)?);
+        kernel_idle.push(idle_memory(&tb, NODE_A, kernel_n, None, payload)?);
         progress.done(
             idle_s,
             &format!("idle connections, {payload} B echoed: kernel"),
@@ -331,8 +340,35 @@ fn measure(
     Ok(f)
 }
 
+/// Connections one idle-client process holds at most: this machine kind's hard limit of open
+/// files is 20,000 and cannot be raised in its containers.
+const CONNS_PER_CLIENT: usize = 15_000;
+
+/// Client processes (each with a source address of its own) for `idle` connections: four, or
+/// more when four cannot hold them.
+fn idle_clients(idle: usize) -> usize {
+    idle.div_ceil(CONNS_PER_CLIENT).clamp(4, 40)
+}
+
+/// The connections the kernel baseline holds at most: its server is one process, under the
+/// same limit of open files.
+fn kernel_idle_max() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to fill.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if ok {
+        (lim.rlim_cur as usize).saturating_sub(1_000).max(1_000)
+    } else {
+        CONNS_PER_CLIENT
+    }
+}
+
 /// Memory per idle connection: `idle` connections that echoed `payload` bytes each way,
-/// then held idle past flowshift's compaction delay.
+/// then held idle past flowshift's compaction delay. The connections are held by client
+/// processes (`idle-client`) in the client namespace, a source address each.
 fn idle_memory(
     tb: &Testbed,
     target: Ipv4Addr,
@@ -346,22 +382,68 @@ fn idle_memory(
         Some(pid) => sys::process_rss_bytes(pid),
         None => sys::kernel_slab_bytes(),
     };
-    let after = tb
-        .client()
-        .run(|| -> std::io::Result<u64> {
-            let conns = load::open_idle(addr(target, 7), idle, payload)?;
-            // Past the compaction delay, and long enough for flowshift's sweeps to compact
-            // them all (each worker compacts up to 500 a second); the same wait for both.
-            let compact = flowshift_core::stack::COMPACT_AFTER.total_millis();
-            std::thread::sleep(Duration::from_millis(compact + 2_500 + idle as u64));
-            let after = match pid {
-                Some(pid) => sys::process_rss_bytes(pid),
-                None => sys::kernel_slab_bytes(),
-            };
-            drop(conns);
-            Ok(after)
-        })
-        .map_err(|e| anyhow::anyhow!("idle connections to {target}: {e}"))?;
+    let clients = idle_clients(idle);
+    let share = idle.div_ceil(clients);
+    let exe = std::env::current_exe()?;
+    let exe = exe.to_str().context("non-UTF-8 path of this binary")?;
+    let mut children = Vec::new();
+    let t_open = std::time::Instant::now();
+    for i in 0..clients {
+        let n = share.min(idle.saturating_sub(i * share));
+        if n == 0 {
+            break;
+        }
+        let source = Ipv4Addr::new(198, 18, 1, 10 + i as u8);
+        let have = tb.client().ip(&["-4", "addr", "show", "dev", "eth0"])?;
+        if !have.contains(&format!("{source}/")) {
+            tb.client()
+                .ip(&["addr", "add", &format!("{source}/24"), "dev", "eth0"])?;
+        }
+        let mut cmd = tb.client().command(exe);
+        cmd.args([
+            "idle-client",
+            "--addr",
+            &addr(target, 7).to_string(),
+            "--n",
+            &n.to_string(),
+            "--payload",
+            &payload.to_string(),
+            "--source",
+            &source.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+        children.push(tb.spawn(cmd).context("starting an idle client")?);
+    }
+    let mut held = 0;
+    for c in &mut children {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.stdout.as_mut().context("idle client stdout")?),
+            &mut line,
+        )?;
+        held += line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|n| n.parse::<usize>().ok())
+            .with_context(|| format!("idle client to {target}: {}", line.trim()))?;
+    }
+    anyhow::ensure!(held == idle, "{held} of {idle} idle connections opened");
+    let open_s = t_open.elapsed().as_secs_f64();
+    // Past the compaction delay, and long enough for flowshift's sweeps to compact them all
+    // (each worker compacts up to 500 a second); the same wait for both.
+    let compact = flowshift_core::stack::COMPACT_AFTER.total_millis();
+    std::thread::sleep(Duration::from_millis(compact + 2_500 + idle as u64));
+    let after = match pid {
+        Some(pid) => sys::process_rss_bytes(pid),
+        None => sys::kernel_slab_bytes(),
+    };
+    // Closing their stdin ends the clients, and with them the connections.
+    for mut c in children {
+        drop(c.stdin.take());
+        let status = c.wait()?;
+        anyhow::ensure!(status.success(), "an idle client exited with {status}");
+    }
     let grown = after.saturating_sub(before) as f64;
     let i = Idle {
         conns: idle,
@@ -369,7 +451,7 @@ fn idle_memory(
         payload,
     };
     eprintln!(
-        "  {target}: {:.1} KiB per idle connection ({idle} open, {payload} bytes echoed each)",
+        "  {target}: {:.1} KiB per idle connection ({idle} open in {open_s:.0} s by {clients} clients, {payload} bytes echoed each)",
         i.bytes_per_conn / 1024.0
     );
     Ok(i)

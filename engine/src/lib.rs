@@ -7,6 +7,7 @@
 //! predictor (`ctl plan`), [`netlink`] the routes, and [`config`] parses the
 //! node's config file.
 
+pub mod alloc;
 pub mod config;
 pub mod control;
 #[doc(hidden)]

@@ -12,6 +12,11 @@ use flowshift_core::stack::ConnInfo;
 
 mod demo;
 
+/// Large blocks (socket buffers, send mirrors) in mappings of their own, not resident until
+/// written: see [`flowshift::alloc`].
+#[global_allocator]
+static ALLOC: flowshift::alloc::NodeAlloc = flowshift::alloc::NodeAlloc;
+
 /// Userspace TCP migration engine.
 #[derive(Parser)]
 #[command(name = "flowshift", version, about)]

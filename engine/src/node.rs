@@ -1400,26 +1400,6 @@ fn open_tun(config: &Config) -> Result<Vec<SyncDevice>, NodeError> {
     Ok(queues)
 }
 
-/// Socket buffers (64 KiB by default) and send mirrors get mappings of their own instead of
-/// heap chunks: their pages are not resident until touched, and go back to the kernel when
-/// freed. An idle connection's compaction (`flowshift_core::stack`) re-homes it into fresh
-/// buffers; from the heap those would be recycled chunks, zeroed page by page, and the
-/// memory would stay resident. (glibc's default threshold adapts upwards to 32 MiB as large
-/// blocks are freed, which would undo this.)
-fn map_large_allocations() {
-    #[cfg(target_env = "gnu")]
-    {
-        // SAFETY: mallopt only changes the allocator's tuning; called at start, before the
-        // node's threads exist.
-        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024) };
-        if ok != 1 {
-            tracing::warn!(
-                "mallopt(M_MMAP_THRESHOLD) refused: idle connections keep their buffers' memory"
-            );
-        }
-    }
-}
-
 /// Returns the allocator's free memory to the kernel (glibc's `malloc_trim`).
 fn release_free_memory() {
     #[cfg(target_env = "gnu")]
@@ -1452,8 +1432,11 @@ pub fn os_random_seed() -> io::Result<[u8; 32]> {
 
 /// Runs a node until SIGINT or SIGTERM, then closes its connections gracefully (within
 /// `node.shutdown_timeout_ms`), removes what it created, and returns.
+///
+/// Socket buffers and send mirrors should get mappings of their own, as the `flowshift`
+/// binary's allocator gives them ([`crate::alloc::NodeAlloc`]): idle connections then cost
+/// only the pages they touched.
 pub fn run(config: Config) -> Result<(), NodeError> {
-    map_large_allocations();
     let started = StdInstant::now();
     let clock = Clock(started);
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])

@@ -157,6 +157,9 @@ pub struct Restored {
     pub source: Option<PeerRef>,
 }
 
+/// Bytes a send mirror holds in a small block before it takes its whole capacity.
+const MIRROR_SMALL: usize = 4096;
+
 /// A ring of the last bytes written to a socket's send buffer.
 ///
 /// Its capacity equals the socket's send buffer, so the unacknowledged and unsent bytes — the
@@ -210,6 +213,12 @@ impl SendMirror {
         }
         if self.buf.len() < cap {
             // Still growing: the buffer holds every byte written so far, at its own offset.
+            // Past the first few KiB its whole capacity is taken at once: one block, never
+            // reallocated again (growing by doubling would leave freed blocks of every size
+            // behind in the allocator's heap). Pages not yet written stay untouched.
+            if self.buf.capacity() < cap && self.buf.len() + data.len() > MIRROR_SMALL {
+                self.buf.reserve_exact(cap - self.buf.len());
+            }
             if start as usize == self.buf.len() && self.buf.len() + data.len() <= cap {
                 self.buf.extend_from_slice(data);
                 return;
