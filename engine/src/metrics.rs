@@ -309,6 +309,12 @@ pub fn render(
     );
     counter(
         &mut r,
+        "connections_parked",
+        "Times an idle connection's socket was parked out of the interface's polls",
+        stats.parked,
+    );
+    counter(
+        &mut r,
         "keepalive_timeouts",
         "Connections reset because the client answered no keepalive probe (service keepalive_s)",
         stats.keepalive_timeouts,

@@ -1474,7 +1474,7 @@ fn a_spoofed_syn_flood_of_25000_per_second_is_answered_with_cookies_and_real_req
 }
 
 #[test]
-fn idle_connections_are_compacted_give_their_memory_back_and_carry_on_byte_exact() {
+fn idle_connections_are_compacted_and_parked_hold_under_16_kib_each_and_carry_on_byte_exact() {
     const N: usize = 400;
     let (tb, node) = setup(NodeConfig::standard("a"));
     let pid = node.pid();
@@ -1490,9 +1490,17 @@ fn idle_connections_are_compacted_give_their_memory_back_and_carry_on_byte_exact
         }
         let busy = rss_bytes(pid);
         // Idle past the compaction delay and a few sweeps.
-        eventually(30, "every connection compacted", || {
-            stat(&node, "compacted") >= N as u64
+        eventually(30, "every connection compacted and parked", || {
+            stat(&node, "compacted") >= N as u64 && stat(&node, "parked") >= N as u64
         });
+        let conns_json = node.ctl_json(&["conns"]).expect("conns");
+        let parked = conns_json
+            .as_array()
+            .expect("conns array")
+            .iter()
+            .filter(|c| c["parked"] == true)
+            .count();
+        assert_eq!(parked, N, "every idle connection parked");
         // The next sweeps hand the freed memory back.
         std::thread::sleep(Duration::from_millis(2_500));
         let idle = rss_bytes(pid);
@@ -1504,6 +1512,14 @@ fn idle_connections_are_compacted_give_their_memory_back_and_carry_on_byte_exact
         assert!(
             idle < busy,
             "compaction gave nothing back: {busy} -> {idle}"
+        );
+        // The performance issue's bound for a connection that moved 64 KiB (measured: about
+        // 2 KiB; the untouched fresh buffers cost nothing).
+        let per_conn = idle.saturating_sub(rss0) as f64 / N as f64;
+        assert!(
+            per_conn <= 16.0 * 1024.0,
+            "{:.1} KiB of RSS per idle connection",
+            per_conn / 1024.0
         );
         // Every connection carries on, both ways, byte-exact: the kernel client saw nothing.
         let more = noise(100_000, 10);

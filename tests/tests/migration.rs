@@ -543,6 +543,46 @@ fn drain_under_wrk_load_moves_200_keep_alive_connections_without_a_failed_reques
 }
 
 #[test]
+fn idle_parked_connections_drain_to_b_and_carry_on_byte_exact() {
+    const N: usize = 40;
+    let (tb, a, b) = pair();
+    tb.client().run(|| {
+        let addr = SocketAddr::from((SERVICE_ADDR, 7));
+        let mut conns: Vec<TcpStream> = (0..N)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap())
+            .collect();
+        let first = noise(70_000, 3);
+        let mut back = vec![0u8; first.len()];
+        for c in &mut conns {
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            c.write_all(&first).unwrap();
+            c.read_exact(&mut back).unwrap();
+            assert!(back == first, "echo on a");
+        }
+        // Idle: compacted, then parked out of a's interface polls.
+        eventually(30, "every connection parked on a", || {
+            stat(&a, "parked") >= N as u64
+        });
+        let report = a.ctl_json(&["drain", "--to", "b"]).expect("drain");
+        assert_eq!(report["empty"], true, "{report}");
+        assert_eq!(report["moved"], N as u64, "{report}");
+        assert!(local_ids(&a).is_empty());
+        assert_eq!(local_ids(&b).len(), N);
+        // Every connection carries on from b, both ways, byte-exact; no reset (a reset
+        // fails the write or the read).
+        let more = noise(150_000, 4);
+        let mut back = vec![0u8; more.len()];
+        for c in &mut conns {
+            c.write_all(&more).unwrap();
+            c.read_exact(&mut back).unwrap();
+            assert!(back == more, "echo from b");
+        }
+    });
+    assert_eq!(stat(&b, "conns_restored"), N as u64);
+    assert_eq!(stat(&a, "unknown_flow_packets"), 0);
+}
+
+#[test]
 fn with_direct_return_the_target_replies_straight_to_the_client() {
     ensure_tools(&["curl"]).unwrap();
     let tb = Testbed::new(TestbedOptions::default()).expect("testbed");

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::hash::BuildHasherDefault;
 
-use smoltcp::iface::SocketHandle;
+use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::time::Instant;
 
 use crate::app::{App, AppKind};
@@ -291,6 +291,79 @@ impl RateSample {
     }
 }
 
+/// Where a flow's smoltcp socket is: in the interface's socket set, where every poll visits
+/// it, or parked beside the flow, where nothing does.
+///
+/// smoltcp's interface walks its whole socket set for every packet it takes in (to find the
+/// socket) and every time it polls (to find what is due): a node holding many idle
+/// connections would pay for each of them on every packet of a busy one. So a connection
+/// that is idle with nothing in flight is parked (see `Stack`'s sweep) and comes back into
+/// the set the moment anything touches it: a packet, the app, a timer of ours, a move.
+pub enum SocketPlace {
+    /// In the set (while the flow is [`FlowMode::Local`]; stale in the other modes).
+    InSet(SocketHandle),
+    /// Out of the set: no packet reaches it and no timer of its runs until it is put back.
+    Parked(Box<smoltcp::socket::tcp::Socket<'static>>),
+}
+
+impl SocketPlace {
+    /// The socket, wherever it is. Panics (smoltcp's) if it is in the set and the handle is
+    /// stale, as `SocketSet::get` does.
+    pub fn get<'s>(
+        &'s self,
+        set: &'s SocketSet<'static>,
+    ) -> &'s smoltcp::socket::tcp::Socket<'static> {
+        match self {
+            Self::InSet(h) => set.get(*h),
+            Self::Parked(s) => s,
+        }
+    }
+
+    /// The socket's handle in `set`, putting it back there first if it is parked: it is
+    /// polled again from now on.
+    pub fn unpark(&mut self, set: &mut SocketSet<'static>) -> SocketHandle {
+        let h = match std::mem::replace(self, Self::InSet(SocketHandle::default())) {
+            Self::InSet(h) => h,
+            Self::Parked(s) => set.add(*s),
+        };
+        *self = Self::InSet(h);
+        h
+    }
+
+    /// The socket, as mutable, back in `set` if it was parked (see [`unpark`](Self::unpark)).
+    pub fn get_mut<'s>(
+        &'s mut self,
+        set: &'s mut SocketSet<'static>,
+    ) -> &'s mut smoltcp::socket::tcp::Socket<'static> {
+        let h = self.unpark(set);
+        set.get_mut(h)
+    }
+
+    /// Takes the socket out of `set` and parks it (nothing if it already is).
+    pub fn park(&mut self, set: &mut SocketSet<'static>) {
+        if let Self::InSet(h) = *self {
+            let smoltcp::socket::Socket::Tcp(s) = set.remove(h);
+            *self = Self::Parked(Box::new(s));
+        }
+    }
+
+    /// Takes the socket out, wherever it is; the place is stale afterwards.
+    pub fn take(&mut self, set: &mut SocketSet<'static>) -> smoltcp::socket::tcp::Socket<'static> {
+        match std::mem::replace(self, Self::InSet(SocketHandle::default())) {
+            Self::InSet(h) => {
+                let smoltcp::socket::Socket::Tcp(s) = set.remove(h);
+                s
+            }
+            Self::Parked(s) => *s,
+        }
+    }
+
+    /// Whether it is parked.
+    pub fn is_parked(&self) -> bool {
+        matches!(self, Self::Parked(_))
+    }
+}
+
 /// One connection.
 pub struct Flow {
     /// Node-unique id, shown by `ctl conns`.
@@ -298,7 +371,7 @@ pub struct Flow {
     /// Its endpoints.
     pub key: FlowKey,
     /// The smoltcp socket, while the mode is [`FlowMode::Local`] (stale otherwise).
-    pub handle: SocketHandle,
+    pub socket: SocketPlace,
     /// The app serving it.
     pub app: Box<dyn App>,
     /// Which app.
@@ -374,7 +447,7 @@ impl Flow {
         Self {
             id,
             key,
-            handle,
+            socket: SocketPlace::InSet(handle),
             app,
             app_kind,
             mode: FlowMode::Local,

@@ -1209,6 +1209,41 @@ fn keepalive_probes_an_idle_client_and_resets_a_dead_one() {
 }
 
 #[test]
+fn a_parked_idle_connection_still_sends_its_keepalive_probe_on_time_and_parks_again() {
+    let ka = Duration::from_secs(30);
+    let mut p = Pair::new_with(100, |c| {
+        for s in &mut c.services {
+            s.keepalive = Some(ka);
+        }
+    });
+    let h = p.connect(7);
+    p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+    echo_exact(&mut p, h, 10_000);
+    let quiet_from = p.now;
+    // Compacted after 2 s idle, parked the sweep after.
+    p.run_until(6_000, |p| p.stack.conns(p.now)[0].parked);
+    let out = p.stack.stats().packets_out;
+    let in_ = p.stack.stats().packets_in;
+    // Nothing leaves while parked, until the probe: smoltcp's keepalive timer restarted
+    // when the compaction re-homed the socket (2–3 s in), so the probe is due 30 s later.
+    p.run_until(40_000, |p| p.stack.stats().packets_out > out);
+    let probe_at = p.now - quiet_from;
+    assert!(
+        probe_at >= ka && probe_at <= ka + Duration::from_secs(4),
+        "keepalive probe {} ms after the last byte",
+        probe_at.total_millis()
+    );
+    assert_eq!(p.stack.stats().packets_out, out + 1, "one probe");
+    // The client answers; the connection parks again, and has not been reset.
+    p.run_until(6_000, |p| {
+        p.stack.stats().packets_in > in_ && p.stack.conns(p.now)[0].parked
+    });
+    assert_eq!(p.stack.stats().keepalive_timeouts, 0);
+    assert_eq!(p.sock(h).state(), tcp::State::Established);
+    echo_exact(&mut p, h, 5_000);
+}
+
+#[test]
 fn a_client_address_holds_at_most_max_per_source_connections() {
     let mut p = Pair::with_budget(ConnectionBudget::new(100).with_per_source(3), |_| {});
     let hs: Vec<SocketHandle> = (0..5).map(|_| p.connect(7)).collect();
@@ -1291,6 +1326,12 @@ fn an_idle_connection_is_compacted_and_carries_on_byte_exact() {
         p.step();
     }
     assert_eq!(p.stack.stats().compacted, 2);
+    // And parked out of the interface's polls, the sweep after.
+    for _ in 0..1_000 {
+        p.step();
+    }
+    assert!(p.stack.conns(p.now).iter().all(|c| c.parked));
+    assert_eq!(p.stack.stats().parked, 2);
     for _ in 0..3_000 {
         p.step();
     }
@@ -1308,9 +1349,11 @@ fn an_idle_connection_is_compacted_and_carries_on_byte_exact() {
         );
         assert_eq!(b.handshake.our_syn_ack, a.handshake.our_syn_ack);
     }
-    // Both carry on, byte-exact, in both directions; then idle again, compacted again.
+    // Both carry on, byte-exact, in both directions (a packet brings a parked socket back
+    // into the set); then idle again, compacted again.
     http_get_exact(&mut p, http, 200_000);
     echo_exact(&mut p, echo, 300_000);
+    assert!(p.stack.conns(p.now).iter().all(|c| !c.parked));
     for _ in 0..idle_ms {
         p.step();
     }

@@ -12,8 +12,8 @@
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 
-use super::Stack;
 use super::migrate::snapshot_of;
+use super::{ServiceConfig, Stack};
 use crate::app::{self, AppConfig};
 use crate::flow::FlowMode;
 use crate::translate::seq_gt;
@@ -21,14 +21,27 @@ use crate::translate::seq_gt;
 /// Idle time (nothing moved, nothing received) after which a connection is compacted.
 pub const COMPACT_AFTER: Duration = Duration::from_secs(2);
 
+/// A parked socket rejoins the set this long before its keepalive probe is due (the sweep
+/// that wakes it runs every second; smoltcp sends the probe from the set).
+const WAKE_BEFORE_KEEPALIVE: Duration = Duration::from_secs(2);
+/// A socket is parked only if none of our deadlines comes within this.
+const PARK_MARGIN: Duration = Duration::from_secs(3);
+
 impl Stack {
     /// True when the local flow in `slot` should be compacted now.
     pub(super) fn compaction_due(&self, now: Instant, slot: usize) -> bool {
         let Some(flow) = self.flows.get(slot) else {
             return false;
         };
+        flow.compacted_at != Some(flow.bytes_in + flow.bytes_out())
+            && self.compaction_due_but_for_compacted(now, flow)
+    }
+
+    /// [`compaction_due`](Self::compaction_due)'s conditions but the first: local, idle for
+    /// [`COMPACT_AFTER`] both ways, no close sent, the app quiescent, the socket established
+    /// with nothing queued either way.
+    fn compaction_due_but_for_compacted(&self, now: Instant, flow: &crate::flow::Flow) -> bool {
         if !matches!(flow.mode, FlowMode::Local)
-            || flow.compacted_at == Some(flow.bytes_in + flow.bytes_out())
             || now - flow.active_at < COMPACT_AFTER
             || now - flow.last_rx < COMPACT_AFTER
             || flow.close_sent
@@ -39,22 +52,60 @@ impl Stack {
         {
             return false;
         }
-        let socket = self.sockets.get::<tcp::Socket>(flow.handle);
+        let socket = flow.socket.get(&self.sockets);
         socket.state() == tcp::State::Established
             && socket.send_queue() == 0
             && socket.recv_queue() == 0
+    }
+
+    /// When the parked (or parkable) `flow` must be back in the socket set: before its
+    /// keepalive probe is due, and when its idle timeout runs out. `None`: never by itself.
+    pub(super) fn wake_at(
+        services: &[Option<ServiceConfig>],
+        flow: &crate::flow::Flow,
+    ) -> Option<Instant> {
+        let service = services
+            .get(usize::from(flow.key.service.port()))?
+            .as_ref()?;
+        let keepalive = service
+            .keepalive
+            .map(|ka| flow.last_rx + ka - WAKE_BEFORE_KEEPALIVE.min(ka));
+        let idle = service.idle_timeout.map(|t| flow.active_at + t);
+        match (keepalive, idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// True when the local flow in `slot` should be parked now: compacted, still idle with
+    /// nothing in flight either way, and none of our deadlines near. Its socket has no timer
+    /// running then (no data in flight, no ACK owed, no keepalive due within
+    /// [`PARK_MARGIN`]), so leaving it out of the interface's polls changes nothing.
+    pub(super) fn park_due(&self, now: Instant, slot: usize) -> bool {
+        let Some(flow) = self.flows.get(slot) else {
+            return false;
+        };
+        if flow.socket.is_parked()
+            || flow.dirty
+            || flow.compacted_at != Some(flow.bytes_in + flow.bytes_out())
+            || !self.compaction_due_but_for_compacted(now, flow)
+            || Self::wake_at(&self.services, flow).is_some_and(|at| at < now + PARK_MARGIN)
+        {
+            return false;
+        }
+        true
     }
 
     /// Re-homes the idle flow in `slot` into a fresh socket (see the module docs). On any
     /// failure the flow keeps its socket, untouched. True if compacted.
     pub(super) fn compact(&mut self, now: Instant, slot: usize) -> bool {
         Self::set_clock(now);
-        let Some(flow) = self.flows.get(slot) else {
+        let Some(flow) = self.flows.get_mut(slot) else {
             return false;
         };
+        let h = flow.socket.unpark(&mut self.sockets);
         let snap = {
-            let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
-            match snapshot_of(flow, socket) {
+            match snapshot_of(flow, self.sockets.get_mut(h)) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(id = flow.id, error = %e, "not compacted");
@@ -77,12 +128,13 @@ impl Stack {
                 return false;
             }
         };
+        let mut fresh_socket = fresh.socket;
         let Some(flow) = self.flows.get_mut(slot) else {
-            self.sockets.remove(fresh.handle);
+            fresh_socket.take(&mut self.sockets);
             return false;
         };
-        let old = std::mem::replace(&mut flow.handle, fresh.handle);
-        self.sockets.remove(old);
+        let mut old = std::mem::replace(&mut flow.socket, fresh_socket);
+        old.take(&mut self.sockets);
         // The capture formulas hold with the counters kept: the bases move instead.
         flow.mirror = flow.mirror.emptied();
         flow.send_base = snap.snd_una.wrapping_sub(flow.mirror.total() as u32);

@@ -244,7 +244,7 @@ impl Stack {
         if !matches!(flow.mode, FlowMode::Local) {
             return Err(CaptureError::NotLocal(id));
         }
-        let socket = self.sockets.get::<tcp::Socket>(flow.handle);
+        let socket = flow.socket.get(&self.sockets);
         let state = tcp_state(socket.state()).ok_or(CaptureError::State {
             id,
             state: state_name(socket.state()),
@@ -613,7 +613,7 @@ impl Stack {
         };
         match std::mem::replace(&mut flow.mode, FlowMode::Local) {
             FlowMode::Local => {
-                self.sockets.remove(flow.handle);
+                flow.socket.take(&mut self.sockets);
             }
             FlowMode::Frozen { queued_bytes, .. } => {
                 self.frozen_bytes = self.frozen_bytes.saturating_sub(queued_bytes);
@@ -659,7 +659,7 @@ impl Stack {
                     }
                 }
                 FlowMode::Local if flow.ingress.is_some_and(|r| r.peer == peer) => {
-                    self.sockets.get_mut::<tcp::Socket>(flow.handle).abort();
+                    flow.socket.get_mut(&mut self.sockets).abort();
                     restored += 1;
                     if !flow.dirty {
                         flow.dirty = true;

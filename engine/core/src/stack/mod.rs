@@ -34,6 +34,7 @@ use smoltcp::wire::{
 
 use crate::app::{self, AppKind};
 use crate::config::{Ipv4Cidr, KEEPALIVE_PROBES, ServiceConfig, TcpConfig};
+use crate::flow::SocketPlace;
 use crate::flow::{
     FORWARDER_IDLE, Flow, FlowMode, FlowTable, HandshakeRecord, MOVED_IDLE_AFTER_FIN, MOVED_LINGER,
     Remote,
@@ -321,6 +322,8 @@ pub struct StackStats {
     pub moved_expired: u64,
     /// Idle connections re-homed into fresh sockets to give their memory back.
     pub compacted: u64,
+    /// Times an idle connection's socket was parked out of the interface's socket set.
+    pub parked: u64,
     /// Packets for unknown flows handed to smoltcp (answered with RST).
     pub unknown_flow_packets: u64,
     /// Application bytes received from clients.
@@ -384,6 +387,7 @@ impl StackStats {
         self.keepalive_timeouts += other.keepalive_timeouts;
         self.moved_expired += other.moved_expired;
         self.compacted += other.compacted;
+        self.parked += other.parked;
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
         self.app_bytes_out += other.app_bytes_out;
@@ -443,6 +447,10 @@ pub struct ConnInfo {
     pub recv_queue: usize,
     /// Handshake options recorded for migration.
     pub handshake: HandshakeRecord,
+    /// Idle with its socket parked out of the interface's polls (see
+    /// [`crate::flow::SocketPlace`]).
+    #[serde(default)]
+    pub parked: bool,
 }
 
 /// Errors of flow-level control operations.
@@ -782,7 +790,7 @@ impl Stack {
                     }
                     None => {
                         // smoltcp has no socket for it and answers with RST.
-                        self.ingress(now, packet);
+                        self.ingress_unknown(now, packet);
                         return;
                     }
                 }
@@ -793,7 +801,7 @@ impl Stack {
                     return;
                 }
                 self.stats.unknown_flow_packets += 1;
-                self.ingress(now, packet);
+                self.ingress_unknown(now, packet);
                 return;
             }
         };
@@ -814,6 +822,7 @@ impl Stack {
         }
         match &mut flow.mode {
             FlowMode::Local => {
+                flow.socket.unpark(&mut self.sockets);
                 if !flow.dirty {
                     flow.dirty = true;
                     self.dirty.push(slot);
@@ -871,12 +880,12 @@ impl Stack {
         let Some(flow) = self.flows.get_mut(slot) else {
             return;
         };
-        if self.sockets.get::<tcp::Socket>(flow.handle).state() == tcp::State::Listen {
-            let Some(flow) = self.flows.remove(slot) else {
+        if flow.socket.get(&self.sockets).state() == tcp::State::Listen {
+            let Some(mut flow) = self.flows.remove(slot) else {
                 return;
             };
             self.half_open -= usize::from(flow.half_open);
-            self.sockets.remove(flow.handle);
+            flow.socket.take(&mut self.sockets);
             self.budget.release(*flow.key.client.ip());
             self.stats.conns_accepted -= 1;
             self.stats.dropped[DropReason::Malformed.index()] += 1;
@@ -904,6 +913,19 @@ impl Stack {
         };
         self.iface
             .poll_ingress_single(now, &mut dev, &mut self.sockets);
+    }
+
+    /// A packet no socket is for: smoltcp answers it (RST, unless it is one) from an empty
+    /// socket set — the flow table already said no socket matches, and walking the real set
+    /// to find that out again would make every stray packet cost every connection.
+    fn ingress_unknown(&mut self, now: Instant, packet: &[u8]) {
+        let mut dev = TurnDevice {
+            rx: Some(packet),
+            tx: &mut self.tx,
+            caps: &self.caps,
+        };
+        let mut none = SocketSet::new(&mut [][..]);
+        self.iface.poll_ingress_single(now, &mut dev, &mut none);
     }
 
     /// A SYN for a flow we do not have: give it a socket if a service and the budget allow.
@@ -1058,7 +1080,7 @@ impl Stack {
             if let Some(flow) = self.flows.get(slot)
                 && matches!(flow.mode, FlowMode::Local)
                 && matches!(
-                    self.sockets.get::<tcp::Socket>(flow.handle).state(),
+                    flow.socket.get(&self.sockets).state(),
                     tcp::State::TimeWait | tcp::State::Closed
                 )
             {
@@ -1081,7 +1103,7 @@ impl Stack {
         if !matches!(flow.mode, FlowMode::Local) {
             return;
         }
-        let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+        let socket = flow.socket.get_mut(&mut self.sockets);
         if flow.half_open && socket.state() != tcp::State::SynReceived {
             flow.half_open = false;
             self.half_open -= 1;
@@ -1167,7 +1189,7 @@ impl Stack {
         if !matches!(flow.mode, FlowMode::Local) {
             return false;
         }
-        let socket = self.sockets.get::<tcp::Socket>(flow.handle);
+        let socket = flow.socket.get(&self.sockets);
         match socket.state() {
             tcp::State::Closed => {
                 self.reap_if_closed(slot);
@@ -1175,10 +1197,10 @@ impl Stack {
             }
             tcp::State::TimeWait => {
                 let unread = socket.recv_queue() as u32;
-                let Some(flow) = self.flows.remove(slot) else {
+                let Some(mut flow) = self.flows.remove(slot) else {
                     return false;
                 };
-                self.release(&flow, "closed: TIME-WAIT");
+                self.release(&mut flow, "closed: TIME-WAIT");
                 // Wire numbers: the client's are never translated; ours are from send_base.
                 let rcv_nxt = flow
                     .recv_base
@@ -1265,20 +1287,20 @@ impl Stack {
             return;
         };
         if !matches!(flow.mode, FlowMode::Local)
-            || self.sockets.get::<tcp::Socket>(flow.handle).state() != tcp::State::Closed
+            || flow.socket.get(&self.sockets).state() != tcp::State::Closed
         {
             return;
         }
-        let Some(flow) = self.flows.remove(slot) else {
+        let Some(mut flow) = self.flows.remove(slot) else {
             return;
         };
-        self.release(&flow, "closed");
+        self.release(&mut flow, "closed");
     }
 
     /// What a connection that ended held: its socket, its slot, its half-open count.
-    fn release(&mut self, flow: &Flow, how: &'static str) {
+    fn release(&mut self, flow: &mut Flow, how: &'static str) {
         self.half_open -= usize::from(flow.half_open);
-        self.sockets.remove(flow.handle);
+        flow.socket.take(&mut self.sockets);
         if flow.counted {
             self.budget.release(*flow.key.client.ip());
         }
@@ -1307,8 +1329,13 @@ impl Stack {
             let out = flow.bytes_out();
             flow.rates.update(now, flow.bytes_in, out);
             match flow.mode {
+                // Parked (idle, established, nothing in flight): nothing below applies until
+                // one of our deadlines comes near; then it rejoins the set.
+                FlowMode::Local
+                    if flow.socket.is_parked()
+                        && Self::wake_at(&self.services, flow).is_none_or(|at| now < at) => {}
                 FlowMode::Local => {
-                    let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+                    let socket = flow.socket.get_mut(&mut self.sockets);
                     // smoltcp retransmits a SYN-ACK forever: a spoofed SYN flood would hold
                     // `max_connections` slots for good. Give handshakes a deadline.
                     if socket.state() == tcp::State::SynReceived
@@ -1469,6 +1496,12 @@ impl Stack {
             if compactions < MAX_COMPACTIONS_PER_SWEEP && self.compaction_due(now, slot) {
                 compactions += usize::from(self.compact(now, slot));
             }
+            if self.park_due(now, slot)
+                && let Some(flow) = self.flows.get_mut(slot)
+            {
+                flow.socket.park(&mut self.sockets);
+                self.stats.parked += 1;
+            }
         }
     }
 
@@ -1620,7 +1653,7 @@ impl Stack {
             if let Some(flow) = self.flows.get_mut(slot)
                 && matches!(flow.mode, FlowMode::Local)
             {
-                let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+                let socket = flow.socket.get_mut(&mut self.sockets);
                 if socket.state() == tcp::State::SynReceived {
                     // smoltcp would take the ACK of its SYN-ACK for the ACK of the FIN: the
                     // client never got a connection to close, so refuse it.
@@ -1653,7 +1686,7 @@ impl Stack {
             if let Some(flow) = self.flows.get_mut(slot)
                 && matches!(flow.mode, FlowMode::Local)
             {
-                self.sockets.get_mut::<tcp::Socket>(flow.handle).abort();
+                flow.socket.get_mut(&mut self.sockets).abort();
                 if !flow.dirty {
                     flow.dirty = true;
                     self.dirty.push(slot);
@@ -1683,7 +1716,7 @@ impl Stack {
     /// The socket of `flow`: in the set while local, held aside while frozen, none once moved.
     fn socket_of<'a>(&'a self, flow: &'a Flow) -> Option<&'a tcp::Socket<'static>> {
         match &flow.mode {
-            FlowMode::Local => Some(self.sockets.get::<tcp::Socket>(flow.handle)),
+            FlowMode::Local => Some(flow.socket.get(&self.sockets)),
             FlowMode::Frozen { socket, .. } => Some(socket),
             FlowMode::Moved { .. } => None,
         }
@@ -1716,6 +1749,7 @@ impl Stack {
                 send_queue: 0,
                 recv_queue: 0,
                 handshake: HandshakeRecord::default(),
+                parked: false,
             })
             .collect()
     }
@@ -1747,6 +1781,7 @@ impl Stack {
                     send_queue: socket.map_or(0, |s| s.send_queue()),
                     recv_queue: socket.map_or(0, |s| s.recv_queue()),
                     handshake: f.record,
+                    parked: matches!(f.mode, FlowMode::Local) && f.socket.is_parked(),
                 }
             })
             .collect()
@@ -1811,8 +1846,7 @@ impl Stack {
                 mode: flow.mode.as_str(),
             });
         }
-        let smoltcp::socket::Socket::Tcp(socket) = self.sockets.remove(flow.handle);
-        let socket = Box::new(socket);
+        let socket = Box::new(flow.socket.take(&mut self.sockets));
         flow.mode = FlowMode::Frozen {
             socket,
             queue: VecDeque::new(),
@@ -1846,7 +1880,7 @@ impl Stack {
                 return Err(FlowError::WrongMode { id, mode });
             }
         };
-        flow.handle = self.sockets.add(*socket);
+        flow.socket = SocketPlace::InSet(self.sockets.add(*socket));
         if !flow.dirty {
             flow.dirty = true;
             self.dirty.push(slot);
