@@ -811,6 +811,7 @@ impl Node {
             bytes_out_per_sec: ((stats.app_bytes_out.saturating_sub(last.1.app_bytes_out)) as f64
                 / dt) as u64,
             forecast: self.predict.forecast(),
+            leases: Vec::new(),
         };
         t.send(tunnel::Command::Load(report));
         *last = (StdInstant::now(), stats);
