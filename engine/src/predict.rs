@@ -270,6 +270,7 @@ mod tests {
                 here: true,
                 movable: true,
                 buffered: 0,
+                ingress: None,
             })
             .collect();
         let peers = [PeerSample {

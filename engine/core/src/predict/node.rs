@@ -22,17 +22,29 @@
 //!
 //! Peers are assumed to have this node's capacity (a load report carries no capacity).
 //!
+//! **Leases.** A connection this node moved by plan is an [`Offload`]: its lease at the
+//! holder is renewed through this node's load reports ([`NodePredictor::renewals`]) while
+//! taking it back would push this node above its shedding level (threshold − hysteresis,
+//! by the larger of its current and predicted load); once there is room, this node stops
+//! renewing, the lease runs out and the holder hands the connection back. As a holder, the
+//! node grants a lease on a connection restored here when its primary first asks for one
+//! ([`NodePredictor::handle_renewals`]), renews it on every later report, and reports each
+//! expiry ([`NodePredictor::poll_lease`]); the driver moves the connection back and reports
+//! the outcome ([`NodePredictor::record_return`]). A connection is never dropped because of
+//! a lease: one that cannot go back stays.
+//!
 //! **Stale reports.** A peer's report rides its heartbeats and is up to a couple of seconds
 //! old. After a move the peer's load is taken as at least what it was reported at plus the
 //! load moved to it, for [`NodeSettings::report_delay`], so the next plan does not fill a
 //! peer whose report has not caught up yet.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use smoltcp::time::{Duration, Instant};
 
 use super::detect::{Detector, Imbalance, imbalance};
 use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
+use super::lease::{Lease, LeaseCounters, LeaseEvent, Leases, Offload};
 use super::plan::{Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Status};
 use super::profile::{ConnReport, NodeReport, Sampler};
 use super::shadow::ConnState;
@@ -106,6 +118,9 @@ pub struct ConnSample {
     pub movable: bool,
     /// Bytes a move would copy now (send and receive queues).
     pub buffered: u64,
+    /// For a connection restored here whose packets enter at another node (its primary):
+    /// that node and the connection's id there.
+    pub ingress: Option<(NodeId, ConnId)>,
 }
 
 /// A peer's last load report, as the tunnel knows it.
@@ -170,6 +185,20 @@ pub struct Decision {
     /// The node's current utilisation when it was planned (for [`Policy::Predictive`] the
     /// reason's utilisation is the predicted one).
     pub current: f64,
+}
+
+/// An expired lease and what became of its connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseRecord {
+    /// When the lease expired.
+    pub at: Instant,
+    /// The connection, by its id here.
+    pub conn: ConnId,
+    /// Its primary.
+    pub primary: NodeId,
+    /// [`Outcome::Moved`]: back at its primary; [`Outcome::Stayed`] or [`Outcome::Failed`]:
+    /// kept here, for the reason given; [`Outcome::Pending`]: the move back is under way.
+    pub outcome: Outcome,
 }
 
 /// Counts since the node started.
@@ -257,6 +286,16 @@ pub struct NodePredictor {
     last_plan: Option<(Instant, Plan)>,
     decisions: VecDeque<Decision>,
     counts: Counts,
+    /// Leases held here on connections offloaded to this node.
+    leases: Leases,
+    /// Connections restored here by their primary and id there, from the last sample.
+    ingress: HashMap<(NodeId, ConnId), ConnId>,
+    /// Expired leases and their outcome, oldest first.
+    lease_log: VecDeque<LeaseRecord>,
+    /// Connections this node offloaded by plan, by their id here.
+    offloads: BTreeMap<ConnId, Offload>,
+    /// Where the next report's renewals start when there are more than fit.
+    renew_cursor: usize,
 }
 
 impl NodePredictor {
@@ -286,6 +325,11 @@ impl NodePredictor {
             last_plan: None,
             decisions: VecDeque::new(),
             counts: Counts::default(),
+            leases: Leases::new(config.lease),
+            ingress: HashMap::new(),
+            lease_log: VecDeque::new(),
+            offloads: BTreeMap::new(),
+            renew_cursor: 0,
             config,
             settings,
         }
@@ -429,6 +473,32 @@ impl NodePredictor {
         self.last_moved.retain(|id, _| seen.contains_key(id));
         self.shifting.retain(|id| seen.contains_key(id));
         self.known = seen;
+        // Leases live while their connection is here; offloads while it is away.
+        self.ingress = obs
+            .conns
+            .iter()
+            .filter(|c| c.here)
+            .filter_map(|c| c.ingress.map(|i| (i, c.report.conn)))
+            .collect();
+        let restored: HashSet<ConnId> = self.ingress.values().copied().collect();
+        self.leases.retain(|id| restored.contains(&id));
+        let away: HashMap<ConnId, Duration> = obs
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.here)
+            .map(|(i, c)| {
+                let age = interval.conns.get(i).map_or(Duration::ZERO, |p| p.age);
+                (c.report.conn, age)
+            })
+            .collect();
+        self.offloads.retain(|id, o| match away.get(id) {
+            Some(age) => {
+                o.age = *age;
+                true
+            }
+            None => false,
+        });
         self.floors.retain(|_, (until, _)| now < *until);
 
         let peers: Vec<PeerView> = obs
@@ -490,6 +560,8 @@ impl NodePredictor {
             peers,
         };
 
+        self.update_renewals(load, predicted * capacity);
+
         let plan_peers: Vec<Peer> = self
             .estimate
             .peers
@@ -543,6 +615,36 @@ impl NodePredictor {
         Some(plan)
     }
 
+    /// Which offloaded connections keep their lease: taking one back must leave this node at
+    /// or below its shedding level (threshold − hysteresis) by the larger of its current and
+    /// predicted load; the oldest offloads come back first.
+    fn update_renewals(&mut self, load: f64, predicted: f64) {
+        let threshold = match self.settings.policy {
+            Policy::Reactive => self.config.plan.reactive_threshold,
+            Policy::Manual | Policy::Predictive => self.estimate.threshold,
+        };
+        let level = (threshold - self.config.plan.hysteresis) * self.settings.capacity;
+        let mut room = level - load.max(predicted);
+        if !room.is_finite() {
+            room = 0.0;
+        }
+        let mut order: Vec<&mut Offload> = self.offloads.values_mut().collect();
+        order.sort_by_key(|o| (o.since, o.conn));
+        for o in order {
+            let load = if o.load.is_finite() {
+                o.load.max(0.0)
+            } else {
+                0.0
+            };
+            if load <= room {
+                room -= load;
+                o.renew = false;
+            } else {
+                o.renew = true;
+            }
+        }
+    }
+
     fn push_decision(&mut self, d: Decision) {
         while self.decisions.len() >= self.settings.history.max(1) {
             self.decisions.pop_front();
@@ -589,6 +691,148 @@ impl NodePredictor {
         }
     }
 
+    /// Records that the planned move of `conn` to `holder` made it connection `remote` there:
+    /// from now on this node renews its lease at `holder` while it has no room to take it
+    /// back. Call after [`Self::record`] with [`Outcome::Moved`].
+    pub fn record_offload(&mut self, now: Instant, conn: ConnId, holder: NodeId, remote: ConnId) {
+        let capacity = self.settings.capacity;
+        let load = self
+            .decisions
+            .iter()
+            .rev()
+            .find(|d| d.conn == conn && d.target == holder)
+            .map_or(0.0, |d| d.reason.conn_load);
+        let horizon = self.config.horizon_samples();
+        let rate = self
+            .conns
+            .get(&conn)
+            .and_then(|f| f.peak(horizon))
+            .filter(|f| !matches!(f.model, ModelChoice::LastValue(_)))
+            .map(|f| f.value / capacity)
+            .filter(|r| r.is_finite());
+        self.offloads.insert(
+            conn,
+            Offload {
+                conn,
+                holder,
+                remote,
+                since: now,
+                load,
+                rate,
+                age: Duration::ZERO,
+                renew: true,
+            },
+        );
+    }
+
+    /// The lease renewals for this node's next load report: its offloaded connections that
+    /// keep their lease (by their id here, with their predicted volume in seconds of
+    /// capacity), at most `max`; with more, successive calls rotate through them.
+    pub fn renewals(&mut self, max: usize) -> Vec<(ConnId, Option<f64>)> {
+        let all: Vec<(ConnId, Option<f64>)> = self
+            .offloads
+            .values()
+            .filter(|o| o.renew)
+            .map(|o| (o.conn, o.volume()))
+            .collect();
+        if all.len() <= max {
+            self.renew_cursor = 0;
+            return all;
+        }
+        let start = self.renew_cursor % all.len();
+        self.renew_cursor = start + max;
+        all.iter().cycle().skip(start).take(max).copied().collect()
+    }
+
+    /// Takes the lease renewals of a load report from `primary`, received at `received`: a
+    /// listed connection restored here from `primary` gets a lease if it has none (returned,
+    /// for the log) or has it renewed. Ids that name no such connection are ignored.
+    pub fn handle_renewals(
+        &mut self,
+        primary: NodeId,
+        received: Instant,
+        renewals: &[(ConnId, Option<f64>)],
+    ) -> Vec<Lease> {
+        let mut granted = Vec::new();
+        for &(remote, volume) in renewals {
+            let Some(&conn) = self.ingress.get(&(primary, remote)) else {
+                continue;
+            };
+            if self.leases.renew(received, conn, volume).is_none() {
+                granted.push(self.leases.grant(received, conn, primary, volume));
+            }
+        }
+        granted
+    }
+
+    /// When the next lease expires.
+    pub fn poll_lease_timeout(&self) -> Option<Instant> {
+        self.leases.poll_timeout()
+    }
+
+    /// The next lease expired by `now` (earliest first), removed and counted: the driver
+    /// moves its connection back to its primary and reports with [`Self::record_return`].
+    pub fn poll_lease(&mut self, now: Instant) -> Option<LeaseEvent> {
+        let event = self.leases.poll_event(now)?;
+        let LeaseEvent::Expired { conn, primary, at } = event;
+        while self.lease_log.len() >= self.settings.history.max(1) {
+            self.lease_log.pop_front();
+        }
+        self.lease_log.push_back(LeaseRecord {
+            at,
+            conn,
+            primary,
+            outcome: Outcome::Pending,
+        });
+        Some(event)
+    }
+
+    /// Records what became of the connection of an expired lease: [`Outcome::Moved`] (back at
+    /// its primary) or kept here ([`Outcome::Stayed`], [`Outcome::Failed`]).
+    pub fn record_return(&mut self, conn: ConnId, outcome: Outcome) {
+        self.leases.record_return(outcome == Outcome::Moved);
+        if let Some(r) = self
+            .lease_log
+            .iter_mut()
+            .rev()
+            .find(|r| r.conn == conn && r.outcome == Outcome::Pending)
+        {
+            r.outcome = outcome;
+        }
+    }
+
+    /// The lease held here on `conn`.
+    pub fn lease(&self, conn: ConnId) -> Option<&Lease> {
+        self.leases.lease(conn)
+    }
+
+    /// The leases held here, by connection id.
+    pub fn leases(&self) -> Vec<Lease> {
+        let mut all: Vec<Lease> = self.leases.iter().copied().collect();
+        all.sort_by_key(|l| l.conn);
+        all
+    }
+
+    /// Lease counts since the start.
+    pub fn lease_counters(&self) -> LeaseCounters {
+        self.leases.counters()
+    }
+
+    /// Expired leases and their outcome, oldest first.
+    pub fn lease_log(&self) -> impl Iterator<Item = &LeaseRecord> {
+        self.lease_log.iter()
+    }
+
+    /// This node's offload of `conn`, if it moved it by plan and it is still away.
+    pub fn offload(&self, conn: ConnId) -> Option<&Offload> {
+        self.offloads.get(&conn)
+    }
+
+    /// Every offload, by connection id.
+    pub fn offloads(&self) -> impl Iterator<Item = &Offload> {
+        self.offloads.values()
+    }
+
     /// A connection's state: shifting while a planned move is under way, active while it may
     /// be moved, inactive otherwise (moved away, closing, or not seen).
     pub fn conn_state(&self, conn: ConnId) -> ConnState {
@@ -626,6 +870,7 @@ impl NodePredictor {
 mod tests {
     use super::*;
     use crate::predict::Priority;
+    use crate::predict::lease::LeaseBasis;
     use crate::predict::profile::ConnCounters;
 
     fn conn(id: ConnId, bytes_out: u64, opened_ms: i64) -> ConnSample {
@@ -642,6 +887,7 @@ mod tests {
             here: true,
             movable: true,
             buffered: 0,
+            ingress: None,
         }
     }
 
@@ -834,6 +1080,200 @@ mod tests {
         tracked.sort_unstable();
         assert_eq!(tracked, [4, 5]);
         assert_eq!(p.estimate().candidates, 5);
+    }
+
+    /// A (primary) offloads 3 of 10 connections to B, renews their leases while it is
+    /// full, and lets them run out once it has room; B grants, renews, expires and records
+    /// the returns, on virtual time.
+    #[test]
+    fn leases_are_granted_renewed_and_expire_once_the_primary_has_room() {
+        let a_id = NodeId(7);
+        let mut a = NodePredictor::new(PredictConfig::default(), settings(Policy::Predictive));
+        let mut b = NodePredictor::new(PredictConfig::default(), settings(Policy::Manual));
+        let mut a_conns: Vec<ConnSample> = (1..=10).map(|i| conn(i, 0, 0)).collect();
+        let peers = [peer(0)];
+        let sample_a = |a: &mut NodePredictor, conns: &[ConnSample], t: Instant| {
+            a.handle_sample(
+                t,
+                &Observation {
+                    node: NodeReport::default(),
+                    conns,
+                    peers: &peers,
+                },
+            )
+        };
+        // Warm the per-connection forecasters up (nothing may move yet), then plan at 60 s.
+        for c in &mut a_conns {
+            c.movable = false;
+        }
+        for ms in (50_000..60_000).step_by(100) {
+            sample_a(&mut a, &a_conns, Instant::from_millis(ms));
+        }
+        for c in &mut a_conns {
+            c.movable = true;
+        }
+        let t0 = Instant::from_secs(60);
+        let plan = sample_a(&mut a, &a_conns, t0).expect("a plan");
+        assert_eq!(plan.moves.len(), 3);
+        let mut b_conns = Vec::new();
+        for (k, m) in plan.moves.iter().enumerate() {
+            a.record(t0, m.conn, m.target, Outcome::Moved);
+            let remote = 100 + k as u64;
+            a.record_offload(t0, m.conn, m.target, remote);
+            let c = a_conns
+                .iter_mut()
+                .find(|c| c.report.conn == m.conn)
+                .unwrap();
+            c.here = false;
+            c.movable = false;
+            let mut restored = conn(remote, 0, 60_000);
+            restored.movable = false;
+            restored.ingress = Some((a_id, m.conn));
+            b_conns.push(restored);
+        }
+        let moved: Vec<ConnId> = plan.moves.iter().map(|m| m.conn).collect();
+        let sample_b = |b: &mut NodePredictor, conns: &[ConnSample], t: Instant| {
+            b.handle_sample(
+                t,
+                &Observation {
+                    node: NodeReport::default(),
+                    conns,
+                    peers: &[],
+                },
+            );
+        };
+
+        // One report a second while A holds 7 of 10 (room 0.5 below 0.75 of capacity): A
+        // renews all three; B grants at the first report and renews after.
+        let mut granted = Vec::new();
+        for s in 0..10u64 {
+            let t = t0 + Duration::from_millis(100 + s * 1000);
+            sample_a(&mut a, &a_conns, t);
+            sample_b(&mut b, &b_conns, t);
+            let renewals = a.renewals(48);
+            assert_eq!(renewals.len(), 3, "{renewals:?}");
+            let (_, volume) = renewals[0];
+            // 0.1 of capacity over the connection's life so far (60–69 s): 6–6.9 s of
+            // capacity, a lease of 7.5–8.6 s at 0.8.
+            let expected = t.total_millis() as f64 / 1e4;
+            assert!((volume.unwrap() - expected).abs() < 0.05, "{volume:?}");
+            granted.extend(b.handle_renewals(a_id, t, &renewals));
+            assert_eq!(b.poll_lease(t), None);
+        }
+        assert_eq!(granted.len(), 3);
+        assert!(granted.iter().all(|l| l.basis == LeaseBasis::Forecast));
+        let lease = *b.lease(100).unwrap();
+        assert_eq!(lease.primary, a_id);
+        let length = lease.expires - lease.renewed;
+        // The last renewal, at 69.1 s: 6.91 / 0.8.
+        assert!((8_630..=8_645).contains(&length.total_millis()), "{length}");
+        let c = b.lease_counters();
+        assert_eq!((c.granted, c.renewed, c.expired), (3, 27, 0));
+        assert!(
+            moved
+                .iter()
+                .all(|id| a.offload(*id).is_some_and(|o| o.renew))
+        );
+
+        // Four of A's own connections close: A has room for all three and stops renewing.
+        let mut kept_here = 0;
+        a_conns.retain(|c| {
+            kept_here += usize::from(c.here);
+            !c.here || kept_here <= 3
+        });
+        let here = a_conns.iter().filter(|c| c.here).count();
+        assert_eq!(here, 3, "{a_conns:?}");
+        // Once its forecast has followed the drop (the predicted peak counts, not only the
+        // current load), it has room for all three and stops renewing.
+        for ms in (11_000..14_000).step_by(100) {
+            sample_a(&mut a, &a_conns, t0 + Duration::from_millis(ms));
+        }
+        assert!(a.renewals(48).is_empty());
+        assert!(
+            moved
+                .iter()
+                .all(|id| a.offload(*id).is_some_and(|o| !o.renew))
+        );
+        // B's leases run out 8.6 s after the last renewal.
+        let last = lease.renewed;
+        assert_eq!(b.poll_lease_timeout(), Some(lease.expires));
+        assert_eq!(b.poll_lease(last + Duration::from_secs(8)), None);
+        let late = last + Duration::from_secs(9);
+        let mut expired = Vec::new();
+        while let Some(LeaseEvent::Expired { conn, primary, .. }) = b.poll_lease(late) {
+            assert_eq!(primary, a_id);
+            expired.push(conn);
+        }
+        expired.sort_unstable();
+        assert_eq!(expired, [100, 101, 102]);
+        b.record_return(100, Outcome::Moved);
+        b.record_return(101, Outcome::Moved);
+        b.record_return(102, Outcome::Stayed("the primary refused it".into()));
+        let c = b.lease_counters();
+        assert_eq!((c.expired, c.returned, c.kept), (3, 2, 1));
+        let log: Vec<&LeaseRecord> = b.lease_log().collect();
+        assert_eq!(log.len(), 3);
+        assert_eq!(
+            log[2].outcome,
+            Outcome::Stayed("the primary refused it".into())
+        );
+        // The one kept stays here without a lease; a connection back home ends its offload.
+        sample_b(&mut b, &b_conns[2..], late);
+        assert!(b.leases().is_empty());
+        for c in &mut a_conns {
+            if c.report.conn == moved[0] {
+                c.here = true;
+            }
+        }
+        sample_a(&mut a, &a_conns, late);
+        assert!(a.offload(moved[0]).is_none());
+        assert_eq!(a.offloads().count(), 2);
+    }
+
+    #[test]
+    fn renewals_name_only_connections_restored_from_their_sender() {
+        let mut b = NodePredictor::new(PredictConfig::default(), settings(Policy::Manual));
+        let mut c = conn(5, 0, 0);
+        c.movable = false;
+        c.ingress = Some((NodeId(2), 50));
+        let local = conn(6, 0, 0);
+        let conns = [c, local];
+        let t = Instant::from_secs(1);
+        b.handle_sample(
+            t,
+            &Observation {
+                node: NodeReport::default(),
+                conns: &conns,
+                peers: &[],
+            },
+        );
+        // Another primary, an unknown id, a local connection's id: nothing.
+        assert!(
+            b.handle_renewals(NodeId(3), t, &[(50, Some(1.0))])
+                .is_empty()
+        );
+        assert!(
+            b.handle_renewals(NodeId(2), t, &[(51, Some(1.0)), (6, None)])
+                .is_empty()
+        );
+        // Its primary, with a forecast that is not a number: the default lease.
+        let g = b.handle_renewals(NodeId(2), t, &[(50, Some(f64::NAN)), (50, Some(-3.0))]);
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].basis, LeaseBasis::Default);
+        assert_eq!(g[0].expires, t + Duration::from_secs(30));
+        assert_eq!(b.lease(5).map(|l| l.primary), Some(NodeId(2)));
+    }
+
+    #[test]
+    fn renewals_rotate_when_more_than_fit() {
+        let mut a = NodePredictor::new(PredictConfig::default(), settings(Policy::Predictive));
+        for id in 1..=5 {
+            a.record_offload(Instant::from_secs(1), id, NodeId(1), id + 10);
+        }
+        let first: Vec<ConnId> = a.renewals(2).iter().map(|r| r.0).collect();
+        let second: Vec<ConnId> = a.renewals(2).iter().map(|r| r.0).collect();
+        let third: Vec<ConnId> = a.renewals(2).iter().map(|r| r.0).collect();
+        assert_eq!((first, second, third), (vec![1, 2], vec![3, 4], vec![5, 1]));
     }
 
     #[test]

@@ -1795,6 +1795,9 @@ impl Stack {
                         && movable_state
                         && f.ingress.is_none(),
                     buffered: socket.map_or(0, |s| (s.send_queue() + s.recv_queue()) as u64),
+                    ingress: f
+                        .ingress
+                        .map(|r| (crate::predict::NodeId(r.peer.0), r.flow)),
                 }
             })
             .collect()
