@@ -46,6 +46,12 @@ pub struct PredictMetrics {
     pub predicted: f64,
     /// The learned threshold.
     pub threshold: f64,
+    /// Lease counts (held here on connections offloaded to this node).
+    pub leases: flowshift_core::predict::lease::LeaseCounters,
+    /// Leases held here now.
+    pub leases_held: u64,
+    /// Connections this node offloaded by plan that are still away.
+    pub offloads: u64,
 }
 
 fn gauge_f64(registry: &mut Registry, name: &str, help: &str, value: f64) {
@@ -105,6 +111,48 @@ pub fn render(
             "predict_moves_failed",
             "Planned moves that did not happen: the connection stayed or the move failed",
             p.counts.failed,
+        );
+        counter(
+            &mut r,
+            "predict_leases_granted",
+            "Leases granted on connections offloaded to this node",
+            p.leases.granted,
+        );
+        counter(
+            &mut r,
+            "predict_leases_renewed",
+            "Lease renewals taken from the primaries' load reports",
+            p.leases.renewed,
+        );
+        counter(
+            &mut r,
+            "predict_leases_expired",
+            "Leases that expired (their primary stopped renewing them)",
+            p.leases.expired,
+        );
+        counter(
+            &mut r,
+            "predict_leases_returned",
+            "Connections of expired leases handed back to their primary",
+            p.leases.returned,
+        );
+        counter(
+            &mut r,
+            "predict_leases_kept",
+            "Connections of expired leases that could not go back and stay here",
+            p.leases.kept,
+        );
+        gauge(
+            &mut r,
+            "predict_leases_held",
+            "Leases held here now",
+            p.leases_held,
+        );
+        gauge(
+            &mut r,
+            "predict_offloads",
+            "Connections this node offloaded by plan that are still away (their leases renewed or running out)",
+            p.offloads,
         );
         gauge_f64(
             &mut r,
@@ -680,8 +728,25 @@ mod tests {
                 utilisation: 0.5,
                 predicted: f64::NAN,
                 threshold: 0.85,
+                leases: flowshift_core::predict::lease::LeaseCounters {
+                    expired: 3,
+                    returned: 2,
+                    kept: 1,
+                    ..Default::default()
+                },
+                leases_held: 4,
+                offloads: 0,
             }),
         );
+        assert!(
+            text.contains("flowshift_predict_leases_expired_total 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_predict_leases_kept_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("flowshift_predict_leases_held 4"), "{text}");
         assert!(text.contains("flowshift_tun_packets_in_total 5"), "{text}");
         assert!(
             text.contains("flowshift_predict_moves_planned_total 6"),

@@ -25,7 +25,8 @@
 //! **Leases.** A connection this node moved by plan is an [`Offload`]: its lease at the
 //! holder is renewed through this node's load reports ([`NodePredictor::renewals`]) while
 //! taking it back would push this node above its shedding level (threshold − hysteresis,
-//! by the larger of its current and predicted load); once there is room, this node stops
+//! by the larger of its current and predicted load), and at least for the planner's
+//! `cooldown` after the move; once there is room, this node stops
 //! renewing, the lease runs out and the holder hands the connection back. As a holder, the
 //! node grants a lease on a connection restored here when its primary first asks for one
 //! ([`NodePredictor::handle_renewals`]), renews it on every later report, and reports each
@@ -560,7 +561,7 @@ impl NodePredictor {
             peers,
         };
 
-        self.update_renewals(load, predicted * capacity);
+        self.update_renewals(now, load, predicted * capacity);
 
         let plan_peers: Vec<Peer> = self
             .estimate
@@ -617,8 +618,11 @@ impl NodePredictor {
 
     /// Which offloaded connections keep their lease: taking one back must leave this node at
     /// or below its shedding level (threshold − hysteresis) by the larger of its current and
-    /// predicted load; the oldest offloads come back first.
-    fn update_renewals(&mut self, load: f64, predicted: f64) {
+    /// predicted load; the oldest offloads come back first. Like any move, a connection is
+    /// not taken back before the planner's `cooldown` since it moved: right after a move the
+    /// forecast sees the drop the move made, not the load that caused it.
+    fn update_renewals(&mut self, now: Instant, load: f64, predicted: f64) {
+        let cooldown = self.config.plan.cooldown;
         let threshold = match self.settings.policy {
             Policy::Reactive => self.config.plan.reactive_threshold,
             Policy::Manual | Policy::Predictive => self.estimate.threshold,
@@ -636,7 +640,9 @@ impl NodePredictor {
             } else {
                 0.0
             };
-            if load <= room {
+            if now < o.since + cooldown {
+                o.renew = true;
+            } else if load <= room {
                 room -= load;
                 o.renew = false;
             } else {
@@ -1183,9 +1189,14 @@ mod tests {
         });
         let here = a_conns.iter().filter(|c| c.here).count();
         assert_eq!(here, 3, "{a_conns:?}");
-        // Once its forecast has followed the drop (the predicted peak counts, not only the
-        // current load), it has room for all three and stops renewing.
-        for ms in (11_000..14_000).step_by(100) {
+        // It has room once its forecast has followed the drop (the predicted peak counts,
+        // not only the current load), but takes nothing back within the cooldown (30 s)
+        // after the move; then it stops renewing all three.
+        for ms in (11_000..29_900).step_by(100) {
+            sample_a(&mut a, &a_conns, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(a.renewals(48).len(), 3);
+        for ms in (29_900..31_000).step_by(100) {
             sample_a(&mut a, &a_conns, t0 + Duration::from_millis(ms));
         }
         assert!(a.renewals(48).is_empty());
@@ -1225,7 +1236,7 @@ mod tests {
                 c.here = true;
             }
         }
-        sample_a(&mut a, &a_conns, late);
+        sample_a(&mut a, &a_conns, t0 + Duration::from_secs(32));
         assert!(a.offload(moved[0]).is_none());
         assert_eq!(a.offloads().count(), 2);
     }
