@@ -220,6 +220,19 @@ struct RawPredict {
     plan: RawPlan,
     #[serde(default)]
     lease: RawLease,
+    #[serde(default)]
+    shadow: RawShadow,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    enabled: Option<bool>,
+    steps: Option<Vec<f64>>,
+    min_samples: Option<usize>,
+    significance: Option<f64>,
+    max_error_excess: Option<f64>,
+    backoff_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -700,6 +713,7 @@ impl Config {
             ));
         }
         let node = NodeSettings {
+            shadow: raw.shadow.enabled.unwrap_or(false),
             max_tracked,
             policy,
             metric,
@@ -778,6 +792,24 @@ impl Config {
         p.reactive_threshold = r.reactive_threshold.unwrap_or(p.reactive_threshold);
         p.rtt_tolerance = r.rtt_tolerance.unwrap_or(p.rtt_tolerance);
         p.migration_cost.load = r.migration_cost.load.unwrap_or(p.migration_cost.load);
+        let r = raw.shadow;
+        let sh = &mut config.shadow;
+        if let Some(steps) = r.steps {
+            sh.steps = steps.try_into().map_err(|steps: Vec<f64>| {
+                invalid(
+                    "shadow.steps",
+                    format!(
+                        "{} fraction(s); give 4 (e.g. [0.05, 0.1, 0.25, 0.5])",
+                        steps.len()
+                    ),
+                )
+            })?;
+        }
+        sh.min_samples = r.min_samples.unwrap_or(sh.min_samples);
+        sh.max_samples = sh.max_samples.max(sh.min_samples);
+        sh.significance = r.significance.unwrap_or(sh.significance);
+        sh.max_error_excess = r.max_error_excess.unwrap_or(sh.max_error_excess);
+        config.shadow.backoff = millis("shadow.backoff_ms", r.backoff_ms, config.shadow.backoff)?;
         let r = raw.lease;
         let l = config.lease;
         config.lease.min_lease = millis("lease.min_lease_ms", r.min_lease_ms, l.min_lease)?;
@@ -802,6 +834,7 @@ impl Config {
                     "lease.min_lease",
                     "lease.max_lease",
                     "lease.default_lease",
+                    "shadow.backoff",
                 ];
                 if ms.contains(&field) {
                     format!("{field}_ms")
@@ -1283,7 +1316,8 @@ max_connections = 100000
              peers = [\"b\"]\ninterval_ms = 50\n[predict.forecast]\nbeta = 0.1\n\
              [predict.detect]\nhorizon_ms = 3000\nceiling = 0.8\n[predict.plan]\n\
              replan_interval_ms = 500\nmax_moves = 2\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n\
-             [predict.lease]\nmin_lease_ms = 2000\ndefault_lease_ms = 10000\n",
+             [predict.lease]\nmin_lease_ms = 2000\ndefault_lease_ms = 10000\n\
+             [predict.shadow]\nenabled = true\nsteps = [0.2, 0.4, 0.6, 0.8]\n",
         );
         let p = parse(&text).unwrap().predict;
         assert_eq!(p.node.policy, Policy::Predictive);
@@ -1304,6 +1338,8 @@ max_connections = 100000
         assert_eq!(p.config.lease.min_lease, Duration::from_secs(2));
         assert_eq!(p.config.lease.default_lease, Duration::from_secs(10));
         assert_eq!(p.config.lease.max_lease, Duration::from_secs(300));
+        assert!(p.node.shadow);
+        assert_eq!(p.config.shadow.steps, [0.2, 0.4, 0.6, 0.8]);
     }
 
     #[test]

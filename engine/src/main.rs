@@ -475,6 +475,23 @@ fn plan_text(v: &serde_json::Value) -> String {
         plain(&c["failed"]),
         plain(&c["plans"]),
     );
+    let sh = &v["shadow"];
+    if sh["enabled"].as_bool() == Some(true) {
+        s += &format!(
+            "shadow trials: {} new connection(s) moved, {} failed",
+            plain(&sh["shadowed"]),
+            plain(&sh["failed"]),
+        );
+        for t in sh["trials"].as_array().into_iter().flatten() {
+            s += &format!(
+                "; {} {} at {}",
+                plain(&t["peer"]),
+                plain(&t["state"]),
+                f(&t["fraction"]),
+            );
+        }
+        s += "\n";
+    }
     let l = &v["leases"];
     let lc = &l["counts"];
     s += &format!(

@@ -114,6 +114,18 @@ pub fn render(
         );
         counter(
             &mut r,
+            "predict_shadow_moves",
+            "New connections moved to a peer under a shadow trial",
+            p.counts.shadowed,
+        );
+        counter(
+            &mut r,
+            "predict_shadow_moves_failed",
+            "Shadow moves that did not happen: the connection stays here",
+            p.counts.shadow_failed,
+        );
+        counter(
+            &mut r,
             "predict_leases_granted",
             "Leases granted on connections offloaded to this node",
             p.leases.granted,

@@ -937,6 +937,7 @@ impl Node {
             (p.handle_sample(now, &obs), p.executes())
         };
         self.lease_turn(now, &listed, d);
+        self.shadow_turn();
         let Some(plan) = plan else { return };
         let policy = self.config.predict.node.policy;
         if plan.moves.is_empty() {
@@ -1043,6 +1044,67 @@ impl Node {
 }
 
 impl Node {
+    /// Shadow trials (`docs/prediction.md`, Shadow trials in the node): moves the new
+    /// connections the trials admitted to their peer, through the migrate path, and logs
+    /// the trials' steps.
+    fn shadow_turn(&self) {
+        let (moves, events) = {
+            let mut p = self.predict.lock();
+            (p.take_shadow_moves(), p.take_trial_events())
+        };
+        for (peer, event) in events {
+            let name = self.predict.name(peer);
+            tracing::info!(peer = %name, event = ?event, "predict: shadow trial");
+        }
+        if moves.is_empty() {
+            return;
+        }
+        let mut by_peer: Vec<(NodeId, Vec<u64>)> = Vec::new();
+        for (conn, peer) in moves {
+            match by_peer.iter_mut().find(|(p, _)| *p == peer) {
+                Some((_, ids)) => ids.push(conn),
+                None => by_peer.push((peer, vec![conn])),
+            }
+        }
+        for (peer, ids) in by_peer {
+            let name = self.predict.name(peer);
+            let accepting = self.accepting.load(Ordering::Acquire);
+            let result = if accepting {
+                self.migrate(&name, Selection::Planned(ids.clone()))
+            } else {
+                Err("the node is draining or shutting down".into())
+            };
+            let mut p = self.predict.lock();
+            for id in ids {
+                let outcome = match &result {
+                    Ok(report) => match report.conns.iter().find(|c| c.id == id) {
+                        Some(c) if c.moved => Outcome::Moved,
+                        Some(c) => {
+                            Outcome::Stayed(c.reason.clone().unwrap_or_else(|| "unknown".into()))
+                        }
+                        None => Outcome::Failed("no outcome reported".into()),
+                    },
+                    Err(e) => Outcome::Failed(e.clone()),
+                };
+                match &outcome {
+                    Outcome::Moved => tracing::info!(
+                        conn = format_args!("{id:#x}"),
+                        peer = %name,
+                        "predict: shadow trial: new connection moved to the peer on trial"
+                    ),
+                    Outcome::Stayed(why) | Outcome::Failed(why) => tracing::warn!(
+                        conn = format_args!("{id:#x}"),
+                        peer = %name,
+                        reason = %why,
+                        "predict: shadow trial: new connection stays here"
+                    ),
+                    _ => {}
+                }
+                p.record_shadow(id, &outcome);
+            }
+        }
+    }
+
     /// Leases (`docs/prediction.md`, Leases): takes the renewals of every peer's new load
     /// report, then hands the connections of expired leases back to their primary. A
     /// connection that cannot go back stays here.

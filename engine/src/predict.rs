@@ -9,6 +9,7 @@ use flowshift_core::predict::NodeId;
 use flowshift_core::predict::lease::{Lease, LeaseBasis, Offload};
 use flowshift_core::predict::node::{Decision, LeaseRecord, NodePredictor, Outcome};
 use flowshift_core::predict::plan::{Move, Status};
+use flowshift_core::predict::shadow::TrialState;
 use serde_json::{Value, json};
 use smoltcp::time::Instant;
 
@@ -173,6 +174,14 @@ fn move_json(m: &Move, names: &[(u32, String)]) -> Value {
     })
 }
 
+fn trial_state_name(s: TrialState) -> String {
+    match s {
+        TrialState::BackingOff { until } => format!("backing off until {:.0} ms", ms(until)),
+        TrialState::Ramping { step } => format!("ramping (step {})", step + 1),
+        TrialState::Trusted => "trusted".into(),
+    }
+}
+
 /// Where a lease's length came from, in words.
 pub(crate) fn basis_name(b: LeaseBasis) -> &'static str {
     match b {
@@ -320,6 +329,18 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
                 "kept": lc.kept,
             },
             "expired": p.lease_log().map(|r| lease_record_json(r, names)).collect::<Vec<_>>(),
+        },
+        "shadow": {
+            "enabled": s.shadow && p.executes(),
+            "steps": c.shadow.steps,
+            "min_samples": c.shadow.min_samples,
+            "trials": p.trials().map(|t| json!({
+                "peer": name_in(names, t.peer()),
+                "state": trial_state_name(t.state()),
+                "fraction": num(t.fraction()),
+            })).collect::<Vec<_>>(),
+            "shadowed": counts.shadowed,
+            "failed": counts.shadow_failed,
         },
     })
 }

@@ -369,6 +369,84 @@ fn offloaded_connections_hold_leases_and_go_back_when_their_primary_has_room() {
     assert!(table.contains(&format!("returned {returned}")), "{table}");
 }
 
+/// Shadow trials: with `[predict.shadow]` on and a first step of 25 %, a quarter of the new
+/// connections on A are moved to B (not yet trusted) right after accept, through the
+/// migrate path, and served there to the end, byte-exact and without a reset. A's capacity
+/// is far above the load, so nothing moves by plan.
+#[test]
+fn shadow_trial_moves_a_fraction_of_new_connections_to_the_untrusted_peer_byte_exact() {
+    const NEW: usize = 8;
+    const SHADOW_BYTES: u64 = 2_000_000;
+    let (tb, a, b) = nodes(
+        "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 100\n\
+         [predict.shadow]\nenabled = true\nsteps = [0.25, 0.5, 0.75, 1.0]\n",
+    );
+    let mut downloads = Vec::new();
+    let mut seen_shadowing = false;
+    for i in 0..NEW {
+        let mut c = tb.client().command("curl");
+        c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
+            .arg(format!("http://{SERVICE_ADDR}/bytes/{SHADOW_BYTES}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = tb.spawn(c).expect("curl");
+        let reader = verify_counting(child.stdout.take().unwrap());
+        downloads.push((child, reader));
+        let what = format!("download {i}'s connection on A");
+        eventually(20, &what, || stat(&a, "conns_accepted") == i as u64 + 1);
+        std::thread::sleep(Duration::from_millis(500));
+        let conns = a.ctl_json(&["conns"]).unwrap();
+        seen_shadowing |= conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["predict"] == "shadowing" && c["mode"] == "moved");
+    }
+    assert!(
+        seen_shadowing,
+        "no connection shown as shadowing:\n{}",
+        a.log()
+    );
+    for (mut child, reader) in downloads {
+        let total = reader.join().unwrap();
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut err).ok();
+        }
+        assert!(status.success(), "curl failed (a reset?): {status} {err}");
+        assert_eq!(total, SHADOW_BYTES, "byte-exact download");
+    }
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    let log = || format!("{plan:#}\n--- a's log:\n{}", a.log());
+    let shadow = &plan["shadow"];
+    assert_eq!(shadow["enabled"], true, "{}", log());
+    let shadowed = shadow["shadowed"].as_u64().unwrap();
+    // Some, at most the step's quarter of the new connections (each is offered once).
+    assert!((1..=(NEW / 4) as u64).contains(&shadowed), "{}", log());
+    assert_eq!(shadow["failed"], 0, "{}", log());
+    assert_eq!(shadow["trials"][0]["peer"], "b", "{}", log());
+    assert_eq!(shadow["trials"][0]["fraction"], 0.25, "{}", log());
+    // Nothing moved by plan; every move out of A was a shadow move, restored on B.
+    assert_eq!(plan["counts"]["planned"], 0, "{}", log());
+    assert_eq!(stat(&a, "conns_moved_out"), shadowed);
+    assert_eq!(stat(&b, "conns_restored"), shadowed);
+    assert_eq!(metric(&a, "flowshift_predict_shadow_moves_total"), shadowed);
+    assert!(
+        a.log()
+            .contains("predict: shadow trial: new connection moved to the peer on trial"),
+        "{}",
+        log()
+    );
+    let table = a.ctl(&["plan"]).unwrap();
+    assert!(
+        table.contains(&format!(
+            "shadow trials: {shadowed} new connection(s) moved"
+        )),
+        "{table}"
+    );
+}
+
 /// The baseline: with the default policy (`manual`) the same ramp is planned and shown, and
 /// nothing moves: A goes past its capacity.
 #[test]

@@ -48,7 +48,7 @@ use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
 use super::lease::{Lease, LeaseCounters, LeaseEvent, Leases, Offload};
 use super::plan::{Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Status};
 use super::profile::{ConnReport, NodeReport, Sampler};
-use super::shadow::ConnState;
+use super::shadow::{ConnState, ShadowTrial, TrialEvent, TrialState};
 use super::{ConnId, NodeId, PredictConfig};
 
 /// What a node's load is measured in (see the module doc).
@@ -93,6 +93,9 @@ pub struct NodeSettings {
     /// are weighed by their current load. Bounds the predictor's memory and work per sample
     /// (a forecaster keeps about 2 KB). Default 1,024.
     pub max_tracked: usize,
+    /// Shadow trials: a fraction of new connections goes to each peer not yet trusted
+    /// (only when the policy executes). Default off.
+    pub shadow: bool,
 }
 
 impl Default for NodeSettings {
@@ -104,6 +107,7 @@ impl Default for NodeSettings {
             report_delay: Duration::from_secs(3),
             history: 64,
             max_tracked: 1024,
+            shadow: false,
         }
     }
 }
@@ -215,6 +219,10 @@ pub struct Counts {
     pub executed: u64,
     /// Moves that did not happen: the connection stayed, or the move failed.
     pub failed: u64,
+    /// New connections moved to a peer under a shadow trial.
+    pub shadowed: u64,
+    /// Shadow moves that did not happen.
+    pub shadow_failed: u64,
 }
 
 /// A peer's load as the last plan saw it.
@@ -297,6 +305,19 @@ pub struct NodePredictor {
     offloads: BTreeMap<ConnId, Offload>,
     /// Where the next report's renewals start when there are more than fit.
     renew_cursor: usize,
+    /// Shadow trials, per peer.
+    trials: BTreeMap<NodeId, ShadowTrial>,
+    /// New connections already offered to a trial (admitted or not).
+    offered: HashSet<ConnId>,
+    /// Connections sent (or being sent) to a peer under a shadow trial: the peer, and
+    /// whether the move is done.
+    shadowing: HashMap<ConnId, (NodeId, bool)>,
+    /// Shadow moves for the driver, since it last took them.
+    shadow_moves: Vec<(ConnId, NodeId)>,
+    /// Trial events for the driver to log, since it last took them.
+    trial_events: Vec<(NodeId, TrialEvent)>,
+    /// The next untrusted peer to offer a new connection to (round robin).
+    shadow_cursor: usize,
 }
 
 impl NodePredictor {
@@ -331,6 +352,12 @@ impl NodePredictor {
             lease_log: VecDeque::new(),
             offloads: BTreeMap::new(),
             renew_cursor: 0,
+            trials: BTreeMap::new(),
+            offered: HashSet::new(),
+            shadowing: HashMap::new(),
+            shadow_moves: Vec::new(),
+            trial_events: Vec::new(),
+            shadow_cursor: 0,
             config,
             settings,
         }
@@ -429,6 +456,7 @@ impl NodePredictor {
                 .collect()
         };
         self.conns.retain(|id, _| tracked.contains(id));
+        self.admit_shadow(now, obs, &interval.conns);
         // Candidates are only built when the planner is due.
         let due = self.planner.poll_timeout().is_none_or(|t| now >= t);
         let mut candidates = Vec::new();
@@ -446,7 +474,7 @@ impl NodePredictor {
             } else {
                 None
             };
-            if !c.movable || self.shifting.contains(&id) {
+            if !c.movable || self.shifting.contains(&id) || self.shadowing.contains_key(&id) {
                 continue;
             }
             candidate_count += 1;
@@ -473,6 +501,17 @@ impl NodePredictor {
         self.conns.retain(|id, _| seen.contains_key(id));
         self.last_moved.retain(|id, _| seen.contains_key(id));
         self.shifting.retain(|id| seen.contains_key(id));
+        self.offered.retain(|id| seen.contains_key(id));
+        // A shadowed connection is shadowing while it lives on the peer, or the move is
+        // under way.
+        let here: HashSet<ConnId> = obs
+            .conns
+            .iter()
+            .filter(|c| c.here)
+            .map(|c| c.report.conn)
+            .collect();
+        self.shadowing
+            .retain(|id, (_, moved)| seen.contains_key(id) && !(*moved && here.contains(id)));
         self.known = seen;
         // Leases live while their connection is here; offloads while it is away.
         self.ingress = obs
@@ -614,6 +653,93 @@ impl NodePredictor {
         }
         self.last_plan = Some((now, plan.clone()));
         Some(plan)
+    }
+
+    /// Shadow trials: every new connection (movable, at most a second old, not offered
+    /// before) is offered to the next peer not yet trusted (round robin over the alive
+    /// peers), whose trial admits the step's fraction of them; and every trial is polled.
+    fn admit_shadow(
+        &mut self,
+        now: Instant,
+        obs: &Observation<'_>,
+        profiles: &[super::profile::ConnProfile],
+    ) {
+        if !(self.settings.shadow && self.executes()) {
+            return;
+        }
+        let config = self.config.shadow;
+        for p in obs.peers.iter().filter(|p| p.alive) {
+            self.trials
+                .entry(p.id)
+                .or_insert_with(|| ShadowTrial::new(p.id, config));
+        }
+        for (id, trial) in &mut self.trials {
+            if let Some(e) = trial.poll(now) {
+                self.trial_events.push((*id, e));
+            }
+        }
+        let untrusted: Vec<NodeId> = obs
+            .peers
+            .iter()
+            .filter(|p| p.alive)
+            .map(|p| p.id)
+            .filter(|id| {
+                self.trials
+                    .get(id)
+                    .is_some_and(|t| !matches!(t.state(), TrialState::Trusted))
+            })
+            .collect();
+        if untrusted.is_empty() {
+            return;
+        }
+        for (i, c) in obs.conns.iter().enumerate() {
+            let id = c.report.conn;
+            let young = profiles
+                .get(i)
+                .is_some_and(|p| p.age <= Duration::from_secs(1));
+            if !(c.here && c.movable && young) || self.offered.contains(&id) {
+                continue;
+            }
+            self.offered.insert(id);
+            let peer = untrusted[self.shadow_cursor % untrusted.len()];
+            self.shadow_cursor = self.shadow_cursor.wrapping_add(1);
+            if let Some(trial) = self.trials.get_mut(&peer)
+                && trial.admit()
+            {
+                self.shadowing.insert(id, (peer, false));
+                self.shadow_moves.push((id, peer));
+            }
+        }
+    }
+
+    /// The shadow moves to execute (new connections admitted by a trial, with their peer),
+    /// since the last call. Report each outcome with [`Self::record_shadow`].
+    pub fn take_shadow_moves(&mut self) -> Vec<(ConnId, NodeId)> {
+        std::mem::take(&mut self.shadow_moves)
+    }
+
+    /// Trial events since the last call (steps passed or failed, back-offs ended), to log.
+    pub fn take_trial_events(&mut self) -> Vec<(NodeId, TrialEvent)> {
+        std::mem::take(&mut self.trial_events)
+    }
+
+    /// Records what became of a shadow move: moved, the connection is `shadowing` while it
+    /// lives on the peer; otherwise it is served here as any other.
+    pub fn record_shadow(&mut self, conn: ConnId, outcome: &Outcome) {
+        if *outcome == Outcome::Moved {
+            self.counts.shadowed += 1;
+            if let Some(s) = self.shadowing.get_mut(&conn) {
+                s.1 = true;
+            }
+        } else {
+            self.counts.shadow_failed += 1;
+            self.shadowing.remove(&conn);
+        }
+    }
+
+    /// The shadow trials, by peer.
+    pub fn trials(&self) -> impl Iterator<Item = &ShadowTrial> {
+        self.trials.values()
     }
 
     /// Which offloaded connections keep their lease: taking one back must leave this node at
@@ -839,10 +965,13 @@ impl NodePredictor {
         self.offloads.values()
     }
 
-    /// A connection's state: shifting while a planned move is under way, active while it may
-    /// be moved, inactive otherwise (moved away, closing, or not seen).
+    /// A connection's state: shadowing while it is sent to, or lives on, a peer under a
+    /// shadow trial; shifting while a planned move is under way, active while it may be
+    /// moved, inactive otherwise (moved away, closing, or not seen).
     pub fn conn_state(&self, conn: ConnId) -> ConnState {
-        if self.shifting.contains(&conn) {
+        if self.shadowing.contains_key(&conn) {
+            ConnState::Shadowing
+        } else if self.shifting.contains(&conn) {
             ConnState::Shifting
         } else if self.known.get(&conn).copied().unwrap_or(false) {
             ConnState::Active
@@ -1285,6 +1414,67 @@ mod tests {
         let second: Vec<ConnId> = a.renewals(2).iter().map(|r| r.0).collect();
         let third: Vec<ConnId> = a.renewals(2).iter().map(|r| r.0).collect();
         assert_eq!((first, second, third), (vec![1, 2], vec![3, 4], vec![5, 1]));
+    }
+
+    #[test]
+    fn shadow_trials_send_the_steps_fraction_of_new_connections_to_an_untrusted_peer() {
+        let run = |policy: Policy| {
+            let mut config = PredictConfig::default();
+            config.shadow.steps = [0.25, 0.5, 0.75, 1.0];
+            let mut p = NodePredictor::new(
+                config,
+                NodeSettings {
+                    shadow: true,
+                    capacity: 1000.0,
+                    ..settings(policy)
+                },
+            );
+            let peers = [peer(0)];
+            // An old connection (not new: never shadowed), then one new connection per
+            // sample; a connection still in its handshake (not movable) waits its turn.
+            let mut conns = vec![conn(1, 0, -60_000)];
+            let mut moves = Vec::new();
+            for t in 0..10i64 {
+                let now = Instant::from_millis(1000 + t * 100);
+                for c in &mut conns {
+                    c.movable = true;
+                }
+                let mut fresh = conn(10 + t as u64, 0, 1000 + t * 100);
+                fresh.movable = false;
+                conns.push(fresh);
+                p.handle_sample(
+                    now,
+                    &Observation {
+                        node: NodeReport::default(),
+                        conns: &conns,
+                        peers: &peers,
+                    },
+                );
+                for (id, target) in p.take_shadow_moves() {
+                    assert_eq!(target, NodeId(1));
+                    assert_eq!(p.conn_state(id), ConnState::Shadowing);
+                    moves.push(id);
+                }
+            }
+            (p, moves)
+        };
+        let (mut p, moves) = run(Policy::Predictive);
+        // 9 new connections became movable: a quarter of them, evenly spread.
+        assert_eq!(moves, [13, 17]);
+        p.record_shadow(13, &Outcome::Moved);
+        p.record_shadow(17, &Outcome::Stayed("refused".into()));
+        assert_eq!(p.conn_state(13), ConnState::Shadowing);
+        assert_eq!(p.conn_state(17), ConnState::Active);
+        assert_eq!(p.conn_state(1), ConnState::Active);
+        let c = p.counts();
+        assert_eq!((c.shadowed, c.shadow_failed), (1, 1));
+        let trial = p.trials().next().unwrap();
+        assert_eq!(trial.state(), TrialState::Ramping { step: 0 });
+        assert_eq!(trial.fraction(), 0.25);
+        // Under the manual policy nothing is moved, shadow trials included.
+        let (p, moves) = run(Policy::Manual);
+        assert!(moves.is_empty());
+        assert_eq!(p.trials().count(), 0);
     }
 
     #[test]
