@@ -475,6 +475,18 @@ fn plan_text(v: &serde_json::Value) -> String {
         plain(&c["failed"]),
         plain(&c["plans"]),
     );
+    let classes: Vec<String> = v["classes"]["counts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|k| format!("{} {}", plain(&k["class"]), plain(&k["connections"])))
+        .collect();
+    if !classes.is_empty() {
+        s += &format!(
+            "classes (allocations not enforced): {}\n",
+            classes.join(", ")
+        );
+    }
     let sh = &v["shadow"];
     if sh["enabled"].as_bool() == Some(true) {
         s += &format!(

@@ -52,6 +52,8 @@ pub struct PredictMetrics {
     pub leases_held: u64,
     /// Connections this node offloaded by plan that are still away.
     pub offloads: u64,
+    /// Connections served here per class, micro to large.
+    pub classes: [u64; 4],
 }
 
 fn gauge_f64(registry: &mut Registry, name: &str, help: &str, value: f64) {
@@ -154,6 +156,14 @@ pub fn render(
             "Connections of expired leases that could not go back and stay here",
             p.leases.kept,
         );
+        for (name, n) in ["micro", "small", "medium", "large"].iter().zip(p.classes) {
+            gauge(
+                &mut r,
+                &format!("predict_class_{name}_connections"),
+                "Connections served here in this size class (allocations shown, not enforced)",
+                n,
+            );
+        }
         gauge(
             &mut r,
             "predict_leases_held",
@@ -748,6 +758,7 @@ mod tests {
                 },
                 leases_held: 4,
                 offloads: 0,
+                classes: [0, 1, 2, 0],
             }),
         );
         assert!(
@@ -759,6 +770,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("flowshift_predict_leases_held 4"), "{text}");
+        assert!(
+            text.contains("flowshift_predict_class_medium_connections 2"),
+            "{text}"
+        );
         assert!(text.contains("flowshift_tun_packets_in_total 5"), "{text}");
         assert!(
             text.contains("flowshift_predict_moves_planned_total 6"),

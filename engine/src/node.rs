@@ -737,6 +737,9 @@ impl Node {
                 v["lives_on"] = lives_on.into();
                 v["enters_at"] = enters_at.into();
                 v["predict"] = predictor.conn_state(c.id).as_str().into();
+                v["class"] = predictor
+                    .class(c.id)
+                    .map_or(serde_json::Value::Null, |k| k.as_str().into());
                 let peer_name = |id: NodeId| {
                     names
                         .iter()
@@ -938,6 +941,7 @@ impl Node {
         };
         self.lease_turn(now, &listed, d);
         self.shadow_turn();
+        self.log_class_changes();
         let Some(plan) = plan else { return };
         let policy = self.config.predict.node.policy;
         if plan.moves.is_empty() {
@@ -1044,6 +1048,26 @@ impl Node {
 }
 
 impl Node {
+    /// Logs every connection that changed class, with its class's allocation: the
+    /// allocations are computed and shown, not enforced (`docs/prediction.md`).
+    fn log_class_changes(&self) {
+        let changes = self.predict.lock().take_class_changes();
+        let classes = &self.config.predict.config.class;
+        for c in changes {
+            let a = classes.allocation(c.to);
+            tracing::info!(
+                conn = format_args!("{:#x}", c.conn),
+                from = c.from.as_str(),
+                to = c.to.as_str(),
+                forecast_bytes_per_sec = c.bandwidth as u64,
+                rate_limit = ?a.rate_limit,
+                buffer_budget = a.buffer_budget,
+                priority = a.priority,
+                "predict: connection class changed (allocation not enforced)"
+            );
+        }
+    }
+
     /// Shadow trials (`docs/prediction.md`, Shadow trials in the node): moves the new
     /// connections the trials admitted to their peer, through the migrate path, and logs
     /// the trials' steps.

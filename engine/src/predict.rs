@@ -6,6 +6,7 @@
 use std::sync::Mutex;
 
 use flowshift_core::predict::NodeId;
+use flowshift_core::predict::class::Class;
 use flowshift_core::predict::lease::{Lease, LeaseBasis, Offload};
 use flowshift_core::predict::node::{Decision, LeaseRecord, NodePredictor, Outcome};
 use flowshift_core::predict::plan::{Move, Status};
@@ -89,6 +90,7 @@ impl Predict {
         PredictMetrics {
             leases: p.lease_counters(),
             leases_held: p.leases().len() as u64,
+            classes: p.class_counts(),
             offloads: p.offloads().count() as u64,
             counts: p.counts(),
             utilisation: e.utilisation,
@@ -329,6 +331,21 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
                 "kept": lc.kept,
             },
             "expired": p.lease_log().map(|r| lease_record_json(r, names)).collect::<Vec<_>>(),
+        },
+        "classes": {
+            "enforced": false,
+            "bounds_bytes_per_sec": c.class.bounds,
+            "margin": num(c.class.margin),
+            "counts": Class::ALL.iter().zip(p.class_counts()).map(|(k, n)| {
+                let a = c.class.allocation(*k);
+                json!({
+                    "class": k.as_str(),
+                    "connections": n,
+                    "rate_limit_bytes_per_sec": a.rate_limit,
+                    "buffer_budget": a.buffer_budget,
+                    "priority": a.priority,
+                })
+            }).collect::<Vec<_>>(),
         },
         "shadow": {
             "enabled": s.shadow && p.executes(),

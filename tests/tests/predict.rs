@@ -383,6 +383,7 @@ fn shadow_trial_moves_a_fraction_of_new_connections_to_the_untrusted_peer_byte_e
     );
     let mut downloads = Vec::new();
     let mut seen_shadowing = false;
+    let mut seen_medium = false;
     for i in 0..NEW {
         let mut c = tb.client().command("curl");
         c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
@@ -401,7 +402,14 @@ fn shadow_trial_moves_a_fraction_of_new_connections_to_the_untrusted_peer_byte_e
             .unwrap()
             .iter()
             .any(|c| c["predict"] == "shadowing" && c["mode"] == "moved");
+        // A download at 250 kB/s served here is in the medium class (100 kB/s to 10 MB/s).
+        seen_medium |= conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["class"] == "medium" && c["mode"] == "local");
     }
+    assert!(seen_medium, "no download in the medium class:\n{}", a.log());
     assert!(
         seen_shadowing,
         "no connection shown as shadowing:\n{}",

@@ -43,6 +43,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use smoltcp::time::{Duration, Instant};
 
+use super::class::Class;
 use super::detect::{Detector, Imbalance, imbalance};
 use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
 use super::lease::{Lease, LeaseCounters, LeaseEvent, Leases, Offload};
@@ -192,6 +193,19 @@ pub struct Decision {
     pub current: f64,
 }
 
+/// A connection that changed class (see [`super::class`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClassChange {
+    /// The connection.
+    pub conn: ConnId,
+    /// Its class before.
+    pub from: Class,
+    /// Its class now.
+    pub to: Class,
+    /// The forecast bandwidth (bytes/s both ways) that moved it.
+    pub bandwidth: f64,
+}
+
 /// An expired lease and what became of its connection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeaseRecord {
@@ -318,6 +332,10 @@ pub struct NodePredictor {
     trial_events: Vec<(NodeId, TrialEvent)>,
     /// The next untrusted peer to offer a new connection to (round robin).
     shadow_cursor: usize,
+    /// Every connection served here, by class.
+    classes: HashMap<ConnId, Class>,
+    /// Class changes for the driver to log, since it last took them.
+    class_changes: Vec<ClassChange>,
 }
 
 impl NodePredictor {
@@ -358,6 +376,8 @@ impl NodePredictor {
             shadow_moves: Vec::new(),
             trial_events: Vec::new(),
             shadow_cursor: 0,
+            classes: HashMap::new(),
+            class_changes: Vec::new(),
             config,
             settings,
         }
@@ -474,6 +494,29 @@ impl NodePredictor {
             } else {
                 None
             };
+            // Its class, from its forecast bandwidth: its bandwidth now, scaled by what its
+            // load forecast expects of its load (the forecasters forecast load in the
+            // metric's unit, not bandwidth).
+            let bandwidth = interval.conns.get(i).map_or(0.0, |p| p.rates.bandwidth());
+            let predicted = f.and_then(|f| f.peak(horizon)).map(|f| f.value);
+            let forecast_bandwidth = match predicted {
+                Some(p) if current > 0.0 && p.is_finite() => bandwidth * p / current,
+                _ => bandwidth,
+            };
+            let before = self.classes.get(&id).copied();
+            let class = self.config.class.classify(before, forecast_bandwidth);
+            if let Some(from) = before
+                && from != class
+                && self.class_changes.len() < 4096
+            {
+                self.class_changes.push(ClassChange {
+                    conn: id,
+                    from,
+                    to: class,
+                    bandwidth: forecast_bandwidth,
+                });
+            }
+            self.classes.insert(id, class);
             if !c.movable || self.shifting.contains(&id) || self.shadowing.contains_key(&id) {
                 continue;
             }
@@ -502,6 +545,11 @@ impl NodePredictor {
         self.last_moved.retain(|id, _| seen.contains_key(id));
         self.shifting.retain(|id| seen.contains_key(id));
         self.offered.retain(|id| seen.contains_key(id));
+        let served: HashSet<ConnId> = loads
+            .iter()
+            .map(|(i, _)| obs.conns[*i].report.conn)
+            .collect();
+        self.classes.retain(|id, _| served.contains(id));
         // A shadowed connection is shadowing while it lives on the peer, or the move is
         // under way.
         let here: HashSet<ConnId> = obs
@@ -735,6 +783,25 @@ impl NodePredictor {
             self.counts.shadow_failed += 1;
             self.shadowing.remove(&conn);
         }
+    }
+
+    /// A connection's class, while it is served here.
+    pub fn class(&self, conn: ConnId) -> Option<Class> {
+        self.classes.get(&conn).copied()
+    }
+
+    /// Connections served here per class, micro to large.
+    pub fn class_counts(&self) -> [u64; 4] {
+        let mut n = [0u64; 4];
+        for c in self.classes.values() {
+            n[*c as usize] += 1;
+        }
+        n
+    }
+
+    /// Class changes since the last call (at most 4,096 kept), to log.
+    pub fn take_class_changes(&mut self) -> Vec<ClassChange> {
+        std::mem::take(&mut self.class_changes)
     }
 
     /// The shadow trials, by peer.
@@ -1475,6 +1542,42 @@ mod tests {
         let (p, moves) = run(Policy::Manual);
         assert!(moves.is_empty());
         assert_eq!(p.trials().count(), 0);
+    }
+
+    #[test]
+    fn connections_change_class_with_their_bandwidth() {
+        let mut p = NodePredictor::new(PredictConfig::default(), settings(Policy::Manual));
+        let mut conns = vec![conn(1, 0, 0)];
+        let mut changes = Vec::new();
+        for t in 1..=40i64 {
+            // 50 B per 100 ms (500 B/s, micro), then 50 kB (500 kB/s, medium).
+            conns[0].report.counters.bytes_out += if t <= 20 { 50 } else { 50_000 };
+            let obs = Observation {
+                node: NodeReport::default(),
+                conns: &conns,
+                peers: &[],
+            };
+            p.handle_sample(Instant::from_millis(t * 100), &obs);
+            if t == 20 {
+                assert_eq!(p.class(1), Some(Class::Micro));
+                assert_eq!(p.class_counts(), [1, 0, 0, 0]);
+            }
+            changes.extend(p.take_class_changes());
+        }
+        assert_eq!(p.class(1), Some(Class::Medium));
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(
+            (changes[0].from, changes[0].to),
+            (Class::Micro, Class::Medium)
+        );
+        // Gone: no class.
+        let obs = Observation {
+            node: NodeReport::default(),
+            conns: &[],
+            peers: &[],
+        };
+        p.handle_sample(Instant::from_millis(4_100), &obs);
+        assert_eq!(p.class(1), None);
     }
 
     #[test]
