@@ -814,6 +814,7 @@ impl Stack {
         }
         match &mut flow.mode {
             FlowMode::Local => {
+                flow.packets_in += 1;
                 if !flow.dirty {
                     flow.dirty = true;
                     self.dirty.push(slot);
@@ -1502,6 +1503,7 @@ impl Stack {
                 && let Some(slot) = self.flows.lookup(&out.key)
                 && let Some(flow) = self.flows.get_mut(slot)
             {
+                flow.packets_out += 1;
                 if out.flags.syn || seq_gt(out.seq_end(), flow.snd_nxt) {
                     flow.snd_nxt = out.seq_end();
                 }
@@ -1781,6 +1783,8 @@ impl Stack {
                         counters: ConnCounters {
                             bytes_in: f.bytes_in,
                             bytes_out: f.bytes_out(),
+                            packets_in: f.packets_in,
+                            packets_out: f.packets_out,
                             ..ConnCounters::default()
                         },
                         opened_at: f.created,
