@@ -357,7 +357,10 @@ fn offloaded_connections_hold_leases_and_go_back_when_their_primary_has_room() {
         metric(&b, "flowshift_predict_leases_expired_total"),
         expired
     );
-    assert_eq!(metric(&b, "flowshift_predict_leases_held"), 0);
+    // A lease goes with its connection once it is closed and gone from B's table.
+    eventually(30, "B's leases released", || {
+        metric(&b, "flowshift_predict_leases_held") == 0
+    });
     assert_eq!(stat(&b, "conns_moved_out"), returned);
     assert_eq!(stat(&a, "conns_restored"), returned);
     // A moved by plan only, and every planned move happened.
