@@ -804,6 +804,43 @@ impl NodePredictor {
         std::mem::take(&mut self.class_changes)
     }
 
+    /// A KPI sample of a connection that ended: its processing latency (any unit, the same
+    /// on every node) and whether it ended in an error or a reset. `served_by`: `None` for a
+    /// connection served here — a sample of the local baseline of every trial under way —,
+    /// `Some(peer)` for one a trial shadowed to `peer`, as the peer reported it (a sample
+    /// for that peer's trial only, and only for a connection this node shadowed there).
+    /// Returns whether a trial took it. The daemon does not call this yet: no node measures
+    /// these KPIs (`docs/prediction.md`, Shadow trials in the node).
+    pub fn record_kpi(
+        &mut self,
+        conn: ConnId,
+        served_by: Option<NodeId>,
+        latency: f64,
+        error: bool,
+    ) -> bool {
+        match served_by {
+            None => {
+                let mut took = false;
+                for t in self.trials.values_mut() {
+                    if matches!(t.state(), TrialState::Ramping { .. }) {
+                        t.record_local(latency, error);
+                        took = true;
+                    }
+                }
+                took
+            }
+            Some(peer) => {
+                if self.shadowing.get(&conn).is_none_or(|(p, _)| *p != peer) {
+                    return false;
+                }
+                self.trials.get_mut(&peer).is_some_and(|t| {
+                    t.record_peer(latency, error);
+                    true
+                })
+            }
+        }
+    }
+
     /// The shadow trials, by peer.
     pub fn trials(&self) -> impl Iterator<Item = &ShadowTrial> {
         self.trials.values()
@@ -1542,6 +1579,85 @@ mod tests {
         let (p, moves) = run(Policy::Manual);
         assert!(moves.is_empty());
         assert_eq!(p.trials().count(), 0);
+    }
+
+    /// KPIs reach the right trial: the local baseline from connections served here, the
+    /// peer's side only for connections shadowed to it; the trial ramps up on comparable
+    /// latency and backs off on worse.
+    #[test]
+    fn kpis_judge_the_trial_of_the_peer_that_served_the_connection() {
+        let mut config = PredictConfig::default();
+        config.shadow.steps = [1.0; 4];
+        config.shadow.min_samples = 5;
+        let mut p = NodePredictor::new(
+            config,
+            NodeSettings {
+                shadow: true,
+                capacity: 1000.0,
+                ..settings(Policy::Predictive)
+            },
+        );
+        let peers = [peer(0)];
+        let mut conns = Vec::new();
+        let mut shadowed = Vec::new();
+        let mut t = 1000i64;
+        let sample = |p: &mut NodePredictor, conns: &[ConnSample], t: i64| {
+            p.handle_sample(
+                Instant::from_millis(t),
+                &Observation {
+                    node: NodeReport::default(),
+                    conns,
+                    peers: &peers,
+                },
+            );
+            p.take_shadow_moves()
+        };
+        // Every new connection goes to the peer at a 100 % step.
+        for id in 1..=12 {
+            conns.push(conn(id, 0, t));
+            t += 100;
+            for (c, _) in sample(&mut p, &conns, t) {
+                p.record_shadow(c, &Outcome::Moved);
+                let moved = conns.iter_mut().find(|x| x.report.conn == c).unwrap();
+                moved.here = false;
+                moved.movable = false;
+                shadowed.push(c);
+            }
+        }
+        assert_eq!(shadowed.len(), 12);
+        // Not shadowed there, or another peer: not taken.
+        assert!(!p.record_kpi(99, Some(NodeId(1)), 1.0, false));
+        assert!(!p.record_kpi(1, Some(NodeId(2)), 1.0, false));
+        // Comparable latency on both sides: the step passes.
+        for (k, c) in shadowed.iter().take(6).enumerate() {
+            assert!(p.record_kpi(*c, Some(NodeId(1)), 10.0 + k as f64, false));
+            assert!(p.record_kpi(1000 + k as u64, None, 10.5 + k as f64, false));
+        }
+        t += 100;
+        sample(&mut p, &conns, t);
+        let events = p.take_trial_events();
+        assert!(
+            matches!(events[..], [(NodeId(1), TrialEvent::Ramped { .. })]),
+            "{events:?}"
+        );
+        // The peer much slower: the next step fails and the trial backs off.
+        for (k, c) in shadowed.iter().skip(6).enumerate() {
+            assert!(p.record_kpi(*c, Some(NodeId(1)), 100.0 + k as f64, false));
+            assert!(p.record_kpi(2000 + k as u64, None, 10.0 + k as f64, false));
+        }
+        t += 100;
+        sample(&mut p, &conns, t);
+        let events = p.take_trial_events();
+        assert!(
+            matches!(events[..], [(NodeId(1), TrialEvent::Failed(_))]),
+            "{events:?}"
+        );
+        assert!(matches!(
+            p.trials().next().unwrap().state(),
+            TrialState::BackingOff { .. }
+        ));
+        // Backing off: the local baseline goes nowhere.
+        assert!(!p.record_kpi(3000, None, 1.0, false));
     }
 
     #[test]
