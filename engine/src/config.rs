@@ -218,6 +218,30 @@ struct RawPredict {
     detect: RawDetect,
     #[serde(default)]
     plan: RawPlan,
+    #[serde(default)]
+    lease: RawLease,
+    #[serde(default)]
+    shadow: RawShadow,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    enabled: Option<bool>,
+    steps: Option<Vec<f64>>,
+    min_samples: Option<usize>,
+    significance: Option<f64>,
+    max_error_excess: Option<f64>,
+    backoff_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLease {
+    utilisation_threshold: Option<f64>,
+    min_lease_ms: Option<u64>,
+    max_lease_ms: Option<u64>,
+    default_lease_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -689,6 +713,7 @@ impl Config {
             ));
         }
         let node = NodeSettings {
+            shadow: raw.shadow.enabled.unwrap_or(false),
             max_tracked,
             policy,
             metric,
@@ -767,6 +792,35 @@ impl Config {
         p.reactive_threshold = r.reactive_threshold.unwrap_or(p.reactive_threshold);
         p.rtt_tolerance = r.rtt_tolerance.unwrap_or(p.rtt_tolerance);
         p.migration_cost.load = r.migration_cost.load.unwrap_or(p.migration_cost.load);
+        let r = raw.shadow;
+        let sh = &mut config.shadow;
+        if let Some(steps) = r.steps {
+            sh.steps = steps.try_into().map_err(|steps: Vec<f64>| {
+                invalid(
+                    "shadow.steps",
+                    format!(
+                        "{} fraction(s); give 4 (e.g. [0.05, 0.1, 0.25, 0.5])",
+                        steps.len()
+                    ),
+                )
+            })?;
+        }
+        sh.min_samples = r.min_samples.unwrap_or(sh.min_samples);
+        sh.max_samples = sh.max_samples.max(sh.min_samples);
+        sh.significance = r.significance.unwrap_or(sh.significance);
+        sh.max_error_excess = r.max_error_excess.unwrap_or(sh.max_error_excess);
+        config.shadow.backoff = millis("shadow.backoff_ms", r.backoff_ms, config.shadow.backoff)?;
+        let r = raw.lease;
+        let l = config.lease;
+        config.lease.min_lease = millis("lease.min_lease_ms", r.min_lease_ms, l.min_lease)?;
+        config.lease.max_lease = millis("lease.max_lease_ms", r.max_lease_ms, l.max_lease)?;
+        config.lease.default_lease = millis(
+            "lease.default_lease_ms",
+            r.default_lease_ms,
+            l.default_lease,
+        )?;
+        config.lease.utilisation_threshold =
+            r.utilisation_threshold.unwrap_or(l.utilisation_threshold);
         config.validate().map_err(|e| {
             // The core names settings as its fields; the file names durations `_ms`.
             let key = |field: &str| {
@@ -777,6 +831,10 @@ impl Config {
                     "plan.cooldown",
                     "plan.migration_cost.freeze",
                     "plan.migration_cost.per_mib",
+                    "lease.min_lease",
+                    "lease.max_lease",
+                    "lease.default_lease",
+                    "shadow.backoff",
                 ];
                 if ms.contains(&field) {
                     format!("{field}_ms")
@@ -1257,7 +1315,9 @@ max_connections = 100000
             "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 10\n\
              peers = [\"b\"]\ninterval_ms = 50\n[predict.forecast]\nbeta = 0.1\n\
              [predict.detect]\nhorizon_ms = 3000\nceiling = 0.8\n[predict.plan]\n\
-             replan_interval_ms = 500\nmax_moves = 2\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n",
+             replan_interval_ms = 500\nmax_moves = 2\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n\
+             [predict.lease]\nmin_lease_ms = 2000\ndefault_lease_ms = 10000\n\
+             [predict.shadow]\nenabled = true\nsteps = [0.2, 0.4, 0.6, 0.8]\n",
         );
         let p = parse(&text).unwrap().predict;
         assert_eq!(p.node.policy, Policy::Predictive);
@@ -1275,6 +1335,11 @@ max_connections = 100000
             p.config.plan.migration_cost.freeze,
             Duration::from_micros(500)
         );
+        assert_eq!(p.config.lease.min_lease, Duration::from_secs(2));
+        assert_eq!(p.config.lease.default_lease, Duration::from_secs(10));
+        assert_eq!(p.config.lease.max_lease, Duration::from_secs(300));
+        assert!(p.node.shadow);
+        assert_eq!(p.config.shadow.steps, [0.2, 0.4, 0.6, 0.8]);
     }
 
     #[test]
@@ -1295,6 +1360,18 @@ max_connections = 100000
             ("[predict.detect]\nhorizon_ms = 10", "predict.interval_ms"),
             ("[predict.detect]\nfloor = 0.9", "predict.detect.floor"),
             ("[predict.plan]\nmax_moves = 0", "predict.plan.max_moves"),
+            (
+                "[predict.lease]\nmin_lease_ms = 0",
+                "predict.lease.min_lease_ms",
+            ),
+            (
+                "[predict.lease]\nmin_lease_ms = 9000\nmax_lease_ms = 8000",
+                "predict.lease.min_lease_ms",
+            ),
+            (
+                "[predict.lease]\nutilisation_threshold = 0",
+                "predict.lease.utilisation_threshold",
+            ),
             (
                 "[predict.plan]\nreplan_interval_ms = 0",
                 "predict.plan.replan_interval_ms",

@@ -241,13 +241,14 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
         Request::Metrics => write!(out, "{}", result.as_str().unwrap_or_default())?,
         Request::Conns { .. } => {
             let rows = result.as_array().cloned().unwrap_or_default();
-            let places: Vec<(String, String, String)> = rows
+            let places: Vec<(String, String, String, String)> = rows
                 .iter()
                 .map(|r| {
                     (
                         plain(&r["lives_on"]),
                         plain(&r["enters_at"]),
                         r["predict"].as_str().unwrap_or("-").to_owned(),
+                        lease_text(&r["lease"]),
                     )
                 })
                 .collect();
@@ -479,6 +480,77 @@ fn plan_text(v: &serde_json::Value) -> String {
         plain(&c["failed"]),
         plain(&c["plans"]),
     );
+    let classes: Vec<String> = v["classes"]["counts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|k| format!("{} {}", plain(&k["class"]), plain(&k["connections"])))
+        .collect();
+    if !classes.is_empty() {
+        s += &format!(
+            "classes (allocations not enforced): {}\n",
+            classes.join(", ")
+        );
+    }
+    let sh = &v["shadow"];
+    if sh["enabled"].as_bool() == Some(true) {
+        s += &format!(
+            "shadow trials: {} new connection(s) moved, {} failed",
+            plain(&sh["shadowed"]),
+            plain(&sh["failed"]),
+        );
+        for t in sh["trials"].as_array().into_iter().flatten() {
+            s += &format!(
+                "; {} {} at {}",
+                plain(&t["peer"]),
+                plain(&t["state"]),
+                f(&t["fraction"]),
+            );
+        }
+        s += "\n";
+    }
+    let l = &v["leases"];
+    let lc = &l["counts"];
+    s += &format!(
+        "leases held here {}, offloaded from here {}; granted {}, renewed {}, expired {} (returned {}, kept {})\n",
+        l["held"].as_array().map_or(0, Vec::len),
+        l["offloaded"].as_array().map_or(0, Vec::len),
+        plain(&lc["granted"]),
+        plain(&lc["renewed"]),
+        plain(&lc["expired"]),
+        plain(&lc["returned"]),
+        plain(&lc["kept"]),
+    );
+    for h in l["held"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  lease {:#x}: {} ({} length {:.1} s)\n",
+            h["conn"].as_u64().unwrap_or(0),
+            lease_text(h),
+            plain(&h["basis"]),
+            h["length_ms"].as_f64().unwrap_or(0.0) / 1e3,
+        );
+    }
+    for o in l["offloaded"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  offload {:#x}: {} as {:#x}\n",
+            o["conn"].as_u64().unwrap_or(0),
+            lease_text(o),
+            o["remote_id"].as_u64().unwrap_or(0),
+        );
+    }
+    for e in l["expired"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  expired {:#x} at {:.1} s (primary {}): {}{}\n",
+            e["conn"].as_u64().unwrap_or(0),
+            e["at_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            plain(&e["primary"]),
+            plain(&e["outcome"]),
+            e["detail"]
+                .as_str()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default(),
+        );
+    }
     let decisions = v["decisions"].as_array().cloned().unwrap_or_default();
     if !decisions.is_empty() {
         s += &format!(
@@ -505,13 +577,38 @@ fn plan_text(v: &serde_json::Value) -> String {
     s
 }
 
+/// A connection's lease in words, for `ctl conns`: held here (its primary and the time
+/// left), or offloaded from here (its holder, and whether this node renews it); `-`.
+fn lease_text(v: &serde_json::Value) -> String {
+    match v["held"].as_bool() {
+        Some(true) => format!(
+            "from {} {:.1}s",
+            plain(&v["primary"]),
+            v["expires_in_ms"].as_f64().unwrap_or(0.0) / 1e3
+        ),
+        Some(false) => format!(
+            "at {} {}",
+            plain(&v["holder"]),
+            if v["renewing"].as_bool() == Some(true) {
+                "renewing"
+            } else {
+                "ending"
+            }
+        ),
+        None => "-".into(),
+    }
+}
+
 /// Renders `conns` as the `ctl conns` table.
 ///
 /// `places` gives, per row, the node the connection lives on, the node where its packets
-/// enter and its predictor state (empty when unknown).
-pub(crate) fn conns_table(conns: &[ConnInfo], places: &[(String, String, String)]) -> String {
+/// enter, its predictor state and its lease (empty when unknown).
+pub(crate) fn conns_table(
+    conns: &[ConnInfo],
+    places: &[(String, String, String, String)],
+) -> String {
     let mut s = format!(
-        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
+        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {}\n",
         "ID",
         "CLIENT",
         "SERVICE",
@@ -527,12 +624,13 @@ pub(crate) fn conns_table(conns: &[ConnInfo], places: &[(String, String, String)
         "RATE-IN/s",
         "RATE-OUT/s",
         "SENDQ",
-        "RECVQ"
+        "RECVQ",
+        "LEASE"
     );
     for (i, c) in conns.iter().enumerate() {
-        let (lives, enters, predict) = places.get(i).cloned().unwrap_or_default();
+        let (lives, enters, predict, lease) = places.get(i).cloned().unwrap_or_default();
         s += &format!(
-            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8}\n",
+            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {}\n",
             format!("{:#x}", c.id),
             c.client.to_string(),
             c.service.to_string(),
@@ -549,6 +647,7 @@ pub(crate) fn conns_table(conns: &[ConnInfo], places: &[(String, String, String)
             human_bytes(c.rate_out),
             c.send_queue,
             c.recv_queue,
+            lease,
         );
     }
     s += &format!("{} connection(s)\n", conns.len());

@@ -46,6 +46,14 @@ pub struct PredictMetrics {
     pub predicted: f64,
     /// The learned threshold.
     pub threshold: f64,
+    /// Lease counts (held here on connections offloaded to this node).
+    pub leases: flowshift_core::predict::lease::LeaseCounters,
+    /// Leases held here now.
+    pub leases_held: u64,
+    /// Connections this node offloaded by plan that are still away.
+    pub offloads: u64,
+    /// Connections served here per class, micro to large.
+    pub classes: [u64; 4],
 }
 
 fn gauge_f64(registry: &mut Registry, name: &str, help: &str, value: f64) {
@@ -105,6 +113,68 @@ pub fn render(
             "predict_moves_failed",
             "Planned moves that did not happen: the connection stayed or the move failed",
             p.counts.failed,
+        );
+        counter(
+            &mut r,
+            "predict_shadow_moves",
+            "New connections moved to a peer under a shadow trial",
+            p.counts.shadowed,
+        );
+        counter(
+            &mut r,
+            "predict_shadow_moves_failed",
+            "Shadow moves that did not happen: the connection stays here",
+            p.counts.shadow_failed,
+        );
+        counter(
+            &mut r,
+            "predict_leases_granted",
+            "Leases granted on connections offloaded to this node",
+            p.leases.granted,
+        );
+        counter(
+            &mut r,
+            "predict_leases_renewed",
+            "Lease renewals taken from the primaries' load reports",
+            p.leases.renewed,
+        );
+        counter(
+            &mut r,
+            "predict_leases_expired",
+            "Leases that expired (their primary stopped renewing them)",
+            p.leases.expired,
+        );
+        counter(
+            &mut r,
+            "predict_leases_returned",
+            "Connections of expired leases handed back to their primary",
+            p.leases.returned,
+        );
+        counter(
+            &mut r,
+            "predict_leases_kept",
+            "Connections of expired leases that could not go back and stay here",
+            p.leases.kept,
+        );
+        for (name, n) in ["micro", "small", "medium", "large"].iter().zip(p.classes) {
+            gauge(
+                &mut r,
+                &format!("predict_class_{name}_connections"),
+                "Connections served here in this size class (allocations shown, not enforced)",
+                n,
+            );
+        }
+        gauge(
+            &mut r,
+            "predict_leases_held",
+            "Leases held here now",
+            p.leases_held,
+        );
+        gauge(
+            &mut r,
+            "predict_offloads",
+            "Connections this node offloaded by plan that are still away (their leases renewed or running out)",
+            p.offloads,
         );
         gauge_f64(
             &mut r,
@@ -686,7 +756,29 @@ mod tests {
                 utilisation: 0.5,
                 predicted: f64::NAN,
                 threshold: 0.85,
+                leases: flowshift_core::predict::lease::LeaseCounters {
+                    expired: 3,
+                    returned: 2,
+                    kept: 1,
+                    ..Default::default()
+                },
+                leases_held: 4,
+                offloads: 0,
+                classes: [0, 1, 2, 0],
             }),
+        );
+        assert!(
+            text.contains("flowshift_predict_leases_expired_total 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_predict_leases_kept_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("flowshift_predict_leases_held 4"), "{text}");
+        assert!(
+            text.contains("flowshift_predict_class_medium_connections 2"),
+            "{text}"
         );
         assert!(text.contains("flowshift_tun_packets_in_total 5"), "{text}");
         assert!(

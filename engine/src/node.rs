@@ -31,6 +31,7 @@ use flowshift_core::coalesce::Coalescer;
 use flowshift_core::flow::PeerRef;
 use flowshift_core::flow::Remote;
 use flowshift_core::predict::NodeId;
+use flowshift_core::predict::lease::LeaseEvent;
 use flowshift_core::predict::node::ConnSample;
 use flowshift_core::predict::node::{NodePredictor, Observation, Outcome, PeerSample};
 use flowshift_core::predict::profile::NodeReport;
@@ -725,6 +726,7 @@ impl Node {
         };
         let me = &self.config.node.name;
         let conns = self.conns(time_wait);
+        let now = self.clock.now();
         let predictor = self.predict.lock();
         conns
             .into_iter()
@@ -735,6 +737,20 @@ impl Node {
                 v["lives_on"] = lives_on.into();
                 v["enters_at"] = enters_at.into();
                 v["predict"] = predictor.conn_state(c.id).as_str().into();
+                v["class"] = predictor
+                    .class(c.id)
+                    .map_or(serde_json::Value::Null, |k| k.as_str().into());
+                let peer_name = |id: NodeId| {
+                    names
+                        .iter()
+                        .find(|(i, _)| *i == id.0)
+                        .map_or_else(|| format!("peer {}", id.0), |(_, n)| n.clone())
+                };
+                v["lease"] = match (predictor.lease(c.id), predictor.offload(c.id)) {
+                    (Some(l), _) => crate::predict::lease_json(l, &peer_name(l.primary), now),
+                    (None, Some(o)) => crate::predict::offload_json(o, &peer_name(o.holder)),
+                    (None, None) => serde_json::Value::Null,
+                };
                 v
             })
             .collect()
@@ -811,6 +827,7 @@ impl Node {
             bytes_out_per_sec: ((stats.app_bytes_out.saturating_sub(last.1.app_bytes_out)) as f64
                 / dt) as u64,
             forecast: self.predict.forecast(),
+            leases: self.predict.renewals(),
         };
         t.send(tunnel::Command::Load(report));
         *last = (StdInstant::now(), stats);
@@ -826,6 +843,8 @@ struct PredictDriver {
     /// The last load report: when, and the counters then.
     report: (StdInstant, StackStats),
     next_report: StdInstant,
+    /// Per peer: the number of its last load report whose lease renewals were taken.
+    renewals_taken: std::collections::HashMap<u32, u64>,
 }
 
 /// How often the load report for the heartbeats is made.
@@ -840,6 +859,7 @@ impl Node {
             report_busy: (self.clock.now(), smoltcp::time::Duration::ZERO),
             report: (StdInstant::now(), self.stats()),
             next_report: StdInstant::now() + LOAD_REPORT_EVERY,
+            renewals_taken: std::collections::HashMap::new(),
         };
         loop {
             let now = self.clock.now();
@@ -919,6 +939,9 @@ impl Node {
             let mut p = self.predict.lock();
             (p.handle_sample(now, &obs), p.executes())
         };
+        self.lease_turn(now, &listed, d);
+        self.shadow_turn();
+        self.log_class_changes();
         let Some(plan) = plan else { return };
         let policy = self.config.predict.node.policy;
         if plan.moves.is_empty() {
@@ -988,6 +1011,19 @@ impl Node {
                             ),
                             None => Outcome::Failed("no outcome reported".into()),
                         };
+                        if let (Outcome::Moved, Some(remote)) = (
+                            &outcome,
+                            report
+                                .conns
+                                .iter()
+                                .find(|c| c.id == *id)
+                                .and_then(|c| c.remote_id),
+                        ) {
+                            p.record(done, *id, target, outcome.clone());
+                            p.record_offload(done, *id, target, remote);
+                            tracing::info!(conn = format_args!("{id:#x}"), target = %name, remote = format_args!("{remote:#x}"), "predict: moved; its lease there is renewed while this node has no room for it");
+                            continue;
+                        }
                         match &outcome {
                             Outcome::Moved => {
                                 tracing::info!(conn = format_args!("{id:#x}"), target = %name, "predict: moved")
@@ -1007,6 +1043,164 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Node {
+    /// Logs every connection that changed class, with its class's allocation: the
+    /// allocations are computed and shown, not enforced (`docs/prediction.md`).
+    fn log_class_changes(&self) {
+        let changes = self.predict.lock().take_class_changes();
+        let classes = &self.config.predict.config.class;
+        for c in changes {
+            let a = classes.allocation(c.to);
+            tracing::info!(
+                conn = format_args!("{:#x}", c.conn),
+                from = c.from.as_str(),
+                to = c.to.as_str(),
+                forecast_bytes_per_sec = c.bandwidth as u64,
+                rate_limit = ?a.rate_limit,
+                buffer_budget = a.buffer_budget,
+                priority = a.priority,
+                "predict: connection class changed (allocation not enforced)"
+            );
+        }
+    }
+
+    /// Shadow trials (`docs/prediction.md`, Shadow trials in the node): moves the new
+    /// connections the trials admitted to their peer, through the migrate path, and logs
+    /// the trials' steps.
+    fn shadow_turn(&self) {
+        let (moves, events) = {
+            let mut p = self.predict.lock();
+            (p.take_shadow_moves(), p.take_trial_events())
+        };
+        for (peer, event) in events {
+            let name = self.predict.name(peer);
+            tracing::info!(peer = %name, event = ?event, "predict: shadow trial");
+        }
+        if moves.is_empty() {
+            return;
+        }
+        let mut by_peer: Vec<(NodeId, Vec<u64>)> = Vec::new();
+        for (conn, peer) in moves {
+            match by_peer.iter_mut().find(|(p, _)| *p == peer) {
+                Some((_, ids)) => ids.push(conn),
+                None => by_peer.push((peer, vec![conn])),
+            }
+        }
+        for (peer, ids) in by_peer {
+            let name = self.predict.name(peer);
+            let accepting = self.accepting.load(Ordering::Acquire);
+            let result = if accepting {
+                self.migrate(&name, Selection::Planned(ids.clone()))
+            } else {
+                Err("the node is draining or shutting down".into())
+            };
+            let mut p = self.predict.lock();
+            for id in ids {
+                let outcome = match &result {
+                    Ok(report) => match report.conns.iter().find(|c| c.id == id) {
+                        Some(c) if c.moved => Outcome::Moved,
+                        Some(c) => {
+                            Outcome::Stayed(c.reason.clone().unwrap_or_else(|| "unknown".into()))
+                        }
+                        None => Outcome::Failed("no outcome reported".into()),
+                    },
+                    Err(e) => Outcome::Failed(e.clone()),
+                };
+                match &outcome {
+                    Outcome::Moved => tracing::info!(
+                        conn = format_args!("{id:#x}"),
+                        peer = %name,
+                        "predict: shadow trial: new connection moved to the peer on trial"
+                    ),
+                    Outcome::Stayed(why) | Outcome::Failed(why) => tracing::warn!(
+                        conn = format_args!("{id:#x}"),
+                        peer = %name,
+                        reason = %why,
+                        "predict: shadow trial: new connection stays here"
+                    ),
+                    _ => {}
+                }
+                p.record_shadow(id, &outcome);
+            }
+        }
+    }
+
+    /// Leases (`docs/prediction.md`, Leases): takes the renewals of every peer's new load
+    /// report, then hands the connections of expired leases back to their primary. A
+    /// connection that cannot go back stays here.
+    fn lease_turn(&self, now: Instant, listed: &[tunnel::PeerInfo], d: &mut PredictDriver) {
+        for peer in listed {
+            let Some(load) = &peer.load else { continue };
+            let last = d.renewals_taken.entry(peer.id).or_insert(0);
+            if peer.load_reports <= *last {
+                continue;
+            }
+            *last = peer.load_reports;
+            let age = smoltcp::time::Duration::from_micros(
+                (peer.load_age_ms.unwrap_or(0.0).clamp(0.0, 1e9) * 1e3) as u64,
+            );
+            let received = if now - Instant::ZERO > age {
+                now - age
+            } else {
+                now
+            };
+            let renewals: Vec<(u64, Option<f64>)> =
+                load.leases.iter().map(|l| (l.conn, l.volume_s)).collect();
+            let granted = self
+                .predict
+                .lock()
+                .handle_renewals(NodeId(peer.id), received, &renewals);
+            for l in granted {
+                tracing::info!(
+                    conn = format_args!("{:#x}", l.conn),
+                    primary = %peer.name,
+                    length_ms = (l.expires - l.renewed).total_millis(),
+                    basis = crate::predict::basis_name(l.basis),
+                    "predict: lease granted on a connection offloaded here"
+                );
+            }
+        }
+        loop {
+            let event = self.predict.lock().poll_lease(now);
+            let Some(LeaseEvent::Expired { conn, primary, at }) = event else {
+                break;
+            };
+            let name = self.predict.name(primary);
+            tracing::info!(
+                conn = format_args!("{conn:#x}"),
+                primary = %name,
+                expired_ms = at.total_millis(),
+                "predict: lease expired (its primary stopped renewing it): handing the connection back"
+            );
+            let outcome = match self.migrate(&name, Selection::Planned(vec![conn])) {
+                Ok(report) => match report.conns.iter().find(|c| c.id == conn) {
+                    Some(c) if c.moved => Outcome::Moved,
+                    Some(c) => {
+                        Outcome::Stayed(c.reason.clone().unwrap_or_else(|| "unknown".into()))
+                    }
+                    None => Outcome::Failed("no outcome reported".into()),
+                },
+                Err(e) => Outcome::Failed(e),
+            };
+            match &outcome {
+                Outcome::Moved => tracing::info!(
+                    conn = format_args!("{conn:#x}"),
+                    primary = %name,
+                    "predict: lease expired; the connection is back at its primary"
+                ),
+                Outcome::Stayed(why) | Outcome::Failed(why) => tracing::warn!(
+                    conn = format_args!("{conn:#x}"),
+                    primary = %name,
+                    reason = %why,
+                    "predict: lease expired but the connection could not go back; it stays here without a lease"
+                ),
+                _ => {}
+            }
+            self.predict.lock().record_return(conn, outcome);
         }
     }
 }

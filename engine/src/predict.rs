@@ -6,8 +6,11 @@
 use std::sync::Mutex;
 
 use flowshift_core::predict::NodeId;
-use flowshift_core::predict::node::{Decision, NodePredictor, Outcome};
+use flowshift_core::predict::class::Class;
+use flowshift_core::predict::lease::{Lease, LeaseBasis, Offload};
+use flowshift_core::predict::node::{Decision, LeaseRecord, NodePredictor, Outcome};
 use flowshift_core::predict::plan::{Move, Status};
+use flowshift_core::predict::shadow::TrialState;
 use serde_json::{Value, json};
 use smoltcp::time::Instant;
 
@@ -67,11 +70,28 @@ impl Predict {
         })
     }
 
+    /// The lease renewals for this node's next load report (rotating when there are more
+    /// than a report carries).
+    pub(crate) fn renewals(&self) -> Vec<flowshift_tunnel::LeaseRenewal> {
+        self.lock()
+            .renewals(flowshift_tunnel::MAX_LEASE_RENEWALS)
+            .into_iter()
+            .map(|(conn, volume)| flowshift_tunnel::LeaseRenewal {
+                conn,
+                volume: volume.and_then(|v| std::time::Duration::try_from_secs_f64(v).ok()),
+            })
+            .collect()
+    }
+
     /// The figures `/metrics` shows.
     pub(crate) fn metrics(&self) -> PredictMetrics {
         let p = self.lock();
         let e = p.estimate();
         PredictMetrics {
+            leases: p.lease_counters(),
+            leases_held: p.leases().len() as u64,
+            classes: p.class_counts(),
+            offloads: p.offloads().count() as u64,
             counts: p.counts(),
             utilisation: e.utilisation,
             predicted: e.predicted,
@@ -156,6 +176,66 @@ fn move_json(m: &Move, names: &[(u32, String)]) -> Value {
     })
 }
 
+fn trial_state_name(s: TrialState) -> String {
+    match s {
+        TrialState::BackingOff { until } => format!("backing off until {:.0} ms", ms(until)),
+        TrialState::Ramping { step } => format!("ramping (step {})", step + 1),
+        TrialState::Trusted => "trusted".into(),
+    }
+}
+
+/// Where a lease's length came from, in words.
+pub(crate) fn basis_name(b: LeaseBasis) -> &'static str {
+    match b {
+        LeaseBasis::Default => "default",
+        LeaseBasis::Forecast => "forecast",
+    }
+}
+
+/// A lease held here, for `ctl conns` and `ctl plan`.
+pub(crate) fn lease_json(l: &Lease, primary: &str, now: Instant) -> Value {
+    json!({
+        "held": true,
+        "conn": l.conn,
+        "primary": primary,
+        "renewed_ms": ms(l.renewed),
+        "expires_ms": ms(l.expires),
+        "expires_in_ms": ms(l.expires) - ms(now),
+        "length_ms": duration_ms(l.expires - l.renewed),
+        "basis": basis_name(l.basis),
+    })
+}
+
+/// A connection this node offloaded, for `ctl conns` and `ctl plan`.
+pub(crate) fn offload_json(o: &Offload, holder: &str) -> Value {
+    json!({
+        "held": false,
+        "conn": o.conn,
+        "holder": holder,
+        "remote_id": o.remote,
+        "since_ms": ms(o.since),
+        "load": num(o.load),
+        "volume_s": o.volume().map(num),
+        "renewing": o.renew,
+    })
+}
+
+fn lease_record_json(r: &LeaseRecord, names: &[(u32, String)]) -> Value {
+    let (outcome, detail) = match &r.outcome {
+        Outcome::Moved => ("returned", None),
+        Outcome::Pending => ("pending", None),
+        Outcome::Failed(why) | Outcome::Stayed(why) => ("kept", Some(why.as_str())),
+        Outcome::NotExecuted => ("not-executed", None),
+    };
+    json!({
+        "at_ms": ms(r.at),
+        "conn": r.conn,
+        "primary": name_in(names, r.primary),
+        "outcome": outcome,
+        "detail": detail,
+    })
+}
+
 fn decision_json(d: &Decision, names: &[(u32, String)]) -> Value {
     let (outcome, detail) = outcome_json(&d.outcome);
     let r = &d.reason;
@@ -181,6 +261,7 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
     let c = p.config();
     let e = p.estimate();
     let counts = p.counts();
+    let lc = p.lease_counters();
     json!({
         "policy": s.policy.to_string(),
         "executes": p.executes(),
@@ -235,6 +316,49 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
             "failed": counts.failed,
         },
         "decisions": p.decisions().map(|d| decision_json(d, names)).collect::<Vec<_>>(),
+        "leases": {
+            "min_lease_ms": duration_ms(c.lease.min_lease),
+            "max_lease_ms": duration_ms(c.lease.max_lease),
+            "default_lease_ms": duration_ms(c.lease.default_lease),
+            "utilisation_threshold": num(c.lease.utilisation_threshold),
+            "held": p.leases().iter().map(|l| lease_json(l, &name_in(names, l.primary), now)).collect::<Vec<_>>(),
+            "offloaded": p.offloads().map(|o| offload_json(o, &name_in(names, o.holder))).collect::<Vec<_>>(),
+            "counts": {
+                "granted": lc.granted,
+                "renewed": lc.renewed,
+                "expired": lc.expired,
+                "returned": lc.returned,
+                "kept": lc.kept,
+            },
+            "expired": p.lease_log().map(|r| lease_record_json(r, names)).collect::<Vec<_>>(),
+        },
+        "classes": {
+            "enforced": false,
+            "bounds_bytes_per_sec": c.class.bounds,
+            "margin": num(c.class.margin),
+            "counts": Class::ALL.iter().zip(p.class_counts()).map(|(k, n)| {
+                let a = c.class.allocation(*k);
+                json!({
+                    "class": k.as_str(),
+                    "connections": n,
+                    "rate_limit_bytes_per_sec": a.rate_limit,
+                    "buffer_budget": a.buffer_budget,
+                    "priority": a.priority,
+                })
+            }).collect::<Vec<_>>(),
+        },
+        "shadow": {
+            "enabled": s.shadow && p.executes(),
+            "steps": c.shadow.steps,
+            "min_samples": c.shadow.min_samples,
+            "trials": p.trials().map(|t| json!({
+                "peer": name_in(names, t.peer()),
+                "state": trial_state_name(t.state()),
+                "fraction": num(t.fraction()),
+            })).collect::<Vec<_>>(),
+            "shadowed": counts.shadowed,
+            "failed": counts.shadow_failed,
+        },
     })
 }
 
@@ -270,6 +394,7 @@ mod tests {
                 here: true,
                 movable: true,
                 buffered: 0,
+                ingress: None,
             })
             .collect();
         let peers = [PeerSample {

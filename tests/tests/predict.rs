@@ -236,6 +236,228 @@ fn rising_downloads_are_offloaded_to_b_before_a_saturates_byte_exact() {
     assert!(table.contains("moved"), "{table}");
 }
 
+/// Bytes of the long downloads of the lease test (60 s at 250 kB/s) and of the short ones
+/// (10 s): the short ones end long before the long ones, which A offloaded first (the
+/// planner moves the oldest connections first). A takes nothing back within the planner's
+/// cooldown (30 s) after a move; the leases then run out (at least 5 s) and B hands the
+/// connections back with about 20 s of their download left.
+const LONG_BYTES: u64 = 15_000_000;
+const SHORT_BYTES: u64 = 2_500_000;
+/// Downloads of the lease test, the first [`LONG_DOWNLOADS`] of them long.
+const LEASE_DOWNLOADS: usize = 9;
+const LONG_DOWNLOADS: usize = 4;
+
+/// Leases: A offloads connections to B during a ramp; B grants each a lease when A's
+/// heartbeats first renew it, and A renews them while it is full. When the short downloads
+/// end, A has room again and stops renewing; B's leases expire and B hands the connections
+/// back to A mid-transfer. Every download is byte-exact, without a reset.
+#[test]
+fn offloaded_connections_hold_leases_and_go_back_when_their_primary_has_room() {
+    let (tb, a, b) = nodes(A_PREDICT);
+    let mut downloads = Vec::new();
+    for i in 0..LEASE_DOWNLOADS {
+        let bytes = if i < LONG_DOWNLOADS {
+            LONG_BYTES
+        } else {
+            SHORT_BYTES
+        };
+        let mut c = tb.client().command("curl");
+        c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
+            .arg(format!("http://{SERVICE_ADDR}/bytes/{bytes}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = tb.spawn(c).expect("curl");
+        let reader = verify_counting(child.stdout.take().unwrap());
+        downloads.push((child, reader, bytes));
+        let what = format!("download {i}'s connection on A");
+        eventually(20, &what, || stat(&a, "conns_accepted") == i as u64 + 1);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // While A is full, B holds a lease on what A moved to it, and A renews it.
+    let mut held = serde_json::Value::Null;
+    eventually(20, "a lease held at B", || {
+        let conns = b.ctl_json(&["conns"]).unwrap();
+        match conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["lease"]["held"] == true)
+        {
+            Some(c) => {
+                held = c["lease"].clone();
+                true
+            }
+            None => false,
+        }
+    });
+    assert_eq!(held["primary"], "a", "{held}");
+    assert!(held["expires_in_ms"].as_f64().unwrap() > 0.0, "{held}");
+    let table = b.ctl(&["conns"]).unwrap();
+    assert!(table.contains("from a "), "{table}");
+    let plan_a = a.ctl_json(&["plan"]).unwrap();
+    let offloaded = plan_a["leases"]["offloaded"].as_array().unwrap();
+    assert!(offloaded.iter().any(|o| o["holder"] == "b"), "{plan_a:#}");
+
+    for (mut child, reader, bytes) in downloads {
+        let total = reader.join().unwrap();
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut err).ok();
+        }
+        assert!(status.success(), "curl failed (a reset?): {status} {err}");
+        assert_eq!(total, bytes, "byte-exact download");
+    }
+
+    let plan_b = b.ctl_json(&["plan"]).unwrap();
+    let log = || {
+        format!(
+            "{plan_b:#}\n--- a's plan:\n{:#}\n--- b's log:\n{}",
+            a.ctl_json(&["plan"]).unwrap(),
+            b.log()
+        )
+    };
+    let counts = &plan_b["leases"]["counts"];
+    let granted = counts["granted"].as_u64().unwrap();
+    let expired = counts["expired"].as_u64().unwrap();
+    let returned = counts["returned"].as_u64().unwrap();
+    assert!(granted >= 1, "{}", log());
+    assert!(counts["renewed"].as_u64().unwrap() >= 1, "{}", log());
+    // At least one lease ran out while its download was still running, and its connection
+    // went back to A; a lease kept here can only be one whose connection closed as it
+    // expired.
+    assert!(returned >= 1, "no connection went back: {}", log());
+    assert_eq!(
+        expired,
+        returned + counts["kept"].as_u64().unwrap(),
+        "{}",
+        log()
+    );
+    for e in plan_b["leases"]["expired"].as_array().unwrap() {
+        assert!(
+            e["outcome"] == "returned" || e["detail"].as_str().unwrap_or("").contains("closed"),
+            "{}",
+            log()
+        );
+        assert_eq!(e["primary"], "a");
+    }
+    assert!(b.log().contains("predict: lease granted"), "{}", log());
+    assert!(
+        b.log()
+            .contains("predict: lease expired; the connection is back at its primary"),
+        "{}",
+        log()
+    );
+    // The nodes' counters agree: every return is a move out of B and a restore at A.
+    assert_eq!(
+        metric(&b, "flowshift_predict_leases_returned_total"),
+        returned
+    );
+    assert_eq!(
+        metric(&b, "flowshift_predict_leases_expired_total"),
+        expired
+    );
+    // A lease goes with its connection once it is closed and gone from B's table.
+    eventually(30, "B's leases released", || {
+        metric(&b, "flowshift_predict_leases_held") == 0
+    });
+    assert_eq!(stat(&b, "conns_moved_out"), returned);
+    assert_eq!(stat(&a, "conns_restored"), returned);
+    // A moved by plan only, and every planned move happened.
+    let plan_a = a.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan_a["counts"]["failed"], 0, "{}", log());
+    assert!(plan_a["counts"]["executed"].as_u64().unwrap() >= returned);
+    let table = b.ctl(&["plan"]).unwrap();
+    eprintln!("{table}");
+    assert!(table.contains(&format!("returned {returned}")), "{table}");
+}
+
+/// Shadow trials: with `[predict.shadow]` on and a first step of 25 %, a quarter of the new
+/// connections on A are moved to B (not yet trusted) right after accept, through the
+/// migrate path, and served there to the end, byte-exact and without a reset. A's capacity
+/// is far above the load, so nothing moves by plan.
+#[test]
+fn shadow_trial_moves_a_fraction_of_new_connections_to_the_untrusted_peer_byte_exact() {
+    const NEW: usize = 8;
+    const SHADOW_BYTES: u64 = 2_000_000;
+    let (tb, a, b) = nodes(
+        "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 100\n\
+         [predict.shadow]\nenabled = true\nsteps = [0.25, 0.5, 0.75, 1.0]\n",
+    );
+    let mut downloads = Vec::new();
+    let mut seen_shadowing = false;
+    let mut seen_medium = false;
+    for i in 0..NEW {
+        let mut c = tb.client().command("curl");
+        c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
+            .arg(format!("http://{SERVICE_ADDR}/bytes/{SHADOW_BYTES}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = tb.spawn(c).expect("curl");
+        let reader = verify_counting(child.stdout.take().unwrap());
+        downloads.push((child, reader));
+        let what = format!("download {i}'s connection on A");
+        eventually(20, &what, || stat(&a, "conns_accepted") == i as u64 + 1);
+        std::thread::sleep(Duration::from_millis(500));
+        let conns = a.ctl_json(&["conns"]).unwrap();
+        seen_shadowing |= conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["predict"] == "shadowing" && c["mode"] == "moved");
+        // A download at 250 kB/s served here is in the medium class (100 kB/s to 10 MB/s).
+        seen_medium |= conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["class"] == "medium" && c["mode"] == "local");
+    }
+    assert!(seen_medium, "no download in the medium class:\n{}", a.log());
+    assert!(
+        seen_shadowing,
+        "no connection shown as shadowing:\n{}",
+        a.log()
+    );
+    for (mut child, reader) in downloads {
+        let total = reader.join().unwrap();
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut err).ok();
+        }
+        assert!(status.success(), "curl failed (a reset?): {status} {err}");
+        assert_eq!(total, SHADOW_BYTES, "byte-exact download");
+    }
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    let log = || format!("{plan:#}\n--- a's log:\n{}", a.log());
+    let shadow = &plan["shadow"];
+    assert_eq!(shadow["enabled"], true, "{}", log());
+    let shadowed = shadow["shadowed"].as_u64().unwrap();
+    // Some, at most the step's quarter of the new connections (each is offered once).
+    assert!((1..=(NEW / 4) as u64).contains(&shadowed), "{}", log());
+    assert_eq!(shadow["failed"], 0, "{}", log());
+    assert_eq!(shadow["trials"][0]["peer"], "b", "{}", log());
+    assert_eq!(shadow["trials"][0]["fraction"], 0.25, "{}", log());
+    // Nothing moved by plan; every move out of A was a shadow move, restored on B.
+    assert_eq!(plan["counts"]["planned"], 0, "{}", log());
+    assert_eq!(stat(&a, "conns_moved_out"), shadowed);
+    assert_eq!(stat(&b, "conns_restored"), shadowed);
+    assert_eq!(metric(&a, "flowshift_predict_shadow_moves_total"), shadowed);
+    assert!(
+        a.log()
+            .contains("predict: shadow trial: new connection moved to the peer on trial"),
+        "{}",
+        log()
+    );
+    let table = a.ctl(&["plan"]).unwrap();
+    assert!(
+        table.contains(&format!(
+            "shadow trials: {shadowed} new connection(s) moved"
+        )),
+        "{table}"
+    );
+}
+
 /// The baseline: with the default policy (`manual`) the same ramp is planned and shown, and
 /// nothing moves: A goes past its capacity.
 #[test]

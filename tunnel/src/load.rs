@@ -6,6 +6,9 @@
 //! connections, bytes/s in, bytes/s out (varints)
 //! extensions: (type varint, length varint, value)*   — unknown types are skipped
 //!   type 1 = forecast: horizon ms (varint), cpu busy (u16 LE bp), connections (varint)
+//!   type 2 = lease renewals: (connection id at the sender (varint), volume (varint))*
+//!            volume = 0: no forecast; otherwise 1 + predicted volume in milliseconds of
+//!            the holder's capacity; at most MAX_LEASE_RENEWALS entries
 //! ```
 //!
 //! New optional fields are added as new extension types without a version change; a
@@ -20,6 +23,10 @@ use crate::wire::coding::{Reader, VARINT_MAX, Writer, varint_len};
 /// Version of the load report encoding.
 pub const LOAD_REPORT_VERSION: u8 = 1;
 const EXT_FORECAST: u64 = 1;
+const EXT_LEASES: u64 = 2;
+/// Lease renewals one report carries at most (a sender with more rotates through them);
+/// they keep a report under about 900 bytes, so that it fits a heartbeat record.
+pub const MAX_LEASE_RENEWALS: usize = 48;
 const BP_MAX: u16 = 10_000;
 
 /// A node's load, as its heartbeats announce it.
@@ -35,6 +42,34 @@ pub struct LoadReport {
     pub bytes_out_per_sec: u64,
     /// The node's own forecast, if it makes one.
     pub forecast: Option<LoadForecast>,
+    /// Leases this node (a primary) renews on connections it offloaded: every receiver
+    /// picks out the connections restored on it from the sender. Only the first
+    /// [`MAX_LEASE_RENEWALS`] are sent.
+    pub leases: Vec<LeaseRenewal>,
+}
+
+/// One lease renewal: "keep my connection `conn`".
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LeaseRenewal {
+    /// The connection's id at the sender (its primary).
+    pub conn: u64,
+    /// Its predicted volume, in seconds of the holder's capacity (millisecond resolution
+    /// on the wire); `None` when the sender has no usable forecast.
+    pub volume: Option<Duration>,
+}
+
+impl LeaseRenewal {
+    fn volume_code(&self) -> u64 {
+        self.volume.map_or(0, |v| {
+            clamp62(u64::try_from(v.as_millis()).unwrap_or(u64::MAX))
+                .saturating_add(1)
+                .min(VARINT_MAX)
+        })
+    }
+
+    fn encoded_len(&self) -> usize {
+        varint_len(clamp62(self.conn)) + varint_len(self.volume_code())
+    }
 }
 
 /// A forecast of load some time ahead.
@@ -80,6 +115,17 @@ impl LoadForecast {
 }
 
 impl LoadReport {
+    fn sent_leases(&self) -> &[LeaseRenewal] {
+        &self.leases[..self.leases.len().min(MAX_LEASE_RENEWALS)]
+    }
+
+    fn leases_len(&self) -> usize {
+        self.sent_leases()
+            .iter()
+            .map(LeaseRenewal::encoded_len)
+            .sum()
+    }
+
     /// Encoded length in bytes.
     pub fn encoded_len(&self) -> usize {
         let mut n = 1
@@ -90,6 +136,10 @@ impl LoadReport {
         if let Some(f) = &self.forecast {
             let l = f.encoded_len();
             n += varint_len(EXT_FORECAST) + varint_len(l as u64) + l;
+        }
+        if !self.leases.is_empty() {
+            let l = self.leases_len();
+            n += varint_len(EXT_LEASES) + varint_len(l as u64) + l;
         }
         n
     }
@@ -107,6 +157,14 @@ impl LoadReport {
             w.varint(f.horizon_ms())?;
             w.u16_le(to_bp(f.cpu_busy))?;
             w.varint(clamp62(f.connections))?;
+        }
+        if !self.leases.is_empty() {
+            w.varint(EXT_LEASES)?;
+            w.varint(self.leases_len() as u64)?;
+            for l in self.sent_leases() {
+                w.varint(clamp62(l.conn))?;
+                w.varint(l.volume_code())?;
+            }
         }
         Ok(())
     }
@@ -133,6 +191,7 @@ impl LoadReport {
             bytes_in_per_sec: r.varint()?,
             bytes_out_per_sec: r.varint()?,
             forecast: None,
+            leases: Vec::new(),
         };
         while !r.is_empty() {
             let ty = r.varint()?;
@@ -148,6 +207,19 @@ impl LoadReport {
                     return Err(WireError::Malformed);
                 }
                 report.forecast = Some(forecast);
+            } else if ty == EXT_LEASES {
+                let mut v = Reader::new(value);
+                report.leases.clear();
+                while !v.is_empty() {
+                    let conn = v.varint()?;
+                    let volume = match v.varint()? {
+                        0 => None,
+                        ms => Some(Duration::from_millis(ms - 1)),
+                    };
+                    if report.leases.len() < MAX_LEASE_RENEWALS {
+                        report.leases.push(LeaseRenewal { conn, volume });
+                    }
+                }
             }
         }
         Ok(report)
@@ -166,6 +238,7 @@ mod tests {
             bytes_in_per_sec: 10_000_000,
             bytes_out_per_sec: 1,
             forecast: None,
+            leases: Vec::new(),
         };
         let bytes = r.to_bytes();
         assert_eq!(bytes.len(), r.encoded_len());
@@ -177,6 +250,53 @@ mod tests {
             connections: 2000,
         });
         assert_eq!(LoadReport::decode(&r.to_bytes()), Ok(r));
+    }
+
+    #[test]
+    fn lease_renewals_round_trip_capped() {
+        let mut r = LoadReport {
+            connections: 3,
+            leases: vec![
+                LeaseRenewal {
+                    conn: 0x1_0000_0005,
+                    volume: Some(Duration::from_millis(12_345)),
+                },
+                LeaseRenewal {
+                    conn: 7,
+                    volume: None,
+                },
+                LeaseRenewal {
+                    conn: 8,
+                    volume: Some(Duration::ZERO),
+                },
+            ],
+            ..Default::default()
+        };
+        let bytes = r.to_bytes();
+        assert_eq!(bytes.len(), r.encoded_len());
+        // Extension 2, 14 bytes: an 8-byte id and a 2-byte volume, then 7 without a
+        // forecast and 8 with a volume of 0 ms.
+        assert_eq!(&bytes[6..8], &[2, 14]);
+        assert_eq!(&bytes[bytes.len() - 4..], &[7, 0, 8, 1]);
+        assert_eq!(LoadReport::decode(&bytes), Ok(r.clone()));
+        // Only the first MAX_LEASE_RENEWALS are sent, and the report stays small.
+        r.leases = (0..200)
+            .map(|i| LeaseRenewal {
+                conn: u64::MAX - i,
+                volume: Some(Duration::from_secs(86_400 * 365)),
+            })
+            .collect();
+        let bytes = r.to_bytes();
+        assert_eq!(bytes.len(), r.encoded_len());
+        assert!(bytes.len() < 900, "{}", bytes.len());
+        let d = LoadReport::decode(&bytes).unwrap();
+        assert_eq!(d.leases.len(), MAX_LEASE_RENEWALS);
+        assert_eq!(d.leases[0].conn, VARINT_MAX);
+        // A truncated entry is malformed, not a panic.
+        assert_eq!(
+            LoadReport::decode(&[1, 0, 0, 0, 0, 0, 2, 1, 5]),
+            Err(WireError::Truncated)
+        );
     }
 
     #[test]

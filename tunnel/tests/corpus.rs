@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use flowshift_tunnel::wire::coding::Writer;
 use flowshift_tunnel::wire::{AckFrame, Frame};
-use flowshift_tunnel::{LoadForecast, LoadReport};
+use flowshift_tunnel::{LeaseRenewal, LoadForecast, LoadReport};
 use sim::{Setup, mac1_for};
 
 fn record(frames: &[Frame<'_>]) -> Vec<u8> {
@@ -82,6 +82,16 @@ fn fuzz_corpus_seeds_decode_without_panic() {
             cpu_busy: 0.9,
             connections: 5000,
         }),
+        leases: vec![
+            LeaseRenewal {
+                conn: 0x2_0000_0001,
+                volume: Some(Duration::from_millis(4200)),
+            },
+            LeaseRenewal {
+                conn: 3,
+                volume: None,
+            },
+        ],
     }
     .to_bytes();
     seeds.push(("load-report".into(), report.clone()));

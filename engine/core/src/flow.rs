@@ -384,6 +384,10 @@ pub struct Flow {
     pub mirror: SendMirror,
     /// Bytes the app consumed from the client.
     pub bytes_in: u64,
+    /// Packets of the client delivered to the socket here (a GRO-merged packet counts once).
+    pub packets_in: u64,
+    /// Packets the socket here sent (a GSO packet counts once).
+    pub packets_out: u64,
     /// Wire sequence number of the mirror's first byte (our ISN + 1, or a restored flow's
     /// `snd_una`); valid once our SYN-ACK went out.
     pub send_base: u32,
@@ -454,6 +458,8 @@ impl Flow {
             record: HandshakeRecord::default(),
             mirror: SendMirror::new(buffers.1),
             bytes_in: 0,
+            packets_in: 0,
+            packets_out: 0,
             send_base: 0,
             recv_base: 0,
             snd_nxt: 0,

@@ -261,6 +261,20 @@ fn echo_is_byte_exact_and_mirrored() {
     assert_eq!(c.bytes_in, data.len() as u64);
     assert_eq!(c.bytes_out, data.len() as u64);
     assert_eq!(p.stack.stats().app_bytes_out, data.len() as u64);
+    // The predictor's sample counts the flow's packets each way: at least one per
+    // 1,500-byte packet of data, at most every packet the stack handled.
+    let sample = &p.stack.predict_samples()[0];
+    let k = sample.report.counters;
+    assert_eq!((k.bytes_in, k.bytes_out), (c.bytes_in, c.bytes_out));
+    let least = data.len() as u64 / 1500;
+    assert!(
+        (least..=p.stack.stats().packets_in).contains(&k.packets_in),
+        "{k:?}"
+    );
+    assert!(
+        (least..=p.stack.stats().packets_out).contains(&k.packets_out),
+        "{k:?}"
+    );
 }
 
 #[test]

@@ -110,6 +110,10 @@ pub struct PeerInfo {
     pub rx_bytes: u64,
     /// Its last load report.
     pub load: Option<LoadView>,
+    /// Load reports received so far (a new number: a new report).
+    pub load_reports: u64,
+    /// Milliseconds since its last load report arrived.
+    pub load_age_ms: Option<f64>,
     /// Congestion window of the reliable channel, bytes.
     pub cwnd: u64,
     /// Current retransmission timeout, milliseconds.
@@ -145,6 +149,17 @@ pub struct LoadView {
     pub bytes_out_per_sec: u64,
     /// The node's own forecast, if its report carries one.
     pub forecast: Option<ForecastView>,
+    /// The leases it renews (connection ids at that node, with their predicted volume).
+    pub leases: Vec<LeaseRenewalView>,
+}
+
+/// A lease renewal in a load report, for output.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseRenewalView {
+    /// The connection's id at the sender.
+    pub conn: u64,
+    /// Its predicted volume, seconds of capacity (`None`: no forecast).
+    pub volume_s: Option<f64>,
 }
 
 /// A load report's forecast, for output.
@@ -170,6 +185,14 @@ impl From<&LoadReport> for LoadView {
                 cpu_busy: f.cpu_busy,
                 connections: f.connections,
             }),
+            leases: r
+                .leases
+                .iter()
+                .map(|l| LeaseRenewalView {
+                    conn: l.conn,
+                    volume_s: l.volume.map(|v| v.as_secs_f64()),
+                })
+                .collect(),
         }
     }
 }
@@ -315,6 +338,8 @@ struct PeerSlot {
     liveness: Liveness,
     handshake_at: Option<Instant>,
     load: Option<LoadReport>,
+    /// Load reports received, and when the last one arrived.
+    load_reports: (u64, Option<Instant>),
     /// The diagnostic test stream with this peer.
     diag: diag::Diagnostic,
     /// Connections moved here from this peer reply straight out of our TUN device.
@@ -330,6 +355,7 @@ impl PeerSlot {
             liveness: Liveness::Never,
             handshake_at: None,
             load: None,
+            load_reports: (0, None),
             diag: diag::Diagnostic::default(),
             direct_return: false,
         }
@@ -626,6 +652,11 @@ impl Driver {
             tx_bytes: stats.tx_bytes,
             rx_bytes: stats.rx_bytes,
             load: p.load.as_ref().map(LoadView::from),
+            load_reports: p.load_reports.0,
+            load_age_ms: p
+                .load_reports
+                .1
+                .map(|t| now.saturating_duration_since(t).as_secs_f64() * 1e3),
             cwnd: stats.cwnd,
             rto_ms: stats.rto.as_secs_f64() * 1e3,
             timeouts: stats.rto_expirations,
@@ -716,6 +747,7 @@ impl Driver {
                 Event::LoadReport { peer, report } => {
                     if let Some(p) = self.slot(peer) {
                         p.load = Some(report);
+                        p.load_reports = (p.load_reports.0 + 1, Some(now));
                     }
                 }
                 Event::Message { peer, data } => self.dispatch_message(now, peer, &data),

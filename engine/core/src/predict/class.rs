@@ -32,7 +32,18 @@ pub enum Class {
 }
 
 impl Class {
-    const ALL: [Class; 4] = [Class::Micro, Class::Small, Class::Medium, Class::Large];
+    /// Every class, smallest first.
+    pub const ALL: [Class; 4] = [Class::Micro, Class::Small, Class::Medium, Class::Large];
+
+    /// The name `ctl` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Micro => "micro",
+            Class::Small => "small",
+            Class::Medium => "medium",
+            Class::Large => "large",
+        }
+    }
 
     fn index(self) -> usize {
         self as usize

@@ -13,7 +13,13 @@
 //! expires: [`Leases::poll_event`] returns [`LeaseEvent::Expired`] and counts it. The holder
 //! MUST then either hand the connection back to its primary (the normal case: the primary's
 //! overload has passed, or the primary is gone and will not renew), or, if the primary asked it to
-//! keep the connection in the meantime, renew it; it SHOULD log the expiry.
+//! keep the connection in the meantime, renew it; it SHOULD log the expiry. A node never drops
+//! a connection because its lease expired: if the way back fails, the connection stays where
+//! it is ([`Leases::record_return`] counts both).
+//!
+//! The primary's side is an [`Offload`] per connection it moved by plan: it renews the lease
+//! while taking the connection back would push it above its shedding level, and stops
+//! renewing once it has room (see [`super::node::NodePredictor`]).
 
 use std::collections::HashMap;
 
@@ -131,6 +137,43 @@ pub struct LeaseCounters {
     pub renewed: u64,
     /// Leases that expired.
     pub expired: u64,
+    /// Expired leases whose connection went back to its primary.
+    pub returned: u64,
+    /// Expired leases whose connection could not go back and stays here.
+    pub kept: u64,
+}
+
+/// A connection this node (its primary) offloaded by plan, and whether it renews its lease.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Offload {
+    /// The connection, by its id here.
+    pub conn: ConnId,
+    /// The node holding it.
+    pub holder: NodeId,
+    /// Its id at the holder.
+    pub remote: ConnId,
+    /// When it moved.
+    pub since: Instant,
+    /// Its load when it moved, in the node's load unit: what taking it back would add.
+    pub load: f64,
+    /// Its predicted load over the node's capacity when it moved; `None` without a usable
+    /// forecast (the holder then grants the default lease).
+    pub rate: Option<f64>,
+    /// The connection's age at the last sample.
+    pub age: Duration,
+    /// The lease is renewed in the next reports; `false`: this node has room for the
+    /// connection again and lets its lease run out, so that the holder hands it back.
+    pub renew: bool,
+}
+
+impl Offload {
+    /// Its predicted volume in seconds of capacity: its rate × its expected remaining life,
+    /// for which its age stands in (as in the planner).
+    pub fn volume(&self) -> Option<f64> {
+        self.rate
+            .map(|r| r * secs(self.age))
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    }
 }
 
 /// The leases this node holds.
@@ -189,7 +232,8 @@ impl Leases {
     }
 
     /// Renews the lease on `conn` from `now` (a heartbeat from its primary); `None` if there is
-    /// none.
+    /// none. A renewal not later than the last one (the same report seen again) changes
+    /// nothing.
     pub fn renew(
         &mut self,
         now: Instant,
@@ -198,6 +242,9 @@ impl Leases {
     ) -> Option<Lease> {
         let (length, basis) = self.length(predicted_volume);
         let lease = self.leases.get_mut(&conn)?;
+        if now <= lease.renewed {
+            return Some(*lease);
+        }
         lease.renewed = now;
         lease.expires = now + length;
         lease.basis = basis;
@@ -234,6 +281,41 @@ impl Leases {
             primary: lease.primary,
             at: lease.expires,
         })
+    }
+
+    /// Counts what became of an expired lease's connection: `returned` to its primary, or
+    /// kept here.
+    pub fn record_return(&mut self, returned: bool) {
+        if returned {
+            self.counters.returned += 1;
+        } else {
+            self.counters.kept += 1;
+        }
+    }
+
+    /// Drops the leases of connections for which `keep` is false (closed, or gone back).
+    pub fn retain(&mut self, mut keep: impl FnMut(ConnId) -> bool) {
+        self.leases.retain(|id, _| keep(*id));
+    }
+
+    /// Every lease, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    /// Leases held.
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// No lease is held.
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LeaseConfig {
+        &self.config
     }
 
     /// Counts since the table was made.
@@ -286,6 +368,9 @@ mod tests {
             .unwrap();
         assert_eq!(renewed.expires, t0 + Duration::from_secs(35));
         assert_eq!(leases.renew(t0, 9, None), None);
+        // The same report seen again renews nothing.
+        let again = leases.renew(t0 + Duration::from_secs(15), 1, None).unwrap();
+        assert_eq!(again, renewed);
 
         let late = t0 + Duration::from_secs(31);
         assert_eq!(
@@ -311,7 +396,8 @@ mod tests {
             LeaseCounters {
                 granted: 3,
                 renewed: 1,
-                expired: 2
+                expired: 2,
+                ..LeaseCounters::default()
             }
         );
     }

@@ -22,20 +22,34 @@
 //!
 //! Peers are assumed to have this node's capacity (a load report carries no capacity).
 //!
+//! **Leases.** A connection this node moved by plan is an [`Offload`]: its lease at the
+//! holder is renewed through this node's load reports ([`NodePredictor::renewals`]) while
+//! taking it back would push this node above its shedding level (threshold − hysteresis,
+//! by the larger of its current and predicted load), and at least for the planner's
+//! `cooldown` after the move; once there is room, this node stops
+//! renewing, the lease runs out and the holder hands the connection back. As a holder, the
+//! node grants a lease on a connection restored here when its primary first asks for one
+//! ([`NodePredictor::handle_renewals`]), renews it on every later report, and reports each
+//! expiry ([`NodePredictor::poll_lease`]); the driver moves the connection back and reports
+//! the outcome ([`NodePredictor::record_return`]). A connection is never dropped because of
+//! a lease: one that cannot go back stays.
+//!
 //! **Stale reports.** A peer's report rides its heartbeats and is up to a couple of seconds
 //! old. After a move the peer's load is taken as at least what it was reported at plus the
 //! load moved to it, for [`NodeSettings::report_delay`], so the next plan does not fill a
 //! peer whose report has not caught up yet.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use smoltcp::time::{Duration, Instant};
 
+use super::class::Class;
 use super::detect::{Detector, Imbalance, imbalance};
 use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
+use super::lease::{Lease, LeaseCounters, LeaseEvent, Leases, Offload};
 use super::plan::{Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Status};
 use super::profile::{ConnReport, NodeReport, Sampler};
-use super::shadow::ConnState;
+use super::shadow::{ConnState, ShadowTrial, TrialEvent, TrialState};
 use super::{ConnId, NodeId, PredictConfig};
 
 /// What a node's load is measured in (see the module doc).
@@ -80,6 +94,9 @@ pub struct NodeSettings {
     /// are weighed by their current load. Bounds the predictor's memory and work per sample
     /// (a forecaster keeps about 2 KB). Default 1,024.
     pub max_tracked: usize,
+    /// Shadow trials: a fraction of new connections goes to each peer not yet trusted
+    /// (only when the policy executes). Default off.
+    pub shadow: bool,
 }
 
 impl Default for NodeSettings {
@@ -91,6 +108,7 @@ impl Default for NodeSettings {
             report_delay: Duration::from_secs(3),
             history: 64,
             max_tracked: 1024,
+            shadow: false,
         }
     }
 }
@@ -106,6 +124,9 @@ pub struct ConnSample {
     pub movable: bool,
     /// Bytes a move would copy now (send and receive queues).
     pub buffered: u64,
+    /// For a connection restored here whose packets enter at another node (its primary):
+    /// that node and the connection's id there.
+    pub ingress: Option<(NodeId, ConnId)>,
 }
 
 /// A peer's last load report, as the tunnel knows it.
@@ -172,6 +193,33 @@ pub struct Decision {
     pub current: f64,
 }
 
+/// A connection that changed class (see [`super::class`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClassChange {
+    /// The connection.
+    pub conn: ConnId,
+    /// Its class before.
+    pub from: Class,
+    /// Its class now.
+    pub to: Class,
+    /// The forecast bandwidth (bytes/s both ways) that moved it.
+    pub bandwidth: f64,
+}
+
+/// An expired lease and what became of its connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseRecord {
+    /// When the lease expired.
+    pub at: Instant,
+    /// The connection, by its id here.
+    pub conn: ConnId,
+    /// Its primary.
+    pub primary: NodeId,
+    /// [`Outcome::Moved`]: back at its primary; [`Outcome::Stayed`] or [`Outcome::Failed`]:
+    /// kept here, for the reason given; [`Outcome::Pending`]: the move back is under way.
+    pub outcome: Outcome,
+}
+
 /// Counts since the node started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Counts {
@@ -185,6 +233,10 @@ pub struct Counts {
     pub executed: u64,
     /// Moves that did not happen: the connection stayed, or the move failed.
     pub failed: u64,
+    /// New connections moved to a peer under a shadow trial.
+    pub shadowed: u64,
+    /// Shadow moves that did not happen.
+    pub shadow_failed: u64,
 }
 
 /// A peer's load as the last plan saw it.
@@ -257,6 +309,33 @@ pub struct NodePredictor {
     last_plan: Option<(Instant, Plan)>,
     decisions: VecDeque<Decision>,
     counts: Counts,
+    /// Leases held here on connections offloaded to this node.
+    leases: Leases,
+    /// Connections restored here by their primary and id there, from the last sample.
+    ingress: HashMap<(NodeId, ConnId), ConnId>,
+    /// Expired leases and their outcome, oldest first.
+    lease_log: VecDeque<LeaseRecord>,
+    /// Connections this node offloaded by plan, by their id here.
+    offloads: BTreeMap<ConnId, Offload>,
+    /// Where the next report's renewals start when there are more than fit.
+    renew_cursor: usize,
+    /// Shadow trials, per peer.
+    trials: BTreeMap<NodeId, ShadowTrial>,
+    /// New connections already offered to a trial (admitted or not).
+    offered: HashSet<ConnId>,
+    /// Connections sent (or being sent) to a peer under a shadow trial: the peer, and
+    /// whether the move is done.
+    shadowing: HashMap<ConnId, (NodeId, bool)>,
+    /// Shadow moves for the driver, since it last took them.
+    shadow_moves: Vec<(ConnId, NodeId)>,
+    /// Trial events for the driver to log, since it last took them.
+    trial_events: Vec<(NodeId, TrialEvent)>,
+    /// The next untrusted peer to offer a new connection to (round robin).
+    shadow_cursor: usize,
+    /// Every connection served here, by class.
+    classes: HashMap<ConnId, Class>,
+    /// Class changes for the driver to log, since it last took them.
+    class_changes: Vec<ClassChange>,
 }
 
 impl NodePredictor {
@@ -286,6 +365,19 @@ impl NodePredictor {
             last_plan: None,
             decisions: VecDeque::new(),
             counts: Counts::default(),
+            leases: Leases::new(config.lease),
+            ingress: HashMap::new(),
+            lease_log: VecDeque::new(),
+            offloads: BTreeMap::new(),
+            renew_cursor: 0,
+            trials: BTreeMap::new(),
+            offered: HashSet::new(),
+            shadowing: HashMap::new(),
+            shadow_moves: Vec::new(),
+            trial_events: Vec::new(),
+            shadow_cursor: 0,
+            classes: HashMap::new(),
+            class_changes: Vec::new(),
             config,
             settings,
         }
@@ -384,6 +476,7 @@ impl NodePredictor {
                 .collect()
         };
         self.conns.retain(|id, _| tracked.contains(id));
+        self.admit_shadow(now, obs, &interval.conns);
         // Candidates are only built when the planner is due.
         let due = self.planner.poll_timeout().is_none_or(|t| now >= t);
         let mut candidates = Vec::new();
@@ -401,7 +494,30 @@ impl NodePredictor {
             } else {
                 None
             };
-            if !c.movable || self.shifting.contains(&id) {
+            // Its class, from its forecast bandwidth: its bandwidth now, scaled by what its
+            // load forecast expects of its load (the forecasters forecast load in the
+            // metric's unit, not bandwidth).
+            let bandwidth = interval.conns.get(i).map_or(0.0, |p| p.rates.bandwidth());
+            let predicted = f.and_then(|f| f.peak(horizon)).map(|f| f.value);
+            let forecast_bandwidth = match predicted {
+                Some(p) if current > 0.0 && p.is_finite() => bandwidth * p / current,
+                _ => bandwidth,
+            };
+            let before = self.classes.get(&id).copied();
+            let class = self.config.class.classify(before, forecast_bandwidth);
+            if let Some(from) = before
+                && from != class
+                && self.class_changes.len() < 4096
+            {
+                self.class_changes.push(ClassChange {
+                    conn: id,
+                    from,
+                    to: class,
+                    bandwidth: forecast_bandwidth,
+                });
+            }
+            self.classes.insert(id, class);
+            if !c.movable || self.shifting.contains(&id) || self.shadowing.contains_key(&id) {
                 continue;
             }
             candidate_count += 1;
@@ -428,7 +544,49 @@ impl NodePredictor {
         self.conns.retain(|id, _| seen.contains_key(id));
         self.last_moved.retain(|id, _| seen.contains_key(id));
         self.shifting.retain(|id| seen.contains_key(id));
+        self.offered.retain(|id| seen.contains_key(id));
+        let served: HashSet<ConnId> = loads
+            .iter()
+            .map(|(i, _)| obs.conns[*i].report.conn)
+            .collect();
+        self.classes.retain(|id, _| served.contains(id));
+        // A shadowed connection is shadowing while it lives on the peer, or the move is
+        // under way.
+        let here: HashSet<ConnId> = obs
+            .conns
+            .iter()
+            .filter(|c| c.here)
+            .map(|c| c.report.conn)
+            .collect();
+        self.shadowing
+            .retain(|id, (_, moved)| seen.contains_key(id) && !(*moved && here.contains(id)));
         self.known = seen;
+        // Leases live while their connection is here; offloads while it is away.
+        self.ingress = obs
+            .conns
+            .iter()
+            .filter(|c| c.here)
+            .filter_map(|c| c.ingress.map(|i| (i, c.report.conn)))
+            .collect();
+        let restored: HashSet<ConnId> = self.ingress.values().copied().collect();
+        self.leases.retain(|id| restored.contains(&id));
+        let away: HashMap<ConnId, Duration> = obs
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.here)
+            .map(|(i, c)| {
+                let age = interval.conns.get(i).map_or(Duration::ZERO, |p| p.age);
+                (c.report.conn, age)
+            })
+            .collect();
+        self.offloads.retain(|id, o| match away.get(id) {
+            Some(age) => {
+                o.age = *age;
+                true
+            }
+            None => false,
+        });
         self.floors.retain(|_, (until, _)| now < *until);
 
         let peers: Vec<PeerView> = obs
@@ -490,6 +648,8 @@ impl NodePredictor {
             peers,
         };
 
+        self.update_renewals(now, load, predicted * capacity);
+
         let plan_peers: Vec<Peer> = self
             .estimate
             .peers
@@ -543,6 +703,184 @@ impl NodePredictor {
         Some(plan)
     }
 
+    /// Shadow trials: every new connection (movable, at most a second old, not offered
+    /// before) is offered to the next peer not yet trusted (round robin over the alive
+    /// peers), whose trial admits the step's fraction of them; and every trial is polled.
+    fn admit_shadow(
+        &mut self,
+        now: Instant,
+        obs: &Observation<'_>,
+        profiles: &[super::profile::ConnProfile],
+    ) {
+        if !(self.settings.shadow && self.executes()) {
+            return;
+        }
+        let config = self.config.shadow;
+        for p in obs.peers.iter().filter(|p| p.alive) {
+            self.trials
+                .entry(p.id)
+                .or_insert_with(|| ShadowTrial::new(p.id, config));
+        }
+        for (id, trial) in &mut self.trials {
+            if let Some(e) = trial.poll(now) {
+                self.trial_events.push((*id, e));
+            }
+        }
+        let untrusted: Vec<NodeId> = obs
+            .peers
+            .iter()
+            .filter(|p| p.alive)
+            .map(|p| p.id)
+            .filter(|id| {
+                self.trials
+                    .get(id)
+                    .is_some_and(|t| !matches!(t.state(), TrialState::Trusted))
+            })
+            .collect();
+        if untrusted.is_empty() {
+            return;
+        }
+        for (i, c) in obs.conns.iter().enumerate() {
+            let id = c.report.conn;
+            let young = profiles
+                .get(i)
+                .is_some_and(|p| p.age <= Duration::from_secs(1));
+            if !(c.here && c.movable && young) || self.offered.contains(&id) {
+                continue;
+            }
+            self.offered.insert(id);
+            let peer = untrusted[self.shadow_cursor % untrusted.len()];
+            self.shadow_cursor = self.shadow_cursor.wrapping_add(1);
+            if let Some(trial) = self.trials.get_mut(&peer)
+                && trial.admit()
+            {
+                self.shadowing.insert(id, (peer, false));
+                self.shadow_moves.push((id, peer));
+            }
+        }
+    }
+
+    /// The shadow moves to execute (new connections admitted by a trial, with their peer),
+    /// since the last call. Report each outcome with [`Self::record_shadow`].
+    pub fn take_shadow_moves(&mut self) -> Vec<(ConnId, NodeId)> {
+        std::mem::take(&mut self.shadow_moves)
+    }
+
+    /// Trial events since the last call (steps passed or failed, back-offs ended), to log.
+    pub fn take_trial_events(&mut self) -> Vec<(NodeId, TrialEvent)> {
+        std::mem::take(&mut self.trial_events)
+    }
+
+    /// Records what became of a shadow move: moved, the connection is `shadowing` while it
+    /// lives on the peer; otherwise it is served here as any other.
+    pub fn record_shadow(&mut self, conn: ConnId, outcome: &Outcome) {
+        if *outcome == Outcome::Moved {
+            self.counts.shadowed += 1;
+            if let Some(s) = self.shadowing.get_mut(&conn) {
+                s.1 = true;
+            }
+        } else {
+            self.counts.shadow_failed += 1;
+            self.shadowing.remove(&conn);
+        }
+    }
+
+    /// A connection's class, while it is served here.
+    pub fn class(&self, conn: ConnId) -> Option<Class> {
+        self.classes.get(&conn).copied()
+    }
+
+    /// Connections served here per class, micro to large.
+    pub fn class_counts(&self) -> [u64; 4] {
+        let mut n = [0u64; 4];
+        for c in self.classes.values() {
+            n[*c as usize] += 1;
+        }
+        n
+    }
+
+    /// Class changes since the last call (at most 4,096 kept), to log.
+    pub fn take_class_changes(&mut self) -> Vec<ClassChange> {
+        std::mem::take(&mut self.class_changes)
+    }
+
+    /// A KPI sample of a connection that ended: its processing latency (any unit, the same
+    /// on every node) and whether it ended in an error or a reset. `served_by`: `None` for a
+    /// connection served here — a sample of the local baseline of every trial under way —,
+    /// `Some(peer)` for one a trial shadowed to `peer`, as the peer reported it (a sample
+    /// for that peer's trial only, and only for a connection this node shadowed there).
+    /// Returns whether a trial took it. The daemon does not call this yet: no node measures
+    /// these KPIs (`docs/prediction.md`, Shadow trials in the node).
+    pub fn record_kpi(
+        &mut self,
+        conn: ConnId,
+        served_by: Option<NodeId>,
+        latency: f64,
+        error: bool,
+    ) -> bool {
+        match served_by {
+            None => {
+                let mut took = false;
+                for t in self.trials.values_mut() {
+                    if matches!(t.state(), TrialState::Ramping { .. }) {
+                        t.record_local(latency, error);
+                        took = true;
+                    }
+                }
+                took
+            }
+            Some(peer) => {
+                if self.shadowing.get(&conn).is_none_or(|(p, _)| *p != peer) {
+                    return false;
+                }
+                self.trials.get_mut(&peer).is_some_and(|t| {
+                    t.record_peer(latency, error);
+                    true
+                })
+            }
+        }
+    }
+
+    /// The shadow trials, by peer.
+    pub fn trials(&self) -> impl Iterator<Item = &ShadowTrial> {
+        self.trials.values()
+    }
+
+    /// Which offloaded connections keep their lease: taking one back must leave this node at
+    /// or below its shedding level (threshold − hysteresis) by the larger of its current and
+    /// predicted load; the oldest offloads come back first. Like any move, a connection is
+    /// not taken back before the planner's `cooldown` since it moved: right after a move the
+    /// forecast sees the drop the move made, not the load that caused it.
+    fn update_renewals(&mut self, now: Instant, load: f64, predicted: f64) {
+        let cooldown = self.config.plan.cooldown;
+        let threshold = match self.settings.policy {
+            Policy::Reactive => self.config.plan.reactive_threshold,
+            Policy::Manual | Policy::Predictive => self.estimate.threshold,
+        };
+        let level = (threshold - self.config.plan.hysteresis) * self.settings.capacity;
+        let mut room = level - load.max(predicted);
+        if !room.is_finite() {
+            room = 0.0;
+        }
+        let mut order: Vec<&mut Offload> = self.offloads.values_mut().collect();
+        order.sort_by_key(|o| (o.since, o.conn));
+        for o in order {
+            let load = if o.load.is_finite() {
+                o.load.max(0.0)
+            } else {
+                0.0
+            };
+            if now < o.since + cooldown {
+                o.renew = true;
+            } else if load <= room {
+                room -= load;
+                o.renew = false;
+            } else {
+                o.renew = true;
+            }
+        }
+    }
+
     fn push_decision(&mut self, d: Decision) {
         while self.decisions.len() >= self.settings.history.max(1) {
             self.decisions.pop_front();
@@ -589,10 +927,155 @@ impl NodePredictor {
         }
     }
 
-    /// A connection's state: shifting while a planned move is under way, active while it may
-    /// be moved, inactive otherwise (moved away, closing, or not seen).
+    /// Records that the planned move of `conn` to `holder` made it connection `remote` there:
+    /// from now on this node renews its lease at `holder` while it has no room to take it
+    /// back. Call after [`Self::record`] with [`Outcome::Moved`].
+    pub fn record_offload(&mut self, now: Instant, conn: ConnId, holder: NodeId, remote: ConnId) {
+        let capacity = self.settings.capacity;
+        let load = self
+            .decisions
+            .iter()
+            .rev()
+            .find(|d| d.conn == conn && d.target == holder)
+            .map_or(0.0, |d| d.reason.conn_load);
+        let horizon = self.config.horizon_samples();
+        let rate = self
+            .conns
+            .get(&conn)
+            .and_then(|f| f.peak(horizon))
+            .filter(|f| !matches!(f.model, ModelChoice::LastValue(_)))
+            .map(|f| f.value / capacity)
+            .filter(|r| r.is_finite());
+        self.offloads.insert(
+            conn,
+            Offload {
+                conn,
+                holder,
+                remote,
+                since: now,
+                load,
+                rate,
+                age: Duration::ZERO,
+                renew: true,
+            },
+        );
+    }
+
+    /// The lease renewals for this node's next load report: its offloaded connections that
+    /// keep their lease (by their id here, with their predicted volume in seconds of
+    /// capacity), at most `max`; with more, successive calls rotate through them.
+    pub fn renewals(&mut self, max: usize) -> Vec<(ConnId, Option<f64>)> {
+        let all: Vec<(ConnId, Option<f64>)> = self
+            .offloads
+            .values()
+            .filter(|o| o.renew)
+            .map(|o| (o.conn, o.volume()))
+            .collect();
+        if all.len() <= max {
+            self.renew_cursor = 0;
+            return all;
+        }
+        let start = self.renew_cursor % all.len();
+        self.renew_cursor = start + max;
+        all.iter().cycle().skip(start).take(max).copied().collect()
+    }
+
+    /// Takes the lease renewals of a load report from `primary`, received at `received`: a
+    /// listed connection restored here from `primary` gets a lease if it has none (returned,
+    /// for the log) or has it renewed. Ids that name no such connection are ignored.
+    pub fn handle_renewals(
+        &mut self,
+        primary: NodeId,
+        received: Instant,
+        renewals: &[(ConnId, Option<f64>)],
+    ) -> Vec<Lease> {
+        let mut granted = Vec::new();
+        for &(remote, volume) in renewals {
+            let Some(&conn) = self.ingress.get(&(primary, remote)) else {
+                continue;
+            };
+            if self.leases.renew(received, conn, volume).is_none() {
+                granted.push(self.leases.grant(received, conn, primary, volume));
+            }
+        }
+        granted
+    }
+
+    /// When the next lease expires.
+    pub fn poll_lease_timeout(&self) -> Option<Instant> {
+        self.leases.poll_timeout()
+    }
+
+    /// The next lease expired by `now` (earliest first), removed and counted: the driver
+    /// moves its connection back to its primary and reports with [`Self::record_return`].
+    pub fn poll_lease(&mut self, now: Instant) -> Option<LeaseEvent> {
+        let event = self.leases.poll_event(now)?;
+        let LeaseEvent::Expired { conn, primary, at } = event;
+        while self.lease_log.len() >= self.settings.history.max(1) {
+            self.lease_log.pop_front();
+        }
+        self.lease_log.push_back(LeaseRecord {
+            at,
+            conn,
+            primary,
+            outcome: Outcome::Pending,
+        });
+        Some(event)
+    }
+
+    /// Records what became of the connection of an expired lease: [`Outcome::Moved`] (back at
+    /// its primary) or kept here ([`Outcome::Stayed`], [`Outcome::Failed`]).
+    pub fn record_return(&mut self, conn: ConnId, outcome: Outcome) {
+        self.leases.record_return(outcome == Outcome::Moved);
+        if let Some(r) = self
+            .lease_log
+            .iter_mut()
+            .rev()
+            .find(|r| r.conn == conn && r.outcome == Outcome::Pending)
+        {
+            r.outcome = outcome;
+        }
+    }
+
+    /// The lease held here on `conn`.
+    pub fn lease(&self, conn: ConnId) -> Option<&Lease> {
+        self.leases.lease(conn)
+    }
+
+    /// The leases held here, by connection id.
+    pub fn leases(&self) -> Vec<Lease> {
+        let mut all: Vec<Lease> = self.leases.iter().copied().collect();
+        all.sort_by_key(|l| l.conn);
+        all
+    }
+
+    /// Lease counts since the start.
+    pub fn lease_counters(&self) -> LeaseCounters {
+        self.leases.counters()
+    }
+
+    /// Expired leases and their outcome, oldest first.
+    pub fn lease_log(&self) -> impl Iterator<Item = &LeaseRecord> {
+        self.lease_log.iter()
+    }
+
+    /// This node's offload of `conn`, if it moved it by plan and it is still away.
+    pub fn offload(&self, conn: ConnId) -> Option<&Offload> {
+        self.offloads.get(&conn)
+    }
+
+    /// Every offload, by connection id.
+    pub fn offloads(&self) -> impl Iterator<Item = &Offload> {
+        self.offloads.values()
+    }
+
+    /// A connection's state: shadowing while it is sent to, or lives on, a peer under a
+    /// shadow trial; shifting while a planned move is under way, active while it may be
+    /// moved, inactive otherwise (moved away, closing, or not seen).
     pub fn conn_state(&self, conn: ConnId) -> ConnState {
-        if self.shifting.contains(&conn) {
+        if self.shadowing.contains_key(&conn) {
+            ConnState::Shadowing
+        } else if self.shifting.contains(&conn) {
             ConnState::Shifting
         } else if self.known.get(&conn).copied().unwrap_or(false) {
             ConnState::Active
@@ -626,6 +1109,7 @@ impl NodePredictor {
 mod tests {
     use super::*;
     use crate::predict::Priority;
+    use crate::predict::lease::LeaseBasis;
     use crate::predict::profile::ConnCounters;
 
     fn conn(id: ConnId, bytes_out: u64, opened_ms: i64) -> ConnSample {
@@ -642,6 +1126,7 @@ mod tests {
             here: true,
             movable: true,
             buffered: 0,
+            ingress: None,
         }
     }
 
@@ -834,6 +1319,381 @@ mod tests {
         tracked.sort_unstable();
         assert_eq!(tracked, [4, 5]);
         assert_eq!(p.estimate().candidates, 5);
+    }
+
+    /// A (primary) offloads 3 of 10 connections to B, renews their leases while it is
+    /// full, and lets them run out once it has room; B grants, renews, expires and records
+    /// the returns, on virtual time.
+    #[test]
+    fn leases_are_granted_renewed_and_expire_once_the_primary_has_room() {
+        let a_id = NodeId(7);
+        let mut a = NodePredictor::new(PredictConfig::default(), settings(Policy::Predictive));
+        let mut b = NodePredictor::new(PredictConfig::default(), settings(Policy::Manual));
+        let mut a_conns: Vec<ConnSample> = (1..=10).map(|i| conn(i, 0, 0)).collect();
+        let peers = [peer(0)];
+        let sample_a = |a: &mut NodePredictor, conns: &[ConnSample], t: Instant| {
+            a.handle_sample(
+                t,
+                &Observation {
+                    node: NodeReport::default(),
+                    conns,
+                    peers: &peers,
+                },
+            )
+        };
+        // Warm the per-connection forecasters up (nothing may move yet), then plan at 60 s.
+        for c in &mut a_conns {
+            c.movable = false;
+        }
+        for ms in (50_000..60_000).step_by(100) {
+            sample_a(&mut a, &a_conns, Instant::from_millis(ms));
+        }
+        for c in &mut a_conns {
+            c.movable = true;
+        }
+        let t0 = Instant::from_secs(60);
+        let plan = sample_a(&mut a, &a_conns, t0).expect("a plan");
+        assert_eq!(plan.moves.len(), 3);
+        let mut b_conns = Vec::new();
+        for (k, m) in plan.moves.iter().enumerate() {
+            a.record(t0, m.conn, m.target, Outcome::Moved);
+            let remote = 100 + k as u64;
+            a.record_offload(t0, m.conn, m.target, remote);
+            let c = a_conns
+                .iter_mut()
+                .find(|c| c.report.conn == m.conn)
+                .unwrap();
+            c.here = false;
+            c.movable = false;
+            let mut restored = conn(remote, 0, 60_000);
+            restored.movable = false;
+            restored.ingress = Some((a_id, m.conn));
+            b_conns.push(restored);
+        }
+        let moved: Vec<ConnId> = plan.moves.iter().map(|m| m.conn).collect();
+        let sample_b = |b: &mut NodePredictor, conns: &[ConnSample], t: Instant| {
+            b.handle_sample(
+                t,
+                &Observation {
+                    node: NodeReport::default(),
+                    conns,
+                    peers: &[],
+                },
+            );
+        };
+
+        // One report a second while A holds 7 of 10 (room 0.5 below 0.75 of capacity): A
+        // renews all three; B grants at the first report and renews after.
+        let mut granted = Vec::new();
+        for s in 0..10u64 {
+            let t = t0 + Duration::from_millis(100 + s * 1000);
+            sample_a(&mut a, &a_conns, t);
+            sample_b(&mut b, &b_conns, t);
+            let renewals = a.renewals(48);
+            assert_eq!(renewals.len(), 3, "{renewals:?}");
+            let (_, volume) = renewals[0];
+            // 0.1 of capacity over the connection's life so far (60–69 s): 6–6.9 s of
+            // capacity, a lease of 7.5–8.6 s at 0.8.
+            let expected = t.total_millis() as f64 / 1e4;
+            assert!((volume.unwrap() - expected).abs() < 0.05, "{volume:?}");
+            granted.extend(b.handle_renewals(a_id, t, &renewals));
+            assert_eq!(b.poll_lease(t), None);
+        }
+        assert_eq!(granted.len(), 3);
+        assert!(granted.iter().all(|l| l.basis == LeaseBasis::Forecast));
+        let lease = *b.lease(100).unwrap();
+        assert_eq!(lease.primary, a_id);
+        let length = lease.expires - lease.renewed;
+        // The last renewal, at 69.1 s: 6.91 / 0.8.
+        assert!((8_630..=8_645).contains(&length.total_millis()), "{length}");
+        let c = b.lease_counters();
+        assert_eq!((c.granted, c.renewed, c.expired), (3, 27, 0));
+        assert!(
+            moved
+                .iter()
+                .all(|id| a.offload(*id).is_some_and(|o| o.renew))
+        );
+
+        // Four of A's own connections close: A has room for all three and stops renewing.
+        let mut kept_here = 0;
+        a_conns.retain(|c| {
+            kept_here += usize::from(c.here);
+            !c.here || kept_here <= 3
+        });
+        let here = a_conns.iter().filter(|c| c.here).count();
+        assert_eq!(here, 3, "{a_conns:?}");
+        // It has room once its forecast has followed the drop (the predicted peak counts,
+        // not only the current load), but takes nothing back within the cooldown (30 s)
+        // after the move; then it stops renewing all three.
+        for ms in (11_000..29_900).step_by(100) {
+            sample_a(&mut a, &a_conns, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(a.renewals(48).len(), 3);
+        for ms in (29_900..31_000).step_by(100) {
+            sample_a(&mut a, &a_conns, t0 + Duration::from_millis(ms));
+        }
+        assert!(a.renewals(48).is_empty());
+        assert!(
+            moved
+                .iter()
+                .all(|id| a.offload(*id).is_some_and(|o| !o.renew))
+        );
+        // B's leases run out 8.6 s after the last renewal.
+        let last = lease.renewed;
+        assert_eq!(b.poll_lease_timeout(), Some(lease.expires));
+        assert_eq!(b.poll_lease(last + Duration::from_secs(8)), None);
+        let late = last + Duration::from_secs(9);
+        let mut expired = Vec::new();
+        while let Some(LeaseEvent::Expired { conn, primary, .. }) = b.poll_lease(late) {
+            assert_eq!(primary, a_id);
+            expired.push(conn);
+        }
+        expired.sort_unstable();
+        assert_eq!(expired, [100, 101, 102]);
+        b.record_return(100, Outcome::Moved);
+        b.record_return(101, Outcome::Moved);
+        b.record_return(102, Outcome::Stayed("the primary refused it".into()));
+        let c = b.lease_counters();
+        assert_eq!((c.expired, c.returned, c.kept), (3, 2, 1));
+        let log: Vec<&LeaseRecord> = b.lease_log().collect();
+        assert_eq!(log.len(), 3);
+        assert_eq!(
+            log[2].outcome,
+            Outcome::Stayed("the primary refused it".into())
+        );
+        // The one kept stays here without a lease; a connection back home ends its offload.
+        sample_b(&mut b, &b_conns[2..], late);
+        assert!(b.leases().is_empty());
+        for c in &mut a_conns {
+            if c.report.conn == moved[0] {
+                c.here = true;
+            }
+        }
+        sample_a(&mut a, &a_conns, t0 + Duration::from_secs(32));
+        assert!(a.offload(moved[0]).is_none());
+        assert_eq!(a.offloads().count(), 2);
+    }
+
+    #[test]
+    fn renewals_name_only_connections_restored_from_their_sender() {
+        let mut b = NodePredictor::new(PredictConfig::default(), settings(Policy::Manual));
+        let mut c = conn(5, 0, 0);
+        c.movable = false;
+        c.ingress = Some((NodeId(2), 50));
+        let local = conn(6, 0, 0);
+        let conns = [c, local];
+        let t = Instant::from_secs(1);
+        b.handle_sample(
+            t,
+            &Observation {
+                node: NodeReport::default(),
+                conns: &conns,
+                peers: &[],
+            },
+        );
+        // Another primary, an unknown id, a local connection's id: nothing.
+        assert!(
+            b.handle_renewals(NodeId(3), t, &[(50, Some(1.0))])
+                .is_empty()
+        );
+        assert!(
+            b.handle_renewals(NodeId(2), t, &[(51, Some(1.0)), (6, None)])
+                .is_empty()
+        );
+        // Its primary, with a forecast that is not a number: the default lease.
+        let g = b.handle_renewals(NodeId(2), t, &[(50, Some(f64::NAN)), (50, Some(-3.0))]);
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].basis, LeaseBasis::Default);
+        assert_eq!(g[0].expires, t + Duration::from_secs(30));
+        assert_eq!(b.lease(5).map(|l| l.primary), Some(NodeId(2)));
+    }
+
+    #[test]
+    fn renewals_rotate_when_more_than_fit() {
+        let mut a = NodePredictor::new(PredictConfig::default(), settings(Policy::Predictive));
+        for id in 1..=5 {
+            a.record_offload(Instant::from_secs(1), id, NodeId(1), id + 10);
+        }
+        let first: Vec<ConnId> = a.renewals(2).iter().map(|r| r.0).collect();
+        let second: Vec<ConnId> = a.renewals(2).iter().map(|r| r.0).collect();
+        let third: Vec<ConnId> = a.renewals(2).iter().map(|r| r.0).collect();
+        assert_eq!((first, second, third), (vec![1, 2], vec![3, 4], vec![5, 1]));
+    }
+
+    #[test]
+    fn shadow_trials_send_the_steps_fraction_of_new_connections_to_an_untrusted_peer() {
+        let run = |policy: Policy| {
+            let mut config = PredictConfig::default();
+            config.shadow.steps = [0.25, 0.5, 0.75, 1.0];
+            let mut p = NodePredictor::new(
+                config,
+                NodeSettings {
+                    shadow: true,
+                    capacity: 1000.0,
+                    ..settings(policy)
+                },
+            );
+            let peers = [peer(0)];
+            // An old connection (not new: never shadowed), then one new connection per
+            // sample; a connection still in its handshake (not movable) waits its turn.
+            let mut conns = vec![conn(1, 0, -60_000)];
+            let mut moves = Vec::new();
+            for t in 0..10i64 {
+                let now = Instant::from_millis(1000 + t * 100);
+                for c in &mut conns {
+                    c.movable = true;
+                }
+                let mut fresh = conn(10 + t as u64, 0, 1000 + t * 100);
+                fresh.movable = false;
+                conns.push(fresh);
+                p.handle_sample(
+                    now,
+                    &Observation {
+                        node: NodeReport::default(),
+                        conns: &conns,
+                        peers: &peers,
+                    },
+                );
+                for (id, target) in p.take_shadow_moves() {
+                    assert_eq!(target, NodeId(1));
+                    assert_eq!(p.conn_state(id), ConnState::Shadowing);
+                    moves.push(id);
+                }
+            }
+            (p, moves)
+        };
+        let (mut p, moves) = run(Policy::Predictive);
+        // 9 new connections became movable: a quarter of them, evenly spread.
+        assert_eq!(moves, [13, 17]);
+        p.record_shadow(13, &Outcome::Moved);
+        p.record_shadow(17, &Outcome::Stayed("refused".into()));
+        assert_eq!(p.conn_state(13), ConnState::Shadowing);
+        assert_eq!(p.conn_state(17), ConnState::Active);
+        assert_eq!(p.conn_state(1), ConnState::Active);
+        let c = p.counts();
+        assert_eq!((c.shadowed, c.shadow_failed), (1, 1));
+        let trial = p.trials().next().unwrap();
+        assert_eq!(trial.state(), TrialState::Ramping { step: 0 });
+        assert_eq!(trial.fraction(), 0.25);
+        // Under the manual policy nothing is moved, shadow trials included.
+        let (p, moves) = run(Policy::Manual);
+        assert!(moves.is_empty());
+        assert_eq!(p.trials().count(), 0);
+    }
+
+    /// KPIs reach the right trial: the local baseline from connections served here, the
+    /// peer's side only for connections shadowed to it; the trial ramps up on comparable
+    /// latency and backs off on worse.
+    #[test]
+    fn kpis_judge_the_trial_of_the_peer_that_served_the_connection() {
+        let mut config = PredictConfig::default();
+        config.shadow.steps = [1.0; 4];
+        config.shadow.min_samples = 5;
+        let mut p = NodePredictor::new(
+            config,
+            NodeSettings {
+                shadow: true,
+                capacity: 1000.0,
+                ..settings(Policy::Predictive)
+            },
+        );
+        let peers = [peer(0)];
+        let mut conns = Vec::new();
+        let mut shadowed = Vec::new();
+        let mut t = 1000i64;
+        let sample = |p: &mut NodePredictor, conns: &[ConnSample], t: i64| {
+            p.handle_sample(
+                Instant::from_millis(t),
+                &Observation {
+                    node: NodeReport::default(),
+                    conns,
+                    peers: &peers,
+                },
+            );
+            p.take_shadow_moves()
+        };
+        // Every new connection goes to the peer at a 100 % step.
+        for id in 1..=12 {
+            conns.push(conn(id, 0, t));
+            t += 100;
+            for (c, _) in sample(&mut p, &conns, t) {
+                p.record_shadow(c, &Outcome::Moved);
+                let moved = conns.iter_mut().find(|x| x.report.conn == c).unwrap();
+                moved.here = false;
+                moved.movable = false;
+                shadowed.push(c);
+            }
+        }
+        assert_eq!(shadowed.len(), 12);
+        // Not shadowed there, or another peer: not taken.
+        assert!(!p.record_kpi(99, Some(NodeId(1)), 1.0, false));
+        assert!(!p.record_kpi(1, Some(NodeId(2)), 1.0, false));
+        // Comparable latency on both sides: the step passes.
+        for (k, c) in shadowed.iter().take(6).enumerate() {
+            assert!(p.record_kpi(*c, Some(NodeId(1)), 10.0 + k as f64, false));
+            assert!(p.record_kpi(1000 + k as u64, None, 10.5 + k as f64, false));
+        }
+        t += 100;
+        sample(&mut p, &conns, t);
+        let events = p.take_trial_events();
+        assert!(
+            matches!(events[..], [(NodeId(1), TrialEvent::Ramped { .. })]),
+            "{events:?}"
+        );
+        // The peer much slower: the next step fails and the trial backs off.
+        for (k, c) in shadowed.iter().skip(6).enumerate() {
+            assert!(p.record_kpi(*c, Some(NodeId(1)), 100.0 + k as f64, false));
+            assert!(p.record_kpi(2000 + k as u64, None, 10.0 + k as f64, false));
+        }
+        t += 100;
+        sample(&mut p, &conns, t);
+        let events = p.take_trial_events();
+        assert!(
+            matches!(events[..], [(NodeId(1), TrialEvent::Failed(_))]),
+            "{events:?}"
+        );
+        assert!(matches!(
+            p.trials().next().unwrap().state(),
+            TrialState::BackingOff { .. }
+        ));
+        // Backing off: the local baseline goes nowhere.
+        assert!(!p.record_kpi(3000, None, 1.0, false));
+    }
+
+    #[test]
+    fn connections_change_class_with_their_bandwidth() {
+        let mut p = NodePredictor::new(PredictConfig::default(), settings(Policy::Manual));
+        let mut conns = vec![conn(1, 0, 0)];
+        let mut changes = Vec::new();
+        for t in 1..=40i64 {
+            // 50 B per 100 ms (500 B/s, micro), then 50 kB (500 kB/s, medium).
+            conns[0].report.counters.bytes_out += if t <= 20 { 50 } else { 50_000 };
+            let obs = Observation {
+                node: NodeReport::default(),
+                conns: &conns,
+                peers: &[],
+            };
+            p.handle_sample(Instant::from_millis(t * 100), &obs);
+            if t == 20 {
+                assert_eq!(p.class(1), Some(Class::Micro));
+                assert_eq!(p.class_counts(), [1, 0, 0, 0]);
+            }
+            changes.extend(p.take_class_changes());
+        }
+        assert_eq!(p.class(1), Some(Class::Medium));
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(
+            (changes[0].from, changes[0].to),
+            (Class::Micro, Class::Medium)
+        );
+        // Gone: no class.
+        let obs = Observation {
+            node: NodeReport::default(),
+            conns: &[],
+            peers: &[],
+        };
+        p.handle_sample(Instant::from_millis(4_100), &obs);
+        assert_eq!(p.class(1), None);
     }
 
     #[test]

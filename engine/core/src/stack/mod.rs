@@ -823,6 +823,7 @@ impl Stack {
         match &mut flow.mode {
             FlowMode::Local => {
                 flow.socket.unpark(&mut self.sockets);
+                flow.packets_in += 1;
                 if !flow.dirty {
                     flow.dirty = true;
                     self.dirty.push(slot);
@@ -1535,6 +1536,7 @@ impl Stack {
                 && let Some(slot) = self.flows.lookup(&out.key)
                 && let Some(flow) = self.flows.get_mut(slot)
             {
+                flow.packets_out += 1;
                 if out.flags.syn || seq_gt(out.seq_end(), flow.snd_nxt) {
                     flow.snd_nxt = out.seq_end();
                 }
@@ -1816,6 +1818,8 @@ impl Stack {
                         counters: ConnCounters {
                             bytes_in: f.bytes_in,
                             bytes_out: f.bytes_out(),
+                            packets_in: f.packets_in,
+                            packets_out: f.packets_out,
                             ..ConnCounters::default()
                         },
                         opened_at: f.created,
@@ -1830,6 +1834,9 @@ impl Stack {
                         && movable_state
                         && f.ingress.is_none(),
                     buffered: socket.map_or(0, |s| (s.send_queue() + s.recv_queue()) as u64),
+                    ingress: f
+                        .ingress
+                        .map(|r| (crate::predict::NodeId(r.peer.0), r.flow)),
                 }
             })
             .collect()
