@@ -95,6 +95,10 @@ struct Idle {
     conns: usize,
     /// Bytes each connection echoed (each way) before going idle.
     payload: usize,
+    /// Seconds the node took to see every connection closed after the clients closed them
+    /// (flowshift only; the next measurement waits for it).
+    #[serde(default)]
+    close_s: Option<f64>,
 }
 
 /// Which server a measurement went to.
@@ -243,7 +247,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             &tb,
             SERVICE_ADDR,
             args.idle,
-            Some(pid),
+            Some(&node),
             payload,
         )?);
         progress.done(
@@ -373,9 +377,10 @@ fn idle_memory(
     tb: &Testbed,
     target: Ipv4Addr,
     idle: usize,
-    pid: Option<u32>,
+    node: Option<&flowshift_testbed::NodeHandle>,
     payload: usize,
 ) -> anyhow::Result<Idle> {
+    let pid = node.map(|n| n.pid());
     // Let TIME-WAIT and closing sockets settle before measuring memory.
     std::thread::sleep(Duration::from_secs(1));
     let before = match pid {
@@ -444,15 +449,37 @@ fn idle_memory(
         let status = c.wait()?;
         anyhow::ensure!(status.success(), "an idle client exited with {status}");
     }
+    // The node's side of the closes: wait until it holds no connection, so the next
+    // measurement starts from an empty node (bounded: a liveness limit, not a figure).
+    let t_close = std::time::Instant::now();
+    let close_s = match node {
+        Some(n) => loop {
+            let open = n
+                .ctl_json(&["status"])
+                .ok()
+                .and_then(|s| s["connections"].as_u64());
+            if open == Some(0) {
+                break Some(t_close.elapsed().as_secs_f64());
+            }
+            anyhow::ensure!(
+                t_close.elapsed() < Duration::from_secs(900),
+                "the node still holds {open:?} connections 15 minutes after the clients closed them"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        },
+        None => None,
+    };
     let grown = after.saturating_sub(before) as f64;
     let i = Idle {
         conns: idle,
         bytes_per_conn: if pid.is_some() { grown } else { grown / 2.0 } / idle.max(1) as f64,
         payload,
+        close_s,
     };
     eprintln!(
-        "  {target}: {:.1} KiB per idle connection ({idle} open in {open_s:.0} s by {clients} clients, {payload} bytes echoed each)",
-        i.bytes_per_conn / 1024.0
+        "  {target}: {:.1} KiB per idle connection ({idle} open in {open_s:.0} s by {clients} clients, {payload} bytes echoed each{})",
+        i.bytes_per_conn / 1024.0,
+        close_s.map_or(String::new(), |c| format!("; all closed at the node {c:.1} s after the clients closed them"))
     );
     Ok(i)
 }
@@ -787,11 +814,13 @@ mod tests {
                     bytes_per_conn: 4096.0,
                     conns: 100,
                     payload: 1,
+                    close_s: None,
                 },
                 Idle {
                     bytes_per_conn: 8192.0,
                     conns: 100,
                     payload: 65536,
+                    close_s: None,
                 },
             ],
             flowshift_idle: vec![
@@ -799,11 +828,13 @@ mod tests {
                     bytes_per_conn: 2048.0,
                     conns: 100,
                     payload: 1,
+                    close_s: None,
                 },
                 Idle {
                     bytes_per_conn: 140_000.0,
                     conns: 100,
                     payload: 65536,
+                    close_s: None,
                 },
             ],
         };
