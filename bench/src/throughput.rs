@@ -479,7 +479,9 @@ fn idle_memory(
     eprintln!(
         "  {target}: {:.1} KiB per idle connection ({idle} open in {open_s:.0} s by {clients} clients, {payload} bytes echoed each{})",
         i.bytes_per_conn / 1024.0,
-        close_s.map_or(String::new(), |c| format!("; all closed at the node {c:.1} s after the clients closed them"))
+        close_s.map_or(String::new(), |c| format!(
+            "; all closed at the node {c:.1} s after the clients closed them"
+        ))
     );
     Ok(i)
 }

@@ -377,6 +377,27 @@ pub fn render(
         "Idle connections re-homed into fresh sockets to give their memory back",
         stats.compacted,
     );
+    let (map_failures, unmap_failures) = crate::alloc::failures();
+    counter(
+        &mut r,
+        "allocator_map_failures",
+        "Large blocks the kernel refused to map (vm.max_map_count too low?)",
+        map_failures,
+    );
+    counter(
+        &mut r,
+        "allocator_unmap_failures",
+        "Large blocks the kernel refused to unmap (vm.max_map_count too low?)",
+        unmap_failures,
+    );
+    if let Some(n) = crate::alloc::mappings() {
+        gauge(
+            &mut r,
+            "process_mappings",
+            "Memory mappings of the node (the kernel's limit is vm.max_map_count)",
+            n,
+        );
+    }
     counter(
         &mut r,
         "connections_parked",

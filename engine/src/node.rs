@@ -1594,6 +1594,26 @@ fn open_tun(config: &Config) -> Result<Vec<SyncDevice>, NodeError> {
     Ok(queues)
 }
 
+/// Socket buffers are mappings of their own ([`crate::alloc`]): warns when the kernel's limit
+/// of mappings per process is below three per connection the node may hold.
+fn warn_if_few_mappings(max_connections: usize) {
+    let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    let want = 3 * max_connections as u64 + 1_000;
+    if limit < want {
+        tracing::warn!(
+            max_map_count = limit,
+            max_connections,
+            suggested = want,
+            "vm.max_map_count is below three mappings per connection: near max_connections, after churn, the kernel may refuse to map a socket buffer and the node stops (sysctl -w vm.max_map_count={want})"
+        );
+    }
+}
+
 /// Returns the allocator's free memory to the kernel (glibc's `malloc_trim`).
 fn release_free_memory() {
     #[cfg(target_env = "gnu")]
@@ -1631,6 +1651,7 @@ pub fn os_random_seed() -> io::Result<[u8; 32]> {
 /// binary's allocator gives them ([`crate::alloc::NodeAlloc`]): idle connections then cost
 /// only the pages they touched.
 pub fn run(config: Config) -> Result<(), NodeError> {
+    warn_if_few_mappings(config.limits.max_connections);
     let started = StdInstant::now();
     let clock = Clock(started);
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])

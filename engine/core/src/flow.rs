@@ -223,7 +223,14 @@ impl SendMirror {
                 self.buf.extend_from_slice(data);
                 return;
             }
-            self.buf.resize(cap, 0);
+            if self.buf.is_empty() {
+                // A fresh zeroed block (emptied after a compaction, now written at an
+                // offset): its pages stay untouched until written, where `resize` would
+                // write zeroes over all of them.
+                self.buf = vec![0; cap];
+            } else {
+                self.buf.resize(cap, 0);
+            }
         }
         let mut at = (start % cap as u64) as usize;
         while !data.is_empty() {
@@ -300,10 +307,13 @@ impl RateSample {
 /// that is idle with nothing in flight is parked (see `Stack`'s sweep) and comes back into
 /// the set the moment anything touches it: a packet, the app, a timer of ours, a move.
 pub enum SocketPlace {
-    /// In the set (while the flow is [`FlowMode::Local`]; stale in the other modes).
+    /// In the set (while the flow is [`FlowMode::Local`]).
     InSet(SocketHandle),
     /// Out of the set: no packet reaches it and no timer of its runs until it is put back.
     Parked(Box<smoltcp::socket::tcp::Socket<'static>>),
+    /// Taken (the flow is frozen, moved or gone). Never a handle into the set: a handle left
+    /// behind would name whichever connection's socket took its slot next.
+    Gone,
 }
 
 impl SocketPlace {
@@ -316,15 +326,17 @@ impl SocketPlace {
         match self {
             Self::InSet(h) => set.get(*h),
             Self::Parked(s) => s,
+            Self::Gone => panic!("the socket of a flow that has none (frozen, moved or closed)"),
         }
     }
 
     /// The socket's handle in `set`, putting it back there first if it is parked: it is
     /// polled again from now on.
     pub fn unpark(&mut self, set: &mut SocketSet<'static>) -> SocketHandle {
-        let h = match std::mem::replace(self, Self::InSet(SocketHandle::default())) {
+        let h = match std::mem::replace(self, Self::Gone) {
             Self::InSet(h) => h,
             Self::Parked(s) => set.add(*s),
+            Self::Gone => panic!("the socket of a flow that has none (frozen, moved or closed)"),
         };
         *self = Self::InSet(h);
         h
@@ -347,14 +359,19 @@ impl SocketPlace {
         }
     }
 
-    /// Takes the socket out, wherever it is; the place is stale afterwards.
-    pub fn take(&mut self, set: &mut SocketSet<'static>) -> smoltcp::socket::tcp::Socket<'static> {
-        match std::mem::replace(self, Self::InSet(SocketHandle::default())) {
+    /// Takes the socket out, wherever it is, leaving [`Gone`](Self::Gone); `None` if it was
+    /// gone already.
+    pub fn take(
+        &mut self,
+        set: &mut SocketSet<'static>,
+    ) -> Option<smoltcp::socket::tcp::Socket<'static>> {
+        match std::mem::replace(self, Self::Gone) {
             Self::InSet(h) => {
                 let smoltcp::socket::Socket::Tcp(s) = set.remove(h);
-                s
+                Some(s)
             }
-            Self::Parked(s) => *s,
+            Self::Parked(s) => Some(*s),
+            Self::Gone => None,
         }
     }
 

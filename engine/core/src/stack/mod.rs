@@ -816,7 +816,7 @@ impl Stack {
             return;
         };
         flow.record.client_window = inbound.window;
-        flow.last_rx = now;
+        let last_rx = std::mem::replace(&mut flow.last_rx, now);
         if inbound.tsval.is_some() {
             flow.record.client_tsval = inbound.tsval;
         }
@@ -836,6 +836,10 @@ impl Stack {
                     || flow.xlate.inbound(packet, ceiling).is_ok()
                 {
                     self.ingress(now, packet);
+                } else {
+                    // Not for the socket: it does not count as hearing from the client (the
+                    // keepalive deadlines run from what the socket heard).
+                    flow.last_rx = last_rx;
                 }
             }
             FlowMode::Frozen {
@@ -1853,7 +1857,14 @@ impl Stack {
                 mode: flow.mode.as_str(),
             });
         }
-        let socket = Box::new(flow.socket.take(&mut self.sockets));
+        let socket = Box::new(
+            flow.socket
+                .take(&mut self.sockets)
+                .ok_or(FlowError::WrongMode {
+                    id,
+                    mode: "without a socket",
+                })?,
+        );
         flow.mode = FlowMode::Frozen {
             socket,
             queue: VecDeque::new(),
