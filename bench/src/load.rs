@@ -186,66 +186,22 @@ fn reset_on_close(s: &TcpStream) {
 /// stream (at least one) and reading them back checked, so it is fully established and has
 /// moved data both ways, and returns them, idle.
 pub(crate) fn open_idle(addr: SocketAddr, n: usize, payload: usize) -> io::Result<Vec<TcpStream>> {
-    open_idle_from(addr, n, payload, &[])
+    open_idle_from(addr, n, payload, None)
 }
 
-/// Connections one source address opens at most (the ephemeral port range is 28,232 wide).
-pub(crate) const CONNS_PER_SOURCE: usize = 25_000;
-
-/// As [`open_idle`], from each of `sources` in a thread of its own (an equal share each, at
-/// most [`CONNS_PER_SOURCE`]); with no `sources`, from one thread and the route's address.
+/// As [`open_idle`], from `source` if given (a connection at a time: the throughput
+/// benchmark runs several `idle-client` processes, a source address each, for more).
 pub(crate) fn open_idle_from(
     addr: SocketAddr,
     n: usize,
     payload: usize,
-    sources: &[Ipv4Addr],
-) -> io::Result<Vec<TcpStream>> {
-    if sources.is_empty() {
-        return open_idle_one(addr, n, payload, None, 0);
-    }
-    if n > sources.len() * CONNS_PER_SOURCE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{n} connections need {} source addresses, {} given",
-                n.div_ceil(CONNS_PER_SOURCE),
-                sources.len()
-            ),
-        ));
-    }
-    let share = n.div_ceil(sources.len());
-    std::thread::scope(|s| {
-        let handles: Vec<_> = sources
-            .iter()
-            .enumerate()
-            .map(|(i, &src)| {
-                let count = share.min(n.saturating_sub(i * share));
-                s.spawn(move || open_idle_one(addr, count, payload, Some(src), i * share))
-            })
-            .collect();
-        let mut all = Vec::with_capacity(n);
-        for h in handles {
-            all.extend(
-                h.join()
-                    .map_err(|_| io::Error::other("opener thread panicked"))??,
-            );
-        }
-        Ok(all)
-    })
-}
-
-fn open_idle_one(
-    addr: SocketAddr,
-    n: usize,
-    payload: usize,
     source: Option<Ipv4Addr>,
-    first: usize,
 ) -> io::Result<Vec<TcpStream>> {
     let mut conns = Vec::with_capacity(n);
     let mut data = vec![0u8; payload.max(1)];
     counting_fill(0, &mut data);
     let mut back = vec![0u8; data.len()];
-    for i in first..first + n {
+    for i in 0..n {
         let fail = |e: io::Error| io::Error::new(e.kind(), format!("connection {i}: {e}"));
         let mut s = match source {
             None => TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(fail)?,

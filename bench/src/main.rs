@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
             payload,
             source,
         } => {
-            let conns = match load::open_idle_from(addr, n, payload, &[source]) {
+            let conns = match load::open_idle_from(addr, n, payload, Some(source)) {
                 Ok(c) => c,
                 Err(e) => {
                     println!("error {e}");

@@ -44,6 +44,23 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// Reads the counting stream from `out` on a thread; returns the verified byte count.
+/// Waits for a curl download to end: curl succeeded (no reset), and the counting stream it
+/// printed was `bytes` long, every byte checked by `reader`.
+fn finish_download(
+    mut child: std::process::Child,
+    reader: std::thread::JoinHandle<u64>,
+    bytes: u64,
+) {
+    let total = reader.join().unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).ok();
+    }
+    assert!(status.success(), "curl failed (a reset?): {status} {err}");
+    assert_eq!(total, bytes, "byte-exact download");
+}
+
 fn verify_counting(mut out: impl Read + Send + 'static) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut v = CountingVerifier::new();
@@ -144,15 +161,8 @@ fn ramp(tb: &Testbed, a: &NodeHandle) -> (u64, u64) {
         );
     }
 
-    for (mut child, reader) in downloads {
-        let total = reader.join().unwrap();
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            e.read_to_string(&mut err).ok();
-        }
-        assert!(status.success(), "curl failed (a reset?): {status} {err}");
-        assert_eq!(total, BYTES, "byte-exact download");
+    for (child, reader) in downloads {
+        finish_download(child, reader, BYTES);
     }
 
     (executed_before_peak, at_peak)
@@ -298,15 +308,8 @@ fn offloaded_connections_hold_leases_and_go_back_when_their_primary_has_room() {
     let offloaded = plan_a["leases"]["offloaded"].as_array().unwrap();
     assert!(offloaded.iter().any(|o| o["holder"] == "b"), "{plan_a:#}");
 
-    for (mut child, reader, bytes) in downloads {
-        let total = reader.join().unwrap();
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            e.read_to_string(&mut err).ok();
-        }
-        assert!(status.success(), "curl failed (a reset?): {status} {err}");
-        assert_eq!(total, bytes, "byte-exact download");
+    for (child, reader, bytes) in downloads {
+        finish_download(child, reader, bytes);
     }
 
     let plan_b = b.ctl_json(&["plan"]).unwrap();
@@ -418,15 +421,8 @@ fn shadow_trial_moves_a_fraction_of_new_connections_to_the_untrusted_peer_byte_e
         "no connection shown as shadowing:\n{}",
         a.log()
     );
-    for (mut child, reader) in downloads {
-        let total = reader.join().unwrap();
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            e.read_to_string(&mut err).ok();
-        }
-        assert!(status.success(), "curl failed (a reset?): {status} {err}");
-        assert_eq!(total, SHADOW_BYTES, "byte-exact download");
+    for (child, reader) in downloads {
+        finish_download(child, reader, SHADOW_BYTES);
     }
     let plan = a.ctl_json(&["plan"]).unwrap();
     let log = || format!("{plan:#}\n--- a's log:\n{}", a.log());
