@@ -52,6 +52,11 @@ const READ_BATCH: usize = 256;
 const MAX_RESTORED_BUFFER: usize = 16 << 20;
 /// Largest TCP segment handed to the kernel for segmentation (TSO), IP header included.
 const TSO_MAX: usize = 65_000;
+/// How long a control request waits for each worker's answer. A worker answers within one
+/// turn of its loop; only a stuck worker takes this long.
+const WORKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Answers slower than this are logged.
+const SLOW_WORKER_ANSWER: Duration = Duration::from_millis(500);
 
 /// Errors that stop a node from starting.
 #[derive(Debug, thiserror::Error)]
@@ -674,44 +679,79 @@ struct Node {
 }
 
 impl Node {
-    fn ask<T>(&self, make: impl Fn(Sender<T>) -> WorkerMsg) -> Vec<T> {
-        let mut replies = Vec::new();
-        let mut receivers = Vec::new();
-        for w in &self.workers {
+    /// Asks every worker and waits for each answer (at most [`WORKER_ANSWER_TIMEOUT`]). A
+    /// worker that does not answer in time is an error naming it — never an answer that
+    /// silently leaves its connections out. Slow answers are logged.
+    fn ask_all<T>(
+        &self,
+        what: &'static str,
+        make: impl Fn(Sender<T>) -> WorkerMsg,
+    ) -> Result<Vec<T>, String> {
+        let asked = StdInstant::now();
+        let mut receivers = Vec::with_capacity(self.workers.len());
+        for (i, w) in self.workers.iter().enumerate() {
             let (tx, rx) = bounded(1);
-            if w.send(make(tx)) {
-                receivers.push(rx);
+            receivers.push((i, w.send(make(tx)).then_some(rx)));
+        }
+        let mut replies = Vec::with_capacity(receivers.len());
+        let mut silent = Vec::new();
+        for (i, rx) in receivers {
+            let left = WORKER_ANSWER_TIMEOUT.saturating_sub(asked.elapsed());
+            match rx.map(|rx| rx.recv_timeout(left)) {
+                Some(Ok(v)) => replies.push(v),
+                Some(Err(_)) | None => silent.push(i),
             }
         }
-        for rx in receivers {
-            if let Ok(v) = rx.recv_timeout(Duration::from_secs(5)) {
-                replies.push(v);
-            }
+        let waited = asked.elapsed();
+        if !silent.is_empty() {
+            tracing::warn!(
+                request = what,
+                workers = ?silent,
+                waited_ms = waited.as_millis() as u64,
+                "worker(s) did not answer a control request"
+            );
+            return Err(format!(
+                "{what}: worker(s) {silent:?} did not answer within {} s",
+                WORKER_ANSWER_TIMEOUT.as_secs()
+            ));
         }
-        replies
+        if waited > SLOW_WORKER_ANSWER {
+            tracing::warn!(
+                request = what,
+                waited_ms = waited.as_millis() as u64,
+                "workers were slow to answer a control request"
+            );
+        }
+        Ok(replies)
+    }
+
+    /// [`ask_all`](Self::ask_all) for figures where a missing worker only lowers a sum (it
+    /// is logged there).
+    fn ask<T>(&self, what: &'static str, make: impl Fn(Sender<T>) -> WorkerMsg) -> Vec<T> {
+        self.ask_all(what, make).unwrap_or_default()
     }
 
     fn stats(&self) -> StackStats {
         let mut total = StackStats::default();
-        for s in self.ask(WorkerMsg::Stats) {
+        for s in self.ask("stats", WorkerMsg::Stats) {
             total.add(&s);
         }
         total
     }
 
-    fn conns(&self, time_wait: bool) -> Vec<ConnInfo> {
+    fn conns(&self, time_wait: bool) -> Result<Vec<ConnInfo>, String> {
         let mut all: Vec<ConnInfo> = self
-            .ask(|tx| WorkerMsg::Conns(tx, time_wait))
+            .ask_all("connections", |tx| WorkerMsg::Conns(tx, time_wait))?
             .into_iter()
             .flatten()
             .collect();
         all.sort_by_key(|c| c.id);
-        all
+        Ok(all)
     }
 
     /// `ctl conns`: every connection, with the names of the nodes it lives on and where its
     /// packets enter.
-    fn conn_rows(&self, time_wait: bool) -> Vec<serde_json::Value> {
+    fn conn_rows(&self, time_wait: bool) -> Result<Vec<serde_json::Value>, String> {
         let names: Vec<(u32, String)> = self
             .ask_tunnel(tunnel::Command::Peers)
             .map(|peers| peers.into_iter().map(|p| (p.id, p.name)).collect())
@@ -725,10 +765,10 @@ impl Node {
             })
         };
         let me = &self.config.node.name;
-        let conns = self.conns(time_wait);
+        let conns = self.conns(time_wait)?;
         let now = self.clock.now();
         let predictor = self.predict.lock();
-        conns
+        Ok(conns
             .into_iter()
             .map(|c| {
                 let lives_on = name(&c.owner).unwrap_or_else(|| me.clone());
@@ -753,7 +793,7 @@ impl Node {
                 };
                 v
             })
-            .collect()
+            .collect())
     }
 
     fn gauges(&self) -> NodeGauges {
@@ -884,7 +924,7 @@ impl Node {
     /// One sample: the workers' connections and busy time, the peers' load reports; the
     /// plan, if one is made, is logged and executed.
     fn predict_turn(&self, now: Instant, d: &mut PredictDriver) {
-        let samples = self.ask(WorkerMsg::Sample);
+        let samples = self.ask("predictor sample", WorkerMsg::Sample);
         let workers = samples.len();
         let busy = smoltcp::time::Duration::from_micros(
             samples.iter().map(|s| s.busy.total_micros()).sum(),
@@ -1271,7 +1311,7 @@ impl Node {
         if self.tunnel.is_none() {
             return Err("this node has no [tunnel]".into());
         }
-        let conns = self.conns(false);
+        let conns = self.conns(false)?;
         let local = |c: &&ConnInfo| c.mode == "local" && MOVABLE.contains(&c.state.as_str());
         let mut gone = Vec::new();
         let ids: Vec<u64> = match selection {
@@ -1310,7 +1350,7 @@ impl Node {
             .collect();
         let mut offers = Vec::new();
         for (id, r) in self
-            .ask(|tx| WorkerMsg::Offers(ids.clone(), tx))
+            .ask_all("migration offers", |tx| WorkerMsg::Offers(ids.clone(), tx))?
             .into_iter()
             .flatten()
         {
@@ -1411,7 +1451,7 @@ impl Node {
             }
         }
         let left: Vec<ConnInfo> = self
-            .conns(false)
+            .conns(false)?
             .into_iter()
             .filter(|c| c.mode != "moved" && !matches!(c.state.as_str(), "TIME-WAIT" | "CLOSED"))
             .collect();
@@ -1511,10 +1551,16 @@ impl Handler for Node {
             }
             Request::Plan => Reply::ok(self.predict.plan_json(self.clock.now())),
             Request::Status => Reply::ok(self.status()),
-            Request::Conns { all } => Reply::ok(serde_json::Value::Array(self.conn_rows(all))),
+            Request::Conns { all } => match self.conn_rows(all) {
+                Ok(rows) => Reply::ok(serde_json::Value::Array(rows)),
+                Err(e) => Reply::error(e),
+            },
             Request::Metrics => Reply::ok(serde_json::Value::String(self.metrics())),
             Request::Freeze { id } => {
-                let results = self.ask(|tx| WorkerMsg::Freeze(id, tx));
+                let results = match self.ask_all("freeze", |tx| WorkerMsg::Freeze(id, tx)) {
+                    Ok(r) => r,
+                    Err(e) => return Reply::error(e),
+                };
                 match results
                     .iter()
                     .find(|r| !matches!(r, Err(FlowError::NoSuchFlow(_))))
@@ -1528,7 +1574,10 @@ impl Handler for Node {
                 }
             }
             Request::Thaw { id } => {
-                let results = self.ask(|tx| WorkerMsg::Thaw(id, tx));
+                let results = match self.ask_all("thaw", |tx| WorkerMsg::Thaw(id, tx)) {
+                    Ok(r) => r,
+                    Err(e) => return Reply::error(e),
+                };
                 match results
                     .iter()
                     .find(|r| !matches!(r, Err(FlowError::NoSuchFlow(_))))

@@ -169,7 +169,9 @@ fn slow_restore_after_source_timeout_is_discarded_without_commit() {
 #[test]
 fn slow_capture_lets_reservations_expire() {
     let mut k = Knobs::new(13);
-    k.capture_delay = Duration::from_secs(6); // beyond the 5 s transfer timeout
+    // Beyond the 5 s transfer timeout plus 1 s per MiB the 20 flows may bring (2 × 256 KiB
+    // of buffers each: 10 MiB).
+    k.capture_delay = Duration::from_secs(16);
     let s = run(k);
     assert_eq!((s.moved, s.thawed), (0, 20));
     assert_eq!(reason(&s, "thawed: reservation expired"), 20);

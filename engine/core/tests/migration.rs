@@ -784,8 +784,11 @@ fn a_flow_in_fin_wait_1_moves() {
 #[test]
 fn a_flow_in_close_wait_moves() {
     // The client sent everything and its FIN; echo has more to return than the client's
-    // window takes, so the node is in CLOSE-WAIT with bytes to send.
-    let data = counting(9, 160_000);
+    // window (64 KiB), the node's send buffer and echo's own buffer take, so the node is in
+    // CLOSE-WAIT with bytes to send (the rest waits in its receive buffer).
+    let tcp = flowshift_core::config::TcpConfig::default();
+    let held = 65_535 + tcp.tx_buffer + flowshift_core::app::MAX_APP_BUFFER;
+    let data = counting(9, held + tcp.rx_buffer / 2);
     move_in_state(7, &data, true, "CLOSE-WAIT", &data);
 }
 

@@ -230,8 +230,9 @@ fn handshake_is_recorded() {
     let syn = c.handshake.client_syn.expect("client SYN recorded");
     assert_eq!(syn.mss, Some(1460));
     let synack = c.handshake.our_syn_ack.expect("our SYN-ACK recorded");
-    // 64 KiB receive buffer: smoltcp advertises window scale bitlen(65536) - 16 = 1.
-    assert_eq!(synack.window_scale, Some(1));
+    // 256 KiB receive buffer (the default): smoltcp advertises window scale
+    // bitlen(262144) - 16 = 3.
+    assert_eq!(synack.window_scale, Some(3));
     assert_ne!(synack.isn, 0);
 }
 

@@ -51,8 +51,9 @@
 //! * source, `accept_timeout` (2 s) from the Offer: no Accept → Abort, every flow Refused.
 //! * source, `commit_timeout` (3 s, plus `commit_timeout_per_mib`, 1 s per MiB of Transfer
 //!   messages) from the Transfers: flows without a Commit result → Abort, those flows Thaw.
-//! * target, `transfer_timeout` (5 s) from the Accept: accepted flows without a snapshot →
-//!   Release.
+//! * target, `transfer_timeout` (5 s, plus `commit_timeout_per_mib` per MiB of the buffer
+//!   capacities offered for the flows still reserved, at most 60 s more) from the Accept and
+//!   again from each Transfer: accepted flows without a snapshot → Release.
 //! * both, `linger` (60 s): a finished migration is kept to answer late duplicates, then
 //!   forgotten.
 //!
@@ -131,7 +132,8 @@ pub struct Config {
     pub commit_timeout: Duration,
     /// …plus this much per MiB of Transfer messages (a large batch over a lossy tunnel).
     pub commit_timeout_per_mib: Duration,
-    /// Target: how long an accepted flow stays reserved without its snapshot.
+    /// Target: how long an accepted flow stays reserved without its snapshot, counted from
+    /// the Accept and again from each Transfer of the migration.
     pub transfer_timeout: Duration,
     /// Both: how long a finished migration is remembered to answer late duplicates.
     pub linger: Duration,

@@ -3,6 +3,7 @@
 use core::fmt;
 use core::hash::Hash;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
 
 use tracing::{debug, warn};
 
@@ -68,7 +69,8 @@ struct Migration {
     aborted: Option<AbortReason>,
     /// Accepted flows, by source flow id.
     flows: BTreeMap<u64, Flow>,
-    /// While flows are reserved: when they expire.
+    /// While flows are reserved: when they expire (`transfer_timeout` after the Accept or the
+    /// latest Transfer).
     transfer_deadline: Option<Instant>,
 }
 
@@ -315,9 +317,7 @@ impl<P: Copy + Eq + Hash + fmt::Debug> Target<P> {
         }
         debug!(%migration, ?peer, accepted = m.flows.len(), offered = m.offers.len(), "accept sent");
         m.phase = Phase::Active;
-        if !m.flows.is_empty() {
-            m.transfer_deadline = Some(now + self.config.transfer_timeout);
-        }
+        m.transfer_deadline = reservation_deadline(&self.config, now, m);
         m.verdicts = Some(out.clone());
         self.transmit.push_back((
             peer,
@@ -649,9 +649,10 @@ impl<P: Copy + Eq + Hash + fmt::Debug> Target<P> {
                 }),
             ));
         }
-        if !m.flows.values().any(|f| *f == Flow::Reserved) {
-            m.transfer_deadline = None;
-        }
+        // Counted again from each Transfer: a batch of full send buffers spans several
+        // messages, and over a lossy tunnel they arrive over seconds. The source's commit
+        // deadline bounds the whole.
+        m.transfer_deadline = reservation_deadline(&self.config, now, m);
         check_done(&self.config, now, m);
     }
 
@@ -752,6 +753,29 @@ fn release_reserved(m: &mut Migration, reason: RefuseReason) -> Vec<u64> {
     }
     m.transfer_deadline = None;
     out
+}
+
+/// Most time a reservation waits beyond `transfer_timeout` for a large batch.
+const MAX_RESERVATION_EXTRA: Duration = Duration::from_secs(60);
+
+/// When the flows of `m` still reserved expire, counted from `now`: `transfer_timeout`,
+/// plus `commit_timeout_per_mib` for every MiB those flows may bring (their offered buffer
+/// capacities, the most their snapshots carry), as the source budgets its commit deadline;
+/// `None` when nothing is reserved.
+fn reservation_deadline(config: &Config, now: Instant, m: &Migration) -> Option<Instant> {
+    let mut any = false;
+    let mut bytes = 0u64;
+    for (flow, _) in m.flows.iter().filter(|(_, f)| **f == Flow::Reserved) {
+        any = true;
+        if let Some(o) = m.index.get(flow).and_then(|&i| m.offers.get(i)) {
+            bytes += u64::from(o.rx_capacity) + u64::from(o.tx_capacity);
+        }
+    }
+    let extra = config
+        .commit_timeout_per_mib
+        .mul_f64(bytes as f64 / f64::from(1u32 << 20))
+        .min(MAX_RESERVATION_EXTRA);
+    any.then(|| now + config.transfer_timeout + extra)
 }
 
 fn deadline(m: &Migration) -> Option<Instant> {

@@ -1009,8 +1009,14 @@ fn target_prefilters_offers() {
 fn reservations_expire() {
     let mut p = Pair::new();
     let id = p.up_to_capture(&[1, 2]);
-    assert_eq!(p.dst.poll_timeout(), Some(t(1) + Duration::from_secs(5)));
-    p.dst.handle_timeout(t(5001));
+    // 5 s, plus 1 s per MiB the reserved flows may bring (2 × 128 KiB of buffers).
+    assert_eq!(
+        p.dst.poll_timeout(),
+        Some(t(1) + Duration::from_millis(5_250))
+    );
+    p.dst.handle_timeout(t(5250));
+    assert!(p.dst_actions().is_empty(), "released before the deadline");
+    p.dst.handle_timeout(t(5251));
     assert_eq!(
         p.dst_actions(),
         vec![TargetAction::Release {
@@ -1038,6 +1044,43 @@ fn reservations_expire() {
         }
     );
     assert_eq!(finished(&actions).thawed, 2);
+}
+
+/// A batch of full send buffers spans several Transfers: each one restarts the
+/// reservations' clock, so a slow but progressing batch is not expired halfway.
+#[test]
+fn each_transfer_extends_the_reservations() {
+    let mut p = Pair::new();
+    let id = p.up_to_capture(&[1, 2]);
+    let first = Message::Transfer(Transfer {
+        migration: id,
+        snapshots: vec![(1, snap(1, 0))],
+        withdrawn: vec![],
+    });
+    p.deliver_to_dst(t(4000), vec![first]);
+    // Flow 2 alone is reserved now: 5 s plus its 128 KiB of buffers at 1 s per MiB.
+    assert_eq!(
+        p.dst.poll_timeout(),
+        Some(t(4000) + Duration::from_millis(5_125))
+    );
+    p.dst.handle_timeout(t(5300));
+    assert!(
+        !p.dst_actions()
+            .iter()
+            .any(|a| matches!(a, TargetAction::Release { .. })),
+        "released while the batch was still arriving"
+    );
+    // No further Transfer: flow 2's reservation ends after the last one.
+    p.dst.handle_timeout(t(9125));
+    assert_eq!(
+        p.dst_actions(),
+        vec![TargetAction::Release {
+            peer: SRC,
+            migration: id,
+            flows: vec![2],
+            reason: RefuseReason::Expired
+        }]
+    );
 }
 
 #[test]
