@@ -1,7 +1,7 @@
 //! The node's allocator: the system's for small blocks, a mapping of its own for every large
 //! one.
 //!
-//! A connection's big blocks — its socket buffers (64 KiB each by default) and its send
+//! A connection's big blocks — its socket buffers (256 KiB each by default) and its send
 //! mirror — are allocated zeroed and mostly left untouched while the connection idles
 //! (compaction, `flowshift_core::stack`, re-homes an idle connection into fresh ones). What
 //! an idle connection costs is the pages of those blocks that are resident, so they must

@@ -223,7 +223,25 @@ struct Worker {
     relay: Coalescer,
     /// Time spent working since the start: from each wake-up to the next wait.
     busy: smoltcp::time::Duration,
+    /// Captures waiting for their flows' send buffers to drain.
+    quiescing: Vec<Quiescing>,
 }
+
+/// A capture deferred while its flows' apps are held and their send buffers drain
+/// ([`Stack::quiesce`]): the snapshot then carries what the client has not acknowledged, not
+/// a full buffer, and the client reads what was buffered meanwhile.
+struct Quiescing {
+    migration: MigrationId,
+    to: PeerRef,
+    flows: Vec<u64>,
+    since: Instant,
+}
+
+/// A capture waits until each of its flows has at most this much queued to send (the tail a
+/// delayed ACK may still hold)…
+const QUIESCE_ENOUGH: usize = 16 * 1024;
+/// …or this long, whichever comes first (a client that stopped reading never drains).
+const QUIESCE_MAX: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(5);
 
 /// The receive buffer: one packet (with TUN offload, a virtio-net header and possibly a packet
 /// the kernel merged, up to 64 KiB) per read.
@@ -259,7 +277,15 @@ impl Worker {
             let timeout = if more_to_read {
                 Duration::ZERO
             } else {
-                Duration::from_micros(self.stack.poll_delay(now).total_micros())
+                let mut delay = self.stack.poll_delay(now);
+                if let Some(q) = self.quiescing.iter().map(|q| q.since + QUIESCE_MAX).min() {
+                    delay = delay.min(if q > now {
+                        q - now
+                    } else {
+                        smoltcp::time::Duration::ZERO
+                    });
+                }
+                Duration::from_micros(delay.total_micros())
             };
             let timeout = match shutdown {
                 Some(_) => timeout.min(Duration::from_millis(50)),
@@ -313,7 +339,7 @@ impl Worker {
                         migration,
                         to,
                         flows,
-                    } => self.capture(now, migration, to, flows),
+                    } => self.begin_capture(now, migration, to, flows),
                     WorkerMsg::Complete {
                         migration,
                         flow,
@@ -432,6 +458,9 @@ impl Worker {
             }
             self.stack.poll(now);
             self.flush();
+            if !self.quiescing.is_empty() {
+                self.capture_drained(self.clock.now(), shutdown.is_some());
+            }
             // Connections were compacted: hand the heap memory they freed back to the
             // kernel (freed chunks stay resident in the allocator's arenas otherwise).
             let compacted = self.stack.stats().compacted;
@@ -492,6 +521,62 @@ impl Worker {
     fn send_to_tunnel(&self, cmd: tunnel::Command) {
         if !self.tunnel.as_ref().is_some_and(|t| t.send(cmd)) {
             tracing::warn!(worker = self.index, "the tunnel thread is gone");
+        }
+    }
+
+    /// Starts capturing `flows` for `migration`: their apps are held so their send buffers
+    /// drain ([`Quiescing`]); flows with little queued are captured at once.
+    fn begin_capture(
+        &mut self,
+        now: Instant,
+        migration: MigrationId,
+        to: PeerRef,
+        flows: Vec<u64>,
+    ) {
+        let queued = flows
+            .iter()
+            .filter_map(|id| self.stack.quiesce(*id).ok())
+            .max()
+            .unwrap_or(0);
+        if queued <= QUIESCE_ENOUGH {
+            self.capture(now, migration, to, flows);
+        } else {
+            self.quiescing.push(Quiescing {
+                migration,
+                to,
+                flows,
+                since: now,
+            });
+        }
+    }
+
+    /// Captures the deferred migrations whose flows drained, or waited long enough (or
+    /// all of them, when the node shuts down).
+    fn capture_drained(&mut self, now: Instant, all: bool) {
+        let mut i = 0;
+        while i < self.quiescing.len() {
+            let q = &self.quiescing[i];
+            let left = q
+                .flows
+                .iter()
+                .filter_map(|id| self.stack.send_queued(*id))
+                .max()
+                .unwrap_or(0);
+            let expired = now >= q.since + QUIESCE_MAX;
+            if all || expired || left <= QUIESCE_ENOUGH {
+                let q = self.quiescing.swap_remove(i);
+                tracing::debug!(
+                    migration = %q.migration,
+                    flows = q.flows.len(),
+                    waited_us = (now - q.since).total_micros(),
+                    queued = left,
+                    expired,
+                    "send buffers drained for the capture"
+                );
+                self.capture(now, q.migration, q.to, q.flows);
+            } else {
+                i += 1;
+            }
         }
     }
 
@@ -1850,6 +1935,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             compacted_seen: 0,
             next_trim: StdInstant::now(),
             busy: smoltcp::time::Duration::ZERO,
+            quiescing: Vec::new(),
         };
         let core = cores.get(index % cores.len().max(1)).copied();
         let thread = std::thread::Builder::new()

@@ -442,6 +442,9 @@ pub struct Flow {
     pub close_sent: bool,
     /// Queued for app service in the current turn.
     pub dirty: bool,
+    /// Its app is not served: a move is about to freeze it and its send buffer drains
+    /// first ([`crate::stack::Stack::quiesce`]).
+    pub quiescing: bool,
     /// Counted in the stack's half-open connections (SYN-RECEIVED).
     pub half_open: bool,
     /// Holds one of the node's `max_connections` slots (every flow with a socket does).
@@ -493,6 +496,7 @@ impl Flow {
             fin_delivered: false,
             close_sent: false,
             dirty: false,
+            quiescing: false,
             half_open: false,
             counted: true,
             rates: RateSample::default(),

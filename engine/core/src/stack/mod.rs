@@ -1105,7 +1105,7 @@ impl Stack {
             return;
         };
         flow.dirty = false;
-        if !matches!(flow.mode, FlowMode::Local) {
+        if !matches!(flow.mode, FlowMode::Local) || flow.quiescing {
             return;
         }
         let socket = flow.socket.get_mut(&mut self.sockets);
@@ -1865,6 +1865,7 @@ impl Stack {
                     mode: "without a socket",
                 })?,
         );
+        flow.quiescing = false;
         flow.mode = FlowMode::Frozen {
             socket,
             queue: VecDeque::new(),
@@ -1874,6 +1875,50 @@ impl Stack {
             early_replies: Vec::new(),
         };
         Ok(())
+    }
+
+    /// Stops serving local flow `id`'s app ahead of a move, so that its socket's send buffer
+    /// drains before the freeze: the snapshot then carries only what the client has not
+    /// acknowledged yet, and the client reads what was buffered while the move begins,
+    /// instead of waiting for it at the target. Received bytes wait in the socket (they move
+    /// with it). Returns the bytes still queued to send (unsent and unacknowledged; see
+    /// [`send_queued`](Self::send_queued)). [`freeze`](Self::freeze) and
+    /// [`resume`](Self::resume) end it.
+    pub fn quiesce(&mut self, id: u64) -> Result<usize, FlowError> {
+        let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
+        let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
+        if !matches!(flow.mode, FlowMode::Local) {
+            return Err(FlowError::WrongMode {
+                id,
+                mode: flow.mode.as_str(),
+            });
+        }
+        flow.quiescing = true;
+        Ok(flow.socket.get(&self.sockets).send_queue())
+    }
+
+    /// Bytes local flow `id` still has queued to send, unacknowledged ones included; `None`
+    /// when it is gone or not local.
+    pub fn send_queued(&self, id: u64) -> Option<usize> {
+        let flow = self.flows.get(self.flows.find_id(id)?)?;
+        matches!(flow.mode, FlowMode::Local).then(|| flow.socket.get(&self.sockets).send_queue())
+    }
+
+    /// Serves flow `id`'s app again after [`quiesce`](Self::quiesce) (the move did not
+    /// happen). A flow that is gone or frozen is left as it is.
+    pub fn resume(&mut self, id: u64) {
+        let Some(slot) = self.flows.find_id(id) else {
+            return;
+        };
+        if let Some(flow) = self.flows.get_mut(slot)
+            && flow.quiescing
+        {
+            flow.quiescing = false;
+            if !flow.dirty {
+                flow.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
     }
 
     /// Thaws the frozen flow `id`: its socket rejoins the set and its queued packets are
