@@ -479,6 +479,10 @@ fn tsval_now() -> u32 {
     TSVAL_MS.with(Cell::get)
 }
 
+/// Bytes cleared at the front of every transmit buffer: the largest IPv4 and TCP headers
+/// (60 bytes each).
+const HEADER_CLEAR: usize = 120;
+
 /// Packets smoltcp emitted, in reusable buffers, each with `headroom` bytes free in front.
 #[derive(Debug, Default)]
 pub struct TxQueue {
@@ -497,8 +501,18 @@ impl TxQueue {
         }
         self.gso_sizes[self.len] = gso_size;
         let buf = &mut self.bufs[self.len];
-        buf.clear();
-        buf.resize(self.headroom + len, 0);
+        let need = self.headroom + len;
+        // Not zeroed whole (that was a 64 KiB memset per TSO packet): smoltcp writes every
+        // byte of what it emits — the headers, options padded with End-of-List, then exactly
+        // the payload. The header area is cleared all the same, so no byte of an earlier
+        // packet could reach the wire through a field smoltcp skipped.
+        if buf.len() < need {
+            buf.resize(need, 0);
+        } else {
+            buf.truncate(need);
+        }
+        let head = need.min(self.headroom + HEADER_CLEAR);
+        buf[..head].fill(0);
         self.len += 1;
         &mut buf[self.headroom..]
     }
