@@ -99,6 +99,13 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     raise_nofile_limit();
+    if matches!(
+        cli.command,
+        Command::Throughput(_) | Command::Tunnel(_) | Command::Repair(_) | Command::Migrate(_)
+    ) {
+        // Interrupted, a benchmark still removes its namespaces and stops its nodes.
+        flowshift_testbed::teardown_on_signals()?;
+    }
     match cli.command {
         Command::Throughput(args) => throughput::run(args),
         Command::Tunnel(args) => tunnel::run(args),

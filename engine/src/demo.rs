@@ -20,6 +20,8 @@ pub(crate) fn run(bytes: u64) -> anyhow::Result<()> {
     // SAFETY: set before any other thread exists.
     unsafe { std::env::set_var("FLOWSHIFT_BIN", std::env::current_exe()?) };
 
+    // Interrupted (Ctrl-C), the demo still removes its namespaces and stops its nodes.
+    flowshift_testbed::teardown_on_signals()?;
     println!("flowshift demo");
     println!("  building the testbed: client, router, node-a, node-b namespaces (198.18.0.0/15)");
     let tb = Testbed::new(TestbedOptions {

@@ -14,4 +14,7 @@ pub mod testbed;
 pub mod tunnel;
 
 pub use node::{NodeConfig, NodeHandle, flowshift_bin};
-pub use testbed::{Netns, Node, Testbed, TestbedError, TestbedOptions, ensure_tools, require_root};
+pub use testbed::{
+    Netns, Node, Testbed, TestbedError, TestbedOptions, ensure_tools, require_root, teardown_all,
+    teardown_on_signals,
+};

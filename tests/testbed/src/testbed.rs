@@ -37,6 +37,72 @@ const PREFIX: &str = "fst";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// What tearing down each live testbed of this process takes, for [`teardown_all`].
+static LIVE: Mutex<Vec<Teardown>> = Mutex::new(Vec::new());
+
+/// A testbed's processes, namespaces and directory.
+#[derive(Debug, Clone)]
+struct Teardown {
+    prefix: String,
+    namespaces: Vec<Netns>,
+    tracked: Tracked,
+    dir: PathBuf,
+}
+
+impl Teardown {
+    /// Stops what the testbed started (and anything else in its namespaces), removes the
+    /// namespaces and the directory. Safe to run twice.
+    fn run(&self) {
+        let pids: Vec<u32> =
+            std::mem::take(&mut *self.tracked.0.lock().unwrap_or_else(|e| e.into_inner()));
+        stop_pids(&pids);
+        // Anything else still running inside our namespaces was started by this testbed.
+        let inside: Vec<u32> = self.namespaces.iter().flat_map(|n| n.pids()).collect();
+        stop_pids(&inside);
+        for ns in &self.namespaces {
+            let _ = run("ip", &["netns", "del", ns.name()]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts a thread that, on SIGINT, SIGTERM or SIGHUP, tears down every live testbed of this
+/// process ([`teardown_all`]) and exits with 128 + the signal's number. For long-running
+/// users (benchmarks, the demo): an operator who interrupts one gets the machine back as it
+/// was.
+pub fn teardown_on_signals() -> Result<(), TestbedError> {
+    let io = |what: &str, source| TestbedError::Io {
+        what: what.into(),
+        source,
+    };
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+            .map_err(|e| io("installing the signal handlers", e))?;
+    std::thread::Builder::new()
+        .name("fs-teardown".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                eprintln!(
+                    "signal {signal}: stopping the testbed's processes and removing its namespaces"
+                );
+                teardown_all();
+                std::process::exit(128 + signal);
+            }
+        })
+        .map_err(|e| io("starting the signal thread", e))?;
+    Ok(())
+}
+
+/// Tears down every testbed this process still has: for a signal handler (SIGINT, SIGTERM)
+/// of a long-running user such as a benchmark or the demo, which then exits — a killed
+/// process runs no `Drop`, and its namespaces and node processes would outlive it.
+pub fn teardown_all() {
+    let all = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+    for t in &all {
+        t.run();
+    }
+}
+
 /// A veth's `gso_max_segs` as created.
 const GSO_MAX_SEGS_DEFAULT: u32 = 65535;
 
@@ -344,6 +410,9 @@ impl Testbed {
             tracked: Tracked::default(),
             watchdog: None,
         };
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tb.teardown());
         if let Some(after) = options.watchdog {
             let namespaces = tb.all().cloned().collect();
             tb.watchdog = Some(Watchdog::start(
@@ -355,6 +424,15 @@ impl Testbed {
         }
         tb.build(&options)?;
         Ok(tb)
+    }
+
+    fn teardown(&self) -> Teardown {
+        Teardown {
+            prefix: self.prefix.clone(),
+            namespaces: self.all().cloned().collect(),
+            tracked: self.tracked.clone(),
+            dir: self.dir.clone(),
+        }
     }
 
     fn all(&self) -> impl Iterator<Item = &Netns> {
@@ -567,16 +645,10 @@ impl Drop for Testbed {
         if let Some(mut w) = self.watchdog.take() {
             w.stop();
         }
-        let pids: Vec<u32> =
-            std::mem::take(&mut *self.tracked.0.lock().unwrap_or_else(|e| e.into_inner()));
-        stop_pids(&pids);
-        // Anything else still running inside our namespaces was started by this test.
-        let inside: Vec<u32> = self.all().flat_map(|n| n.pids()).collect();
-        stop_pids(&inside);
-        for ns in self.all() {
-            let _ = run("ip", &["netns", "del", ns.name()]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|t| t.prefix != self.prefix);
+        self.teardown().run();
     }
 }
 
