@@ -39,6 +39,9 @@ pub(crate) struct Args {
     /// Per-connection socket buffers of the node, bytes.
     #[arg(long)]
     tcp_buffer: Option<usize>,
+    /// Pin the node's workers to cores (`node.pin_workers`): `true` (the default) or `false`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pin_workers: bool,
     /// Threads opening connections in the connection-rate test.
     #[arg(long, default_value_t = 4)]
     conn_threads: usize,
@@ -136,6 +139,9 @@ struct Results {
     tun_mtu: u16,
     offload: bool,
     workers: Option<usize>,
+    /// `node.pin_workers`.
+    #[serde(default)]
+    pin_workers: bool,
     tcp_buffer: Option<usize>,
     duration_s: u64,
     /// Bytes per curl download (`http` part), 0 when not measured.
@@ -190,6 +196,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(b) = args.tcp_buffer {
         config = config.tcp_buffers(b);
+    }
+    if !args.pin_workers {
+        config = config.pin_workers(false);
     }
     let node = tb
         .start_node(flowshift_testbed::Node::A, &config)
@@ -317,6 +326,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         tun_mtu,
         offload: args.offload,
         workers: args.workers,
+        pin_workers: args.pin_workers,
         tcp_buffer: args.tcp_buffer,
         duration_s: args.duration,
         http_bytes: http_bytes.unwrap_or(0),
@@ -753,7 +763,7 @@ fn summarize(k: &[Figures], f: &[Figures]) -> Vec<Row> {
 
 fn markdown(r: &Results) -> String {
     let mut s = format!(
-        "Machine: {} · kernel {} · veth MTU {} · TUN MTU {} · offload {} · workers {} · socket buffers {} · {} runs of {} s per measure, kernel and flowshift back to back in alternating order\n\n",
+        "Machine: {} · kernel {} · veth MTU {} · TUN MTU {} · offload {} · workers {}{} · socket buffers {} · {} runs of {} s per measure, kernel and flowshift back to back in alternating order\n\n",
         r.machine,
         r.kernel,
         r.veth_mtu,
@@ -761,6 +771,11 @@ fn markdown(r: &Results) -> String {
         if r.offload { "on" } else { "off" },
         r.workers
             .map_or("default (cores)".to_string(), |w| w.to_string()),
+        if r.pin_workers {
+            ", pinned"
+        } else {
+            ", not pinned"
+        },
         r.tcp_buffer
             .map_or("default (256 KiB)".to_string(), |b| format!("{b} B")),
         r.runs,
@@ -1037,6 +1052,7 @@ mod tests {
             tun_mtu: 1500,
             offload: true,
             workers: None,
+            pin_workers: true,
             tcp_buffer: None,
             duration_s: 1,
             http_bytes: 1_000_000,

@@ -134,6 +134,10 @@ pub struct NodeConfig {
     pub control_group: Option<u32>,
     /// Worker threads, each with its own TUN queue and stack. Default: number of cores.
     pub workers: usize,
+    /// Pin each worker to a core of its own (worker i on core i mod cores). Default true;
+    /// off, the kernel's scheduler places them, which can do better when other busy
+    /// processes share the node's few cores.
+    pub pin_workers: bool,
     /// How long a graceful shutdown waits for connections to close before resetting them.
     pub shutdown_timeout_ms: u64,
 }
@@ -318,6 +322,7 @@ struct RawNode {
     control_socket: PathBuf,
     control_group: Option<String>,
     workers: Option<usize>,
+    pin_workers: Option<bool>,
     shutdown_timeout_ms: Option<u64>,
 }
 
@@ -634,6 +639,7 @@ impl Config {
                 control_socket: raw.node.control_socket,
                 control_group,
                 workers,
+                pin_workers: raw.node.pin_workers.unwrap_or(true),
                 shutdown_timeout_ms,
             },
             tun: TunConfig {

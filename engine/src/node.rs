@@ -1885,7 +1885,11 @@ pub fn run(config: Config) -> Result<(), NodeError> {
     };
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let cores = if config.node.pin_workers {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     for (index, (tun, (poll, rx))) in queues.into_iter().zip(inboxes).enumerate() {
         let stack = Stack::new(
             StackConfig {

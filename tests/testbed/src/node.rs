@@ -14,6 +14,7 @@ pub struct NodeConfig {
     mtu: u16,
     offload: bool,
     workers: Option<usize>,
+    pin_workers: Option<bool>,
     max_connections: usize,
     tcp_buffers: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
@@ -32,6 +33,7 @@ impl NodeConfig {
             mtu: 1500,
             offload: true,
             workers: None,
+            pin_workers: None,
             max_connections: 100_000,
             tcp_buffers: None,
             shutdown_timeout_ms: None,
@@ -61,6 +63,12 @@ impl NodeConfig {
     /// Worker threads.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n);
+        self
+    }
+
+    /// `node.pin_workers`.
+    pub fn pin_workers(mut self, on: bool) -> Self {
+        self.pin_workers = Some(on);
         self
     }
 
@@ -114,6 +122,9 @@ impl NodeConfig {
         );
         if let Some(w) = self.workers {
             s += &format!("workers = {w}\n");
+        }
+        if let Some(p) = self.pin_workers {
+            s += &format!("pin_workers = {p}\n");
         }
         if let Some(ms) = self.shutdown_timeout_ms {
             s += &format!("shutdown_timeout_ms = {ms}\n");
