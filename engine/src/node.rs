@@ -591,6 +591,8 @@ impl Worker {
             let r = match self.stack.freeze_for_move(now, id, to) {
                 Err(e) => {
                     tracing::info!(%migration, flow = format_args!("{id:#x}"), error = %e, "not captured");
+                    // Held for the drain (if it was local): served again.
+                    self.stack.resume(id);
                     Err(RefuseReason::CaptureFailed)
                 }
                 Ok(()) => match self.stack.capture(id) {
