@@ -7,11 +7,14 @@
 //! (or whose counters went backwards: the id was reused) is rated over its whole life so far.
 //! Connections missing from a sample are forgotten.
 
-use std::collections::HashMap;
-
 use smoltcp::time::{Duration, Instant};
 
 use super::{ConnId, Priority, secs};
+
+/// Maps and sets keyed by connection and node ids, which this node or its authenticated peers
+/// assign (no client chooses them): FxHash, not SipHash, which was a fifth of a sample's cost
+/// at 100,000 connections (`benches/predict.rs`).
+type HashMap<K, V> = std::collections::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// A connection's cumulative counters, each way, since it was accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -132,7 +135,7 @@ impl Sampler {
         Self {
             interval,
             last_at: None,
-            prev: HashMap::new(),
+            prev: HashMap::default(),
         }
     }
 
