@@ -766,14 +766,14 @@ struct Node {
 }
 
 impl Node {
-    /// Asks every worker and waits for each answer (at most [`WORKER_ANSWER_TIMEOUT`]). A
-    /// worker that does not answer in time is an error naming it — never an answer that
-    /// silently leaves its connections out. Slow answers are logged.
-    fn ask_all<T>(
+    /// Asks every worker and waits for each answer (at most [`WORKER_ANSWER_TIMEOUT`]): the
+    /// answers that came, and the workers that did not answer in time (logged, with the
+    /// request and the wait). Slow answers are logged too.
+    fn ask_each<T>(
         &self,
         what: &'static str,
         make: impl Fn(Sender<T>) -> WorkerMsg,
-    ) -> Result<Vec<T>, String> {
+    ) -> (Vec<T>, Vec<usize>) {
         let asked = StdInstant::now();
         let mut receivers = Vec::with_capacity(self.workers.len());
         for (i, w) in self.workers.iter().enumerate() {
@@ -789,33 +789,46 @@ impl Node {
                 Some(Err(_)) | None => silent.push(i),
             }
         }
-        let waited = asked.elapsed();
+        let waited_ms = asked.elapsed().as_millis() as u64;
         if !silent.is_empty() {
             tracing::warn!(
                 request = what,
                 workers = ?silent,
-                waited_ms = waited.as_millis() as u64,
+                waited_ms,
                 "worker(s) did not answer a control request"
             );
-            return Err(format!(
-                "{what}: worker(s) {silent:?} did not answer within {} s",
-                WORKER_ANSWER_TIMEOUT.as_secs()
-            ));
-        }
-        if waited > SLOW_WORKER_ANSWER {
+        } else if asked.elapsed() > SLOW_WORKER_ANSWER {
             tracing::warn!(
                 request = what,
-                waited_ms = waited.as_millis() as u64,
+                waited_ms,
                 "workers were slow to answer a control request"
             );
         }
-        Ok(replies)
+        (replies, silent)
     }
 
-    /// [`ask_all`](Self::ask_all) for figures where a missing worker only lowers a sum (it
-    /// is logged there).
+    /// [`ask_each`](Self::ask_each) where every worker must answer: a worker that does not
+    /// is an error naming it — never an answer that silently leaves its connections out.
+    fn ask_all<T>(
+        &self,
+        what: &'static str,
+        make: impl Fn(Sender<T>) -> WorkerMsg,
+    ) -> Result<Vec<T>, String> {
+        let (replies, silent) = self.ask_each(what, make);
+        if silent.is_empty() {
+            Ok(replies)
+        } else {
+            Err(format!(
+                "{what}: worker(s) {silent:?} did not answer within {} s",
+                WORKER_ANSWER_TIMEOUT.as_secs()
+            ))
+        }
+    }
+
+    /// [`ask_each`](Self::ask_each) for figures where a silent worker only leaves its share
+    /// out (it is logged there).
     fn ask<T>(&self, what: &'static str, make: impl Fn(Sender<T>) -> WorkerMsg) -> Vec<T> {
-        self.ask_all(what, make).unwrap_or_default()
+        self.ask_each(what, make).0
     }
 
     fn stats(&self) -> StackStats {
