@@ -239,6 +239,7 @@ struct RawShadow {
     significance: Option<f64>,
     max_error_excess: Option<f64>,
     backoff_ms: Option<u64>,
+    latency_margin_ms: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -817,6 +818,7 @@ impl Config {
         sh.max_samples = sh.max_samples.max(sh.min_samples);
         sh.significance = r.significance.unwrap_or(sh.significance);
         sh.max_error_excess = r.max_error_excess.unwrap_or(sh.max_error_excess);
+        sh.latency_margin = r.latency_margin_ms.unwrap_or(sh.latency_margin);
         config.shadow.backoff = millis("shadow.backoff_ms", r.backoff_ms, config.shadow.backoff)?;
         let r = raw.lease;
         let l = config.lease;
@@ -844,6 +846,10 @@ impl Config {
                     "lease.default_lease",
                     "shadow.backoff",
                 ];
+                // Already in milliseconds in the core (the node's latency unit).
+                if field == "shadow.latency_margin" {
+                    return "shadow.latency_margin_ms".to_owned();
+                }
                 if ms.contains(&field) {
                     format!("{field}_ms")
                 } else {

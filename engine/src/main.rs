@@ -501,13 +501,19 @@ fn plan_text(v: &serde_json::Value) -> String {
         );
         for t in sh["trials"].as_array().into_iter().flatten() {
             s += &format!(
-                "; {} {} at {}",
+                "; {} {} at {} (samples local {}, peer {})",
                 plain(&t["peer"]),
                 plain(&t["state"]),
                 f(&t["fraction"]),
+                plain(&t["samples"]["local"]),
+                plain(&t["samples"]["peer"]),
             );
         }
-        s += "\n";
+        s += &format!(
+            "; KPIs taken: local {}, from peers {}\n",
+            plain(&sh["kpis_taken"]["local"]),
+            plain(&sh["kpis_taken"]["from_peers"]),
+        );
     }
     let l = &v["leases"];
     let lc = &l["counts"];

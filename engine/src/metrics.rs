@@ -54,6 +54,10 @@ pub struct PredictMetrics {
     pub offloads: u64,
     /// Connections served here per class, micro to large.
     pub classes: [u64; 4],
+    /// KPI samples the shadow trials took: (served here, reported by peers).
+    pub kpis_taken: (u64, u64),
+    /// KPIs of connections restored here queued for their primaries, and dropped unsent.
+    pub kpis_reported: (u64, u64),
 }
 
 fn gauge_f64(registry: &mut Registry, name: &str, help: &str, value: f64) {
@@ -125,6 +129,30 @@ pub fn render(
             "predict_shadow_moves_failed",
             "Shadow moves that did not happen: the connection stays here",
             p.counts.shadow_failed,
+        );
+        counter(
+            &mut r,
+            "predict_shadow_kpis_local",
+            "KPI samples of connections served here taken by shadow trials (local baseline)",
+            p.kpis_taken.0,
+        );
+        counter(
+            &mut r,
+            "predict_shadow_kpis_from_peers",
+            "KPI samples of shadowed connections reported by the peers that served them",
+            p.kpis_taken.1,
+        );
+        counter(
+            &mut r,
+            "predict_kpis_reported",
+            "KPIs of connections restored here queued for their primaries' load reports",
+            p.kpis_reported.0,
+        );
+        counter(
+            &mut r,
+            "predict_kpis_report_dropped",
+            "KPIs of connections restored here dropped unsent (more waited than reports carry)",
+            p.kpis_reported.1,
         );
         counter(
             &mut r,
@@ -786,7 +814,17 @@ mod tests {
                 leases_held: 4,
                 offloads: 0,
                 classes: [0, 1, 2, 0],
+                kpis_taken: (7, 5),
+                kpis_reported: (9, 1),
             }),
+        );
+        assert!(
+            text.contains("flowshift_predict_shadow_kpis_from_peers_total 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowshift_predict_kpis_report_dropped_total 1"),
+            "{text}"
         );
         assert!(
             text.contains("flowshift_predict_leases_expired_total 3"),

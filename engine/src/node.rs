@@ -35,6 +35,7 @@ use flowshift_core::predict::lease::LeaseEvent;
 use flowshift_core::predict::node::ConnSample;
 use flowshift_core::predict::node::{NodePredictor, Observation, Outcome, PeerSample};
 use flowshift_core::predict::profile::NodeReport;
+use flowshift_core::predict::shadow::TrialEvent;
 use flowshift_core::segment::segment;
 use flowshift_core::stack::{CaptureError, ForwardKind, RestoreError, RestoreParams};
 use flowshift_core::stack::{
@@ -178,6 +179,8 @@ pub(crate) struct WorkerSample {
     pub(crate) busy: smoltcp::time::Duration,
     /// Every connection.
     pub(crate) conns: Vec<ConnSample>,
+    /// The connections that ended since the last sample, with their KPIs.
+    pub(crate) ended: Vec<flowshift_core::stack::ConnEnd>,
 }
 
 /// A worker's inbox, with the waker that makes it look.
@@ -316,6 +319,7 @@ impl Worker {
                         let _ = reply.send(WorkerSample {
                             busy: self.busy,
                             conns: self.stack.predict_samples(),
+                            ended: self.stack.take_ended(),
                         });
                     }
                     WorkerMsg::Freeze(id, reply) => {
@@ -968,6 +972,7 @@ impl Node {
                 / dt) as u64,
             forecast: self.predict.forecast(),
             leases: self.predict.renewals(),
+            kpis: self.predict.kpi_reports(),
         };
         t.send(tunnel::Command::Load(report));
         *last = (StdInstant::now(), stats);
@@ -1033,7 +1038,15 @@ impl Node {
             .busy
             .map_or(0.0, |prev| busy_fraction(prev, (now, busy), workers));
         d.busy = Some((now, busy));
-        let conns: Vec<ConnSample> = samples.into_iter().flat_map(|s| s.conns).collect();
+        let mut ended = Vec::new();
+        let conns: Vec<ConnSample> = samples
+            .into_iter()
+            .flat_map(|s| {
+                ended.extend(s.ended);
+                s.conns
+            })
+            .collect();
+        self.take_kpis(&ended);
 
         let targets = &self.config.predict.targets;
         let listed = if self.tunnel.is_some() {
@@ -1208,6 +1221,29 @@ impl Node {
         }
     }
 
+    /// The KPIs of connections that ended since the last sample: one served here from
+    /// its accept feeds the local baseline of the shadow trials under way; one restored
+    /// here from a primary goes out in the next load reports, for the primary's trial.
+    fn take_kpis(&self, ended: &[flowshift_core::stack::ConnEnd]) {
+        if ended.is_empty() {
+            return;
+        }
+        let ms = |d: smoltcp::time::Duration| d.total_micros() as f64 / 1e3;
+        let mut p = self.predict.lock();
+        for e in ended {
+            match e.ingress {
+                None => {
+                    p.record_kpi(e.id, None, e.latency.map(ms), e.error);
+                }
+                Some(_) => self.predict.report_kpi(flowshift_tunnel::KpiReport {
+                    conn: e.id,
+                    latency: e.latency.map(|d| Duration::from_micros(d.total_micros())),
+                    error: e.error,
+                }),
+            }
+        }
+    }
+
     /// Shadow trials (`docs/prediction.md`, Shadow trials in the node): moves the new
     /// connections the trials admitted to their peer, through the migrate path, and logs
     /// the trials' steps.
@@ -1218,7 +1254,33 @@ impl Node {
         };
         for (peer, event) in events {
             let name = self.predict.name(peer);
-            tracing::info!(peer = %name, event = ?event, "predict: shadow trial");
+            let judged = self
+                .predict
+                .lock()
+                .trials()
+                .find(|t| t.peer() == peer)
+                .and_then(|t| t.last_judgement().copied());
+            match judged {
+                Some(j) if !matches!(event, TrialEvent::Resumed) => tracing::info!(
+                    peer = %name,
+                    event = ?event,
+                    step = j.step + 1,
+                    local_connections = j.local.connections,
+                    local_errors = j.local.errors,
+                    local_median_ms = ?j.local.median,
+                    peer_connections = j.peer.connections,
+                    peer_errors = j.peer.errors,
+                    peer_median_ms = ?j.peer.median,
+                    p_worse = ?j.p_worse,
+                    "predict: shadow trial judged a step{}",
+                    if j.p_worse.is_none() {
+                        " (latencies not compared: too few on a side; errors only)"
+                    } else {
+                        ""
+                    }
+                ),
+                _ => tracing::info!(peer = %name, event = ?event, "predict: shadow trial"),
+            }
         }
         if moves.is_empty() {
             return;
@@ -1240,16 +1302,19 @@ impl Node {
             };
             let mut p = self.predict.lock();
             for id in ids {
-                let outcome = match &result {
-                    Ok(report) => match report.conns.iter().find(|c| c.id == id) {
-                        Some(c) if c.moved => Outcome::Moved,
-                        Some(c) => {
-                            Outcome::Stayed(c.reason.clone().unwrap_or_else(|| "unknown".into()))
-                        }
-                        None => Outcome::Failed("no outcome reported".into()),
-                    },
-                    Err(e) => Outcome::Failed(e.clone()),
+                let row = result
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.conns.iter().find(|c| c.id == id));
+                let outcome = match (&result, row) {
+                    (Ok(_), Some(c)) if c.moved => Outcome::Moved,
+                    (Ok(_), Some(c)) => {
+                        Outcome::Stayed(c.reason.clone().unwrap_or_else(|| "unknown".into()))
+                    }
+                    (Ok(_), None) => Outcome::Failed("no outcome reported".into()),
+                    (Err(e), _) => Outcome::Failed(e.clone()),
                 };
+                let remote = row.and_then(|c| c.remote_id);
                 match &outcome {
                     Outcome::Moved => tracing::info!(
                         conn = format_args!("{id:#x}"),
@@ -1264,7 +1329,7 @@ impl Node {
                     ),
                     _ => {}
                 }
-                p.record_shadow(id, &outcome);
+                p.record_shadow(id, &outcome, remote);
             }
         }
     }
@@ -1288,6 +1353,17 @@ impl Node {
             } else {
                 now
             };
+            let kpis: Vec<(u64, Option<f64>, bool)> = load
+                .kpis
+                .iter()
+                .map(|k| (k.conn, k.latency_ms, k.error))
+                .collect();
+            if !kpis.is_empty() {
+                let taken = self.predict.lock().record_peer_kpis(NodeId(peer.id), &kpis);
+                if taken > 0 {
+                    tracing::debug!(peer = %peer.name, taken, "predict: KPIs of shadowed connections from the peer that served them");
+                }
+            }
             let renewals: Vec<(u64, Option<f64>)> =
                 load.leases.iter().map(|l| (l.conn, l.volume_s)).collect();
             let granted = self

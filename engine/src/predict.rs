@@ -10,7 +10,7 @@ use flowshift_core::predict::class::Class;
 use flowshift_core::predict::lease::{Lease, LeaseBasis, Offload};
 use flowshift_core::predict::node::{Decision, LeaseRecord, NodePredictor, Outcome};
 use flowshift_core::predict::plan::{Move, Status};
-use flowshift_core::predict::shadow::TrialState;
+use flowshift_core::predict::shadow::{Judgement, Side, TrialState};
 use serde_json::{Value, json};
 use smoltcp::time::Instant;
 
@@ -22,6 +22,64 @@ pub(crate) struct Predict {
     pub(crate) predictor: Mutex<NodePredictor>,
     /// Tunnel peer ids and names, as the tunnel last listed them.
     pub(crate) names: Mutex<Vec<(u32, String)>>,
+    /// KPIs of connections that ended here after a primary moved them here, for the next
+    /// load reports (so that the primary's shadow trial gets them).
+    pub(crate) kpis: Mutex<KpiOutbox>,
+}
+
+/// The ended connections' KPIs this node reports to their primaries: each goes out in
+/// [`KPI_SENDS`] successive load reports (a heartbeat can be lost; the primary takes each
+/// connection once), at most [`flowshift_tunnel::MAX_KPI_REPORTS`] per report, oldest first.
+#[derive(Debug, Default)]
+pub(crate) struct KpiOutbox {
+    queue: std::collections::VecDeque<(flowshift_tunnel::KpiReport, u8)>,
+    /// Queued in all.
+    pub(crate) queued: u64,
+    /// Dropped unsent because more than [`KPI_OUTBOX`] waited.
+    pub(crate) dropped: u64,
+}
+
+/// Load reports each KPI goes out in.
+const KPI_SENDS: u8 = 2;
+/// KPIs that may wait for a load report (six go out a second: at most ~10 s of waiting);
+/// beyond, the oldest are dropped and counted.
+const KPI_OUTBOX: usize = 64;
+
+impl KpiOutbox {
+    pub(crate) fn push(&mut self, k: flowshift_tunnel::KpiReport) {
+        if self.queue.len() >= KPI_OUTBOX {
+            self.queue.pop_front();
+            self.dropped += 1;
+        }
+        self.queue.push_back((k, 0));
+        self.queued += 1;
+    }
+
+    /// The KPIs for the next load report.
+    pub(crate) fn next_report(&mut self) -> Vec<flowshift_tunnel::KpiReport> {
+        let out: Vec<_> = self
+            .queue
+            .iter_mut()
+            .take(flowshift_tunnel::MAX_KPI_REPORTS)
+            .map(|(k, sends)| {
+                *sends += 1;
+                *k
+            })
+            .collect();
+        while self
+            .queue
+            .front()
+            .is_some_and(|(_, sends)| *sends >= KPI_SENDS)
+        {
+            self.queue.pop_front();
+        }
+        out
+    }
+
+    /// Waiting to be sent.
+    pub(crate) fn waiting(&self) -> usize {
+        self.queue.len()
+    }
 }
 
 impl Predict {
@@ -34,6 +92,7 @@ impl Predict {
         Self {
             predictor: Mutex::new(predictor),
             names: Mutex::new(Vec::new()),
+            kpis: Mutex::new(KpiOutbox::default()),
         }
     }
 
@@ -46,8 +105,30 @@ impl Predict {
     /// `ctl plan`'s reply at `now`.
     pub(crate) fn plan_json(&self, now: Instant) -> Value {
         let names = self.names.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let p = self.lock();
-        plan_json(&p, &names, now)
+        let mut v = {
+            let p = self.lock();
+            plan_json(&p, &names, now)
+        };
+        let o = self.kpis.lock().unwrap_or_else(|e| e.into_inner());
+        v["shadow"]["kpis_reported"] = json!({
+            "queued": o.queued,
+            "waiting": o.waiting(),
+            "dropped": o.dropped,
+        });
+        v
+    }
+
+    /// Queues the KPIs of a connection that ended here after `primary` moved it here.
+    pub(crate) fn report_kpi(&self, k: flowshift_tunnel::KpiReport) {
+        self.kpis.lock().unwrap_or_else(|e| e.into_inner()).push(k);
+    }
+
+    /// The KPIs for the next load report.
+    pub(crate) fn kpi_reports(&self) -> Vec<flowshift_tunnel::KpiReport> {
+        self.kpis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_report()
     }
 
     /// This node's forecast for its load report: the peak CPU busy fraction and connections
@@ -91,6 +172,11 @@ impl Predict {
             leases: p.lease_counters(),
             leases_held: p.leases().len() as u64,
             classes: p.class_counts(),
+            kpis_taken: p.kpis_taken(),
+            kpis_reported: {
+                let o = self.kpis.lock().unwrap_or_else(|e| e.into_inner());
+                (o.queued, o.dropped)
+            },
             offloads: p.offloads().count() as u64,
             counts: p.counts(),
             utilisation: e.utilisation,
@@ -173,6 +259,25 @@ fn move_json(m: &Move, names: &[(u32, String)]) -> Value {
         "cost_load_s": num(r.cost),
         "target_utilisation": num(r.target_utilisation),
         "rtt_ms": duration_ms(r.rtt),
+    })
+}
+
+fn judgement_json(j: &Judgement) -> Value {
+    let side = |s: &Side| {
+        json!({
+            "connections": s.connections,
+            "errors": s.errors,
+            "latencies": s.latencies,
+            "median_latency_ms": s.median.map(num),
+        })
+    };
+    json!({
+        "at_ms": ms(j.at),
+        "step": j.step + 1,
+        "local": side(&j.local),
+        "peer": side(&j.peer),
+        "p_worse": j.p_worse.map(num),
+        "passed": j.passed,
     })
 }
 
@@ -262,6 +367,20 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
     let e = p.estimate();
     let counts = p.counts();
     let lc = p.lease_counters();
+    let trials: Vec<Value> = p
+        .trials()
+        .map(|t| {
+            let (local, peer) = t.collected();
+            json!({
+                "peer": name_in(names, t.peer()),
+                "state": trial_state_name(t.state()),
+                "fraction": num(t.fraction()),
+                "samples": {"local": local, "peer": peer},
+                "last_judgement": t.last_judgement().map(judgement_json),
+            })
+        })
+        .collect();
+    let kpis_taken = json!({"local": p.kpis_taken().0, "from_peers": p.kpis_taken().1});
     json!({
         "policy": s.policy.to_string(),
         "executes": p.executes(),
@@ -351,13 +470,11 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
             "enabled": s.shadow && p.executes(),
             "steps": c.shadow.steps,
             "min_samples": c.shadow.min_samples,
-            "trials": p.trials().map(|t| json!({
-                "peer": name_in(names, t.peer()),
-                "state": trial_state_name(t.state()),
-                "fraction": num(t.fraction()),
-            })).collect::<Vec<_>>(),
+            "latency_margin_ms": c.shadow.latency_margin,
+            "trials": trials,
             "shadowed": counts.shadowed,
             "failed": counts.shadow_failed,
+            "kpis_taken": kpis_taken,
         },
     })
 }
@@ -365,6 +482,34 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_kpi_goes_out_in_two_reports_a_dozen_at_a_time_and_the_oldest_overflow() {
+        let k = |conn| flowshift_tunnel::KpiReport {
+            conn,
+            latency: None,
+            error: false,
+        };
+        let mut o = KpiOutbox::default();
+        for c in 0..20 {
+            o.push(k(c));
+        }
+        let ids =
+            |v: Vec<flowshift_tunnel::KpiReport>| v.iter().map(|k| k.conn).collect::<Vec<_>>();
+        assert_eq!(ids(o.next_report()), (0..12).collect::<Vec<_>>());
+        assert_eq!(ids(o.next_report()), (0..12).collect::<Vec<_>>());
+        assert_eq!(ids(o.next_report()), (12..20).collect::<Vec<_>>());
+        assert_eq!(ids(o.next_report()), (12..20).collect::<Vec<_>>());
+        assert!(o.next_report().is_empty());
+        for c in 0..(KPI_OUTBOX as u64 + 3) {
+            o.push(k(c));
+        }
+        assert_eq!(
+            (o.waiting(), o.dropped, o.queued),
+            (KPI_OUTBOX, 3, 20 + KPI_OUTBOX as u64 + 3)
+        );
+        assert_eq!(o.next_report()[0].conn, 3);
+    }
     use flowshift_core::predict::PredictConfig;
     use flowshift_core::predict::node::{
         ConnSample, LoadMetric, NodeSettings, Observation, PeerSample,

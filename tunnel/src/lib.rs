@@ -68,7 +68,9 @@ pub use config::{Config, PeerConfig};
 pub use endpoint::{AddPeerError, Endpoint, Received, SendError, Transmit};
 pub use event::{Event, HandshakeError, PeerId};
 pub use key::{KeyParseError, Keypair, PresharedKey, PrivateKey, PublicKey};
-pub use load::{LeaseRenewal, LoadForecast, LoadReport, MAX_LEASE_RENEWALS};
+pub use load::{
+    KpiReport, LeaseRenewal, LoadForecast, LoadReport, MAX_KPI_REPORTS, MAX_LEASE_RENEWALS,
+};
 pub use noise::NOISE_PARAMS;
 pub use stats::{PeerStats, Stats};
 pub use time::Instant;

@@ -9,6 +9,11 @@
 //!   type 2 = lease renewals: (connection id at the sender (varint), volume (varint))*
 //!            volume = 0: no forecast; otherwise 1 + predicted volume in milliseconds of
 //!            the holder's capacity; at most MAX_LEASE_RENEWALS entries
+//!   type 3 = ended connections' KPIs, for the shadow trials of their primaries:
+//!            (connection id at the sender (varint), latency (varint), flags (varint))*
+//!            latency = 0: none measured; otherwise 1 + mean response time in µs;
+//!            flags bit 0 = ended in an error or reset (other bits: ignored);
+//!            at most MAX_KPI_REPORTS entries
 //! ```
 //!
 //! New optional fields are added as new extension types without a version change; a
@@ -24,6 +29,10 @@ use crate::wire::coding::{Reader, VARINT_MAX, Writer, varint_len};
 pub const LOAD_REPORT_VERSION: u8 = 1;
 const EXT_FORECAST: u64 = 1;
 const EXT_LEASES: u64 = 2;
+const EXT_KPIS: u64 = 3;
+/// Ended connections' KPIs one report carries at most (under 230 bytes: with the most lease
+/// renewals, a report stays under about 1,150 bytes and still fits one heartbeat record).
+pub const MAX_KPI_REPORTS: usize = 12;
 /// Lease renewals one report carries at most (a sender with more rotates through them);
 /// they keep a report under about 900 bytes, so that it fits a heartbeat record.
 pub const MAX_LEASE_RENEWALS: usize = 48;
@@ -46,6 +55,36 @@ pub struct LoadReport {
     /// picks out the connections restored on it from the sender. Only the first
     /// [`MAX_LEASE_RENEWALS`] are sent.
     pub leases: Vec<LeaseRenewal>,
+    /// KPIs of connections that ended at this node after their primary (another node)
+    /// moved them here: each primary picks out the connections it shadowed here, by their
+    /// id at this node. Only the first [`MAX_KPI_REPORTS`] are sent.
+    pub kpis: Vec<KpiReport>,
+}
+
+/// How a connection fared at the node that served it until it ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KpiReport {
+    /// The connection's id at the sender (the node that served it).
+    pub conn: u64,
+    /// Its mean response time there (microsecond resolution on the wire), if any was
+    /// measured.
+    pub latency: Option<Duration>,
+    /// It ended in an error or a reset.
+    pub error: bool,
+}
+
+impl KpiReport {
+    fn latency_code(&self) -> u64 {
+        self.latency.map_or(0, |v| {
+            clamp62(u64::try_from(v.as_micros()).unwrap_or(u64::MAX))
+                .saturating_add(1)
+                .min(VARINT_MAX)
+        })
+    }
+
+    fn encoded_len(&self) -> usize {
+        varint_len(clamp62(self.conn)) + varint_len(self.latency_code()) + 1
+    }
 }
 
 /// One lease renewal: "keep my connection `conn`".
@@ -126,6 +165,14 @@ impl LoadReport {
             .sum()
     }
 
+    fn sent_kpis(&self) -> &[KpiReport] {
+        &self.kpis[..self.kpis.len().min(MAX_KPI_REPORTS)]
+    }
+
+    fn kpis_len(&self) -> usize {
+        self.sent_kpis().iter().map(KpiReport::encoded_len).sum()
+    }
+
     /// Encoded length in bytes.
     pub fn encoded_len(&self) -> usize {
         let mut n = 1
@@ -140,6 +187,10 @@ impl LoadReport {
         if !self.leases.is_empty() {
             let l = self.leases_len();
             n += varint_len(EXT_LEASES) + varint_len(l as u64) + l;
+        }
+        if !self.kpis.is_empty() {
+            let l = self.kpis_len();
+            n += varint_len(EXT_KPIS) + varint_len(l as u64) + l;
         }
         n
     }
@@ -164,6 +215,15 @@ impl LoadReport {
             for l in self.sent_leases() {
                 w.varint(clamp62(l.conn))?;
                 w.varint(l.volume_code())?;
+            }
+        }
+        if !self.kpis.is_empty() {
+            w.varint(EXT_KPIS)?;
+            w.varint(self.kpis_len() as u64)?;
+            for k in self.sent_kpis() {
+                w.varint(clamp62(k.conn))?;
+                w.varint(k.latency_code())?;
+                w.varint(u64::from(k.error))?;
             }
         }
         Ok(())
@@ -192,6 +252,7 @@ impl LoadReport {
             bytes_out_per_sec: r.varint()?,
             forecast: None,
             leases: Vec::new(),
+            kpis: Vec::new(),
         };
         while !r.is_empty() {
             let ty = r.varint()?;
@@ -220,6 +281,24 @@ impl LoadReport {
                         report.leases.push(LeaseRenewal { conn, volume });
                     }
                 }
+            } else if ty == EXT_KPIS {
+                let mut v = Reader::new(value);
+                report.kpis.clear();
+                while !v.is_empty() {
+                    let conn = v.varint()?;
+                    let latency = match v.varint()? {
+                        0 => None,
+                        us => Some(Duration::from_micros(us - 1)),
+                    };
+                    let flags = v.varint()?;
+                    if report.kpis.len() < MAX_KPI_REPORTS {
+                        report.kpis.push(KpiReport {
+                            conn,
+                            latency,
+                            error: flags & 1 != 0,
+                        });
+                    }
+                }
             }
         }
         Ok(report)
@@ -239,6 +318,7 @@ mod tests {
             bytes_out_per_sec: 1,
             forecast: None,
             leases: Vec::new(),
+            kpis: Vec::new(),
         };
         let bytes = r.to_bytes();
         assert_eq!(bytes.len(), r.encoded_len());
@@ -295,6 +375,65 @@ mod tests {
         // A truncated entry is malformed, not a panic.
         assert_eq!(
             LoadReport::decode(&[1, 0, 0, 0, 0, 0, 2, 1, 5]),
+            Err(WireError::Truncated)
+        );
+    }
+
+    #[test]
+    fn kpi_reports_round_trip_capped_and_the_largest_report_fits_a_heartbeat() {
+        let mut r = LoadReport {
+            connections: 3,
+            kpis: vec![
+                KpiReport {
+                    conn: 0x1_0000_0005,
+                    latency: Some(Duration::from_micros(1_234)),
+                    error: false,
+                },
+                KpiReport {
+                    conn: 7,
+                    latency: None,
+                    error: true,
+                },
+            ],
+            ..Default::default()
+        };
+        let bytes = r.to_bytes();
+        assert_eq!(bytes.len(), r.encoded_len());
+        // Extension 3, 14 bytes: an 8-byte id, a 2-byte latency (1 + 1,234 µs) and the
+        // flags; then 7, no latency, error.
+        assert_eq!(&bytes[6..8], &[3, 14]);
+        assert_eq!(&bytes[bytes.len() - 3..], &[7, 0, 1]);
+        assert_eq!(LoadReport::decode(&bytes), Ok(r.clone()));
+        // Unknown flag bits are ignored.
+        let mut odd = bytes.clone();
+        *odd.last_mut().unwrap() = 3;
+        assert!(LoadReport::decode(&odd).unwrap().kpis[1].error);
+        // Only the first MAX_KPI_REPORTS are sent; with the most lease renewals too, the
+        // largest report fits a heartbeat record.
+        r.kpis = (0..100)
+            .map(|i| KpiReport {
+                conn: u64::MAX - i,
+                latency: Some(Duration::from_secs(86_400 * 365)),
+                error: true,
+            })
+            .collect();
+        r.leases = (0..200)
+            .map(|i| LeaseRenewal {
+                conn: u64::MAX - i,
+                volume: Some(Duration::from_secs(86_400 * 365)),
+            })
+            .collect();
+        let bytes = r.to_bytes();
+        assert_eq!(bytes.len(), r.encoded_len());
+        assert!(bytes.len() < 1150, "{}", bytes.len());
+        let d = LoadReport::decode(&bytes).unwrap();
+        assert_eq!(
+            (d.kpis.len(), d.leases.len()),
+            (MAX_KPI_REPORTS, MAX_LEASE_RENEWALS)
+        );
+        // A truncated entry is malformed, not a panic.
+        assert_eq!(
+            LoadReport::decode(&[1, 0, 0, 0, 0, 0, 3, 2, 5, 0]),
             Err(WireError::Truncated)
         );
     }

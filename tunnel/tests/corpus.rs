@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use flowshift_tunnel::wire::coding::Writer;
 use flowshift_tunnel::wire::{AckFrame, Frame};
-use flowshift_tunnel::{LeaseRenewal, LoadForecast, LoadReport};
+use flowshift_tunnel::{KpiReport, LeaseRenewal, LoadForecast, LoadReport};
 use sim::{Setup, mac1_for};
 
 fn record(frames: &[Frame<'_>]) -> Vec<u8> {
@@ -92,6 +92,11 @@ fn fuzz_corpus_seeds_decode_without_panic() {
                 volume: None,
             },
         ],
+        kpis: vec![KpiReport {
+            conn: 0x1_0000_0009,
+            latency: Some(Duration::from_micros(850)),
+            error: false,
+        }],
     }
     .to_bytes();
     seeds.push(("load-report".into(), report.clone()));

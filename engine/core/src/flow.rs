@@ -454,6 +454,8 @@ pub struct Flow {
     /// Bytes moved (in + out) when the flow was last compacted: it is compacted again only
     /// after it moved more.
     pub compacted_at: Option<u64>,
+    /// Its exchanges and their response times here ([`FlowKpi`]).
+    pub kpi: FlowKpi,
 }
 
 impl Flow {
@@ -501,12 +503,81 @@ impl Flow {
             counted: true,
             rates: RateSample::default(),
             compacted_at: None,
+            kpi: FlowKpi::default(),
         }
     }
 
     /// Bytes the app wrote.
     pub fn bytes_out(&self) -> u64 {
         self.mirror.total()
+    }
+}
+
+/// A connection's exchanges on this node and how quickly they were answered: the figures a
+/// shadow trial compares between nodes (`docs/prediction.md`).
+///
+/// An *exchange* starts when the app takes client bytes while no earlier exchange is
+/// outstanding, and is answered when the app writes its next byte. Its *response time* runs
+/// from the turn that took the request to the turn that sees the client acknowledge the
+/// response's first byte: the node's own delay plus one round trip to the client, as the
+/// client feels it (a connection served through a relay pays the relay both ways). Apps that
+/// speak first (a download with no request) have no exchanges; a stream the client keeps
+/// sending on (an upload) is one exchange, never answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowKpi {
+    /// Exchanges started here.
+    pub requests: u64,
+    /// Exchanges answered here (the app wrote a response byte).
+    pub responses: u64,
+    /// The current exchange's start, while the app has not answered it.
+    waiting: Option<Instant>,
+    /// The answered exchange whose first response byte the client has not acknowledged:
+    /// its start and the stream offset of that byte.
+    unacked: Option<(Instant, u64)>,
+    /// Response times measured here: their sum in microseconds, and how many.
+    latency_sum_us: u64,
+    latencies: u64,
+}
+
+impl FlowKpi {
+    /// The app took `n` client bytes at `now`.
+    pub fn took(&mut self, now: Instant, n: usize) {
+        if n > 0 && self.waiting.is_none() && self.unacked.is_none() {
+            self.waiting = Some(now);
+            self.requests += 1;
+        }
+    }
+
+    /// The app is about to write its next bytes at stream offset `offset` (bytes written
+    /// before them).
+    pub fn answering(&mut self, offset: u64) {
+        if let Some(at) = self.waiting.take() {
+            self.responses += 1;
+            self.unacked = Some((at, offset));
+        }
+    }
+
+    /// The client has acknowledged every byte before stream offset `acked`, seen at `now`.
+    pub fn acked(&mut self, now: Instant, acked: u64) {
+        if let Some((at, offset)) = self.unacked
+            && acked > offset
+        {
+            self.unacked = None;
+            let us = (now - at).total_micros();
+            self.latency_sum_us = self.latency_sum_us.saturating_add(us);
+            self.latencies += 1;
+        }
+    }
+
+    /// The mean response time here, if any exchange was answered and acknowledged here.
+    pub fn mean_latency(&self) -> Option<smoltcp::time::Duration> {
+        (self.latencies > 0)
+            .then(|| smoltcp::time::Duration::from_micros(self.latency_sum_us / self.latencies))
+    }
+
+    /// Response times measured here.
+    pub fn measured(&self) -> u64 {
+        self.latencies
     }
 }
 

@@ -1447,3 +1447,64 @@ fn an_idle_connection_is_compacted_and_carries_on_byte_exact() {
     assert_eq!(p.sock(http).state(), tcp::State::Established);
     assert_eq!(p.sock(echo).state(), tcp::State::Established);
 }
+
+/// Every exchange of an HTTP keep-alive connection is counted and timed (from the turn that
+/// took the request to the client's acknowledgement of the response's first byte), and the
+/// connection's end reports them with a clean close; a connection the client resets
+/// reports an error.
+#[test]
+fn exchanges_are_counted_and_timed_and_the_end_reports_them() {
+    let mut p = Pair::new(100);
+    let h = p.connect(80);
+    p.run_until(100, |p| p.sock(h).may_send());
+    let request = b"GET /bytes/1000 HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..3 {
+        p.sock(h).send_slice(request).unwrap();
+        let mut got = Vec::new();
+        p.run_until(1_000, |p| {
+            read_into(p, h, &mut got);
+            got.windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .is_some_and(|end| got.len() - (end + 4) >= 1000)
+        });
+        // Idle a while between requests.
+        for _ in 0..50 {
+            p.step();
+        }
+    }
+    let sample = p.stack.predict_samples()[0].report.counters;
+    assert_eq!((sample.requests_in, sample.requests_out), (3, 3));
+    assert!(p.stack.take_ended().is_empty());
+    p.sock(h).close();
+    let mut ended = Vec::new();
+    p.run_until(2_000, |p| {
+        ended.extend(p.stack.take_ended());
+        !ended.is_empty()
+    });
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    let e = ended[0];
+    assert_eq!((e.requests, e.error, e.ingress), (3, false, None));
+    // One client round trip on 1 ms steps, plus the client's delayed ACK (smoltcp's 10 ms).
+    let latency = e.latency.expect("a response time");
+    assert!(
+        latency > Duration::ZERO && latency <= Duration::from_millis(50),
+        "{latency}"
+    );
+
+    // A download with no request: no exchange, no response time; reset by the client: an
+    // error.
+    let h = p.connect(19);
+    let mut got = Vec::new();
+    p.run_until(1_000, |p| {
+        read_into(p, h, &mut got);
+        got.len() >= 10_000
+    });
+    p.sock(h).abort();
+    let mut ended = Vec::new();
+    p.run_until(1_000, |p| {
+        ended.extend(p.stack.take_ended());
+        !ended.is_empty()
+    });
+    let e = ended[0];
+    assert_eq!((e.requests, e.latency, e.error), (0, None, true), "{e:?}");
+}

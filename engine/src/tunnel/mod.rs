@@ -151,6 +151,19 @@ pub struct LoadView {
     pub forecast: Option<ForecastView>,
     /// The leases it renews (connection ids at that node, with their predicted volume).
     pub leases: Vec<LeaseRenewalView>,
+    /// KPIs of connections that ended there after their primary moved them there.
+    pub kpis: Vec<KpiView>,
+}
+
+/// An ended connection's KPIs in a load report, for output.
+#[derive(Debug, Clone, Serialize)]
+pub struct KpiView {
+    /// The connection's id at the sender.
+    pub conn: u64,
+    /// Its mean response time there, milliseconds (`None`: none measured).
+    pub latency_ms: Option<f64>,
+    /// It ended in an error or a reset.
+    pub error: bool,
 }
 
 /// A lease renewal in a load report, for output.
@@ -191,6 +204,15 @@ impl From<&LoadReport> for LoadView {
                 .map(|l| LeaseRenewalView {
                     conn: l.conn,
                     volume_s: l.volume.map(|v| v.as_secs_f64()),
+                })
+                .collect(),
+            kpis: r
+                .kpis
+                .iter()
+                .map(|k| KpiView {
+                    conn: k.conn,
+                    latency_ms: k.latency.map(|v| v.as_secs_f64() * 1e3),
+                    error: k.error,
                 })
                 .collect(),
         }

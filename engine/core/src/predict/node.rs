@@ -293,6 +293,11 @@ pub struct Estimate {
     pub imbalance: Option<Imbalance>,
 }
 
+/// How long after a shadowed connection is gone from here its KPIs are still awaited from
+/// the peer that served it (its end reaches this node with the peer's next load reports,
+/// a second or two later).
+pub const KPI_WAIT: Duration = Duration::from_secs(60);
+
 /// The predictor of one node (see the module doc).
 #[derive(Debug)]
 pub struct NodePredictor {
@@ -332,6 +337,12 @@ pub struct NodePredictor {
     /// Connections sent (or being sent) to a peer under a shadow trial: the peer, and
     /// whether the move is done.
     shadowing: HashMap<ConnId, (NodeId, bool)>,
+    /// Shadowed connections by their peer and id there, whose KPIs that peer will report:
+    /// the connection's id here, and since when it is gone from here (its KPIs are awaited
+    /// [`KPI_WAIT`] longer).
+    shadow_remote: HashMap<(NodeId, ConnId), (ConnId, Option<Instant>)>,
+    /// KPI samples taken: (local, from peers).
+    kpis_taken: (u64, u64),
     /// Shadow moves for the driver, since it last took them.
     shadow_moves: Vec<(ConnId, NodeId)>,
     /// Trial events for the driver to log, since it last took them.
@@ -379,6 +390,8 @@ impl NodePredictor {
             trials: BTreeMap::new(),
             offered: HashSet::default(),
             shadowing: HashMap::default(),
+            shadow_remote: HashMap::default(),
+            kpis_taken: (0, 0),
             shadow_moves: Vec::new(),
             trial_events: Vec::new(),
             shadow_cursor: 0,
@@ -566,6 +579,14 @@ impl NodePredictor {
             .collect();
         self.shadowing
             .retain(|id, (_, moved)| seen.contains_key(id) && !(*moved && here.contains(id)));
+        self.shadow_remote.retain(|_, (id, gone)| {
+            if seen.contains_key(id) && !here.contains(id) {
+                *gone = None;
+                return true;
+            }
+            let since = *gone.get_or_insert(now);
+            now - since < KPI_WAIT
+        });
         self.known = seen;
         // Leases live while their connection is here; offloads while it is away.
         self.ingress = obs
@@ -660,7 +681,7 @@ impl NodePredictor {
             .estimate
             .peers
             .iter()
-            .filter(|p| p.alive)
+            .filter(|p| p.alive && self.trusts(p.id))
             .map(|p| Peer {
                 id: p.id,
                 load: NodeLoad {
@@ -777,13 +798,17 @@ impl NodePredictor {
         std::mem::take(&mut self.trial_events)
     }
 
-    /// Records what became of a shadow move: moved, the connection is `shadowing` while it
-    /// lives on the peer; otherwise it is served here as any other.
-    pub fn record_shadow(&mut self, conn: ConnId, outcome: &Outcome) {
+    /// Records what became of a shadow move: moved (to connection `remote` at the peer,
+    /// when the peer said), the connection is `shadowing` while it lives on the peer and
+    /// its KPIs are awaited from the peer; otherwise it is served here as any other.
+    pub fn record_shadow(&mut self, conn: ConnId, outcome: &Outcome, remote: Option<ConnId>) {
         if *outcome == Outcome::Moved {
             self.counts.shadowed += 1;
             if let Some(s) = self.shadowing.get_mut(&conn) {
                 s.1 = true;
+                if let Some(remote) = remote {
+                    self.shadow_remote.insert((s.0, remote), (conn, None));
+                }
             }
         } else {
             self.counts.shadow_failed += 1;
@@ -821,9 +846,10 @@ impl NodePredictor {
         &mut self,
         conn: ConnId,
         served_by: Option<NodeId>,
-        latency: f64,
+        latency: Option<f64>,
         error: bool,
     ) -> bool {
+        let latency = latency.unwrap_or(f64::NAN);
         match served_by {
             None => {
                 let mut took = false;
@@ -833,18 +859,65 @@ impl NodePredictor {
                         took = true;
                     }
                 }
+                self.kpis_taken.0 += u64::from(took);
                 took
             }
             Some(peer) => {
-                if self.shadowing.get(&conn).is_none_or(|(p, _)| *p != peer) {
+                let shadowed = self.shadowing.get(&conn).is_some_and(|(p, _)| *p == peer)
+                    || self
+                        .shadow_remote
+                        .iter()
+                        .any(|((p, _), (c, _))| *p == peer && *c == conn);
+                if !shadowed {
                     return false;
                 }
-                self.trials.get_mut(&peer).is_some_and(|t| {
+                let took = self.trials.get_mut(&peer).is_some_and(|t| {
                     t.record_peer(latency, error);
                     true
-                })
+                });
+                self.kpis_taken.1 += u64::from(took);
+                took
             }
         }
+    }
+
+    /// The KPIs `peer` reported for connections that ended there, each by its id *there*
+    /// with its latency (if it had one) and whether it ended in an error: those this node
+    /// shadowed to `peer` go to that peer's trial, each once. Returns how many were taken.
+    pub fn record_peer_kpis(
+        &mut self,
+        peer: NodeId,
+        kpis: &[(ConnId, Option<f64>, bool)],
+    ) -> usize {
+        let mut taken = 0;
+        for &(remote, latency, error) in kpis {
+            let Some((conn, _)) = self.shadow_remote.remove(&(peer, remote)) else {
+                continue;
+            };
+            if let Some(t) = self.trials.get_mut(&peer) {
+                t.record_peer(latency.unwrap_or(f64::NAN), error);
+                taken += 1;
+            }
+            // Ended at the peer: no longer shadowing.
+            self.shadowing.remove(&conn);
+        }
+        self.kpis_taken.1 += taken as u64;
+        taken
+    }
+
+    /// KPI samples the trials took so far: (served here, reported by peers).
+    pub fn kpis_taken(&self) -> (u64, u64) {
+        self.kpis_taken
+    }
+
+    /// Whether the planner may shift connections to `peer`: with shadow trials on (and a
+    /// policy that executes), only once its trial trusts it.
+    pub fn trusts(&self, peer: NodeId) -> bool {
+        !(self.settings.shadow && self.executes())
+            || self
+                .trials
+                .get(&peer)
+                .is_some_and(|t| t.state() == TrialState::Trusted)
     }
 
     /// The shadow trials, by peer.
@@ -1160,7 +1233,11 @@ mod tests {
     /// One connection more every second (10 samples); returns the predictor and the number of
     /// connections when the first move was planned.
     fn ramp(policy: Policy, peer_conns: u64) -> (NodePredictor, Option<usize>) {
-        let mut p = NodePredictor::new(PredictConfig::default(), settings(policy));
+        ramp_with(settings(policy), peer_conns)
+    }
+
+    fn ramp_with(settings: NodeSettings, peer_conns: u64) -> (NodePredictor, Option<usize>) {
+        let mut p = NodePredictor::new(PredictConfig::default(), settings);
         let mut conns = Vec::new();
         let mut first = None;
         for tick in 0..200i64 {
@@ -1211,6 +1288,27 @@ mod tests {
             p.decisions()
                 .all(|d| d.reason.target_utilisation <= fill + 1e-9)
         );
+    }
+
+    /// With shadow trials on, the planner shifts nothing to a peer its trial does not trust
+    /// yet (the trial only diverts its fraction of new connections there).
+    #[test]
+    fn with_shadow_trials_the_planner_shifts_only_to_a_trusted_peer() {
+        let (p, first) = ramp_with(
+            NodeSettings {
+                shadow: true,
+                ..settings(Policy::Reactive)
+            },
+            0,
+        );
+        assert_eq!(first, None, "{:?}", p.last_plan());
+        assert!(!p.trusts(NodeId(1)));
+        assert!(matches!(
+            p.last_plan().map(|(_, plan)| plan.status),
+            Some(Status::NoTarget { .. })
+        ));
+        // The same ramp without trials moves.
+        assert!(ramp(Policy::Reactive, 0).1.is_some());
     }
 
     #[test]
@@ -1571,8 +1669,8 @@ mod tests {
         let (mut p, moves) = run(Policy::Predictive);
         // 9 new connections became movable: a quarter of them, evenly spread.
         assert_eq!(moves, [13, 17]);
-        p.record_shadow(13, &Outcome::Moved);
-        p.record_shadow(17, &Outcome::Stayed("refused".into()));
+        p.record_shadow(13, &Outcome::Moved, Some(1));
+        p.record_shadow(17, &Outcome::Stayed("refused".into()), None);
         assert_eq!(p.conn_state(13), ConnState::Shadowing);
         assert_eq!(p.conn_state(17), ConnState::Active);
         assert_eq!(p.conn_state(1), ConnState::Active);
@@ -1623,7 +1721,8 @@ mod tests {
             conns.push(conn(id, 0, t));
             t += 100;
             for (c, _) in sample(&mut p, &conns, t) {
-                p.record_shadow(c, &Outcome::Moved);
+                // The peer restored it as its connection 500 + c.
+                p.record_shadow(c, &Outcome::Moved, Some(500 + c));
                 let moved = conns.iter_mut().find(|x| x.report.conn == c).unwrap();
                 moved.here = false;
                 moved.movable = false;
@@ -1632,13 +1731,27 @@ mod tests {
         }
         assert_eq!(shadowed.len(), 12);
         // Not shadowed there, or another peer: not taken.
-        assert!(!p.record_kpi(99, Some(NodeId(1)), 1.0, false));
-        assert!(!p.record_kpi(1, Some(NodeId(2)), 1.0, false));
-        // Comparable latency on both sides: the step passes.
-        for (k, c) in shadowed.iter().take(6).enumerate() {
-            assert!(p.record_kpi(*c, Some(NodeId(1)), 10.0 + k as f64, false));
-            assert!(p.record_kpi(1000 + k as u64, None, 10.5 + k as f64, false));
+        assert!(!p.record_kpi(99, Some(NodeId(1)), Some(1.0), false));
+        assert!(!p.record_kpi(1, Some(NodeId(2)), Some(1.0), false));
+        // Comparable latency on both sides: the step passes. The peer reports by its own
+        // ids; ids it did not get from here, or from another peer, are not taken, and a
+        // report seen twice (heartbeats repeat) counts once.
+        let reported: Vec<(ConnId, Option<f64>, bool)> = shadowed
+            .iter()
+            .take(6)
+            .enumerate()
+            .map(|(k, c)| (500 + c, Some(10.0 + k as f64), false))
+            .chain([(9999, Some(1.0), false)])
+            .collect();
+        assert_eq!(p.record_peer_kpis(NodeId(2), &reported), 0);
+        assert_eq!(p.record_peer_kpis(NodeId(1), &reported), 6);
+        assert_eq!(p.record_peer_kpis(NodeId(1), &reported), 0);
+        for k in 0..6 {
+            assert!(p.record_kpi(1000 + k as u64, None, Some(10.5 + k as f64), false));
         }
+        assert_eq!(p.kpis_taken(), (6, 6));
+        // A connection whose KPIs came is no longer shadowing.
+        assert_eq!(p.conn_state(shadowed[0]), ConnState::Inactive);
         t += 100;
         sample(&mut p, &conns, t);
         let events = p.take_trial_events();
@@ -1648,8 +1761,8 @@ mod tests {
         );
         // The peer much slower: the next step fails and the trial backs off.
         for (k, c) in shadowed.iter().skip(6).enumerate() {
-            assert!(p.record_kpi(*c, Some(NodeId(1)), 100.0 + k as f64, false));
-            assert!(p.record_kpi(2000 + k as u64, None, 10.0 + k as f64, false));
+            assert!(p.record_kpi(*c, Some(NodeId(1)), Some(100.0 + k as f64), false));
+            assert!(p.record_kpi(2000 + k as u64, None, Some(10.0 + k as f64), false));
         }
         t += 100;
         sample(&mut p, &conns, t);
@@ -1663,7 +1776,7 @@ mod tests {
             TrialState::BackingOff { .. }
         ));
         // Backing off: the local baseline goes nowhere.
-        assert!(!p.record_kpi(3000, None, 1.0, false));
+        assert!(!p.record_kpi(3000, None, Some(1.0), false));
     }
 
     #[test]

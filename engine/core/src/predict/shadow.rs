@@ -63,6 +63,12 @@ pub struct ShadowConfig {
     pub max_error_excess: f64,
     /// How long a failed trial waits before starting over. Default 60 s.
     pub backoff: Duration,
+    /// How much slower the peer may be before its latency counts as worse, in the
+    /// latency's unit (the node measures milliseconds): the test compares the peer's
+    /// latencies less this margin with the local ones. A connection served on a peer
+    /// through its ingress pays the relay's round trip, which a client does not notice
+    /// but a rank test on a fast network always finds. Default 1.0.
+    pub latency_margin: f64,
 }
 
 impl Default for ShadowConfig {
@@ -74,6 +80,7 @@ impl Default for ShadowConfig {
             significance: 0.05,
             max_error_excess: 0.01,
             backoff: Duration::from_secs(60),
+            latency_margin: 1.0,
         }
     }
 }
@@ -101,6 +108,7 @@ impl ShadowConfig {
         )?;
         in_range("shadow.significance", self.significance, 0.0, 1.0)?;
         in_range("shadow.max_error_excess", self.max_error_excess, 0.0, 1.0)?;
+        in_range("shadow.latency_margin", self.latency_margin, 0.0, 1e9)?;
         duration_in(
             "shadow.backoff",
             self.backoff,
@@ -160,6 +168,38 @@ pub enum TrialEvent {
     Trusted,
 }
 
+/// One side of a judged step, as [`ShadowTrial::last_judgement`] shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Side {
+    /// Connections sampled.
+    pub connections: u64,
+    /// Of those, ended in an error or a reset.
+    pub errors: u64,
+    /// Latency samples.
+    pub latencies: usize,
+    /// Their median.
+    pub median: Option<f64>,
+}
+
+/// How the last step was judged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Judgement {
+    /// When.
+    pub at: Instant,
+    /// The step judged (index into [`ShadowConfig::steps`]).
+    pub step: usize,
+    /// The local baseline.
+    pub local: Side,
+    /// The peer.
+    pub peer: Side,
+    /// The one-sided p-value of "the peer's latencies, less the margin, are greater"; `None`
+    /// when latencies were not compared (fewer than `min_samples` on either side: the
+    /// step was judged on errors alone).
+    pub p_worse: Option<f64>,
+    /// Whether it passed.
+    pub passed: bool,
+}
+
 /// KPI samples of one side.
 #[derive(Debug, Clone, Default)]
 struct Kpis {
@@ -183,6 +223,22 @@ impl Kpis {
     fn error_rate(&self) -> f64 {
         self.errors as f64 / self.connections.max(1) as f64
     }
+
+    fn side(&self) -> Side {
+        let mut sorted: Vec<f64> = self.latencies.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let median = match sorted.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(sorted[n / 2]),
+            n => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+        };
+        Side {
+            connections: self.connections,
+            errors: self.errors,
+            latencies: sorted.len(),
+            median,
+        }
+    }
 }
 
 /// A shadow trial of one peer (see the module doc).
@@ -196,6 +252,7 @@ pub struct ShadowTrial {
     /// New connections offered to [`Self::admit`] at this step, and how many were diverted.
     offered: u64,
     diverted: u64,
+    last: Option<Judgement>,
 }
 
 impl ShadowTrial {
@@ -209,7 +266,18 @@ impl ShadowTrial {
             remote: Kpis::default(),
             offered: 0,
             diverted: 0,
+            last: None,
         }
+    }
+
+    /// How the last step was judged, if one was.
+    pub fn last_judgement(&self) -> Option<&Judgement> {
+        self.last.as_ref()
+    }
+
+    /// KPI samples collected at the current step: (local, peer) connections.
+    pub fn collected(&self) -> (u64, u64) {
+        (self.local.connections, self.remote.connections)
     }
 
     /// The peer on trial.
@@ -262,20 +330,40 @@ impl ShadowTrial {
             }
             TrialState::BackingOff { .. } => None,
             TrialState::Ramping { step } => {
-                let min = self.config.min_samples;
-                if self.local.latencies.len() < min || self.remote.latencies.len() < min {
+                let min = self.config.min_samples as u64;
+                if self.local.connections < min || self.remote.connections < min {
                     return None;
                 }
+                // Latencies are compared when both sides have enough of them; connections
+                // with no answered exchange (a download that needed no request, one whose
+                // request was answered before it moved) count towards errors only.
+                let min = self.config.min_samples;
+                let p_worse = (self.local.latencies.len() >= min
+                    && self.remote.latencies.len() >= min)
+                    .then(|| {
+                        let margin = self.config.latency_margin;
+                        let remote: Vec<f64> =
+                            self.remote.latencies.iter().map(|l| l - margin).collect();
+                        let local: Vec<f64> = self.local.latencies.iter().copied().collect();
+                        mann_whitney(&remote, &local).map(|t| t.p_greater)
+                    })
+                    .flatten();
                 let (local, peer) = (self.local.error_rate(), self.remote.error_rate());
                 let fail = if peer > local + self.config.max_error_excess {
                     Some(FailReason::Errors { local, peer })
                 } else {
-                    let remote: Vec<f64> = self.remote.latencies.iter().copied().collect();
-                    let local: Vec<f64> = self.local.latencies.iter().copied().collect();
-                    mann_whitney(&remote, &local)
-                        .filter(|t| t.p_greater < self.config.significance)
-                        .map(|t| FailReason::LatencyWorse { p: t.p_greater })
+                    p_worse
+                        .filter(|p| *p < self.config.significance)
+                        .map(|p| FailReason::LatencyWorse { p })
                 };
+                self.last = Some(Judgement {
+                    at: now,
+                    step,
+                    local: self.local.side(),
+                    peer: self.remote.side(),
+                    p_worse,
+                    passed: fail.is_none(),
+                });
                 if let Some(reason) = fail {
                     self.restart(TrialState::BackingOff {
                         until: now + self.config.backoff,
@@ -483,6 +571,57 @@ mod tests {
         assert_eq!(t.poll(until - Duration::from_millis(1)), None);
         assert_eq!(t.poll(until), Some(TrialEvent::Resumed));
         assert_eq!(t.fraction(), 0.05);
+    }
+
+    #[test]
+    fn a_peer_slower_by_less_than_the_margin_passes_and_one_slower_by_more_fails() {
+        let now = Instant::from_secs(10);
+        // 0.6 ms slower (a relay's round trip): within the 1 ms margin.
+        let mut t = trial();
+        for i in 0..30 {
+            t.record_local(0.2 + 0.01 * i as f64, false);
+            t.record_peer(0.8 + 0.01 * i as f64, false);
+        }
+        assert_eq!(t.poll(now), Some(TrialEvent::Ramped { fraction: 0.10 }));
+        let j = t.last_judgement().unwrap();
+        assert!(j.passed && j.p_worse.is_some_and(|p| p > 0.05), "{j:?}");
+        // 3 ms slower: worse.
+        for i in 0..30 {
+            t.record_local(0.2 + 0.01 * i as f64, false);
+            t.record_peer(3.2 + 0.01 * i as f64, false);
+        }
+        assert!(matches!(
+            t.poll(now),
+            Some(TrialEvent::Failed(FailReason::LatencyWorse { .. }))
+        ));
+    }
+
+    #[test]
+    fn without_enough_latencies_a_step_is_judged_on_errors_alone() {
+        let now = Instant::from_secs(10);
+        let mut t = trial();
+        for _ in 0..30 {
+            t.record_local(1.0, false);
+            // Downloads moved after their request was answered: no latency here.
+            t.record_peer(f64::NAN, false);
+        }
+        assert_eq!(t.poll(now), Some(TrialEvent::Ramped { fraction: 0.10 }));
+        let j = t.last_judgement().unwrap();
+        assert_eq!(
+            (j.p_worse, j.peer.latencies, j.peer.connections),
+            (None, 0, 30)
+        );
+        for i in 0..30 {
+            t.record_local(f64::NAN, false);
+            t.record_peer(f64::NAN, i < 3);
+        }
+        assert_eq!(
+            t.poll(now),
+            Some(TrialEvent::Failed(FailReason::Errors {
+                local: 0.0,
+                peer: 0.1
+            }))
+        );
     }
 
     #[test]

@@ -360,6 +360,9 @@ pub struct StackStats {
     pub head_timeouts: u64,
     /// Frozen connections thawed because nothing ended their freeze in time.
     pub freeze_timeouts: u64,
+    /// Ended connections' KPIs dropped because nobody took them in time
+    /// ([`Stack::take_ended`]; at most [`ENDED_KEPT`] wait).
+    pub kpis_dropped: u64,
 }
 
 impl StackStats {
@@ -406,6 +409,7 @@ impl StackStats {
         self.idle_closed += other.idle_closed;
         self.head_timeouts += other.head_timeouts;
         self.freeze_timeouts += other.freeze_timeouts;
+        self.kpis_dropped += other.kpis_dropped;
     }
 }
 
@@ -482,6 +486,27 @@ fn tsval_now() -> u32 {
 /// Bytes cleared at the front of every transmit buffer: the largest IPv4 and TCP headers
 /// (60 bytes each).
 const HEADER_CLEAR: usize = 120;
+
+/// Ended connections' KPIs a stack keeps until [`Stack::take_ended`] takes them (the node's
+/// predictor does every sample, 100 ms by default); beyond, the oldest go and are counted.
+pub const ENDED_KEPT: usize = 4096;
+
+/// A connection that ended here, with what a shadow trial compares (see
+/// [`crate::flow::FlowKpi`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConnEnd {
+    /// Its id here.
+    pub id: u64,
+    /// For a connection restored here whose packets enter elsewhere: that node (its
+    /// primary) and the connection's id there.
+    pub ingress: Option<(crate::predict::NodeId, u64)>,
+    /// Exchanges started here.
+    pub requests: u64,
+    /// Its mean response time here, if an exchange was answered and acknowledged here.
+    pub latency: Option<Duration>,
+    /// It ended in a reset, an abort or a timeout, not with both FINs.
+    pub error: bool,
+}
 
 /// Packets smoltcp emitted, in reusable buffers, each with `headroom` bytes free in front.
 #[derive(Debug, Default)]
@@ -632,6 +657,8 @@ pub struct Stack {
     retiring: Vec<usize>,
     /// Bytes queued over all frozen flows (bounded by `config.frozen_total_bytes`).
     frozen_bytes: usize,
+    /// Connections that ended here since [`Stack::take_ended`] last took them.
+    ended: VecDeque<ConnEnd>,
     /// Keyed functions for ISNs, timestamp offsets and cookies.
     secrets: Secrets,
     /// When the last SYN cookie was sent: ACKs of unknown flows are checked for a cookie
@@ -710,6 +737,7 @@ impl Stack {
             restore_iface: None,
             time_wait: TimeWaitTable::new(budget_cap),
             retiring: Vec::new(),
+            ended: VecDeque::new(),
             frozen_bytes: 0,
             secrets,
             last_cookie: None,
@@ -1140,6 +1168,7 @@ impl Stack {
                 match n {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        flow.kpi.took(now, n);
                         flow.bytes_in += n as u64;
                         self.stats.app_bytes_in += n as u64;
                     }
@@ -1162,8 +1191,12 @@ impl Stack {
             while socket.can_send() {
                 let app = &mut flow.app;
                 let mirror = &mut flow.mirror;
+                let kpi = &mut flow.kpi;
                 let n = socket.send(|buf| {
                     let n = app.poll_send(buf);
+                    if n > 0 {
+                        kpi.answering(mirror.total());
+                    }
                     mirror.push(&buf[..n]);
                     (n, n)
                 });
@@ -1183,6 +1216,12 @@ impl Stack {
         if flow.bytes_in != in_before || wrote_any {
             flow.active_at = now;
         }
+        // Everything written before the send queue's bytes has been acknowledged.
+        let acked = flow
+            .mirror
+            .total()
+            .saturating_sub(socket.send_queue() as u64);
+        flow.kpi.acked(now, acked);
         if !flow.close_sent && flow.bytes_in >= QUICKACK_BYTES && socket.ack_delay().is_none() {
             socket.set_ack_delay(Some(ACK_DELAY));
         }
@@ -1219,7 +1258,7 @@ impl Stack {
                 let Some(mut flow) = self.flows.remove(slot) else {
                     return false;
                 };
-                self.release(&mut flow, "closed: TIME-WAIT");
+                self.release(&mut flow, "closed: TIME-WAIT", true);
                 // Wire numbers: the client's are never translated; ours are from send_base.
                 let rcv_nxt = flow
                     .recv_base
@@ -1313,11 +1352,30 @@ impl Stack {
         let Some(mut flow) = self.flows.remove(slot) else {
             return;
         };
-        self.release(&mut flow, "closed");
+        // Closed from LAST-ACK or CLOSING: both FINs went; from anywhere else: a reset.
+        let clean = flow.fin_delivered && flow.close_sent;
+        self.release(&mut flow, "closed", clean);
     }
 
-    /// What a connection that ended held: its socket, its slot, its half-open count.
-    fn release(&mut self, flow: &mut Flow, how: &'static str) {
+    /// What a connection that ended held: its socket, its slot, its half-open count; and
+    /// its KPIs for [`Self::take_ended`]. `clean`: it ended with both FINs exchanged (not
+    /// reset, aborted or timed out).
+    fn release(&mut self, flow: &mut Flow, how: &'static str, clean: bool) {
+        if !flow.half_open {
+            if self.ended.len() >= ENDED_KEPT {
+                self.ended.pop_front();
+                self.stats.kpis_dropped += 1;
+            }
+            self.ended.push_back(ConnEnd {
+                id: flow.id,
+                ingress: flow
+                    .ingress
+                    .map(|r| (crate::predict::NodeId(r.peer.0), r.flow)),
+                requests: flow.kpi.requests,
+                latency: flow.kpi.mean_latency(),
+                error: !clean,
+            });
+        }
         self.half_open -= usize::from(flow.half_open);
         flow.socket.take(&mut self.sockets);
         if flow.counted {
@@ -1807,6 +1865,12 @@ impl Stack {
             .collect()
     }
 
+    /// The connections that ended here since the last call, with their KPIs (oldest
+    /// first; at most [`ENDED_KEPT`] are kept between calls).
+    pub fn take_ended(&mut self) -> Vec<ConnEnd> {
+        self.ended.drain(..).collect()
+    }
+
     /// What the predictor samples of every connection
     /// ([`crate::predict::node::ConnSample`]): cumulative bytes each way, accept time, the
     /// app's priority class, whether it is served here, whether it may move (served here, in
@@ -1838,7 +1902,8 @@ impl Stack {
                             bytes_out: f.bytes_out(),
                             packets_in: f.packets_in,
                             packets_out: f.packets_out,
-                            ..ConnCounters::default()
+                            requests_in: f.kpi.requests,
+                            requests_out: f.kpi.responses,
                         },
                         opened_at: f.created,
                         priority: match f.app_kind {
