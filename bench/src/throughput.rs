@@ -61,6 +61,22 @@ pub(crate) struct Args {
     /// Bytes curl downloads per measurement in the `http` part.
     #[arg(long, default_value_t = 400_000_000)]
     http_bytes: u64,
+    /// Percent of packets the router drops, at random, during the `loss` part.
+    #[arg(long, default_value_t = 2)]
+    loss_percent: u8,
+    /// Bytes curl downloads through the loss (`loss` part).
+    #[arg(long, default_value_t = 4_000_000)]
+    loss_bytes: u64,
+    /// Objects curl fetches one after the other on one keep-alive connection through the
+    /// loss (`loss` part), and their size.
+    #[arg(long, default_value_t = 200)]
+    loss_objects: usize,
+    #[arg(long, default_value_t = 16_000)]
+    loss_object_bytes: u64,
+    /// The node's loss probes (`tcp.loss_probes`): `true` (the default) or `false`, to
+    /// measure what they change.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    loss_probes: bool,
     #[command(flatten)]
     out: Output,
 }
@@ -75,6 +91,10 @@ pub(crate) enum Part {
     Http,
     /// Memory per idle connection.
     Idle,
+    /// In the same runs, with the router dropping `--loss-percent` of the packets: curl
+    /// downloading `--loss-bytes`, and fetching `--loss-objects` small objects on one
+    /// keep-alive connection (per-object time), from the `http` app and from nginx.
+    Loss,
 }
 
 /// One target's figures in one run.
@@ -92,6 +112,15 @@ struct Figures {
     machine_cpu_s_per_gb: f64,
     /// CPU seconds of the flowshift process per GB downloaded (flowshift only).
     process_cpu_s_per_gb: Option<f64>,
+    /// The `loss` part: curl's download through the router's loss, verified.
+    loss_download: Option<Transfer>,
+    /// The `loss` part: per-object times (curl's `time_total`) of the small objects fetched
+    /// one after the other on one connection through the loss: p50, p99 and max, ms.
+    loss_object_ms: Option<[f64; 3]>,
+    /// Packets the router dropped during the `loss` part.
+    loss_drops: u64,
+    /// The node's loss probes during the `loss` part (flowshift only).
+    loss_probes: Option<u64>,
     /// Share of the machine's CPU time the hypervisor gave to other guests during these
     /// measurements (a noisy neighbour, not our code).
     steal_percent: f64,
@@ -146,6 +175,18 @@ struct Results {
     duration_s: u64,
     /// Bytes per curl download (`http` part), 0 when not measured.
     http_bytes: u64,
+    /// The `loss` part: the router's loss in percent (0: not measured), the download's and
+    /// the objects' sizes, and whether the node's loss probes were on.
+    #[serde(default)]
+    loss_percent: u8,
+    #[serde(default)]
+    loss_bytes: u64,
+    #[serde(default)]
+    loss_objects: usize,
+    #[serde(default)]
+    loss_object_bytes: u64,
+    #[serde(default)]
+    loss_probes: bool,
     runs: usize,
     /// Per run: the kernel's and flowshift's figures (measured back to back, in alternating
     /// order).
@@ -200,17 +241,40 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     if !args.pin_workers {
         config = config.pin_workers(false);
     }
+    if !args.loss_probes {
+        config = config.loss_probes(false);
+    }
     let node = tb
         .start_node(flowshift_testbed::Node::A, &config)
         .context("starting flowshift")?;
-    let pid = node.pid();
 
-    let nginx = if args.parts.contains(&Part::Http) {
-        Some(Nginx::start(&tb, args.http_bytes).context("starting nginx")?)
-    } else {
+    let http_part = args.parts.contains(&Part::Http);
+    let loss = args.parts.contains(&Part::Loss).then_some(LossArgs {
+        percent: args.loss_percent,
+        bytes: args.loss_bytes,
+        objects: args.loss_objects,
+        object_bytes: args.loss_object_bytes,
+    });
+    if let Some(l) = &loss {
+        flowshift_testbed::ensure_tools(&["nft"])?;
+        anyhow::ensure!(
+            (1..100).contains(&l.percent) && l.objects > 0 && l.bytes > 0 && l.object_bytes > 0,
+            "--loss-percent must be 1..99 and the loss sizes above 0"
+        );
+    }
+    let mut files = Vec::new();
+    if http_part {
+        files.push(args.http_bytes);
+    }
+    if let Some(l) = &loss {
+        files.extend([l.bytes, l.object_bytes]);
+    }
+    let nginx = if files.is_empty() {
         None
+    } else {
+        Some(Nginx::start(&tb, &files).context("starting nginx")?)
     };
-    let http_bytes = nginx.as_ref().map(|_| args.http_bytes);
+    let http_bytes = http_part.then_some(args.http_bytes);
     let transfer = args.parts.contains(&Part::Transfer);
 
     let d = secs(args.duration);
@@ -220,13 +284,14 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         4.0 * args.duration as f64 + 0.5
     } else {
         0.0
-    } + http_bytes.map_or(0.0, |n| n as f64 / 5e8 + 0.5);
+    } + http_bytes.map_or(0.0, |n| n as f64 / 5e8 + 0.5)
+        + loss.as_ref().map_or(0.0, |l| 3.0 + l.objects as f64 * 0.05);
     let idle_s = 3.5
         + flowshift_core::stack::COMPACT_AFTER.total_millis() as f64 / 1e3
         + args.idle as f64 * 1.5e-3;
     let mut progress = Progress::new(2.0 * args.runs as f64 * measure_s + 4.0 * idle_s);
     let (mut kernel_tcp, mut flowshift) = (Vec::new(), Vec::new());
-    let runs = if transfer || http_bytes.is_some() {
+    let runs = if transfer || http_bytes.is_some() || loss.is_some() {
         args.runs
     } else {
         0
@@ -246,6 +311,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                     NODE_A,
                     transfer.then_some(d),
                     http_bytes,
+                    loss.as_ref(),
                     args.conn_threads,
                     None,
                 )?,
@@ -254,8 +320,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                     SERVICE_ADDR,
                     transfer.then_some(d),
                     http_bytes,
+                    loss.as_ref(),
                     args.conn_threads,
-                    Some(pid),
+                    Some(&node),
                 )?,
             };
             match target {
@@ -330,6 +397,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         tcp_buffer: args.tcp_buffer,
         duration_s: args.duration,
         http_bytes: http_bytes.unwrap_or(0),
+        loss_percent: loss.as_ref().map_or(0, |l| l.percent),
+        loss_bytes: loss.as_ref().map_or(0, |l| l.bytes),
+        loss_objects: loss.as_ref().map_or(0, |l| l.objects),
+        loss_object_bytes: loss.as_ref().map_or(0, |l| l.object_bytes),
+        loss_probes: args.loss_probes,
         runs,
         kernel_tcp,
         flowshift,
@@ -345,16 +417,29 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the `loss` part measures.
+#[derive(Debug, Clone, Copy)]
+struct LossArgs {
+    percent: u8,
+    bytes: u64,
+    objects: usize,
+    object_bytes: u64,
+}
+
 /// The throughput measures of one target, one after the other: the kernel-socket transfers
-/// for `d` each (when given), then curl's HTTP download of `http_bytes` (when given).
+/// for `d` each (when given), then curl's HTTP download of `http_bytes` (when given), then
+/// the `loss` part (when given). `node`: flowshift's, when it is the target.
+#[allow(clippy::too_many_arguments)]
 fn measure(
     tb: &Testbed,
     target: Ipv4Addr,
     d: Option<Duration>,
     http_bytes: Option<u64>,
+    loss: Option<&LossArgs>,
     conn_threads: usize,
-    pid: Option<u32>,
+    node: Option<&flowshift_testbed::NodeHandle>,
 ) -> anyhow::Result<Figures> {
+    let pid = node.map(|n| n.pid());
     let client = tb.client();
     let mut f = Figures::default();
     let (steal0, t0) = (sys::machine_steal_seconds(), std::time::Instant::now());
@@ -394,6 +479,38 @@ fn measure(
         eprintln!("  curl HTTP  {:.2} Gbit/s (verified)", t.gbit_s());
         f.http_download = Some(t);
     }
+    if let Some(l) = loss {
+        let probes = || {
+            node.and_then(|n| n.ctl_json(&["status"]).ok())
+                .and_then(|v| v["stats"]["loss_probes"].as_u64())
+        };
+        let probes0 = probes();
+        tb.set_router_loss(l.percent).context("router loss")?;
+        let result = (|| -> anyhow::Result<(Transfer, [f64; 3])> {
+            let t = curl_download(tb, target, l.bytes).context("curl through loss")?;
+            let objects = curl_objects(tb, target, l.objects, l.object_bytes)
+                .context("objects through loss")?;
+            Ok((t, objects))
+        })();
+        f.loss_drops = tb.router_loss_drops().unwrap_or(0);
+        tb.clear_router_loss();
+        let (t, objects) = result?;
+        f.loss_probes = probes0.zip(probes()).map(|(a, b)| b.saturating_sub(a));
+        eprintln!(
+            "  {} % loss  download {:.1} Mbit/s (verified); {} objects p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} packets dropped{}",
+            l.percent,
+            t.gbit_s() * 1e3,
+            l.objects,
+            objects[0],
+            objects[1],
+            objects[2],
+            f.loss_drops,
+            f.loss_probes
+                .map_or(String::new(), |p| format!("; {p} loss probes"))
+        );
+        f.loss_download = Some(t);
+        f.loss_object_ms = Some(objects);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let wall = t0.elapsed().as_secs_f64() * cores;
     if wall > 0.0 {
@@ -416,7 +533,7 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(tb: &Testbed, bytes: u64) -> anyhow::Result<Nginx> {
+    fn start(tb: &Testbed, sizes: &[u64]) -> anyhow::Result<Nginx> {
         flowshift_testbed::ensure_tools(&["nginx"])?;
         let dir =
             std::path::Path::new(HTTP_DIR).join(format!("fsbench-nginx-{}", std::process::id()));
@@ -425,7 +542,7 @@ impl Nginx {
         std::fs::create_dir_all(&www).with_context(|| format!("creating {}", www.display()))?;
         std::fs::create_dir_all(me.dir.join("tmp"))?;
         // The counting stream from offset 0, as `GET /bytes/N` of the http app sends it.
-        {
+        for &bytes in sizes {
             use std::io::Write;
             let path = www.join(bytes.to_string());
             let mut file = std::io::BufWriter::new(
@@ -541,6 +658,62 @@ fn curl_download(tb: &Testbed, target: Ipv4Addr, n: u64) -> anyhow::Result<Trans
         });
     let _ = std::fs::remove_file(&out);
     result
+}
+
+/// curl in the client namespace fetches `GET /bytes/size` from `target` port 80 `count`
+/// times, one after the other on one keep-alive connection; every body is checked against
+/// the counting stream. Returns the per-object times (curl's `time_total` of each transfer)
+/// at p50, p99 and max, in ms.
+fn curl_objects(
+    tb: &Testbed,
+    target: Ipv4Addr,
+    count: usize,
+    size: u64,
+) -> anyhow::Result<[f64; 3]> {
+    let url = format!("http://{target}/bytes/{size}");
+    let mut cmd = tb.client().command("curl");
+    cmd.args([
+        "-sS",
+        "--fail",
+        "--max-time",
+        "600",
+        "-w",
+        "%{stderr}%{time_total}\\n",
+    ])
+    .args(std::iter::repeat_n(&url, count))
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let out = tb.spawn(cmd)?.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        out.status.success(),
+        "curl: {} {}",
+        out.status,
+        stderr.trim()
+    );
+    anyhow::ensure!(
+        out.stdout.len() as u64 == count as u64 * size,
+        "curl fetched {} bytes, not {count} × {size}",
+        out.stdout.len()
+    );
+    for body in out.stdout.chunks(size as usize) {
+        let mut verifier = flowshift_testbed::oracle::CountingVerifier::new();
+        verifier.feed(body)?;
+    }
+    let mut ms: Vec<f64> = stderr
+        .lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .map(|s| s * 1e3)
+        .collect();
+    anyhow::ensure!(
+        ms.len() == count,
+        "curl reported {} times for {count} objects: {}",
+        ms.len(),
+        stderr.trim()
+    );
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    Ok([at(0.5), at(0.99), ms[ms.len() - 1]])
 }
 
 /// Checks that the file at `path` is the first `n` bytes of the counting stream.
@@ -752,6 +925,41 @@ fn summarize(k: &[Figures], f: &[Figures]) -> Vec<Row> {
             ratio: Spread::of(k.iter().zip(f).map(|(a, b)| http(b) / http(a)).collect()),
         });
     }
+    if k.iter().chain(f).any(|x| x.loss_download.is_some()) {
+        type PickOpt = fn(&Figures) -> f64;
+        let loss: [(&'static str, PickOpt); 4] = [
+            ("curl download through the router's loss, Mbit/s", |x| {
+                x.loss_download.map_or(f64::NAN, |t| t.gbit_s() * 1e3)
+            }),
+            ("small object through the loss, p50 ms", |x| {
+                x.loss_object_ms.map_or(f64::NAN, |m| m[0])
+            }),
+            ("small object through the loss, p99 ms", |x| {
+                x.loss_object_ms.map_or(f64::NAN, |m| m[1])
+            }),
+            ("small object through the loss, max ms", |x| {
+                x.loss_object_ms.map_or(f64::NAN, |m| m[2])
+            }),
+        ];
+        for (name, pick) in loss {
+            rows.push(Row {
+                name,
+                kernel: Spread::of(k.iter().map(pick).collect()),
+                flowshift: Spread::of(f.iter().map(pick).collect()),
+                ratio: Spread::of(k.iter().zip(f).map(|(a, b)| pick(b) / pick(a)).collect()),
+            });
+        }
+        rows.push(Row {
+            name: "loss probes per run (flowshift)",
+            kernel: None,
+            flowshift: Spread::of(
+                f.iter()
+                    .filter_map(|x| x.loss_probes.map(|p| p as f64))
+                    .collect(),
+            ),
+            ratio: None,
+        });
+    }
     rows.extend(transfers.then(|| Row {
         name: "flowshift process CPU s per GB (download)",
         kernel: None,
@@ -786,6 +994,16 @@ fn markdown(r: &Results) -> String {
         s += &format!(
             " curl's HTTP downloads were {} bytes each (`GET /bytes/N`; the kernel's from nginx with sendfile, one process, on node-a's own address), timed by curl (`time_total`) into tmpfs and verified afterwards.",
             r.http_bytes
+        );
+    }
+    if r.loss_percent > 0 {
+        s += &format!(
+            " Through the loss: the router drops {} % of the packets it forwards, at random, both ways (nftables, one segment per packet); curl downloads {} bytes, then fetches {} objects of {} bytes one after the other on one keep-alive connection, each timed by curl (`time_total`); every body verified; the node's loss probes (`tcp.loss_probes`) {}.",
+            r.loss_percent,
+            r.loss_bytes,
+            r.loss_objects,
+            r.loss_object_bytes,
+            if r.loss_probes { "on" } else { "off" }
         );
     }
     s += "\n\n";
@@ -1040,7 +1258,30 @@ mod tests {
             machine_cpu_s_per_gb: 1.0 / f,
             process_cpu_s_per_gb: (f < 1.0).then_some(0.7),
             steal_percent: 3.0 * k,
+            loss_download: Some(t(0.05 * f)),
+            loss_object_ms: Some([0.1, 200.0 / f, 400.0 / f]),
+            loss_drops: 100,
+            loss_probes: (f < 1.0).then_some(120),
         }
+    }
+
+    #[test]
+    fn the_loss_part_is_summarised_with_its_ratios() {
+        let k = vec![figures_of(1.0, 1.0); 3];
+        let f = vec![figures_of(1.0, 0.5); 3];
+        let rows = summarize(&k, &f);
+        let row = |name: &str| rows.iter().find(|r| r.name == name).unwrap();
+        let p99 = row("small object through the loss, p99 ms");
+        assert_eq!(p99.ratio.unwrap().median, 2.0);
+        let dl = row("curl download through the router's loss, Mbit/s");
+        assert!((dl.ratio.unwrap().median - 0.5).abs() < 1e-9);
+        assert_eq!(
+            row("loss probes per run (flowshift)")
+                .flowshift
+                .unwrap()
+                .median,
+            120.0
+        );
     }
 
     #[test]
@@ -1056,6 +1297,11 @@ mod tests {
             tcp_buffer: None,
             duration_s: 1,
             http_bytes: 1_000_000,
+            loss_percent: 2,
+            loss_bytes: 4_000_000,
+            loss_objects: 200,
+            loss_object_bytes: 16_000,
+            loss_probes: true,
             runs: 3,
             kernel_tcp: vec![figures_of(1.0, 1.0); 3],
             flowshift: vec![

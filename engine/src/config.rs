@@ -366,6 +366,7 @@ struct RawLimits {
 struct RawTcp {
     rx_buffer: Option<usize>,
     tx_buffer: Option<usize>,
+    loss_probes: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -608,6 +609,7 @@ impl Config {
         let tcp = TcpConfig {
             rx_buffer: raw.tcp.rx_buffer.unwrap_or(defaults.rx_buffer),
             tx_buffer: raw.tcp.tx_buffer.unwrap_or(defaults.tx_buffer),
+            loss_probes: raw.tcp.loss_probes.unwrap_or(defaults.loss_probes),
         };
         for (key, v) in [
             ("tcp.rx_buffer", tcp.rx_buffer),

@@ -358,6 +358,18 @@ pub fn render(
     );
     counter(
         &mut r,
+        "loss_probes",
+        "Loss probes: earliest unacknowledged segments resent after about two round trips without an ACK (tcp.loss_probes)",
+        stats.loss_probes,
+    );
+    counter(
+        &mut r,
+        "kpis_dropped",
+        "Ended connections' KPIs dropped before the predictor took them",
+        stats.kpis_dropped,
+    );
+    counter(
+        &mut r,
         "unknown_flow_packets",
         "Packets for no known connection (answered with RST)",
         stats.unknown_flow_packets,

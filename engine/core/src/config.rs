@@ -96,6 +96,9 @@ pub struct TcpConfig {
     pub rx_buffer: usize,
     /// Send buffer per connection, bytes (the send mirror has the same size).
     pub tx_buffer: usize,
+    /// Probe a lost tail within about two round trips instead of after smoltcp's 1 s
+    /// minimum timeout ([`crate::probe`]). Default on.
+    pub loss_probes: bool,
 }
 
 /// Default socket buffer, each way: 256 KiB. One send buffer per round trip is the most a
@@ -111,6 +114,7 @@ impl Default for TcpConfig {
         Self {
             rx_buffer: DEFAULT_SOCKET_BUFFER,
             tx_buffer: DEFAULT_SOCKET_BUFFER,
+            loss_probes: true,
         }
     }
 }

@@ -330,6 +330,18 @@ impl SocketPlace {
         }
     }
 
+    /// The socket, if the flow has one.
+    pub fn get_opt<'s>(
+        &'s self,
+        set: &'s SocketSet<'static>,
+    ) -> Option<&'s smoltcp::socket::tcp::Socket<'static>> {
+        match self {
+            Self::InSet(h) => Some(set.get(*h)),
+            Self::Parked(s) => Some(s),
+            Self::Gone => None,
+        }
+    }
+
     /// The socket's handle in `set`, putting it back there first if it is parked: it is
     /// polled again from now on.
     pub fn unpark(&mut self, set: &mut SocketSet<'static>) -> SocketHandle {
@@ -456,6 +468,8 @@ pub struct Flow {
     pub compacted_at: Option<u64>,
     /// Its exchanges and their response times here ([`FlowKpi`]).
     pub kpi: FlowKpi,
+    /// Its loss-probe state ([`crate::probe`]).
+    pub probe: crate::probe::LossProbe,
 }
 
 impl Flow {
@@ -504,6 +518,7 @@ impl Flow {
             rates: RateSample::default(),
             compacted_at: None,
             kpi: FlowKpi::default(),
+            probe: crate::probe::LossProbe::default(),
         }
     }
 

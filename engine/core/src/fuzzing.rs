@@ -169,6 +169,7 @@ impl StackHarness {
             tcp: TcpConfig {
                 rx_buffer: 4096,
                 tx_buffer: 4096,
+                loss_probes: true,
             },
             frozen_queue_packets: 8,
             max_half_open: 6,

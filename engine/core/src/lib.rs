@@ -21,6 +21,7 @@ pub mod flow;
 pub mod fuzzing;
 pub mod packet;
 pub mod predict;
+pub mod probe;
 pub mod secure;
 pub mod segment;
 pub mod stack;

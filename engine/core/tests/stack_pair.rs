@@ -73,6 +73,8 @@ struct Pair {
     next_port: u16,
     /// Applied to every client→stack packet; returning false drops it.
     filter: Option<PacketFilter>,
+    /// Applied to every stack→client packet; returning false drops it.
+    tx_filter: Option<PacketFilter>,
 }
 
 impl Pair {
@@ -129,6 +131,7 @@ impl Pair {
             budget,
             next_port: 40_000,
             filter: None,
+            tx_filter: None,
         }
     }
 
@@ -159,7 +162,13 @@ impl Pair {
         }
         self.stack.poll(self.now);
         let rx = &mut self.pipe.rx;
+        let tx_filter = &mut self.tx_filter;
         self.stack.drain_transmit(|p| {
+            if let Some(f) = tx_filter.as_mut()
+                && !f(&mut p.to_vec())
+            {
+                return;
+            }
             if std::env::var("PAIR_TRACE").is_ok() {
                 let ip = smoltcp::wire::Ipv4Packet::new_checked(p).unwrap();
                 let t = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
@@ -1507,4 +1516,112 @@ fn exchanges_are_counted_and_timed_and_the_end_reports_them() {
     });
     let e = ended[0];
     assert_eq!((e.requests, e.latency, e.error), (0, None, true), "{e:?}");
+}
+
+/// Sends `n` bytes on `h` and returns the virtual milliseconds until all came back.
+fn echo_round(p: &mut Pair, h: SocketHandle, n: usize) -> u64 {
+    let start = p.now;
+    let data = counting(0, n);
+    p.sock(h).send_slice(&data).unwrap();
+    let mut got = Vec::new();
+    p.run_until(5_000, |p| {
+        read_into(p, h, &mut got);
+        got.len() >= n
+    });
+    assert_eq!(got, data);
+    (p.now - start).total_millis()
+}
+
+/// A lost tail (here the only segment of an echo) has nothing after it to be acknowledged
+/// twice: smoltcp repairs it only by its timeout, never under 1 s. The loss probe makes
+/// smoltcp resend it after about two round trips and the delayed-ACK allowance, and a lost
+/// probe is followed by a second after twice that; with probes off, the same loss takes over
+/// a second.
+#[test]
+fn a_lost_tail_segment_is_probed_in_a_fraction_of_smoltcps_1_s_timeout() {
+    /// (slowest clean exchange, the lossy exchange, probes sent), in virtual ms.
+    fn run(loss_probes: bool, drops: u32) -> (u64, u64, u64) {
+        let mut p = Pair::new_with(100, |c| c.tcp.loss_probes = loss_probes);
+        let h = p.connect(7);
+        p.run_until(100, |p| p.sock(h).may_send());
+        // A few clean exchanges: a round-trip estimate.
+        let clean = (0..5).map(|_| echo_round(&mut p, h, 100)).max().unwrap();
+        // Drop the next `drops` data segments the stack sends: the echo, then its resends.
+        let dropped = std::rc::Rc::new(std::cell::Cell::new(0));
+        let d = dropped.clone();
+        p.tx_filter = Some(Box::new(move |pkt: &mut Vec<u8>| {
+            let ip = smoltcp::wire::Ipv4Packet::new_checked(&pkt[..]).unwrap();
+            let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+            if !tcp.payload().is_empty() && d.get() < drops {
+                d.set(d.get() + 1);
+                return false;
+            }
+            true
+        }));
+        let lossy = echo_round(&mut p, h, 100);
+        assert_eq!(dropped.get(), drops);
+        (clean, lossy, p.stack.stats().loss_probes)
+    }
+    let (clean, lossy, probes) = run(true, 1);
+    eprintln!("clean exchange {clean} ms; lost echo with probes {lossy} ms");
+    assert!(clean < 50, "clean exchange took {clean} ms");
+    assert_eq!(probes, 1);
+    // 2 × srtt (the client's 10 ms delayed ACK) + the 200 ms delayed-ACK allowance.
+    assert!((200..400).contains(&lossy), "probed: {lossy} ms");
+    // The probe lost too: a second one, twice the timeout later.
+    let (_, lossy, probes) = run(true, 2);
+    eprintln!("lost echo and lost probe {lossy} ms");
+    assert_eq!(probes, 2);
+    assert!((600..1000).contains(&lossy), "probed twice: {lossy} ms");
+    let (_, lossy, probes) = run(false, 1);
+    eprintln!("lost echo without probes {lossy} ms");
+    assert_eq!(probes, 0);
+    assert!(lossy >= 1000, "without probes: {lossy} ms");
+}
+
+/// Keep-alive HTTP objects while 3 % of the stack's packets are lost (a fixed pseudo-random
+/// pattern): every body arrives intact and no object waits for smoltcp's 1 s timeout — the
+/// worst is a lone lost tail's probe (two round trips and the 200 ms delayed-ACK
+/// allowance), also when a probe is itself lost or a hole follows a probe.
+#[test]
+fn objects_under_random_loss_never_wait_for_smoltcps_timeout() {
+    let mut p = Pair::new(100);
+    let h = p.connect(80);
+    p.run_until(100, |p| p.sock(h).may_send());
+    let mut seed = 12345u64;
+    let dropped = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let d = dropped.clone();
+    p.tx_filter = Some(Box::new(move |_: &mut Vec<u8>| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let drop = (seed >> 33) % 100 < 3;
+        d.set(d.get() + u64::from(drop));
+        !drop
+    }));
+    let request = b"GET /bytes/16000 HTTP/1.1\r\nHost: x\r\n\r\n";
+    let body = counting(0, 16_000);
+    let mut worst = 0;
+    for _ in 0..300 {
+        let start = p.now;
+        p.sock(h).send_slice(request).unwrap();
+        let mut got = Vec::new();
+        p.run_until(10_000, |p| {
+            read_into(p, h, &mut got);
+            got.windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .is_some_and(|end| got.len() - (end + 4) >= 16_000)
+        });
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(&got[end..], &body[..], "body differs");
+        worst = worst.max((p.now - start).total_millis());
+    }
+    let probes = p.stack.stats().loss_probes;
+    eprintln!(
+        "{} packets dropped, {probes} probes, slowest object {worst} ms",
+        dropped.get()
+    );
+    assert!(dropped.get() > 50);
+    assert!(probes > 0);
+    assert!(worst < 800, "an object took {worst} ms");
 }

@@ -17,6 +17,7 @@ pub struct NodeConfig {
     pin_workers: Option<bool>,
     max_connections: usize,
     tcp_buffers: Option<usize>,
+    loss_probes: Option<bool>,
     shutdown_timeout_ms: Option<u64>,
     metrics_listen: Option<String>,
     services: Vec<(u16, &'static str, Option<u64>)>,
@@ -36,6 +37,7 @@ impl NodeConfig {
             pin_workers: None,
             max_connections: 100_000,
             tcp_buffers: None,
+            loss_probes: None,
             shutdown_timeout_ms: None,
             metrics_listen: None,
             services: vec![
@@ -81,6 +83,12 @@ impl NodeConfig {
     /// Both socket buffers, bytes.
     pub fn tcp_buffers(mut self, bytes: usize) -> Self {
         self.tcp_buffers = Some(bytes);
+        self
+    }
+
+    /// `tcp.loss_probes`.
+    pub fn loss_probes(mut self, on: bool) -> Self {
+        self.loss_probes = Some(on);
         self
     }
 
@@ -140,8 +148,14 @@ impl NodeConfig {
             }
         }
         s += &format!("[limits]\nmax_connections = {}\n", self.max_connections);
+        if self.tcp_buffers.is_some() || self.loss_probes.is_some() {
+            s += "[tcp]\n";
+        }
         if let Some(b) = self.tcp_buffers {
-            s += &format!("[tcp]\nrx_buffer = {b}\ntx_buffer = {b}\n");
+            s += &format!("rx_buffer = {b}\ntx_buffer = {b}\n");
+        }
+        if let Some(on) = self.loss_probes {
+            s += &format!("loss_probes = {on}\n");
         }
         if let Some(m) = &self.metrics_listen {
             s += &format!("[metrics]\nlisten = \"{m}\"\n");

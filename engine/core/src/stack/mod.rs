@@ -363,6 +363,9 @@ pub struct StackStats {
     /// Ended connections' KPIs dropped because nobody took them in time
     /// ([`Stack::take_ended`]; at most [`ENDED_KEPT`] wait).
     pub kpis_dropped: u64,
+    /// Loss probes: retransmissions of a connection's earliest unacknowledged segment after
+    /// about two round trips without an ACK ([`crate::probe`]).
+    pub loss_probes: u64,
 }
 
 impl StackStats {
@@ -410,6 +413,7 @@ impl StackStats {
         self.head_timeouts += other.head_timeouts;
         self.freeze_timeouts += other.freeze_timeouts;
         self.kpis_dropped += other.kpis_dropped;
+        self.loss_probes += other.loss_probes;
     }
 }
 
@@ -486,6 +490,10 @@ fn tsval_now() -> u32 {
 /// Bytes cleared at the front of every transmit buffer: the largest IPv4 and TCP headers
 /// (60 bytes each).
 const HEADER_CLEAR: usize = 120;
+
+/// One full segment, for the loss probes' delayed-ACK allowance (a typical MSS; a little off
+/// for a clamped one only moves the allowance's threshold).
+const PROBE_SEGMENT: u32 = 1448;
 
 /// Ended connections' KPIs a stack keeps until [`Stack::take_ended`] takes them (the node's
 /// predictor does every sample, 100 ms by default); beyond, the oldest go and are counted.
@@ -659,6 +667,12 @@ pub struct Stack {
     frozen_bytes: usize,
     /// Connections that ended here since [`Stack::take_ended`] last took them.
     ended: VecDeque<ConnEnd>,
+    /// The time of the current turn (set by `handle_packet` and `poll`).
+    now: Instant,
+    /// Slots of flows with data in flight, watched for loss probes ([`crate::probe`]).
+    in_flight: Vec<usize>,
+    /// When the earliest loss probe may be due.
+    next_probe: Option<Instant>,
     /// Keyed functions for ISNs, timestamp offsets and cookies.
     secrets: Secrets,
     /// When the last SYN cookie was sent: ACKs of unknown flows are checked for a cookie
@@ -738,6 +752,9 @@ impl Stack {
             time_wait: TimeWaitTable::new(budget_cap),
             retiring: Vec::new(),
             ended: VecDeque::new(),
+            now,
+            in_flight: Vec::new(),
+            next_probe: None,
             frozen_bytes: 0,
             secrets,
             last_cookie: None,
@@ -769,6 +786,7 @@ impl Stack {
 
     fn handle(&mut self, now: Instant, packet: &mut [u8], verify_checksums: bool) {
         Self::set_clock(now);
+        self.now = now;
         self.stats.packets_in += 1;
         self.stats.bytes_in += packet.len() as u64;
         let addresses = &self.addresses;
@@ -1107,6 +1125,7 @@ impl Stack {
     /// Runs timers, serves the apps of flows that saw packets, and emits what is ready.
     pub fn poll(&mut self, now: Instant) {
         Self::set_clock(now);
+        self.now = now;
         let retiring = std::mem::take(&mut self.retiring);
         for &slot in &retiring {
             self.retire_if_ended(now, slot);
@@ -1116,6 +1135,9 @@ impl Stack {
         let dirty = std::mem::take(&mut self.dirty);
         for &slot in &dirty {
             self.serve(now, slot);
+        }
+        if self.next_probe.is_some_and(|at| now >= at) {
+            self.probe_losses(now);
         }
         let mut dev = TurnDevice {
             rx: None,
@@ -1222,6 +1244,13 @@ impl Stack {
             .total()
             .saturating_sub(socket.send_queue() as u64);
         flow.kpi.acked(now, acked);
+        if flow.probe.listed {
+            flow.probe
+                .observe(now, flow.send_base.wrapping_add(acked as u32));
+            if let Some(at) = flow.probe.deadline(PROBE_SEGMENT) {
+                self.next_probe = Some(self.next_probe.map_or(at, |n| n.min(at)));
+            }
+        }
         if !flow.close_sent && flow.bytes_in >= QUICKACK_BYTES && socket.ack_delay().is_none() {
             socket.set_ack_delay(Some(ACK_DELAY));
         }
@@ -1355,6 +1384,119 @@ impl Stack {
         // Closed from LAST-ACK or CLOSING: both FINs went; from anywhere else: a reset.
         let clean = flow.fin_delivered && flow.close_sent;
         self.release(&mut flow, "closed", clean);
+    }
+
+    /// Loss probes ([`crate::probe`]): for every flow with data in flight whose probe is
+    /// due, makes smoltcp retransmit the earliest unacknowledged segment; flows with nothing
+    /// in flight leave the list.
+    fn probe_losses(&mut self, now: Instant) {
+        let mut next: Option<Instant> = None;
+        let mut list = std::mem::take(&mut self.in_flight);
+        list.retain(|&slot| {
+            let Some(flow) = self.flows.get_mut(slot) else {
+                return false;
+            };
+            let socket = match (&flow.mode, flow.socket.get_opt(&self.sockets)) {
+                (FlowMode::Local, Some(s)) if flow.probe.listed => s,
+                _ => {
+                    flow.probe.listed = false;
+                    return false;
+                }
+            };
+            let unacked = socket.send_queue();
+            let acked = flow.mirror.total().saturating_sub(unacked as u64);
+            if !flow
+                .probe
+                .observe(now, flow.send_base.wrapping_add(acked as u32))
+            {
+                flow.probe.listed = false;
+                return false;
+            }
+            let Some(due) = flow.probe.deadline(PROBE_SEGMENT) else {
+                // Probed out: smoltcp's own timeout acts; an ACK brings the flow back.
+                return true;
+            };
+            // smoltcp's fast retransmit resends data, in the states that take a plain ACK,
+            // towards a client whose window stays open after the window update below.
+            let state = socket.state();
+            let can_probe = unacked > 0
+                && flow.record.client_window >= 3
+                && matches!(
+                    state,
+                    tcp::State::Established | tcp::State::CloseWait | tcp::State::FinWait1
+                );
+            if now >= due && !can_probe {
+                // Due, but not for a probe (only a FIN in flight, a closed window, a state
+                // that answers a plain ACK otherwise): the timeout backs off as if probed.
+                flow.probe.probed(now);
+            }
+            if now >= due && can_probe {
+                // The client's next sequence number: what it sent, plus its FIN if it closed.
+                let rcv_nxt = flow
+                    .recv_base
+                    .wrapping_add(flow.bytes_in as u32)
+                    .wrapping_add(socket.recv_queue() as u32)
+                    .wrapping_add(u32::from(state == tcp::State::CloseWait));
+                let snd_una_local = flow
+                    .send_base
+                    .wrapping_add(acked as u32)
+                    .wrapping_sub(flow.xlate.seq_off);
+                let key = flow.key;
+                // One or two units below the client's window, alternating from probe to
+                // probe: the first ACK must differ from the window smoltcp holds, which
+                // after an earlier probe is that probe's, to count as a window update.
+                let window =
+                    flow.record.client_window - 1 - u16::from(flow.probe.probes() % 2 == 1);
+                flow.probe.probed(now);
+                let probes = flow.probe.probes();
+                self.stats.loss_probes += 1;
+                tracing::debug!(
+                    id = flow.id,
+                    client = %key.client,
+                    in_flight = flow.probe.in_flight(),
+                    probes,
+                    "no ACK for a probe timeout: retransmitting the earliest unacknowledged segment"
+                );
+                // A window update resets smoltcp's duplicate-ACK count; three duplicates of
+                // it start smoltcp's fast retransmit. The window is a unit or two smaller
+                // than the client's, never larger; the client's next ACK sets it right.
+                let repr = TcpRepr {
+                    src_port: key.client.port(),
+                    dst_port: key.service.port(),
+                    control: TcpControl::None,
+                    seq_number: TcpSeqNumber(rcv_nxt as i32),
+                    ack_number: Some(TcpSeqNumber(snd_una_local as i32)),
+                    window_len: window,
+                    window_scale: None,
+                    max_seg_size: None,
+                    sack_permitted: false,
+                    sack_ranges: [None; 3],
+                    timestamp: None,
+                    payload: &[],
+                };
+                let ack = packet::emit_ipv4_tcp(*key.client.ip(), *key.service.ip(), &repr);
+                let mut dev = TurnDevice {
+                    rx: None,
+                    tx: &mut self.tx,
+                    caps: &self.caps,
+                };
+                for _ in 0..4 {
+                    dev.rx = Some(&ack);
+                    self.iface
+                        .poll_ingress_single(now, &mut dev, &mut self.sockets);
+                }
+            }
+            if let Some(flow) = self.flows.get(slot)
+                && let Some(at) = flow.probe.deadline(PROBE_SEGMENT)
+            {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+            true
+        });
+        // Flows listed meanwhile (none: this runs inside `poll`) are kept.
+        list.append(&mut self.in_flight);
+        self.in_flight = list;
+        self.next_probe = next;
     }
 
     /// What a connection that ended held: its socket, its slot, its half-open count; and
@@ -1620,6 +1762,31 @@ impl Stack {
                 if syn_ack && let Some(wire_isn) = flow.wire_isn {
                     flow.xlate.seq_off = wire_isn.wrapping_sub(out.seq);
                 }
+                if self.config.tcp.loss_probes
+                    && out.payload_len > 0
+                    && !out.flags.syn
+                    && matches!(flow.mode, FlowMode::Local)
+                    && let Some(socket) = flow.socket.get_opt(&self.sockets)
+                {
+                    let acked = flow
+                        .mirror
+                        .total()
+                        .saturating_sub(socket.send_queue() as u64);
+                    let in_flight = flow.probe.sent(
+                        self.now,
+                        flow.send_base.wrapping_add(acked as u32),
+                        out.seq_end().wrapping_add(flow.xlate.seq_off),
+                    );
+                    if in_flight {
+                        if !flow.probe.listed {
+                            flow.probe.listed = true;
+                            self.in_flight.push(slot);
+                        }
+                        if let Some(at) = flow.probe.deadline(PROBE_SEGMENT) {
+                            self.next_probe = Some(self.next_probe.map_or(at, |n| n.min(at)));
+                        }
+                    }
+                }
                 // Pure ACKs of a restored flow carry at least what the previous owner had
                 // sent.
                 let floor = flow
@@ -1685,6 +1852,7 @@ impl Stack {
             Some(t) if t < self.next_sweep => t,
             _ => self.next_sweep,
         };
+        let at = self.next_probe.map_or(at, |p| p.min(at));
         at.max(now)
     }
 
