@@ -1028,25 +1028,51 @@ fn markdown(r: &Results) -> String {
             f.bytes_per_conn / k.bytes_per_conn.max(1.0)
         );
     }
-    s += "\nPer run (Gbit/s download / upload / 8 flows / curl over HTTP, steal %):\n\n| run | kernel | flowshift |\n|---|---|---|\n";
-    for (i, (k, f)) in r.kernel_tcp.iter().zip(&r.flowshift).enumerate() {
-        let one = |x: &Figures| {
-            format!(
-                "{:.2} / {:.2} / {:.2} / {}, {:.0} %",
-                x.download.gbit_s(),
-                x.upload.gbit_s(),
-                x.parallel8.gbit_s(),
-                x.http_download
-                    .map_or("-".to_string(), |t| format!("{:.2}", t.gbit_s())),
-                x.steal_percent
-            )
-        };
-        let flag = if r.flagged_runs.contains(&(i + 1)) {
+    let flag = |i: usize| {
+        if r.flagged_runs.contains(&(i + 1)) {
             " (steal > 10 %: flagged)"
         } else {
             ""
-        };
-        s += &format!("| {}{flag} | {} | {} |\n", i + 1, one(k), one(f));
+        }
+    };
+    let runs = r.kernel_tcp.iter().zip(&r.flowshift).enumerate();
+    let transfers = r
+        .kernel_tcp
+        .iter()
+        .chain(&r.flowshift)
+        .any(|x| x.download.bytes > 0 || x.http_download.is_some());
+    if transfers {
+        s += "\nPer run (Gbit/s download / upload / 8 flows / curl over HTTP, steal %):\n\n| run | kernel | flowshift |\n|---|---|---|\n";
+        for (i, (k, f)) in runs.clone() {
+            let one = |x: &Figures| {
+                format!(
+                    "{:.2} / {:.2} / {:.2} / {}, {:.0} %",
+                    x.download.gbit_s(),
+                    x.upload.gbit_s(),
+                    x.parallel8.gbit_s(),
+                    x.http_download
+                        .map_or("-".to_string(), |t| format!("{:.2}", t.gbit_s())),
+                    x.steal_percent
+                )
+            };
+            s += &format!("| {}{} | {} | {} |\n", i + 1, flag(i), one(k), one(f));
+        }
+    }
+    if r.loss_percent > 0 {
+        s += "\nPer run through the loss (download Mbit/s / object p99 ms / object max ms, packets dropped, flowshift's loss probes):\n\n| run | kernel | flowshift |\n|---|---|---|\n";
+        for (i, (k, f)) in runs {
+            let one = |x: &Figures| {
+                let [_, p99, max] = x.loss_object_ms.unwrap_or([f64::NAN; 3]);
+                format!(
+                    "{:.1} / {p99:.1} / {max:.1}, {} dropped{}",
+                    x.loss_download.map_or(f64::NAN, |t| t.gbit_s() * 1e3),
+                    x.loss_drops,
+                    x.loss_probes
+                        .map_or(String::new(), |p| format!(", {p} probes"))
+                )
+            };
+            s += &format!("| {}{} | {} | {} |\n", i + 1, flag(i), one(k), one(f));
+        }
     }
     s
 }
