@@ -89,6 +89,9 @@ pub struct PredictSection {
     pub config: PredictConfig,
     /// The `[[peer]]` names moves may go to (`peers`; default every peer).
     pub targets: Vec<String>,
+    /// `[predict.class] enforce`: each connection's class allocation (rate limit, send
+    /// budget, priority) is applied to it, not only shown. Default off.
+    pub enforce_classes: bool,
 }
 
 /// `[tunnel]`: this node's end of the encrypted tunnel, and its peers.
@@ -228,6 +231,18 @@ struct RawPredict {
     lease: RawLease,
     #[serde(default)]
     shadow: RawShadow,
+    #[serde(default)]
+    class: RawClass,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    enforce: Option<bool>,
+    /// Bytes/s per class, micro to large; 0: no limit.
+    rate_limits: Option<Vec<u64>>,
+    /// Send-buffer budget per class, bytes.
+    buffer_budgets: Option<Vec<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -822,6 +837,36 @@ impl Config {
         sh.max_error_excess = r.max_error_excess.unwrap_or(sh.max_error_excess);
         sh.latency_margin = r.latency_margin_ms.unwrap_or(sh.latency_margin);
         config.shadow.backoff = millis("shadow.backoff_ms", r.backoff_ms, config.shadow.backoff)?;
+        let r = raw.class;
+        let enforce_classes = r.enforce.unwrap_or(false);
+        if let Some(rates) = r.rate_limits {
+            let rates: [u64; 4] = rates.try_into().map_err(|v: Vec<u64>| {
+                invalid(
+                    "class.rate_limits",
+                    format!("{} value(s); give 4, micro to large (0: no limit)", v.len()),
+                )
+            })?;
+            for (a, r) in config.class.allocations.iter_mut().zip(rates) {
+                a.rate_limit = (r > 0).then_some(r);
+            }
+        }
+        if let Some(budgets) = r.buffer_budgets {
+            let budgets: [u32; 4] = budgets.try_into().map_err(|v: Vec<u32>| {
+                invalid(
+                    "class.buffer_budgets",
+                    format!("{} value(s); give 4, micro to large", v.len()),
+                )
+            })?;
+            for (i, b) in budgets.into_iter().enumerate() {
+                if b < 1448 {
+                    return Err(invalid(
+                        "class.buffer_budgets",
+                        format!("{b} is below one segment (1448 bytes)"),
+                    ));
+                }
+                config.class.allocations[i].buffer_budget = b;
+            }
+        }
         let r = raw.lease;
         let l = config.lease;
         config.lease.min_lease = millis("lease.min_lease_ms", r.min_lease_ms, l.min_lease)?;
@@ -884,6 +929,7 @@ impl Config {
             node,
             config,
             targets,
+            enforce_classes,
         })
     }
 

@@ -488,7 +488,12 @@ fn plan_text(v: &serde_json::Value) -> String {
         .collect();
     if !classes.is_empty() {
         s += &format!(
-            "classes (allocations not enforced): {}\n",
+            "classes (allocations {}): {}\n",
+            if v["classes"]["enforced"] == true {
+                "enforced"
+            } else {
+                "not enforced"
+            },
             classes.join(", ")
         );
     }

@@ -158,6 +158,9 @@ pub(crate) enum WorkerMsg {
     },
     /// This tunnel peer restarted: its flows are gone.
     PeerLost(PeerRef),
+    /// Apply these class allocations to these flows (`[predict.class] enforce`; ids of
+    /// flows that are gone are skipped).
+    Allocate(Vec<(u64, flowshift_core::predict::class::Allocation)>),
     /// The owner (`from`) of moved flow `flow` moved it on to `to`.
     Rehome {
         from: PeerRef,
@@ -327,6 +330,12 @@ impl Worker {
                     }
                     WorkerMsg::Thaw(id, reply) => {
                         let _ = reply.send(self.stack.thaw(now, id));
+                    }
+                    WorkerMsg::Allocate(list) => {
+                        for (id, alloc) in list {
+                            // Gone since the sample: nothing to apply.
+                            let _ = self.stack.set_allocation(now, id, Some(alloc));
+                        }
                     }
                     WorkerMsg::Tunnel(packets) => self.tunnel_packets(now, packets),
                     WorkerMsg::Offers(ids, reply) => {
@@ -990,6 +999,8 @@ struct PredictDriver {
     next_report: StdInstant,
     /// Per peer: the number of its last load report whose lease renewals were taken.
     renewals_taken: std::collections::HashMap<u32, u64>,
+    /// `[predict.class] enforce`: the class whose allocation each connection was given.
+    enforced: std::collections::HashMap<u64, flowshift_core::predict::class::Class>,
 }
 
 /// How often the load report for the heartbeats is made.
@@ -1005,6 +1016,7 @@ impl Node {
             report: (StdInstant::now(), self.stats()),
             next_report: StdInstant::now() + LOAD_REPORT_EVERY,
             renewals_taken: std::collections::HashMap::new(),
+            enforced: std::collections::HashMap::new(),
         };
         loop {
             let now = self.clock.now();
@@ -1095,6 +1107,9 @@ impl Node {
         self.lease_turn(now, &listed, d);
         self.shadow_turn();
         self.log_class_changes();
+        if self.config.predict.enforce_classes {
+            self.enforce_classes(d);
+        }
         let Some(plan) = plan else { return };
         let policy = self.config.predict.node.policy;
         if plan.moves.is_empty() {
@@ -1216,8 +1231,38 @@ impl Node {
                 rate_limit = ?a.rate_limit,
                 buffer_budget = a.buffer_budget,
                 priority = a.priority,
-                "predict: connection class changed (allocation not enforced)"
+                "{}",
+                if self.config.predict.enforce_classes {
+                    "predict: connection class changed (allocation enforced)"
+                } else {
+                    "predict: connection class changed (allocation not enforced)"
+                }
             );
+        }
+    }
+
+    /// `[predict.class] enforce`: hands each worker the allocations of its connections
+    /// whose class is new or changed since the last sample (a connection id's top 16 bits
+    /// are its worker's index).
+    fn enforce_classes(&self, d: &mut PredictDriver) {
+        let classes = &self.config.predict.config.class;
+        let mut per_worker: Vec<Vec<(u64, flowshift_core::predict::class::Allocation)>> =
+            vec![Vec::new(); self.workers.len()];
+        {
+            let p = self.predict.lock();
+            d.enforced.retain(|id, _| p.class(*id).is_some());
+            for (id, class) in p.classes() {
+                if d.enforced.insert(id, class) != Some(class)
+                    && let Some(list) = per_worker.get_mut((id >> 48) as usize)
+                {
+                    list.push((id, classes.allocation(class)));
+                }
+            }
+        }
+        for (w, list) in self.workers.iter().zip(per_worker) {
+            if !list.is_empty() {
+                w.send(WorkerMsg::Allocate(list));
+            }
         }
     }
 
@@ -1725,7 +1770,10 @@ impl Handler for Node {
                     Ok(Err(e)) | Err(e) => Reply::error(e),
                 }
             }
-            Request::Plan => Reply::ok(self.predict.plan_json(self.clock.now())),
+            Request::Plan => Reply::ok(
+                self.predict
+                    .plan_json(self.clock.now(), self.config.predict.enforce_classes),
+            ),
             Request::Status => Reply::ok(self.status()),
             Request::Conns { all } => match self.conn_rows(all) {
                 Ok(rows) => Reply::ok(serde_json::Value::Array(rows)),

@@ -103,12 +103,13 @@ impl Predict {
     }
 
     /// `ctl plan`'s reply at `now`.
-    pub(crate) fn plan_json(&self, now: Instant) -> Value {
+    pub(crate) fn plan_json(&self, now: Instant, enforce_classes: bool) -> Value {
         let names = self.names.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut v = {
             let p = self.lock();
             plan_json(&p, &names, now)
         };
+        v["classes"]["enforced"] = enforce_classes.into();
         let o = self.kpis.lock().unwrap_or_else(|e| e.into_inner());
         v["shadow"]["kpis_reported"] = json!({
             "queued": o.queued,

@@ -1533,3 +1533,52 @@ fn idle_connections_are_compacted_and_parked_hold_under_16_kib_each_and_carry_on
     assert_eq!(stat(&node, "conns_accepted"), N as u64);
     assert_eq!(stat(&node, "keepalive_timeouts"), 0);
 }
+
+/// `[predict.class] enforce = true`: a connection gets its class's allocation. With every
+/// class's rate limit set to 4 MB/s (both ways together), an echo session that sends 4 MB
+/// and reads them back moves 8 MB through the limit: it cannot take less than 2 s (less a
+/// 20 ms burst); every byte is echoed in order; `ctl plan` says the allocations are
+/// enforced, and the log says so when the connection changes class.
+#[test]
+fn enforced_class_allocations_hold_a_connection_to_its_rate_limit() {
+    const RATE: f64 = 4_000_000.0;
+    let (tb, node) = setup(NodeConfig::standard("a").extra(
+        "[predict]\n[predict.class]\nenforce = true\n\
+         rate_limits = [4000000, 4000000, 4000000, 4000000]\n",
+    ));
+    let data = noise(4_000_000, 7);
+    let input = data.clone();
+    let (got, elapsed) = tb.client().run(move || {
+        let mut s = connect(7);
+        // Idle past a few samples: the connection has its class (micro) and allocation.
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let mut got = Vec::with_capacity(input.len());
+        let mut buf = vec![0u8; 1 << 16];
+        for chunk in input.chunks(64 * 1024) {
+            s.write_all(chunk).unwrap();
+            let want = got.len() + chunk.len();
+            while got.len() < want {
+                let k = s.read(&mut buf).expect("no reset");
+                assert!(k > 0, "closed after {} bytes", got.len());
+                got.extend_from_slice(&buf[..k]);
+            }
+        }
+        (got, started.elapsed())
+    });
+    assert!(got == data, "echoed bytes differ");
+    let least = Duration::from_secs_f64(2.0 * data.len() as f64 / RATE) - Duration::from_millis(40);
+    assert!(
+        elapsed >= least,
+        "8 MB through a 4 MB/s limit in {elapsed:?} (at least {least:?})\n{}",
+        node.log()
+    );
+    let plan = node.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan["classes"]["enforced"], true, "{plan:#}");
+    assert!(
+        node.log()
+            .contains("predict: connection class changed (allocation enforced)"),
+        "{}",
+        node.log()
+    );
+}

@@ -70,6 +70,11 @@ fn migrate(from: &NodeHandle, to: &str, id: u64) -> serde_json::Value {
 fn curl_download_of_1_gb_moves_mid_stream_byte_exact() {
     ensure_tools(&["curl"]).unwrap();
     let (tb, a, b) = pair();
+    // The client's receive buffer is small: what a sent before the move and the client had
+    // not read yet is at most its window (its kernel would otherwise hold up to 6 MB).
+    tb.client()
+        .sysctl("net.ipv4.tcp_rmem", "4096 65536 131072")
+        .unwrap();
     let n: u64 = 1_000_000_000;
     let (report, at_move) = download_moved(&tb, &a, n, 100_000_000);
     // The bytes after the move came from b, through a.

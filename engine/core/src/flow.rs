@@ -470,6 +470,8 @@ pub struct Flow {
     pub kpi: FlowKpi,
     /// Its loss-probe state ([`crate::probe`]).
     pub probe: crate::probe::LossProbe,
+    /// Its class's allocation, when the node enforces them ([`crate::pace`]).
+    pub pacer: Option<crate::pace::Pacer>,
 }
 
 impl Flow {
@@ -519,6 +521,7 @@ impl Flow {
             compacted_at: None,
             kpi: FlowKpi::default(),
             probe: crate::probe::LossProbe::default(),
+            pacer: None,
         }
     }
 

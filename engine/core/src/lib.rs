@@ -19,6 +19,7 @@ pub mod config;
 pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod pace;
 pub mod packet;
 pub mod predict;
 pub mod probe;

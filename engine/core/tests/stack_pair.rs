@@ -1625,3 +1625,49 @@ fn objects_under_random_loss_never_wait_for_smoltcps_timeout() {
     assert!(probes > 0);
     assert!(worst < 800, "an object took {worst} ms");
 }
+
+/// A class allocation, enforced: the connection moves no more than its rate limit (after a
+/// burst of 20 ms worth), never queues more than its buffer budget in the send buffer, and
+/// carries on at full speed once the allocation is lifted; every byte arrives in order.
+#[test]
+fn an_allocation_holds_a_download_to_its_rate_and_its_send_budget() {
+    use flowshift_core::predict::class::Allocation;
+    let mut p = Pair::new(100);
+    let h = p.connect(19);
+    p.run_until(100, |p| p.sock(h).may_recv());
+    let id = p.stack.conns(p.now)[0].id;
+    p.stack
+        .set_allocation(
+            p.now,
+            id,
+            Some(Allocation {
+                rate_limit: Some(200_000),
+                buffer_budget: 8192,
+                priority: 0,
+            }),
+        )
+        .unwrap();
+    let start = p.now;
+    let mut got = Vec::new();
+    let mut most_queued = 0;
+    for _ in 0..2_000 {
+        p.step();
+        read_into(&mut p, h, &mut got);
+        most_queued = most_queued.max(p.stack.conns(p.now)[0].send_queue);
+    }
+    let secs = (p.now - start).total_millis() as f64 / 1e3;
+    // 2 s at 200 kB/s, plus the first burst and what was written before the allocation.
+    let rate = got.len() as f64 / secs;
+    assert!(
+        (150_000.0..260_000.0).contains(&rate),
+        "{rate} B/s over {secs} s"
+    );
+    assert!(most_queued <= 8192, "{most_queued} bytes queued");
+    // Lifted: the rest of the 1 MB comes at once.
+    p.stack.set_allocation(p.now, id, None).unwrap();
+    p.run_until(2_000, |p| {
+        read_into(p, h, &mut got);
+        got.len() >= 1_000_000
+    });
+    assert_eq!(got, counting(0, 1_000_000));
+}

@@ -600,11 +600,23 @@ impl Testbed {
         let _ = self.set_gso_max_segs(GSO_MAX_SEGS_DEFAULT);
     }
 
-    /// Sets `gso_max_segs` on the router-facing link of the client and of every node.
+    /// Sets `gso_max_segs` on the router-facing link of the client and of every node, and
+    /// with one segment also `gso_max_size` to one packet: a GSO packet that a TUN device
+    /// wrote (flowshift with offload on) does not say how many segments it holds when the
+    /// kernel checks `gso_max_segs`, and would cross the router whole; its size is known.
     fn set_gso_max_segs(&self, segs: u32) -> Result<(), TestbedError> {
+        let size = if segs == 1 { "1600" } else { "65536" };
         let segs = segs.to_string();
         for ns in std::iter::once(&self.client).chain(self.nodes.iter().map(|(_, n)| n)) {
-            ns.ip(&["link", "set", "eth0", "gso_max_segs", &segs])?;
+            ns.ip(&[
+                "link",
+                "set",
+                "eth0",
+                "gso_max_segs",
+                &segs,
+                "gso_max_size",
+                size,
+            ])?;
         }
         Ok(())
     }

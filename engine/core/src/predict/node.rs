@@ -821,6 +821,11 @@ impl NodePredictor {
         self.classes.get(&conn).copied()
     }
 
+    /// Every connection served here with its class (as of the last sample).
+    pub fn classes(&self) -> impl Iterator<Item = (ConnId, Class)> + '_ {
+        self.classes.iter().map(|(id, c)| (*id, *c))
+    }
+
     /// Connections served here per class, micro to large.
     pub fn class_counts(&self) -> [u64; 4] {
         let mut n = [0u64; 4];

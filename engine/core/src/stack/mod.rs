@@ -491,6 +491,9 @@ fn tsval_now() -> u32 {
 /// (60 bytes each).
 const HEADER_CLEAR: usize = 120;
 
+/// Bytes a rate-limited flow waits for before it is served again.
+const PACE_QUANTUM: u64 = 4096;
+
 /// One full segment, for the loss probes' delayed-ACK allowance (a typical MSS; a little off
 /// for a clamped one only moves the allowance's threshold).
 const PROBE_SEGMENT: u32 = 1448;
@@ -673,6 +676,10 @@ pub struct Stack {
     in_flight: Vec<usize>,
     /// When the earliest loss probe may be due.
     next_probe: Option<Instant>,
+    /// Flows held by their rate limit, and when each may move bytes again ([`crate::pace`]).
+    paced: Vec<(Instant, usize)>,
+    /// Flows with an allocation: while there are any, each turn serves them by priority.
+    allocated: usize,
     /// Keyed functions for ISNs, timestamp offsets and cookies.
     secrets: Secrets,
     /// When the last SYN cookie was sent: ACKs of unknown flows are checked for a cookie
@@ -755,6 +762,8 @@ impl Stack {
             now,
             in_flight: Vec::new(),
             next_probe: None,
+            paced: Vec::new(),
+            allocated: 0,
             frozen_bytes: 0,
             secrets,
             last_cookie: None,
@@ -1132,7 +1141,20 @@ impl Stack {
         }
         self.retiring = retiring;
         self.retiring.clear();
-        let dirty = std::mem::take(&mut self.dirty);
+        if !self.paced.is_empty() {
+            self.wake_paced(now);
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        if self.allocated > 0 {
+            // Lower priority numbers first; connections without an allocation last.
+            let flows = &self.flows;
+            dirty.sort_by_key(|&slot| {
+                flows
+                    .get(slot)
+                    .and_then(|f| f.pacer)
+                    .map_or(u16::MAX, |p| u16::from(p.priority()))
+            });
+        }
         for &slot in &dirty {
             self.serve(now, slot);
         }
@@ -1179,14 +1201,26 @@ impl Stack {
         }
         let in_before = flow.bytes_in;
         let mut wrote_any = false;
+        let mut held = false;
         // Up to two passes: the app may produce output that frees its input buffer.
         for _ in 0..2 {
             while socket.can_recv() {
+                let allow = flow.pacer.as_mut().map_or(usize::MAX, |p| {
+                    p.allowance(now).min(usize::MAX as u64) as usize
+                });
+                if allow == 0 {
+                    held = true;
+                    break;
+                }
                 let app = &mut flow.app;
                 let n = socket.recv(|data| {
+                    let data = &data[..data.len().min(allow)];
                     let n = app.handle_recv(data);
                     (n, n)
                 });
+                if let (Ok(n), Some(p)) = (&n, flow.pacer.as_mut()) {
+                    p.spend(*n as u64);
+                }
                 match n {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
@@ -1211,10 +1245,24 @@ impl Stack {
             }
             let mut wrote = 0;
             while socket.can_send() {
+                let allow = match flow.pacer.as_mut() {
+                    None => usize::MAX,
+                    Some(p) => {
+                        let room = p.send_room(socket.send_queue());
+                        let tokens = p.allowance(now).min(usize::MAX as u64) as usize;
+                        held |= tokens == 0;
+                        room.min(tokens)
+                    }
+                };
+                if allow == 0 {
+                    break;
+                }
                 let app = &mut flow.app;
                 let mirror = &mut flow.mirror;
                 let kpi = &mut flow.kpi;
                 let n = socket.send(|buf| {
+                    let len = buf.len().min(allow);
+                    let buf = &mut buf[..len];
                     let n = app.poll_send(buf);
                     if n > 0 {
                         kpi.answering(mirror.total());
@@ -1228,6 +1276,9 @@ impl Stack {
                         wrote += n;
                         wrote_any = true;
                         self.stats.app_bytes_out += n as u64;
+                        if let Some(p) = flow.pacer.as_mut() {
+                            p.spend(n as u64);
+                        }
                     }
                 }
             }
@@ -1237,6 +1288,15 @@ impl Stack {
         }
         if flow.bytes_in != in_before || wrote_any {
             flow.active_at = now;
+        }
+        // Held by its rate limit: served again once the bucket has refilled a little.
+        if held
+            && let Some(p) = flow.pacer.as_mut()
+            && !p.waiting
+            && let Some(at) = p.ready_at(PACE_QUANTUM)
+        {
+            p.waiting = true;
+            self.paced.push((at, slot));
         }
         // Everything written before the send queue's bytes has been acknowledged.
         let acked = flow
@@ -1386,6 +1446,57 @@ impl Stack {
         self.release(&mut flow, "closed", clean);
     }
 
+    /// Marks the flows whose rate limit lets them move bytes again for service in this turn.
+    fn wake_paced(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.paced.len() {
+            let (at, slot) = self.paced[i];
+            if at <= now {
+                self.paced.swap_remove(i);
+                if let Some(flow) = self.flows.get_mut(slot) {
+                    if let Some(p) = flow.pacer.as_mut() {
+                        p.waiting = false;
+                    }
+                    if !flow.dirty {
+                        flow.dirty = true;
+                        self.dirty.push(slot);
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Gives connection `id` its class's allocation (rate limit, send-buffer budget,
+    /// scheduling priority; [`crate::pace`]), or takes it away (`None`). The new limits apply
+    /// from the connection's next service, which is now.
+    pub fn set_allocation(
+        &mut self,
+        now: Instant,
+        id: u64,
+        alloc: Option<crate::predict::class::Allocation>,
+    ) -> Result<(), FlowError> {
+        let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
+        let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
+        let had = flow.pacer.is_some();
+        flow.pacer = match (flow.pacer, alloc) {
+            // The same allocation again: the bucket carries on.
+            (Some(p), Some(a)) if p.allocation() == a => Some(p),
+            (_, a) => a.map(|a| crate::pace::Pacer::new(a, now)),
+        };
+        match (had, flow.pacer.is_some()) {
+            (false, true) => self.allocated += 1,
+            (true, false) => self.allocated -= 1,
+            _ => {}
+        }
+        if !flow.dirty {
+            flow.dirty = true;
+            self.dirty.push(slot);
+        }
+        Ok(())
+    }
+
     /// Loss probes ([`crate::probe`]): for every flow with data in flight whose probe is
     /// due, makes smoltcp retransmit the earliest unacknowledged segment; flows with nothing
     /// in flight leave the list.
@@ -1503,6 +1614,9 @@ impl Stack {
     /// its KPIs for [`Self::take_ended`]. `clean`: it ended with both FINs exchanged (not
     /// reset, aborted or timed out).
     fn release(&mut self, flow: &mut Flow, how: &'static str, clean: bool) {
+        if flow.pacer.take().is_some() {
+            self.allocated = self.allocated.saturating_sub(1);
+        }
         if !flow.half_open {
             if self.ended.len() >= ENDED_KEPT {
                 self.ended.pop_front();
@@ -1853,6 +1967,7 @@ impl Stack {
             _ => self.next_sweep,
         };
         let at = self.next_probe.map_or(at, |p| p.min(at));
+        let at = self.paced.iter().fold(at, |at, &(p, _)| p.min(at));
         at.max(now)
     }
 
