@@ -121,6 +121,10 @@ struct Figures {
     loss_drops: u64,
     /// The node's loss probes during the `loss` part (flowshift only).
     loss_probes: Option<u64>,
+    /// The node's loss probes during the clean transfers of the `transfer` part (flowshift
+    /// only): each one a segment sent twice and a halved window for nothing.
+    #[serde(default)]
+    clean_loss_probes: Option<u64>,
     /// Share of the machine's CPU time the hypervisor gave to other guests during these
     /// measurements (a noisy neighbour, not our code).
     steal_percent: f64,
@@ -444,7 +448,12 @@ fn measure(
     let mut f = Figures::default();
     let (steal0, t0) = (sys::machine_steal_seconds(), std::time::Instant::now());
 
+    let probes = || {
+        node.and_then(|n| n.ctl_json(&["status"]).ok())
+            .and_then(|v| v["stats"]["loss_probes"].as_u64())
+    };
     if let Some(d) = d {
+        let probes0 = probes();
         let (busy0, proc0) = (
             sys::machine_busy_seconds(),
             pid.map(sys::process_cpu_seconds),
@@ -473,6 +482,10 @@ fn measure(
             .run(|| load::connection_rate(addr(target, 7), conn_threads, d))
             .context("connection rate")?;
         eprintln!("  new conns  {:.0}/s", f.connections_per_s);
+        f.clean_loss_probes = probes0.zip(probes()).map(|(a, b)| b.saturating_sub(a));
+        if let Some(p) = f.clean_loss_probes {
+            eprintln!("  loss probes in these clean transfers: {p}");
+        }
     }
     if let Some(n) = http_bytes {
         let t = curl_download(tb, target, n).context("curl over HTTP")?;
@@ -480,10 +493,6 @@ fn measure(
         f.http_download = Some(t);
     }
     if let Some(l) = loss {
-        let probes = || {
-            node.and_then(|n| n.ctl_json(&["status"]).ok())
-                .and_then(|v| v["stats"]["loss_probes"].as_u64())
-        };
         let probes0 = probes();
         tb.set_router_loss(l.percent).context("router loss")?;
         let result = (|| -> anyhow::Result<(Transfer, [f64; 3])> {
@@ -966,6 +975,18 @@ fn summarize(k: &[Figures], f: &[Figures]) -> Vec<Row> {
         flowshift: Spread::of(f.iter().filter_map(|x| x.process_cpu_s_per_gb).collect()),
         ratio: None,
     }));
+    rows.extend(transfers.then(|| {
+        Row {
+            name: "flowshift loss probes during the clean transfers",
+            kernel: None,
+            flowshift: Spread::of(
+                f.iter()
+                    .filter_map(|x| x.clean_loss_probes.map(|p| p as f64))
+                    .collect(),
+            ),
+            ratio: None,
+        }
+    }));
     rows
 }
 
@@ -1288,6 +1309,7 @@ mod tests {
             loss_object_ms: Some([0.1, 200.0 / f, 400.0 / f]),
             loss_drops: 100,
             loss_probes: (f < 1.0).then_some(120),
+            clean_loss_probes: (f < 1.0).then_some(0),
         }
     }
 
