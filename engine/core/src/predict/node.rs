@@ -39,7 +39,6 @@
 //! load moved to it, for [`NodeSettings::report_delay`], so the next plan does not fill a
 //! peer whose report has not caught up yet.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 
 use smoltcp::time::{Duration, Instant};
@@ -310,6 +309,10 @@ struct Seen {
     here: bool,
     /// Its age, by its last report in that sample as not served here, if any.
     away: Option<Duration>,
+    /// Its class (see [`super::class`]), meaningful only while it is served here: every
+    /// sample classifies the connections served here, and keeps a class for the next only
+    /// of a connection served here.
+    class: Option<Class>,
 }
 
 /// Buffers of one sample kept for the next, which clears and refills them instead of
@@ -344,9 +347,10 @@ pub struct NodePredictor {
     planner: Planner,
     last_moved: HashMap<ConnId, Instant>,
     shifting: HashSet<ConnId>,
-    /// Every connection of the last sample. A sample updates it in place: it stamps the
-    /// connections it reports with its number, and forgets the others only when there are
-    /// any (the map holds more connections than it stamped).
+    /// Every connection of the last sample, with the class of those served here. A sample
+    /// updates it in place: it stamps the connections it reports with its number, and
+    /// forgets the others only when there are any (the map holds more connections than it
+    /// stamped).
     known: HashMap<ConnId, Seen>,
     /// Per peer: its load is at least this until then (moves its report does not show yet).
     floors: HashMap<NodeId, (Instant, f64)>,
@@ -383,8 +387,6 @@ pub struct NodePredictor {
     trial_events: Vec<(NodeId, TrialEvent)>,
     /// The next untrusted peer to offer a new connection to (round robin).
     shadow_cursor: usize,
-    /// Every connection served here, by class.
-    classes: HashMap<ConnId, Class>,
     /// Class changes for the driver to log, since it last took them.
     class_changes: Vec<ClassChange>,
     /// Buffers reused from sample to sample.
@@ -431,7 +433,6 @@ impl NodePredictor {
             shadow_moves: Vec::new(),
             trial_events: Vec::new(),
             shadow_cursor: 0,
-            classes: HashMap::default(),
             class_changes: Vec::new(),
             scratch: Scratch::default(),
             config,
@@ -467,7 +468,7 @@ impl NodePredictor {
             .sampler
             .sample(now, obs.node, obs.conns.iter().map(|c| c.report))?;
         self.counts.samples += 1;
-        let (served, forgotten) = self.update_known(obs, &interval.conns);
+        let forgotten = self.update_known(obs, &interval.conns);
         let mut scratch = std::mem::take(&mut self.scratch);
         let capacity = self.settings.capacity;
         let bandwidth_of = |i: usize| interval.conns.get(i).map_or(0.0, |p| p.rates.bandwidth());
@@ -569,11 +570,9 @@ impl NodePredictor {
                 Some(p) if current > 0.0 && p.is_finite() => bandwidth * p / current,
                 _ => bandwidth,
             };
-            let slot = self.classes.entry(id);
-            let before = match &slot {
-                Entry::Occupied(e) => Some(*e.get()),
-                Entry::Vacant(_) => None,
-            };
+            // Every connection of the sample is known (`update_known`).
+            let slot = &mut self.known.entry(id).or_default().class;
+            let before = *slot;
             let class = self.config.class.classify(before, forecast_bandwidth);
             if let Some(from) = before
                 && from != class
@@ -586,7 +585,7 @@ impl NodePredictor {
                     bandwidth: forecast_bandwidth,
                 });
             }
-            *slot.or_insert(class) = class;
+            *slot = Some(class);
             if !c.movable || self.shifting.contains(&id) || self.shadowing.contains_key(&id) {
                 continue;
             }
@@ -615,13 +614,6 @@ impl NodePredictor {
         // last one gone, none is to forget.
         if forgotten {
             self.offered.retain(|id| known.contains_key(id));
-        }
-        // Classes are kept for every connection served here and for no other: the map holds
-        // those of this sample, and of the last one, which are not more when it is not
-        // larger.
-        if self.classes.len() > served {
-            self.classes
-                .retain(|id, _| known.get(id).is_some_and(|s| s.here));
         }
         // A shadowed connection is shadowing while it lives on the peer, or the move is
         // under way.
@@ -776,24 +768,25 @@ impl NodePredictor {
     }
 
     /// Stamps the sample's connections in `known` with its number (what they are this
-    /// sample: see [`Seen`]) and forgets the others. Returns how many connections are served
-    /// here (each id once) and whether a connection of the last sample is gone.
-    fn update_known(&mut self, obs: &Observation<'_>, profiles: &[ConnProfile]) -> (usize, bool) {
+    /// sample: see [`Seen`]) and forgets the others. Returns whether a connection of the
+    /// last sample is gone.
+    fn update_known(&mut self, obs: &Observation<'_>, profiles: &[ConnProfile]) -> bool {
         let sample = self.counts.samples;
-        let (mut reported, mut served) = (0, 0);
+        let mut reported = 0;
         for (i, c) in obs.conns.iter().enumerate() {
             let s = self.known.entry(c.report.conn).or_default();
             if s.sample != sample {
-                // Its first report in this sample.
+                // Its first report in this sample. It keeps its class if it was served here
+                // in the last sample (the only one `known` holds).
                 *s = Seen {
                     sample,
+                    class: s.class.filter(|_| s.here),
                     ..Seen::default()
                 };
                 reported += 1;
             }
             s.movable = c.movable;
             if c.here {
-                served += usize::from(!s.here);
                 s.here = true;
             } else {
                 s.away = Some(profiles.get(i).map_or(Duration::ZERO, |p| p.age));
@@ -803,7 +796,7 @@ impl NodePredictor {
         if forgotten {
             self.known.retain(|_, s| s.sample == sample);
         }
-        (served, forgotten)
+        forgotten
     }
 
     /// Shadow trials: every new connection (movable, at most a second old, not offered
@@ -894,14 +887,22 @@ impl NodePredictor {
 
     /// A connection's class, while it is served here.
     pub fn class(&self, conn: ConnId) -> Option<Class> {
-        self.classes.get(&conn).copied()
+        self.known
+            .get(&conn)
+            .filter(|s| s.here)
+            .and_then(|s| s.class)
     }
 
     /// Connections served here per class, micro to large.
     pub fn class_counts(&self) -> [u64; 4] {
         let mut n = [0u64; 4];
-        for c in self.classes.values() {
-            n[*c as usize] += 1;
+        for c in self
+            .known
+            .values()
+            .filter(|s| s.here)
+            .filter_map(|s| s.class)
+        {
+            n[c as usize] += 1;
         }
         n
     }
