@@ -48,7 +48,7 @@ use super::detect::{Detector, Imbalance, imbalance};
 use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
 use super::lease::{Lease, LeaseCounters, LeaseEvent, Leases, Offload};
 use super::plan::{Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Status};
-use super::profile::{ConnReport, NodeReport, Sampler};
+use super::profile::{ConnProfile, ConnReport, NodeReport, Sampler};
 use super::shadow::{ConnState, ShadowTrial, TrialEvent, TrialState};
 use super::{ConnId, NodeId, PredictConfig};
 
@@ -298,6 +298,40 @@ pub struct Estimate {
 /// a second or two later).
 pub const KPI_WAIT: Duration = Duration::from_secs(60);
 
+/// A connection of the last sample, as [`NodePredictor`] remembers it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    /// The number of the sample that reported it ([`Counts::samples`]; 0: none).
+    sample: u64,
+    /// Movable, by its last report in that sample.
+    movable: bool,
+    /// Served here, by any of its reports in that sample.
+    here: bool,
+    /// Its age, by its last report in that sample as not served here, if any.
+    away: Option<Duration>,
+    /// Its class (see [`super::class`]), meaningful only while it is served here: every
+    /// sample classifies the connections served here, and keeps a class for the next only
+    /// of a connection served here.
+    class: Option<Class>,
+}
+
+/// Buffers of one sample kept for the next, which clears and refills them instead of
+/// allocating its own (at 100,000 connections, several MB per sample).
+#[derive(Debug, Default)]
+struct Scratch {
+    /// The connections served here, by their index in the sample, with their load.
+    loads: Vec<(usize, f64)>,
+    /// With more of them than are tracked: each one's load, whether it is untracked so far,
+    /// and its id, to pick those to track.
+    order: Vec<(f64, bool, ConnId)>,
+    /// The connections to track, when not all of those served here.
+    tracked: HashSet<ConnId>,
+    /// The planner's candidates.
+    candidates: Vec<Candidate>,
+    /// The connections restored here (by their id here), when leases are held.
+    restored: HashSet<ConnId>,
+}
+
 /// The predictor of one node (see the module doc).
 #[derive(Debug)]
 pub struct NodePredictor {
@@ -313,7 +347,11 @@ pub struct NodePredictor {
     planner: Planner,
     last_moved: HashMap<ConnId, Instant>,
     shifting: HashSet<ConnId>,
-    known: HashMap<ConnId, bool>,
+    /// Every connection of the last sample, with the class of those served here. A sample
+    /// updates it in place: it stamps the connections it reports with its number, and
+    /// forgets the others only when there are any (the map holds more connections than it
+    /// stamped).
+    known: HashMap<ConnId, Seen>,
     /// Per peer: its load is at least this until then (moves its report does not show yet).
     floors: HashMap<NodeId, (Instant, f64)>,
     estimate: Estimate,
@@ -349,10 +387,10 @@ pub struct NodePredictor {
     trial_events: Vec<(NodeId, TrialEvent)>,
     /// The next untrusted peer to offer a new connection to (round robin).
     shadow_cursor: usize,
-    /// Every connection served here, by class.
-    classes: HashMap<ConnId, Class>,
     /// Class changes for the driver to log, since it last took them.
     class_changes: Vec<ClassChange>,
+    /// Buffers reused from sample to sample.
+    scratch: Scratch,
 }
 
 impl NodePredictor {
@@ -395,8 +433,8 @@ impl NodePredictor {
             shadow_moves: Vec::new(),
             trial_events: Vec::new(),
             shadow_cursor: 0,
-            classes: HashMap::default(),
             class_changes: Vec::new(),
+            scratch: Scratch::default(),
             config,
             settings,
         }
@@ -430,6 +468,8 @@ impl NodePredictor {
             .sampler
             .sample(now, obs.node, obs.conns.iter().map(|c| c.report))?;
         self.counts.samples += 1;
+        let forgotten = self.update_known(obs, &interval.conns);
+        let mut scratch = std::mem::take(&mut self.scratch);
         let capacity = self.settings.capacity;
         let bandwidth_of = |i: usize| interval.conns.get(i).map_or(0.0, |p| p.rates.bandwidth());
         let here_bandwidth: f64 = obs
@@ -461,49 +501,57 @@ impl NodePredictor {
         // Per-connection forecasts, for at most `max_tracked` connections: those with the
         // highest load (those already tracked first among equals, then the lowest id). The
         // others are weighed by their current load.
-        let loads: Vec<(usize, f64)> = obs
-            .conns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.here)
-            .map(|(i, _)| {
-                let l = conn_load(i);
-                (i, if l.is_finite() { l.max(0.0) } else { 0.0 })
-            })
-            .collect();
-        let max_tracked = self.settings.max_tracked;
-        let tracked: HashSet<ConnId> = if loads.len() <= max_tracked {
-            loads
+        let loads = &mut scratch.loads;
+        loads.clear();
+        loads.extend(
+            obs.conns
                 .iter()
-                .map(|(i, _)| obs.conns[*i].report.conn)
-                .collect()
-        } else {
-            let mut order = loads.clone();
-            let key = |(i, _): &(usize, f64)| {
-                let id = obs.conns[*i].report.conn;
-                (!self.conns.contains_key(&id), id)
-            };
+                .enumerate()
+                .filter(|(_, c)| c.here)
+                .map(|(i, _)| {
+                    let l = conn_load(i);
+                    (i, if l.is_finite() { l.max(0.0) } else { 0.0 })
+                }),
+        );
+        let max_tracked = self.settings.max_tracked;
+        // When they fit, every connection served here is tracked; otherwise those in
+        // `scratch.tracked`.
+        let all_tracked = loads.len() <= max_tracked;
+        let tracked = &mut scratch.tracked;
+        tracked.clear();
+        if !all_tracked {
+            // The order's key is computed once per connection, not per comparison.
+            let order = &mut scratch.order;
+            order.clear();
+            order.extend(loads.iter().map(|&(i, l)| {
+                let id = obs.conns[i].report.conn;
+                (l, !self.conns.contains_key(&id), id)
+            }));
             if max_tracked > 0 {
                 order.select_nth_unstable_by(max_tracked - 1, |a, b| {
-                    b.1.total_cmp(&a.1).then(key(a).cmp(&key(b)))
+                    b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2)))
                 });
             }
-            order
-                .iter()
-                .take(max_tracked)
-                .map(|(i, _)| obs.conns[*i].report.conn)
-                .collect()
-        };
-        self.conns.retain(|id, _| tracked.contains(id));
+            tracked.extend(order.iter().take(max_tracked).map(|&(_, _, id)| id));
+        }
+        let known = &self.known;
+        self.conns.retain(|id, _| {
+            if all_tracked {
+                known.get(id).is_some_and(|s| s.here)
+            } else {
+                tracked.contains(id)
+            }
+        });
         self.admit_shadow(now, obs, &interval.conns);
         // Candidates are only built when the planner is due.
         let due = self.planner.poll_timeout().is_none_or(|t| now >= t);
-        let mut candidates = Vec::new();
+        let candidates = &mut scratch.candidates;
+        candidates.clear();
         let mut candidate_count = 0;
-        for &(i, current) in &loads {
+        for &(i, current) in &scratch.loads {
             let c = &obs.conns[i];
             let id = c.report.conn;
-            let f = if tracked.contains(&id) {
+            let f = if all_tracked || scratch.tracked.contains(&id) {
                 let f = self
                     .conns
                     .entry(id)
@@ -522,7 +570,9 @@ impl NodePredictor {
                 Some(p) if current > 0.0 && p.is_finite() => bandwidth * p / current,
                 _ => bandwidth,
             };
-            let before = self.classes.get(&id).copied();
+            // Every connection of the sample is known (`update_known`).
+            let slot = &mut self.known.entry(id).or_default().class;
+            let before = *slot;
             let class = self.config.class.classify(before, forecast_bandwidth);
             if let Some(from) = before
                 && from != class
@@ -535,7 +585,7 @@ impl NodePredictor {
                     bandwidth: forecast_bandwidth,
                 });
             }
-            self.classes.insert(id, class);
+            *slot = Some(class);
             if !c.movable || self.shifting.contains(&id) || self.shadowing.contains_key(&id) {
                 continue;
             }
@@ -555,65 +605,51 @@ impl NodePredictor {
                 last_moved: self.last_moved.get(&id).copied(),
             });
         }
-        let seen: HashMap<ConnId, bool> = obs
-            .conns
-            .iter()
-            .map(|c| (c.report.conn, c.movable))
-            .collect();
-        self.conns.retain(|id, _| seen.contains_key(id));
-        self.last_moved.retain(|id, _| seen.contains_key(id));
-        self.shifting.retain(|id| seen.contains_key(id));
-        self.offered.retain(|id| seen.contains_key(id));
-        let served: HashSet<ConnId> = loads
-            .iter()
-            .map(|(i, _)| obs.conns[*i].report.conn)
-            .collect();
-        self.classes.retain(|id, _| served.contains(id));
+        // Forget what is kept of connections gone: `known` holds this sample's connections
+        // (`update_known`). `self.conns` holds tracked connections only, all in the sample.
+        let known = &self.known;
+        self.last_moved.retain(|id, _| known.contains_key(id));
+        self.shifting.retain(|id| known.contains_key(id));
+        // Only connections of the last sample or of this one were offered: with none of the
+        // last one gone, none is to forget.
+        if forgotten {
+            self.offered.retain(|id| known.contains_key(id));
+        }
         // A shadowed connection is shadowing while it lives on the peer, or the move is
         // under way.
-        let here: HashSet<ConnId> = obs
-            .conns
-            .iter()
-            .filter(|c| c.here)
-            .map(|c| c.report.conn)
-            .collect();
         self.shadowing
-            .retain(|id, (_, moved)| seen.contains_key(id) && !(*moved && here.contains(id)));
+            .retain(|id, (_, moved)| known.get(id).is_some_and(|s| !(*moved && s.here)));
         self.shadow_remote.retain(|_, (id, gone)| {
-            if seen.contains_key(id) && !here.contains(id) {
+            if known.get(id).is_some_and(|s| !s.here) {
                 *gone = None;
                 return true;
             }
             let since = *gone.get_or_insert(now);
             now - since < KPI_WAIT
         });
-        self.known = seen;
         // Leases live while their connection is here; offloads while it is away.
-        self.ingress = obs
-            .conns
-            .iter()
-            .filter(|c| c.here)
-            .filter_map(|c| c.ingress.map(|i| (i, c.report.conn)))
-            .collect();
-        let restored: HashSet<ConnId> = self.ingress.values().copied().collect();
-        self.leases.retain(|id| restored.contains(&id));
-        let away: HashMap<ConnId, Duration> = obs
-            .conns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| !c.here)
-            .map(|(i, c)| {
-                let age = interval.conns.get(i).map_or(Duration::ZERO, |p| p.age);
-                (c.report.conn, age)
-            })
-            .collect();
-        self.offloads.retain(|id, o| match away.get(id) {
-            Some(age) => {
-                o.age = *age;
-                true
-            }
-            None => false,
-        });
+        self.ingress.clear();
+        self.ingress.extend(
+            obs.conns
+                .iter()
+                .filter(|c| c.here)
+                .filter_map(|c| c.ingress.map(|i| (i, c.report.conn))),
+        );
+        if !self.leases.is_empty() {
+            let restored = &mut scratch.restored;
+            restored.clear();
+            restored.extend(self.ingress.values().copied());
+            self.leases.retain(|id| restored.contains(&id));
+        }
+        self.offloads
+            .retain(|id, o| match known.get(id).and_then(|s| s.away) {
+                Some(age) => {
+                    o.age = age;
+                    true
+                }
+                None => false,
+            });
+        self.sampler.recycle(interval.conns);
         self.floors.retain(|_, (until, _)| now < *until);
 
         let peers: Vec<PeerView> = obs
@@ -700,9 +736,10 @@ impl NodePredictor {
             },
             threshold: self.estimate.threshold,
             peers: &plan_peers,
-            candidates: &candidates,
+            candidates: &scratch.candidates,
         };
         let plan = self.planner.plan(now, &input);
+        self.scratch = scratch;
         if matches!(plan.status, Status::NotDue { .. }) {
             return None;
         }
@@ -728,6 +765,38 @@ impl NodePredictor {
         }
         self.last_plan = Some((now, plan.clone()));
         Some(plan)
+    }
+
+    /// Stamps the sample's connections in `known` with its number (what they are this
+    /// sample: see [`Seen`]) and forgets the others. Returns whether a connection of the
+    /// last sample is gone.
+    fn update_known(&mut self, obs: &Observation<'_>, profiles: &[ConnProfile]) -> bool {
+        let sample = self.counts.samples;
+        let mut reported = 0;
+        for (i, c) in obs.conns.iter().enumerate() {
+            let s = self.known.entry(c.report.conn).or_default();
+            if s.sample != sample {
+                // Its first report in this sample. It keeps its class if it was served here
+                // in the last sample (the only one `known` holds).
+                *s = Seen {
+                    sample,
+                    class: s.class.filter(|_| s.here),
+                    ..Seen::default()
+                };
+                reported += 1;
+            }
+            s.movable = c.movable;
+            if c.here {
+                s.here = true;
+            } else {
+                s.away = Some(profiles.get(i).map_or(Duration::ZERO, |p| p.age));
+            }
+        }
+        let forgotten = self.known.len() > reported;
+        if forgotten {
+            self.known.retain(|_, s| s.sample == sample);
+        }
+        forgotten
     }
 
     /// Shadow trials: every new connection (movable, at most a second old, not offered
@@ -818,19 +887,30 @@ impl NodePredictor {
 
     /// A connection's class, while it is served here.
     pub fn class(&self, conn: ConnId) -> Option<Class> {
-        self.classes.get(&conn).copied()
+        self.known
+            .get(&conn)
+            .filter(|s| s.here)
+            .and_then(|s| s.class)
     }
 
     /// Every connection served here with its class (as of the last sample).
     pub fn classes(&self) -> impl Iterator<Item = (ConnId, Class)> + '_ {
-        self.classes.iter().map(|(id, c)| (*id, *c))
+        self.known
+            .iter()
+            .filter(|(_, s)| s.here)
+            .filter_map(|(id, s)| s.class.map(|c| (*id, c)))
     }
 
     /// Connections served here per class, micro to large.
     pub fn class_counts(&self) -> [u64; 4] {
         let mut n = [0u64; 4];
-        for c in self.classes.values() {
-            n[*c as usize] += 1;
+        for c in self
+            .known
+            .values()
+            .filter(|s| s.here)
+            .filter_map(|s| s.class)
+        {
+            n[c as usize] += 1;
         }
         n
     }
@@ -1161,7 +1241,7 @@ impl NodePredictor {
             ConnState::Shadowing
         } else if self.shifting.contains(&conn) {
             ConnState::Shifting
-        } else if self.known.get(&conn).copied().unwrap_or(false) {
+        } else if self.known.get(&conn).is_some_and(|s| s.movable) {
             ConnState::Active
         } else {
             ConnState::Inactive

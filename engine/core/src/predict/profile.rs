@@ -6,6 +6,13 @@
 //! previous counters and returns the rates over the interval. A connection it has not seen before
 //! (or whose counters went backwards: the id was reused) is rated over its whole life so far.
 //! Connections missing from a sample are forgotten.
+//!
+//! A sample costs one hash-map update per connection: the previous counters are overwritten
+//! in place and stamped with the sample's number, and only when the map holds more
+//! connections than the sample reported is it swept of those the sample did not stamp. The
+//! profiles' vector can be handed back ([`Sampler::recycle`]) for the next sample to reuse.
+
+use std::collections::hash_map::Entry;
 
 use smoltcp::time::{Duration, Instant};
 
@@ -121,12 +128,27 @@ pub struct Interval {
     pub conns: Vec<ConnProfile>,
 }
 
+/// A connection's counters as a sample reported them.
+#[derive(Debug, Clone, Copy)]
+struct Stamped {
+    /// The counters.
+    counters: ConnCounters,
+    /// The number of the sample that reported them (the sampler's `samples`).
+    sample: u64,
+}
+
 /// Remembers the last counters and turns the next ones into rates.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     interval: Duration,
     last_at: Option<Instant>,
-    prev: HashMap<ConnId, ConnCounters>,
+    /// Samples taken: the number of the last one.
+    samples: u64,
+    /// Every connection of the last sample, with its counters then (each stamped with that
+    /// sample's number; while a sample is under way, those it reported so far carry its own).
+    prev: HashMap<ConnId, Stamped>,
+    /// An allocation for the next interval's profiles (see [`Self::recycle`]).
+    spare: Vec<ConnProfile>,
 }
 
 impl Sampler {
@@ -135,8 +157,16 @@ impl Sampler {
         Self {
             interval,
             last_at: None,
+            samples: 0,
             prev: HashMap::default(),
+            spare: Vec::new(),
         }
+    }
+
+    /// Hands back an interval's profiles ([`Interval::conns`]) once read: the next sample
+    /// reuses their allocation instead of making a new one.
+    pub fn recycle(&mut self, conns: Vec<ConnProfile>) {
+        self.spare = conns;
     }
 
     /// When the next sample is due (`None`: now).
@@ -156,33 +186,62 @@ impl Sampler {
         }
         let elapsed = self.last_at.map(|t| now - t);
         self.last_at = Some(now);
-        let mut prev = std::mem::take(&mut self.prev);
-        let conns = conns
-            .into_iter()
-            .map(|r| {
-                let age = if now > r.opened_at {
-                    now - r.opened_at
-                } else {
-                    Duration::ZERO
-                };
-                let rates = match (prev.remove(&r.conn), elapsed) {
-                    (Some(p), Some(e)) if counters_le(&p, &r.counters) => {
-                        ConnRates::between(&p, &r.counters, secs(e))
+        self.samples += 1;
+        let sample = self.samples;
+        // Connections of this sample so far (each counted once).
+        let mut reported = 0;
+        let prev = &mut self.prev;
+        let mut profiles = std::mem::take(&mut self.spare);
+        profiles.clear();
+        profiles.extend(conns.into_iter().map(|r| {
+            let age = if now > r.opened_at {
+                now - r.opened_at
+            } else {
+                Duration::ZERO
+            };
+            let now_stamped = Stamped {
+                counters: r.counters,
+                sample,
+            };
+            // Its counters in the last sample; none when this sample reported it already
+            // (the first report of an id is rated against the last sample, a repeat as new).
+            let last = match prev.entry(r.conn) {
+                Entry::Occupied(mut e) => {
+                    let last = std::mem::replace(e.get_mut(), now_stamped);
+                    if last.sample == sample {
+                        None
+                    } else {
+                        reported += 1;
+                        Some(last.counters)
                     }
-                    _ if age > Duration::ZERO => {
-                        ConnRates::between(&ConnCounters::default(), &r.counters, secs(age))
-                    }
-                    _ => ConnRates::default(),
-                };
-                self.prev.insert(r.conn, r.counters);
-                ConnProfile {
-                    conn: r.conn,
-                    rates,
-                    age,
-                    priority: r.priority,
                 }
-            })
-            .collect();
+                Entry::Vacant(e) => {
+                    reported += 1;
+                    e.insert(now_stamped);
+                    None
+                }
+            };
+            let rates = match (last, elapsed) {
+                (Some(p), Some(e)) if counters_le(&p, &r.counters) => {
+                    ConnRates::between(&p, &r.counters, secs(e))
+                }
+                _ if age > Duration::ZERO => {
+                    ConnRates::between(&ConnCounters::default(), &r.counters, secs(age))
+                }
+                _ => ConnRates::default(),
+            };
+            ConnProfile {
+                conn: r.conn,
+                rates,
+                age,
+                priority: r.priority,
+            }
+        }));
+        // Forget the connections this sample did not report: those not stamped with it. When
+        // the map holds no more connections than the sample reported, there are none.
+        if prev.len() > reported {
+            prev.retain(|_, p| p.sample == sample);
+        }
         let cpu_busy = if node.cpu_busy.is_finite() {
             node.cpu_busy.clamp(0.0, 1.0)
         } else {
@@ -192,7 +251,7 @@ impl Sampler {
             at: now,
             elapsed,
             node: NodeReport { cpu_busy, ..node },
-            conns,
+            conns: profiles,
         })
     }
 }
@@ -254,5 +313,88 @@ mod tests {
         let t3 = Instant::from_millis(1200);
         let third = s.sample(t3, node, [report(1, 700, 1100)]).unwrap();
         assert_eq!(third.conns[0].rates.bytes_in, 7_000.0);
+    }
+
+    /// The sampler updates its map in place; it rates as one that takes and rebuilds it every
+    /// sample would, also with connections that come and go, repeated ids in one sample,
+    /// counters that go backwards and samples not later than the last.
+    #[test]
+    fn in_place_update_rates_as_a_rebuild() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let node = NodeReport::default();
+        let mut s = Sampler::new(Duration::from_millis(100));
+        // The reference: the previous counters taken and rebuilt.
+        let mut last_at: Option<Instant> = None;
+        let mut prev: HashMap<ConnId, ConnCounters> = HashMap::default();
+        let mut bytes: HashMap<ConnId, u64> = HashMap::default();
+        let mut now = 1_000i64;
+        for _ in 0..500 {
+            now += [100, 100, 100, 0, -50, 250][next(6) as usize];
+            let t = Instant::from_millis(now);
+            let reports: Vec<ConnReport> = (0..next(40))
+                .map(|_| {
+                    let conn = next(30) + 1;
+                    let b = bytes.entry(conn).or_insert(0);
+                    *b = if next(20) == 0 {
+                        next(1000)
+                    } else {
+                        *b + next(5000)
+                    };
+                    report(conn, *b, now - next(3000) as i64)
+                })
+                .collect();
+            let got = s.sample(t, node, reports.iter().copied());
+            let want = if last_at.is_some_and(|l| t <= l) {
+                None
+            } else {
+                let elapsed = last_at.map(|l| t - l);
+                last_at = Some(t);
+                let mut old = std::mem::take(&mut prev);
+                let conns: Vec<ConnProfile> = reports
+                    .iter()
+                    .map(|r| {
+                        let age = if t > r.opened_at {
+                            t - r.opened_at
+                        } else {
+                            Duration::ZERO
+                        };
+                        let rates = match (old.remove(&r.conn), elapsed) {
+                            (Some(p), Some(e)) if counters_le(&p, &r.counters) => {
+                                ConnRates::between(&p, &r.counters, secs(e))
+                            }
+                            _ if age > Duration::ZERO => {
+                                ConnRates::between(&ConnCounters::default(), &r.counters, secs(age))
+                            }
+                            _ => ConnRates::default(),
+                        };
+                        prev.insert(r.conn, r.counters);
+                        ConnProfile {
+                            conn: r.conn,
+                            rates,
+                            age,
+                            priority: r.priority,
+                        }
+                    })
+                    .collect();
+                Some(conns)
+            };
+            assert_eq!(got.as_ref().map(|i| &i.conns), want.as_ref());
+            if let Some(i) = got
+                && next(2) == 0
+            {
+                s.recycle(i.conns);
+            }
+            let mut remembered: Vec<_> = s.prev.iter().map(|(id, p)| (*id, p.counters)).collect();
+            let mut expected: Vec<_> = prev.iter().map(|(id, c)| (*id, *c)).collect();
+            remembered.sort_by_key(|(id, _)| *id);
+            expected.sort_by_key(|(id, _)| *id);
+            assert_eq!(remembered, expected);
+        }
     }
 }
