@@ -75,11 +75,7 @@ pub struct KpiReport {
 
 impl KpiReport {
     fn latency_code(&self) -> u64 {
-        self.latency.map_or(0, |v| {
-            clamp62(u64::try_from(v.as_micros()).unwrap_or(u64::MAX))
-                .saturating_add(1)
-                .min(VARINT_MAX)
-        })
+        optional_code(self.latency.map(|v| v.as_micros()))
     }
 
     fn encoded_len(&self) -> usize {
@@ -99,11 +95,7 @@ pub struct LeaseRenewal {
 
 impl LeaseRenewal {
     fn volume_code(&self) -> u64 {
-        self.volume.map_or(0, |v| {
-            clamp62(u64::try_from(v.as_millis()).unwrap_or(u64::MAX))
-                .saturating_add(1)
-                .min(VARINT_MAX)
-        })
+        optional_code(self.volume.map(|v| v.as_millis()))
     }
 
     fn encoded_len(&self) -> usize {
@@ -141,6 +133,20 @@ fn from_bp(bp: u16) -> Result<f32, WireError> {
 
 fn clamp62(v: u64) -> u64 {
     v.min(VARINT_MAX)
+}
+
+/// An optional count on the wire: 0 for none, else the count plus one (clamped).
+fn optional_code(v: Option<u128>) -> u64 {
+    v.map_or(0, |v| {
+        clamp62(u64::try_from(v).unwrap_or(u64::MAX))
+            .saturating_add(1)
+            .min(VARINT_MAX)
+    })
+}
+
+/// The count an [`optional_code`] carries.
+fn from_optional_code(code: u64) -> Option<u64> {
+    code.checked_sub(1)
 }
 
 impl LoadForecast {
@@ -273,10 +279,7 @@ impl LoadReport {
                 report.leases.clear();
                 while !v.is_empty() {
                     let conn = v.varint()?;
-                    let volume = match v.varint()? {
-                        0 => None,
-                        ms => Some(Duration::from_millis(ms - 1)),
-                    };
+                    let volume = from_optional_code(v.varint()?).map(Duration::from_millis);
                     if report.leases.len() < MAX_LEASE_RENEWALS {
                         report.leases.push(LeaseRenewal { conn, volume });
                     }
@@ -286,10 +289,7 @@ impl LoadReport {
                 report.kpis.clear();
                 while !v.is_empty() {
                     let conn = v.varint()?;
-                    let latency = match v.varint()? {
-                        0 => None,
-                        us => Some(Duration::from_micros(us - 1)),
-                    };
+                    let latency = from_optional_code(v.varint()?).map(Duration::from_micros);
                     let flags = v.varint()?;
                     if report.kpis.len() < MAX_KPI_REPORTS {
                         report.kpis.push(KpiReport {

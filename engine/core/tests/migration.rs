@@ -525,6 +525,50 @@ fn a_download_moved_mid_stream_is_byte_exact() {
     download_moved_once(ClientOpts::DEFAULT);
 }
 
+/// A connection under a class allocation moves: the source stops counting it as allocated
+/// (its turns go back to serving in arrival order), and the target serves it unlimited until
+/// its own planner allocates it; the transfer stays byte-exact.
+#[test]
+fn an_allocated_connection_that_moves_away_leaves_no_allocation_behind() {
+    use flowshift_core::predict::class::Allocation;
+    let mut n = Net::new();
+    let h = n.connect(19, ClientOpts::DEFAULT);
+    let mut got = Vec::new();
+    n.run_until(10_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got.len() > 100_000
+    });
+    let id = n.only_local(0);
+    let limited = Allocation {
+        rate_limit: Some(2_000_000),
+        buffer_budget: 32 << 10,
+        priority: 1,
+    };
+    n.nodes[0]
+        .set_allocation(n.now, id, Some(limited))
+        .expect("allocate");
+    assert_eq!(n.nodes[0].allocated(), 1);
+    n.run_until(10_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got.len() > 300_000
+    });
+    n.migrate(0, 1, id, 3);
+    assert_eq!(
+        n.nodes[0].allocated(),
+        0,
+        "the source still counts the moved flow"
+    );
+    assert_eq!(n.nodes[1].allocated(), 0);
+    // Allocating the forwarding entry is refused: nothing is served there.
+    assert!(n.nodes[0].set_allocation(n.now, id, Some(limited)).is_err());
+    n.run_until(60_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        !n.sock(h).may_recv()
+    });
+    assert!(got == counting(0, 3_000_000), "counting stream mismatch");
+    assert_eq!(n.client_rsts, 0);
+}
+
 #[test]
 fn a_connection_born_of_a_syn_cookie_moves_byte_exact() {
     for opts in [

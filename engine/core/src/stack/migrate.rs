@@ -553,6 +553,10 @@ impl Stack {
         }
         self.stats.forwarded_to_owner += queue.len() as u64;
         self.stats.conns_moved_out += 1;
+        // Its allocation is the new owner's to give; here it only forwards.
+        if flow.pacer.take().is_some() {
+            self.allocated = self.allocated.saturating_sub(1);
+        }
         if flow.counted {
             self.budget.release(*flow.key.client.ip());
         }
@@ -627,6 +631,9 @@ impl Stack {
             self.budget.release(*flow.key.client.ip());
         }
         self.half_open -= usize::from(flow.half_open);
+        if flow.pacer.take().is_some() {
+            self.allocated = self.allocated.saturating_sub(1);
+        }
         match restored.home_from {
             Some(to) => become_moved(flow, to, now, false, false),
             None => {

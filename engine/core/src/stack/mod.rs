@@ -1468,6 +1468,11 @@ impl Stack {
         }
     }
 
+    /// How many connections served here hold an allocation ([`Self::set_allocation`]).
+    pub fn allocated(&self) -> usize {
+        self.allocated
+    }
+
     /// Gives connection `id` its class's allocation (rate limit, send-buffer budget,
     /// scheduling priority; [`crate::pace`]), or takes it away (`None`). The new limits apply
     /// from the connection's next service, which is now.
@@ -1479,6 +1484,10 @@ impl Stack {
     ) -> Result<(), FlowError> {
         let slot = self.flows.find_id(id).ok_or(FlowError::NoSuchFlow(id))?;
         let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
+        // A moved connection is only forwarded here: its owner allocates it.
+        if let FlowMode::Moved { .. } = flow.mode {
+            return Err(FlowError::WrongMode { id, mode: "moved" });
+        }
         let had = flow.pacer.is_some();
         flow.pacer = match (flow.pacer, alloc) {
             // The same allocation again: the bucket carries on.
