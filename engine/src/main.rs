@@ -619,7 +619,7 @@ pub(crate) fn conns_table(
     places: &[(String, String, String, String)],
 ) -> String {
     let mut s = format!(
-        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {}\n",
+        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {}\n",
         "ID",
         "CLIENT",
         "SERVICE",
@@ -634,6 +634,7 @@ pub(crate) fn conns_table(
         "OUT",
         "RATE-IN/s",
         "RATE-OUT/s",
+        "RTT",
         "SENDQ",
         "RECVQ",
         "LEASE"
@@ -641,7 +642,7 @@ pub(crate) fn conns_table(
     for (i, c) in conns.iter().enumerate() {
         let (lives, enters, predict, lease) = places.get(i).cloned().unwrap_or_default();
         s += &format!(
-            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {}\n",
+            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {}\n",
             format!("{:#x}", c.id),
             c.client.to_string(),
             c.service.to_string(),
@@ -656,6 +657,8 @@ pub(crate) fn conns_table(
             human_bytes(c.bytes_out as f64),
             human_bytes(c.rate_in),
             human_bytes(c.rate_out),
+            c.srtt_us
+                .map_or_else(|| "-".to_owned(), |us| format!("{:.2}ms", us as f64 / 1e3)),
             c.send_queue,
             c.recv_queue,
             lease,

@@ -117,6 +117,8 @@ pub(crate) struct RestoreItem {
     /// Replies straight out of this node's TUN device (see `PeerEntry::direct_return` of the
     /// ingress peer).
     pub(crate) direct_return: bool,
+    /// The tunnel's round-trip time to the ingress peer, if measured.
+    pub(crate) path_rtt: Option<Duration>,
 }
 
 pub(crate) enum WorkerMsg {
@@ -412,6 +414,11 @@ impl Worker {
                                     max_buffer,
                                     direct_return: item.direct_return,
                                     source: Some(peer),
+                                    path_rtt: item.path_rtt.map(|d| {
+                                        smoltcp::time::Duration::from_micros(
+                                            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+                                        )
+                                    }),
                                 };
                                 let (flow, snap) = (item.flow, &item.snapshot);
                                 let r = self.stack.restore(now, snap, params).map_err(|e| {

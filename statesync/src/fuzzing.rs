@@ -86,6 +86,7 @@ pub fn harness_snapshot(flow: u64) -> ConnSnapshot {
             node_key: [9; 32],
             flow_id: flow,
         },
+        srtt_us: Some(1_000 + (flow % 1_000) as u32),
     }
 }
 

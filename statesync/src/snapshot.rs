@@ -22,7 +22,7 @@
 //!
 //! | # | field | encoding | invariant checked by [`ConnSnapshot::validate`] |
 //! |---|---|---|---|
-//! | — | version | `u8` = [`SNAPSHOT_VERSION`] (1) | other versions: [`SnapshotError::Version`] |
+//! | — | version | `u8` = [`SNAPSHOT_VERSION`] (2); version 1 (fields 1–20) is still read | other versions: [`SnapshotError::Version`] |
 //! | 1 | `client` | 4 address bytes, port varint | |
 //! | 2 | `service` | 4 address bytes, port varint | |
 //! | 3 | `state` | `u8`: [`TcpState`] code (1 Established, 2 CloseWait, 3 FinWait1, 4 Closing, 5 LastAck) | FIN flags agree with the state (table below) |
@@ -43,6 +43,7 @@
 //! | 18 | `unread` | byte string | length ≤ `rx_capacity` |
 //! | 19 | `app` | `kind u8, version u8`, byte string, `fin_delivered` bool | bytes ≤ [`MAX_APP_STATE`]; `fin_delivered` needs `client_fin` |
 //! | 20 | `ingress` | 32 key bytes, `flow_id` varint `u64` | |
+//! | 21 | `srtt_us` | `Option<varint u32>`: the source's smoothed round-trip time to the client, µs (version 2; `None` in version 1) | ≤ [`MAX_SRTT_US`] |
 //!
 //! | state | `client_fin` | `our_fin` |
 //! |---|---|---|
@@ -55,7 +56,10 @@
 //! [`ConnSnapshot::decode`] rejects other versions, malformed bodies, trailing bytes and
 //! invariant violations, each with its own [`SnapshotError`]; byte strings longer than
 //! their bound are refused from their length prefix, before anything is copied. A new
-//! field or a change of meaning bumps [`SNAPSHOT_VERSION`].
+//! field or a change of meaning bumps [`SNAPSHOT_VERSION`]. A node reads its own version and
+//! the one before (a version-1 snapshot has no round-trip time), and writes its own: in a
+//! rolling upgrade, upgrade the targets of moves first (an older target refuses the move
+//! with [`SnapshotError::Version`] and the connection stays where it is).
 //!
 //! # Fuzzing
 //! `fuzz/fuzz_targets/snapshot.rs` feeds arbitrary bytes to [`ConnSnapshot::decode`] and
@@ -72,7 +76,11 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{self, BoundedBytes, Bytes};
 
 /// Version of the snapshot encoding (its first byte).
-pub const SNAPSHOT_VERSION: u8 = 1;
+pub const SNAPSHOT_VERSION: u8 = 2;
+/// The previous version, still read: fields 1–20, no `srtt_us`.
+pub const SNAPSHOT_VERSION_1: u8 = 1;
+/// Largest round-trip time a snapshot may carry (60 s, in µs).
+pub const MAX_SRTT_US: u32 = 60_000_000;
 /// Largest socket buffer capacity a snapshot may carry (16 MiB).
 pub const MAX_BUFFER: u32 = 16 << 20;
 /// Largest opaque app snapshot (4 MiB).
@@ -85,7 +93,7 @@ pub const MIN_MSS: u16 = 64;
 pub const DEFAULT_MSS: u16 = 536;
 
 /// Fields of the body after the version byte.
-const BODY_FIELDS: usize = 20;
+const BODY_FIELDS: usize = 21;
 const MAX_BUFFER_LEN: usize = MAX_BUFFER as usize;
 
 /// The TCP states in which a connection can move.
@@ -267,6 +275,9 @@ pub struct ConnSnapshot {
     pub app: AppState,
     /// Where the client's packets enter.
     pub ingress: Ingress,
+    /// The source's smoothed round-trip time to the client, in µs, if it measured one: the
+    /// target starts its loss-probe timing from it instead of from nothing.
+    pub srtt_us: Option<u32>,
 }
 
 /// An invariant a [`ConnSnapshot`] breaks.
@@ -301,6 +312,9 @@ pub enum InvalidSnapshot {
     /// `our_wscale` is above [`MAX_WINDOW_SCALE`].
     #[error("our window scale {0} above {MAX_WINDOW_SCALE}")]
     OurWindowScale(u8),
+    /// `srtt_us` is above [`MAX_SRTT_US`].
+    #[error("round-trip time {0} µs above {MAX_SRTT_US}")]
+    Srtt(u32),
     /// `rx_capacity` is 0 or above [`MAX_BUFFER`].
     #[error("receive capacity {0} outside 1..={MAX_BUFFER}")]
     RxCapacity(u32),
@@ -414,6 +428,11 @@ impl ConnSnapshot {
                 len: self.app.bytes.len(),
             });
         }
+        if let Some(us) = self.srtt_us
+            && us > MAX_SRTT_US
+        {
+            return Err(InvalidSnapshot::Srtt(us));
+        }
         Ok(())
     }
 
@@ -443,7 +462,7 @@ impl ConnSnapshot {
     pub fn decode(bytes: &[u8]) -> Result<ConnSnapshot, SnapshotError> {
         match bytes.first() {
             None => return Err(SnapshotError::Empty),
-            Some(&SNAPSHOT_VERSION) => {}
+            Some(&SNAPSHOT_VERSION | &SNAPSHOT_VERSION_1) => {}
             Some(&v) => return Err(SnapshotError::Version(v)),
         }
         let (Unchecked(snap), rest) =
@@ -482,6 +501,7 @@ impl fmt::Debug for ConnSnapshot {
             .field("unread", &format_args!("{} bytes", self.unread.len()))
             .field("app", &self.app)
             .field("ingress", &self.ingress)
+            .field("srtt_us", &self.srtt_us)
             .finish()
     }
 }
@@ -512,6 +532,7 @@ impl Serialize for ConnSnapshot {
         t.serialize_element(&Bytes(&self.unread))?;
         t.serialize_element(&self.app)?;
         t.serialize_element(&self.ingress)?;
+        t.serialize_element(&self.srtt_us)?;
         t.end()
     }
 }
@@ -559,7 +580,7 @@ impl<'de> Visitor<'de> for SnapshotVisitor {
             }};
         }
         let version: u8 = field!(u8);
-        if version != SNAPSHOT_VERSION {
+        if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_1 {
             return Err(de::Error::custom(format_args!(
                 "unsupported snapshot version {version}"
             )));
@@ -585,8 +606,20 @@ impl<'de> Visitor<'de> for SnapshotVisitor {
             unread: field!(BoundedBytes<MAX_BUFFER_LEN>).0,
             app: field!(AppState),
             ingress: field!(Ingress),
+            srtt_us: None,
         };
-        debug_assert_eq!(index, 1 + BODY_FIELDS);
+        let snap = if version == SNAPSHOT_VERSION_1 {
+            snap
+        } else {
+            ConnSnapshot {
+                srtt_us: field!(Option<u32>),
+                ..snap
+            }
+        };
+        debug_assert_eq!(
+            index,
+            1 + BODY_FIELDS - usize::from(version == SNAPSHOT_VERSION_1)
+        );
         Ok(snap)
     }
 }
@@ -630,12 +663,13 @@ mod tests {
                 node_key: [0x11; 32],
                 flow_id: 300,
             },
+            srtt_us: Some(250),
         }
     }
 
     /// The encoding of `sample()`, byte by byte (the module table).
     static SNAPSHOT_BYTES: &[u8] = &[
-        0x01, // version
+        0x02, // version
         198, 18, 1, 2, 0xc0, 0xb8, 0x02, // client 198.18.1.2:40000
         198, 19, 255, 1, 0x50, // service 198.19.255.1:80
         0x01, // Established
@@ -659,7 +693,54 @@ mod tests {
         0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11,
         0x11, 0x11, // node key
         0xac, 0x02, // flow_id 300
+        0x01, 0xfa, 0x01, // srtt_us Some(250)
     ];
+
+    /// `sample()` in version 1: the same fields 1–20, no round-trip time.
+    fn version_1_bytes() -> Vec<u8> {
+        let mut b = SNAPSHOT_BYTES[..SNAPSHOT_BYTES.len() - 3].to_vec();
+        b[0] = SNAPSHOT_VERSION_1;
+        b
+    }
+
+    #[test]
+    fn reads_version_1_without_a_round_trip_time() {
+        let v1 = version_1_bytes();
+        let snap = ConnSnapshot::decode(&v1).expect("version 1 is read");
+        assert_eq!(
+            snap,
+            ConnSnapshot {
+                srtt_us: None,
+                ..sample()
+            }
+        );
+        // And written as the current version, with the field.
+        assert_eq!(snap.to_bytes()[0], SNAPSHOT_VERSION);
+        // A version-1 body followed by a version-2 field is trailing garbage there.
+        let mut b = v1;
+        b.extend_from_slice(&[0x01, 0xfa, 0x01]);
+        assert_eq!(
+            ConnSnapshot::decode(&b),
+            Err(SnapshotError::TrailingBytes(3))
+        );
+    }
+
+    #[test]
+    fn refuses_an_absurd_round_trip_time() {
+        let snap = ConnSnapshot {
+            srtt_us: Some(MAX_SRTT_US + 1),
+            ..sample()
+        };
+        assert_eq!(snap.validate(), Err(InvalidSnapshot::Srtt(MAX_SRTT_US + 1)));
+        let mut bytes = Vec::new();
+        crate::codec::append(&snap, &mut bytes);
+        assert_eq!(
+            ConnSnapshot::decode(&bytes),
+            Err(SnapshotError::Invalid(InvalidSnapshot::Srtt(
+                MAX_SRTT_US + 1
+            )))
+        );
+    }
 
     #[test]
     fn emit_matches_fixture() {
@@ -680,8 +761,8 @@ mod tests {
     fn rejects_framing() {
         assert_eq!(ConnSnapshot::decode(&[]), Err(SnapshotError::Empty));
         let mut b = SNAPSHOT_BYTES.to_vec();
-        b[0] = 2;
-        assert_eq!(ConnSnapshot::decode(&b), Err(SnapshotError::Version(2)));
+        b[0] = 3;
+        assert_eq!(ConnSnapshot::decode(&b), Err(SnapshotError::Version(3)));
         let mut b = SNAPSHOT_BYTES.to_vec();
         b.extend_from_slice(&[0, 0]);
         assert_eq!(

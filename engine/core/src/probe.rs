@@ -52,6 +52,9 @@ pub struct LossProbe {
     progress_at: Instant,
     /// Smoothed round-trip time (1/8 gain), from our own timing.
     srtt: Option<Duration>,
+    /// `srtt` is a seed (from a snapshot), not yet confirmed by a sample of our own: the
+    /// first sample replaces it.
+    seeded: bool,
     /// The segment being timed: when it went out and where it ends.
     timing: Option<(Instant, u32)>,
     /// Probes sent since the last progress, and when the last went.
@@ -68,6 +71,7 @@ impl Default for LossProbe {
             sent_end: 0,
             progress_at: Instant::ZERO,
             srtt: None,
+            seeded: false,
             timing: None,
             probes: 0,
             last_probe: None,
@@ -122,9 +126,10 @@ impl LossProbe {
                 self.timing = None;
                 let sample = now - at;
                 self.srtt = Some(match self.srtt {
-                    None => sample,
-                    Some(s) => (s * 7 + sample) / 8,
+                    Some(s) if !self.seeded => (s * 7 + sample) / 8,
+                    _ => sample,
                 });
+                self.seeded = false;
             }
         }
         self.in_flight() > 0
@@ -137,9 +142,19 @@ impl LossProbe {
             .map_or(0, |a| self.sent_end.wrapping_sub(a))
     }
 
-    /// The smoothed round-trip time, once one was measured.
+    /// The smoothed round-trip time, once one was measured (or seeded).
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
+    }
+
+    /// Starts from a round-trip time measured elsewhere (a moved connection's source, on
+    /// the path the connection takes here): probes are timed from it until the first
+    /// round trip measured here replaces it.
+    pub fn seed_srtt(&mut self, srtt: Duration) {
+        if self.srtt.is_none() || self.seeded {
+            self.srtt = Some(srtt);
+            self.seeded = true;
+        }
     }
 
     /// When the next probe is due, given the size of one full segment; `None` with nothing
@@ -181,6 +196,25 @@ mod tests {
 
     fn at(ms: i64) -> Instant {
         Instant::from_millis(ms)
+    }
+
+    #[test]
+    fn a_seeded_round_trip_times_the_first_probe_and_the_first_sample_replaces_it() {
+        let mut p = LossProbe::default();
+        p.seed_srtt(Duration::from_millis(30));
+        assert_eq!(p.srtt(), Some(Duration::from_millis(30)));
+        // Without the seed the first probe would wait INITIAL_PTO (250 ms) + 2 ms.
+        assert!(p.sent(at(0), 1000, 1000 + 10 * MSS));
+        assert_eq!(p.deadline(MSS), Some(at(62)));
+        // The first sample here (4 ms) replaces the seed, then the usual 1/8 gain.
+        assert!(!p.observe(at(4), 1000 + 10 * MSS));
+        assert_eq!(p.srtt(), Some(Duration::from_millis(4)));
+        assert!(p.sent(at(10), 1000 + 10 * MSS, 1000 + 20 * MSS));
+        assert!(!p.observe(at(22), 1000 + 20 * MSS));
+        assert_eq!(p.srtt(), Some(Duration::from_millis(5)));
+        // A later seed does not override a measurement.
+        p.seed_srtt(Duration::from_millis(100));
+        assert_eq!(p.srtt(), Some(Duration::from_millis(5)));
     }
 
     #[test]

@@ -1022,6 +1022,7 @@ impl Node {
                             max_buffer,
                             direct_return: false,
                             source: Some(peer),
+                            path_rtt: None,
                         };
                         let r = self.stack.restore(now, &snap, params);
                         (flow, r.map_err(|e| refuse_reason(&e)))

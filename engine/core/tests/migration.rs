@@ -391,6 +391,7 @@ impl Net {
                     max_buffer: 16 << 20,
                     direct_return: self.direct_return,
                     source: Some(Self::peer(src)),
+                    path_rtt: Some(smoltcp::time::Duration::from_millis(1)),
                 },
             )
             .expect("restore");
@@ -1039,6 +1040,42 @@ fn echo_moved_to_b(n: &mut Net) -> (SocketHandle, u64, u64) {
     (h, 20_000, on_b)
 }
 
+fn srtt_of(n: &Net, node: usize, id: u64) -> Option<u64> {
+    n.nodes[node]
+        .conns(n.now)
+        .into_iter()
+        .find(|c| c.id == id)
+        .expect("the connection is listed")
+        .srtt_us
+}
+
+/// A move carries the source's round-trip estimate: the target times its loss probes from
+/// it (plus the tunnel's round trip when the client's packets enter elsewhere) instead of
+/// from nothing, until it has measured its own; back home, the estimate comes as it is.
+#[test]
+fn a_moved_connection_keeps_its_round_trip_estimate() {
+    let mut n = Net::new();
+    let h = n.connect(7, ClientOpts::DEFAULT);
+    n.run_until(1_000, |n| n.sock(h).state() == tcp::State::Established);
+    echo(&mut n, h, 0, 10_000);
+    let id = n.only_local(0);
+    let at_a = srtt_of(&n, 0, id).expect("A measured a round trip");
+    let on_b = n.migrate(0, 1, id, 1);
+    // Before B has sent anything: A's estimate plus the tunnel's 1 ms (`Net::migrate`).
+    assert_eq!(srtt_of(&n, 1, on_b), Some(at_a + 1_000));
+    echo(&mut n, h, 10_000, 10_000);
+    let at_b = srtt_of(&n, 1, on_b).expect("B kept or measured a round trip");
+    let home = n.migrate(1, 0, on_b, 1);
+    assert_eq!(home, id);
+    assert_eq!(
+        srtt_of(&n, 0, id),
+        Some(at_b),
+        "home: no tunnel on the path"
+    );
+    echo(&mut n, h, 20_000, 10_000);
+    assert_eq!(n.client_rsts, 0);
+}
+
 /// `len` bytes of the counting stream from `offset` through echo, checked.
 fn echo(n: &mut Net, h: SocketHandle, offset: u64, len: usize) {
     let chunk = counting(offset, len);
@@ -1116,6 +1153,7 @@ fn an_idle_orphaned_copy_is_reset_by_its_keepalive_and_the_connection_carries_on
                 max_buffer: 16 << 20,
                 direct_return: false,
                 source: Some(Net::peer(0)),
+                path_rtt: None,
             },
         )
         .expect("restore");

@@ -776,9 +776,9 @@ impl Driver {
             .collect();
         let mut results = Vec::new();
         for (flow, snapshot) in snapshots {
-            let (worker, ingress, direct_return) = if snapshot.ingress.node_key == own {
+            let (worker, ingress, direct_return, path_rtt) = if snapshot.ingress.node_key == own {
                 // Coming home: to the worker that holds its entry.
-                (worker_of(snapshot.ingress.flow_id), None, false)
+                (worker_of(snapshot.ingress.flow_id), None, false, None)
             } else {
                 // Its packets enter at the source, or at a third node the source moved it
                 // from: a peer of this node either way.
@@ -798,7 +798,8 @@ impl Driver {
                     peer: PeerRef(entry.id.as_u32()),
                     flow: snapshot.ingress.flow_id,
                 };
-                (w, Some(ingress), entry.direct_return)
+                let path_rtt = self.ep.peer_stats(entry.id).and_then(|s| s.srtt);
+                (w, Some(ingress), entry.direct_return, path_rtt)
             };
             match per_worker.get_mut(worker) {
                 Some(v) => v.push(RestoreItem {
@@ -806,6 +807,7 @@ impl Driver {
                     snapshot,
                     ingress,
                     direct_return,
+                    path_rtt,
                 }),
                 None => results.push((flow, Err(RefuseReason::Malformed))),
             }

@@ -53,6 +53,7 @@ fn snap(flow: u64, send: usize) -> ConnSnapshot {
             node_key: [0; 32],
             flow_id: flow,
         },
+        srtt_us: None,
     }
 }
 
@@ -185,7 +186,7 @@ fn transfer_nests_versioned_snapshots() {
     ));
     // So does a snapshot of another version.
     let mut bad = bytes;
-    bad[6] = 2;
+    bad[6] = 3;
     assert!(matches!(
         Message::decode(&bad),
         Err(MessageError::Malformed(_))

@@ -61,6 +61,7 @@ pub fn snapshot(flow: u64, state: TcpState, send: usize, unread: usize) -> ConnS
             node_key: [0x42; 32],
             flow_id: flow,
         },
+        srtt_us: Some(200),
     }
 }
 

@@ -161,6 +161,7 @@ impl Stack {
                 node_key: [0; 32],
                 flow_id: 0,
             },
+            srtt_us: None,
         };
         let app = (app::new_app(kind, &app_config), kind);
         let mss_clamp = self.config.mtu.saturating_sub(HEADERS).min(65_535) as u16;

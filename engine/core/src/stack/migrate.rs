@@ -34,7 +34,9 @@ use smoltcp::wire::{
 };
 
 use flowshift_statesync::protocol::ConnOffer;
-use flowshift_statesync::snapshot::{AppState, ConnSnapshot, Ingress, TcpState, Timestamps};
+use flowshift_statesync::snapshot::{
+    AppState, ConnSnapshot, Ingress, MAX_SRTT_US, TcpState, Timestamps,
+};
 
 use super::{Stack, TurnDevice, TxQueue, tsval_now};
 use crate::app::{self, AppConfig, AppError, AppKind};
@@ -138,6 +140,10 @@ pub struct RestoreParams {
     pub max_buffer: usize,
     /// The node the flow comes from (it forwards the flow's queued packets after the move).
     pub source: Option<crate::flow::PeerRef>,
+    /// The tunnel's round-trip time to the ingress node, when there is one: the client's
+    /// path here is the snapshot's round trip plus (at most) this, and the restored flow's
+    /// loss probes are timed from that sum until they measure their own.
+    pub path_rtt: Option<smoltcp::time::Duration>,
 }
 
 /// A flow captured for a move.
@@ -380,6 +386,15 @@ impl Stack {
                 home_from: home.map(|(_, _, to)| to),
                 source: params.source,
             }),
+            probe: {
+                let mut probe = flow.probe;
+                if let Some(srtt) = probe.srtt()
+                    && params.ingress.is_some()
+                {
+                    probe.seed_srtt(srtt + params.path_rtt.unwrap_or_default());
+                }
+                probe
+            },
             ingress: params.ingress,
             return_path: if params.direct_return && params.ingress.is_some() {
                 ReturnPath::DirectPending
@@ -477,6 +492,13 @@ impl Stack {
             fin_delivered: snap.app.fin_delivered,
             close_sent: snap.our_fin,
             dirty: true,
+            probe: {
+                let mut probe = crate::probe::LossProbe::default();
+                if let Some(us) = snap.srtt_us {
+                    probe.seed_srtt(smoltcp::time::Duration::from_micros(u64::from(us)));
+                }
+                probe
+            },
             ..Flow::new(0, key, handle, app, (rx, tx), now)
         })
     }
@@ -971,6 +993,10 @@ pub(super) fn snapshot_of(
             node_key: [0; 32],
             flow_id: flow.ingress.map_or(flow.id, |r| r.flow),
         },
+        srtt_us: flow
+            .probe
+            .srtt()
+            .map(|d| u32::try_from(d.total_micros()).map_or(MAX_SRTT_US, |us| us.min(MAX_SRTT_US))),
     };
     Ok(snapshot)
 }

@@ -459,6 +459,10 @@ pub struct ConnInfo {
     /// [`crate::flow::SocketPlace`]).
     #[serde(default)]
     pub parked: bool,
+    /// Smoothed round-trip time to the client as the loss probes measure it, µs (`None`
+    /// until one was measured, or carried over by a move).
+    #[serde(default)]
+    pub srtt_us: Option<u64>,
 }
 
 /// Errors of flow-level control operations.
@@ -2120,6 +2124,7 @@ impl Stack {
                 recv_queue: 0,
                 handshake: HandshakeRecord::default(),
                 parked: false,
+                srtt_us: None,
             })
             .collect()
     }
@@ -2152,6 +2157,7 @@ impl Stack {
                     recv_queue: socket.map_or(0, |s| s.recv_queue()),
                     handshake: f.record,
                     parked: matches!(f.mode, FlowMode::Local) && f.socket.is_parked(),
+                    srtt_us: f.probe.srtt().map(|d| d.total_micros()),
                 }
             })
             .collect()
