@@ -1063,6 +1063,7 @@ fn a_moved_connection_keeps_its_round_trip_estimate() {
     let on_b = n.migrate(0, 1, id, 1);
     // Before B has sent anything: A's estimate plus the tunnel's 1 ms (`Net::migrate`).
     assert_eq!(srtt_of(&n, 1, on_b), Some(at_a + 1_000));
+    assert_eq!(srtt_of(&n, 0, id), None, "A only forwards it now");
     echo(&mut n, h, 10_000, 10_000);
     let at_b = srtt_of(&n, 1, on_b).expect("B kept or measured a round trip");
     let home = n.migrate(1, 0, on_b, 1);

@@ -2157,7 +2157,11 @@ impl Stack {
                     recv_queue: socket.map_or(0, |s| s.recv_queue()),
                     handshake: f.record,
                     parked: matches!(f.mode, FlowMode::Local) && f.socket.is_parked(),
-                    srtt_us: f.probe.srtt().map(|d| d.total_micros()),
+                    // Served elsewhere: the estimate here is the past owner's.
+                    srtt_us: match f.mode {
+                        FlowMode::Moved { .. } => None,
+                        _ => f.probe.srtt().map(|d| d.total_micros()),
+                    },
                 }
             })
             .collect()
