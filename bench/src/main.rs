@@ -38,6 +38,7 @@ mod stats;
 mod sys;
 mod throughput;
 mod tunnel;
+mod wg;
 
 /// flowshift benchmarks (need root: they build network namespaces).
 #[derive(Parser)]

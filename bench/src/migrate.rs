@@ -136,6 +136,12 @@ pub(crate) struct Args {
     /// what the kernel buffered while the flow waited).
     #[arg(long, default_value_t = 1500)]
     steady_slice_ms: u64,
+    /// In the steady part, also read the same download from a kernel server on node-b
+    /// reached through wireguard-go (the client's packets enter at node-a and cross
+    /// wireguard-go to node-b, the replies come back the same way): the moved download's
+    /// anchor, read in turn with the other two. `true` or `false`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    wg: bool,
     /// Before the slices, read only the moved download for this many seconds (to profile
     /// the relay; the node pids are printed).
     #[arg(long, default_value_t = 0, hide = true)]
@@ -152,7 +158,7 @@ pub(crate) struct Args {
     /// Worker threads of each node (default: the node's, one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// Per-connection socket buffers of both nodes, bytes (default: the node's, 64 KiB).
+    /// Per-connection socket buffers of both nodes, bytes (default: the node's, 256 KiB).
     #[arg(long)]
     tcp_buffer: Option<usize>,
     /// node-b answers the clients of connections moved to it straight from its own TUN
@@ -286,6 +292,14 @@ struct SteadyStats {
     /// CPU use during the moved / the local download's slices.
     moved_cpu: CpuView,
     local_cpu: CpuView,
+    /// The wireguard-go anchor (`--wg`): per slice, Gbit/s; its median; moved / it (per
+    /// round of slices, median); CPU during its slices (`node_*`: the two wireguard-go
+    /// processes).
+    #[serde(default)]
+    wg_gbit_s: Vec<f64>,
+    wg_median: Option<f64>,
+    moved_vs_wg: Option<f64>,
+    wg_cpu: Option<CpuView>,
     /// `ctl conns` row of the moved download on node-b and on node-a, after a slice of it.
     moved_conn: Vec<serde_json::Value>,
     /// `ctl peers` of both nodes at the end.
@@ -1003,7 +1017,98 @@ fn read_slice(
     Ok((v.offset() - at) as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9)
 }
 
-fn steady_part(tb: &Testbed, p: &Pair, o: &Args) -> anyhow::Result<SteadyStats> {
+/// Where the wireguard-go anchor's kernel server listens, on node-b.
+const WG_SERVICE: &str = "198.19.5.1";
+/// The client's second address, the one it reaches [`WG_SERVICE`] from.
+const WG_CLIENT: &str = "198.18.1.3";
+
+/// The steady part's anchor: a kernel `source` server on node-b at [`WG_SERVICE`], reached
+/// from the client through node-a, which forwards into wireguard-go to node-b: the path a
+/// moved connection's packets take (they enter at node-a and cross a userspace tunnel to
+/// node-b), with kernel TCP at the end instead of flowshift's. Removed on drop (the testbed
+/// removes the addresses and routes with its namespaces).
+struct WgAnchor {
+    wg: crate::wg::WireguardPair,
+    server: std::process::Child,
+}
+
+impl WgAnchor {
+    fn start(tb: &Testbed) -> anyhow::Result<Self> {
+        flowshift_testbed::ensure_tools(&["wireguard-go", "wg"])?;
+        let wg = crate::wg::WireguardPair::start_routing(
+            tb,
+            &crate::wg::Userspace::WireguardGo,
+            [&["198.19.5.1/32"], &["198.18.1.3/32"]],
+        )?;
+        tb.node_b()
+            .ip(&["addr", "add", &format!("{WG_SERVICE}/32"), "dev", "lo"])?;
+        tb.router().ip(&[
+            "route",
+            "add",
+            &format!("{WG_SERVICE}/32"),
+            "via",
+            &flowshift_testbed::testbed::NODE_A.to_string(),
+        ])?;
+        tb.client()
+            .ip(&["addr", "add", &format!("{WG_CLIENT}/24"), "dev", "eth0"])?;
+        tb.client().ip(&[
+            "route",
+            "add",
+            &format!("{WG_SERVICE}/32"),
+            "via",
+            "198.18.1.1",
+            "src",
+            WG_CLIENT,
+        ])?;
+        let mut server = tb.node_b().command(
+            std::env::current_exe()?
+                .to_str()
+                .context("non-UTF-8 path of this binary")?,
+        );
+        server
+            .args(["kernel-server", "--addr", WG_SERVICE])
+            .stdout(std::process::Stdio::piped());
+        let mut server = tb.spawn(server).context("starting the kernel server")?;
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(server.stdout.take().context("kernel server stdout")?),
+            &mut ready,
+        )?;
+        ensure!(
+            ready.trim() == "ready",
+            "kernel server did not start: {ready:?}"
+        );
+        Ok(Self { wg, server })
+    }
+
+    fn connect(&self, tb: &Testbed) -> anyhow::Result<TcpStream> {
+        let a = addr(WG_SERVICE.parse()?, SOURCE_PORT);
+        let s = tb
+            .client()
+            .run(move || TcpStream::connect_timeout(&a, Duration::from_secs(5)))
+            .with_context(|| format!("connecting to {a} through wireguard-go"))?;
+        ensure!(
+            client_v4(&s)?.ip().to_string() == WG_CLIENT,
+            "the anchor's connection left from {}",
+            client_v4(&s)?
+        );
+        Ok(s)
+    }
+}
+
+impl Drop for WgAnchor {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn steady_part(
+    tb: &Testbed,
+    p: &Pair,
+    o: &Args,
+    anchor: Option<&WgAnchor>,
+) -> anyhow::Result<SteadyStats> {
     let (steal0, t_steal) = (sys::machine_steal_seconds(), Instant::now());
     let m0 = p.metrics();
     let mut buf = vec![0u8; CHUNK];
@@ -1031,7 +1136,25 @@ fn steady_part(tb: &Testbed, p: &Pair, o: &Args) -> anyhow::Result<SteadyStats> 
     let mut local = connect(tb, SOURCE_PORT)?;
     local.set_read_timeout(Some(Duration::from_millis(100)))?;
     let mut vl = CountingVerifier::new();
-    let (mut mg, mut lg) = (Vec::new(), Vec::new());
+    let mut through_wg = match anchor {
+        Some(a) => {
+            let s = a.connect(tb)?;
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Some(s)
+        }
+        None => None,
+    };
+    let mut vw = CountingVerifier::new();
+    let (mut mg, mut lg, mut wgg) = (Vec::new(), Vec::new(), Vec::new());
+    let mut use_w = CpuUse::default();
+    let wg_pids = anchor.map(|a| a.wg.pids());
+    let wg_cpu = || {
+        wg_pids.map_or(0.0, |pids| {
+            pids.iter()
+                .map(|&p| sys::process_cpu_seconds(p))
+                .sum::<f64>()
+        })
+    };
     let mut moved_conn = Vec::new();
     let moved_client = client_v4(&moved)?.to_string();
     if o.steady_hold_s > 0 {
@@ -1054,11 +1177,24 @@ fn steady_part(tb: &Testbed, p: &Pair, o: &Args) -> anyhow::Result<SteadyStats> 
     };
     let mut use_m = CpuUse::default();
     let mut use_l = CpuUse::default();
+    let kinds = if through_wg.is_some() { 3 } else { 2 };
     for i in 0..o.steady_slices {
-        // Alternate which goes first.
-        for k in 0..2 {
+        // Rotate which goes first.
+        for k in 0..kinds {
             let (c0, b0, t0) = (node_cpu(), sys::machine_busy_seconds(), Instant::now());
-            if (i + k) % 2 == 0 {
+            if let (2, Some(w)) = ((i + k) % kinds, through_wg.as_mut()) {
+                let (w0, at) = (wg_cpu(), vw.offset());
+                wgg.push(
+                    read_slice(w, &mut vw, &mut buf, slice, skip)
+                        .context("download through wireguard-go")?,
+                );
+                use_w.add(
+                    wg_cpu() - w0,
+                    sys::machine_busy_seconds() - b0,
+                    t0,
+                    vw.offset() - at,
+                );
+            } else if (i + k) % kinds == 0 {
                 let at = vm.offset();
                 mg.push(
                     read_slice(&mut moved, &mut vm, &mut buf, slice, skip)
@@ -1118,8 +1254,18 @@ fn steady_part(tb: &Testbed, p: &Pair, o: &Args) -> anyhow::Result<SteadyStats> 
     let counters = changed(&m0, &p.metrics());
     reset_on_close(&moved);
     reset_on_close(&local);
-    let bytes = vm.offset() + vl.offset();
+    if let Some(w) = &through_wg {
+        reset_on_close(w);
+    }
+    let bytes = vm.offset() + vl.offset() + vw.offset();
     let (mm, lm) = (median(&mg), median(&lg));
+    // Moved over wireguard-go, slice by slice in the same round.
+    let per_round: Vec<f64> = mg
+        .iter()
+        .zip(&wgg)
+        .filter(|(_, w)| **w > 0.0)
+        .map(|(m, w)| m / w)
+        .collect();
     Ok(SteadyStats {
         moved_gbit_s: mg,
         local_gbit_s: lg,
@@ -1131,6 +1277,10 @@ fn steady_part(tb: &Testbed, p: &Pair, o: &Args) -> anyhow::Result<SteadyStats> 
         steal_percent: steal_since(steal0, t_steal),
         moved_cpu: use_m.view(),
         local_cpu: use_l.view(),
+        wg_median: (!wgg.is_empty()).then(|| median(&wgg)),
+        moved_vs_wg: (!per_round.is_empty()).then(|| median(&per_round)),
+        wg_cpu: (!wgg.is_empty()).then(|| use_w.view()),
+        wg_gbit_s: wgg,
         moved_conn,
         peers,
         counters,
@@ -1307,9 +1457,11 @@ fn part_seconds(o: &Args, p: Part) -> f64 {
         Part::Stall => moving(o.warmup_ms),
         Part::Kernel => moving(o.warmup_ms),
         Part::Steady => {
-            2.0 * o.steady_slices as f64 * o.steady_slice_ms as f64 / 1e3
+            (2.0 + f64::from(u8::from(o.wg))) * o.steady_slices as f64 * o.steady_slice_ms as f64
+                / 1e3
                 + o.steady_hold_s as f64
                 + 3.0
+                + if o.wg { 3.0 } else { 0.0 }
         }
         Part::Drain => 4.0 + o.idle as f64 * 1e-3,
     }
@@ -1371,19 +1523,42 @@ fn flowshift_parts(
         done(progress, Part::Stall, "flowshift stall");
     }
     if o.has(Part::Steady) {
-        eprintln!("  flowshift: a moved download beside a local one");
-        match steady_part(tb, &p, o) {
+        eprintln!(
+            "  flowshift: a moved download beside a local one{}",
+            if o.wg {
+                ", and one through wireguard-go"
+            } else {
+                ""
+            }
+        );
+        let anchor = if o.wg {
+            match WgAnchor::start(tb) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    r.errors
+                        .push(format!("steady: the wireguard-go anchor: {e:#}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        match steady_part(tb, &p, o, anchor.as_ref()) {
             Ok(s) => {
                 eprintln!(
-                    "    moved ({}) {:.2} Gbit/s, local {:.2} Gbit/s",
+                    "    moved ({}) {:.2} Gbit/s, local {:.2} Gbit/s{}",
                     return_path(o.direct_return),
                     s.moved_median,
-                    s.local_median
+                    s.local_median,
+                    s.wg_median
+                        .map(|w| format!(", through wireguard-go {w:.2} Gbit/s"))
+                        .unwrap_or_default()
                 );
                 r.steady = Some(s);
             }
             Err(e) => r.errors.push(format!("steady: {e:#}")),
         }
+        drop(anchor);
         done(progress, Part::Steady, "flowshift steady");
     }
     if o.has(Part::Drain) {
@@ -1481,7 +1656,7 @@ fn loadavg() -> String {
 
 fn headlines(runs: &[RunResult]) -> Vec<Headline> {
     type Get = fn(&RunResult) -> Option<f64>;
-    let rows: [(&str, &str, Get); 31] = [
+    let rows: [(&str, &str, Get); 34] = [
         ("flowshift stall p50", "ms", |r| {
             r.stall.as_ref().map(|s| s.stall_ms.p50)
         }),
@@ -1589,6 +1764,29 @@ fn headlines(runs: &[RunResult]) -> Vec<Headline> {
         ("moved / local", "×", |r| {
             r.steady.as_ref().map(|s| s.ratio)
         }),
+        (
+            "the same download through wireguard-go to a kernel server on b",
+            "Gbit/s",
+            |r| r.steady.as_ref().and_then(|s| s.wg_median),
+        ),
+        ("moved / through wireguard-go", "×", |r| {
+            r.steady.as_ref().and_then(|s| s.moved_vs_wg)
+        }),
+        (
+            "machine CPU per GB: moved / through wireguard-go",
+            "×",
+            |r| {
+                r.steady.as_ref().and_then(|s| {
+                    s.wg_cpu.map(|w| {
+                        if w.machine_cpu_s_per_gb > 0.0 {
+                            s.moved_cpu.machine_cpu_s_per_gb / w.machine_cpu_s_per_gb
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+            },
+        ),
         ("CPU stolen by the hypervisor (stall part)", "%", |r| {
             r.stall.as_ref().map(|s| s.steal_percent)
         }),
@@ -1788,6 +1986,20 @@ fn markdown(res: &Results) -> String {
                 s.local_cpu.machine_cores,
                 s.steal_percent
             );
+            if let (Some(w), Some(r), Some(c)) = (s.wg_median, s.moved_vs_wg, s.wg_cpu) {
+                m += &format!(
+                    "- the same download through wireguard-go (packets entering at a, kernel TCP \
+                     server on b) {w:.2} Gbit/s (median of {} slices, read in turn with the two \
+                     above): moved / it {r:.2}×; machine CPU s per GB moved {:.2} / through \
+                     wireguard-go {:.2} (the wireguard-go processes {:.2} CPU s per GB, {:.2} \
+                     cores)\n",
+                    s.wg_gbit_s.len(),
+                    s.moved_cpu.machine_cpu_s_per_gb,
+                    c.machine_cpu_s_per_gb,
+                    c.node_cpu_s_per_gb,
+                    c.node_cores,
+                );
+            }
         }
         if let Some(d) = &r.drain {
             m += &format!(
@@ -2294,6 +2506,10 @@ mod tests {
             steal_percent: 0.0,
             moved_cpu: CpuView::default(),
             local_cpu: CpuView::default(),
+            wg_gbit_s: vec![0.3],
+            wg_median: Some(0.3),
+            moved_vs_wg: Some(7.0),
+            wg_cpu: Some(CpuView::default()),
             moved_conn: vec![],
             peers: vec![],
             counters: BTreeMap::new(),
