@@ -1025,8 +1025,9 @@ const WG_CLIENT: &str = "198.18.1.3";
 /// The steady part's anchor: a kernel `source` server on node-b at [`WG_SERVICE`], reached
 /// from the client through node-a, which forwards into wireguard-go to node-b: the path a
 /// moved connection's packets take (they enter at node-a and cross a userspace tunnel to
-/// node-b), with kernel TCP at the end instead of flowshift's. Removed on drop (the testbed
-/// removes the addresses and routes with its namespaces).
+/// node-b), with kernel TCP at the end instead of flowshift's. Its processes stop on drop;
+/// its addresses and routes stay (set with `replace`, so the next run's anchor sets them
+/// again) and go with the testbed's namespaces.
 struct WgAnchor {
     wg: crate::wg::WireguardPair,
     server: std::process::Child,
@@ -1041,19 +1042,19 @@ impl WgAnchor {
             [&["198.19.5.1/32"], &["198.18.1.3/32"]],
         )?;
         tb.node_b()
-            .ip(&["addr", "add", &format!("{WG_SERVICE}/32"), "dev", "lo"])?;
+            .ip(&["addr", "replace", &format!("{WG_SERVICE}/32"), "dev", "lo"])?;
         tb.router().ip(&[
             "route",
-            "add",
+            "replace",
             &format!("{WG_SERVICE}/32"),
             "via",
             &flowshift_testbed::testbed::NODE_A.to_string(),
         ])?;
         tb.client()
-            .ip(&["addr", "add", &format!("{WG_CLIENT}/24"), "dev", "eth0"])?;
+            .ip(&["addr", "replace", &format!("{WG_CLIENT}/24"), "dev", "eth0"])?;
         tb.client().ip(&[
             "route",
-            "add",
+            "replace",
             &format!("{WG_SERVICE}/32"),
             "via",
             "198.18.1.1",
