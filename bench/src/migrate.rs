@@ -2181,6 +2181,8 @@ struct SavedKernel {
 struct SavedSteady {
     moved_gbit_s: Vec<f64>,
     local_gbit_s: Vec<f64>,
+    #[serde(default)]
+    wg_gbit_s: Vec<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2362,28 +2364,35 @@ pub(crate) fn figures(
         let all = |f: fn(&SavedSteady) -> &Vec<f64>| -> Vec<f64> {
             steady.iter().flat_map(|s| f(s).iter().copied()).collect()
         };
+        let mut categories = vec![
+            format!(
+                "moved to node-b\n({})",
+                if r.direct_return {
+                    "direct return"
+                } else {
+                    "replies relayed through a"
+                }
+            ),
+            "local on node-a".into(),
+        ];
+        let mut values = vec![all(|s| &s.moved_gbit_s), all(|s| &s.local_gbit_s)];
+        let wg = all(|s| &s.wg_gbit_s);
+        if !wg.is_empty() {
+            categories.push("through wireguard-go\n(kernel TCP on node-b)".into());
+            values.push(wg);
+        }
         figures.push((
             "migrate-steady",
             Figure {
                 title: format!(
-                    "a moved download beside a local one, alternate slices ({runs} run(s))"
+                    "a moved download beside a local one, slices read in turn ({runs} run(s))"
                 ),
                 y_desc: "Gbit/s".into(),
-                categories: vec![
-                    format!(
-                        "moved to node-b\n({})",
-                        if r.direct_return {
-                            "direct return"
-                        } else {
-                            "replies relayed through a"
-                        }
-                    ),
-                    "local on node-a".into(),
-                ],
+                categories,
                 series: vec![Series {
                     label: "Gbit/s (points: slices)".into(),
                     colour: plot::FLOWSHIFT,
-                    values: vec![all(|s| &s.moved_gbit_s), all(|s| &s.local_gbit_s)],
+                    values,
                     ..Default::default()
                 }],
                 refs: vec![],
@@ -2599,7 +2608,10 @@ mod tests {
                 "-200 ms",
             ],
         );
-        crate::plot::tests::assert_svg(&paths[2], &["moved to node-b", "local on node-a"]);
+        crate::plot::tests::assert_svg(
+            &paths[2],
+            &["moved to node-b", "local on node-a", "through wireguard-go"],
+        );
         if std::env::var_os("FLOWSHIFT_KEEP_PLOTS").is_none() {
             let _ = std::fs::remove_dir_all(dir);
         }
