@@ -136,6 +136,12 @@ pub(crate) struct Args {
     /// what the kernel buffered while the flow waited).
     #[arg(long, default_value_t = 1500)]
     steady_slice_ms: u64,
+    /// Percent of the TCP packets the router forwards that it drops, at random, during the
+    /// stall and kernel parts (the clients' traffic both ways; the tunnel's UDP is spared):
+    /// moves of a download that is recovering losses, against TCP_REPAIR handoffs under the
+    /// same loss. 0: no loss.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=50))]
+    loss: u8,
     /// In the steady part, also read the same download from a kernel server on node-b
     /// reached through wireguard-go (the client's packets enter at node-a and cross
     /// wireguard-go to node-b, the replies come back the same way): the moved download's
@@ -419,6 +425,9 @@ struct Results {
     tcp_buffer: Option<usize>,
     /// Replies of moved connections leave node-b straight instead of through node-a.
     direct_return: bool,
+    /// Percent of TCP packets the router dropped during the stall and kernel parts.
+    #[serde(default)]
+    loss_percent: u8,
     /// How moves were requested.
     trigger: Trigger,
     /// Bytes per second the downloading clients read at (`None`: as fast as they can).
@@ -1017,6 +1026,28 @@ fn read_slice(
     Ok((v.offset() - at) as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9)
 }
 
+/// Random loss of TCP packets on the router while it lives (`--loss`).
+struct RouterLoss<'a>(Option<&'a Testbed>);
+
+impl<'a> RouterLoss<'a> {
+    fn on(tb: &'a Testbed, percent: u8) -> anyhow::Result<Self> {
+        if percent == 0 {
+            return Ok(Self(None));
+        }
+        tb.set_router_loss_matching(percent, &["meta", "l4proto", "tcp"])
+            .context("the router's loss rule")?;
+        Ok(Self(Some(tb)))
+    }
+}
+
+impl Drop for RouterLoss<'_> {
+    fn drop(&mut self) {
+        if let Some(tb) = self.0 {
+            tb.clear_router_loss();
+        }
+    }
+}
+
 /// Where the wireguard-go anchor's kernel server listens, on node-b.
 const WG_SERVICE: &str = "198.19.5.1";
 /// The client's second address, the one it reaches [`WG_SERVICE`] from.
@@ -1497,7 +1528,10 @@ fn flowshift_parts(
             "  flowshift: {} moves of a download, one every {} ms",
             o.moves, o.interval_ms
         );
-        match stall_part(tb, &p, o) {
+        let lossy = RouterLoss::on(tb, o.loss)?;
+        let stall = stall_part(tb, &p, o);
+        drop(lossy);
+        match stall {
             Ok(s) => {
                 eprintln!(
                     "    stall p50 {:.2} ms p99 {:.2} ms max {:.2} ms; freeze p50 {:.2} ms; {} moved, {} failed; {:.2} GB byte-exact {}",
@@ -1618,7 +1652,16 @@ fn one_run(tb: &Testbed, o: &Args, run: usize, progress: &mut Progress) -> RunRe
             "  kernel TCP_REPAIR: {} handoffs, one every {} ms",
             o.moves, o.interval_ms
         );
-        match repair::run_kernel_handoffs(tb, &kernel_options(o, run)) {
+        let lossy = match RouterLoss::on(tb, o.loss) {
+            Ok(l) => l,
+            Err(e) => {
+                r.errors.push(format!("kernel: setting the loss: {e:#}"));
+                return;
+            }
+        };
+        let handoffs = repair::run_kernel_handoffs(tb, &kernel_options(o, run));
+        drop(lossy);
+        match handoffs {
             Ok(k) => {
                 eprintln!(
                     "    stall p50 {:.2} ms p99 {:.2} ms max {:.2} ms; downtime p50 {:.3} ms",
@@ -1849,7 +1892,7 @@ fn markdown(res: &Results) -> String {
     let mut m = format!(
         "Machine: {} · kernel {} · veth MTU {} · {} run(s) · {} moves per run (A⇄B), one every \
          {} ms, requested by {} · stall window {} ms before the request to {} ms after the \
-         reply · drain of {} idle connections\n\n",
+         reply · drain of {} idle connections{}\n\n",
         res.machine,
         res.kernel,
         res.veth_mtu,
@@ -1862,7 +1905,16 @@ fn markdown(res: &Results) -> String {
         },
         res.window_before_ms,
         res.window_after_ms,
-        res.idle
+        res.idle,
+        if res.loss_percent > 0 {
+            format!(
+                " · the router drops {} % of the TCP packets (both ways) during the stall and \
+                 kernel parts",
+                res.loss_percent
+            )
+        } else {
+            String::new()
+        }
     );
     m += "| measure | median | min | max | per run |\n|---|---:|---:|---:|---|\n";
     for h in &res.headlines {
@@ -2095,6 +2147,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         workers: args.workers,
         tcp_buffer: args.tcp_buffer,
         direct_return: args.direct_return,
+        loss_percent: args.loss,
         trigger: args.trigger,
         client_rate: args.client_rate,
         runs_requested: args.runs,
@@ -2545,6 +2598,7 @@ mod tests {
             workers: None,
             tcp_buffer: None,
             direct_return: false,
+            loss_percent: 0,
             trigger: Trigger::Socket,
             client_rate: None,
             runs_requested: 2,
