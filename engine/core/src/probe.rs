@@ -60,8 +60,9 @@ pub struct LossProbe {
     /// Probes sent since the last progress, and when the last went.
     probes: u8,
     last_probe: Option<Instant>,
-    /// The stack lists the connection among those with data in flight.
-    pub listed: bool,
+    /// The deadline under which the stack's probe timer holds this connection, if it does
+    /// (an entry with another deadline is stale and skipped).
+    pub queued: Option<Instant>,
 }
 
 impl Default for LossProbe {
@@ -75,7 +76,7 @@ impl Default for LossProbe {
             timing: None,
             probes: 0,
             last_probe: None,
-            listed: false,
+            queued: None,
         }
     }
 }

@@ -677,9 +677,7 @@ pub struct Stack {
     /// The time of the current turn (set by `handle_packet` and `poll`).
     now: Instant,
     /// Slots of flows with data in flight, watched for loss probes ([`crate::probe`]).
-    in_flight: Vec<usize>,
-    /// When the earliest loss probe may be due.
-    next_probe: Option<Instant>,
+    probe_timer: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize)>>,
     /// Flows held by their rate limit, and when each may move bytes again ([`crate::pace`]).
     paced: Vec<(Instant, usize)>,
     /// Flows with an allocation: while there are any, each turn serves them by priority.
@@ -764,8 +762,7 @@ impl Stack {
             retiring: Vec::new(),
             ended: VecDeque::new(),
             now,
-            in_flight: Vec::new(),
-            next_probe: None,
+            probe_timer: std::collections::BinaryHeap::new(),
             paced: Vec::new(),
             allocated: 0,
             frozen_bytes: 0,
@@ -1162,7 +1159,7 @@ impl Stack {
         for &slot in &dirty {
             self.serve(now, slot);
         }
-        if self.next_probe.is_some_and(|at| now >= at) {
+        if self.probe_timer.peek().is_some_and(|r| now >= r.0.0) {
             self.probe_losses(now);
         }
         let mut dev = TurnDevice {
@@ -1308,12 +1305,10 @@ impl Stack {
             .total()
             .saturating_sub(socket.send_queue() as u64);
         flow.kpi.acked(now, acked);
-        if flow.probe.listed {
+        if flow.probe.in_flight() > 0 {
             flow.probe
                 .observe(now, flow.send_base.wrapping_add(acked as u32));
-            if let Some(at) = flow.probe.deadline(PROBE_SEGMENT) {
-                self.next_probe = Some(self.next_probe.map_or(at, |n| n.min(at)));
-            }
+            arm_probe(&mut self.probe_timer, &mut flow.probe, slot);
         }
         if !flow.close_sent && flow.bytes_in >= QUICKACK_BYTES && socket.ack_delay().is_none() {
             socket.set_ack_delay(Some(ACK_DELAY));
@@ -1510,22 +1505,31 @@ impl Stack {
         Ok(())
     }
 
-    /// Loss probes ([`crate::probe`]): for every flow with data in flight whose probe is
-    /// due, makes smoltcp retransmit the earliest unacknowledged segment; flows with nothing
-    /// in flight leave the list.
+    /// Loss probes ([`crate::probe`]): for every flow whose entry in the probe timer is due,
+    /// makes smoltcp retransmit the earliest unacknowledged segment if the probe is due
+    /// indeed, and puts the flow back under its next deadline while data is in flight.
+    ///
+    /// The timer holds each flow under the deadline it had when armed; ACKs that move the
+    /// deadline later do not touch the timer (an ACK costs no heap operation), so an entry
+    /// can be early: it is checked here and re-armed at the flow's real deadline. A flow is
+    /// visited about once per probe timeout while it sends, not at every earlier flow's.
     fn probe_losses(&mut self, now: Instant) {
-        let mut next: Option<Instant> = None;
-        let mut list = std::mem::take(&mut self.in_flight);
-        list.retain(|&slot| {
+        while let Some(&std::cmp::Reverse((at, slot))) = self.probe_timer.peek() {
+            if at > now {
+                break;
+            }
+            self.probe_timer.pop();
             let Some(flow) = self.flows.get_mut(slot) else {
-                return false;
+                continue;
             };
+            if flow.probe.queued != Some(at) {
+                // Stale: the flow was re-armed earlier, or the slot holds another flow.
+                continue;
+            }
+            flow.probe.queued = None;
             let socket = match (&flow.mode, flow.socket.get_opt(&self.sockets)) {
-                (FlowMode::Local, Some(s)) if flow.probe.listed => s,
-                _ => {
-                    flow.probe.listed = false;
-                    return false;
-                }
+                (FlowMode::Local, Some(s)) => s,
+                _ => continue,
             };
             let unacked = socket.send_queue();
             let acked = flow.mirror.total().saturating_sub(unacked as u64);
@@ -1533,12 +1537,11 @@ impl Stack {
                 .probe
                 .observe(now, flow.send_base.wrapping_add(acked as u32))
             {
-                flow.probe.listed = false;
-                return false;
+                continue;
             }
             let Some(due) = flow.probe.deadline(PROBE_SEGMENT) else {
                 // Probed out: smoltcp's own timeout acts; an ACK brings the flow back.
-                return true;
+                continue;
             };
             // smoltcp's fast retransmit resends data, in the states that take a plain ACK,
             // towards a client whose window stays open after the window update below.
@@ -1610,17 +1613,13 @@ impl Stack {
                         .poll_ingress_single(now, &mut dev, &mut self.sockets);
                 }
             }
-            if let Some(flow) = self.flows.get(slot)
-                && let Some(at) = flow.probe.deadline(PROBE_SEGMENT)
-            {
-                next = Some(next.map_or(at, |n| n.min(at)));
+            if let Some(flow) = self.flows.get_mut(slot) {
+                arm_probe(&mut self.probe_timer, &mut flow.probe, slot);
+                // A deadline never lies in the past once handled (a due probe was sent or
+                // backed off): this loop ends.
+                debug_assert!(flow.probe.queued.is_none_or(|q| q > now));
             }
-            true
-        });
-        // Flows listed meanwhile (none: this runs inside `poll`) are kept.
-        list.append(&mut self.in_flight);
-        self.in_flight = list;
-        self.next_probe = next;
+        }
     }
 
     /// What a connection that ended held: its socket, its slot, its half-open count; and
@@ -1905,13 +1904,7 @@ impl Stack {
                         out.seq_end().wrapping_add(flow.xlate.seq_off),
                     );
                     if in_flight {
-                        if !flow.probe.listed {
-                            flow.probe.listed = true;
-                            self.in_flight.push(slot);
-                        }
-                        if let Some(at) = flow.probe.deadline(PROBE_SEGMENT) {
-                            self.next_probe = Some(self.next_probe.map_or(at, |n| n.min(at)));
-                        }
+                        arm_probe(&mut self.probe_timer, &mut flow.probe, slot);
                     }
                 }
                 // Pure ACKs of a restored flow carry at least what the previous owner had
@@ -1979,7 +1972,7 @@ impl Stack {
             Some(t) if t < self.next_sweep => t,
             _ => self.next_sweep,
         };
-        let at = self.next_probe.map_or(at, |p| p.min(at));
+        let at = self.probe_timer.peek().map_or(at, |r| r.0.0.min(at));
         let at = self.paced.iter().fold(at, |at, &(p, _)| p.min(at));
         at.max(now)
     }
@@ -2371,5 +2364,21 @@ impl Stack {
     /// The smoltcp socket of a flow that has one (local or frozen), for tests and capture.
     pub fn socket(&self, id: u64) -> Option<&tcp::Socket<'static>> {
         self.socket_of(self.flows.get(self.flows.find_id(id)?)?)
+    }
+}
+
+/// Puts the flow in `slot`, whose loss probe is `probe`, under its probe deadline in `timer`,
+/// unless it is held there already under that deadline or an earlier one (a later deadline
+/// is found when the earlier entry comes due: see `Stack::probe_losses`).
+fn arm_probe(
+    timer: &mut std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize)>>,
+    probe: &mut crate::probe::LossProbe,
+    slot: usize,
+) {
+    if let Some(at) = probe.deadline(PROBE_SEGMENT)
+        && probe.queued.is_none_or(|q| at < q)
+    {
+        probe.queued = Some(at);
+        timer.push(std::cmp::Reverse((at, slot)));
     }
 }
