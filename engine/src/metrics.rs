@@ -192,7 +192,7 @@ pub fn render(
             gauge(
                 &mut r,
                 &format!("predict_class_{name}_connections"),
-                "Connections served here in this size class (allocations shown, not enforced)",
+                "Connections served here in this size class (allocations enforced with [predict.class] enforce)",
                 n,
             );
         }

@@ -107,7 +107,11 @@ impl Predict {
         let names = self.names.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut v = {
             let p = self.lock();
-            plan_json(&p, &names, now)
+            let mut v = plan_json(&p, &names, now);
+            // Outside `plan_json`'s `json!`, which is at the macro's recursion limit.
+            v["segment_conns"] = p.estimate().segment_conns.into();
+            v["segments"] = p.estimate().segments.into();
+            v
         };
         v["classes"]["enforced"] = enforce_classes.into();
         let o = self.kpis.lock().unwrap_or_else(|e| e.into_inner());

@@ -306,6 +306,9 @@ pub const KPI_WAIT: Duration = Duration::from_secs(60);
 /// moved bytes here ([`NodePredictor::hottest`]).
 pub const HOT_CONNS: usize = 4;
 
+/// A connection's segments are maintained (idle ones merged) every this many samples.
+const MAINTAIN_EVERY: u64 = 10;
+
 /// A connection of the last sample, as [`NodePredictor`] remembers it.
 #[derive(Debug, Clone, Default)]
 struct Seen {
@@ -647,7 +650,14 @@ impl NodePredictor {
             // Every connection of the sample is known (`update_known`).
             let seen = self.known.entry(id).or_default();
             if let Some(stream) = &mut seen.stream {
-                stream.segments.maintain(now);
+                // Idle segments merge after seconds (`class.idle`): looking every tenth
+                // sample, each connection in its turn, is soon enough.
+                if id
+                    .wrapping_add(self.counts.samples)
+                    .is_multiple_of(MAINTAIN_EVERY)
+                {
+                    stream.segments.maintain(now);
+                }
                 segment_conns += 1;
                 segments += stream.segments.segments().len();
                 let heat = if forecast_bandwidth.is_finite() {
@@ -2098,9 +2108,10 @@ mod tests {
         let closed = tail[tail.len() - 2];
         assert_eq!(closed.end % 600, 0, "{tail:?}");
         assert!(tail.len() >= 3, "{tail:?}");
-        // Idle for the idle time (5 s after the last split): the segments merge back into
-        // one, figures kept.
-        for t in 31..=80 {
+        // Idle for the idle time (5 s after the last split, and at most a second more
+        // until each connection's turn to be maintained): the segments merge back into one,
+        // figures kept.
+        for t in 31..=90 {
             sample(&mut p, &conns, t);
         }
         let s = p.segments(6).unwrap().segments();
@@ -2116,7 +2127,7 @@ mod tests {
         };
         conns[3].here = false;
         conns.remove(5);
-        sample(&mut p, &conns, 81);
+        sample(&mut p, &conns, 91);
         let s = p.segments(5).unwrap().segments();
         assert_eq!(
             (s.len(), s[0].start, s[0].bytes, s[0].packets),
@@ -2125,7 +2136,7 @@ mod tests {
         assert!(p.segments(4).is_none());
         assert!(p.segments(6).is_none());
         conns[3].here = true;
-        sample(&mut p, &conns, 82);
+        sample(&mut p, &conns, 92);
         // Back here: counted from its counters (a connection restored here counts from its
         // restore).
         assert_eq!(p.segments(4).unwrap().bytes(), 12_000);
