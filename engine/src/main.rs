@@ -272,7 +272,7 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
                 "CONNS",
                 "VERIFIED"
             )?;
-            for p in peers {
+            for p in &peers {
                 let f = |k: &str| p[k].as_f64();
                 writeln!(
                     out,
@@ -294,6 +294,7 @@ fn ctl(socket: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result
                     human_bytes(f("rx_verified_bytes").unwrap_or(0.0)),
                 )?;
             }
+            write!(out, "{}", hottest_text(&peers))?;
         }
         Request::Plan => write!(out, "{}", plan_text(&result))?,
         Request::Migrate { .. } => {
@@ -343,6 +344,53 @@ fn plain(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// Each peer's hottest connections with their segments, as its last load report gives
+/// them: `range bytes/packets idle`, in stream order.
+fn hottest_text(peers: &[serde_json::Value]) -> String {
+    let mut s = String::new();
+    for p in peers {
+        let conns = p["load"]["segments"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if conns.is_empty() {
+            continue;
+        }
+        s += &format!(
+            "{}'s hottest connections (id there: segments sent)\n",
+            plain(&p["name"])
+        );
+        for c in conns {
+            let segments: Vec<String> = c["segments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|g| {
+                    let at = |k: &str| g[k].as_f64().map_or("?".into(), human_bytes);
+                    let end = if g["end"].is_null() {
+                        String::new()
+                    } else {
+                        at("end")
+                    };
+                    format!(
+                        "{}-{end} {}/{}p idle {:.1}s",
+                        at("start"),
+                        at("bytes"),
+                        g["packets"].as_u64().unwrap_or(0),
+                        g["idle_ms"].as_f64().unwrap_or(0.0) / 1e3
+                    )
+                })
+                .collect();
+            s += &format!(
+                "  {:#x}: {}\n",
+                c["conn"].as_u64().unwrap_or(0),
+                segments.join(" | ")
+            );
+        }
+    }
+    s
 }
 
 fn human_bytes(n: f64) -> String {
@@ -666,4 +714,25 @@ pub(crate) fn conns_table(
     }
     s += &format!("{} connection(s)\n", conns.len());
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_show_their_hottest_connections_segments() {
+        let peers = [
+            serde_json::json!({"name": "a", "load": {"segments": [{"conn": 31, "segments": [
+                {"start": 0, "end": 1048576, "bytes": 1048576, "packets": 700, "idle_ms": 5000},
+                {"start": 1048576, "end": null, "bytes": 300, "packets": 1, "idle_ms": 40}
+            ]}]}}),
+            serde_json::json!({"name": "c", "load": null}),
+        ];
+        assert_eq!(
+            hottest_text(&peers),
+            "a's hottest connections (id there: segments sent)\n  \
+             0x1f: 0B-1.0MiB 1.0MiB/700p idle 5.0s | 1.0MiB- 300B/1p idle 0.0s\n"
+        );
+    }
 }

@@ -58,6 +58,10 @@ pub struct PredictMetrics {
     pub kpis_taken: (u64, u64),
     /// KPIs of connections restored here queued for their primaries, and dropped unsent.
     pub kpis_reported: (u64, u64),
+    /// Connections served here with segment statistics (those that sent bytes here).
+    pub segment_conns: u64,
+    /// Their segments in all.
+    pub segments: u64,
 }
 
 fn gauge_f64(registry: &mut Registry, name: &str, help: &str, value: f64) {
@@ -188,10 +192,22 @@ pub fn render(
             gauge(
                 &mut r,
                 &format!("predict_class_{name}_connections"),
-                "Connections served here in this size class (allocations shown, not enforced)",
+                "Connections served here in this size class (allocations enforced with [predict.class] enforce)",
                 n,
             );
         }
+        gauge(
+            &mut r,
+            "predict_segment_connections",
+            "Connections served here with segment statistics (those that sent bytes here)",
+            p.segment_conns,
+        );
+        gauge(
+            &mut r,
+            "predict_segments",
+            "Segments of the connections served here, in all (byte ranges of what they sent)",
+            p.segments,
+        );
         gauge(
             &mut r,
             "predict_leases_held",
@@ -828,6 +844,8 @@ mod tests {
                 classes: [0, 1, 2, 0],
                 kpis_taken: (7, 5),
                 kpis_reported: (9, 1),
+                segment_conns: 2,
+                segments: 5,
             }),
         );
         assert!(
@@ -847,6 +865,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("flowshift_predict_leases_held 4"), "{text}");
+        assert!(text.contains("flowshift_predict_segments 5"), "{text}");
+        assert!(
+            text.contains("flowshift_predict_segment_connections 2"),
+            "{text}"
+        );
         assert!(
             text.contains("flowshift_predict_class_medium_connections 2"),
             "{text}"

@@ -974,8 +974,9 @@ impl Node {
 
     /// Tells the tunnel this node's load, for its heartbeats: the workers' busy fraction
     /// over the last second (as they measure it), connections, and bytes/s since the last
-    /// call.
-    fn report_load(&self, last: &mut (StdInstant, StackStats), cpu_busy: f64) {
+    /// call; with the predictor's forecast, lease renewals, KPIs and the segment statistics
+    /// of its hottest connections (their idle times as of `now`).
+    fn report_load(&self, now: Instant, last: &mut (StdInstant, StackStats), cpu_busy: f64) {
         let Some(t) = &self.tunnel else { return };
         let stats = self.stats();
         let dt = last.0.elapsed().as_secs_f64().max(1e-3);
@@ -989,6 +990,7 @@ impl Node {
             forecast: self.predict.forecast(),
             leases: self.predict.renewals(),
             kpis: self.predict.kpi_reports(),
+            segments: self.predict.segment_reports(now),
         };
         t.send(tunnel::Command::Load(report));
         *last = (StdInstant::now(), stats);
@@ -1038,7 +1040,7 @@ impl Node {
             if StdInstant::now() >= d.next_report {
                 let (at, busy) = d.busy.unwrap_or(d.report_busy);
                 let cpu = busy_fraction(d.report_busy, (at, busy), self.workers.len());
-                self.report_load(&mut d.report, cpu);
+                self.report_load(now, &mut d.report, cpu);
                 d.report_busy = (at, busy);
                 d.next_report = StdInstant::now() + LOAD_REPORT_EVERY;
             }

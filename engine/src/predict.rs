@@ -107,7 +107,11 @@ impl Predict {
         let names = self.names.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut v = {
             let p = self.lock();
-            plan_json(&p, &names, now)
+            let mut v = plan_json(&p, &names, now);
+            // Outside `plan_json`'s `json!`, which is at the macro's recursion limit.
+            v["segment_conns"] = p.estimate().segment_conns.into();
+            v["segments"] = p.estimate().segments.into();
+            v
         };
         v["classes"]["enforced"] = enforce_classes.into();
         let o = self.kpis.lock().unwrap_or_else(|e| e.into_inner());
@@ -165,6 +169,34 @@ impl Predict {
             .collect()
     }
 
+    /// The segment statistics for this node's next load report at `now`: its hottest
+    /// connections (at most [`flowshift_tunnel::MAX_SEGMENT_CONNS`]), each with a summary of
+    /// at most [`flowshift_tunnel::MAX_SEGMENTS_PER_CONN`] segments (the ranges before the
+    /// last few merged into one).
+    pub(crate) fn segment_reports(&self, now: Instant) -> Vec<flowshift_tunnel::SegmentReport> {
+        let p = self.lock();
+        p.hottest()
+            .take(flowshift_tunnel::MAX_SEGMENT_CONNS)
+            .map(|(conn, segments)| flowshift_tunnel::SegmentReport {
+                conn,
+                segments: segments
+                    .summary(flowshift_tunnel::MAX_SEGMENTS_PER_CONN)
+                    .map(|s| flowshift_tunnel::SegmentStat {
+                        start: s.start,
+                        len: (s.end != u64::MAX).then(|| s.end.saturating_sub(s.start)),
+                        bytes: s.bytes,
+                        packets: s.packets,
+                        idle: if now > s.last_activity {
+                            std::time::Duration::from_micros((now - s.last_activity).total_micros())
+                        } else {
+                            std::time::Duration::ZERO
+                        },
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// The figures `/metrics` shows.
     pub(crate) fn metrics(&self) -> PredictMetrics {
         let p = self.lock();
@@ -179,6 +211,8 @@ impl Predict {
                 (o.queued, o.dropped)
             },
             offloads: p.offloads().count() as u64,
+            segment_conns: e.segment_conns as u64,
+            segments: e.segments as u64,
             counts: p.counts(),
             utilisation: e.utilisation,
             predicted: e.predicted,

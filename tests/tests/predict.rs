@@ -557,6 +557,91 @@ fn a_shadow_trial_judges_its_step_on_kpis_the_peer_reports_and_ramps_up() {
     assert_eq!(plan["counts"]["planned"], 0, "{}", log());
 }
 
+/// Segment statistics ride the load reports: a connection on A echoes 3 MB and stays open;
+/// B's `ctl peers` shows it as A's hottest connection, its segments (split at 1 MiB)
+/// covering the stream from 0 and adding up to the bytes A sent it, and A's metrics count it.
+#[test]
+fn a_peer_shows_the_hottest_connections_segments_from_the_load_reports() {
+    const ECHOED: u64 = 3_000_000;
+    ensure_tools(&["socat"]).unwrap();
+    let (tb, a, b) = nodes("[predict]\nmetric = \"connections\"\n");
+    // 3 MB to the echo service, then the connection stays open (idle) for a while.
+    let mut c = tb.client().command("sh");
+    c.args([
+        "-c",
+        &format!(
+            "(head -c {ECHOED} /dev/zero; sleep 15) | socat -t 5 - TCP:{SERVICE_ADDR}:7 | wc -c"
+        ),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = tb.spawn(c).expect("socat");
+    // A's connection, once it echoed everything.
+    let mut id = 0;
+    eventually(30, "the echo on A", || {
+        let conns = a.ctl_json(&["conns"]).unwrap();
+        match conns.as_array().unwrap().as_slice() {
+            [c] if c["bytes_out"] == ECHOED => {
+                id = c["id"].as_u64().unwrap();
+                true
+            }
+            _ => false,
+        }
+    });
+    // B's view of A's hottest connections, once a report counts every byte.
+    let hottest = || peer(&b, "a").unwrap()["load"]["segments"].clone();
+    let total = |e: &serde_json::Value| -> u64 {
+        e["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    eventually(20, "A's report of the echo's segments at B", || {
+        hottest()
+            .as_array()
+            .is_some_and(|h| h.iter().any(|e| e["conn"] == id && total(e) == ECHOED))
+    });
+    let h = hottest();
+    let log = || format!("{h:#}\n--- a's log:\n{}", a.log());
+    let entries = h.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{}", log());
+    let segments = entries[0]["segments"].as_array().unwrap();
+    // At least one split (3 MB past the 1 MiB split size) unless idle ranges merged since;
+    // never more than a report carries; from offset 0, without gaps, the tail open.
+    assert!((1..=4).contains(&segments.len()), "{}", log());
+    assert_eq!(segments[0]["start"], 0, "{}", log());
+    for w in segments.windows(2) {
+        assert_eq!(w[0]["end"], w[1]["start"], "{}", log());
+    }
+    assert!(segments.last().unwrap()["end"].is_null(), "{}", log());
+    let packets: u64 = segments
+        .iter()
+        .map(|s| s["packets"].as_u64().unwrap())
+        .sum();
+    assert!(packets > 0, "{}", log());
+    let text = b.ctl(&["peers"]).unwrap();
+    eprintln!("{text}");
+    assert!(
+        text.contains("a's hottest connections") && text.contains(&format!("{id:#x}: 0B-")),
+        "{text}"
+    );
+    assert_eq!(metric(&a, "flowshift_predict_segment_connections"), 1);
+    assert!(metric(&a, "flowshift_predict_segments") >= 1);
+    // The echo completed byte for byte.
+    let out = child.wait_with_output().expect("socat");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        ECHOED.to_string()
+    );
+}
+
 /// Waits for an echo session and checks it echoed exactly what it sent and ended cleanly.
 fn finish_echo(child: std::process::Child, want: &str) {
     let out = child.wait_with_output().expect("socat");

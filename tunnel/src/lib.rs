@@ -70,6 +70,8 @@ pub use event::{Event, HandshakeError, PeerId};
 pub use key::{KeyParseError, Keypair, PresharedKey, PrivateKey, PublicKey};
 pub use load::{
     KpiReport, LeaseRenewal, LoadForecast, LoadReport, MAX_KPI_REPORTS, MAX_LEASE_RENEWALS,
+    MAX_LOAD_REPORT_LEN, MAX_SEGMENT_CONNS, MAX_SEGMENT_STATS_LEN, MAX_SEGMENTS_PER_CONN,
+    SegmentReport, SegmentStat,
 };
 pub use noise::NOISE_PARAMS;
 pub use stats::{PeerStats, Stats};

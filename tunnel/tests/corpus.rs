@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use flowshift_tunnel::wire::coding::Writer;
 use flowshift_tunnel::wire::{AckFrame, Frame};
-use flowshift_tunnel::{KpiReport, LeaseRenewal, LoadForecast, LoadReport};
+use flowshift_tunnel::{
+    KpiReport, LeaseRenewal, LoadForecast, LoadReport, SegmentReport, SegmentStat,
+};
 use sim::{Setup, mac1_for};
 
 fn record(frames: &[Frame<'_>]) -> Vec<u8> {
@@ -96,6 +98,25 @@ fn fuzz_corpus_seeds_decode_without_panic() {
             conn: 0x1_0000_0009,
             latency: Some(Duration::from_micros(850)),
             error: false,
+        }],
+        segments: vec![SegmentReport {
+            conn: 0x1_0000_0009,
+            segments: vec![
+                SegmentStat {
+                    start: 0,
+                    len: Some(3 << 20),
+                    bytes: 3 << 20,
+                    packets: 2_100,
+                    idle: Duration::from_millis(12_000),
+                },
+                SegmentStat {
+                    start: 3 << 20,
+                    len: None,
+                    bytes: 70_000,
+                    packets: 50,
+                    idle: Duration::from_millis(30),
+                },
+            ],
         }],
     }
     .to_bytes();

@@ -153,6 +153,32 @@ pub struct LoadView {
     pub leases: Vec<LeaseRenewalView>,
     /// KPIs of connections that ended there after their primary moved them there.
     pub kpis: Vec<KpiView>,
+    /// Segment statistics of its hottest connections, hottest first.
+    pub segments: Vec<SegmentsView>,
+}
+
+/// A connection's segment statistics in a load report, for output.
+#[derive(Debug, Clone, Serialize)]
+pub struct SegmentsView {
+    /// The connection's id at the sender.
+    pub conn: u64,
+    /// Its segments, in stream order.
+    pub segments: Vec<SegmentView>,
+}
+
+/// One segment of a connection's stream in a load report, for output.
+#[derive(Debug, Clone, Serialize)]
+pub struct SegmentView {
+    /// First stream offset.
+    pub start: u64,
+    /// One past the last offset (`None`: the open-ended tail).
+    pub end: Option<u64>,
+    /// Bytes sent in it.
+    pub bytes: u64,
+    /// Packets.
+    pub packets: u64,
+    /// Milliseconds since its last activity, when the sender made the report.
+    pub idle_ms: u64,
 }
 
 /// An ended connection's KPIs in a load report, for output.
@@ -213,6 +239,24 @@ impl From<&LoadReport> for LoadView {
                     conn: k.conn,
                     latency_ms: k.latency.map(|v| v.as_secs_f64() * 1e3),
                     error: k.error,
+                })
+                .collect(),
+            segments: r
+                .segments
+                .iter()
+                .map(|c| SegmentsView {
+                    conn: c.conn,
+                    segments: c
+                        .segments
+                        .iter()
+                        .map(|s| SegmentView {
+                            start: s.start,
+                            end: s.len.map(|l| s.start.saturating_add(l)),
+                            bytes: s.bytes,
+                            packets: s.packets,
+                            idle_ms: u64::try_from(s.idle.as_millis()).unwrap_or(u64::MAX),
+                        })
+                        .collect(),
                 })
                 .collect(),
         }

@@ -1,4 +1,5 @@
-//! Arbitrary bytes into every decoder, and into an endpoint as a received datagram.
+//! Arbitrary bytes into every decoder (a load report among them), and into an endpoint as a
+//! received datagram.
 //! Nothing may panic. Seeds: `../corpus/decode/` (replayed by the crate's unit tests;
 //! rewritten by `FLOWSHIFT_WRITE_CORPUS=1 cargo test -p flowshift-tunnel --test corpus`).
 
@@ -25,6 +26,8 @@ thread_local! {
 
 fuzz_target!(|data: &[u8]| {
     let _ = flowshift_tunnel::wire::decode_any(data);
+    // Load reports (heartbeat payloads, with every extension) also straight from the bytes.
+    let _ = flowshift_tunnel::LoadReport::decode(data);
     let mut buf = data.to_vec();
     ENDPOINT.with(|ep| {
         let mut ep = ep.borrow_mut();

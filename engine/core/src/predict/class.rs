@@ -196,10 +196,18 @@ impl Segments {
 
     /// A packet carrying `len` bytes at stream `offset`.
     pub fn record(&mut self, now: Instant, offset: u64, len: u64) {
+        self.record_packets(now, offset, len, 1);
+    }
+
+    /// `packets` packets carrying `len` bytes in all, from stream `offset` on (as one
+    /// sample's counters tell it: the bytes the connection moved since the last one, and
+    /// how many packets carried them). They count in the segment holding `offset`, which
+    /// splits as [`Self::record`] says.
+    pub fn record_packets(&mut self, now: Instant, offset: u64, len: u64, packets: u64) {
         let i = self.find(offset);
         let s = &mut self.segments[i];
         s.bytes = s.bytes.saturating_add(len);
-        s.packets += 1;
+        s.packets = s.packets.saturating_add(packets);
         s.last_activity = now;
         if s.bytes < self.split_bytes {
             return;
@@ -219,6 +227,31 @@ impl Segments {
         let end = self.segments[i].end;
         self.segments[i].end = at;
         self.segments.insert(i + 1, Segment::fresh(at, end, now));
+    }
+
+    /// At most `n` (at least 1) segments, in stream order, that cover the stream as these
+    /// do: the last `n - 1` as they are, and those before them merged into one (their
+    /// bytes and packets summed, their latest activity). What a load report carries.
+    pub fn summary(&self, n: usize) -> impl Iterator<Item = Segment> + '_ {
+        let kept = n.max(1) - 1;
+        let head = self.segments.len().saturating_sub(kept);
+        let merged = self.segments[..head].iter().copied().reduce(|mut a, b| {
+            a.end = b.end;
+            a.bytes = a.bytes.saturating_add(b.bytes);
+            a.packets = a.packets.saturating_add(b.packets);
+            a.last_activity = a.last_activity.max(b.last_activity);
+            a
+        });
+        merged
+            .into_iter()
+            .chain(self.segments[head..].iter().copied())
+    }
+
+    /// Bytes seen over the whole stream.
+    pub fn bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .fold(0u64, |n, s| n.saturating_add(s.bytes))
     }
 
     /// Merges adjacent segments idle for the configured time.
@@ -348,5 +381,50 @@ mod tests {
         assert_eq!(s.segments().len(), 1);
         assert_eq!(s.segments()[0].bytes, 21_300);
         assert_eq!(s.segments()[0].packets, 23);
+    }
+
+    #[test]
+    fn several_packets_at_once_and_a_summary_that_keeps_the_tail() {
+        let config = ClassConfig {
+            split_bytes: 1000,
+            ..ClassConfig::default()
+        };
+        let t0 = Instant::from_secs(1);
+        let mut s = Segments::new(&config, t0);
+        // Five samples of 1,000 bytes in 3 packets each: a split after each.
+        for k in 0..5u64 {
+            s.record_packets(t0 + Duration::from_secs(k), 1000 * k, 1000, 3);
+        }
+        assert_eq!(s.segments().len(), 6);
+        assert_eq!(s.bytes(), 5000);
+        assert!(covers_stream(&s));
+        let all: Vec<Segment> = s.summary(10).collect();
+        assert_eq!(all, s.segments());
+        // Three: the first four merged, then the last closed range and the tail.
+        let three: Vec<Segment> = s.summary(3).collect();
+        assert_eq!(three.len(), 3);
+        assert_eq!(
+            three[0],
+            Segment {
+                start: 0,
+                end: 4000,
+                bytes: 4000,
+                packets: 12,
+                last_activity: t0 + Duration::from_secs(3),
+            }
+        );
+        assert_eq!(&three[1..], &s.segments()[4..]);
+        // One (or none asked): everything in one.
+        let one: Vec<Segment> = s.summary(0).collect();
+        assert_eq!(
+            (
+                one.len(),
+                one[0].start,
+                one[0].end,
+                one[0].bytes,
+                one[0].packets
+            ),
+            (1, 0, u64::MAX, 5000, 15)
+        );
     }
 }

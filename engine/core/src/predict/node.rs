@@ -43,12 +43,12 @@ use std::collections::{BTreeMap, VecDeque};
 
 use smoltcp::time::{Duration, Instant};
 
-use super::class::Class;
+use super::class::{Class, ClassConfig, Segments};
 use super::detect::{Detector, Imbalance, imbalance};
 use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
 use super::lease::{Lease, LeaseCounters, LeaseEvent, Leases, Offload};
 use super::plan::{Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Status};
-use super::profile::{ConnProfile, ConnReport, NodeReport, Sampler};
+use super::profile::{ConnCounters, ConnProfile, ConnReport, NodeReport, Sampler};
 use super::shadow::{ConnState, ShadowTrial, TrialEvent, TrialState};
 use super::{ConnId, NodeId, PredictConfig};
 
@@ -287,6 +287,10 @@ pub struct Estimate {
     pub connections: u64,
     /// Candidates (connections that may move).
     pub candidates: usize,
+    /// Connections served here with segment statistics (those that sent bytes here).
+    pub segment_conns: usize,
+    /// Their segments in all.
+    pub segments: usize,
     /// The peers.
     pub peers: Vec<PeerView>,
     /// Imbalance across the group, if any.
@@ -298,8 +302,15 @@ pub struct Estimate {
 /// a second or two later).
 pub const KPI_WAIT: Duration = Duration::from_secs(60);
 
+/// Connections whose segment statistics the load reports carry: the hottest of those that
+/// moved bytes here ([`NodePredictor::hottest`]).
+pub const HOT_CONNS: usize = 4;
+
+/// A connection's segments are maintained (idle ones merged) every this many samples.
+const MAINTAIN_EVERY: u64 = 10;
+
 /// A connection of the last sample, as [`NodePredictor`] remembers it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Seen {
     /// The number of the sample that reported it ([`Counts::samples`]; 0: none).
     sample: u64,
@@ -313,6 +324,62 @@ struct Seen {
     /// sample classifies the connections served here, and keeps a class for the next only
     /// of a connection served here.
     class: Option<Class>,
+    /// Its segment statistics, kept like its class only while it is served here, and only
+    /// once it sent bytes here (most connections of a large node are idle: they cost no
+    /// allocation).
+    stream: Option<Box<Stream>>,
+}
+
+/// What a connection served here sent to its client: the segment statistics of that stream
+/// (the node's download direction, the one that loads it: its send buffers, its pacing,
+/// what a move copies), and the counters they were fed up to.
+#[derive(Debug, Clone)]
+struct Stream {
+    /// Bytes sent, by its counters at the last sample that reported it here (the stream
+    /// offset the next sample's bytes start at: offsets count from its accept, or from its
+    /// restore for a connection restored here).
+    sent: u64,
+    /// Packets sent, likewise.
+    packets: u64,
+    /// Its segments.
+    segments: Segments,
+}
+
+impl Stream {
+    /// Feeds the counters of a report of the connection served here. Counters that went
+    /// backwards start a new stream (the id was reused) on the sample's first report of
+    /// it (`first`), and are ignored on a repeat.
+    fn feed(
+        stream: &mut Option<Box<Stream>>,
+        config: &ClassConfig,
+        now: Instant,
+        counters: &ConnCounters,
+        first: bool,
+    ) {
+        let (mut sent, mut packets) = stream.as_ref().map_or((0, 0), |s| (s.sent, s.packets));
+        let out = counters.bytes_out;
+        if out < sent {
+            if !first {
+                return;
+            }
+            *stream = None;
+            (sent, packets) = (0, 0);
+        }
+        if out == sent {
+            return;
+        }
+        let s = stream.get_or_insert_with(|| {
+            Box::new(Stream {
+                sent: 0,
+                packets: 0,
+                segments: Segments::new(config, now),
+            })
+        });
+        let delta = counters.packets_out.saturating_sub(packets);
+        s.segments.record_packets(now, sent, out - sent, delta);
+        s.sent = out;
+        s.packets = counters.packets_out.max(packets);
+    }
 }
 
 /// Buffers of one sample kept for the next, which clears and refills them instead of
@@ -330,6 +397,9 @@ struct Scratch {
     candidates: Vec<Candidate>,
     /// The connections restored here (by their id here), when leases are held.
     restored: HashSet<ConnId>,
+    /// The hottest connections with segment statistics so far: forecast bandwidth and id,
+    /// at most [`HOT_CONNS`], in no order.
+    hot: Vec<(f64, ConnId)>,
 }
 
 /// The predictor of one node (see the module doc).
@@ -389,6 +459,9 @@ pub struct NodePredictor {
     shadow_cursor: usize,
     /// Class changes for the driver to log, since it last took them.
     class_changes: Vec<ClassChange>,
+    /// The last sample's hottest connections with segment statistics, hottest first (see
+    /// [`Self::hottest`]).
+    hottest: Vec<ConnId>,
     /// Buffers reused from sample to sample.
     scratch: Scratch,
 }
@@ -434,6 +507,7 @@ impl NodePredictor {
             trial_events: Vec::new(),
             shadow_cursor: 0,
             class_changes: Vec::new(),
+            hottest: Vec::new(),
             scratch: Scratch::default(),
             config,
             settings,
@@ -468,7 +542,7 @@ impl NodePredictor {
             .sampler
             .sample(now, obs.node, obs.conns.iter().map(|c| c.report))?;
         self.counts.samples += 1;
-        let forgotten = self.update_known(obs, &interval.conns);
+        let forgotten = self.update_known(now, obs, &interval.conns);
         let mut scratch = std::mem::take(&mut self.scratch);
         let capacity = self.settings.capacity;
         let bandwidth_of = |i: usize| interval.conns.get(i).map_or(0.0, |p| p.rates.bandwidth());
@@ -547,6 +621,9 @@ impl NodePredictor {
         let due = self.planner.poll_timeout().is_none_or(|t| now >= t);
         let candidates = &mut scratch.candidates;
         candidates.clear();
+        let hot = &mut scratch.hot;
+        hot.clear();
+        let (mut segment_conns, mut segments) = (0, 0);
         let mut candidate_count = 0;
         for &(i, current) in &scratch.loads {
             let c = &obs.conns[i];
@@ -571,7 +648,26 @@ impl NodePredictor {
                 _ => bandwidth,
             };
             // Every connection of the sample is known (`update_known`).
-            let slot = &mut self.known.entry(id).or_default().class;
+            let seen = self.known.entry(id).or_default();
+            if let Some(stream) = &mut seen.stream {
+                // Idle segments merge after seconds (`class.idle`): looking every tenth
+                // sample, each connection in its turn, is soon enough.
+                if id
+                    .wrapping_add(self.counts.samples)
+                    .is_multiple_of(MAINTAIN_EVERY)
+                {
+                    stream.segments.maintain(now);
+                }
+                segment_conns += 1;
+                segments += stream.segments.segments().len();
+                let heat = if forecast_bandwidth.is_finite() {
+                    forecast_bandwidth.max(0.0)
+                } else {
+                    0.0
+                };
+                offer_hot(hot, heat, id);
+            }
+            let slot = &mut seen.class;
             let before = *slot;
             let class = self.config.class.classify(before, forecast_bandwidth);
             if let Some(from) = before
@@ -605,6 +701,9 @@ impl NodePredictor {
                 last_moved: self.last_moved.get(&id).copied(),
             });
         }
+        hot.sort_unstable_by(hotter);
+        self.hottest.clear();
+        self.hottest.extend(hot.iter().map(|&(_, id)| id));
         // Forget what is kept of connections gone: `known` holds this sample's connections
         // (`update_known`). `self.conns` holds tracked connections only, all in the sample.
         let known = &self.known;
@@ -707,6 +806,8 @@ impl NodePredictor {
             cpu_busy: interval.node.cpu_busy,
             connections,
             candidates: candidate_count,
+            segment_conns,
+            segments,
             imbalance: imbalance(&group, self.config.detect.imbalance_threshold),
             peers,
         };
@@ -770,17 +871,26 @@ impl NodePredictor {
     /// Stamps the sample's connections in `known` with its number (what they are this
     /// sample: see [`Seen`]) and forgets the others. Returns whether a connection of the
     /// last sample is gone.
-    fn update_known(&mut self, obs: &Observation<'_>, profiles: &[ConnProfile]) -> bool {
+    fn update_known(
+        &mut self,
+        now: Instant,
+        obs: &Observation<'_>,
+        profiles: &[ConnProfile],
+    ) -> bool {
         let sample = self.counts.samples;
         let mut reported = 0;
         for (i, c) in obs.conns.iter().enumerate() {
             let s = self.known.entry(c.report.conn).or_default();
-            if s.sample != sample {
-                // Its first report in this sample. It keeps its class if it was served here
-                // in the last sample (the only one `known` holds).
+            let first = s.sample != sample;
+            if first {
+                // Its first report in this sample. It keeps its class and its segment
+                // statistics if it was served here in the last sample (the only one `known`
+                // holds).
+                let here = s.here;
                 *s = Seen {
                     sample,
-                    class: s.class.filter(|_| s.here),
+                    class: s.class.filter(|_| here),
+                    stream: s.stream.take().filter(|_| here),
                     ..Seen::default()
                 };
                 reported += 1;
@@ -788,6 +898,13 @@ impl NodePredictor {
             s.movable = c.movable;
             if c.here {
                 s.here = true;
+                Stream::feed(
+                    &mut s.stream,
+                    &self.config.class,
+                    now,
+                    &c.report.counters,
+                    first,
+                );
             } else {
                 s.away = Some(profiles.get(i).map_or(Duration::ZERO, |p| p.age));
             }
@@ -883,6 +1000,23 @@ impl NodePredictor {
             self.counts.shadow_failed += 1;
             self.shadowing.remove(&conn);
         }
+    }
+
+    /// The hottest connections served here at the last sample among those that sent bytes
+    /// here, hottest first, with their segment statistics: at most [`HOT_CONNS`], by their
+    /// forecast bandwidth (that of their class; the lower id first among equals). What the
+    /// node's load reports carry.
+    pub fn hottest(&self) -> impl Iterator<Item = (ConnId, &Segments)> {
+        self.hottest
+            .iter()
+            .filter_map(|id| Some((*id, &self.known.get(id)?.stream.as_ref()?.segments)))
+    }
+
+    /// A connection's segment statistics: what it sent to its client while served here
+    /// (none before it sent a byte here).
+    pub fn segments(&self, conn: ConnId) -> Option<&Segments> {
+        let seen = self.known.get(&conn).filter(|s| s.here)?;
+        Some(&seen.stream.as_ref()?.segments)
     }
 
     /// A connection's class, while it is served here.
@@ -1266,6 +1400,26 @@ impl NodePredictor {
     /// Counts since the start.
     pub fn counts(&self) -> Counts {
         self.counts
+    }
+}
+
+/// `a` is hotter than `b`: more forecast bandwidth, or as much and a lower id.
+fn hotter(a: &(f64, ConnId), b: &(f64, ConnId)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// Keeps `(heat, id)` in `hot` if it is among the [`HOT_CONNS`] hottest offered so far.
+fn offer_hot(hot: &mut Vec<(f64, ConnId)>, heat: f64, id: ConnId) {
+    let c = (heat, id);
+    if hot.len() < HOT_CONNS {
+        hot.push(c);
+        return;
+    }
+    // The coldest kept: replaced by a hotter one.
+    if let Some(coldest) = hot.iter_mut().max_by(|a, b| hotter(a, b))
+        && hotter(&c, coldest).is_lt()
+    {
+        *coldest = c;
     }
 }
 
@@ -1898,6 +2052,96 @@ mod tests {
         };
         p.handle_sample(Instant::from_millis(4_100), &obs);
         assert_eq!(p.class(1), None);
+    }
+
+    #[test]
+    fn connections_keep_segment_statistics_of_what_they_sent() {
+        let mut config = PredictConfig::default();
+        config.class.split_bytes = 1_000;
+        config.class.max_segments = 4;
+        config.class.idle = Duration::from_secs(5);
+        let mut p = NodePredictor::new(config, settings(Policy::Manual));
+        // 1..=6 send 100·id bytes in 2 packets per 100 ms; 7 sends nothing.
+        let mut conns: Vec<ConnSample> = (1..=7).map(|id| conn(id, 0, 0)).collect();
+        let sample = |p: &mut NodePredictor, conns: &[ConnSample], t: i64| {
+            let obs = Observation {
+                node: NodeReport::default(),
+                conns,
+                peers: &[],
+            };
+            p.handle_sample(Instant::from_millis(t * 100), &obs);
+        };
+        for t in 1..=30 {
+            for c in conns.iter_mut().take(6) {
+                c.report.counters.bytes_out += 100 * c.report.conn;
+                c.report.counters.packets_out += 2;
+            }
+            sample(&mut p, &conns, t);
+            let s = p.segments(6).unwrap().segments();
+            assert!(s.len() <= 4, "{s:?}");
+        }
+        // The idle connection has none, and the hottest are the four fastest.
+        assert!(p.segments(7).is_none());
+        let hottest: Vec<ConnId> = p.hottest().map(|(id, _)| id).collect();
+        assert_eq!(hottest, [6, 5, 4, 3]);
+        assert_eq!(
+            (p.estimate().segment_conns, p.estimate().segments > 6),
+            (6, true)
+        );
+        // Every byte and packet sent is counted once, at its offset: the first conn's 100 B
+        // a sample split at 1,000 B (once it reached the split size) into [0, 1000).
+        for c in &conns[..6] {
+            let s = p.segments(c.report.conn).unwrap();
+            assert_eq!(s.bytes(), c.report.counters.bytes_out);
+            let packets: u64 = s.segments().iter().map(|x| x.packets).sum();
+            assert_eq!(packets, 60);
+        }
+        let first = p.segments(1).unwrap().segments();
+        assert_eq!(
+            (first[0].start, first[0].end, first[0].bytes),
+            (0, 1_000, 1_000)
+        );
+        assert_eq!(first.last().unwrap().end, u64::MAX);
+        // The hot tail splits at the end of the stream: the last closed segment ends at a
+        // sample's offset.
+        let tail = p.segments(6).unwrap().segments();
+        let closed = tail[tail.len() - 2];
+        assert_eq!(closed.end % 600, 0, "{tail:?}");
+        assert!(tail.len() >= 3, "{tail:?}");
+        // Idle for the idle time (5 s after the last split, and at most a second more
+        // until each connection's turn to be maintained): the segments merge back into one,
+        // figures kept.
+        for t in 31..=90 {
+            sample(&mut p, &conns, t);
+        }
+        let s = p.segments(6).unwrap().segments();
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!((s[0].bytes, s[0].packets), (18_000, 60));
+        assert_eq!(p.segments(1).unwrap().segments().len(), 1);
+        // A reused id (counters back to fewer bytes) starts a new stream; a connection not
+        // served here and a connection gone lose theirs.
+        conns[4].report.counters = ConnCounters {
+            bytes_out: 70,
+            packets_out: 1,
+            ..ConnCounters::default()
+        };
+        conns[3].here = false;
+        conns.remove(5);
+        sample(&mut p, &conns, 91);
+        let s = p.segments(5).unwrap().segments();
+        assert_eq!(
+            (s.len(), s[0].start, s[0].bytes, s[0].packets),
+            (1, 0, 70, 1)
+        );
+        assert!(p.segments(4).is_none());
+        assert!(p.segments(6).is_none());
+        conns[3].here = true;
+        sample(&mut p, &conns, 92);
+        // Back here: counted from its counters (a connection restored here counts from its
+        // restore).
+        assert_eq!(p.segments(4).unwrap().bytes(), 12_000);
+        let hottest: Vec<ConnId> = p.hottest().map(|(id, _)| id).collect();
+        assert!(!hottest.contains(&6) && hottest.len() == 4, "{hottest:?}");
     }
 
     #[test]
