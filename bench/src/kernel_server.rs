@@ -6,6 +6,36 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 
 /// Serves `source` (counting stream forever) on `addr`.
+/// Starts this binary's hidden `kernel-server` command in `ns` (source, sink and echo on
+/// `addr`, plain kernel sockets), tracked by `tb` for teardown, and waits until it serves.
+/// The caller stops it (kill) when done with it.
+pub(crate) fn spawn(
+    tb: &flowshift_testbed::Testbed,
+    ns: &flowshift_testbed::Netns,
+    addr: std::net::Ipv4Addr,
+) -> anyhow::Result<std::process::Child> {
+    use anyhow::Context;
+    let mut server = ns.command(
+        std::env::current_exe()?
+            .to_str()
+            .context("non-UTF-8 path of this binary")?,
+    );
+    server
+        .args(["kernel-server", "--addr", &addr.to_string()])
+        .stdout(std::process::Stdio::piped());
+    let mut server = tb.spawn(server).context("starting the kernel servers")?;
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().context("kernel server stdout")?),
+        &mut ready,
+    )?;
+    anyhow::ensure!(
+        ready.trim() == "ready",
+        "kernel server did not start: {ready:?}"
+    );
+    Ok(server)
+}
+
 pub(crate) fn source(addr: SocketAddr) -> std::io::Result<()> {
     serve(addr, |mut s| {
         let mut buf = vec![0u8; 256 * 1024];

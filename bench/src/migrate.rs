@@ -1092,24 +1092,7 @@ impl WgAnchor {
             "src",
             WG_CLIENT,
         ])?;
-        let mut server = tb.node_b().command(
-            std::env::current_exe()?
-                .to_str()
-                .context("non-UTF-8 path of this binary")?,
-        );
-        server
-            .args(["kernel-server", "--addr", WG_SERVICE])
-            .stdout(std::process::Stdio::piped());
-        let mut server = tb.spawn(server).context("starting the kernel server")?;
-        let mut ready = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(server.stdout.take().context("kernel server stdout")?),
-            &mut ready,
-        )?;
-        ensure!(
-            ready.trim() == "ready",
-            "kernel server did not start: {ready:?}"
-        );
+        let server = crate::kernel_server::spawn(tb, tb.node_b(), WG_SERVICE.parse()?)?;
         Ok(Self { wg, server })
     }
 

@@ -216,24 +216,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
 
     // The kernel baseline: plain socket servers in their own process in node-a, on node-a's
     // own address.
-    let mut server = tb.node_a().command(
-        std::env::current_exe()?
-            .to_str()
-            .context("non-UTF-8 path of this binary")?,
-    );
-    server
-        .args(["kernel-server", "--addr", &NODE_A.to_string()])
-        .stdout(std::process::Stdio::piped());
-    let mut server = tb.spawn(server).context("starting the kernel servers")?;
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().context("kernel server stdout")?),
-        &mut ready,
-    )?;
-    anyhow::ensure!(
-        ready.trim() == "ready",
-        "kernel server did not start: {ready:?}"
-    );
+    let _server = crate::kernel_server::spawn(&tb, tb.node_a(), NODE_A)?;
 
     let mut config = NodeConfig::standard("a").mtu(tun_mtu).offload(args.offload);
     if let Some(w) = args.workers {
