@@ -321,6 +321,31 @@ struct CpuUse {
     machine_s: f64,
     wall_s: f64,
     bytes: u64,
+    ingress: Ingress,
+}
+
+/// CPU seconds of node-a's (the ingress's) threads: its workers (what its predictor's CPU
+/// metric measures) and its tunnel thread.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ingress {
+    workers_s: f64,
+    tunnel_s: f64,
+}
+
+impl Ingress {
+    fn read(pid: u32) -> Self {
+        Self {
+            workers_s: sys::threads_cpu_seconds(pid, "fs-worker"),
+            tunnel_s: sys::threads_cpu_seconds(pid, "fs-tunnel"),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            workers_s: self.workers_s - before.workers_s,
+            tunnel_s: self.tunnel_s - before.tunnel_s,
+        }
+    }
 }
 
 impl CpuUse {
@@ -331,6 +356,11 @@ impl CpuUse {
         self.bytes += bytes;
     }
 
+    fn add_ingress(&mut self, i: Ingress) {
+        self.ingress.workers_s += i.workers_s;
+        self.ingress.tunnel_s += i.tunnel_s;
+    }
+
     fn view(&self) -> CpuView {
         let gb = (self.bytes as f64 / 1e9).max(1e-9);
         let wall = self.wall_s.max(1e-9);
@@ -339,6 +369,8 @@ impl CpuUse {
             machine_cores: self.machine_s / wall,
             node_cpu_s_per_gb: self.node_s / gb,
             machine_cpu_s_per_gb: self.machine_s / gb,
+            ingress_workers_s_per_gb: self.ingress.workers_s / gb,
+            ingress_tunnel_s_per_gb: self.ingress.tunnel_s / gb,
         }
     }
 }
@@ -352,6 +384,10 @@ struct CpuView {
     machine_cores: f64,
     node_cpu_s_per_gb: f64,
     machine_cpu_s_per_gb: f64,
+    /// Node-a's worker threads (the CPU its predictor measures), CPU s per GB.
+    ingress_workers_s_per_gb: f64,
+    /// Node-a's tunnel thread, CPU s per GB.
+    ingress_tunnel_s_per_gb: f64,
 }
 
 /// The drain part.
@@ -1197,6 +1233,7 @@ fn steady_part(
         // Rotate which goes first.
         for k in 0..kinds {
             let (c0, b0, t0) = (node_cpu(), sys::machine_busy_seconds(), Instant::now());
+            let i0 = Ingress::read(p.a.pid());
             if let (2, Some(w)) = ((i + k) % kinds, through_wg.as_mut()) {
                 let (w0, at) = (wg_cpu(), vw.offset());
                 wgg.push(
@@ -1221,6 +1258,7 @@ fn steady_part(
                     t0,
                     vm.offset() - at,
                 );
+                use_m.add_ingress(Ingress::read(p.a.pid()).since(i0));
                 if moved_conn.is_empty() {
                     for n in [&p.b, &p.a] {
                         let rows = n.ctl_json(&["conns"])?;
@@ -1246,6 +1284,7 @@ fn steady_part(
                     t0,
                     vl.offset() - at,
                 );
+                use_l.add_ingress(Ingress::read(p.a.pid()).since(i0));
             }
         }
     }
@@ -1683,7 +1722,7 @@ fn loadavg() -> String {
 
 fn headlines(runs: &[RunResult]) -> Vec<Headline> {
     type Get = fn(&RunResult) -> Option<f64>;
-    let rows: [(&str, &str, Get); 34] = [
+    let rows: [(&str, &str, Get); 38] = [
         ("flowshift stall p50", "ms", |r| {
             r.stall.as_ref().map(|s| s.stall_ms.p50)
         }),
@@ -1814,6 +1853,40 @@ fn headlines(runs: &[RunResult]) -> Vec<Headline> {
                 })
             },
         ),
+        (
+            "node-a's workers, CPU s per GB relaying the moved download",
+            "s/GB",
+            |r| {
+                r.steady
+                    .as_ref()
+                    .map(|s| s.moved_cpu.ingress_workers_s_per_gb)
+            },
+        ),
+        (
+            "node-a's tunnel thread, CPU s per GB relaying the moved download",
+            "s/GB",
+            |r| {
+                r.steady
+                    .as_ref()
+                    .map(|s| s.moved_cpu.ingress_tunnel_s_per_gb)
+            },
+        ),
+        (
+            "node-a's workers, CPU s per GB serving the local download",
+            "s/GB",
+            |r| {
+                r.steady
+                    .as_ref()
+                    .map(|s| s.local_cpu.ingress_workers_s_per_gb)
+            },
+        ),
+        ("node-a's workers per GB: relaying / serving", "×", |r| {
+            r.steady.as_ref().and_then(|s| {
+                (s.local_cpu.ingress_workers_s_per_gb > 0.0).then(|| {
+                    s.moved_cpu.ingress_workers_s_per_gb / s.local_cpu.ingress_workers_s_per_gb
+                })
+            })
+        }),
         ("CPU stolen by the hypervisor (stall part)", "%", |r| {
             r.stall.as_ref().map(|s| s.steal_percent)
         }),
@@ -2021,6 +2094,15 @@ fn markdown(res: &Results) -> String {
                 s.moved_cpu.machine_cores,
                 s.local_cpu.machine_cores,
                 s.steal_percent
+            );
+            m += &format!(
+                "- node-a (where the moved download's packets enter) per GB: relaying it, \
+                 workers {:.2} + tunnel thread {:.2} CPU s; serving the local one, workers {:.2} \
+                 + tunnel thread {:.2}\n",
+                s.moved_cpu.ingress_workers_s_per_gb,
+                s.moved_cpu.ingress_tunnel_s_per_gb,
+                s.local_cpu.ingress_workers_s_per_gb,
+                s.local_cpu.ingress_tunnel_s_per_gb,
             );
             if let (Some(w), Some(r), Some(c)) = (s.wg_median, s.moved_vs_wg, s.wg_cpu) {
                 m += &format!(

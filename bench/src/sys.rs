@@ -58,6 +58,29 @@ pub(crate) fn process_cpu_seconds(pid: u32) -> f64 {
     (utime + stime) / ticks_per_second()
 }
 
+/// CPU time of the threads of process `pid` whose name starts with `prefix`, seconds.
+pub(crate) fn threads_cpu_seconds(pid: u32, prefix: &str) -> f64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let dir = t.path();
+            let comm = fs::read_to_string(dir.join("comm")).ok()?;
+            if !comm.trim_end().starts_with(prefix) {
+                return None;
+            }
+            let stat = fs::read_to_string(dir.join("stat")).ok()?;
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks_per_second())
+        })
+        .sum()
+}
+
 /// Resident memory of process `pid`, bytes.
 pub(crate) fn process_rss_bytes(pid: u32) -> u64 {
     let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {

@@ -243,6 +243,16 @@ struct RawClass {
     rate_limits: Option<Vec<u64>>,
     /// Send-buffer budget per class, bytes.
     buffer_budgets: Option<Vec<u32>>,
+    /// Class boundaries in bytes/s, three, increasing.
+    bounds: Option<Vec<f64>>,
+    /// Hysteresis margin, a fraction of the boundary.
+    margin: Option<f64>,
+    /// Most segments per connection.
+    max_segments: Option<usize>,
+    /// Bytes that make a segment hot enough to split.
+    split_bytes: Option<u64>,
+    /// Inactivity after which adjacent segments merge.
+    idle_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -299,6 +309,7 @@ struct RawPlan {
     cooldown_ms: Option<u64>,
     reactive_threshold: Option<f64>,
     rtt_tolerance: Option<f64>,
+    relay_cpu_s_per_gb: Option<f64>,
     #[serde(default)]
     migration_cost: RawMigrationCost,
 }
@@ -750,6 +761,8 @@ impl Config {
                 defaults.report_delay,
             )?,
             history,
+            // The node sets its worker count when it starts the predictor.
+            workers: defaults.workers,
         };
 
         let peer_names: Vec<&str> = tunnel
@@ -817,6 +830,7 @@ impl Config {
         p.max_moves = r.max_moves.unwrap_or(p.max_moves);
         p.reactive_threshold = r.reactive_threshold.unwrap_or(p.reactive_threshold);
         p.rtt_tolerance = r.rtt_tolerance.unwrap_or(p.rtt_tolerance);
+        p.relay_cpu_s_per_gb = r.relay_cpu_s_per_gb.unwrap_or(p.relay_cpu_s_per_gb);
         p.migration_cost.load = r.migration_cost.load.unwrap_or(p.migration_cost.load);
         let r = raw.shadow;
         let sh = &mut config.shadow;
@@ -867,6 +881,22 @@ impl Config {
                 config.class.allocations[i].buffer_budget = b;
             }
         }
+        if let Some(bounds) = r.bounds {
+            config.class.bounds = bounds.try_into().map_err(|v: Vec<f64>| {
+                invalid(
+                    "class.bounds",
+                    format!(
+                        "{} value(s); give 3 increasing bytes/s (e.g. [1e3, 1e5, 1e7])",
+                        v.len()
+                    ),
+                )
+            })?;
+        }
+        let c = &mut config.class;
+        c.margin = r.margin.unwrap_or(c.margin);
+        c.max_segments = r.max_segments.unwrap_or(c.max_segments);
+        c.split_bytes = r.split_bytes.unwrap_or(c.split_bytes);
+        c.idle = millis("class.idle_ms", r.idle_ms, c.idle)?;
         let r = raw.lease;
         let l = config.lease;
         config.lease.min_lease = millis("lease.min_lease_ms", r.min_lease_ms, l.min_lease)?;
@@ -892,6 +922,7 @@ impl Config {
                     "lease.max_lease",
                     "lease.default_lease",
                     "shadow.backoff",
+                    "class.idle",
                 ];
                 // Already in milliseconds in the core (the node's latency unit).
                 if field == "shadow.latency_margin" {
@@ -1377,9 +1408,11 @@ max_connections = 100000
             "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 10\n\
              peers = [\"b\"]\ninterval_ms = 50\n[predict.forecast]\nbeta = 0.1\n\
              [predict.detect]\nhorizon_ms = 3000\nceiling = 0.8\n[predict.plan]\n\
-             replan_interval_ms = 500\nmax_moves = 2\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n\
+             replan_interval_ms = 500\nmax_moves = 2\nrelay_cpu_s_per_gb = 0.5\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n\
              [predict.lease]\nmin_lease_ms = 2000\ndefault_lease_ms = 10000\n\
-             [predict.shadow]\nenabled = true\nsteps = [0.2, 0.4, 0.6, 0.8]\n",
+             [predict.shadow]\nenabled = true\nsteps = [0.2, 0.4, 0.6, 0.8]\n\
+             [predict.class]\nbounds = [2e3, 2e5, 2e7]\nmargin = 0.1\nmax_segments = 8\n\
+             split_bytes = 65536\nidle_ms = 2500\n",
         );
         let p = parse(&text).unwrap().predict;
         assert_eq!(p.node.policy, Policy::Predictive);
@@ -1393,6 +1426,7 @@ max_connections = 100000
         assert_eq!(p.config.plan.policy, Policy::Predictive);
         assert_eq!(p.config.plan.replan_interval, Duration::from_millis(500));
         assert_eq!(p.config.plan.max_moves, 2);
+        assert_eq!(p.config.plan.relay_cpu_s_per_gb, 0.5);
         assert_eq!(
             p.config.plan.migration_cost.freeze,
             Duration::from_micros(500)
@@ -1402,6 +1436,11 @@ max_connections = 100000
         assert_eq!(p.config.lease.max_lease, Duration::from_secs(300));
         assert!(p.node.shadow);
         assert_eq!(p.config.shadow.steps, [0.2, 0.4, 0.6, 0.8]);
+        assert_eq!(p.config.class.bounds, [2e3, 2e5, 2e7]);
+        assert_eq!(p.config.class.margin, 0.1);
+        assert_eq!(p.config.class.max_segments, 8);
+        assert_eq!(p.config.class.split_bytes, 65536);
+        assert_eq!(p.config.class.idle, Duration::from_millis(2500));
     }
 
     #[test]
@@ -1445,6 +1484,31 @@ max_connections = 100000
             (
                 "[predict.plan.migration_cost]\nload = inf",
                 "predict.plan.migration_cost.load",
+            ),
+            (
+                "[predict.class]\nbounds = [1e3, 1e5]",
+                "predict.class.bounds",
+            ),
+            (
+                "[predict.class]\nbounds = [1e5, 1e3, 1e7]",
+                "predict.class.bounds[i]",
+            ),
+            ("[predict.class]\nmargin = 1.5", "predict.class.margin"),
+            (
+                "[predict.plan]\nrelay_cpu_s_per_gb = -1",
+                "predict.plan.relay_cpu_s_per_gb",
+            ),
+            (
+                "[predict.class]\nmax_segments = 1",
+                "predict.class.max_segments",
+            ),
+            (
+                "[predict.class]\nsplit_bytes = 0",
+                "predict.class.split_bytes",
+            ),
+            (
+                "[predict.class]\nidle_ms = 86400001",
+                "predict.class.idle_ms",
             ),
         ];
         for (extra, key) in cases {

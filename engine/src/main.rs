@@ -481,7 +481,7 @@ fn plan_text(v: &serde_json::Value) -> String {
     );
     for p in v["peers"].as_array().into_iter().flatten() {
         s += &format!(
-            "peer {:<12} utilisation {} (load {}), {}, rtt {} ms\n",
+            "peer {:<12} utilisation {} (load {}), {}, rtt {} ms, moves {}\n",
             plain(&p["name"]),
             f(&p["utilisation"]),
             f(&p["load"]),
@@ -491,6 +491,7 @@ fn plan_text(v: &serde_json::Value) -> String {
                 "not alive"
             },
             f(&p["rtt_ms"]),
+            plain(&p["return_path"]),
         );
     }
     if let Some(i) = v["imbalance"].as_object() {

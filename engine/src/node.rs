@@ -34,6 +34,7 @@ use flowshift_core::predict::NodeId;
 use flowshift_core::predict::lease::LeaseEvent;
 use flowshift_core::predict::node::ConnSample;
 use flowshift_core::predict::node::{NodePredictor, Observation, Outcome, PeerSample};
+use flowshift_core::predict::plan::ReturnPath;
 use flowshift_core::predict::profile::NodeReport;
 use flowshift_core::predict::shadow::TrialEvent;
 use flowshift_core::segment::segment;
@@ -1047,6 +1048,23 @@ impl Node {
         }
     }
 
+    /// How a connection this node moves to peer `name` returns its replies, as the planner
+    /// assumes it: what this node's own `[[peer]]` entry for it says (`direct_return` is set
+    /// on the target, for the connections whose packets enter here; the two nodes' entries for
+    /// each other are meant to agree, docs/prediction.md).
+    fn return_path(&self, name: &str) -> ReturnPath {
+        let direct = self
+            .config
+            .tunnel
+            .as_ref()
+            .is_some_and(|t| t.peers.iter().any(|e| e.name == name && e.direct_return));
+        if direct {
+            ReturnPath::Direct
+        } else {
+            ReturnPath::Relay
+        }
+    }
+
     /// One sample: the workers' connections and busy time, the peers' load reports; the
     /// plan, if one is made, is logged and executed.
     fn predict_turn(&self, now: Instant, d: &mut PredictDriver) {
@@ -1095,6 +1113,7 @@ impl Node {
                     rtt: smoltcp::time::Duration::from_micros(
                         (p.rtt_ms.unwrap_or(0.0).max(0.0) * 1e3) as u64,
                     ),
+                    return_path: self.return_path(&p.name),
                 })
             })
             .collect();
@@ -2103,6 +2122,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         threads.push(thread);
     }
 
+    let handles_len = handles.len();
     let node = Arc::new(Node {
         accepting,
         config: config.clone(),
@@ -2114,7 +2134,10 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         clock,
         predict: Predict::new(NodePredictor::new(
             config.predict.config.clone(),
-            config.predict.node,
+            flowshift_core::predict::node::NodeSettings {
+                workers: handles_len,
+                ..config.predict.node
+            },
         )),
     });
     {

@@ -290,6 +290,8 @@ fn move_json(m: &Move, names: &[(u32, String)]) -> Value {
         "utilisation": num(r.utilisation),
         "threshold": num(r.threshold),
         "conn_load": num(r.conn_load),
+        "left_here": num(r.left),
+        "return_path": r.return_path.to_string(),
         "age_s": duration_ms(r.age) / 1e3,
         "cost_load_s": num(r.cost),
         "target_utilisation": num(r.target_utilisation),
@@ -446,6 +448,7 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
             "utilisation": num(peer.utilisation),
             "predicted": num(peer.predicted),
             "rtt_ms": duration_ms(peer.rtt),
+            "return_path": peer.return_path.to_string(),
         })).collect::<Vec<_>>(),
         "imbalance": e.imbalance.map(|i| {
             let who = |id: NodeId| if id.0 == u32::MAX { "self".to_owned() } else { name_in(names, id) };
@@ -549,7 +552,7 @@ mod tests {
     use flowshift_core::predict::node::{
         ConnSample, LoadMetric, NodeSettings, Observation, PeerSample,
     };
-    use flowshift_core::predict::plan::Policy;
+    use flowshift_core::predict::plan::{Policy, ReturnPath};
     use flowshift_core::predict::profile::{ConnCounters, ConnReport, NodeReport};
 
     #[test]
@@ -585,6 +588,7 @@ mod tests {
             bandwidth: 0.0,
             forecast: None,
             rtt: smoltcp::time::Duration::from_millis(1),
+            return_path: ReturnPath::Relay,
         }];
         let now = Instant::from_secs(10);
         let obs = Observation {

@@ -11,6 +11,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use flowshift_core::predict::node::{
     ConnSample, NodePredictor, NodeSettings, Observation, PeerSample,
 };
+use flowshift_core::predict::plan::ReturnPath;
 use flowshift_core::predict::profile::{ConnCounters, ConnReport, NodeReport};
 use flowshift_core::predict::{NodeId, PredictConfig, Priority};
 use smoltcp::time::{Duration, Instant};
@@ -47,6 +48,7 @@ fn sample(c: &mut Criterion) {
             bandwidth: 1e8,
             forecast: None,
             rtt: Duration::from_micros(200),
+            return_path: ReturnPath::Relay,
         }];
         let mut now = Instant::from_millis(0);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {

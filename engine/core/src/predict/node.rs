@@ -47,7 +47,10 @@ use super::class::{Class, ClassConfig, Segments};
 use super::detect::{Detector, Imbalance, imbalance};
 use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
 use super::lease::{Lease, LeaseCounters, LeaseEvent, Leases, Offload};
-use super::plan::{Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Status};
+use super::plan::{
+    Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Residual, ReturnPath,
+    Status,
+};
 use super::profile::{ConnCounters, ConnProfile, ConnReport, NodeReport, Sampler};
 use super::shadow::{ConnState, ShadowTrial, TrialEvent, TrialState};
 use super::{ConnId, NodeId, PredictConfig};
@@ -103,6 +106,9 @@ pub struct NodeSettings {
     /// Shadow trials: a fraction of new connections goes to each peer not yet trusted
     /// (only when the policy executes). Default off.
     pub shadow: bool,
+    /// Worker threads, over which the `cpu` metric's busy fraction is averaged: what turns the
+    /// CPU seconds of forwarding a moved connection into load ([`Residual`]). Default 1.
+    pub workers: usize,
 }
 
 impl Default for NodeSettings {
@@ -115,6 +121,7 @@ impl Default for NodeSettings {
             history: 64,
             max_tracked: 1024,
             shadow: false,
+            workers: 1,
         }
     }
 }
@@ -153,6 +160,8 @@ pub struct PeerSample {
     pub forecast: Option<(f64, u64)>,
     /// Round-trip time to it.
     pub rtt: Duration,
+    /// How a connection moved to it returns its replies (the `[[peer]]`'s `direct_return`).
+    pub return_path: ReturnPath,
 }
 
 /// What the node saw this interval.
@@ -260,6 +269,8 @@ pub struct PeerView {
     pub rtt: Duration,
     /// Alive.
     pub alive: bool,
+    /// How a connection moved to it returns its replies.
+    pub return_path: ReturnPath,
 }
 
 /// Where the predictor stands, for `ctl plan`.
@@ -524,6 +535,31 @@ impl NodePredictor {
         &self.config
     }
 
+    /// What of a connection's `load` (now) a move would leave here, by return path: under the
+    /// `cpu` metric, the workers' time to forward its bytes — all of them (`bandwidth`, bytes/s
+    /// both ways) when relayed, the client's (`bytes_in`) when the target returns directly — at
+    /// [`super::plan::PlanConfig::relay_cpu_s_per_gb`]. The other metrics do not count a
+    /// forwarded connection (neither its bytes nor itself): a move takes its whole load.
+    fn residual(&self, load: f64, bandwidth: f64, bytes_in: f64) -> Residual {
+        if self.settings.metric != LoadMetric::Cpu {
+            return Residual::default();
+        }
+        let per_byte =
+            self.config.plan.relay_cpu_s_per_gb / 1e9 / self.settings.workers.max(1) as f64;
+        let share = |bytes: f64| {
+            let left = per_byte * bytes.max(0.0);
+            match left {
+                l if l <= 0.0 => 0.0,
+                l if load > 0.0 => l / load,
+                _ => 1.0,
+            }
+        };
+        Residual {
+            relay: share(bandwidth),
+            direct: share(bytes_in),
+        }
+    }
+
     /// The driver executes plans (policy reactive or predictive).
     pub fn executes(&self) -> bool {
         self.settings.policy != Policy::Manual
@@ -690,15 +726,17 @@ impl NodePredictor {
                 continue;
             }
             let profile = interval.conns.get(i);
+            let rates = profile.map(|p| p.rates).unwrap_or_default();
             candidates.push(Candidate {
                 conn: id,
                 current,
                 predicted: f.and_then(|f| f.peak(horizon)).map_or(current, |f| f.value),
                 age: profile.map_or(Duration::ZERO, |p| p.age),
-                bandwidth: profile.map_or(0.0, |p| p.rates.bandwidth()),
+                bandwidth: rates.bandwidth(),
                 buffered: c.buffered,
                 priority: c.report.priority,
                 last_moved: self.last_moved.get(&id).copied(),
+                residual: self.residual(current, rates.bandwidth(), rates.bytes_in),
             });
         }
         hot.sort_unstable_by(hotter);
@@ -784,6 +822,7 @@ impl NodePredictor {
                     predicted,
                     rtt: p.rtt,
                     alive: p.alive,
+                    return_path: p.return_path,
                 }
             })
             .collect();
@@ -827,6 +866,7 @@ impl NodePredictor {
                     capacity,
                 },
                 rtt: p.rtt,
+                return_path: p.return_path,
             })
             .collect();
         let input = PlanInput {
@@ -1457,6 +1497,7 @@ mod tests {
             bandwidth: 0.0,
             forecast: None,
             rtt: Duration::from_millis(1),
+            return_path: ReturnPath::Relay,
         }
     }
 
@@ -1506,6 +1547,69 @@ mod tests {
             }
         }
         (p, first)
+    }
+
+    /// Under the `cpu` metric a move leaves the work of forwarding the connection's packets
+    /// here. A bulk download that this node serves cheaply (its CPU spread over 8 GB/s) costs
+    /// more to relay (0.33 s per GB on 2 workers) than to serve: it is not moved to a relaying
+    /// peer, only to one that returns replies directly (its client sends nothing, so nothing
+    /// is left here).
+    #[test]
+    fn a_cheaply_served_bulk_download_moves_only_to_a_direct_return_peer() {
+        let settings = NodeSettings {
+            policy: Policy::Reactive,
+            metric: LoadMetric::Cpu,
+            capacity: 1.0,
+            workers: 2,
+            ..NodeSettings::default()
+        };
+        let run = |peers: &[PeerSample]| {
+            let mut p = NodePredictor::new(PredictConfig::default(), settings);
+            let mut last = None;
+            for s in 0..30u64 {
+                let t = Instant::from_secs(60) + Duration::from_millis(s * 100);
+                // Two downloads at 4 GB/s each (400 MB a sample); the workers 95 % busy.
+                let conns = [conn(1, s * 400_000_000, 0), conn(2, s * 400_000_000, 0)];
+                let obs = Observation {
+                    node: NodeReport {
+                        cpu_busy: 0.95,
+                        ..NodeReport::default()
+                    },
+                    conns: &conns,
+                    peers,
+                };
+                if let Some(plan) = p.handle_sample(t, &obs)
+                    && s > 1
+                {
+                    last = Some(plan);
+                }
+            }
+            last.expect("a plan")
+        };
+        let relaying = PeerSample {
+            cpu_busy: 0.1,
+            ..peer(0)
+        };
+        let plan = run(&[relaying]);
+        // Each is 0.475 of the node; relaying 4 GB/s would leave 0.66 here.
+        assert_eq!(plan.moves, [], "{plan:?}");
+        assert_eq!(plan.status, Status::NoTarget { utilisation: 0.95 });
+        let direct = PeerSample {
+            id: NodeId(2),
+            cpu_busy: 0.2,
+            return_path: ReturnPath::Direct,
+            ..peer(0)
+        };
+        let plan = run(&[relaying, direct]);
+        assert_eq!(plan.moves.len(), 1, "{plan:?}");
+        let m = &plan.moves[0];
+        assert_eq!(m.target, NodeId(2));
+        assert_eq!(m.reason.return_path, ReturnPath::Direct);
+        assert_eq!(m.reason.left, 0.0);
+        let Status::Shedding { to, .. } = plan.status else {
+            panic!("{:?}", plan.status)
+        };
+        assert!((to - 0.475).abs() < 1e-6, "{to}");
     }
 
     #[test]

@@ -20,10 +20,21 @@
 //! a candidate whose benefit does not exceed its cost is not moved. A connection moved less than
 //! [`PlanConfig::cooldown`] ago is not moved again.
 //!
-//! The target is the peer with the lowest utilisation after the move among those that stay at or
-//! below `threshold − hysteresis` (so a move never pushes a peer into shedding, which is what
-//! would make connections ping-pong); peers within [`PlanConfig::rtt_tolerance`] of that lowest
-//! utilisation are tie-broken by the lower RTT.
+//! A move does not always take a connection's whole load off this node. Its packets keep
+//! entering here, and this node forwards them to the target: every packet both ways when the
+//! target's replies come back through here ([`ReturnPath::Relay`]), only the client's when the
+//! target answers from its own TUN ([`ReturnPath::Direct`]). What stays is the candidate's
+//! [`Residual`], a share of its load by return path; a move relieves this node of the rest, and
+//! only that counts towards the net benefit and the shedding. Relaying a byte can cost more than
+//! serving it (a bulk download: [`PlanConfig::relay_cpu_s_per_gb`]): then moving the connection
+//! to a relaying peer relieves nothing and is not planned.
+//!
+//! The target is chosen among the peers that stay at or below `threshold − hysteresis` after the
+//! move (so a move never pushes a peer into shedding, which is what would make connections
+//! ping-pong) and that relieve this node at all: those that leave the least here first (a
+//! direct-return peer before a relaying one), then the lowest utilisation after the move; peers
+//! within [`PlanConfig::rtt_tolerance`] of that lowest utilisation are tie-broken by the lower
+//! RTT.
 //!
 //! Loads are in units of capacity (CPU cores, or whatever the node's capacity is measured in);
 //! utilisation is load / capacity.
@@ -100,6 +111,47 @@ impl MigrationCost {
     }
 }
 
+/// How a moved connection's replies reach its client, set per peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReturnPath {
+    /// Back through this node, which forwards the connection's packets both ways.
+    #[default]
+    Relay,
+    /// Straight out of the target's own TUN (direct server return): this node forwards only
+    /// what the client sends.
+    Direct,
+}
+
+impl std::fmt::Display for ReturnPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReturnPath::Relay => "relayed",
+            ReturnPath::Direct => "direct return",
+        })
+    }
+}
+
+/// The share of a connection's load that stays on this node once it has moved, by return path
+/// (0: the move takes it all; 1: nothing; above 1: the move adds load here).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Residual {
+    /// Moved to a [`ReturnPath::Relay`] peer.
+    pub relay: f64,
+    /// Moved to a [`ReturnPath::Direct`] peer.
+    pub direct: f64,
+}
+
+impl Residual {
+    /// The share for `path`, finite and at least 0.
+    pub fn share(&self, path: ReturnPath) -> f64 {
+        let s = match path {
+            ReturnPath::Relay => self.relay,
+            ReturnPath::Direct => self.direct,
+        };
+        if s.is_finite() { s.max(0.0) } else { 1.0 }
+    }
+}
+
 /// Settings of the planner.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanConfig {
@@ -119,6 +171,13 @@ pub struct PlanConfig {
     pub reactive_threshold: f64,
     /// Peers within this much utilisation of the least loaded one are ranked by RTT. Default 0.05.
     pub rtt_tolerance: f64,
+    /// Worker CPU seconds this node spends per GB it forwards for a moved connection, from
+    /// which the node computes a candidate's [`Residual`] under the `cpu` metric (all its bytes
+    /// forwarded when relayed, the client's when the target returns directly). Default 0.33,
+    /// measured by `flowshift-bench migrate --parts steady` (docs/benchmarks.md: a relayed
+    /// bulk download, against 0.22 for serving one); set it from a run on the node's own
+    /// hardware.
+    pub relay_cpu_s_per_gb: f64,
 }
 
 impl Default for PlanConfig {
@@ -132,6 +191,7 @@ impl Default for PlanConfig {
             migration_cost: MigrationCost::default(),
             reactive_threshold: 0.85,
             rtt_tolerance: 0.05,
+            relay_cpu_s_per_gb: 0.33,
         }
     }
 }
@@ -178,6 +238,7 @@ impl PlanConfig {
             10.0,
         )?;
         in_range("plan.rtt_tolerance", self.rtt_tolerance, 0.0, 10.0)?;
+        in_range("plan.relay_cpu_s_per_gb", self.relay_cpu_s_per_gb, 0.0, 1e3)?;
         Ok(())
     }
 }
@@ -202,6 +263,8 @@ pub struct Peer {
     pub load: NodeLoad,
     /// Round-trip time to it.
     pub rtt: Duration,
+    /// How a connection moved to it returns its replies.
+    pub return_path: ReturnPath,
 }
 
 /// A connection that may be offloaded.
@@ -223,6 +286,8 @@ pub struct Candidate {
     pub priority: Priority,
     /// When it was last moved, if ever.
     pub last_moved: Option<Instant>,
+    /// What of its load a move would leave here.
+    pub residual: Residual,
 }
 
 /// What the planner reads.
@@ -261,6 +326,10 @@ pub struct Reason {
     pub threshold: f64,
     /// The connection's load (predicted or current, per policy).
     pub conn_load: f64,
+    /// What of it stays here once moved (forwarding its packets).
+    pub left: f64,
+    /// How the target returns its replies.
+    pub return_path: ReturnPath,
     /// The connection's age.
     pub age: Duration,
     /// The move's cost in load-seconds.
@@ -279,11 +348,13 @@ impl std::fmt::Display for Reason {
         };
         write!(
             f,
-            "{what} utilisation {:.2} above threshold {:.2}; connection load {:.3} (age {} s, \
-             move cost {:.3} load-s); target at {:.2} after the move, rtt {} ms",
+            "{what} utilisation {:.2} above threshold {:.2}; connection load {:.3}, {:.3} left \
+             here {} (age {} s, move cost {:.3} load-s); target at {:.2} after the move, rtt {} ms",
             self.utilisation,
             self.threshold,
             self.conn_load,
+            self.left,
+            self.return_path,
             self.age.secs(),
             self.cost,
             self.target_utilisation,
@@ -416,18 +487,34 @@ impl Planner {
             if l.is_finite() { l.max(0.0) } else { 0.0 }
         };
         let horizon = secs(self.horizon);
+        let mut peers: Vec<(Peer, f64)> = input
+            .peers
+            .iter()
+            .filter(|p| p.load.capacity > 0.0)
+            .map(|p| (*p, node_load(&p.load)))
+            .collect();
+        // A candidate is ranked by the most a move could relieve: through the return path
+        // that leaves the least here among the peers there are.
+        let has = |path| peers.iter().any(|(p, _)| p.return_path == path);
+        let paths = [ReturnPath::Direct, ReturnPath::Relay];
         let mut ranked: Vec<(&Candidate, f64, f64)> = input
             .candidates
             .iter()
             .filter(|cand| cand.last_moved.is_none_or(|t| now >= t + c.cooldown))
             .filter_map(|cand| {
                 let l = conn_load(cand);
+                let left = paths
+                    .iter()
+                    .filter(|p| has(**p))
+                    .map(|p| cand.residual.share(*p))
+                    .min_by(f64::total_cmp)?;
+                let relief = l * (1.0 - left);
                 let pending = (cand.bandwidth.max(0.0) * secs(c.migration_cost.freeze)) as u64;
                 let cost = c
                     .migration_cost
                     .load_seconds(cand.buffered.saturating_add(pending));
-                let benefit = l * horizon.min(secs(cand.age)) - cost;
-                (l > 0.0 && benefit > 0.0).then_some((cand, benefit, cost))
+                let benefit = relief * horizon.min(secs(cand.age)) - cost;
+                (relief > 0.0 && benefit > 0.0).then_some((cand, benefit, cost))
             })
             .collect();
         ranked.sort_by(|(a, ab, _), (b, bb, _)| {
@@ -439,24 +526,19 @@ impl Planner {
                 .then(a.conn.cmp(&b.conn))
         });
 
-        let mut peers: Vec<(Peer, f64)> = input
-            .peers
-            .iter()
-            .filter(|p| p.load.capacity > 0.0)
-            .map(|p| (*p, node_load(&p.load)))
-            .collect();
         let mut moves = Vec::new();
         for (cand, _, cost) in ranked {
             if load <= goal || moves.len() >= c.max_moves {
                 break;
             }
             let l = conn_load(cand);
-            let Some(i) = self.target(&peers, l, fill) else {
+            let Some(i) = self.target(&peers, l, &cand.residual, fill) else {
                 continue;
             };
             let (peer, peer_load) = &mut peers[i];
+            let left = l * cand.residual.share(peer.return_path);
             *peer_load += l;
-            load -= l;
+            load -= l - left;
             moves.push(Move {
                 conn: cand.conn,
                 target: peer.id,
@@ -465,6 +547,8 @@ impl Planner {
                     utilisation,
                     threshold,
                     conn_load: l,
+                    left,
+                    return_path: peer.return_path,
                     age: cand.age,
                     cost,
                     target_utilisation: *peer_load / peer.load.capacity,
@@ -483,10 +567,25 @@ impl Planner {
         Plan { moves, status }
     }
 
-    /// The index of the peer that takes `l` (see the module doc), if any has room.
-    fn target(&self, peers: &[(Peer, f64)], l: f64, fill: f64) -> Option<usize> {
+    /// The index of the peer that takes `l` (see the module doc), if any has room and relieves
+    /// this node.
+    fn target(
+        &self,
+        peers: &[(Peer, f64)],
+        l: f64,
+        residual: &Residual,
+        fill: f64,
+    ) -> Option<usize> {
         let after = |(p, load): &(Peer, f64)| (load + l) / p.load.capacity;
-        let fits = || peers.iter().enumerate().filter(|(_, p)| after(p) <= fill);
+        let left = |(p, _): &(Peer, f64)| residual.share(p.return_path);
+        let relieving = || {
+            peers
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| after(p) <= fill && left(p) < 1.0)
+        };
+        let least_left = relieving().map(|(_, p)| left(p)).min_by(f64::total_cmp)?;
+        let fits = || relieving().filter(|(_, p)| left(p) <= least_left);
         let lowest = fits().map(|(_, p)| after(p)).min_by(f64::total_cmp)?;
         fits()
             .filter(|(_, p)| after(p) <= lowest + self.config.rtt_tolerance)
@@ -519,6 +618,7 @@ mod tests {
             id: NodeId(id),
             load: node(load),
             rtt: Duration::from_millis(rtt_ms),
+            return_path: ReturnPath::Direct,
         }
     }
 
@@ -532,6 +632,7 @@ mod tests {
             buffered: 0,
             priority,
             last_moved: None,
+            residual: Residual::default(),
         }
     }
 
@@ -580,8 +681,9 @@ mod tests {
         let reason = plan.moves[0].reason.to_string();
         assert_eq!(
             reason,
-            "predicted utilisation 1.20 above threshold 0.85; connection load 0.020 (age 600 s, \
-             move cost 0.001 load-s); target at 0.02 after the move, rtt 1 ms"
+            "predicted utilisation 1.20 above threshold 0.85; connection load 0.020, 0.000 left \
+             here direct return (age 600 s, move cost 0.001 load-s); target at 0.02 after the \
+             move, rtt 1 ms"
         );
     }
 
@@ -606,6 +708,99 @@ mod tests {
         assert_eq!(run(&[peer(2, 0.30, 9), peer(3, 0.36, 2)]), [(1, 2)]);
         // No room at 0.75 after the move anywhere.
         assert_eq!(run(&[peer(2, 0.66, 1)]), []);
+    }
+
+    /// A move relieves this node of a connection's load less what forwarding its packets
+    /// leaves here: direct-return peers are preferred, shedding counts only the relief, and a
+    /// move that would leave as much as it takes is not made.
+    #[test]
+    fn a_move_counts_only_the_load_it_takes_off_and_prefers_direct_return() {
+        let residual = Residual {
+            relay: 0.6,
+            direct: 0.1,
+        };
+        let candidates: Vec<_> = (0..10)
+            .map(|i| Candidate {
+                residual,
+                ..cand(i, 0.1, 60, Priority::Normal)
+            })
+            .collect();
+        let relay = |id, load| Peer {
+            return_path: ReturnPath::Relay,
+            ..peer(id, load, 1)
+        };
+        let run = |peers: &[Peer]| {
+            let mut p = planner(Policy::Predictive);
+            p.config.max_moves = 10;
+            p.plan(
+                T0,
+                &PlanInput {
+                    local: node(0.95),
+                    threshold: 0.85,
+                    peers,
+                    candidates: &candidates,
+                },
+            )
+        };
+        // The relaying peer is idle, the direct one busier: the direct one takes the moves. From
+        // 0.95 to 0.75 takes 0.2 of relief, 0.09 a move: three moves (0.95 − 0.27 = 0.68).
+        let plan = run(&[relay(1, 0.0), peer(2, 0.3, 5)]);
+        assert_eq!(ids(&plan), [(0, 2), (1, 2), (2, 2)]);
+        let Status::Shedding { to, .. } = plan.status else {
+            panic!("{:?}", plan.status)
+        };
+        assert!((to - 0.68).abs() < 1e-9, "{to}");
+        let r = &plan.moves[0].reason;
+        assert_eq!(r.return_path, ReturnPath::Direct);
+        assert!((r.left - 0.01).abs() < 1e-12, "{}", r.left);
+        assert!(
+            r.to_string().contains("0.010 left here direct return"),
+            "{r}"
+        );
+        // Once the direct peer is full (0.75 after the move at most: one move from 0.6), the
+        // relaying one takes the rest, 0.04 of relief a move: 0.86, 0.82, 0.78, 0.74.
+        let plan = run(&[relay(1, 0.0), peer(2, 0.6, 5)]);
+        assert_eq!(ids(&plan), [(0, 2), (1, 1), (2, 1), (3, 1)]);
+        let Status::Shedding { to, .. } = plan.status else {
+            panic!("{:?}", plan.status)
+        };
+        assert!((to - (0.95 - 0.09 - 3.0 * 0.04)).abs() < 1e-9, "{to}");
+        // Relaying alone takes five moves (0.2 of relief) where three do with direct return.
+        let plan = run(&[relay(1, 0.0)]);
+        assert_eq!(plan.moves.len(), 5, "{plan:?}");
+        assert!(plan.moves.iter().all(|m| m.target == NodeId(1)));
+        // Relaying costs more than serving: no move relieves anything, none is planned.
+        let costly: Vec<_> = candidates
+            .iter()
+            .map(|c| Candidate {
+                residual: Residual {
+                    relay: 1.3,
+                    direct: 0.1,
+                },
+                ..*c
+            })
+            .collect();
+        let mut p = planner(Policy::Predictive);
+        let plan = p.plan(
+            T0,
+            &PlanInput {
+                local: node(0.95),
+                threshold: 0.85,
+                peers: &[relay(1, 0.0)],
+                candidates: &costly,
+            },
+        );
+        assert_eq!(plan.moves, []);
+        assert_eq!(plan.status, Status::NoTarget { utilisation: 0.95 });
+        // A hostile share (NaN) counts as leaving everything.
+        assert_eq!(
+            Residual {
+                relay: f64::NAN,
+                direct: -1.0
+            }
+            .share(ReturnPath::Relay),
+            1.0
+        );
     }
 
     #[test]

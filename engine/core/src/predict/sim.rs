@@ -34,7 +34,9 @@ use smoltcp::time::{Duration, Instant};
 use super::PredictConfig;
 use super::detect::Detector;
 use super::forecast::Forecaster;
-use super::plan::{Candidate, MigrationCost, NodeLoad, Peer, PlanInput, Planner, Policy};
+use super::plan::{
+    Candidate, MigrationCost, NodeLoad, Peer, PlanInput, Planner, Policy, Residual, ReturnPath,
+};
 use super::{NodeId, Priority, secs};
 
 /// A small seeded PRNG (SplitMix64): deterministic, not for cryptography.
@@ -456,6 +458,9 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                         capacity: config.capacity,
                     },
                     rtt: Duration::from_micros(500 * (1 + (m + n) as u64 % 3)),
+                    // The simulated nodes carry no forwarding cost: a move takes a
+                    // connection's whole load (docs/prediction.md, Simulator).
+                    return_path: ReturnPath::Direct,
                 })
                 .collect();
             let candidates: Vec<Candidate> = if above {
@@ -476,6 +481,7 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                         buffered: (c.load * config.buffered_per_load) as u64,
                         priority: Priority::Normal,
                         last_moved: c.last_moved,
+                        residual: Residual::default(),
                     })
                     .collect()
             } else {
