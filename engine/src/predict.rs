@@ -408,10 +408,13 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
         .trials()
         .map(|t| {
             let (local, peer) = t.collected();
+            let (offered, diverted) = t.offered();
             json!({
                 "peer": name_in(names, t.peer()),
                 "state": trial_state_name(t.state()),
                 "fraction": num(t.fraction()),
+                "offered": offered,
+                "diverted": diverted,
                 "samples": {"local": local, "peer": peer},
                 "last_judgement": t.last_judgement().map(judgement_json),
             })

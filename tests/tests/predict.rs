@@ -25,11 +25,25 @@ const CAPACITY: usize = 10;
 /// one does.
 const BYTES: u64 = 10_000_000;
 const RATE: &str = "250k";
+/// The same, as the test's reader paces itself (see `verify_counting`).
+const RATE_BYTES: u64 = 250_000;
 
 /// A's predictor: connections as the load, capacity 10; a trend factor that follows a ramp
 /// of one connection a second (the default 0.02 is tuned for noisy CPU load).
 const A_PREDICT: &str = "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\n\
 capacity = 10\n[predict.forecast]\nbeta = 0.2\n";
+
+/// Waits until `a`'s predictor has `b`'s load report (a heartbeat a second): a shadow trial
+/// starts with it, and only connections accepted after that (younger than 1 s) are offered.
+fn wait_for_trial(a: &NodeHandle) {
+    eventually(20, "a's shadow trial with b", || {
+        a.ctl_json(&["plan"]).is_ok_and(|p| {
+            p["shadow"]["trials"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["peer"] == "b"))
+        })
+    });
+}
 
 /// Polls `f` every 20 ms until it is true; panics after `secs` (a liveness bound).
 fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
@@ -61,16 +75,26 @@ fn finish_download(
     assert_eq!(total, bytes, "byte-exact download");
 }
 
+/// Reads curl's output at [`RATE_BYTES`] a second at most and checks the counting stream.
+/// The pace is what holds a download to its rate: curl 7.88's `--limit-rate` lets a 2 MB
+/// transfer through in 0.3–1 s (measured on this machine), and through the pipe, curl's
+/// buffer and the client's capped receive buffer (`nodes`) the node can run at most some
+/// 500 KB ahead of this reader.
 fn verify_counting(mut out: impl Read + Send + 'static) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut v = CountingVerifier::new();
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; 16 << 10];
+        let start = Instant::now();
         loop {
             let k = out.read(&mut buf).expect("read");
             if k == 0 {
                 break;
             }
             v.feed(&buf[..k]).expect("counting stream");
+            let due = start + Duration::from_secs_f64(v.offset() as f64 / RATE_BYTES as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
         }
         v.offset()
     })
@@ -387,6 +411,7 @@ fn shadow_trial_moves_a_fraction_of_new_connections_to_the_untrusted_peer_byte_e
         "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 100\n\
          [predict.shadow]\nenabled = true\nsteps = [0.25, 0.5, 0.75, 1.0]\n",
     );
+    wait_for_trial(&a);
     let mut downloads = Vec::new();
     let mut seen_shadowing = false;
     let mut seen_medium = false;
@@ -418,7 +443,10 @@ fn shadow_trial_moves_a_fraction_of_new_connections_to_the_untrusted_peer_byte_e
     assert!(seen_medium, "no download in the medium class:\n{}", a.log());
     assert!(
         seen_shadowing,
-        "no connection shown as shadowing:\n{}",
+        "no connection shown as shadowing:\n{:#}\n{:#}\n{:#}\n{}",
+        a.ctl_json(&["status"]).unwrap(),
+        a.ctl_json(&["plan"]).unwrap()["shadow"],
+        a.ctl_json(&["conns"]).unwrap(),
         a.log()
     );
     for (child, reader) in downloads {
@@ -473,6 +501,7 @@ fn a_shadow_trial_judges_its_step_on_kpis_the_peer_reports_and_ramps_up() {
          [predict.shadow]\nenabled = true\nsteps = [0.5, 0.5, 1.0, 1.0]\nmin_samples = {MIN}\n\
          latency_margin_ms = 200.0\n"
     ));
+    wait_for_trial(&a);
     let session = |i: usize| {
         let lines: Vec<String> = (0..3).map(|k| format!("session {i} line {k}\n")).collect();
         // Wait 0.6 s after connecting (a shadow move happens within a sample or two of

@@ -280,6 +280,11 @@ impl ShadowTrial {
         (self.local.connections, self.remote.connections)
     }
 
+    /// New connections offered at the current step, and how many of them were diverted.
+    pub fn offered(&self) -> (u64, u64) {
+        (self.offered, self.diverted)
+    }
+
     /// The peer on trial.
     pub fn peer(&self) -> NodeId {
         self.peer
