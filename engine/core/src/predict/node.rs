@@ -53,7 +53,7 @@ use super::plan::{
 };
 use super::profile::{ConnCounters, ConnProfile, ConnReport, NodeReport, Sampler};
 use super::shadow::{ConnState, ShadowTrial, TrialEvent, TrialState};
-use super::{ConnId, NodeId, PredictConfig};
+use super::{ConnId, NodeId, PredictConfig, secs};
 
 /// Maps and sets keyed by connection and node ids, which this node or its authenticated peers
 /// assign (no client chooses them): FxHash, not SipHash, which was a fifth of a sample's cost
@@ -217,7 +217,8 @@ pub struct ClassChange {
     pub from: Class,
     /// Its class now.
     pub to: Class,
-    /// The forecast bandwidth (bytes/s both ways) that moved it.
+    /// The bandwidth (bytes/s both ways) that moved it: its forecast bandwidth's recent peak
+    /// (see [`CLASS_DECAY`]).
     pub bandwidth: f64,
 }
 
@@ -317,6 +318,25 @@ pub const KPI_WAIT: Duration = Duration::from_secs(60);
 /// moved bytes here ([`NodePredictor::hottest`]).
 pub const HOT_CONNS: usize = 4;
 
+/// The time constant over which a connection's class bandwidth falls (it rises at once): a
+/// connection is classed by its recent peak, so a bursty one (a rate-limited download whose
+/// 100-ms samples swing tenfold) keeps its class, and one that goes quiet keeps its
+/// allocation for a second or two.
+pub const CLASS_DECAY: Duration = Duration::from_secs(1);
+
+/// The bandwidth a connection is classed on this sample: `now` (its forecast bandwidth) if
+/// that is higher than the last (`None`: its first classing), otherwise the last decayed
+/// towards `now` by `decay` (`exp(−interval / CLASS_DECAY)`).
+fn class_bandwidth(last: Option<f64>, now: f64, decay: f64) -> f64 {
+    if !now.is_finite() {
+        return last.unwrap_or(0.0);
+    }
+    match last {
+        Some(last) if last > now => now + (last - now) * decay,
+        _ => now,
+    }
+}
+
 /// A connection's segments are maintained (idle ones merged) every this many samples.
 const MAINTAIN_EVERY: u64 = 10;
 
@@ -335,6 +355,9 @@ struct Seen {
     /// sample classifies the connections served here, and keeps a class for the next only
     /// of a connection served here.
     class: Option<Class>,
+    /// The bandwidth its class is judged on: its forecast bandwidth when that rises, decaying
+    /// towards it with [`CLASS_DECAY`] when it falls (see [`class_bandwidth`]).
+    class_bandwidth: f64,
     /// Its segment statistics, kept like its class only while it is served here, and only
     /// once it sent bytes here (most connections of a large node are idle: they cost no
     /// allocation).
@@ -660,6 +683,7 @@ impl NodePredictor {
         let hot = &mut scratch.hot;
         hot.clear();
         let (mut segment_conns, mut segments) = (0, 0);
+        let decay = (-secs(self.config.interval) / secs(CLASS_DECAY)).exp();
         let mut candidate_count = 0;
         for &(i, current) in &scratch.loads {
             let c = &obs.conns[i];
@@ -703,9 +727,14 @@ impl NodePredictor {
                 };
                 offer_hot(hot, heat, id);
             }
+            seen.class_bandwidth = class_bandwidth(
+                seen.class.map(|_| seen.class_bandwidth),
+                forecast_bandwidth,
+                decay,
+            );
             let slot = &mut seen.class;
             let before = *slot;
-            let class = self.config.class.classify(before, forecast_bandwidth);
+            let class = self.config.class.classify(before, seen.class_bandwidth);
             if let Some(from) = before
                 && from != class
                 && self.class_changes.len() < 4096
@@ -714,7 +743,7 @@ impl NodePredictor {
                     conn: id,
                     from,
                     to: class,
-                    bandwidth: forecast_bandwidth,
+                    bandwidth: seen.class_bandwidth,
                 });
             }
             *slot = Some(class);
@@ -930,6 +959,7 @@ impl NodePredictor {
                 *s = Seen {
                     sample,
                     class: s.class.filter(|_| here),
+                    class_bandwidth: s.class_bandwidth,
                     stream: s.stream.take().filter(|_| here),
                     ..Seen::default()
                 };
@@ -2156,6 +2186,45 @@ mod tests {
         };
         p.handle_sample(Instant::from_millis(4_100), &obs);
         assert_eq!(p.class(1), None);
+    }
+
+    /// A rate-limited download arrives in bursts: its 100-ms samples swing tenfold (4.6 kB
+    /// then 53 kB, as the e2e shadow test's downloads did, each swing a class change). It is
+    /// classed by its recent peak: medium throughout, no change. Once it stops, its class
+    /// falls within two seconds or so (the peak decays with a 1-s time constant).
+    #[test]
+    fn a_bursty_connection_keeps_its_class_and_a_quiet_one_falls_within_seconds() {
+        let mut p = NodePredictor::new(PredictConfig::default(), settings(Policy::Manual));
+        let mut conns = vec![conn(1, 0, 0)];
+        let sample = |p: &mut NodePredictor, conns: &[ConnSample], t: i64| {
+            let obs = Observation {
+                node: NodeReport::default(),
+                conns,
+                peers: &[],
+            };
+            p.handle_sample(Instant::from_millis(t * 100), &obs);
+        };
+        for t in 1..=40i64 {
+            conns[0].report.counters.bytes_out += if t % 2 == 0 { 53_000 } else { 4_600 };
+            sample(&mut p, &conns, t);
+        }
+        assert_eq!(p.class(1), Some(Class::Medium));
+        let changes = p.take_class_changes();
+        // Its first sample may class it lower (a quiet first 100 ms); after that, none.
+        assert!(changes.len() <= 1, "{changes:?}");
+        assert!(changes.iter().all(|c| c.to == Class::Medium), "{changes:?}");
+        // Quiet: 530 kB/s decays below 80 kB/s (small's lower edge less the margin) after
+        // ln(530 / 80) ≈ 1.9 s, and below 800 B/s to micro after ~6.5 s.
+        let mut fell = Vec::new();
+        for t in 41..=120i64 {
+            sample(&mut p, &conns, t);
+            fell.extend(p.take_class_changes().into_iter().map(|c| (t, c.to)));
+        }
+        let at = |class| fell.iter().find(|(_, c)| *c == class).map(|(t, _)| *t);
+        let small = at(Class::Small).expect("fell to small");
+        assert!((55..=62).contains(&small), "{fell:?}");
+        let micro = at(Class::Micro).expect("fell to micro");
+        assert!((100..=110).contains(&micro), "{fell:?}");
     }
 
     #[test]
