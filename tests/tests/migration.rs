@@ -89,14 +89,20 @@ fn curl_download_of_1_gb_moves_mid_stream_byte_exact() {
 }
 
 /// Reads the counting stream from `out` on a thread, publishing the verified byte count.
+/// Reads curl's output, checks the counting stream and counts it; with `pace`, at most that
+/// many bytes a second. The pace is what holds a download to a rate: curl 7.88's
+/// `--limit-rate` lets transfers of a few MB through at full speed (2 MB at "250k" in
+/// 0.3–1 s, measured on this machine).
 fn verify_counting(
     mut out: impl Read + Send + 'static,
+    pace: Option<u64>,
 ) -> (Arc<AtomicU64>, std::thread::JoinHandle<u64>) {
     let received = Arc::new(AtomicU64::new(0));
     let r = received.clone();
     let handle = std::thread::spawn(move || {
         let mut v = CountingVerifier::new();
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; if pace.is_some() { 16 << 10 } else { 1 << 20 }];
+        let start = Instant::now();
         loop {
             let k = out.read(&mut buf).expect("read");
             if k == 0 {
@@ -104,6 +110,12 @@ fn verify_counting(
             }
             v.feed(&buf[..k]).expect("counting stream");
             r.store(v.offset(), Ordering::Relaxed);
+            if let Some(rate) = pace.filter(|r| *r > 0) {
+                let due = start + Duration::from_secs_f64(v.offset() as f64 / rate as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
         }
         v.offset()
     });
@@ -135,19 +147,19 @@ fn curl_ok(mut child: std::process::Child) {
 /// curl downloads `n` bytes; the connection moves from a to b once `move_at` bytes arrived.
 /// Returns the migrate report and the bytes the client had when the move was made.
 fn download_moved(tb: &Testbed, a: &NodeHandle, n: u64, move_at: u64) -> (serde_json::Value, u64) {
-    download_moved_with(tb, a, n, move_at, &[])
+    download_moved_with(tb, a, n, move_at, None)
 }
 
-/// [`download_moved`] with extra curl arguments.
+/// [`download_moved`] read at `pace` bytes a second at most.
 fn download_moved_with(
     tb: &Testbed,
     a: &NodeHandle,
     n: u64,
     move_at: u64,
-    extra: &[&str],
+    pace: Option<u64>,
 ) -> (serde_json::Value, u64) {
-    let mut child = curl_get(tb, n, extra);
-    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    let mut child = curl_get(tb, n, &[]);
+    let (received, reader) = verify_counting(child.stdout.take().unwrap(), pace);
     eventually(120, "bytes before the move", || {
         received.load(Ordering::Relaxed) > move_at
     });
@@ -199,7 +211,7 @@ fn a_download_moves_under_5_percent_loss() {
     tb.client()
         .sysctl("net.ipv4.tcp_rmem", "4096 65536 131072")
         .unwrap();
-    download_moved_with(&tb, &a, 600_000, 200_000, &["--limit-rate", "150k"]);
+    download_moved_with(&tb, &a, 600_000, 200_000, Some(150_000));
     assert_eq!(stat(&b, "conns_restored"), 1);
 }
 
@@ -400,15 +412,11 @@ fn a_connection_with_a_zero_window_moves() {
 fn the_target_killed_mid_transfer_leaves_the_flow_on_the_source() {
     ensure_tools(&["curl", "nft"]).unwrap();
     let (tb, a, b) = pair();
-    let mut child = curl_get(
-        &tb,
-        30_000_000,
-        // A slow reader keeps the node's send buffer full: the state to transfer is large
-        // (tens of KB), larger than what the router lets through below. Slow enough that a
-        // node on a loaded machine still fills it.
-        &["--limit-rate", "2M"],
-    );
-    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    // A slow reader keeps the node's send buffer full: the state to transfer is large (tens
+    // of KB), larger than what the router lets through below. Slow enough that a node on a
+    // loaded machine still fills it.
+    let mut child = curl_get(&tb, 30_000_000, &[]);
+    let (received, reader) = verify_counting(child.stdout.take().unwrap(), Some(2_000_000));
     eventually(60, "4 MB downloaded", || {
         received.load(Ordering::Relaxed) > 4_000_000
     });
@@ -649,7 +657,7 @@ fn a_target_without_room_refuses_and_the_connection_stays() {
     eventually(5, "b holds its connection", || local_ids(&b).len() == 1);
     tb.route_service_to(flowshift_tests::Node::A).unwrap();
     let mut child = curl_get(&tb, 300_000_000, &[]);
-    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    let (received, reader) = verify_counting(child.stdout.take().unwrap(), None);
     eventually(60, "30 MB downloaded", || {
         received.load(Ordering::Relaxed) > 30_000_000
     });
@@ -673,7 +681,7 @@ fn moves_complete_under_10_percent_loss_on_the_tunnel_path() {
     let (tb, a, b) = pair();
     let n: u64 = 2_000_000_000;
     let mut child = curl_get(&tb, n, &[]);
-    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    let (received, reader) = verify_counting(child.stdout.take().unwrap(), None);
     eventually(60, "20 MB downloaded", || {
         received.load(Ordering::Relaxed) > 20_000_000
     });
@@ -717,7 +725,7 @@ fn a_download_moves_a_to_b_to_c_and_home_byte_exact() {
     }
     let n: u64 = 400_000_000;
     let mut child = curl_get(&tb, n, &[]);
-    let (received, reader) = verify_counting(child.stdout.take().unwrap());
+    let (received, reader) = verify_counting(child.stdout.take().unwrap(), None);
     let past = |bytes: u64, what: &str| {
         eventually(120, what, || received.load(Ordering::Relaxed) > bytes);
     };
