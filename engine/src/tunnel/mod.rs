@@ -1023,12 +1023,7 @@ impl Driver {
                     }
                 }
                 _ => {
-                    if cur.is_some() {
-                        self.pending.extend(cur.take());
-                        // Each finished GSO batch leaves at once: the peer opens it while
-                        // this thread seals the next (a full socket keeps it for later).
-                        let _ = self.flush_pending();
-                    }
+                    self.pending.extend(cur.take());
                     cur = Some(Region {
                         dest: t.destination,
                         start: end,
