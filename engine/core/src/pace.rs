@@ -42,6 +42,17 @@ impl Pacer {
         p
     }
 
+    /// The same bucket under a new allocation at `now`: what it held carries over, up to the
+    /// new burst. A class change must not hand out a fresh burst (a connection whose class
+    /// flapped would pass more than its rate).
+    pub fn reallocate(mut self, alloc: Allocation, now: Instant) -> Self {
+        self.refill(now);
+        self.alloc = alloc;
+        self.tokens = self.tokens.min(self.capacity());
+        self.at = now;
+        self
+    }
+
     /// The allocation.
     pub fn allocation(&self) -> Allocation {
         self.alloc
@@ -129,6 +140,20 @@ mod tests {
         assert_eq!(p.allowance(t0 + Duration::from_millis(5)), 5_000);
         // Never more than the burst, however long it waited.
         assert_eq!(p.allowance(t0 + Duration::from_secs(60)), 20_000);
+        // A new allocation keeps the bucket: no fresh burst on a class change.
+        let mut p = Pacer::new(alloc(Some(1_000_000), 65_536), t0);
+        p.spend(20_000);
+        let t1 = t0 + Duration::from_millis(2);
+        let mut q = p.reallocate(alloc(Some(1_000_000), 1 << 20), t1);
+        assert_eq!(q.allowance(t1), 2_000);
+        // Down to a smaller burst: capped by it.
+        let q = Pacer::new(alloc(Some(1_000_000), 65_536), t0)
+            .reallocate(alloc(Some(100_000), 65_536), t0);
+        assert_eq!(q.tokens, MIN_BURST);
+        // From no limit to one: a full bucket of the new one.
+        let mut q =
+            Pacer::new(alloc(None, 65_536), t0).reallocate(alloc(Some(1_000_000), 65_536), t0);
+        assert_eq!(q.allowance(t0), 20_000);
         // A slow rate still lets a segment's worth through.
         let p = Pacer::new(alloc(Some(1_000), 65_536), t0);
         assert_eq!(p.capacity(), MIN_BURST);

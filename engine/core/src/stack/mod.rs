@@ -1491,6 +1491,8 @@ impl Stack {
         flow.pacer = match (flow.pacer, alloc) {
             // The same allocation again: the bucket carries on.
             (Some(p), Some(a)) if p.allocation() == a => Some(p),
+            // A class change: the bucket carries over (no fresh burst).
+            (Some(p), Some(a)) => Some(p.reallocate(a, now)),
             (_, a) => a.map(|a| crate::pace::Pacer::new(a, now)),
         };
         match (had, flow.pacer.is_some()) {
