@@ -617,6 +617,12 @@ pub fn render(
         "Forwarded packets refused (unknown connection, wrong peer or 4-tuple)",
         stats.tunnel_packets_refused,
     );
+    counter(
+        &mut r,
+        "tunnel_late_resets",
+        "RSTs from the tunnel for a connection that already ended here, discarded",
+        stats.tunnel_late_resets,
+    );
     let mut freeze = String::new();
     if let Some(m) = migration {
         counter(

@@ -556,7 +556,7 @@ fn drain_under_wrk_load_moves_200_keep_alive_connections_without_a_failed_reques
     assert!(text.contains("requests in"), "no wrk report: {text}");
     assert!(!text.contains("Socket errors"), "{text}");
     assert!(!text.contains("Non-2xx"), "{text}");
-    assert_eq!(stat(&b, "tunnel_packets_refused"), 0);
+    assert_eq!(stat(&b, "tunnel_packets_refused"), 0, "{}", b.log());
 }
 
 #[test]

@@ -1174,3 +1174,52 @@ fn an_idle_orphaned_copy_is_reset_by_its_keepalive_and_the_connection_carries_on
     echo(&mut n, h, 20_000, 5_000);
     assert_eq!(n.client_rsts, 0, "the copy's RST reached the client");
 }
+
+/// A 40-byte TCP segment (no options, no payload) from `src` to `dst`.
+fn bare_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), rst: bool) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src.0.octets());
+    p[16..20].copy_from_slice(&dst.0.octets());
+    let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+    ip.fill_checksum();
+    let t = &mut p[20..];
+    t[0..2].copy_from_slice(&src.1.to_be_bytes());
+    t[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    t[8..12].copy_from_slice(&2000u32.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = if rst { 0x14 } else { 0x10 };
+    t[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    let mut tcp = TcpPacket::new_unchecked(t);
+    tcp.fill_checksum(&src.0.into(), &dst.0.into());
+    p
+}
+
+/// A connection that ended on its owner while the node where its packets enter still
+/// forwards: the client's RSTs answering the owner's last segments (and the owner's RSTs
+/// after the ingress entry went) are discarded and counted as late, not as refusals; any
+/// other packet for a connection that is not there is refused.
+#[test]
+fn late_resets_for_an_ended_connection_are_not_refusals() {
+    let now = Instant::from_secs(1);
+    let mut b = node(0, 7, now);
+    let client = (Ipv4Addr::new(198, 18, 0, 2), 40_000);
+    let service = (Ipv4Addr::new(198, 19, 255, 1), 19);
+    let from = PeerRef(1);
+    b.handle_forwarded(now, from, 0x51, &mut bare_segment(client, service, true));
+    assert_eq!(b.stats().tunnel_late_resets, 1);
+    assert_eq!(b.stats().tunnel_packets_refused, 0);
+    b.handle_forwarded(now, from, 0x51, &mut bare_segment(client, service, false));
+    assert_eq!(b.stats().tunnel_packets_refused, 1);
+    b.handle_forwarded(now, from, 0x51, &mut [0x45, 0, 0]);
+    assert_eq!(b.stats().tunnel_packets_refused, 2);
+    // The other way: the owner's RST for an ingress entry already gone.
+    assert!(!b.handle_from_owner(now, from, 0x52, &bare_segment(service, client, true)));
+    assert_eq!(b.stats().tunnel_late_resets, 2);
+    assert!(!b.handle_from_owner(now, from, 0x52, &bare_segment(service, client, false)));
+    assert_eq!(b.stats().tunnel_packets_refused, 3);
+}

@@ -2192,18 +2192,20 @@ mod tests {
     /// then 53 kB, as the e2e shadow test's downloads did, each swing a class change). It is
     /// classed by its recent peak: medium throughout, no change. Once it stops, its class
     /// falls within two seconds or so (the peak decays with a 1-s time constant).
+    /// Sample number `t` (every 100 ms) of `conns`, no peers.
+    fn sample(p: &mut NodePredictor, conns: &[ConnSample], t: i64) {
+        let obs = Observation {
+            node: NodeReport::default(),
+            conns,
+            peers: &[],
+        };
+        p.handle_sample(Instant::from_millis(t * 100), &obs);
+    }
+
     #[test]
     fn a_bursty_connection_keeps_its_class_and_a_quiet_one_falls_within_seconds() {
         let mut p = NodePredictor::new(PredictConfig::default(), settings(Policy::Manual));
         let mut conns = vec![conn(1, 0, 0)];
-        let sample = |p: &mut NodePredictor, conns: &[ConnSample], t: i64| {
-            let obs = Observation {
-                node: NodeReport::default(),
-                conns,
-                peers: &[],
-            };
-            p.handle_sample(Instant::from_millis(t * 100), &obs);
-        };
         for t in 1..=40i64 {
             conns[0].report.counters.bytes_out += if t % 2 == 0 { 53_000 } else { 4_600 };
             sample(&mut p, &conns, t);
@@ -2236,14 +2238,6 @@ mod tests {
         let mut p = NodePredictor::new(config, settings(Policy::Manual));
         // 1..=6 send 100·id bytes in 2 packets per 100 ms; 7 sends nothing.
         let mut conns: Vec<ConnSample> = (1..=7).map(|id| conn(id, 0, 0)).collect();
-        let sample = |p: &mut NodePredictor, conns: &[ConnSample], t: i64| {
-            let obs = Observation {
-                node: NodeReport::default(),
-                conns,
-                peers: &[],
-            };
-            p.handle_sample(Instant::from_millis(t * 100), &obs);
-        };
         for t in 1..=30 {
             for c in conns.iter_mut().take(6) {
                 c.report.counters.bytes_out += 100 * c.report.conn;

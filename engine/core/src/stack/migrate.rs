@@ -716,7 +716,13 @@ impl Stack {
         self.stats.packets_in += 1;
         self.stats.bytes_in += packet.len() as u64;
         let Some(slot) = self.flows.find_id(id) else {
-            self.stats.tunnel_packets_refused += 1;
+            // The connection ended here (a RST, or both FINs) while its ingress node still
+            // forwards: the client's RSTs answering our last segments are expected.
+            if packet::classify_with(packet, |_| true, false).is_ok_and(|i| i.flags.rst) {
+                self.stats.tunnel_late_resets += 1;
+            } else {
+                self.refuse_from_tunnel(id, "forwarded packet for no connection here");
+            }
             return;
         };
         let Some(flow) = self.flows.get_mut(slot) else {
@@ -740,10 +746,23 @@ impl Stack {
                 let packet = &mut packet[..inbound.ip_len];
                 self.deliver(now, slot, &inbound, packet);
             }
-            _ => {
-                self.stats.tunnel_packets_refused += 1;
-                tracing::trace!(id, "forwarded packet refused");
+            Ok(_) if !ok_peer => {
+                self.refuse_from_tunnel(id, "forwarded packet from a node that is not its ingress")
             }
+            Ok(_) => self.refuse_from_tunnel(id, "forwarded packet of another 4-tuple"),
+            Err(_) => self.refuse_from_tunnel(id, "forwarded packet malformed"),
+        }
+    }
+
+    /// Counts and logs a packet from the tunnel refused: at INFO for the 1st, 2nd, 4th, 8th…
+    /// refusal (a flood does not flood the log), at DEBUG for every one.
+    fn refuse_from_tunnel(&mut self, id: u64, why: &'static str) {
+        self.stats.tunnel_packets_refused += 1;
+        let refused = self.stats.tunnel_packets_refused;
+        if refused.is_power_of_two() {
+            tracing::info!(id, why, refused, "packet from the tunnel refused");
+        } else {
+            tracing::debug!(id, why, refused, "packet from the tunnel refused");
         }
     }
 
@@ -818,7 +837,13 @@ impl Stack {
         packet: &[u8],
     ) -> bool {
         let Some(slot) = self.flows.find_id(id) else {
-            self.stats.tunnel_packets_refused += 1;
+            // The entry ended here (RST, or both FINs and the linger) while the owner sends:
+            // its RSTs are expected, as above.
+            if packet::outbound(packet).is_some_and(|o| o.flags.rst) {
+                self.stats.tunnel_late_resets += 1;
+            } else {
+                self.refuse_from_tunnel(id, "reply for no connection here");
+            }
             return false;
         };
         let Some(flow) = self.flows.get_mut(slot) else {
@@ -837,7 +862,7 @@ impl Stack {
             if ok {
                 early_replies.push(packet.to_vec());
             } else {
-                self.stats.tunnel_packets_refused += 1;
+                self.refuse_from_tunnel(id, "early reply: wrong node, 4-tuple, or too many");
             }
             return false;
         }
@@ -850,7 +875,7 @@ impl Stack {
             successor_replies,
         } = &mut flow.mode
         else {
-            self.stats.tunnel_packets_refused += 1;
+            self.refuse_from_tunnel(id, "reply for a connection served here");
             return false;
         };
         match packet::outbound(packet) {
@@ -877,7 +902,10 @@ impl Stack {
                 true
             }
             _ => {
-                self.stats.tunnel_packets_refused += 1;
+                self.refuse_from_tunnel(
+                    id,
+                    "reply from a node that is not the owner, or malformed",
+                );
                 false
             }
         }

@@ -338,6 +338,10 @@ pub struct StackStats {
     pub relayed_from_owner: u64,
     /// Packets from the tunnel refused (unknown flow, wrong peer, wrong 4-tuple, malformed).
     pub tunnel_packets_refused: u64,
+    /// RSTs from the tunnel for a connection no longer here (a client answering segments
+    /// still in flight after its connection ended): discarded, as TCP discards a RST that
+    /// matches no connection. Not refusals.
+    pub tunnel_late_resets: u64,
     /// Entries of moved connections removed after the connection ended.
     pub moved_closed: u64,
     /// Connections restored here from another node.
@@ -401,6 +405,7 @@ impl StackStats {
         self.forwarded_to_ingress += other.forwarded_to_ingress;
         self.relayed_from_owner += other.relayed_from_owner;
         self.tunnel_packets_refused += other.tunnel_packets_refused;
+        self.tunnel_late_resets += other.tunnel_late_resets;
         self.moved_closed += other.moved_closed;
         self.conns_restored += other.conns_restored;
         self.conns_moved_out += other.conns_moved_out;
