@@ -973,8 +973,9 @@ impl Node {
         self.ask_tunnel(tunnel::Command::Stats).ok()
     }
 
-    /// Tells the tunnel this node's load, for its heartbeats: the workers' busy fraction
-    /// over the last second (as they measure it), connections, and bytes/s since the last
+    /// Tells the tunnel this node's load, for its heartbeats: the data path's busy fraction
+    /// over the last second (the workers' and the tunnel thread's time, over the workers'
+    /// cores, as they measure it), connections, and bytes/s since the last
     /// call; with the predictor's forecast, lease renewals, KPIs and the segment statistics
     /// of its hottest connections (their idle times as of `now`).
     fn report_load(&self, now: Instant, last: &mut (StdInstant, StackStats), cpu_busy: f64) {
@@ -1070,8 +1071,15 @@ impl Node {
     fn predict_turn(&self, now: Instant, d: &mut PredictDriver) {
         let samples = self.ask("predictor sample", WorkerMsg::Sample);
         let workers = samples.len();
+        // The data path's CPU: the workers' and the tunnel thread's (which seals and opens
+        // every forwarded packet: 0.85 s per GB relayed, docs/benchmarks.md), over the
+        // workers' cores.
+        let tunnel_busy = self
+            .tunnel
+            .as_ref()
+            .map_or(0, |t| t.busy().as_micros() as u64);
         let busy = smoltcp::time::Duration::from_micros(
-            samples.iter().map(|s| s.busy.total_micros()).sum(),
+            samples.iter().map(|s| s.busy.total_micros()).sum::<u64>() + tunnel_busy,
         );
         let cpu_busy = d
             .busy
@@ -1494,7 +1502,8 @@ impl Node {
     }
 }
 
-/// The busy fraction of `workers` between two readings of their summed busy time.
+/// The busy fraction of `workers` cores between two readings of a summed busy time (the
+/// workers' and the tunnel thread's), at most 1.
 fn busy_fraction(
     (t0, b0): (Instant, smoltcp::time::Duration),
     (t1, b1): (Instant, smoltcp::time::Duration),

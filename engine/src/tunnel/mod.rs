@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
@@ -378,12 +379,20 @@ pub struct TunnelHandle {
     sender: TunnelSender,
     /// Disconnects when the thread ends.
     done: Receiver<()>,
+    /// Microseconds the thread has spent working (not waiting in `poll`).
+    busy: Arc<AtomicU64>,
 }
 
 impl TunnelHandle {
     /// Sends `cmd` to the tunnel thread.
     pub fn send(&self, cmd: Command) -> bool {
         self.sender.send(cmd)
+    }
+
+    /// Time the tunnel thread has spent working so far (every turn of its loop from the end
+    /// of its wait to the start of the next), for the node's CPU load.
+    pub fn busy(&self) -> Duration {
+        Duration::from_micros(self.busy.load(Ordering::Relaxed))
     }
 
     /// A sender for workers.
@@ -459,6 +468,8 @@ struct Driver {
     poll: Poll,
     commands: Receiver<Command>,
     clock: Clock,
+    /// Microseconds spent working, read by the node ([`TunnelHandle::busy`]).
+    busy: Arc<AtomicU64>,
     peers: Vec<PeerSlot>,
     rx_bufs: Vec<Vec<u8>>,
     tx_batch: Vec<u8>,
@@ -544,6 +555,7 @@ pub(crate) fn start(
         poll,
         commands,
         clock,
+        busy: Arc::new(AtomicU64::new(0)),
         peers,
         rx_bufs: vec![vec![0u8; RX_BUF]; RX_BATCH],
         tx_batch: vec![0u8; 256 * 1024 + payload],
@@ -561,6 +573,7 @@ pub(crate) fn start(
         persisted_timestamp,
     };
     let max_datagram = driver.ep.max_datagram_payload();
+    let busy = driver.busy.clone();
     tracing::info!(
         listen = %config.listen,
         public_key = %config.private_key.public_key().to_base64(),
@@ -585,6 +598,7 @@ pub(crate) fn start(
             max_datagram,
         },
         done,
+        busy,
     })
 }
 
@@ -610,6 +624,7 @@ impl Driver {
                 tracing::error!(error = %e, "tunnel poll failed; tunnel stops");
                 return;
             }
+            let woke = std::time::Instant::now();
             for ev in events.iter() {
                 if ev.token() == SOCKET && ev.is_writable() {
                     let _ = self.poll.registry().reregister(
@@ -631,6 +646,8 @@ impl Driver {
             self.feeding = self.feed_tests();
             self.migration_poll(self.clock.now());
             self.transmit();
+            self.busy
+                .fetch_add(woke.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
     }
 

@@ -559,7 +559,7 @@ impl NodePredictor {
     }
 
     /// What of a connection's `load` (now) a move would leave here, by return path: under the
-    /// `cpu` metric, the workers' time to forward its bytes — all of them (`bandwidth`, bytes/s
+    /// `cpu` metric, the data path's time (workers and tunnel thread) to forward its bytes — all of them (`bandwidth`, bytes/s
     /// both ways) when relayed, the client's (`bytes_in`) when the target returns directly — at
     /// [`super::plan::PlanConfig::relay_cpu_s_per_gb`]. The other metrics do not count a
     /// forwarded connection (neither its bytes nor itself): a move takes its whole load.
@@ -1581,7 +1581,7 @@ mod tests {
 
     /// Under the `cpu` metric a move leaves the work of forwarding the connection's packets
     /// here. A bulk download that this node serves cheaply (its CPU spread over 8 GB/s) costs
-    /// more to relay (0.33 s per GB on 2 workers) than to serve: it is not moved to a relaying
+    /// more to relay (1.18 s per GB, workers and tunnel thread, over 2 workers' cores) than to serve: it is not moved to a relaying
     /// peer, only to one that returns replies directly (its client sends nothing, so nothing
     /// is left here).
     #[test]
@@ -1621,7 +1621,7 @@ mod tests {
             ..peer(0)
         };
         let plan = run(&[relaying]);
-        // Each is 0.475 of the node; relaying 4 GB/s would leave 0.66 here.
+        // Each is 0.475 of the node; relaying 4 GB/s would leave 2.36 here.
         assert_eq!(plan.moves, [], "{plan:?}");
         assert_eq!(plan.status, Status::NoTarget { utilisation: 0.95 });
         let direct = PeerSample {

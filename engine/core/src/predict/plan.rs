@@ -171,12 +171,13 @@ pub struct PlanConfig {
     pub reactive_threshold: f64,
     /// Peers within this much utilisation of the least loaded one are ranked by RTT. Default 0.05.
     pub rtt_tolerance: f64,
-    /// Worker CPU seconds this node spends per GB it forwards for a moved connection, from
-    /// which the node computes a candidate's [`Residual`] under the `cpu` metric (all its bytes
-    /// forwarded when relayed, the client's when the target returns directly). Default 0.33,
-    /// measured by `flowshift-bench migrate --parts steady` (docs/benchmarks.md: a relayed
-    /// bulk download, against 0.22 for serving one); set it from a run on the node's own
-    /// hardware.
+    /// Data-path CPU seconds (workers and tunnel thread) this node spends per GB it forwards
+    /// for a moved connection, from which the node computes a candidate's [`Residual`] under
+    /// the `cpu` metric (all its bytes forwarded when relayed, the client's when the target
+    /// returns directly). Default 1.18, measured by `flowshift-bench migrate --parts steady`
+    /// (docs/benchmarks.md: a relayed bulk download costs the workers 0.33 s/GB and the
+    /// tunnel thread 0.85, against 0.22 for the workers serving it); set it from a run on the
+    /// node's own hardware.
     pub relay_cpu_s_per_gb: f64,
 }
 
@@ -191,7 +192,7 @@ impl Default for PlanConfig {
             migration_cost: MigrationCost::default(),
             reactive_threshold: 0.85,
             rtt_tolerance: 0.05,
-            relay_cpu_s_per_gb: 0.33,
+            relay_cpu_s_per_gb: 1.18,
         }
     }
 }
