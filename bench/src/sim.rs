@@ -36,6 +36,10 @@ pub(crate) struct Args {
     /// Extra freeze per MiB a move copies, ms.
     #[arg(long, default_value_t = 1.0)]
     per_mib_ms: f64,
+    /// Share of a moved connection's load that stays on its home node, which forwards its
+    /// packets (0: the target returns replies directly; docs/prediction.md).
+    #[arg(long, default_value_t = 0.0)]
+    relay_share: f64,
     /// Where the table, JSON and plots go.
     #[arg(long, default_value = "bench-results/sim")]
     out: PathBuf,
@@ -125,6 +129,7 @@ struct Report {
     seeds: u64,
     freeze_ms: f64,
     per_mib_ms: f64,
+    relay_share: f64,
     duration_s: u64,
     nodes: usize,
     rows: Vec<Row>,
@@ -137,6 +142,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         duration: Duration::from_secs(args.duration.max(10)),
         ..SimConfig::default()
     };
+    if !(0.0..=10.0).contains(&args.relay_share) {
+        anyhow::bail!("--relay-share {} is not within 0–10", args.relay_share);
+    }
+    config.relay_share = args.relay_share;
     let micros = |ms: f64| Duration::from_micros((ms.clamp(0.0, 60_000.0) * 1000.0).round() as u64);
     config.predict.plan.migration_cost.freeze = micros(args.freeze_ms);
     config.predict.plan.migration_cost.per_mib = micros(args.per_mib_ms);
@@ -151,8 +160,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(
         md,
-        "{} nodes, {} s, seeds 1..={}, move freeze {} ms + {} ms/MiB; median (min–max) over seeds\n",
-        config.nodes, args.duration, args.seeds, args.freeze_ms, args.per_mib_ms
+        "{} nodes, {} s, seeds 1..={}, move freeze {} ms + {} ms/MiB, relay share {}; median (min–max) over seeds\n",
+        config.nodes, args.duration, args.seeds, args.freeze_ms, args.per_mib_ms, args.relay_share
     )?;
     md.push_str(
         "| workload | policy | overload-s | moves | conns moved | forecast MAPE | first move (s) | first overload (s) |\n\
@@ -219,6 +228,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         seeds: args.seeds,
         freeze_ms: args.freeze_ms,
         per_mib_ms: args.per_mib_ms,
+        relay_share: args.relay_share,
         duration_s: args.duration,
         nodes: config.nodes,
         rows,

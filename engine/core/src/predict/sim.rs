@@ -167,6 +167,13 @@ pub struct SimConfig {
     pub buffered_per_load: f64,
     /// Bandwidth, bytes/s, per unit of load. Default 1 GB/s.
     pub bandwidth_per_load: f64,
+    /// The share of a moved connection's load that stays on its home node (where its packets
+    /// enter) while another node serves it: the forwarding of a relayed connection, which
+    /// flowshift's planner counts as the candidate's [`Residual`]. 0 (the default): the
+    /// target returns replies directly and forwarding the client's packets costs nothing.
+    /// Relaying a bulk download of the built-in apps costs more than serving it (a share
+    /// above 1, docs/benchmarks.md); for an app that works for its bytes it is far less.
+    pub relay_share: f64,
     /// The predictor every node runs; its `plan.migration_cost` is also the simulated cost of a
     /// move, its `interval` the tick. Default: [`PredictConfig::default`] with Holt-Winters'
     /// season set to the diurnal period (600 samples).
@@ -184,6 +191,7 @@ impl Default for SimConfig {
             noise: 0.1,
             buffered_per_load: 64.0 * 1024.0 * 1024.0,
             bandwidth_per_load: 1e9,
+            relay_share: 0.0,
             predict,
         }
     }
@@ -311,8 +319,14 @@ struct Node {
 pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> SimResult {
     let config = &SimConfig {
         nodes: config.nodes.max(1),
+        relay_share: if config.relay_share.is_finite() {
+            config.relay_share.max(0.0)
+        } else {
+            0.0
+        },
         ..config.clone()
     };
+    let relayed = config.relay_share > 0.0;
     let p = &config.predict;
     let tick = if p.interval > Duration::ZERO {
         p.interval
@@ -397,6 +411,11 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
             let mut r = Rng::new(noise_seed ^ mix(i as u64) ^ mix(u64::from(t) << 32));
             c.load = (c.spec.base * shape * (1.0 + config.noise * r.normal())).max(0.0);
             load[c.node] += c.load;
+            // Served away from home: its home still forwards its packets.
+            let home = c.spec.home.min(config.nodes - 1);
+            if c.node != home {
+                load[home] += config.relay_share * c.load;
+            }
             c.forecaster
                 .get_or_insert_with(|| Forecaster::new(p.forecast))
                 .observe(c.load);
@@ -458,9 +477,13 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                         capacity: config.capacity,
                     },
                     rtt: Duration::from_micros(500 * (1 + (m + n) as u64 % 3)),
-                    // The simulated nodes carry no forwarding cost: a move takes a
-                    // connection's whole load (docs/prediction.md, Simulator).
-                    return_path: ReturnPath::Direct,
+                    // With a relay share, replies come back through the home node;
+                    // without, a move takes a connection's whole load.
+                    return_path: if relayed {
+                        ReturnPath::Relay
+                    } else {
+                        ReturnPath::Direct
+                    },
                 })
                 .collect();
             let candidates: Vec<Candidate> = if above {
@@ -481,7 +504,16 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                         buffered: (c.load * config.buffered_per_load) as u64,
                         priority: Priority::Normal,
                         last_moved: c.last_moved,
-                        residual: Residual::default(),
+                        // Moving a connection away from its home leaves the forwarding
+                        // here; away from another node, nothing.
+                        residual: if c.node == c.spec.home.min(config.nodes - 1) {
+                            Residual {
+                                relay: config.relay_share,
+                                direct: 0.0,
+                            }
+                        } else {
+                            Residual::default()
+                        },
                     })
                     .collect()
             } else {
@@ -512,8 +544,9 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                 nodes[target].overhead.push((t + stall_ticks, overhead));
                 // What the next planners see.
                 let l = m.reason.conn_load;
-                load[n] -= l;
-                predicted[n] -= l;
+                let relief = l - m.reason.left;
+                load[n] -= relief;
+                predicted[n] -= relief;
                 load[target] += l;
                 predicted[target] += l;
             }
@@ -574,6 +607,40 @@ mod tests {
                 assert_eq!(r.utilisation.len(), nodes.max(1));
             }
         }
+    }
+
+    /// A moved connection's home keeps its relay share: a share of 1 or more relieves
+    /// nothing, so nothing moves; a share of one half takes more moves than none for the same
+    /// load, and the home node carries the forwarding (its load is higher than without).
+    #[test]
+    fn a_relayed_move_leaves_its_share_on_the_home_node() {
+        let share = |relay_share| SimConfig {
+            relay_share,
+            ..SimConfig::default()
+        };
+        for policy in [SimPolicy::Reactive, SimPolicy::Predictive] {
+            let dear = run(&share(1.5), Workload::Step, policy, 1);
+            assert_eq!(dear.moves, 0, "{policy:?}");
+            let free = run(&share(0.0), Workload::Step, policy, 1);
+            let half = run(&share(0.5), Workload::Step, policy, 1);
+            assert!(free.moves > 0);
+            assert!(half.moves > free.moves, "{} vs {}", half.moves, free.moves);
+            // Node 0, at the end of the step (5D/6): its moved connections ended, nothing
+            // left either way; during it, the home carries more with a relay share.
+            let mean = |r: &SimResult| {
+                let u = &r.utilisation[0][1200..2400];
+                u.iter().map(|&x| f64::from(x)).sum::<f64>() / u.len() as f64
+            };
+            assert!(
+                mean(&half) > mean(&free),
+                "{} vs {}",
+                mean(&half),
+                mean(&free)
+            );
+        }
+        // Hostile values are clamped, not propagated.
+        let r = run(&share(f64::NAN), Workload::Step, SimPolicy::Reactive, 1);
+        assert!(r.utilisation[0].iter().all(|u| u.is_finite()));
     }
 
     #[test]
