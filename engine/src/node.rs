@@ -57,6 +57,8 @@ const TSO_MAX: usize = 65_000;
 /// How long a control request waits for each worker's answer. A worker answers within one
 /// turn of its loop; only a stuck worker takes this long.
 const WORKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of forwarded datagrams handed to the tunnel thread at a time.
+const FORWARD_PIECE: usize = 64 * 1024;
 /// Answers slower than this are logged.
 const SLOW_WORKER_ANSWER: Duration = Duration::from_millis(500);
 
@@ -680,7 +682,8 @@ impl Worker {
         }
     }
 
-    /// Cuts the stack's forwarded packets into tunnel datagrams, one batch per peer.
+    /// Cuts the stack's forwarded packets into tunnel datagrams, in batches per peer of about
+    /// [`FORWARD_PIECE`] bytes.
     fn flush_forward(&mut self) {
         if self.stack.forward_len() == 0 {
             return;
@@ -717,6 +720,12 @@ impl Worker {
             });
             if let Err(e) = cut {
                 tracing::debug!(error = %e, "forwarded packet not sent");
+            }
+            // A window's worth leaves in pieces: the tunnel thread seals the first while
+            // this one cuts the rest.
+            if batch.buf.len() >= FORWARD_PIECE {
+                let (peer, batch) = (batches[i].0, std::mem::take(&mut batches[i].1));
+                tunnel.send(tunnel::Command::Datagrams { peer, batch });
             }
         });
         for (peer, batch) in batches {

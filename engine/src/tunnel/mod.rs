@@ -1040,7 +1040,12 @@ impl Driver {
                     }
                 }
                 _ => {
-                    self.pending.extend(cur.take());
+                    if cur.is_some() {
+                        self.pending.extend(cur.take());
+                        // Each finished GSO batch leaves at once: the peer opens it while
+                        // this thread seals the next (a full socket keeps it for later).
+                        let _ = self.flush_pending();
+                    }
                     cur = Some(Region {
                         dest: t.destination,
                         start: end,
