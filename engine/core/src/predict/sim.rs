@@ -174,6 +174,10 @@ pub struct SimConfig {
     /// Relaying a bulk download of the built-in apps costs more than serving it (a share
     /// above 1, docs/benchmarks.md); for an app that works for its bytes it is far less.
     pub relay_share: f64,
+    /// How old the peers' loads are when a node plans: a node computes its load report once
+    /// a second and heartbeats carry it once a second, so what a peer knows is 0–2 s old.
+    /// Default 1 s (the mean); zero: every node sees the others' loads of this very tick.
+    pub report_delay: Duration,
     /// The predictor every node runs; its `plan.migration_cost` is also the simulated cost of a
     /// move, its `interval` the tick. Default: [`PredictConfig::default`] with Holt-Winters'
     /// season set to the diurnal period (600 samples).
@@ -192,6 +196,7 @@ impl Default for SimConfig {
             buffered_per_load: 64.0 * 1024.0 * 1024.0,
             bandwidth_per_load: 1e9,
             relay_share: 0.0,
+            report_delay: Duration::from_secs(1),
             predict,
         }
     }
@@ -337,6 +342,10 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
     let ticks =
         (config.duration.total_micros() / tick.total_micros()).min(u64::from(u32::MAX)) as u32;
     let horizon = p.horizon_samples();
+    // Every node's (load, predicted) of the last ticks, for the peers' delayed view.
+    let delay_ticks =
+        (config.report_delay.total_micros() / tick.total_micros().max(1)).min(1 << 16) as usize;
+    let mut reports: std::collections::VecDeque<(Vec<f64>, Vec<f64>)> = Default::default();
     let mut rng = Rng::new(seed);
     let specs = workload(w, config, ticks, &mut rng);
     let mut conns: Vec<Conn> = specs
@@ -452,6 +461,12 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
         if policy == SimPolicy::NoPolicy {
             continue;
         }
+        if delay_ticks > 0 {
+            reports.push_back((load.clone(), predicted.clone()));
+            if reports.len() > delay_ticks + 1 {
+                reports.pop_front();
+            }
+        }
         // Plans, node by node; later nodes see the moves earlier ones planned.
         for n in 0..config.nodes {
             let node = &nodes[n];
@@ -471,10 +486,19 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                 .filter(|&m| m != n)
                 .map(|m| Peer {
                     id: NodeId(m as u32),
-                    load: NodeLoad {
-                        current: load[m],
-                        predicted: predicted[m],
-                        capacity: config.capacity,
+                    // What its last load report said (the oldest kept; this tick's without
+                    // a delay, with the moves planned so far this tick).
+                    load: match reports.front() {
+                        Some((l, p)) => NodeLoad {
+                            current: l[m],
+                            predicted: p[m],
+                            capacity: config.capacity,
+                        },
+                        None => NodeLoad {
+                            current: load[m],
+                            predicted: predicted[m],
+                            capacity: config.capacity,
+                        },
                     },
                     rtt: Duration::from_micros(500 * (1 + (m + n) as u64 % 3)),
                     // With a relay share, replies come back through the home node;
@@ -604,6 +628,15 @@ mod tests {
             };
             for policy in SimPolicy::ALL {
                 let r = run(&config, Workload::HeavyTail, policy, 1);
+                assert_eq!(r.utilisation.len(), nodes.max(1));
+            }
+            // Reports older than the run, or none delayed.
+            for delay in [Duration::ZERO, Duration::from_secs(100_000)] {
+                let config = SimConfig {
+                    report_delay: delay,
+                    ..config.clone()
+                };
+                let r = run(&config, Workload::HeavyTail, SimPolicy::Predictive, 1);
                 assert_eq!(r.utilisation.len(), nodes.max(1));
             }
         }
