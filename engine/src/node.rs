@@ -724,7 +724,12 @@ impl Worker {
             // A window's worth leaves in pieces: the tunnel thread seals the first while
             // this one cuts the rest.
             if batch.buf.len() >= FORWARD_PIECE {
-                let (peer, batch) = (batches[i].0, std::mem::take(&mut batches[i].1));
+                // The next piece's buffer sized for a piece: no regrowing on the way.
+                let next = tunnel::DatagramBatch {
+                    buf: Vec::with_capacity(FORWARD_PIECE + 2 * (room + HEADER_LEN)),
+                    lens: Vec::with_capacity(FORWARD_PIECE / room.max(1) + 2),
+                };
+                let (peer, batch) = (batches[i].0, std::mem::replace(&mut batches[i].1, next));
                 tunnel.send(tunnel::Command::Datagrams { peer, batch });
             }
         });

@@ -1200,11 +1200,12 @@ fn bare_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), rst: bool) -> Vec<u8
 }
 
 /// A connection that ended on its owner while the node where its packets enter still
-/// forwards: the client's RSTs answering the owner's last segments (and the owner's RSTs
-/// after the ingress entry went) are discarded and counted as late, not as refusals; any
-/// other packet for a connection that is not there is refused.
+/// forwards looks, to the owner, like an id it does not have: RSTs for such an id (the
+/// client answering the owner's last segments; the owner's RSTs after the ingress entry
+/// went) are discarded and counted as late, not as refusals; any other packet for it, or a
+/// malformed one, is refused.
 #[test]
-fn late_resets_for_an_ended_connection_are_not_refusals() {
+fn resets_for_a_connection_not_here_are_late_and_anything_else_is_refused() {
     let now = Instant::from_secs(1);
     let mut b = node(0, 7, now);
     let client = (Ipv4Addr::new(198, 18, 0, 2), 40_000);

@@ -379,7 +379,7 @@ pub struct TunnelHandle {
     sender: TunnelSender,
     /// Disconnects when the thread ends.
     done: Receiver<()>,
-    /// Microseconds the thread has spent working (not waiting in `poll`).
+    /// Nanoseconds the thread has spent working (not waiting in `poll`).
     busy: Arc<AtomicU64>,
 }
 
@@ -392,7 +392,7 @@ impl TunnelHandle {
     /// Time the tunnel thread has spent working so far (every turn of its loop from the end
     /// of its wait to the start of the next), for the node's CPU load.
     pub fn busy(&self) -> Duration {
-        Duration::from_micros(self.busy.load(Ordering::Relaxed))
+        Duration::from_nanos(self.busy.load(Ordering::Relaxed))
     }
 
     /// A sender for workers.
@@ -468,7 +468,8 @@ struct Driver {
     poll: Poll,
     commands: Receiver<Command>,
     clock: Clock,
-    /// Microseconds spent working, read by the node ([`TunnelHandle::busy`]).
+    /// Nanoseconds spent working, read by the node ([`TunnelHandle::busy`]): turns of a few
+    /// microseconds each, so not rounded to microseconds per turn.
     busy: Arc<AtomicU64>,
     peers: Vec<PeerSlot>,
     rx_bufs: Vec<Vec<u8>>,
@@ -647,7 +648,7 @@ impl Driver {
             self.migration_poll(self.clock.now());
             self.transmit();
             self.busy
-                .fetch_add(woke.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .fetch_add(woke.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
     }
 
@@ -1011,6 +1012,9 @@ impl Driver {
         let now = self.clock.now();
         let mut cur: Option<Region> = None;
         let mut end = 0;
+        // The socket pushed back this call: finished batches wait for the end (one failed
+        // send, not one per batch).
+        let mut blocked = false;
         loop {
             if end + payload > self.tx_batch.len() {
                 self.pending.extend(cur.take());
@@ -1044,7 +1048,9 @@ impl Driver {
                         self.pending.extend(cur.take());
                         // Each finished GSO batch leaves at once: the peer opens it while
                         // this thread seals the next (a full socket keeps it for later).
-                        let _ = self.flush_pending();
+                        if !blocked {
+                            blocked = !self.flush_pending();
+                        }
                     }
                     cur = Some(Region {
                         dest: t.destination,
