@@ -110,7 +110,8 @@ struct Figures {
     connections_per_s: f64,
     /// Busy CPU seconds of the whole machine per GB downloaded (single flow).
     machine_cpu_s_per_gb: f64,
-    /// CPU seconds of the flowshift process per GB downloaded (flowshift only).
+    /// CPU seconds of the serving process (flowshift's node, or the kernel-socket servers)
+    /// per GB downloaded.
     process_cpu_s_per_gb: Option<f64>,
     /// The `loss` part: curl's download through the router's loss, verified.
     loss_download: Option<Transfer>,
@@ -216,7 +217,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
 
     // The kernel baseline: plain socket servers in their own process in node-a, on node-a's
     // own address.
-    let _server = crate::kernel_server::spawn(&tb, tb.node_a(), NODE_A)?;
+    let server = crate::kernel_server::spawn(&tb, tb.node_a(), NODE_A)?;
+    let server_pid = server.id();
 
     let mut config = NodeConfig::standard("a").mtu(tun_mtu).offload(args.offload);
     if let Some(w) = args.workers {
@@ -300,7 +302,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                     http_bytes,
                     loss.as_ref(),
                     args.conn_threads,
-                    None,
+                    Server::Kernel(server_pid),
                 )?,
                 Target::Flowshift => measure(
                     &tb,
@@ -309,7 +311,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                     http_bytes,
                     loss.as_ref(),
                     args.conn_threads,
-                    Some(&node),
+                    Server::Flowshift(&node),
                 )?,
             };
             match target {
@@ -413,9 +415,16 @@ struct LossArgs {
     object_bytes: u64,
 }
 
+/// The process serving a target: the kernel-socket servers' (by pid) or flowshift's node.
+#[derive(Clone, Copy)]
+enum Server<'a> {
+    Kernel(u32),
+    Flowshift(&'a flowshift_testbed::NodeHandle),
+}
+
 /// The throughput measures of one target, one after the other: the kernel-socket transfers
 /// for `d` each (when given), then curl's HTTP download of `http_bytes` (when given), then
-/// the `loss` part (when given). `node`: flowshift's, when it is the target.
+/// the `loss` part (when given).
 #[allow(clippy::too_many_arguments)]
 fn measure(
     tb: &Testbed,
@@ -424,9 +433,12 @@ fn measure(
     http_bytes: Option<u64>,
     loss: Option<&LossArgs>,
     conn_threads: usize,
-    node: Option<&flowshift_testbed::NodeHandle>,
+    server: Server<'_>,
 ) -> anyhow::Result<Figures> {
-    let pid = node.map(|n| n.pid());
+    let (pid, node) = match server {
+        Server::Kernel(pid) => (Some(pid), None),
+        Server::Flowshift(n) => (Some(n.pid()), Some(n)),
+    };
     let client = tb.client();
     let mut f = Figures::default();
     let (steal0, t0) = (sys::machine_steal_seconds(), std::time::Instant::now());
@@ -952,11 +964,14 @@ fn summarize(k: &[Figures], f: &[Figures]) -> Vec<Row> {
             ratio: None,
         });
     }
-    rows.extend(transfers.then(|| Row {
-        name: "flowshift process CPU s per GB (download)",
-        kernel: None,
-        flowshift: Spread::of(f.iter().filter_map(|x| x.process_cpu_s_per_gb).collect()),
-        ratio: None,
+    rows.extend(transfers.then(|| {
+        let pick = |x: &Figures| x.process_cpu_s_per_gb.unwrap_or(f64::NAN);
+        Row {
+            name: "server process CPU s per GB (download; its threads' user + system time)",
+            kernel: Spread::of(k.iter().map(pick).collect()),
+            flowshift: Spread::of(f.iter().map(pick).collect()),
+            ratio: Spread::of(k.iter().zip(f).map(|(a, b)| pick(b) / pick(a)).collect()),
+        }
     }));
     rows.extend(transfers.then(|| {
         Row {
@@ -1181,7 +1196,7 @@ pub(crate) fn figures(
         y_desc: "CPU s per GB".into(),
         categories: vec![
             "whole machine\n(busy time)".into(),
-            "flowshift process\nonly".into(),
+            "server process\nonly".into(),
         ],
         series: vec![
             Series {
@@ -1192,9 +1207,12 @@ pub(crate) fn figures(
                         .iter()
                         .map(|x| x.machine_cpu_s_per_gb)
                         .collect(),
-                    vec![],
+                    r.kernel_tcp
+                        .iter()
+                        .map(|x| x.process_cpu_s_per_gb.unwrap_or(f64::NAN))
+                        .collect(),
                 ],
-                flagged: vec![flagged.clone()],
+                flagged: vec![flagged.clone(), flagged.clone()],
             },
             Series {
                 label: "flowshift".into(),
@@ -1286,7 +1304,7 @@ mod tests {
             http_download: Some(t(9.0 * f)),
             connections_per_s: 20_000.0 * f,
             machine_cpu_s_per_gb: 1.0 / f,
-            process_cpu_s_per_gb: (f < 1.0).then_some(0.7),
+            process_cpu_s_per_gb: Some(0.35 / f),
             steal_percent: 3.0 * k,
             loss_download: Some(t(0.05 * f)),
             loss_object_ms: Some([0.1, 200.0 / f, 400.0 / f]),
@@ -1399,12 +1417,7 @@ mod tests {
         );
         assert_svg(
             &paths[1],
-            &[
-                "kernel TCP",
-                "flowshift",
-                "CPU s per GB",
-                "flowshift process",
-            ],
+            &["kernel TCP", "flowshift", "CPU s per GB", "server process"],
         );
         assert_svg(
             &paths[2],

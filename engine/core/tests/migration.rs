@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use flowshift_core::app::{AppConfig, AppKind};
 use flowshift_core::config::{Ipv4Cidr, ServiceConfig};
-use flowshift_core::flow::{PeerRef, Remote};
+use flowshift_core::flow::{MOVED_LINGER, PeerRef, Remote};
 use flowshift_core::segment::segment;
 use flowshift_core::stack::{
     ConnectionBudget, ForwardKind, RestoreParams, Stack, StackConfig, UNACKED_TIMEOUT,
@@ -1223,4 +1223,58 @@ fn resets_for_a_connection_not_here_are_late_and_anything_else_is_refused() {
     assert_eq!(b.stats().tunnel_late_resets, 2);
     assert!(!b.handle_from_owner(now, from, 0x52, &bare_segment(service, client, false)));
     assert_eq!(b.stats().tunnel_packets_refused, 3);
+}
+
+/// A moved connection the client resets ends on its owner at once; where its packets enter,
+/// the entry lingers so that late packets still find the owner. A late RST from the client
+/// (its answer to a segment still in flight) passes the lingering entry and is discarded at
+/// the owner as late, not refused; after the linger it meets no entry where it enters and is
+/// dropped there, unanswered (nobody answers a RST). Nothing is refused on either node, and
+/// the client is sent no RST.
+#[test]
+fn a_moved_connection_reset_by_the_client_ends_on_both_nodes_and_its_late_resets_are_not_refused() {
+    let mut n = Net::new();
+    let (h, _, on_b) = echo_moved_to_b(&mut n);
+    let client = (CLIENT, n.next_port);
+    let service = (SERVICE, 7);
+    n.sock(h).abort();
+    n.run_until(100, |n| n.nodes[1].connection_count() == 0);
+    assert!(
+        !n.nodes[1].conns(n.now).iter().any(|c| c.id == on_b),
+        "the owner still lists the connection"
+    );
+    let entry = n.nodes[0].conns(n.now);
+    assert_eq!(entry.len(), 1, "{entry:?}");
+    assert_eq!(entry[0].mode, "moved", "the ingress entry lingers");
+
+    let late = bare_segment(client, service, true);
+    n.nodes[0].handle_packet(n.now, &mut late.clone());
+    n.step_tunnel_only();
+    assert_eq!(n.nodes[1].stats().tunnel_late_resets, 1);
+
+    n.idle(MOVED_LINGER.total_millis() + 1_000);
+    assert_eq!(
+        n.nodes[0].connection_count(),
+        0,
+        "the entry outlived its linger"
+    );
+    assert_eq!(n.nodes[0].stats().moved_closed, 1);
+    let unknown = n.nodes[0].stats().unknown_flow_packets;
+    n.nodes[0].handle_packet(n.now, &mut late.clone());
+    assert_eq!(n.nodes[0].stats().unknown_flow_packets, unknown + 1);
+    n.nodes[0].poll(n.now);
+    let mut replies = 0;
+    n.nodes[0].drain_transmit(|_| replies += 1);
+    assert_eq!(replies, 0, "a RST was answered");
+    n.step_tunnel_only();
+    assert_eq!(
+        n.nodes[1].stats().tunnel_late_resets,
+        1,
+        "forwarded after the linger"
+    );
+
+    for (i, node) in n.nodes.iter().enumerate() {
+        assert_eq!(node.stats().tunnel_packets_refused, 0, "node {i} refused");
+    }
+    assert_eq!(n.client_rsts, 0);
 }
