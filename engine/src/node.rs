@@ -133,7 +133,7 @@ pub(crate) enum WorkerMsg {
     Freeze(u64, Sender<Result<(), FlowError>>),
     Thaw(u64, Sender<Result<usize, FlowError>>),
     /// Packets of moved flows that arrived through the tunnel.
-    Tunnel(Vec<tunnel::TunnelPacket>),
+    Tunnel(tunnel::TunnelBatch),
     /// What migration offers say of these flows (ids of other workers' flows are skipped).
     Offers(Vec<u64>, Sender<Vec<(u64, OfferResult)>>),
     /// Freeze and capture these flows for a move to `to`; answer with `Command::Captured`.
@@ -635,7 +635,7 @@ impl Worker {
     /// Packets of moved flows from the tunnel: client packets go to the stack, packets for
     /// the client to the TUN queue (this worker's: the flow id named it). With TUN offload,
     /// consecutive segments of a flow are merged back into one TSO write (`coalesce`).
-    fn tunnel_packets(&mut self, now: Instant, packets: Vec<tunnel::TunnelPacket>) {
+    fn tunnel_packets(&mut self, now: Instant, mut packets: tunnel::TunnelBatch) {
         let Self {
             stack,
             tun,
@@ -646,21 +646,19 @@ impl Worker {
         } = self;
         let offload = rx.offload;
         let mut write = |buf: &mut Vec<u8>, gso: u16| write_merged(tun, tun_write_errors, buf, gso);
-        for mut p in packets {
-            match p.kind {
-                ForwardKind::ToOwner => stack.handle_forwarded(now, p.from, p.flow, &mut p.packet),
-                ForwardKind::ToIngress => {
-                    if !stack.handle_from_owner(now, p.from, p.flow, &p.packet) {
-                        continue;
-                    }
-                    if offload {
-                        relay.push(&p.packet, &mut write);
-                    } else if let Err(e) = tun.send(&p.packet) {
-                        report_tun_error(tun_write_errors, e);
-                    }
+        packets.for_each(|p, packet| match p.kind {
+            ForwardKind::ToOwner => stack.handle_forwarded(now, p.from, p.flow, packet),
+            ForwardKind::ToIngress => {
+                if !stack.handle_from_owner(now, p.from, p.flow, packet) {
+                    return;
+                }
+                if offload {
+                    relay.push(packet, &mut write);
+                } else if let Err(e) = tun.send(packet) {
+                    report_tun_error(tun_write_errors, e);
                 }
             }
-        }
+        });
         relay.flush(&mut write);
     }
 

@@ -48,6 +48,7 @@
 pub mod aead;
 mod config;
 mod cookie;
+mod dgram_queue;
 mod endpoint;
 mod event;
 #[doc(hidden)]

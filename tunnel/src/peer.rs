@@ -27,6 +27,7 @@ use snow::HandshakeState;
 use crate::aead::{Aead, TAG_LEN};
 use crate::config::{Config, PeerConfig};
 use crate::cookie::{self, COOKIE_LEN, COOKIE_LIFETIME};
+use crate::dgram_queue::DatagramQueue;
 use crate::event::{Event, HandshakeError, PeerId};
 use crate::key::{KEY_LEN, Keypair, PublicKey};
 use crate::load::LoadReport;
@@ -230,7 +231,7 @@ pub(crate) struct Peer {
     /// restarted and lost the session).
     handshake_requested: bool,
     reliable: Reliable,
-    datagrams: VecDeque<Vec<u8>>,
+    datagrams: DatagramQueue,
     /// Alternates STREAM and DATAGRAM priority when both are waiting.
     prefer_stream: bool,
     heartbeat_due: bool,
@@ -270,7 +271,7 @@ impl Peer {
             confirm_pending: false,
             handshake_requested: false,
             reliable: Reliable::new(&reliable_params(config)),
-            datagrams: VecDeque::new(),
+            datagrams: DatagramQueue::default(),
             prefer_stream: false,
             heartbeat_due: true,
             next_heartbeat: now + config.heartbeat_interval,
@@ -942,7 +943,7 @@ impl Peer {
         if self.datagrams.len() >= limit {
             return false;
         }
-        self.datagrams.push_back(data.to_vec());
+        self.datagrams.push_back(data);
         true
     }
 

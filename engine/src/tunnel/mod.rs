@@ -344,8 +344,8 @@ pub struct DatagramBatch {
 }
 
 /// A packet of a moved connection that arrived through the tunnel, for the worker that owns
-/// the flow.
-#[derive(Debug)]
+/// the flow; its bytes are in the [`TunnelBatch`] it came in.
+#[derive(Debug, Clone, Copy)]
 pub struct TunnelPacket {
     /// `ToOwner`: a client packet for a flow restored here; `ToIngress`: a packet for the
     /// client of a flow moved away from here.
@@ -354,8 +354,59 @@ pub struct TunnelPacket {
     pub from: PeerRef,
     /// The flow's id on this node.
     pub flow: u64,
-    /// The IPv4 packet (complete checksums: see `flowshift_core::segment`).
-    pub packet: Vec<u8>,
+    /// Where the IPv4 packet (complete checksums: see `flowshift_core::segment`) lies in the
+    /// batch's bytes.
+    at: usize,
+    len: usize,
+}
+
+/// Packets that came through the tunnel for one worker, end to end in one buffer: one
+/// allocation per batch, not one per packet (a relayed download brings tens of thousands a
+/// second, each allocated on the tunnel thread and freed on the worker). A batch goes to its
+/// worker when the turn ends or when it holds [`TunnelBatch::PIECE`] bytes, whichever is
+/// first: the worker writes the first piece while this thread opens the next, and a piece's
+/// buffer, sized up front, stays below the node allocator's threshold for a mapping of its
+/// own (`crate::alloc::LARGE`: a mapping per batch, made here and unmapped on the worker,
+/// cost more than the allocations it replaced).
+#[derive(Debug, Default)]
+pub struct TunnelBatch {
+    bytes: Vec<u8>,
+    packets: Vec<TunnelPacket>,
+}
+
+impl TunnelBatch {
+    /// Bytes after which a batch is handed over (less than one more datagram short of
+    /// `crate::alloc::LARGE`).
+    const PIECE: usize = 24 * 1024;
+    /// The buffer a batch starts with: a piece and the datagram that passes it.
+    const CAPACITY: usize = 31 * 1024;
+
+    fn push(&mut self, kind: ForwardKind, from: PeerRef, flow: u64, packet: &[u8]) {
+        if self.bytes.capacity() == 0 {
+            self.bytes.reserve_exact(Self::CAPACITY.max(packet.len()));
+        }
+        self.packets.push(TunnelPacket {
+            kind,
+            from,
+            flow,
+            at: self.bytes.len(),
+            len: packet.len(),
+        });
+        self.bytes.extend_from_slice(packet);
+    }
+
+    /// No packet in it.
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+
+    /// Each packet in arrival order, with its bytes (writable: a packet for a restored flow
+    /// is translated in place).
+    pub fn for_each(&mut self, mut f: impl FnMut(&TunnelPacket, &mut [u8])) {
+        for p in &self.packets {
+            f(p, &mut self.bytes[p.at..p.at + p.len]);
+        }
+    }
 }
 
 /// What workers use to reach the tunnel thread.
@@ -486,7 +537,7 @@ struct Driver {
     /// The workers, to hand them forwarded packets.
     workers: Vec<WorkerHandle>,
     /// Forwarded packets received this turn, per worker.
-    inbox: Vec<Vec<TunnelPacket>>,
+    inbox: Vec<TunnelBatch>,
     /// Datagrams and messages refused (bad envelope, unknown kind, no such worker).
     refused_total: u64,
     /// Forwarded datagrams the endpoint would not queue.
@@ -565,7 +616,7 @@ pub(crate) fn start(
         rx_more: false,
         send_errors: 0,
         scratch: diag::scratch(),
-        inbox: workers.iter().map(|_| Vec::new()).collect(),
+        inbox: workers.iter().map(|_| TunnelBatch::default()).collect(),
         workers,
         refused_total: 0,
         forward_dropped: 0,
@@ -918,12 +969,14 @@ impl Driver {
         };
         let worker = (envelope.flow_id >> 48) as usize;
         match self.inbox.get_mut(worker) {
-            Some(batch) => batch.push(TunnelPacket {
-                kind,
-                from: PeerRef(peer.as_u32()),
-                flow: envelope.flow_id,
-                packet: payload.to_vec(),
-            }),
+            Some(batch) => {
+                batch.push(kind, PeerRef(peer.as_u32()), envelope.flow_id, payload);
+                if batch.bytes.len() >= TunnelBatch::PIECE
+                    && !self.workers[worker].send(WorkerMsg::Tunnel(std::mem::take(batch)))
+                {
+                    tracing::debug!("a worker is gone; its forwarded packets are dropped");
+                }
+            }
             None => self.refused(
                 peer,
                 "datagram",
