@@ -1247,6 +1247,8 @@ fn a_moved_connection_reset_by_the_client_ends_on_both_nodes_and_its_late_resets
     assert_eq!(entry.len(), 1, "{entry:?}");
     assert_eq!(entry[0].mode, "moved", "the ingress entry lingers");
 
+    // The client's own RST ended the connection on B: it was not late.
+    assert_eq!(n.nodes[1].stats().tunnel_late_resets, 0);
     let late = bare_segment(client, service, true);
     n.nodes[0].handle_packet(n.now, &mut late.clone());
     n.step_tunnel_only();

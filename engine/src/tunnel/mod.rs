@@ -363,8 +363,8 @@ pub struct TunnelPacket {
 /// Packets that came through the tunnel for one worker, end to end in one buffer: one
 /// allocation per batch, not one per packet (a relayed download brings tens of thousands a
 /// second, each allocated on the tunnel thread and freed on the worker). A batch goes to its
-/// worker when the turn ends or when it holds [`TunnelBatch::PIECE`] bytes, whichever is
-/// first: the worker writes the first piece while this thread opens the next, and a piece's
+/// worker after each receive call (up to `RX_BATCH` GRO buffers) or when it holds
+/// [`TunnelBatch::PIECE`] bytes, whichever is first: the worker writes the first piece while this thread opens the next, and a piece's
 /// buffer, sized up front, stays below the node allocator's threshold for a mapping of its
 /// own (`crate::alloc::LARGE`: a mapping per batch, made here and unmapped on the worker,
 /// cost more than the allocations it replaced).
@@ -374,11 +374,15 @@ pub struct TunnelBatch {
     packets: Vec<TunnelPacket>,
 }
 
+const _: () = assert!(TunnelBatch::PIECE < TunnelBatch::CAPACITY);
+const _: () = assert!(TunnelBatch::CAPACITY < crate::alloc::LARGE);
+
 impl TunnelBatch {
     /// Bytes after which a batch is handed over (less than one more datagram short of
     /// `crate::alloc::LARGE`).
     const PIECE: usize = 24 * 1024;
-    /// The buffer a batch starts with: a piece and the datagram that passes it.
+    /// The buffer a batch starts with: a piece and the datagram that passes it (tunnel
+    /// datagrams are ~1.4 KB; a larger one regrows the buffer, which is only slower).
     const CAPACITY: usize = 31 * 1024;
 
     fn push(&mut self, kind: ForwardKind, from: PeerRef, flow: u64, packet: &[u8]) {
