@@ -40,6 +40,10 @@ pub(crate) struct Args {
     /// packets (0: the target returns replies directly; docs/prediction.md).
     #[arg(long, default_value_t = 0.0)]
     relay_share: f64,
+    /// How long a node counts what it moved to a peer on top of the peer's load reports, ms
+    /// (the node's `report_delay_ms`; 0: the reports alone).
+    #[arg(long, default_value_t = 3000)]
+    floor_hold_ms: u64,
     /// Where the table, JSON and plots go.
     #[arg(long, default_value = "bench-results/sim")]
     out: PathBuf,
@@ -130,6 +134,7 @@ struct Report {
     freeze_ms: f64,
     per_mib_ms: f64,
     relay_share: f64,
+    floor_hold_ms: u64,
     duration_s: u64,
     nodes: usize,
     rows: Vec<Row>,
@@ -146,6 +151,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--relay-share {} is not within 0–10", args.relay_share);
     }
     config.relay_share = args.relay_share;
+    config.floor_hold = Duration::from_millis(args.floor_hold_ms.min(3_600_000));
     let micros = |ms: f64| Duration::from_micros((ms.clamp(0.0, 60_000.0) * 1000.0).round() as u64);
     config.predict.plan.migration_cost.freeze = micros(args.freeze_ms);
     config.predict.plan.migration_cost.per_mib = micros(args.per_mib_ms);
@@ -160,8 +166,14 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(
         md,
-        "{} nodes, {} s, seeds 1..={}, move freeze {} ms + {} ms/MiB, relay share {}; median (min–max) over seeds\n",
-        config.nodes, args.duration, args.seeds, args.freeze_ms, args.per_mib_ms, args.relay_share
+        "{} nodes, {} s, seeds 1..={}, move freeze {} ms + {} ms/MiB, relay share {}, moves counted on their target for {} ms; median (min–max) over seeds\n",
+        config.nodes,
+        args.duration,
+        args.seeds,
+        args.freeze_ms,
+        args.per_mib_ms,
+        args.relay_share,
+        args.floor_hold_ms
     )?;
     md.push_str(
         "| workload | policy | overload-s | moves | conns moved | forecast MAPE | first move (s) | first overload (s) |\n\
@@ -229,6 +241,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         freeze_ms: args.freeze_ms,
         per_mib_ms: args.per_mib_ms,
         relay_share: args.relay_share,
+        floor_hold_ms: args.floor_hold_ms,
         duration_s: args.duration,
         nodes: config.nodes,
         rows,

@@ -37,7 +37,7 @@
 //! **Stale reports.** A peer's report rides its heartbeats and is up to a couple of seconds
 //! old. After a move the peer's load is taken as at least what it was reported at plus the
 //! load moved to it, for [`NodeSettings::report_delay`], so the next plan does not fill a
-//! peer whose report has not caught up yet.
+//! peer whose report has not caught up yet ([`PeerFloors`]; the simulator does the same).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -48,8 +48,8 @@ use super::detect::{Detector, Imbalance, imbalance};
 use super::forecast::{ForecastConfig, Forecaster, ModelChoice};
 use super::lease::{Lease, LeaseCounters, LeaseEvent, Leases, Offload};
 use super::plan::{
-    Candidate, NodeLoad, Peer, Plan, PlanInput, Planner, Policy, Reason, Residual, ReturnPath,
-    Status,
+    Candidate, NodeLoad, Peer, PeerFloors, Plan, PlanInput, Planner, Policy, Reason, Residual,
+    ReturnPath, Status,
 };
 use super::profile::{ConnCounters, ConnProfile, ConnReport, NodeReport, Sampler};
 use super::shadow::{ConnState, ShadowTrial, TrialEvent, TrialState};
@@ -457,7 +457,7 @@ pub struct NodePredictor {
     /// stamped).
     known: HashMap<ConnId, Seen>,
     /// Per peer: its load is at least this until then (moves its report does not show yet).
-    floors: HashMap<NodeId, (Instant, f64)>,
+    floors: PeerFloors,
     estimate: Estimate,
     last_plan: Option<(Instant, Plan)>,
     decisions: VecDeque<Decision>,
@@ -522,7 +522,7 @@ impl NodePredictor {
             last_moved: HashMap::default(),
             shifting: HashSet::default(),
             known: HashMap::default(),
-            floors: HashMap::default(),
+            floors: PeerFloors::default(),
             estimate: Estimate::default(),
             last_plan: None,
             decisions: VecDeque::new(),
@@ -816,7 +816,7 @@ impl NodePredictor {
                 None => false,
             });
         self.sampler.recycle(interval.conns);
-        self.floors.retain(|_, (until, _)| now < *until);
+        self.floors.expire(now);
 
         let peers: Vec<PeerView> = obs
             .peers
@@ -832,10 +832,7 @@ impl NodePredictor {
                 } else {
                     0.0
                 };
-                let load = self
-                    .floors
-                    .get(&p.id)
-                    .map_or(reported, |(_, floor)| reported.max(*floor));
+                let load = self.floors.load(p.id, reported);
                 let forecast = match (self.settings.metric, p.forecast) {
                     (LoadMetric::Cpu, Some((cpu, _))) => Some(cpu),
                     (LoadMetric::Connections, Some((_, conns))) => Some(conns as f64),
@@ -1278,9 +1275,13 @@ impl NodePredictor {
                     .iter()
                     .find(|p| p.id == target)
                     .map_or(0.0, |p| p.load);
-                let until = now + self.settings.report_delay;
-                let floor = self.floors.entry(target).or_insert((until, reported));
-                *floor = (until, floor.1.max(reported) + load.unwrap_or(0.0));
+                self.floors.moved(
+                    now,
+                    self.settings.report_delay,
+                    target,
+                    reported,
+                    load.unwrap_or(0.0),
+                );
             }
             Outcome::Failed(_) | Outcome::Stayed(_) => self.counts.failed += 1,
             Outcome::NotExecuted | Outcome::Pending => {}

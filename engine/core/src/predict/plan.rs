@@ -268,6 +268,50 @@ pub struct Peer {
     pub return_path: ReturnPath,
 }
 
+/// What this node moved to each peer lately that the peer's load reports may not show yet.
+///
+/// A peer's report rides its heartbeats and is a second or two old when a plan reads it. A
+/// plan made before the report has caught up with the last moves would see the peer as
+/// empty as before them and fill it again: the moves pile onto one peer, push it over its
+/// threshold and come back. So after each move the peer's load is taken as at least what it
+/// was reported at then plus every load moved to it since, for `hold` after the last move
+/// (long enough for a report that includes the move to arrive); a report above that floor
+/// wins at once.
+#[derive(Debug, Clone, Default)]
+pub struct PeerFloors {
+    /// Per peer: (until when, the floor).
+    floors: std::collections::BTreeMap<NodeId, (Instant, f64)>,
+}
+
+impl PeerFloors {
+    /// Records a move of `load` to `target`, whose report said `reported` when it was planned.
+    pub fn moved(
+        &mut self,
+        now: Instant,
+        hold: Duration,
+        target: NodeId,
+        reported: f64,
+        load: f64,
+    ) {
+        let finite = |x: f64| if x.is_finite() { x.max(0.0) } else { 0.0 };
+        let until = now + hold;
+        let floor = self.floors.entry(target).or_insert((until, 0.0));
+        *floor = (until, floor.1.max(finite(reported)) + finite(load));
+    }
+
+    /// Forgets the floors that have run out.
+    pub fn expire(&mut self, now: Instant) {
+        self.floors.retain(|_, (until, _)| now < *until);
+    }
+
+    /// `reported`, the load `peer` reported, raised to its floor if it has one.
+    pub fn load(&self, peer: NodeId, reported: f64) -> f64 {
+        self.floors
+            .get(&peer)
+            .map_or(reported, |(_, floor)| reported.max(*floor))
+    }
+}
+
 /// A connection that may be offloaded.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
@@ -647,6 +691,36 @@ mod tests {
 
     fn ids(plan: &Plan) -> Vec<(ConnId, u32)> {
         plan.moves.iter().map(|m| (m.conn, m.target.0)).collect()
+    }
+
+    #[test]
+    fn a_peer_floor_adds_the_moves_until_it_runs_out_and_a_higher_report_wins() {
+        let hold = Duration::from_secs(3);
+        let mut f = PeerFloors::default();
+        let (a, b) = (NodeId(1), NodeId(2));
+        assert_eq!(f.load(a, 0.3), 0.3);
+        // Two moves of 0.1 to `a`, reported at 0.3: at least 0.5 until 3 s after the second.
+        f.moved(T0, hold, a, 0.3, 0.1);
+        f.moved(T0 + Duration::from_secs(1), hold, a, 0.3, 0.1);
+        assert!((f.load(a, 0.3) - 0.5).abs() < 1e-9);
+        assert_eq!(f.load(a, 0.7), 0.7, "a report above the floor wins");
+        assert_eq!(f.load(b, 0.2), 0.2, "other peers are untouched");
+        // A later report that shows the moves raises the base of the next floor.
+        f.moved(T0 + Duration::from_secs(2), hold, a, 0.6, 0.1);
+        assert!((f.load(a, 0.0) - 0.7).abs() < 1e-9);
+        // Hostile figures neither lower the floor nor poison it.
+        f.moved(
+            T0 + Duration::from_secs(2),
+            hold,
+            a,
+            f64::NAN,
+            f64::INFINITY,
+        );
+        assert!((f.load(a, 0.0) - 0.7).abs() < 1e-9);
+        f.expire(T0 + Duration::from_millis(4_999));
+        assert!((f.load(a, 0.0) - 0.7).abs() < 1e-9);
+        f.expire(T0 + Duration::from_secs(5));
+        assert_eq!(f.load(a, 0.0), 0.0);
     }
 
     #[test]

@@ -34,8 +34,10 @@ use smoltcp::time::{Duration, Instant};
 use super::PredictConfig;
 use super::detect::Detector;
 use super::forecast::Forecaster;
+use super::node::NodeSettings;
 use super::plan::{
-    Candidate, MigrationCost, NodeLoad, Peer, PlanInput, Planner, Policy, Residual, ReturnPath,
+    Candidate, MigrationCost, NodeLoad, Peer, PeerFloors, PlanInput, Planner, Policy, Residual,
+    ReturnPath,
 };
 use super::{NodeId, Priority, secs};
 
@@ -178,6 +180,10 @@ pub struct SimConfig {
     /// a second and heartbeats carry it once a second, so what a peer knows is 0–2 s old.
     /// Default 1 s (the mean); zero: every node sees the others' loads of this very tick.
     pub report_delay: Duration,
+    /// How long a node counts a move's load on its target on top of the target's reports
+    /// ([`PeerFloors`], what a node does with its `report_delay` setting). Default: the
+    /// node's default, 3 s; zero: a node plans on the reports alone.
+    pub floor_hold: Duration,
     /// The predictor every node runs; its `plan.migration_cost` is also the simulated cost of a
     /// move, its `interval` the tick. Default: [`PredictConfig::default`] with Holt-Winters'
     /// season set to the diurnal period (600 samples).
@@ -197,6 +203,7 @@ impl Default for SimConfig {
             bandwidth_per_load: 1e9,
             relay_share: 0.0,
             report_delay: Duration::from_secs(1),
+            floor_hold: NodeSettings::default().report_delay,
             predict,
         }
     }
@@ -315,6 +322,8 @@ struct Node {
     planner: Planner,
     /// Extra load of moves in flight, per tick: (until tick, load).
     overhead: Vec<(u32, f64)>,
+    /// Loads it moved to peers that their reports may not show yet.
+    floors: PeerFloors,
 }
 
 /// Runs one workload under one policy with one seed.
@@ -371,6 +380,7 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
             detector: Detector::new(p.detect),
             planner: Planner::new(plan_config, p.detect.horizon),
             overhead: Vec::new(),
+            floors: PeerFloors::default(),
         })
         .collect();
     let cost: MigrationCost = p.plan.migration_cost;
@@ -482,32 +492,36 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                 }
                 _ => local.current / config.capacity > p.plan.reactive_threshold,
             };
+            nodes[n].floors.expire(now);
+            let floors = &nodes[n].floors;
             let peers: Vec<Peer> = (0..config.nodes)
                 .filter(|&m| m != n)
-                .map(|m| Peer {
-                    id: NodeId(m as u32),
+                .map(|m| {
                     // What its last load report said (the oldest kept; this tick's without
-                    // a delay, with the moves planned so far this tick).
-                    load: match reports.front() {
-                        Some((l, p)) => NodeLoad {
-                            current: l[m],
-                            predicted: p[m],
+                    // a delay, with the moves planned so far this tick), raised to what this
+                    // node has moved there since.
+                    let (current, predicted) = match reports.front() {
+                        Some((l, p)) => (l[m], p[m]),
+                        None => (load[m], predicted[m]),
+                    };
+                    let id = NodeId(m as u32);
+                    let current = floors.load(id, current);
+                    Peer {
+                        id,
+                        load: NodeLoad {
+                            current,
+                            predicted: predicted.max(current),
                             capacity: config.capacity,
                         },
-                        None => NodeLoad {
-                            current: load[m],
-                            predicted: predicted[m],
-                            capacity: config.capacity,
+                        rtt: Duration::from_micros(500 * (1 + (m + n) as u64 % 3)),
+                        // With a relay share, replies come back through the home node;
+                        // without, a move takes a connection's whole load.
+                        return_path: if relayed {
+                            ReturnPath::Relay
+                        } else {
+                            ReturnPath::Direct
                         },
-                    },
-                    rtt: Duration::from_micros(500 * (1 + (m + n) as u64 % 3)),
-                    // With a relay share, replies come back through the home node;
-                    // without, a move takes a connection's whole load.
-                    return_path: if relayed {
-                        ReturnPath::Relay
-                    } else {
-                        ReturnPath::Direct
-                    },
+                    }
                 })
                 .collect();
             let candidates: Vec<Candidate> = if above {
@@ -552,6 +566,13 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
             let plan = nodes[n].planner.plan(now, &input);
             for m in plan.moves {
                 let target = m.target.0 as usize;
+                if let Some(p) = peers.iter().find(|p| p.id == m.target) {
+                    let hold = config.floor_hold;
+                    let l = m.reason.conn_load;
+                    nodes[n]
+                        .floors
+                        .moved(now, hold, m.target, p.load.current, l);
+                }
                 let c = &mut conns[m.conn as usize];
                 let stall = cost.stall((c.load * config.buffered_per_load) as u64);
                 let stall_ticks = stall.total_micros().div_ceil(tick.total_micros()).max(1) as u32;
@@ -691,5 +712,41 @@ mod tests {
             "first move at {first_move} s, overload at {overload} s"
         );
         assert!(predictive.overload_seconds < none.overload_seconds);
+    }
+
+    /// Load reports a second old, relayed moves (each relieves half), a flash crowd: planning
+    /// on the reports alone, node 0 fills a peer whose report does not show its last moves
+    /// yet, past the level where that peer sheds (the detection ceiling, 0.85) — and the
+    /// moves come back. Counting its own moves on top of the reports (what a node does), it
+    /// moves less and never fills a peer that far.
+    #[test]
+    fn counting_its_own_moves_keeps_a_node_from_overfilling_a_peer_on_stale_reports() {
+        let run_all = |hold: Duration| {
+            let config = SimConfig {
+                relay_share: 0.5,
+                floor_hold: hold,
+                ..SimConfig::default()
+            };
+            assert_eq!(config.report_delay, Duration::from_secs(1));
+            (1..=5).fold((0, 0.0f32, 0.0), |(moves, peak, overload), seed| {
+                let r = run(&config, Workload::FlashCrowd, SimPolicy::Predictive, seed);
+                let peers = r.utilisation[1..].iter().flatten().copied();
+                (
+                    moves + r.moves,
+                    peers.fold(peak, f32::max),
+                    overload + r.overload_seconds,
+                )
+            })
+        };
+        let (blind_moves, blind_peak, _) = run_all(Duration::ZERO);
+        let (moves, peak, overload) = run_all(NodeSettings::default().report_delay);
+        let ceiling = crate::predict::detect::DetectConfig::default().ceiling as f32;
+        assert!(
+            blind_peak > ceiling,
+            "{blind_peak}: the case no longer arises"
+        );
+        assert!(peak <= ceiling, "a peer filled to {peak}");
+        assert!(moves < blind_moves, "{moves} moves against {blind_moves}");
+        assert_eq!(overload, 0.0);
     }
 }
