@@ -10,6 +10,7 @@
 pub mod alloc;
 pub mod config;
 pub mod control;
+pub mod cputime;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;

@@ -185,6 +185,8 @@ pub(crate) enum WorkerMsg {
 pub(crate) struct WorkerSample {
     /// Time the worker spent working (not waiting in `poll`) since it started.
     pub(crate) busy: smoltcp::time::Duration,
+    /// CPU time the worker thread has run since it started, when the platform tells.
+    pub(crate) cpu: Option<Duration>,
     /// Every connection.
     pub(crate) conns: Vec<ConnSample>,
     /// The connections that ended since the last sample, with their KPIs.
@@ -326,6 +328,7 @@ impl Worker {
                     WorkerMsg::Sample(reply) => {
                         let _ = reply.send(WorkerSample {
                             busy: self.busy,
+                            cpu: crate::cputime::current_thread(),
                             conns: self.stack.predict_samples(),
                             ended: self.stack.take_ended(),
                         });
@@ -1015,6 +1018,8 @@ impl Node {
 struct PredictDriver {
     /// The workers' summed busy time and when it was read.
     busy: Option<(Instant, smoltcp::time::Duration)>,
+    /// Their summed CPU time and when it was read (`None` when a thread's is not known).
+    cpu: Option<(Instant, smoltcp::time::Duration)>,
     /// Busy time at the last load report.
     report_busy: (Instant, smoltcp::time::Duration),
     /// The last load report: when, and the counters then.
@@ -1035,6 +1040,7 @@ impl Node {
     fn run_predictor(&self) {
         let mut d = PredictDriver {
             busy: None,
+            cpu: None,
             report_busy: (self.clock.now(), smoltcp::time::Duration::ZERO),
             report: (StdInstant::now(), self.stats()),
             next_report: StdInstant::now() + LOAD_REPORT_EVERY,
@@ -1097,6 +1103,22 @@ impl Node {
             .busy
             .map_or(0.0, |prev| busy_fraction(prev, (now, busy), workers));
         d.busy = Some((now, busy));
+        // The same threads' CPU time: their busy time less the waits for a CPU.
+        let tunnel_cpu = match &self.tunnel {
+            Some(t) => t.cpu_time(),
+            None => Some(Duration::ZERO),
+        };
+        let cpu = samples
+            .iter()
+            .map(|s| s.cpu)
+            .chain([tunnel_cpu])
+            .sum::<Option<Duration>>()
+            .map(|c| smoltcp::time::Duration::from_micros(c.as_micros() as u64));
+        let cpu_time = match (d.cpu, cpu) {
+            (Some(prev), Some(cpu)) => Some(busy_fraction(prev, (now, cpu), workers)),
+            _ => None,
+        };
+        d.cpu = cpu.map(|c| (now, c));
         let mut ended = Vec::new();
         let conns: Vec<ConnSample> = samples
             .into_iter()
@@ -1139,6 +1161,7 @@ impl Node {
             .collect();
         let node = NodeReport {
             cpu_busy,
+            cpu_time,
             memory: resident_bytes(),
             connections: self.budget.open() as u64,
             queue_depth: 0,

@@ -389,6 +389,8 @@ fn decision_json(d: &Decision, names: &[(u32, String)]) -> Value {
         "utilisation": num(r.utilisation),
         "threshold": num(r.threshold),
         "conn_load": num(r.conn_load),
+        "left_here": num(r.left),
+        "return_path": r.return_path.to_string(),
         "target_utilisation": num(r.target_utilisation),
         "reason": r.to_string(),
         "outcome": outcome,
@@ -442,6 +444,7 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
         "threshold": num(e.threshold),
         "peak_utilisation": num(e.peak_utilisation),
         "cpu_busy": num(e.cpu_busy),
+        "cpu_time": e.cpu_time.map(num),
         "connections": e.connections,
         "candidates": e.candidates,
         "peers": e.peers.iter().map(|peer| json!({

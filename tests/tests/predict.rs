@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use flowshift_tests::oracle::CountingVerifier;
 use flowshift_tests::testbed::SERVICE_ADDR;
-use flowshift_tests::tunnel::{peer, start_tunnel_pair_with, wait_alive};
+use flowshift_tests::tunnel::{
+    peer, start_tunnel_pair_returning, start_tunnel_pair_with, wait_alive,
+};
 use flowshift_tests::{NodeConfig, NodeHandle, Testbed, TestbedOptions, ensure_tools};
 
 /// Downloads opened on A, one after the other: more than A's capacity.
@@ -57,7 +59,6 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Reads the counting stream from `out` on a thread; returns the verified byte count.
 /// Waits for a curl download to end: curl succeeded (no reset), and the counting stream it
 /// printed was `bytes` long, every byte checked by `reader`.
 fn finish_download(
@@ -80,7 +81,16 @@ fn finish_download(
 /// transfer through in 0.3–1 s (measured on this machine), and through the pipe, curl's
 /// buffer and the client's capped receive buffer (`nodes`) the node can run at most some
 /// 500 KB ahead of this reader.
-fn verify_counting(mut out: impl Read + Send + 'static) -> std::thread::JoinHandle<u64> {
+fn verify_counting(out: impl Read + Send + 'static) -> std::thread::JoinHandle<u64> {
+    verify_counting_at(out, Some(RATE_BYTES))
+}
+
+/// Reads the counting stream from `out` on a thread, at most `rate` bytes a second (`None`: as
+/// fast as it comes); returns the verified byte count.
+fn verify_counting_at(
+    mut out: impl Read + Send + 'static,
+    rate: Option<u64>,
+) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut v = CountingVerifier::new();
         let mut buf = vec![0u8; 16 << 10];
@@ -91,7 +101,8 @@ fn verify_counting(mut out: impl Read + Send + 'static) -> std::thread::JoinHand
                 break;
             }
             v.feed(&buf[..k]).expect("counting stream");
-            let due = start + Duration::from_secs_f64(v.offset() as f64 / RATE_BYTES as f64);
+            let Some(rate) = rate else { continue };
+            let due = start + Duration::from_secs_f64(v.offset() as f64 / rate as f64);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
@@ -723,4 +734,145 @@ fn with_policy_manual_the_plan_is_shown_and_nothing_moves() {
     assert!(metric(&a, "flowshift_predict_moves_planned_total") > 0);
     assert_eq!(stat(&a, "conns_moved_out"), 0);
     assert_eq!(stat(&b, "conns_restored"), 0);
+}
+
+/// Downloads of the `cpu`-metric tests, all at once, each as fast as it goes.
+const CPU_DOWNLOADS: usize = 8;
+/// Bytes per download of the `cpu`-metric tests: several seconds of transfer on this machine
+/// kind (the predictor needs B's load report, a forecast and a plan a second).
+const CPU_BYTES: u64 = 1_000_000_000;
+
+/// Nodes A and B for the `cpu`-metric tests: A runs the predictive policy on its data path's
+/// CPU busy fraction, with a capacity of a quarter of its workers. [`CPU_DOWNLOADS`] bulk
+/// downloads keep A's workers busy — at any busy fraction from 0.25 to 1 that is 1–4 times
+/// A's capacity, and one download is an eighth of it (0.125–0.5 of a capacity), which an
+/// idle peer has room for. What the test shows is then which peer the planner takes, not
+/// the machine's speed. With `direct_return`, both nodes' peer entries say that B returns
+/// the replies of connections moved to it from its own TUN.
+fn cpu_nodes(direct_return: bool) -> (Testbed, NodeHandle, NodeHandle) {
+    ensure_tools(&["curl"]).unwrap();
+    let tb = Testbed::new(TestbedOptions::default()).expect("testbed");
+    let (a, b) = start_tunnel_pair_returning(
+        &tb,
+        NodeConfig::standard("a")
+            .extra("[predict]\npolicy = \"predictive\"\nmetric = \"cpu\"\ncapacity = 0.25\n"),
+        NodeConfig::standard("b"),
+        direct_return,
+        direct_return,
+    )
+    .expect("nodes");
+    wait_alive(&a, &b, Duration::from_secs(10)).expect("tunnel up");
+    eventually(20, "B's load report at A", || {
+        !peer(&a, "b").unwrap()["load"].is_null()
+    });
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan["metric"], "cpu", "{plan}");
+    assert_eq!(plan["policy"], "predictive", "{plan}");
+    (tb, a, b)
+}
+
+/// Opens [`CPU_DOWNLOADS`] downloads on A at once, calls `during` every 100 ms while they
+/// run (until it returns true or they end), waits for every one and asserts each is
+/// byte-exact, without a reset. Returns whether `during` returned true.
+fn bulk_downloads(tb: &Testbed, mut during: impl FnMut() -> bool) -> bool {
+    let mut downloads = Vec::new();
+    for _ in 0..CPU_DOWNLOADS {
+        let mut c = tb.client().command("curl");
+        c.args(["-sS", "--fail", "--max-time", "600"])
+            .arg(format!("http://{SERVICE_ADDR}/bytes/{CPU_BYTES}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = tb.spawn(c).expect("curl");
+        let reader = verify_counting_at(child.stdout.take().unwrap(), None);
+        downloads.push((child, reader));
+    }
+    let mut seen = false;
+    while !seen && downloads.iter().any(|(_, r)| !r.is_finished()) {
+        seen = during();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (child, reader) in downloads {
+        finish_download(child, reader, CPU_BYTES);
+    }
+    seen
+}
+
+/// Under the `cpu` metric a move to a relaying peer leaves this node the forwarding of every
+/// byte, which for a bulk download costs more CPU than serving it (`relay_cpu_s_per_gb`): A,
+/// far above its capacity with bulk downloads and B idle, plans no move and says why ("no
+/// target"); every download is served by A, byte-exact.
+#[test]
+fn under_the_cpu_metric_bulk_downloads_are_not_moved_to_a_relaying_peer() {
+    let (tb, a, b) = cpu_nodes(false);
+    let mut above = None;
+    let no_target = bulk_downloads(&tb, || {
+        let plan = a.ctl_json(&["plan"]).unwrap();
+        if plan["plan"]["status"] == "no-target" {
+            above = Some(plan);
+            return true;
+        }
+        false
+    });
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    let log = || format!("{plan:#}\n--- a's log:\n{}", a.log());
+    assert!(no_target, "A never planned above its threshold: {}", log());
+    let above = above.unwrap();
+    assert!(
+        above["plan"]["moves"]
+            .as_array()
+            .is_some_and(|m| m.is_empty()),
+        "{above}"
+    );
+    // What the planner weighed: the workers' busy time and, of it, their CPU time.
+    eprintln!(
+        "no target at busy {} (cpu time {}), utilisation {}",
+        above["cpu_busy"], above["cpu_time"], above["utilisation"]
+    );
+    let utilisation = above["utilisation"].as_f64().unwrap();
+    let predicted = above["predicted_utilisation"].as_f64().unwrap();
+    let threshold = above["threshold"].as_f64().unwrap();
+    assert!(
+        utilisation.max(predicted) > threshold,
+        "no-target below the threshold: {above}"
+    );
+    assert_eq!(above["peers"][0]["return_path"], "relayed", "{above}");
+    assert_eq!(plan["counts"]["planned"], 0, "{}", log());
+    assert_eq!(plan["counts"]["executed"], 0, "{}", log());
+    assert!(
+        plan["decisions"].as_array().unwrap().is_empty(),
+        "{}",
+        log()
+    );
+    assert_eq!(stat(&a, "conns_moved_out"), 0);
+    assert_eq!(stat(&b, "conns_restored"), 0);
+}
+
+/// The same load with B returning moved connections' replies from its own TUN: a move leaves
+/// A only the client's packets to forward (a download's ACKs, no bytes), so A, above its
+/// capacity, moves downloads to B — measured by its workers' own busy fraction — and every
+/// download stays byte-exact, without a reset.
+#[test]
+fn under_the_cpu_metric_bulk_downloads_move_to_a_direct_return_peer_byte_exact() {
+    let (tb, a, b) = cpu_nodes(true);
+    bulk_downloads(&tb, || false);
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    let log = || format!("{plan:#}\n--- a's log:\n{}", a.log());
+    let executed = plan["counts"]["executed"].as_u64().unwrap();
+    assert!(executed >= 1, "nothing moved: {}", log());
+    assert_eq!(plan["counts"]["failed"], 0, "{}", log());
+    let decisions = plan["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len() as u64, executed, "{}", log());
+    for d in decisions {
+        assert_eq!(d["outcome"], "moved", "{}", log());
+        assert_eq!(d["target"], "b", "{}", log());
+        assert_eq!(d["return_path"], "direct return", "{}", log());
+        // Above the threshold on the CPU A's workers measured, not on a guess.
+        let utilisation = d["utilisation"].as_f64().unwrap();
+        assert!(utilisation > d["threshold"].as_f64().unwrap(), "{}", log());
+        let conn_load = d["conn_load"].as_f64().unwrap();
+        assert!(conn_load > 0.0, "{}", log());
+        assert!(d["left_here"].as_f64().unwrap() < conn_load, "{}", log());
+    }
+    assert_eq!(stat(&a, "conns_moved_out"), executed);
+    assert_eq!(stat(&b, "conns_restored"), executed);
 }

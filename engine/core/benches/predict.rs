@@ -64,6 +64,7 @@ fn sample(c: &mut Criterion) {
                 let obs = Observation {
                     node: NodeReport {
                         cpu_busy: 0.5,
+                        cpu_time: Some(0.4),
                         memory: 1 << 30,
                         connections: n as u64,
                         queue_depth: 0,

@@ -36,6 +36,7 @@ use flowshift_statesync::envelope::{EnvelopeKind, EnvelopeRepr};
 use flowshift_statesync::protocol::{ConnOffer, MigrationId};
 
 use crate::config::TunnelConfig;
+use crate::cputime::ThreadClock;
 use crate::node::{WorkerHandle, WorkerMsg};
 
 mod diag;
@@ -436,6 +437,8 @@ pub struct TunnelHandle {
     done: Receiver<()>,
     /// Nanoseconds the thread has spent working (not waiting in `poll`).
     busy: Arc<AtomicU64>,
+    /// The thread's CPU-time clock, set by the thread when it starts.
+    cpu_clock: Arc<std::sync::OnceLock<ThreadClock>>,
 }
 
 impl TunnelHandle {
@@ -448,6 +451,12 @@ impl TunnelHandle {
     /// of its wait to the start of the next), for the node's CPU load.
     pub fn busy(&self) -> Duration {
         Duration::from_nanos(self.busy.load(Ordering::Relaxed))
+    }
+
+    /// CPU time the tunnel thread has run so far (its working time without the waits for a
+    /// CPU), for the node's CPU load; `None` before it started or after it ended.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        self.cpu_clock.get()?.read()
     }
 
     /// A sender for workers.
@@ -637,10 +646,15 @@ pub(crate) fn start(
         "tunnel listening"
     );
     let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
+    let cpu_clock = Arc::new(std::sync::OnceLock::new());
+    let own_clock = cpu_clock.clone();
     std::thread::Builder::new()
         .name("fs-tunnel".into())
         .spawn(move || {
             let _done = done_tx;
+            if let Some(clock) = ThreadClock::current() {
+                let _ = own_clock.set(clock);
+            }
             driver.run();
         })
         .map_err(|source| TunnelError::Socket {
@@ -655,6 +669,7 @@ pub(crate) fn start(
         },
         done,
         busy,
+        cpu_clock,
     })
 }
 

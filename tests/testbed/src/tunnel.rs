@@ -165,15 +165,36 @@ pub fn start_tunnel_pair_with(
     b: NodeConfig,
     b_direct_return: bool,
 ) -> Result<(NodeHandle, NodeHandle), TestbedError> {
+    start_tunnel_pair_returning(tb, a, b, false, b_direct_return)
+}
+
+/// [`start_tunnel_pair_with`], with `direct_return` also on A's peer entry for B when
+/// `a_direct_return`: what A's planner reads to know that B returns the replies of
+/// connections A moves there directly (the two entries agree, as docs/prediction.md asks).
+pub fn start_tunnel_pair_returning(
+    tb: &Testbed,
+    a: NodeConfig,
+    b: NodeConfig,
+    a_direct_return: bool,
+    b_direct_return: bool,
+) -> Result<(NodeHandle, NodeHandle), TestbedError> {
     let ka = TunnelKeys::generate()?;
     let kb = TunnelKeys::generate()?;
-    let a = a.extra(&tunnel_toml(tb, Node::A, &ka, Node::B, &kb.public)?);
-    let mut b_tunnel = tunnel_toml(tb, Node::B, &kb, Node::A, &ka.public)?;
-    if b_direct_return {
-        // The peer table is the last one written.
-        b_tunnel += "direct_return = true\n";
-    }
-    let b = b.extra(&b_tunnel);
+    // The peer table is the last one written: a flag appended lands in it.
+    let with_flag = |mut toml: String, on: bool| {
+        if on {
+            toml += "direct_return = true\n";
+        }
+        toml
+    };
+    let a = a.extra(&with_flag(
+        tunnel_toml(tb, Node::A, &ka, Node::B, &kb.public)?,
+        a_direct_return,
+    ));
+    let b = b.extra(&with_flag(
+        tunnel_toml(tb, Node::B, &kb, Node::A, &ka.public)?,
+        b_direct_return,
+    ));
     let a = tb.start_node(Node::A, &a)?;
     let b = tb.start_node(Node::B, &b)?;
     Ok((a, b))

@@ -295,6 +295,8 @@ pub struct Estimate {
     pub peak_utilisation: f64,
     /// The workers' busy fraction.
     pub cpu_busy: f64,
+    /// The data path's CPU-time fraction, when known ([`NodeReport::cpu_time`]).
+    pub cpu_time: Option<f64>,
     /// Connections served here.
     pub connections: u64,
     /// Candidates (connections that may move).
@@ -558,9 +560,10 @@ impl NodePredictor {
         &self.config
     }
 
-    /// What of a connection's `load` (now) a move would leave here, by return path: under the
-    /// `cpu` metric, the data path's time (workers and tunnel thread) to forward its bytes — all of them (`bandwidth`, bytes/s
-    /// both ways) when relayed, the client's (`bytes_in`) when the target returns directly — at
+    /// What of a connection's `load` (now, in CPU time: see [`Self::cpu_time_share`]) a move
+    /// would leave here, by return path: under the `cpu` metric, the data path's time (workers
+    /// and tunnel thread) to forward its bytes — all of them (`bandwidth`, bytes/s both ways)
+    /// when relayed, the client's (`bytes_in`) when the target returns directly — at
     /// [`super::plan::PlanConfig::relay_cpu_s_per_gb`]. The other metrics do not count a
     /// forwarded connection (neither its bytes nor itself): a move takes its whole load.
     fn residual(&self, load: f64, bandwidth: f64, bytes_in: f64) -> Residual {
@@ -580,6 +583,21 @@ impl NodePredictor {
         Residual {
             relay: share(bandwidth),
             direct: share(bytes_in),
+        }
+    }
+
+    /// The part of the workers' busy time that was CPU time (`cpu_time / cpu_busy`), by which
+    /// a connection's load becomes CPU time before it is weighed against
+    /// `relay_cpu_s_per_gb`, a CPU-time figure. Busy time also counts the waits for a CPU
+    /// that other processes hold: on a crowded machine (8 downloads, their clients and
+    /// verifiers on 2 vCPUs) the workers were busy 1.25 s per GB served while running about
+    /// a third of that, which made relaying a bulk download look cheaper than serving it.
+    /// 1 when CPU time is not known; never above 1 (what a thread runs is within its busy
+    /// time, up to the instants the two clocks are read).
+    fn cpu_time_share(node: &NodeReport) -> f64 {
+        match node.cpu_time {
+            Some(t) if node.cpu_busy > 0.0 => (t / node.cpu_busy).clamp(0.0, 1.0),
+            _ => 1.0,
         }
     }
 
@@ -685,6 +703,7 @@ impl NodePredictor {
         let (mut segment_conns, mut segments) = (0, 0);
         let decay = (-secs(self.config.interval) / secs(CLASS_DECAY)).exp();
         let mut candidate_count = 0;
+        let cpu_time_share = Self::cpu_time_share(&interval.node);
         for &(i, current) in &scratch.loads {
             let c = &obs.conns[i];
             let id = c.report.conn;
@@ -765,7 +784,11 @@ impl NodePredictor {
                 buffered: c.buffered,
                 priority: c.report.priority,
                 last_moved: self.last_moved.get(&id).copied(),
-                residual: self.residual(current, rates.bandwidth(), rates.bytes_in),
+                residual: self.residual(
+                    current * cpu_time_share,
+                    rates.bandwidth(),
+                    rates.bytes_in,
+                ),
             });
         }
         hot.sort_unstable_by(hotter);
@@ -869,6 +892,7 @@ impl NodePredictor {
             threshold: self.detector.threshold(),
             peak_utilisation: self.estimate.peak_utilisation.max(utilisation),
             cpu_busy: interval.node.cpu_busy,
+            cpu_time: interval.node.cpu_time,
             connections,
             candidates: candidate_count,
             segment_conns,
@@ -1641,6 +1665,60 @@ mod tests {
             panic!("{:?}", plan.status)
         };
         assert!((to - 0.475).abs() < 1e-6, "{to}");
+    }
+
+    /// The same question on a crowded machine: two downloads at 200 MB/s each, the workers
+    /// busy 95 % of the wall clock but running 10 % of it (waiting for the CPUs the rest).
+    /// Weighed in busy time, serving costs 4.75 s per GB and relaying (1.18) looks cheaper:
+    /// the relaying peer would get them and relieve nothing. Weighed in CPU time (0.5 s per
+    /// GB), relaying costs more than serving, and nothing moves.
+    #[test]
+    fn a_relay_is_weighed_against_cpu_time_not_busy_time() {
+        let settings = NodeSettings {
+            policy: Policy::Reactive,
+            metric: LoadMetric::Cpu,
+            capacity: 1.0,
+            workers: 2,
+            ..NodeSettings::default()
+        };
+        let relaying = PeerSample {
+            cpu_busy: 0.1,
+            ..peer(0)
+        };
+        let run = |cpu_time: Option<f64>| {
+            let mut p = NodePredictor::new(PredictConfig::default(), settings);
+            let mut last = None;
+            for s in 0..30u64 {
+                let t = Instant::from_secs(60) + Duration::from_millis(s * 100);
+                let conns = [conn(1, s * 20_000_000, 0), conn(2, s * 20_000_000, 0)];
+                let obs = Observation {
+                    node: NodeReport {
+                        cpu_busy: 0.95,
+                        cpu_time,
+                        ..NodeReport::default()
+                    },
+                    conns: &conns,
+                    peers: &[relaying],
+                };
+                if let Some(plan) = p.handle_sample(t, &obs)
+                    && s > 1
+                {
+                    last = Some(plan);
+                }
+            }
+            last.expect("a plan")
+        };
+        let plan = run(Some(0.1));
+        assert_eq!(plan.moves, [], "{plan:?}");
+        assert_eq!(plan.status, Status::NoTarget { utilisation: 0.95 });
+        // Without CPU time the busy time stands in for it, and the relay looks cheap.
+        let plan = run(None);
+        assert!(!plan.moves.is_empty(), "{plan:?}");
+        assert!(
+            plan.moves
+                .iter()
+                .all(|m| m.reason.left < m.reason.conn_load)
+        );
     }
 
     #[test]

@@ -107,6 +107,12 @@ pub struct ConnProfile {
 pub struct NodeReport {
     /// Fraction of the interval the workers were busy, `0..=1` (averaged over workers).
     pub cpu_busy: f64,
+    /// Fraction of the interval the data path's threads ran on a CPU (their CPU time),
+    /// `0..=1` averaged over workers, when the platform tells. `cpu_busy` counts a worker's
+    /// working time on the wall clock, with the time it waits for a CPU that other
+    /// processes (or the hypervisor) hold; this leaves that out, and is what CPU seconds per
+    /// GB measured elsewhere compare with.
+    pub cpu_time: Option<f64>,
     /// Bytes of memory in use.
     pub memory: u64,
     /// Live connections.
@@ -247,10 +253,18 @@ impl Sampler {
         } else {
             0.0
         };
+        let cpu_time = node
+            .cpu_time
+            .filter(|t| t.is_finite())
+            .map(|t| t.clamp(0.0, 1.0));
         Some(Interval {
             at: now,
             elapsed,
-            node: NodeReport { cpu_busy, ..node },
+            node: NodeReport {
+                cpu_busy,
+                cpu_time,
+                ..node
+            },
             conns: profiles,
         })
     }
