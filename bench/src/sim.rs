@@ -55,6 +55,8 @@ struct Row {
     workload: &'static str,
     policy: &'static str,
     overload_seconds: Spread,
+    backlog_seconds: Spread,
+    max_delay_ms: Spread,
     moves: Spread,
     conns_affected: Spread,
     conns: Spread,
@@ -119,6 +121,8 @@ struct Run {
     policy: &'static str,
     seed: u64,
     overload_seconds: f64,
+    backlog_seconds: f64,
+    max_delay_ms: f64,
     moves: u64,
     conns_affected: u64,
     conns: u64,
@@ -176,8 +180,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         args.floor_hold_ms
     )?;
     md.push_str(
-        "| workload | policy | overload-s | moves | conns moved | forecast MAPE | first move (s) | first overload (s) |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| workload | policy | overload-s | backlog-s | max delay (ms) | moves | conns moved | forecast MAPE | first move (s) | first overload (s) |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for w in Workload::ALL {
         let mut traces: Vec<(SimPolicy, Vec<Vec<f32>>)> = Vec::new();
@@ -190,6 +194,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 workload: w.name(),
                 policy: policy.name(),
                 overload_seconds: spread(&|r| Some(r.overload_seconds)),
+                backlog_seconds: spread(&|r| Some(r.backlog_seconds)),
+                max_delay_ms: spread(&|r| Some(r.max_delay * 1e3)),
                 moves: spread(&|r| Some(r.moves as f64)),
                 conns_affected: spread(&|r| Some(r.conns_affected as f64)),
                 conns: spread(&|r| Some(r.conns as f64)),
@@ -200,10 +206,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             };
             writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} % | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} |",
                 row.workload,
                 row.policy,
                 row.overload_seconds.show(1),
+                row.backlog_seconds.show(1),
+                row.max_delay_ms.show(0),
                 row.moves.show(0),
                 row.conns_affected.show(0),
                 row.forecast_mape.show(1),
@@ -216,6 +224,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 policy: policy.name(),
                 seed: r.seed,
                 overload_seconds: r.overload_seconds,
+                backlog_seconds: r.backlog_seconds,
+                max_delay_ms: r.max_delay * 1e3,
                 moves: r.moves,
                 conns_affected: r.conns_affected,
                 conns: r.conns,
@@ -267,7 +277,7 @@ fn tick_seconds(config: &SimConfig) -> f64 {
 /// Predictive against reactive, per workload, on the medians.
 fn comparison(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| workload | overload-s: predictive vs reactive | moves: predictive vs reactive |\n|---|---|---|\n",
+        "| workload | overload-s: predictive vs reactive | max delay: predictive vs reactive | moves: predictive vs reactive |\n|---|---|---|---|\n",
     );
     for w in Workload::ALL {
         let get = |p: SimPolicy| {
@@ -286,9 +296,10 @@ fn comparison(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {} |",
             w.name(),
             ratio(pred.overload_seconds.median, reac.overload_seconds.median),
+            ratio(pred.max_delay_ms.median, reac.max_delay_ms.median),
             ratio(pred.moves.median, reac.moves.median),
         );
     }

@@ -10,7 +10,8 @@
 //! (5 ms + 1 ms per MiB by default; see [`MigrationCost`] for where that comes from): its
 //! load stays on the source until the freeze has ended, rounded up to whole ticks, and both ends
 //! carry the move's own load ([`MigrationCost::load`]) for the freeze. Peers' loads are read as
-//! the planner would get them from heartbeats, without delay.
+//! the planner gets them from heartbeats, [`SimConfig::report_delay`] late, and each node counts
+//! its own moves on top of them for [`SimConfig::floor_hold`] ([`PeerFloors`]), as a node does.
 //!
 //! The group starts with background connections on every node (0.3 utilisation each); the
 //! workload adds load on node 0:
@@ -26,6 +27,9 @@
 //! (D is the duration, 300 s by default; every connection's base load is 0.02 of a node.)
 //!
 //! Metrics: overload-seconds (the sum over nodes of the time each spends above its capacity),
+//! backlog: what a node cannot serve while above capacity waits, and drains at the capacity it
+//! has left once below — backlog-seconds (the time nodes have work waiting, which outlasts the
+//! overload) and the longest queueing delay (the largest backlog over its node's capacity) —
 //! moves, connections moved at least once, total freeze, and the MAPE of every node's
 //! utilisation forecast at the horizon against what the utilisation turned out to be.
 
@@ -286,6 +290,11 @@ pub struct SimResult {
     pub seed: u64,
     /// Sum over nodes of the seconds each spent above capacity.
     pub overload_seconds: f64,
+    /// Sum over nodes of the seconds each had work waiting (see the module doc).
+    pub backlog_seconds: f64,
+    /// The longest a unit of work waited, seconds: the largest backlog over its node's
+    /// capacity.
+    pub max_delay: f64,
     /// Moves made.
     pub moves: u64,
     /// Connections moved at least once.
@@ -324,6 +333,14 @@ struct Node {
     overhead: Vec<(u32, f64)>,
     /// Loads it moved to peers that their reports may not show yet.
     floors: PeerFloors,
+}
+
+/// A node's backlog after `dt` seconds at `load`: what it cannot serve above `capacity` waits,
+/// and what it has left below serves the wait. In capacity-seconds, never negative.
+fn queue(backlog: f64, load: f64, capacity: f64, dt: f64) -> f64 {
+    let b = (backlog + (load - capacity) * dt).max(0.0);
+    // What rounding leaves of a drained backlog is none.
+    if b < 1e-9 { 0.0 } else { b }
 }
 
 /// Runs one workload under one policy with one seed.
@@ -391,6 +408,8 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
         policy,
         seed,
         overload_seconds: 0.0,
+        backlog_seconds: 0.0,
+        max_delay: 0.0,
         moves: 0,
         conns_affected: 0,
         conns: conns.len() as u64,
@@ -405,6 +424,8 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
     let (mut ape_sum, mut ape_n) = (0.0, 0u64);
     let mut load = vec![0.0; config.nodes];
     let mut predicted = vec![0.0; config.nodes];
+    // Work each node could not serve yet, in capacity-seconds.
+    let mut backlog = vec![0.0; config.nodes];
 
     for t in 0..ticks {
         let now = Instant::from_micros(i64::from(t) * tick.total_micros() as i64);
@@ -449,6 +470,15 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                 result
                     .first_overload
                     .get_or_insert(secs(now - Instant::ZERO));
+            }
+            // A tick above capacity leaves its excess waiting; one below serves it with what
+            // it has left.
+            backlog[n] = queue(backlog[n], load[n], config.capacity, tick_s);
+            if backlog[n] > 0.0 {
+                result.backlog_seconds += tick_s;
+                if config.capacity > 0.0 {
+                    result.max_delay = result.max_delay.max(backlog[n] / config.capacity);
+                }
             }
             node.forecaster.observe(u);
             node.detector.observe(u);
@@ -624,6 +654,39 @@ mod tests {
         let mean = (0..100_000).map(|_| r.next_f64()).sum::<f64>() / 100_000.0;
         assert!((mean - 0.5).abs() < 0.005, "{mean}");
         assert!((0..1000).all(|_| r.pareto(2.0, 1.5) >= 2.0));
+    }
+
+    #[test]
+    fn a_backlog_piles_up_above_capacity_and_drains_below() {
+        // 1.5 for 1 s on a capacity of 1: 0.5 capacity-seconds wait (a 0.5 s delay), then at
+        // 0.75 they drain in 2 s.
+        let mut b = 0.0;
+        for _ in 0..10 {
+            b = queue(b, 1.5, 1.0, 0.1);
+        }
+        assert!((b - 0.5).abs() < 1e-9, "{b}");
+        let mut ticks = 0;
+        while b > 0.0 {
+            b = queue(b, 0.75, 1.0, 0.1);
+            ticks += 1;
+        }
+        assert_eq!(ticks, 20);
+        assert_eq!(queue(0.0, 0.2, 1.0, 0.1), 0.0);
+        // In a run: without a policy the step's backlog outlasts its overload and its
+        // worst wait is seconds; a policy that sheds in time leaves none.
+        let config = small();
+        let none = run(&config, Workload::Step, SimPolicy::NoPolicy, 1);
+        assert!(none.overload_seconds > 0.0);
+        assert!(
+            none.backlog_seconds > none.overload_seconds,
+            "{} {}",
+            none.backlog_seconds,
+            none.overload_seconds
+        );
+        assert!(none.max_delay > 1.0, "{}", none.max_delay);
+        let ramp = run(&config, Workload::Ramp, SimPolicy::Reactive, 1);
+        assert_eq!((ramp.overload_seconds, ramp.backlog_seconds), (0.0, 0.0));
+        assert_eq!(ramp.max_delay, 0.0);
     }
 
     #[test]
