@@ -2,9 +2,9 @@
 //!
 //! Besides the smoltcp socket handle and the app, a flow keeps what smoltcp does not let us read
 //! back: the options of the client's SYN and of our SYN-ACK, the client's last window and TSval,
-//! our last TSval, and a mirror of the bytes the app wrote (smoltcp cannot read its send buffer
-//! back). Every packet of a flow passes through the flow's [`FlowMode`]: a frozen flow queues its
-//! inbound packets instead of delivering them.
+//! our last TSval, and a [mirror](crate::mirror) of the bytes the app wrote (smoltcp cannot read
+//! its send buffer back). Every packet of a flow passes through the flow's [`FlowMode`]: a
+//! frozen flow queues its inbound packets instead of delivering them.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasherDefault;
@@ -13,6 +13,7 @@ use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::time::Instant;
 
 use crate::app::{App, AppKind};
+use crate::mirror::SendMirror;
 use crate::packet::{FlowKey, SynOptions};
 use crate::translate::Translation;
 
@@ -155,118 +156,6 @@ pub struct Restored {
     /// and, when the flow moved on from a node where its packets do not enter, what the
     /// ingress node still sends there until told of the move.
     pub source: Option<PeerRef>,
-}
-
-/// Bytes a send mirror holds in a small block before it takes its whole capacity.
-const MIRROR_SMALL: usize = 4096;
-
-/// A ring of the last bytes written to a socket's send buffer.
-///
-/// Its capacity equals the socket's send buffer, so the unacknowledged and unsent bytes — the
-/// last `send_queue()` of everything written — are always in it. Memory is taken as bytes are
-/// written, so an idle connection costs nothing here.
-#[derive(Debug, Default)]
-pub struct SendMirror {
-    buf: Vec<u8>,
-    capacity: usize,
-    total: u64,
-}
-
-impl SendMirror {
-    /// A mirror for a send buffer of `capacity` bytes.
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            buf: Vec::new(),
-            capacity,
-            total: 0,
-        }
-    }
-
-    /// The same mirror with its bytes dropped and its memory freed, still counting: for a
-    /// connection with nothing unacknowledged (see `Stack`'s compaction). Memory is taken
-    /// again by the next write.
-    pub fn emptied(&self) -> Self {
-        Self {
-            buf: Vec::new(),
-            capacity: self.capacity,
-            total: self.total,
-        }
-    }
-
-    /// Bytes written since the connection opened.
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
-    /// Records `data` as written.
-    pub fn push(&mut self, mut data: &[u8]) {
-        let cap = self.capacity;
-        if cap == 0 || data.is_empty() {
-            return;
-        }
-        let mut start = self.total;
-        self.total += data.len() as u64;
-        if data.len() > cap {
-            let skip = data.len() - cap;
-            data = &data[skip..];
-            start += skip as u64;
-        }
-        if self.buf.len() < cap {
-            // Still growing: the buffer holds every byte written so far, at its own offset.
-            // Past the first few KiB its whole capacity is taken at once: one block, never
-            // reallocated again (growing by doubling would leave freed blocks of every size
-            // behind in the allocator's heap). Pages not yet written stay untouched.
-            if self.buf.capacity() < cap && self.buf.len() + data.len() > MIRROR_SMALL {
-                self.buf.reserve_exact(cap - self.buf.len());
-            }
-            if start as usize == self.buf.len() && self.buf.len() + data.len() <= cap {
-                self.buf.extend_from_slice(data);
-                return;
-            }
-            if self.buf.is_empty() {
-                // A fresh zeroed block (emptied after a compaction, now written at an
-                // offset): its pages stay untouched until written, where `resize` would
-                // write zeroes over all of them.
-                self.buf = vec![0; cap];
-            } else {
-                self.buf.resize(cap, 0);
-            }
-        }
-        let mut at = (start % cap as u64) as usize;
-        while !data.is_empty() {
-            let n = (cap - at).min(data.len());
-            self.buf[at..at + n].copy_from_slice(&data[..n]);
-            data = &data[n..];
-            at = 0;
-        }
-    }
-
-    /// Copies the last `n` bytes written into `out` (appending). `None` if fewer than `n` bytes are
-    /// held.
-    pub fn copy_last(&self, n: usize, out: &mut Vec<u8>) -> Option<()> {
-        let held = (self.total.min(self.capacity as u64)) as usize;
-        if n > held {
-            return None;
-        }
-        if self.buf.len() < self.capacity {
-            // Still growing (or emptied by a compaction and not written since).
-            let from = self.buf.len().checked_sub(n)?;
-            out.extend_from_slice(&self.buf[from..]);
-            return Some(());
-        }
-        let end = (self.total % self.capacity as u64) as usize;
-        let start = (end + self.capacity - n) % self.capacity;
-        if n == 0 {
-            return Some(());
-        }
-        if start < end {
-            out.extend_from_slice(&self.buf[start..end]);
-        } else {
-            out.extend_from_slice(&self.buf[start..]);
-            out.extend_from_slice(&self.buf[..end]);
-        }
-        Some(())
-    }
 }
 
 /// Byte-rate estimate over the last sampling interval.
@@ -679,43 +568,5 @@ impl FlowTable {
     /// Every flow.
     pub fn iter(&self) -> impl Iterator<Item = &Flow> {
         self.slots.iter().filter_map(Option::as_ref)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mirror_keeps_the_last_bytes() {
-        let all: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        for cap in [1usize, 7, 64, 1000, 4096] {
-            let mut m = SendMirror::new(cap);
-            let mut written = 0usize;
-            for chunk in [1usize, 3, 50, 999, 4097, 13].iter().cycle() {
-                if written >= all.len() {
-                    break;
-                }
-                let n = (*chunk).min(all.len() - written);
-                m.push(&all[written..written + n]);
-                written += n;
-                assert_eq!(m.total(), written as u64);
-                for want in [0usize, 1, cap / 2, cap] {
-                    let mut out = Vec::new();
-                    if want > written.min(cap) {
-                        assert!(m.copy_last(want, &mut out).is_none());
-                        continue;
-                    }
-                    m.copy_last(want, &mut out).unwrap();
-                    assert_eq!(out, &all[written - want..written], "cap {cap} want {want}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn mirror_is_lazy() {
-        let m = SendMirror::new(1 << 20);
-        assert_eq!(m.buf.capacity(), 0);
     }
 }

@@ -535,14 +535,39 @@ fn http_run(input: &[u8], cuts: &[usize], send_chunk: usize, check: Check) -> Ht
 fn drain(app: &mut dyn App, buf: &mut [u8], out: &mut Vec<u8>) -> usize {
     let start = out.len();
     while out.len() < HTTP_OUTPUT_CAP {
-        let n = app.poll_send(buf);
-        assert!(n <= buf.len(), "wrote more than the room");
+        let n = poll_send_checked(app, buf);
         if n == 0 {
             break;
         }
         out.extend_from_slice(&buf[..n]);
     }
     out.len() - start
+}
+
+/// [`App::poll_send_marked`] into `buf`; returns how many bytes were written.
+///
+/// # Panics
+/// When the app writes more than `buf`, or marks bytes that are not the counting stream at the
+/// offset it gives (the send mirror would then regenerate wrong bytes on a move): bugs.
+fn poll_send_checked(app: &mut dyn App, buf: &mut [u8]) -> usize {
+    let mut runs = app::counting::Runs::default();
+    let n = app.poll_send_marked(buf, &mut runs);
+    assert!(n <= buf.len(), "wrote more than the room");
+    let mut end = 0;
+    for run in runs.as_slice() {
+        assert!(run.at >= end, "marked runs overlap or are out of order");
+        end = run.at + run.len;
+        let piece = buf
+            .get(run.at..end)
+            .expect("marked run beyond the bytes written");
+        assert!(end <= n, "marked run beyond the bytes written");
+        assert_eq!(
+            app::counting::verify(run.offset, piece),
+            None,
+            "mismarked run"
+        );
+    }
+    n
 }
 
 /// Every state an app reaches must pass its own restore checks, and snapshot to the same bytes
@@ -597,7 +622,7 @@ pub fn restore(data: &[u8]) -> usize {
 fn drain_bounded(app: &mut dyn App, buf: &mut [u8], out: &mut Vec<u8>) -> usize {
     let start = out.len();
     while out.len() < 16 * 1024 {
-        let n = app.poll_send(buf);
+        let n = poll_send_checked(app, buf);
         if n == 0 {
             break;
         }

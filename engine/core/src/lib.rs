@@ -7,8 +7,8 @@
 //! device or socket, starts no thread and reads no clock. Every call that depends on time takes
 //! `now`; the driver (the `flowshift` daemon crate) does the I/O.
 //!
-//! Layout: [`packet`] classifies what the TUN device hands over; [`flow`] is the flow table;
-//! [`stack`] is the per-worker core (smoltcp + flows + apps); [`app`] holds the built-in apps;
+//! Layout: [`packet`] classifies what the TUN device hands over; [`flow`] is the flow table,
+//! [`mirror`] the bytes each flow's app wrote; [`stack`] is the per-worker core (smoltcp + flows + apps); [`app`] holds the built-in apps;
 //! [`config`] the settings a stack is built from.
 
 #![forbid(unsafe_code)]
@@ -19,6 +19,7 @@ pub mod config;
 pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mirror;
 pub mod pace;
 pub mod packet;
 pub mod predict;

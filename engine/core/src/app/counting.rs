@@ -39,6 +39,51 @@ pub fn fill(offset: u64, buf: &mut [u8]) {
     tail.copy_from_slice(&word.to_le_bytes()[..n]);
 }
 
+/// Most runs one [`Runs`] holds.
+pub const MAX_RUNS: usize = 4;
+
+/// A piece of a write that is the counting stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Run {
+    /// Where it starts in the buffer written.
+    pub at: usize,
+    /// Its length in bytes (never 0).
+    pub len: usize,
+    /// The stream offset of its first byte.
+    pub offset: u64,
+}
+
+/// The pieces of one write that are the counting stream, in buffer order: what
+/// [`App::poll_send_marked`](super::App::poll_send_marked) marks so that the engine keeps a
+/// description of those bytes instead of a copy. At most [`MAX_RUNS`]: further runs are not
+/// kept (their bytes count as unmarked).
+#[derive(Debug, Clone, Default)]
+pub struct Runs {
+    /// `runs[..len]` are the runs marked.
+    runs: [Run; MAX_RUNS],
+    /// Runs marked; at most [`MAX_RUNS`].
+    len: usize,
+}
+
+impl Runs {
+    /// Marks `len` bytes from `at` in the buffer as the stream from `offset` on. An empty run,
+    /// or one past [`MAX_RUNS`], is not kept.
+    pub fn mark(&mut self, at: usize, len: usize, offset: u64) {
+        if len == 0 {
+            return;
+        }
+        if let Some(run) = self.runs.get_mut(self.len) {
+            *run = Run { at, len, offset };
+            self.len += 1;
+        }
+    }
+
+    /// The runs marked, in the order marked.
+    pub fn as_slice(&self) -> &[Run] {
+        self.runs.get(..self.len).unwrap_or_default()
+    }
+}
+
 /// Checks that `data` is the counting stream from `offset` on.
 ///
 /// Returns `None` when it is, else the stream offset of the first wrong byte.
@@ -115,6 +160,26 @@ mod tests {
         let mut buf = vec![0u8; 5000];
         fill(12_345, &mut buf);
         assert_eq!(buf, naive(12_345, 5000));
+    }
+
+    #[test]
+    fn runs_keep_at_most_max_runs() {
+        let mut runs = Runs::default();
+        assert!(runs.as_slice().is_empty());
+        runs.mark(3, 0, 9);
+        assert!(runs.as_slice().is_empty(), "an empty run is not kept");
+        for i in 0..MAX_RUNS + 2 {
+            runs.mark(i * 10, 5, i as u64);
+        }
+        assert_eq!(runs.as_slice().len(), MAX_RUNS);
+        assert_eq!(
+            runs.as_slice()[1],
+            Run {
+                at: 10,
+                len: 5,
+                offset: 1
+            }
+        );
     }
 
     #[test]

@@ -407,8 +407,10 @@ struct Response {
 }
 
 impl Response {
-    /// Writes the next bytes into `buf`; returns how many.
-    fn write(&mut self, buf: &mut [u8]) -> usize {
+    /// Writes the next bytes into `buf` from `at` on, marking the body's bytes in `runs`;
+    /// returns how many.
+    fn write(&mut self, buf: &mut [u8], at: usize, runs: &mut counting::Runs) -> usize {
+        let buf = buf.get_mut(at..).unwrap_or_default();
         let rest = self.prefix.get(self.prefix_sent..).unwrap_or_default();
         let a = rest.len().min(buf.len());
         buf[..a].copy_from_slice(&rest[..a]);
@@ -418,6 +420,7 @@ impl Response {
         let b = (self.stream_len - self.stream_sent).min(room.len() as u64) as usize;
         if b > 0 {
             counting::fill(self.stream_sent, &mut room[..b]);
+            runs.mark(at + a, b, self.stream_sent);
             self.stream_sent += b as u64;
         }
         a + b
@@ -965,9 +968,13 @@ impl App for HttpApp {
     }
 
     fn poll_send(&mut self, buf: &mut [u8]) -> usize {
+        self.poll_send_marked(buf, &mut counting::Runs::default())
+    }
+
+    fn poll_send_marked(&mut self, buf: &mut [u8], runs: &mut counting::Runs) -> usize {
         let mut written = 0;
         while let Some(response) = self.responses.front_mut() {
-            written += response.write(&mut buf[written..]);
+            written += response.write(buf, written, runs);
             if !response.is_done() {
                 break;
             }

@@ -115,6 +115,15 @@ pub trait App: Send {
     /// Writes bytes to send to the client into `buf`; returns how many (`0..=buf.len()`).
     fn poll_send(&mut self, buf: &mut [u8]) -> usize;
 
+    /// [`poll_send`](App::poll_send), also marking in `runs` which of the bytes written are the
+    /// [counting stream](counting): the engine's send mirror then keeps their offset instead of
+    /// a copy, and regenerates them if the connection moves. A marked run MUST be exactly the
+    /// counting stream from its offset; unmarked bytes are copied. The default marks nothing,
+    /// which is right for any app.
+    fn poll_send_marked(&mut self, buf: &mut [u8], _runs: &mut counting::Runs) -> usize {
+        self.poll_send(buf)
+    }
+
     /// True once the app has nothing more to send, ever: the engine sends FIN.
     fn wants_close(&self) -> bool;
 
@@ -313,8 +322,10 @@ mod tests {
             let mut buf = vec![0u8; self.send_chunk];
             let mut filled = 0;
             while filled < buf.len() {
-                let n = app.poll_send(&mut buf[filled..]);
+                let mut runs = counting::Runs::default();
+                let n = app.poll_send_marked(&mut buf[filled..], &mut runs);
                 assert!(n <= buf.len() - filled, "wrote more than the room");
+                check_runs(&buf[filled..filled + n], &runs);
                 assert!(!self.closed || n == 0, "sent after close");
                 if n == 0 {
                     break;
@@ -333,6 +344,24 @@ mod tests {
         /// Runs turns until nothing happens or `max_output` is reached.
         pub(super) fn run(&mut self, app: &mut dyn App) {
             while self.output.len() < self.max_output && self.turn(app) {}
+        }
+    }
+
+    /// Every run marked in `runs` lies in order within `written` and is the counting stream
+    /// from its offset.
+    pub(super) fn check_runs(written: &[u8], runs: &counting::Runs) {
+        let mut end = 0;
+        for run in runs.as_slice() {
+            assert!(run.at >= end, "runs overlap or are out of order");
+            end = run.at + run.len;
+            let piece = written
+                .get(run.at..end)
+                .expect("run beyond the bytes written");
+            assert_eq!(
+                counting::verify(run.offset, piece),
+                None,
+                "marked bytes differ"
+            );
         }
     }
 

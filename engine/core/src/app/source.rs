@@ -63,6 +63,13 @@ impl App for SourceApp {
         n
     }
 
+    fn poll_send_marked(&mut self, buf: &mut [u8], runs: &mut counting::Runs) -> usize {
+        let offset = self.sent;
+        let n = self.poll_send(buf);
+        runs.mark(0, n, offset);
+        n
+    }
+
     fn wants_close(&self) -> bool {
         self.limit == Some(self.sent)
     }

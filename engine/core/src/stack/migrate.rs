@@ -40,7 +40,8 @@ use flowshift_statesync::snapshot::{
 
 use super::{Stack, TurnDevice, TxQueue, tsval_now};
 use crate::app::{self, AppConfig, AppError, AppKind};
-use crate::flow::{Flow, FlowMode, HandshakeRecord, Remote, Restored, ReturnPath, SendMirror};
+use crate::flow::{Flow, FlowMode, HandshakeRecord, Remote, Restored, ReturnPath};
+use crate::mirror::SendMirror;
 use crate::packet::{self, FlowKey, SynOptions};
 use crate::stack::forward::ForwardKind;
 use crate::translate::Translation;

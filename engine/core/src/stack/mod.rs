@@ -32,7 +32,7 @@ use smoltcp::wire::{
     HardwareAddress, IpAddress, IpCidr, TcpControl, TcpRepr, TcpSeqNumber, TcpTimestampRepr,
 };
 
-use crate::app::{self, AppKind};
+use crate::app::{self, AppKind, counting};
 use crate::config::{Ipv4Cidr, KEEPALIVE_PROBES, ServiceConfig, TcpConfig};
 use crate::flow::SocketPlace;
 use crate::flow::{
@@ -1269,11 +1269,12 @@ impl Stack {
                 let n = socket.send(|buf| {
                     let len = buf.len().min(allow);
                     let buf = &mut buf[..len];
-                    let n = app.poll_send(buf);
+                    let mut runs = counting::Runs::default();
+                    let n = app.poll_send_marked(buf, &mut runs).min(len);
                     if n > 0 {
                         kpi.answering(mirror.total());
                     }
-                    mirror.push(&buf[..n]);
+                    mirror.record(&buf[..n], &runs);
                     (n, n)
                 });
                 match n {
