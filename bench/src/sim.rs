@@ -44,6 +44,10 @@ pub(crate) struct Args {
     /// (the node's `report_delay_ms`; 0: the reports alone).
     #[arg(long, default_value_t = 3000)]
     floor_hold_ms: u64,
+    /// How many of its errors at the horizon a node's predicted peak must stand above its
+    /// current utilisation to count (`detect.confidence`; 0: the forecast as it is).
+    #[arg(long, default_value_t = 0.0)]
+    confidence: f64,
     /// Where the table, JSON and plots go.
     #[arg(long, default_value = "bench-results/sim")]
     out: PathBuf,
@@ -139,6 +143,7 @@ struct Report {
     per_mib_ms: f64,
     relay_share: f64,
     floor_hold_ms: u64,
+    confidence: f64,
     duration_s: u64,
     nodes: usize,
     rows: Vec<Row>,
@@ -156,6 +161,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     }
     config.relay_share = args.relay_share;
     config.floor_hold = Duration::from_millis(args.floor_hold_ms.min(3_600_000));
+    config.predict.detect.confidence = args.confidence;
     let micros = |ms: f64| Duration::from_micros((ms.clamp(0.0, 60_000.0) * 1000.0).round() as u64);
     config.predict.plan.migration_cost.freeze = micros(args.freeze_ms);
     config.predict.plan.migration_cost.per_mib = micros(args.per_mib_ms);
@@ -170,14 +176,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(
         md,
-        "{} nodes, {} s, seeds 1..={}, move freeze {} ms + {} ms/MiB, relay share {}, moves counted on their target for {} ms; median (min–max) over seeds\n",
+        "{} nodes, {} s, seeds 1..={}, move freeze {} ms + {} ms/MiB, relay share {}, moves counted on their target for {} ms, confidence {}; median (min–max) over seeds\n",
         config.nodes,
         args.duration,
         args.seeds,
         args.freeze_ms,
         args.per_mib_ms,
         args.relay_share,
-        args.floor_hold_ms
+        args.floor_hold_ms,
+        args.confidence
     )?;
     md.push_str(
         "| workload | policy | overload-s | backlog-s | max delay (ms) | moves | conns moved | forecast MAPE | first move (s) | first overload (s) |\n\
@@ -252,6 +259,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         per_mib_ms: args.per_mib_ms,
         relay_share: args.relay_share,
         floor_hold_ms: args.floor_hold_ms,
+        confidence: args.confidence,
         duration_s: args.duration,
         nodes: config.nodes,
         rows,

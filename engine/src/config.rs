@@ -298,6 +298,7 @@ struct RawDetect {
     history: Option<usize>,
     min_history: Option<usize>,
     imbalance_threshold: Option<f64>,
+    confidence: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -806,6 +807,7 @@ impl Config {
         d.history = r.history.unwrap_or(d.history);
         d.min_history = r.min_history.unwrap_or(d.min_history);
         d.imbalance_threshold = r.imbalance_threshold.unwrap_or(d.imbalance_threshold);
+        d.confidence = r.confidence.unwrap_or(d.confidence);
         let r = raw.plan;
         let p = config.plan;
         config.plan.replan_interval = millis(
@@ -1407,7 +1409,7 @@ max_connections = 100000
         let (text, _) = tunnel_config(
             "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 10\n\
              peers = [\"b\"]\ninterval_ms = 50\n[predict.forecast]\nbeta = 0.1\n\
-             [predict.detect]\nhorizon_ms = 3000\nceiling = 0.8\n[predict.plan]\n\
+             [predict.detect]\nhorizon_ms = 3000\nceiling = 0.8\nconfidence = 1.5\n[predict.plan]\n\
              replan_interval_ms = 500\nmax_moves = 2\nrelay_cpu_s_per_gb = 0.5\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n\
              [predict.lease]\nmin_lease_ms = 2000\ndefault_lease_ms = 10000\n\
              [predict.shadow]\nenabled = true\nsteps = [0.2, 0.4, 0.6, 0.8]\n\
@@ -1423,6 +1425,7 @@ max_connections = 100000
         assert_eq!(p.config.forecast.beta, 0.1);
         assert_eq!(p.config.detect.horizon, Duration::from_millis(3000));
         assert_eq!(p.config.detect.ceiling, 0.8);
+        assert_eq!(p.config.detect.confidence, 1.5);
         assert_eq!(p.config.plan.policy, Policy::Predictive);
         assert_eq!(p.config.plan.replan_interval, Duration::from_millis(500));
         assert_eq!(p.config.plan.max_moves, 2);
@@ -1460,6 +1463,14 @@ max_connections = 100000
             ("[predict.forecast]\nalpha = nan", "predict.forecast.alpha"),
             ("[predict.detect]\nhorizon_ms = 10", "predict.interval_ms"),
             ("[predict.detect]\nfloor = 0.9", "predict.detect.floor"),
+            (
+                "[predict.detect]\nconfidence = -1",
+                "predict.detect.confidence",
+            ),
+            (
+                "[predict.detect]\nconfidence = nan",
+                "predict.detect.confidence",
+            ),
             ("[predict.plan]\nmax_moves = 0", "predict.plan.max_moves"),
             (
                 "[predict.lease]\nmin_lease_ms = 0",

@@ -7,6 +7,9 @@
 //! predictor (`ctl plan`), [`netlink`] the routes, and [`config`] parses the
 //! node's config file.
 
+// `ctl plan`'s reply is one `serde_json::json!` object, deeper than the default limit.
+#![recursion_limit = "256"]
+
 pub mod alloc;
 pub mod config;
 pub mod control;

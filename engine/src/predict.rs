@@ -439,6 +439,8 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
         "load": num(e.load),
         "utilisation": num(e.utilisation),
         "predicted_utilisation": num(e.predicted),
+        "confident_utilisation": num(e.confident),
+        "horizon_rmse": e.horizon_rmse.map(num),
         "model": e.model.map(|m| m.to_string()),
         "mape": e.mape.map(num),
         "threshold": num(e.threshold),

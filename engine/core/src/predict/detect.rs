@@ -6,6 +6,15 @@
 //! out of its normal range, but never below `floor` (a quiet node does not offload at 20 %) and
 //! never above `ceiling` (a node that always runs hot still alarms before saturating). Until
 //! `min_history` samples are in, the threshold is `ceiling`.
+//!
+//! The detector also scores the forecasts it is shown ([`Detector::forecast_made`]) against
+//! the utilisation that came `horizon` samples later: the root mean squared error at the
+//! horizon, weighted towards the last [`HORIZON_ERROR_SAMPLES`] or so. With
+//! [`DetectConfig::confidence`] `z > 0`, a predicted peak counts only as far as it stands
+//! above its own error ([`Detector::confident`]: `peak − z·rmse`, never below the current
+//! utilisation): a noisy load whose forecasts often miss must be forecast well above the
+//! threshold before it alarms; a smooth ramp, forecast well, alarms almost as early as with
+//! `z = 0`.
 
 use std::collections::VecDeque;
 
@@ -32,6 +41,9 @@ pub struct DetectConfig {
     /// Spread of utilisation (max − min over the group) above which the group is imbalanced.
     /// Default 0.3.
     pub imbalance_threshold: f64,
+    /// How many of its own errors at the horizon a predicted peak must stand above the
+    /// current utilisation to count (see the module doc). Default 0: the forecast as it is.
+    pub confidence: f64,
 }
 
 impl Default for DetectConfig {
@@ -44,6 +56,7 @@ impl Default for DetectConfig {
             history: 600,
             min_history: 50,
             imbalance_threshold: 0.3,
+            confidence: 0.0,
         }
     }
 }
@@ -74,6 +87,7 @@ impl DetectConfig {
             0.0,
             10.0,
         )?;
+        in_range("detect.confidence", self.confidence, 0.0, 10.0)?;
         Ok(())
     }
 }
@@ -97,11 +111,21 @@ pub enum Detection {
     },
 }
 
+/// About how many of the last errors at the horizon its RMSE weighs (an exponential weight of
+/// `1 / HORIZON_ERROR_SAMPLES`).
+pub const HORIZON_ERROR_SAMPLES: usize = 50;
+
 /// A node's utilisation history and its learned threshold.
 #[derive(Debug, Clone)]
 pub struct Detector {
     config: DetectConfig,
     history: VecDeque<f64>,
+    /// Forecasts for the samples to come, the oldest (due next) first.
+    forecasts: VecDeque<f64>,
+    /// How many samples ahead they forecast.
+    horizon: usize,
+    /// Mean squared error of the forecasts scored so far (exponentially weighted).
+    mse: Option<f64>,
 }
 
 impl Detector {
@@ -109,19 +133,58 @@ impl Detector {
     pub fn new(config: DetectConfig) -> Self {
         Self {
             history: VecDeque::with_capacity(config.history.min(1 << 16)),
+            forecasts: VecDeque::new(),
+            horizon: 0,
+            mse: None,
             config,
         }
     }
 
-    /// Records the utilisation of the interval just ended; non-finite values are ignored.
+    /// Records the utilisation of the interval just ended, and scores the forecast made for it
+    /// (see [`Self::forecast_made`]); non-finite values are ignored.
     pub fn observe(&mut self, utilisation: f64) {
         if !utilisation.is_finite() {
             return;
+        }
+        if self.horizon > 0
+            && self.forecasts.len() >= self.horizon
+            && let Some(f) = self.forecasts.pop_front()
+        {
+            let e = (utilisation - f) * (utilisation - f);
+            let w = 1.0 / HORIZON_ERROR_SAMPLES as f64;
+            self.mse = Some(self.mse.map_or(e, |m| m + w * (e - m)));
         }
         if self.history.len() >= self.config.history {
             self.history.pop_front();
         }
         self.history.push_back(utilisation);
+    }
+
+    /// Records this sample's forecast of the utilisation `horizon` samples ahead (at most
+    /// 65,536), to be scored when that sample is observed. A non-finite forecast is scored as
+    /// the last utilisation (it says nothing). A new horizon starts the scoring over.
+    pub fn forecast_made(&mut self, forecast: f64, horizon: usize) {
+        let horizon = horizon.clamp(1, 1 << 16);
+        if horizon != self.horizon {
+            self.forecasts.clear();
+            self.mse = None;
+            self.horizon = horizon;
+        }
+        let last = self.history.back().copied().unwrap_or(0.0);
+        self.forecasts
+            .push_back(if forecast.is_finite() { forecast } else { last });
+    }
+
+    /// The root mean squared error of the forecasts at the horizon, once one was scored.
+    pub fn horizon_rmse(&self) -> Option<f64> {
+        self.mse.map(f64::sqrt).filter(|r| r.is_finite())
+    }
+
+    /// What of a predicted `peak` counts against the threshold: `peak − confidence·rmse`
+    /// (the RMSE at the horizon, 0 until one is scored), never below `current`.
+    pub fn confident(&self, peak: f64, current: f64) -> f64 {
+        let margin = self.config.confidence * self.horizon_rmse().unwrap_or(0.0);
+        (peak - margin).max(current)
     }
 
     /// The current threshold (see the module doc).
@@ -222,6 +285,54 @@ mod tests {
         d.observe(f64::NAN);
         assert_eq!(d.threshold(), 0.7);
         assert!(matches!(d.check(f64::NAN), Detection::Overload { .. }));
+    }
+
+    #[test]
+    fn forecasts_are_scored_at_the_horizon_and_discount_a_peak_by_their_error() {
+        let config = DetectConfig {
+            confidence: 2.0,
+            ..DetectConfig::default()
+        };
+        let mut d = Detector::new(config);
+        assert_eq!(d.horizon_rmse(), None);
+        assert_eq!(
+            d.confident(0.9, 0.5),
+            0.9,
+            "no error scored: the peak as it is"
+        );
+        // Forecasts 0.1 too high, 3 samples ahead: scored from the fourth sample on.
+        for t in 0..20 {
+            let u = 0.5 + 0.01 * f64::from(t);
+            d.observe(u);
+            if t < 3 {
+                assert_eq!(d.horizon_rmse(), None);
+            }
+            d.forecast_made(0.5 + 0.01 * f64::from(t + 3) + 0.1, 3);
+        }
+        let rmse = d.horizon_rmse().unwrap();
+        assert!((rmse - 0.1).abs() < 1e-9, "{rmse}");
+        assert!((d.confident(0.9, 0.5) - 0.7).abs() < 1e-9);
+        assert_eq!(
+            d.confident(0.9, 0.8),
+            0.8,
+            "never below the current utilisation"
+        );
+        // Without confidence the peak is the peak.
+        let mut plain = Detector::new(DetectConfig::default());
+        plain.forecast_made(1.0, 1);
+        plain.observe(0.5);
+        assert!(plain.horizon_rmse().is_some());
+        assert_eq!(plain.confident(0.9, 0.5), 0.9);
+        // Hostile forecasts neither panic nor poison the error.
+        d.forecast_made(f64::NAN, 3);
+        d.forecast_made(f64::INFINITY, 3);
+        for _ in 0..5 {
+            d.observe(0.7);
+        }
+        assert!(d.horizon_rmse().is_some_and(f64::is_finite));
+        // A new horizon starts over.
+        d.forecast_made(0.7, 5);
+        assert_eq!(d.horizon_rmse(), None);
     }
 
     #[test]

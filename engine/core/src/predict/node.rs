@@ -285,6 +285,11 @@ pub struct Estimate {
     pub utilisation: f64,
     /// The predicted peak utilisation over the horizon.
     pub predicted: f64,
+    /// What of it the planner counts: `predicted` less `detect.confidence` times the
+    /// forecasts' RMSE at the horizon, never below `utilisation`.
+    pub confident: f64,
+    /// The RMSE of the node's forecasts at the horizon, once one was scored.
+    pub horizon_rmse: Option<f64>,
     /// The model of the node's forecast.
     pub model: Option<ModelChoice>,
     /// That model's recent MAPE.
@@ -648,6 +653,11 @@ impl NodePredictor {
         let horizon = self.config.horizon_samples();
         let forecast = self.node.peak(horizon);
         let predicted = forecast.map_or(utilisation, |f| f.value);
+        // What of it the planner counts (`detect.confidence`), and the forecast to score.
+        let confident = self.detector.confident(predicted, utilisation);
+        if let Some(f) = self.node.forecast(horizon) {
+            self.detector.forecast_made(f.value, horizon);
+        }
 
         // Per-connection forecasts, for at most `max_tracked` connections: those with the
         // highest load (those already tracked first among equals, then the lowest id). The
@@ -887,6 +897,8 @@ impl NodePredictor {
             load,
             utilisation,
             predicted,
+            confident,
+            horizon_rmse: self.detector.horizon_rmse(),
             model: forecast.map(|f| f.model),
             mape: forecast.and_then(|f| f.mape),
             threshold: self.detector.threshold(),
@@ -922,7 +934,7 @@ impl NodePredictor {
         let input = PlanInput {
             local: NodeLoad {
                 current: load,
-                predicted: predicted * capacity,
+                predicted: confident * capacity,
                 capacity,
             },
             threshold: self.estimate.threshold,

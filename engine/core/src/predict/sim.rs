@@ -424,6 +424,8 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
     let (mut ape_sum, mut ape_n) = (0.0, 0u64);
     let mut load = vec![0.0; config.nodes];
     let mut predicted = vec![0.0; config.nodes];
+    // What of it each node's planner counts (`detect.confidence`).
+    let mut confident = vec![0.0; config.nodes];
     // Work each node could not serve yet, in capacity-seconds.
     let mut backlog = vec![0.0; config.nodes];
 
@@ -482,9 +484,12 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
             }
             node.forecaster.observe(u);
             node.detector.observe(u);
-            predicted[n] = node.forecaster.peak(horizon).map_or(u, |f| f.value) * config.capacity;
+            let peak = node.forecaster.peak(horizon).map_or(u, |f| f.value);
+            predicted[n] = peak * config.capacity;
+            confident[n] = node.detector.confident(peak, u) * config.capacity;
             if let Some(f) = node.forecaster.forecast(horizon) {
                 pending.push_back((t + horizon as u32, n, f.value));
+                node.detector.forecast_made(f.value, horizon);
             }
         }
         while let Some(&(due, n, f)) = pending.front() {
@@ -513,7 +518,7 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
             let threshold = node.detector.threshold();
             let local = NodeLoad {
                 current: load[n],
-                predicted: predicted[n],
+                predicted: confident[n],
                 capacity: config.capacity,
             };
             let above = match policy {
@@ -622,8 +627,10 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                 let relief = l - m.reason.left;
                 load[n] -= relief;
                 predicted[n] -= relief;
+                confident[n] -= relief;
                 load[target] += l;
                 predicted[target] += l;
+                confident[target] += l;
             }
         }
     }
@@ -775,6 +782,40 @@ mod tests {
             "first move at {first_move} s, overload at {overload} s"
         );
         assert!(predictive.overload_seconds < none.overload_seconds);
+    }
+
+    /// `detect.confidence`: a predicted peak counts only as far as it stands above the
+    /// forecasts' own error at the horizon. On the heavy tail's bursts, which a trend reads as
+    /// rises, predictive then moves far less; on a flash crowd with relayed moves, where
+    /// moving early pays, it still removes most of reactive's overload, with no more moves.
+    #[test]
+    fn confidence_cuts_moves_on_noisy_load_and_keeps_the_flash_crowd_lead() {
+        let total = |w: Workload, policy: SimPolicy, confidence: f64, share: f64| {
+            let mut config = SimConfig {
+                relay_share: share,
+                ..SimConfig::default()
+            };
+            config.predict.detect.confidence = confidence;
+            (1..=5).fold((0, 0.0), |(moves, overload), seed| {
+                let r = run(&config, w, policy, seed);
+                (moves + r.moves, overload + r.overload_seconds)
+            })
+        };
+        let (plain, _) = total(Workload::HeavyTail, SimPolicy::Predictive, 0.0, 0.0);
+        let (sure, _) = total(Workload::HeavyTail, SimPolicy::Predictive, 2.0, 0.0);
+        let (reactive, _) = total(Workload::HeavyTail, SimPolicy::Reactive, 0.0, 0.0);
+        assert!(sure < plain, "{sure} moves against {plain}");
+        assert!(
+            sure <= reactive + reactive / 10,
+            "{sure} against reactive's {reactive}"
+        );
+        let (moves, overload) = total(Workload::FlashCrowd, SimPolicy::Predictive, 2.0, 0.5);
+        let (r_moves, r_overload) = total(Workload::FlashCrowd, SimPolicy::Reactive, 0.0, 0.5);
+        assert!(
+            overload < 0.5 * r_overload,
+            "{overload} s against {r_overload} s"
+        );
+        assert!(moves <= r_moves, "{moves} moves against {r_moves}");
     }
 
     /// Load reports a second old, relayed moves (each relieves half), a flash crowd: planning
