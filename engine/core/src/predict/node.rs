@@ -1616,13 +1616,10 @@ mod tests {
         (p, first)
     }
 
-    /// Under the `cpu` metric a move leaves the work of forwarding the connection's packets
-    /// here. A bulk download that this node serves cheaply (its CPU spread over 8 GB/s) costs
-    /// more to relay (1.18 s per GB, workers and tunnel thread, over 2 workers' cores) than to serve: it is not moved to a relaying
-    /// peer, only to one that returns replies directly (its client sends nothing, so nothing
-    /// is left here).
-    #[test]
-    fn a_cheaply_served_bulk_download_moves_only_to_a_direct_return_peer() {
+    /// The last plan of a reactive node under the `cpu` metric (2 workers, capacity 1) that
+    /// serves two downloads of `bytes_per_sample` each every 100 ms, its workers 95 % busy and
+    /// running `cpu_time` of the wall clock, with `peers`.
+    fn two_downloads(bytes_per_sample: u64, cpu_time: Option<f64>, peers: &[PeerSample]) -> Plan {
         let settings = NodeSettings {
             policy: Policy::Reactive,
             metric: LoadMetric::Cpu,
@@ -1630,34 +1627,44 @@ mod tests {
             workers: 2,
             ..NodeSettings::default()
         };
-        let run = |peers: &[PeerSample]| {
-            let mut p = NodePredictor::new(PredictConfig::default(), settings);
-            let mut last = None;
-            for s in 0..30u64 {
-                let t = Instant::from_secs(60) + Duration::from_millis(s * 100);
-                // Two downloads at 4 GB/s each (400 MB a sample); the workers 95 % busy.
-                let conns = [conn(1, s * 400_000_000, 0), conn(2, s * 400_000_000, 0)];
-                let obs = Observation {
-                    node: NodeReport {
-                        cpu_busy: 0.95,
-                        ..NodeReport::default()
-                    },
-                    conns: &conns,
-                    peers,
-                };
-                if let Some(plan) = p.handle_sample(t, &obs)
-                    && s > 1
-                {
-                    last = Some(plan);
-                }
+        let mut p = NodePredictor::new(PredictConfig::default(), settings);
+        let mut last = None;
+        for s in 0..30u64 {
+            let t = Instant::from_secs(60) + Duration::from_millis(s * 100);
+            let bytes = s * bytes_per_sample;
+            let conns = [conn(1, bytes, 0), conn(2, bytes, 0)];
+            let obs = Observation {
+                node: NodeReport {
+                    cpu_busy: 0.95,
+                    cpu_time,
+                    ..NodeReport::default()
+                },
+                conns: &conns,
+                peers,
+            };
+            if let Some(plan) = p.handle_sample(t, &obs)
+                && s > 1
+            {
+                last = Some(plan);
             }
-            last.expect("a plan")
-        };
+        }
+        last.expect("a plan")
+    }
+
+    /// Under the `cpu` metric a move leaves the work of forwarding the connection's packets
+    /// here. A bulk download that this node serves cheaply (its CPU spread over 8 GB/s) costs
+    /// more to relay (1.18 s per GB, workers and tunnel thread, over 2 workers' cores) than to
+    /// serve: it is not moved to a relaying peer, only to one that returns replies directly
+    /// (its client sends nothing, so nothing is left here).
+    #[test]
+    fn a_cheaply_served_bulk_download_moves_only_to_a_direct_return_peer() {
         let relaying = PeerSample {
             cpu_busy: 0.1,
             ..peer(0)
         };
-        let plan = run(&[relaying]);
+        // Two downloads at 4 GB/s each (400 MB a sample); CPU time not known (busy time
+        // stands in for it).
+        let plan = two_downloads(400_000_000, None, &[relaying]);
         // Each is 0.475 of the node; relaying 4 GB/s would leave 2.36 here.
         assert_eq!(plan.moves, [], "{plan:?}");
         assert_eq!(plan.status, Status::NoTarget { utilisation: 0.95 });
@@ -1667,7 +1674,7 @@ mod tests {
             return_path: ReturnPath::Direct,
             ..peer(0)
         };
-        let plan = run(&[relaying, direct]);
+        let plan = two_downloads(400_000_000, None, &[relaying, direct]);
         assert_eq!(plan.moves.len(), 1, "{plan:?}");
         let m = &plan.moves[0];
         assert_eq!(m.target, NodeId(2));
@@ -1686,45 +1693,15 @@ mod tests {
     /// GB), relaying costs more than serving, and nothing moves.
     #[test]
     fn a_relay_is_weighed_against_cpu_time_not_busy_time() {
-        let settings = NodeSettings {
-            policy: Policy::Reactive,
-            metric: LoadMetric::Cpu,
-            capacity: 1.0,
-            workers: 2,
-            ..NodeSettings::default()
-        };
-        let relaying = PeerSample {
+        let relaying = [PeerSample {
             cpu_busy: 0.1,
             ..peer(0)
-        };
-        let run = |cpu_time: Option<f64>| {
-            let mut p = NodePredictor::new(PredictConfig::default(), settings);
-            let mut last = None;
-            for s in 0..30u64 {
-                let t = Instant::from_secs(60) + Duration::from_millis(s * 100);
-                let conns = [conn(1, s * 20_000_000, 0), conn(2, s * 20_000_000, 0)];
-                let obs = Observation {
-                    node: NodeReport {
-                        cpu_busy: 0.95,
-                        cpu_time,
-                        ..NodeReport::default()
-                    },
-                    conns: &conns,
-                    peers: &[relaying],
-                };
-                if let Some(plan) = p.handle_sample(t, &obs)
-                    && s > 1
-                {
-                    last = Some(plan);
-                }
-            }
-            last.expect("a plan")
-        };
-        let plan = run(Some(0.1));
+        }];
+        let plan = two_downloads(20_000_000, Some(0.1), &relaying);
         assert_eq!(plan.moves, [], "{plan:?}");
         assert_eq!(plan.status, Status::NoTarget { utilisation: 0.95 });
         // Without CPU time the busy time stands in for it, and the relay looks cheap.
-        let plan = run(None);
+        let plan = two_downloads(20_000_000, None, &relaying);
         assert!(!plan.moves.is_empty(), "{plan:?}");
         assert!(
             plan.moves
