@@ -800,7 +800,10 @@ fn bulk_downloads(tb: &Testbed, mut during: impl FnMut() -> bool) -> bool {
 /// Under the `cpu` metric a move to a relaying peer leaves this node the forwarding of every
 /// byte, which for a bulk download costs more CPU than serving it (`relay_cpu_s_per_gb`): A,
 /// far above its capacity with bulk downloads and B idle, plans no move and says why ("no
-/// target"); every download is served by A, byte-exact.
+/// target"); every download is served by A, byte-exact. What holds it: serving costs A's data
+/// path less CPU time per GB than the 1.18 s relaying would (about 0.6 here, with the clients
+/// and verifiers on the same 2 vCPUs) — a machine over twice as slow per byte would need its
+/// own `relay_cpu_s_per_gb`, as docs/prediction.md says.
 #[test]
 fn under_the_cpu_metric_bulk_downloads_are_not_moved_to_a_relaying_peer() {
     let (tb, a, b) = cpu_nodes(false);

@@ -82,6 +82,38 @@ impl Runs {
     pub fn as_slice(&self) -> &[Run] {
         self.runs.get(..self.len).unwrap_or_default()
     }
+
+    /// Checks the runs against `written`, the bytes of the write they mark: in order, without
+    /// overlap, within it, and each exactly the counting stream from its offset. Every byte is
+    /// compared (the send mirror only spot-checks the ends): for tests and fuzzing.
+    pub fn check(&self, written: &[u8]) -> Result<(), MarkError> {
+        let mut end = 0;
+        for run in self.as_slice() {
+            if run.at < end {
+                return Err(MarkError::Order);
+            }
+            end = run.at.checked_add(run.len).ok_or(MarkError::Beyond)?;
+            let piece = written.get(run.at..end).ok_or(MarkError::Beyond)?;
+            if let Some(at) = verify(run.offset, piece) {
+                return Err(MarkError::Differ(at));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What is wrong with the runs an app marked ([`Runs::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MarkError {
+    /// A run starts before the end of the one before it.
+    #[error("marked runs overlap or are out of order")]
+    Order,
+    /// A run ends past the bytes written.
+    #[error("a marked run lies beyond the bytes written")]
+    Beyond,
+    /// A run's bytes are not the counting stream from its offset.
+    #[error("marked bytes differ from the counting stream at stream offset {0}")]
+    Differ(u64),
 }
 
 /// Checks that `data` is the counting stream from `offset` on.
@@ -111,6 +143,47 @@ pub fn verify(offset: u64, data: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marked_runs_are_checked_for_order_bounds_and_every_byte() {
+        // "ab" then 8 stream bytes from offset 100, then "c".
+        let mut written = b"ab".to_vec();
+        written.extend(naive(100, 8));
+        written.push(b'c');
+        let runs = |marks: &[(usize, usize, u64)]| {
+            let mut r = Runs::default();
+            for &(at, len, offset) in marks {
+                r.mark(at, len, offset);
+            }
+            r
+        };
+        assert_eq!(runs(&[]).check(&written), Ok(()));
+        assert_eq!(runs(&[(2, 8, 100)]).check(&written), Ok(()));
+        assert_eq!(runs(&[(2, 4, 100), (6, 4, 104)]).check(&written), Ok(()));
+        assert_eq!(
+            runs(&[(6, 4, 104), (2, 4, 100)]).check(&written),
+            Err(MarkError::Order)
+        );
+        // Into the unmarked "c": the stream's next byte is wrong there.
+        assert_eq!(
+            runs(&[(2, 9, 100)]).check(&written),
+            Err(MarkError::Differ(108))
+        );
+        assert_eq!(
+            runs(&[(2, 10, 100)]).check(&written),
+            Err(MarkError::Beyond)
+        );
+        assert_eq!(
+            runs(&[(2, usize::MAX, 100)]).check(&written),
+            Err(MarkError::Beyond)
+        );
+        // A wrong middle byte is found, not only wrong ends.
+        written[5] ^= 1;
+        assert_eq!(
+            runs(&[(2, 8, 100)]).check(&written),
+            Err(MarkError::Differ(103))
+        );
+    }
 
     /// The stream as the definition states it, one byte at a time.
     fn naive(offset: u64, len: usize) -> Vec<u8> {

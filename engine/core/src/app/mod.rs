@@ -325,7 +325,7 @@ mod tests {
                 let mut runs = counting::Runs::default();
                 let n = app.poll_send_marked(&mut buf[filled..], &mut runs);
                 assert!(n <= buf.len() - filled, "wrote more than the room");
-                check_runs(&buf[filled..filled + n], &runs);
+                assert_eq!(runs.check(&buf[filled..filled + n]), Ok(()));
                 assert!(!self.closed || n == 0, "sent after close");
                 if n == 0 {
                     break;
@@ -344,24 +344,6 @@ mod tests {
         /// Runs turns until nothing happens or `max_output` is reached.
         pub(super) fn run(&mut self, app: &mut dyn App) {
             while self.output.len() < self.max_output && self.turn(app) {}
-        }
-    }
-
-    /// Every run marked in `runs` lies in order within `written` and is the counting stream
-    /// from its offset.
-    pub(super) fn check_runs(written: &[u8], runs: &counting::Runs) {
-        let mut end = 0;
-        for run in runs.as_slice() {
-            assert!(run.at >= end, "runs overlap or are out of order");
-            end = run.at + run.len;
-            let piece = written
-                .get(run.at..end)
-                .expect("run beyond the bytes written");
-            assert_eq!(
-                counting::verify(run.offset, piece),
-                None,
-                "marked bytes differ"
-            );
         }
     }
 
