@@ -10,7 +10,7 @@ use flowshift_tunnel::{PresharedKey, PrivateKey, PublicKey};
 use serde::Deserialize;
 
 use flowshift_core::app::{AppConfig, AppKind};
-pub use flowshift_core::config::{Ipv4Cidr, ServiceConfig, TcpConfig};
+pub use flowshift_core::config::{Ipv4Cidr, MAX_WORK_PASSES, ServiceConfig, TcpConfig};
 use flowshift_core::predict::node::{LoadMetric, NodeSettings};
 use flowshift_core::predict::plan::Policy;
 use flowshift_core::predict::{ConfigError as CoreConfigError, PredictConfig};
@@ -311,6 +311,7 @@ struct RawPlan {
     reactive_threshold: Option<f64>,
     rtt_tolerance: Option<f64>,
     relay_cpu_s_per_gb: Option<f64>,
+    direct_cpu_s_per_gb: Option<f64>,
     #[serde(default)]
     migration_cost: RawMigrationCost,
 }
@@ -372,6 +373,7 @@ struct RawService {
     idle_timeout_s: Option<u64>,
     keepalive_s: Option<u64>,
     head_timeout_s: Option<u64>,
+    work_passes: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -557,6 +559,15 @@ impl Config {
                     ));
                 }
                 service.head_timeout = secs(v);
+            }
+            if let Some(v) = s.work_passes {
+                if v > MAX_WORK_PASSES {
+                    return Err(invalid(
+                        &key("work_passes"),
+                        format!("{v} is over {MAX_WORK_PASSES}"),
+                    ));
+                }
+                service.work_passes = v;
             }
             services.push(service);
         }
@@ -833,6 +844,7 @@ impl Config {
         p.reactive_threshold = r.reactive_threshold.unwrap_or(p.reactive_threshold);
         p.rtt_tolerance = r.rtt_tolerance.unwrap_or(p.rtt_tolerance);
         p.relay_cpu_s_per_gb = r.relay_cpu_s_per_gb.unwrap_or(p.relay_cpu_s_per_gb);
+        p.direct_cpu_s_per_gb = r.direct_cpu_s_per_gb.unwrap_or(p.direct_cpu_s_per_gb);
         p.migration_cost.load = r.migration_cost.load.unwrap_or(p.migration_cost.load);
         let r = raw.shadow;
         let sh = &mut config.shadow;
@@ -1195,6 +1207,26 @@ max_connections = 100000
     }
 
     #[test]
+    fn emulated_work_is_off_by_default_and_bounded() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.service(80).unwrap().work_passes, 0);
+        let with = |v: &str| {
+            EXAMPLE.replace(
+                "port = 80\napp = \"http\"",
+                &format!("port = 80\napp = \"http\"\nwork_passes = {v}"),
+            )
+        };
+        assert_eq!(
+            parse(&with("40")).unwrap().service(80).unwrap().work_passes,
+            40
+        );
+        for bad in ["1001", "-1"] {
+            let e = parse(&with(bad)).unwrap_err().to_string();
+            assert!(e.contains("work_passes"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn control_group_is_a_name_or_a_number() {
         let with = |g: &str| {
             EXAMPLE.replace(
@@ -1410,7 +1442,7 @@ max_connections = 100000
             "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 10\n\
              peers = [\"b\"]\ninterval_ms = 50\n[predict.forecast]\nbeta = 0.1\n\
              [predict.detect]\nhorizon_ms = 3000\nceiling = 0.8\nconfidence = 1.5\n[predict.plan]\n\
-             replan_interval_ms = 500\nmax_moves = 2\nrelay_cpu_s_per_gb = 0.5\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n\
+             replan_interval_ms = 500\nmax_moves = 2\nrelay_cpu_s_per_gb = 0.5\ndirect_cpu_s_per_gb = 0.25\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n\
              [predict.lease]\nmin_lease_ms = 2000\ndefault_lease_ms = 10000\n\
              [predict.shadow]\nenabled = true\nsteps = [0.2, 0.4, 0.6, 0.8]\n\
              [predict.class]\nbounds = [2e3, 2e5, 2e7]\nmargin = 0.1\nmax_segments = 8\n\
@@ -1430,6 +1462,7 @@ max_connections = 100000
         assert_eq!(p.config.plan.replan_interval, Duration::from_millis(500));
         assert_eq!(p.config.plan.max_moves, 2);
         assert_eq!(p.config.plan.relay_cpu_s_per_gb, 0.5);
+        assert_eq!(p.config.plan.direct_cpu_s_per_gb, 0.25);
         assert_eq!(
             p.config.plan.migration_cost.freeze,
             Duration::from_micros(500)
@@ -1508,6 +1541,10 @@ max_connections = 100000
             (
                 "[predict.plan]\nrelay_cpu_s_per_gb = -1",
                 "predict.plan.relay_cpu_s_per_gb",
+            ),
+            (
+                "[predict.plan]\ndirect_cpu_s_per_gb = nan",
+                "predict.plan.direct_cpu_s_per_gb",
             ),
             (
                 "[predict.class]\nmax_segments = 1",

@@ -402,6 +402,12 @@ pub fn render(
         "Application bytes sent to clients",
         stats.app_bytes_out,
     );
+    counter(
+        &mut r,
+        "work_bytes",
+        "Application bytes emulated work was done on (service work_passes)",
+        stats.work_bytes,
+    );
     gauge(
         &mut r,
         "connections",

@@ -67,7 +67,18 @@ pub struct ServiceConfig {
     /// again every as long; a client silent for [`KEEPALIVE_PROBES`] + 1 intervals is dead and
     /// its connection reset. `None`: off.
     pub keepalive: Option<smoltcp::time::Duration>,
+    /// Emulated application work: the node makes this many CRC-32 passes over every byte the
+    /// app takes from the client or gives it, as an app that computes on its data would (TLS,
+    /// compression, a real server's logic). The built-in apps cost next to nothing per byte,
+    /// less than forwarding it, so under the `cpu` load metric moving one of their
+    /// connections relieves no node: this makes connections whose serving costs CPU, for
+    /// tests and benchmarks of the predictor. 0 (the default): none. Each node applies its
+    /// own service's setting, also to connections moved to it.
+    pub work_passes: u32,
 }
+
+/// Most [`ServiceConfig::work_passes`]: a pass costs about 0.1 CPU s per GB here.
+pub const MAX_WORK_PASSES: u32 = 1000;
 
 /// Keepalive probes a client may leave unanswered before its connection is reset.
 pub const KEEPALIVE_PROBES: u32 = 3;
@@ -85,7 +96,19 @@ impl ServiceConfig {
             idle_timeout: http.then(|| smoltcp::time::Duration::from_secs(75)),
             head_timeout: http.then(|| smoltcp::time::Duration::from_secs(60)),
             keepalive: Some(smoltcp::time::Duration::from_secs(60)),
+            work_passes: 0,
         }
+    }
+}
+
+/// `passes` CRC-32 passes over `data` ([`ServiceConfig::work_passes`]): work whose result is
+/// kept from the optimiser, and otherwise unused.
+pub fn emulate_work(passes: u32, data: &[u8]) {
+    let mut crc = 0;
+    for _ in 0..passes {
+        let mut h = crc32fast::Hasher::new_with_initial(crc);
+        h.update(data);
+        crc = std::hint::black_box(h.finalize());
     }
 }
 

@@ -245,6 +245,45 @@ fn handshake_is_recorded() {
     assert_ne!(synack.isn, 0);
 }
 
+/// A service with emulated work (`work_passes`) serves the same bytes, and counts what it
+/// worked on; one without counts nothing.
+#[test]
+fn emulated_work_changes_no_byte_and_is_counted() {
+    let mut p = Pair::new_with(100, |c| {
+        let echo = c.services.iter_mut().find(|s| s.port == 7).unwrap();
+        echo.work_passes = 3;
+    });
+    let h = p.connect(7);
+    let data = counting(3, 200_000);
+    let mut sent = 0;
+    let mut got = Vec::new();
+    p.run_until(20_000, |p| {
+        let s = p.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        got.len() == data.len()
+    });
+    assert!(got == data, "echo with emulated work is not byte-exact");
+    assert_eq!(p.stack.stats().work_bytes, 2 * data.len() as u64);
+    let h = p.connect(19);
+    p.run_until(20_000, |p| {
+        let s = p.sock(h);
+        while s.can_recv() {
+            s.recv(|b| (b.len(), ())).unwrap();
+        }
+        !s.may_recv()
+    });
+    assert_eq!(p.stack.stats().work_bytes, 2 * data.len() as u64);
+}
+
 #[test]
 fn echo_is_byte_exact_and_mirrored() {
     let mut p = Pair::new(100);

@@ -51,7 +51,7 @@ use super::plan::{
     Candidate, NodeLoad, Peer, PeerFloors, Plan, PlanInput, Planner, Policy, Reason, Residual,
     ReturnPath, Status,
 };
-use super::profile::{ConnCounters, ConnProfile, ConnReport, NodeReport, Sampler};
+use super::profile::{ConnCounters, ConnProfile, ConnRates, ConnReport, NodeReport, Sampler};
 use super::shadow::{ConnState, ShadowTrial, TrialEvent, TrialState};
 use super::{ConnId, NodeId, PredictConfig, secs};
 
@@ -567,27 +567,32 @@ impl NodePredictor {
 
     /// What of a connection's `load` (now, in CPU time: see [`Self::cpu_time_share`]) a move
     /// would leave here, by return path: under the `cpu` metric, the data path's time (workers
-    /// and tunnel thread) to forward its bytes — all of them (`bandwidth`, bytes/s both ways)
-    /// when relayed, the client's (`bytes_in`) when the target returns directly — at
-    /// [`super::plan::PlanConfig::relay_cpu_s_per_gb`]. The other metrics do not count a
+    /// and tunnel thread) to forward its packets. Relayed: all its bytes both ways (`rates`'
+    /// bandwidth) at [`super::plan::PlanConfig::relay_cpu_s_per_gb`]. Returned directly: the
+    /// client's bytes at that rate, and the ACKs of the bytes the target sends at
+    /// [`super::plan::PlanConfig::direct_cpu_s_per_gb`]. The other metrics do not count a
     /// forwarded connection (neither its bytes nor itself): a move takes its whole load.
-    fn residual(&self, load: f64, bandwidth: f64, bytes_in: f64) -> Residual {
+    fn residual(&self, load: f64, rates: &ConnRates) -> Residual {
         if self.settings.metric != LoadMetric::Cpu {
             return Residual::default();
         }
-        let per_byte =
-            self.config.plan.relay_cpu_s_per_gb / 1e9 / self.settings.workers.max(1) as f64;
-        let share = |bytes: f64| {
-            let left = per_byte * bytes.max(0.0);
+        let cores = self.settings.workers.max(1) as f64;
+        let plan = &self.config.plan;
+        let share = |cpu_s: f64| {
+            let left = cpu_s / cores;
             match left {
                 l if l <= 0.0 => 0.0,
                 l if load > 0.0 => l / load,
                 _ => 1.0,
             }
         };
+        let gb = |bytes: f64| bytes.max(0.0) / 1e9;
         Residual {
-            relay: share(bandwidth),
-            direct: share(bytes_in),
+            relay: share(plan.relay_cpu_s_per_gb * gb(rates.bandwidth())),
+            direct: share(
+                plan.relay_cpu_s_per_gb * gb(rates.bytes_in)
+                    + plan.direct_cpu_s_per_gb * gb(rates.bytes_out),
+            ),
         }
     }
 
@@ -794,11 +799,7 @@ impl NodePredictor {
                 buffered: c.buffered,
                 priority: c.report.priority,
                 last_moved: self.last_moved.get(&id).copied(),
-                residual: self.residual(
-                    current * cpu_time_share,
-                    rates.bandwidth(),
-                    rates.bytes_in,
-                ),
+                residual: self.residual(current * cpu_time_share, &rates),
             });
         }
         hot.sort_unstable_by(hotter);
@@ -1652,38 +1653,58 @@ mod tests {
     }
 
     /// Under the `cpu` metric a move leaves the work of forwarding the connection's packets
-    /// here. A bulk download that this node serves cheaply (its CPU spread over 8 GB/s) costs
-    /// more to relay (1.18 s per GB, workers and tunnel thread, over 2 workers' cores) than to
-    /// serve: it is not moved to a relaying peer, only to one that returns replies directly
-    /// (its client sends nothing, so nothing is left here).
+    /// here. Two downloads at 4 GB/s each (400 MB a sample), each 0.475 of the node, that this
+    /// node serves cheaply: relaying one would leave 2.36 here (1.18 s per GB, workers and
+    /// tunnel thread, over 2 workers' cores), and even a direct-return peer would leave the
+    /// forwarding of its client's ACKs, 0.86 (0.43 s per GB sent): neither relieves this node,
+    /// so nothing moves and the plan says why. CPU time not known: busy time stands in.
     #[test]
-    fn a_cheaply_served_bulk_download_moves_only_to_a_direct_return_peer() {
+    fn a_cheaply_served_bulk_download_is_moved_to_no_peer() {
         let relaying = PeerSample {
             cpu_busy: 0.1,
             ..peer(0)
         };
-        // Two downloads at 4 GB/s each (400 MB a sample); CPU time not known (busy time
-        // stands in for it).
-        let plan = two_downloads(400_000_000, None, &[relaying]);
-        // Each is 0.475 of the node; relaying 4 GB/s would leave 2.36 here.
-        assert_eq!(plan.moves, [], "{plan:?}");
-        assert_eq!(plan.status, Status::NoTarget { utilisation: 0.95 });
         let direct = PeerSample {
             id: NodeId(2),
             cpu_busy: 0.2,
             return_path: ReturnPath::Direct,
             ..peer(0)
         };
-        let plan = two_downloads(400_000_000, None, &[relaying, direct]);
-        assert_eq!(plan.moves.len(), 1, "{plan:?}");
-        let m = &plan.moves[0];
-        assert_eq!(m.target, NodeId(2));
-        assert_eq!(m.reason.return_path, ReturnPath::Direct);
-        assert_eq!(m.reason.left, 0.0);
-        let Status::Shedding { to, .. } = plan.status else {
-            panic!("{:?}", plan.status)
+        for peers in [&[relaying][..], &[direct], &[relaying, direct]] {
+            let plan = two_downloads(400_000_000, None, peers);
+            assert_eq!(plan.moves, [], "{plan:?}");
+            assert_eq!(plan.status, Status::NoTarget { utilisation: 0.95 });
+        }
+    }
+
+    /// Downloads dearer to serve than to forward: the same 0.475 each at 1.5 GB/s (150 MB a
+    /// sample). Relaying one would still leave more than it (0.89), returning it directly
+    /// leaves the ACKs' 0.32: it moves, only to the direct-return peer, and the reason says
+    /// what stays here.
+    #[test]
+    fn a_download_dearer_to_serve_than_to_forward_moves_only_to_a_direct_return_peer() {
+        let relaying = PeerSample {
+            cpu_busy: 0.1,
+            ..peer(0)
         };
-        assert!((to - 0.475).abs() < 1e-6, "{to}");
+        let plan = two_downloads(150_000_000, None, &[relaying]);
+        assert_eq!(plan.moves, [], "{plan:?}");
+        let direct = PeerSample {
+            id: NodeId(2),
+            cpu_busy: 0.2,
+            return_path: ReturnPath::Direct,
+            ..peer(0)
+        };
+        let plan = two_downloads(150_000_000, None, &[relaying, direct]);
+        assert!(!plan.moves.is_empty(), "{plan:?}");
+        let left = 0.43 * 1.5 / 2.0;
+        for m in &plan.moves {
+            assert_eq!(m.target, NodeId(2));
+            assert_eq!(m.reason.return_path, ReturnPath::Direct);
+            assert!((m.reason.left - left).abs() < 1e-6, "{m:?}");
+            assert!(m.reason.left < m.reason.conn_load, "{m:?}");
+        }
+        assert!(matches!(plan.status, Status::Shedding { .. }), "{plan:?}");
     }
 
     /// The same question on a crowded machine: two downloads at 200 MB/s each, the workers

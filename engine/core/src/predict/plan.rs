@@ -27,7 +27,9 @@
 //! [`Residual`], a share of its load by return path; a move relieves this node of the rest, and
 //! only that counts towards the net benefit and the shedding. Relaying a byte can cost more than
 //! serving it (a bulk download: [`PlanConfig::relay_cpu_s_per_gb`]): then moving the connection
-//! to a relaying peer relieves nothing and is not planned.
+//! to a relaying peer relieves nothing and is not planned. Forwarding only the client's ACKs of
+//! a download returned directly costs about what serving it does on the machines measured
+//! ([`PlanConfig::direct_cpu_s_per_gb`]): what a move relieves there is the app's own work.
 //!
 //! The target is chosen among the peers that stay at or below `threshold − hysteresis` after the
 //! move (so a move never pushes a peer into shedding, which is what would make connections
@@ -179,6 +181,14 @@ pub struct PlanConfig {
     /// tunnel thread 0.85, against 0.22 for the workers serving it); set it from a run on the
     /// node's own hardware.
     pub relay_cpu_s_per_gb: f64,
+    /// Data-path CPU seconds (workers and tunnel thread) this node spends per GB that a moved
+    /// connection's target returns straight to the client ([`ReturnPath::Direct`]): the
+    /// client's ACKs of those bytes still enter here and are forwarded, one small packet each.
+    /// Default 0.43, measured by `flowshift-bench migrate --parts steady --direct-return`
+    /// (docs/benchmarks.md: a direct-return download costs the ingress's workers 0.19 s/GB
+    /// and its tunnel thread 0.24, against 0.39 for its workers serving it: on that machine
+    /// such a move relieves nothing).
+    pub direct_cpu_s_per_gb: f64,
 }
 
 impl Default for PlanConfig {
@@ -193,6 +203,7 @@ impl Default for PlanConfig {
             reactive_threshold: 0.85,
             rtt_tolerance: 0.05,
             relay_cpu_s_per_gb: 1.18,
+            direct_cpu_s_per_gb: 0.43,
         }
     }
 }
@@ -240,6 +251,12 @@ impl PlanConfig {
         )?;
         in_range("plan.rtt_tolerance", self.rtt_tolerance, 0.0, 10.0)?;
         in_range("plan.relay_cpu_s_per_gb", self.relay_cpu_s_per_gb, 0.0, 1e3)?;
+        in_range(
+            "plan.direct_cpu_s_per_gb",
+            self.direct_cpu_s_per_gb,
+            0.0,
+            1e3,
+        )?;
         Ok(())
     }
 }

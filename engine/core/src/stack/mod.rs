@@ -330,6 +330,9 @@ pub struct StackStats {
     pub app_bytes_in: u64,
     /// Application bytes sent to clients.
     pub app_bytes_out: u64,
+    /// Application bytes, either way, that emulated work was done on
+    /// ([`crate::config::ServiceConfig::work_passes`]; each pass costs a CRC-32 of them).
+    pub work_bytes: u64,
     /// Client packets of moved connections forwarded to their owner.
     pub forwarded_to_owner: u64,
     /// Packets of connections restored here sent back to the node where they entered.
@@ -401,6 +404,7 @@ impl StackStats {
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
         self.app_bytes_out += other.app_bytes_out;
+        self.work_bytes += other.work_bytes;
         self.forwarded_to_owner += other.forwarded_to_owner;
         self.forwarded_to_ingress += other.forwarded_to_ingress;
         self.relayed_from_owner += other.relayed_from_owner;
@@ -1208,6 +1212,11 @@ impl Stack {
         let in_before = flow.bytes_in;
         let mut wrote_any = false;
         let mut held = false;
+        let work = self
+            .services
+            .get(usize::from(flow.key.service.port()))
+            .and_then(Option::as_ref)
+            .map_or(0, |s| s.work_passes);
         // Up to two passes: the app may produce output that frees its input buffer.
         for _ in 0..2 {
             while socket.can_recv() {
@@ -1222,6 +1231,9 @@ impl Stack {
                 let n = socket.recv(|data| {
                     let data = &data[..data.len().min(allow)];
                     let n = app.handle_recv(data);
+                    if work > 0 {
+                        crate::config::emulate_work(work, &data[..n.min(data.len())]);
+                    }
                     (n, n)
                 });
                 if let (Ok(n), Some(p)) = (&n, flow.pacer.as_mut()) {
@@ -1233,6 +1245,9 @@ impl Stack {
                         flow.kpi.took(now, n);
                         flow.bytes_in += n as u64;
                         self.stats.app_bytes_in += n as u64;
+                        if work > 0 {
+                            self.stats.work_bytes += n as u64;
+                        }
                     }
                 }
             }
@@ -1275,6 +1290,9 @@ impl Stack {
                         kpi.answering(mirror.total());
                     }
                     mirror.record(&buf[..n], &runs);
+                    if work > 0 {
+                        crate::config::emulate_work(work, &buf[..n]);
+                    }
                     (n, n)
                 });
                 match n {
@@ -1283,6 +1301,9 @@ impl Stack {
                         wrote += n;
                         wrote_any = true;
                         self.stats.app_bytes_out += n as u64;
+                        if work > 0 {
+                            self.stats.work_bytes += n as u64;
+                        }
                         if let Some(p) = flow.pacer.as_mut() {
                             p.spend(n as u64);
                         }
