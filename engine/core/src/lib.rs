@@ -7,13 +7,14 @@
 //! device or socket, starts no thread and reads no clock. Every call that depends on time takes
 //! `now`; the driver (the `flowshift` daemon crate) does the I/O.
 //!
-//! Layout: [`packet`] classifies what the TUN device hands over; [`flow`] is the flow table,
+//! Layout: [`packet`] classifies what the TUN device hands over (verifying [`checksum`]s); [`flow`] is the flow table,
 //! [`mirror`] the bytes each flow's app wrote; [`stack`] is the per-worker core (smoltcp + flows + apps); [`app`] holds the built-in apps;
 //! [`config`] the settings a stack is built from.
 
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod checksum;
 pub mod coalesce;
 pub mod config;
 pub mod flow;

@@ -8,7 +8,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, TcpPacket, TcpRepr};
+use smoltcp::wire::{IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, TcpPacket, TcpRepr};
+
+use crate::checksum;
 
 /// Why an inbound packet was dropped before reaching a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -138,7 +140,9 @@ pub fn classify_with(
     let src = ip.src_addr();
     let ip_len = usize::from(ip.total_len());
     let tcp = TcpPacket::new_checked(ip.payload()).map_err(|_| DropReason::Malformed)?;
-    if verify_checksums && !tcp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)) {
+    // `crate::checksum` rather than smoltcp's `verify_checksum`: the same answer, at a
+    // fraction of the cost per payload byte.
+    if verify_checksums && !checksum::tcp_ipv4_ok(src, dst, ip.payload()) {
         return Err(DropReason::BadChecksum);
     }
     if tcp.src_port() == 0 || tcp.dst_port() == 0 || src.is_multicast() || src.is_broadcast() {
