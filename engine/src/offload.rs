@@ -81,18 +81,8 @@ fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<(), 
     if field + 2 > pkt.len() || start > pkt.len() {
         return Err(ReadError::BadChecksumOffsets);
     }
-    let mut sum: u64 = 0;
-    let mut words = pkt[start..].chunks_exact(2);
-    for w in &mut words {
-        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [last] = words.remainder() {
-        sum += u64::from(u16::from_be_bytes([*last, 0]));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    pkt[field..field + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let sum = flowshift_core::checksum::ones_sum(&pkt[start..]);
+    pkt[field..field + 2].copy_from_slice(&(!sum).to_be_bytes());
     Ok(())
 }
 
@@ -221,18 +211,25 @@ mod tests {
             sack_permitted: false,
             sack_ranges: [None; 3],
             timestamp: None,
-            payload: b"hello!!",
+            payload: b"",
         };
-        let good = flowshift_core::packet::emit_ipv4_tcp(*src.ip(), *dst.ip(), &tcp);
-        let mut raw = vec![0u8; 10];
-        raw.extend_from_slice(&good);
-        let mut with_hdr = raw.clone();
-        prepare(&mut with_hdr, 10, 0).unwrap(); // writes NEEDS_CSUM + pseudo-header sum
-        assert_ne!(with_hdr[10..], good[..]);
-        let Ok(Inbound::Packet(p)) = parse_read(&mut with_hdr) else {
-            panic!("not a packet")
-        };
-        assert_eq!(p, &good[..]);
+        // Odd and even lengths, short and full-sized.
+        let data: Vec<u8> = (0..1460u32).map(|i| (i * 131 + i / 7) as u8).collect();
+        for len in (0..=64).chain([1459, 1460]) {
+            let tcp = smoltcp::wire::TcpRepr {
+                payload: &data[..len],
+                ..tcp
+            };
+            let good = flowshift_core::packet::emit_ipv4_tcp(*src.ip(), *dst.ip(), &tcp);
+            let mut with_hdr = vec![0u8; 10];
+            with_hdr.extend_from_slice(&good);
+            prepare(&mut with_hdr, 10, 0).unwrap(); // writes NEEDS_CSUM + pseudo-header sum
+            assert_ne!(with_hdr[10..], good[..], "len {len}");
+            let Ok(Inbound::Packet(p)) = parse_read(&mut with_hdr) else {
+                panic!("not a packet")
+            };
+            assert_eq!(p, &good[..], "len {len}");
+        }
     }
 
     #[test]
