@@ -312,6 +312,7 @@ struct RawPlan {
     rtt_tolerance: Option<f64>,
     relay_cpu_s_per_gb: Option<f64>,
     direct_cpu_s_per_gb: Option<f64>,
+    rebalance: Option<bool>,
     #[serde(default)]
     migration_cost: RawMigrationCost,
 }
@@ -845,6 +846,7 @@ impl Config {
         p.rtt_tolerance = r.rtt_tolerance.unwrap_or(p.rtt_tolerance);
         p.relay_cpu_s_per_gb = r.relay_cpu_s_per_gb.unwrap_or(p.relay_cpu_s_per_gb);
         p.direct_cpu_s_per_gb = r.direct_cpu_s_per_gb.unwrap_or(p.direct_cpu_s_per_gb);
+        p.rebalance = r.rebalance.unwrap_or(p.rebalance);
         p.migration_cost.load = r.migration_cost.load.unwrap_or(p.migration_cost.load);
         let r = raw.shadow;
         let sh = &mut config.shadow;
@@ -1442,7 +1444,7 @@ max_connections = 100000
             "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 10\n\
              peers = [\"b\"]\ninterval_ms = 50\n[predict.forecast]\nbeta = 0.1\n\
              [predict.detect]\nhorizon_ms = 3000\nceiling = 0.8\nconfidence = 1.5\n[predict.plan]\n\
-             replan_interval_ms = 500\nmax_moves = 2\nrelay_cpu_s_per_gb = 0.5\ndirect_cpu_s_per_gb = 0.25\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n\
+             replan_interval_ms = 500\nmax_moves = 2\nrelay_cpu_s_per_gb = 0.5\ndirect_cpu_s_per_gb = 0.25\nrebalance = true\n[predict.plan.migration_cost]\nfreeze_ms = 0.5\n\
              [predict.lease]\nmin_lease_ms = 2000\ndefault_lease_ms = 10000\n\
              [predict.shadow]\nenabled = true\nsteps = [0.2, 0.4, 0.6, 0.8]\n\
              [predict.class]\nbounds = [2e3, 2e5, 2e7]\nmargin = 0.1\nmax_segments = 8\n\
@@ -1463,6 +1465,7 @@ max_connections = 100000
         assert_eq!(p.config.plan.max_moves, 2);
         assert_eq!(p.config.plan.relay_cpu_s_per_gb, 0.5);
         assert_eq!(p.config.plan.direct_cpu_s_per_gb, 0.25);
+        assert!(p.config.plan.rebalance);
         assert_eq!(
             p.config.plan.migration_cost.freeze,
             Duration::from_micros(500)

@@ -257,6 +257,10 @@ pub(crate) fn status_text(status: &Status) -> String {
         Status::Shedding { from, to } => {
             format!("shedding: utilisation {from:.2} down to {to:.2} once the moves are done")
         }
+        Status::Rebalancing { from, to, idlest } => format!(
+            "rebalancing: utilisation {from:.2} down to {to:.2} once the moves are done, the \
+             idlest peer at {idlest:.2}"
+        ),
     }
 }
 
@@ -267,6 +271,7 @@ fn status_name(status: &Status) -> &'static str {
         Status::NoTarget { .. } => "no-target",
         Status::NotDue { .. } => "not-due",
         Status::Shedding { .. } => "shedding",
+        Status::Rebalancing { .. } => "rebalancing",
     }
 }
 
@@ -292,6 +297,7 @@ fn move_json(m: &Move, names: &[(u32, String)]) -> Value {
         "conn_load": num(r.conn_load),
         "left_here": num(r.left),
         "return_path": r.return_path.to_string(),
+        "rebalance": r.rebalance.map(num),
         "age_s": duration_ms(r.age) / 1e3,
         "cost_load_s": num(r.cost),
         "target_utilisation": num(r.target_utilisation),
@@ -391,6 +397,7 @@ fn decision_json(d: &Decision, names: &[(u32, String)]) -> Value {
         "conn_load": num(r.conn_load),
         "left_here": num(r.left),
         "return_path": r.return_path.to_string(),
+        "rebalance": r.rebalance.map(num),
         "target_utilisation": num(r.target_utilisation),
         "reason": r.to_string(),
         "outcome": outcome,
@@ -434,6 +441,8 @@ pub(crate) fn plan_json(p: &NodePredictor, names: &[(u32, String)], now: Instant
         "max_moves": c.plan.max_moves,
         "hysteresis": num(c.plan.hysteresis),
         "reactive_threshold": num(c.plan.reactive_threshold),
+        "rebalance": c.plan.rebalance,
+        "imbalance_threshold": num(c.detect.imbalance_threshold),
         "now_ms": ms(now),
         "sampled_at_ms": e.at.map(ms),
         "load": num(e.load),

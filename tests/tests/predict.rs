@@ -902,3 +902,113 @@ fn under_the_cpu_metric_downloads_dear_to_serve_move_to_a_direct_return_peer_byt
     assert!(stat(&b, "work_bytes") > 0, "{}", log());
     assert!(stat(&a, "work_bytes") > 0, "{}", log());
 }
+
+/// Downloads of the rebalancing test: 6 of capacity 10 on A, under its threshold all along.
+const REBALANCE_DOWNLOADS: usize = 6;
+/// 60 s at 250 kB/s: well past the planner's 30-s cooldown after the moves, when A could
+/// take a connection back.
+const REBALANCE_BYTES: u64 = 15_000_000;
+/// The cooldown after a move during which A renews its lease whatever its load.
+const COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Rebalancing after a scale-out: A (`rebalance = true`, policy `reactive`, capacity 10
+/// connections) holds 6 downloads, never above its threshold, beside an empty B (a node that
+/// has just joined). A hands B connections until the two are within half the imbalance
+/// threshold (0.3) of each other, each decision saying so ("rebalancing"), and keeps them
+/// there: no connection comes back and nothing more moves while the downloads run on past
+/// the cooldown, A renewing their leases although it has room for them (taking one back
+/// would open the spread again). Every download is byte-exact, without a reset.
+#[test]
+fn an_empty_peer_is_given_connections_by_rebalancing_and_they_stay_byte_exact() {
+    let (tb, a, b) = nodes(
+        "[predict]\npolicy = \"reactive\"\nmetric = \"connections\"\ncapacity = 10\n\
+         [predict.plan]\nrebalance = true\n",
+    );
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan["rebalance"], true, "{plan}");
+    let mut downloads = Vec::new();
+    for i in 0..REBALANCE_DOWNLOADS {
+        let mut c = tb.client().command("curl");
+        c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
+            .arg(format!("http://{SERVICE_ADDR}/bytes/{REBALANCE_BYTES}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = tb.spawn(c).expect("curl");
+        let reader = verify_counting(child.stdout.take().unwrap());
+        downloads.push((child, reader));
+        let what = format!("download {i}'s connection on A");
+        eventually(20, &what, || stat(&a, "conns_accepted") == i as u64 + 1);
+    }
+    // Served here / restored at B, from A's and B's own counters.
+    let split = || {
+        let moved = stat(&a, "conns_moved_out") - stat(&a, "conns_restored");
+        (REBALANCE_DOWNLOADS as u64 - moved, moved)
+    };
+    eventually(30, "A rebalancing to B", || {
+        let (here, there) = split();
+        there >= 1 && here - there <= 1
+    });
+    let settled = split();
+    let settled_at = Instant::now();
+    let executed = || {
+        a.ctl_json(&["plan"]).unwrap()["counts"]["executed"]
+            .as_u64()
+            .unwrap()
+    };
+    let moves = executed();
+    // The downloads run on past the cooldown (30 s after the last move): nothing more moves
+    // and nothing comes back, while A renews the leases.
+    let mut renewing = false;
+    while downloads.iter().any(|(_, r)| !r.is_finished()) {
+        std::thread::sleep(Duration::from_millis(500));
+        if downloads.iter().any(|(_, r)| r.is_finished()) {
+            break; // the first download ended: the loads change from here on
+        }
+        assert_eq!(split(), settled, "a connection moved again: {}", a.log());
+        if settled_at.elapsed() > COOLDOWN + Duration::from_secs(2) {
+            let plan = a.ctl_json(&["plan"]).unwrap();
+            renewing |= plan["leases"]["offloaded"]
+                .as_array()
+                .is_some_and(|o| !o.is_empty() && o.iter().all(|x| x["renewing"] == true));
+        }
+    }
+    for (child, reader) in downloads {
+        finish_download(child, reader, REBALANCE_BYTES);
+    }
+
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    let log = || format!("{plan:#}\n--- a's log:\n{}", a.log());
+    assert_eq!(executed(), moves, "{}", log());
+    assert_eq!(moves, settled.1, "{}", log());
+    assert_eq!(plan["counts"]["failed"], 0, "{}", log());
+    assert!(
+        renewing,
+        "A did not renew its offloaded leases past the cooldown: {}",
+        log()
+    );
+    // Never above the threshold: every move was a rebalancing one.
+    assert!(
+        plan["peak_utilisation"].as_f64().unwrap() < 0.85,
+        "{}",
+        log()
+    );
+    let decisions = plan["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len() as u64, moves, "{}", log());
+    for d in decisions {
+        assert_eq!(d["outcome"], "moved", "{}", log());
+        assert_eq!(d["target"], "b", "{}", log());
+        assert!(d["rebalance"].is_number(), "{}", log());
+        let reason = d["reason"].as_str().unwrap();
+        assert!(reason.contains("rebalancing"), "{}", log());
+    }
+    assert!(
+        a.log().contains("predict: moving a connection"),
+        "{}",
+        log()
+    );
+    // B handed nothing back.
+    let plan_b = b.ctl_json(&["plan"]).unwrap();
+    assert_eq!(plan_b["leases"]["counts"]["returned"], 0, "{plan_b:#}");
+    assert_eq!(stat(&b, "conns_restored"), moves);
+    assert_eq!(stat(&b, "conns_moved_out"), 0);
+}

@@ -941,6 +941,7 @@ impl NodePredictor {
             threshold: self.estimate.threshold,
             peers: &plan_peers,
             candidates: &scratch.candidates,
+            imbalance_threshold: self.config.detect.imbalance_threshold,
         };
         let plan = self.planner.plan(now, &input);
         self.scratch = scratch;
@@ -1264,6 +1265,15 @@ impl NodePredictor {
         if !room.is_finite() {
             room = 0.0;
         }
+        // Rebalancing: a connection comes back only if that leaves this node within half
+        // the imbalance threshold of its holder (where rebalancing stops), or it would be
+        // handed over again at the next plan.
+        let capacity = self.settings.capacity;
+        let even = (self.config.plan.rebalance && capacity > 0.0)
+            .then_some(self.config.detect.imbalance_threshold / 2.0);
+        let mut here = load.max(predicted);
+        let mut holders: BTreeMap<NodeId, f64> =
+            self.estimate.peers.iter().map(|p| (p.id, p.load)).collect();
         let mut order: Vec<&mut Offload> = self.offloads.values_mut().collect();
         order.sort_by_key(|o| (o.since, o.conn));
         for o in order {
@@ -1272,10 +1282,18 @@ impl NodePredictor {
             } else {
                 0.0
             };
+            let holder = holders.get(&o.holder).copied();
+            let evens_out = even.is_none_or(|half| {
+                holder.is_none_or(|h| ((here + load) - (h - load)) / capacity <= half)
+            });
             if now < o.since + cooldown {
                 o.renew = true;
-            } else if load <= room {
+            } else if load <= room && evens_out {
                 room -= load;
+                here += load;
+                if let Some(h) = holders.get_mut(&o.holder) {
+                    *h -= load;
+                }
                 o.renew = false;
             } else {
                 o.renew = true;
@@ -1885,6 +1903,68 @@ mod tests {
         tracked.sort_unstable();
         assert_eq!(tracked, [4, 5]);
         assert_eq!(p.estimate().candidates, 5);
+    }
+
+    /// With `rebalance`, a node far under its threshold (6 connections of a capacity of 10)
+    /// beside an empty peer hands it 3 (0.6 / 0.0 → 0.3 / 0.3), and keeps their leases
+    /// renewed past the cooldown although it has room for them: taking one back would open
+    /// the spread again (0.4 / 0.2), and it would be handed over again — connections would
+    /// go back and forth. Once the peer is busier (8 connections), it lets them come back.
+    #[test]
+    fn rebalancing_hands_an_idle_peer_connections_and_does_not_take_them_back_at_once() {
+        let mut config = PredictConfig::default();
+        config.plan.rebalance = true;
+        let mut a = NodePredictor::new(config, settings(Policy::Reactive));
+        let mut conns: Vec<ConnSample> = (1..=6).map(|i| conn(i, 0, 0)).collect();
+        let mut peer_conns = 0;
+        let sample = |a: &mut NodePredictor, conns: &[ConnSample], peer_conns, t| {
+            a.handle_sample(
+                t,
+                &Observation {
+                    node: NodeReport::default(),
+                    conns,
+                    peers: &[peer(peer_conns)],
+                },
+            )
+        };
+        // Warm the forecasters up with nothing movable, then plan at 60 s.
+        for c in &mut conns {
+            c.movable = false;
+        }
+        for ms in (50_000..60_000).step_by(100) {
+            sample(&mut a, &conns, peer_conns, Instant::from_millis(ms));
+        }
+        for c in &mut conns {
+            c.movable = true;
+        }
+        let t0 = Instant::from_secs(60);
+        let plan = sample(&mut a, &conns, peer_conns, t0).expect("a plan");
+        assert_eq!(plan.moves.len(), 3, "{plan:?}");
+        assert!(
+            matches!(plan.status, Status::Rebalancing { .. }),
+            "{plan:?}"
+        );
+        for (k, m) in plan.moves.iter().enumerate() {
+            a.record(t0, m.conn, m.target, Outcome::Moved);
+            a.record_offload(t0, m.conn, m.target, 100 + k as u64);
+            let c = conns.iter_mut().find(|c| c.report.conn == m.conn).unwrap();
+            c.here = false;
+            c.movable = false;
+        }
+        peer_conns = 3;
+        // 40 s, past the 30-s cooldown: nothing more moves, and all three stay renewed.
+        for s in 1..=40u64 {
+            let t = t0 + Duration::from_secs(s);
+            if let Some(plan) = sample(&mut a, &conns, peer_conns, t) {
+                assert_eq!(plan.moves, [], "{plan:?}");
+            }
+            assert_eq!(a.renewals(48).len(), 3, "at {s} s");
+        }
+        // The peer fills up: they may come back.
+        peer_conns = 8;
+        let t = t0 + Duration::from_secs(41);
+        sample(&mut a, &conns, peer_conns, t);
+        assert_eq!(a.renewals(48), [], "the peer is busier now");
     }
 
     /// A (primary) offloads 3 of 10 connections to B, renews their leases while it is

@@ -38,6 +38,16 @@
 //! within [`PlanConfig::rtt_tolerance`] of that lowest utilisation are tie-broken by the lower
 //! RTT.
 //!
+//! **Rebalancing** ([`PlanConfig::rebalance`], off by default). At or below the threshold a node
+//! also plans when the group is imbalanced: its utilisation more than
+//! [`PlanInput::imbalance_threshold`] above its idlest peer's — a peer that has just joined
+//! after a scale-out, or one that came back from a drain. It then hands connections to the
+//! idlest peers until the spread is at most half that threshold, each move to the peer with the
+//! lowest utilisation after it, never filling a peer above this node's own utilisation after
+//! the move (so the two cannot swap roles and send the connection back) nor above
+//! `threshold − hysteresis`. Candidates, costs, residuals and the cap on moves are as for
+//! shedding.
+//!
 //! Loads are in units of capacity (CPU cores, or whatever the node's capacity is measured in);
 //! utilisation is load / capacity.
 
@@ -189,6 +199,9 @@ pub struct PlanConfig {
     /// and its tunnel thread 0.24, against 0.39 for its workers serving it: on that machine
     /// such a move relieves nothing).
     pub direct_cpu_s_per_gb: f64,
+    /// Also plan, at or below the threshold, when this node's utilisation is more than the
+    /// imbalance threshold above its idlest peer's (see the module doc). Default off.
+    pub rebalance: bool,
 }
 
 impl Default for PlanConfig {
@@ -204,6 +217,7 @@ impl Default for PlanConfig {
             rtt_tolerance: 0.05,
             relay_cpu_s_per_gb: 1.18,
             direct_cpu_s_per_gb: 0.43,
+            rebalance: false,
         }
     }
 }
@@ -364,6 +378,9 @@ pub struct PlanInput<'a> {
     pub peers: &'a [Peer],
     /// This node's connections that may move.
     pub candidates: &'a [Candidate],
+    /// Spread of utilisation (this node's over its idlest peer's) above which the node
+    /// rebalances, with [`PlanConfig::rebalance`] ([`super::detect::DetectConfig::imbalance_threshold`]).
+    pub imbalance_threshold: f64,
 }
 
 /// One planned move.
@@ -400,6 +417,9 @@ pub struct Reason {
     pub target_utilisation: f64,
     /// Round-trip time to the target.
     pub rtt: Duration,
+    /// A rebalancing move (at or below the threshold): the idlest peer's utilisation when
+    /// planned, and `threshold` is the imbalance threshold above it that this node exceeded.
+    pub rebalance: Option<f64>,
 }
 
 impl std::fmt::Display for Reason {
@@ -408,12 +428,23 @@ impl std::fmt::Display for Reason {
             Policy::Reactive => "current",
             _ => "predicted",
         };
+        match self.rebalance {
+            Some(idlest) => write!(
+                f,
+                "{what} utilisation {:.2} more than {:.2} above the idlest peer's {idlest:.2}: \
+                 rebalancing",
+                self.utilisation, self.threshold,
+            )?,
+            None => write!(
+                f,
+                "{what} utilisation {:.2} above threshold {:.2}",
+                self.utilisation, self.threshold,
+            )?,
+        }
         write!(
             f,
-            "{what} utilisation {:.2} above threshold {:.2}; connection load {:.3}, {:.3} left \
+            "; connection load {:.3}, {:.3} left \
              here {} (age {} s, move cost {:.3} load-s); target at {:.2} after the move, rtt {} ms",
-            self.utilisation,
-            self.threshold,
             self.conn_load,
             self.left,
             self.return_path,
@@ -453,6 +484,16 @@ pub enum Status {
         from: f64,
         /// Utilisation once they are done.
         to: f64,
+    },
+    /// Moves planned at or below the threshold, to even out the group
+    /// ([`PlanConfig::rebalance`]).
+    Rebalancing {
+        /// Utilisation before the moves.
+        from: f64,
+        /// Utilisation once they are done.
+        to: f64,
+        /// The idlest peer's utilisation before the moves.
+        idlest: f64,
     },
 }
 
@@ -531,14 +572,46 @@ impl Planner {
         }
         let mut load = node_load(local);
         let utilisation = load / local.capacity;
-        if utilisation <= threshold {
-            return Plan::none(Status::Balanced {
-                utilisation,
-                threshold,
-            });
-        }
         let fill = threshold - c.hysteresis;
+        let mut peers: Vec<(Peer, f64)> = input
+            .peers
+            .iter()
+            .filter(|p| p.load.capacity > 0.0)
+            .map(|p| (*p, node_load(&p.load)))
+            .collect();
+        let idlest = |peers: &[(Peer, f64)]| {
+            peers
+                .iter()
+                .map(|(p, l)| l / p.load.capacity)
+                .min_by(f64::total_cmp)
+        };
+        // At or below the threshold: nothing to do, unless rebalancing and the group is
+        // imbalanced (then `spread` is the imbalance threshold and `idle` the idlest peer's
+        // utilisation).
+        let imbalance = input.imbalance_threshold;
+        let rebalance = if utilisation <= threshold {
+            match idlest(&peers) {
+                Some(idle)
+                    if c.rebalance && imbalance.is_finite() && utilisation - idle > imbalance =>
+                {
+                    Some(idle)
+                }
+                _ => {
+                    return Plan::none(Status::Balanced {
+                        utilisation,
+                        threshold,
+                    });
+                }
+            }
+        } else {
+            None
+        };
         let goal = fill * local.capacity;
+        let trigger = if rebalance.is_some() {
+            imbalance
+        } else {
+            threshold
+        };
 
         let conn_load = |cand: &Candidate| {
             let l = if predictive {
@@ -549,16 +622,12 @@ impl Planner {
             if l.is_finite() { l.max(0.0) } else { 0.0 }
         };
         let horizon = secs(self.horizon);
-        let mut peers: Vec<(Peer, f64)> = input
-            .peers
-            .iter()
-            .filter(|p| p.load.capacity > 0.0)
-            .map(|p| (*p, node_load(&p.load)))
-            .collect();
         // A candidate is ranked by the most a move could relieve: through the return path
         // that leaves the least here among the peers there are.
-        let has = |path| peers.iter().any(|(p, _)| p.return_path == path);
-        let paths = [ReturnPath::Direct, ReturnPath::Relay];
+        let paths: Vec<ReturnPath> = [ReturnPath::Direct, ReturnPath::Relay]
+            .into_iter()
+            .filter(|path| peers.iter().any(|(p, _)| p.return_path == *path))
+            .collect();
         let mut ranked: Vec<(&Candidate, f64, f64)> = input
             .candidates
             .iter()
@@ -567,7 +636,6 @@ impl Planner {
                 let l = conn_load(cand);
                 let left = paths
                     .iter()
-                    .filter(|p| has(**p))
                     .map(|p| cand.residual.share(*p))
                     .min_by(f64::total_cmp)?;
                 let relief = l * (1.0 - left);
@@ -590,15 +658,37 @@ impl Planner {
 
         let mut moves = Vec::new();
         for (cand, _, cost) in ranked {
-            if load <= goal || moves.len() >= c.max_moves {
+            let done = match rebalance {
+                None => load <= goal,
+                // Even enough: within half the imbalance threshold of the idlest peer.
+                Some(_) => idlest(&peers)
+                    .is_none_or(|idle| load / local.capacity - idle <= imbalance / 2.0),
+            };
+            if done || moves.len() >= c.max_moves {
                 break;
             }
             let l = conn_load(cand);
-            let Some(i) = self.target(&peers, l, &cand.residual, fill) else {
+            // Rebalancing never fills a peer above what this node keeps after the move
+            // (counting what the least-leaving path leaves here, checked again below).
+            let cap = match rebalance {
+                None => fill,
+                Some(_) => {
+                    let least = paths
+                        .iter()
+                        .map(|p| cand.residual.share(*p))
+                        .fold(f64::INFINITY, f64::min);
+                    fill.min((load - l * (1.0 - least)) / local.capacity)
+                }
+            };
+            let Some(i) = self.target(&peers, l, &cand.residual, cap) else {
                 continue;
             };
             let (peer, peer_load) = &mut peers[i];
             let left = l * cand.residual.share(peer.return_path);
+            let after = (*peer_load + l) / peer.load.capacity;
+            if rebalance.is_some() && after > (load - (l - left)) / local.capacity {
+                continue;
+            }
             *peer_load += l;
             load -= l - left;
             moves.push(Move {
@@ -607,24 +697,34 @@ impl Planner {
                 reason: Reason {
                     policy: c.policy,
                     utilisation,
-                    threshold,
+                    threshold: trigger,
                     conn_load: l,
                     left,
                     return_path: peer.return_path,
                     age: cand.age,
                     cost,
-                    target_utilisation: *peer_load / peer.load.capacity,
+                    target_utilisation: after,
                     rtt: peer.rtt,
+                    rebalance,
                 },
             });
         }
-        let status = if moves.is_empty() {
-            Status::NoTarget { utilisation }
-        } else {
-            Status::Shedding {
+        let to = load / local.capacity;
+        let status = match (moves.is_empty(), rebalance) {
+            (true, None) => Status::NoTarget { utilisation },
+            (true, Some(_)) => Status::Balanced {
+                utilisation,
+                threshold,
+            },
+            (false, None) => Status::Shedding {
                 from: utilisation,
-                to: load / local.capacity,
-            }
+                to,
+            },
+            (false, Some(idlest)) => Status::Rebalancing {
+                from: utilisation,
+                to,
+                idlest,
+            },
         };
         Plan { moves, status }
     }
@@ -740,6 +840,107 @@ mod tests {
         assert_eq!(f.load(a, 0.0), 0.0);
     }
 
+    fn rebalancer(policy: Policy, rebalance: bool) -> Planner {
+        let config = PlanConfig {
+            policy,
+            rebalance,
+            ..PlanConfig::default()
+        };
+        Planner::new(config, Duration::from_secs(5))
+    }
+
+    /// A node at 0.6, well under its threshold, beside a peer that has just joined (0.0):
+    /// with `rebalance` it hands over connections until the two are within half the
+    /// imbalance threshold (0.3 / 2), the last move leaving them even; without, nothing.
+    #[test]
+    fn rebalancing_evens_out_an_idle_peer_only_when_asked() {
+        let candidates: Vec<Candidate> = (1..=6)
+            .map(|i| cand(i, 0.1, 600, Priority::Normal))
+            .collect();
+        let peers = [peer(9, 0.0, 1)];
+        let input = PlanInput {
+            local: node(0.6),
+            threshold: 0.85,
+            peers: &peers,
+            candidates: &candidates,
+            imbalance_threshold: 0.3,
+        };
+        for policy in [Policy::Reactive, Policy::Predictive] {
+            let plan = rebalancer(policy, false).plan(T0, &input);
+            assert_eq!(plan.moves, [], "{plan:?}");
+            assert!(matches!(plan.status, Status::Balanced { .. }));
+
+            let plan = rebalancer(policy, true).plan(T0, &input);
+            assert_eq!(ids(&plan).len(), 3, "{plan:?}");
+            assert!(ids(&plan).iter().all(|&(_, peer)| peer == 9));
+            let Status::Rebalancing { from, to, idlest } = plan.status else {
+                panic!("{:?}", plan.status)
+            };
+            assert_eq!((from, idlest), (0.6, 0.0));
+            assert!((to - 0.3).abs() < 1e-9, "{to}");
+            let last = plan.moves.last().unwrap().reason;
+            assert!((last.target_utilisation - 0.3).abs() < 1e-9);
+            assert_eq!(last.rebalance, Some(0.0));
+            assert_eq!(last.threshold, 0.3);
+            let text = last.to_string();
+            assert!(
+                text.contains(
+                    "utilisation 0.60 more than 0.30 above the idlest peer's 0.00: rebalancing"
+                ),
+                "{text}"
+            );
+        }
+    }
+
+    /// Rebalancing needs a spread above the imbalance threshold, never makes the peer busier
+    /// than this node (a connection too big to split evenly stays), never fills a peer past
+    /// `threshold − hysteresis`, and keeps to `max_moves`.
+    #[test]
+    fn rebalancing_never_swaps_the_roles_nor_fills_a_peer() {
+        let plan_for = |local: f64, cands: &[Candidate], peers: &[Peer]| {
+            let input = PlanInput {
+                local: node(local),
+                threshold: 0.85,
+                peers,
+                candidates: cands,
+                imbalance_threshold: 0.3,
+            };
+            rebalancer(Policy::Reactive, true).plan(T0, &input)
+        };
+        let small: Vec<Candidate> = (1..=8)
+            .map(|i| cand(i, 0.05, 600, Priority::Normal))
+            .collect();
+        // A spread of 0.2: balanced enough.
+        let plan = plan_for(0.4, &small, &[peer(9, 0.2, 1)]);
+        assert_eq!(plan.moves, []);
+        assert!(matches!(plan.status, Status::Balanced { .. }));
+        // One connection of 0.4 against a peer at 0.1: moving it would leave 0.1 here and
+        // 0.5 there. It stays.
+        let big = [cand(1, 0.4, 600, Priority::Normal)];
+        let plan = plan_for(0.5, &big, &[peer(9, 0.1, 1)]);
+        assert_eq!(plan.moves, [], "{plan:?}");
+        assert!(matches!(plan.status, Status::Balanced { .. }));
+        // A node at the threshold (0.85) beside a peer at 0.5: two moves of 0.05 make them
+        // 0.75 and 0.60, within 0.15: done, the peer under `threshold − hysteresis`.
+        let plan = plan_for(0.85, &small, &[peer(9, 0.5, 1)]);
+        assert_eq!(plan.moves.len(), 2, "{plan:?}");
+        assert!(
+            plan.moves
+                .iter()
+                .all(|m| m.reason.target_utilisation <= 0.75 + 1e-9)
+        );
+        // Many small connections: no more than `max_moves` (4) a plan.
+        let tiny: Vec<Candidate> = (1..=40)
+            .map(|i| cand(i, 0.02, 600, Priority::Normal))
+            .collect();
+        let plan = plan_for(0.8, &tiny, &[peer(9, 0.0, 1)]);
+        assert_eq!(plan.moves.len(), 4, "{plan:?}");
+        // Two idle peers: each move to the idlest after the moves before it.
+        let plan = plan_for(0.6, &small, &[peer(8, 0.0, 1), peer(9, 0.0, 1)]);
+        let targets: Vec<u32> = ids(&plan).iter().map(|&(_, p)| p).collect();
+        assert_eq!(targets, [8, 9, 8, 9], "{plan:?}");
+    }
+
     #[test]
     fn ranks_by_class_then_benefit_then_age() {
         let candidates = [
@@ -756,6 +957,7 @@ mod tests {
             threshold: 0.85,
             peers: &peers,
             candidates: &candidates,
+            imbalance_threshold: 0.3,
         };
         let mut p = planner(Policy::Predictive);
         let mut config = *p.config();
@@ -788,6 +990,7 @@ mod tests {
                 threshold: 0.85,
                 peers,
                 candidates: &candidates,
+                imbalance_threshold: 0.3,
             };
             ids(&planner(Policy::Predictive).plan(T0, &input))
         };
@@ -831,6 +1034,7 @@ mod tests {
                     threshold: 0.85,
                     peers,
                     candidates: &candidates,
+                    imbalance_threshold: 0.3,
                 },
             )
         };
@@ -880,6 +1084,7 @@ mod tests {
                 threshold: 0.85,
                 peers: &[relay(1, 0.0)],
                 candidates: &costly,
+                imbalance_threshold: 0.3,
             },
         );
         assert_eq!(plan.moves, []);
@@ -910,6 +1115,7 @@ mod tests {
             threshold: 0.85,
             peers: &peers,
             candidates: &candidates,
+            imbalance_threshold: 0.3,
         };
         // Predictive sees 0.95 coming and sheds 0.2 to reach 0.75 (max_moves 4 × 0.05).
         let plan = planner(Policy::Predictive).plan(T0, &input);
@@ -942,6 +1148,7 @@ mod tests {
             threshold: 0.85,
             peers: &peers,
             candidates: &candidates,
+            imbalance_threshold: 0.3,
         };
         let mut p = planner(Policy::Reactive);
         assert_eq!(p.plan(T0, &input).moves.len(), 4);
@@ -995,6 +1202,7 @@ mod tests {
                         threshold: 0.85,
                         peers: &peers,
                         candidates: &candidates,
+                        imbalance_threshold: 0.3,
                     };
                     for m in planner.plan(now, &input).moves {
                         let c = &mut conns[m.conn as usize];

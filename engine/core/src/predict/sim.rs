@@ -597,6 +597,7 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                 threshold,
                 peers: &peers,
                 candidates: &candidates,
+                imbalance_threshold: config.predict.detect.imbalance_threshold,
             };
             let plan = nodes[n].planner.plan(now, &input);
             for m in plan.moves {
