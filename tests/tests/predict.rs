@@ -944,11 +944,17 @@ fn an_empty_peer_is_given_connections_by_rebalancing_and_they_stay_byte_exact() 
         let moved = stat(&a, "conns_moved_out") - stat(&a, "conns_restored");
         (REBALANCE_DOWNLOADS as u64 - moved, moved)
     };
+    // A plan evens the two out (3 / 3 from 6 / 0); one made while the downloads were still
+    // being opened may stop at 2 / 2, and the last two leave 4 / 2, a spread (0.2) under the
+    // imbalance threshold: both are settled. A plan's moves run one after the other, so the
+    // split is read again once they are done.
     eventually(30, "A rebalancing to B", || {
         let (here, there) = split();
-        there >= 1 && here - there <= 1
+        there >= 1 && here <= there + 2
     });
+    std::thread::sleep(Duration::from_secs(3));
     let settled = split();
+    assert!(settled.1 >= 1 && settled.0 <= settled.1 + 2, "{settled:?}");
     let settled_at = Instant::now();
     let executed = || {
         a.ctl_json(&["plan"]).unwrap()["counts"]["executed"]
