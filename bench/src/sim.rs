@@ -48,6 +48,14 @@ pub(crate) struct Args {
     /// current utilisation to count (`detect.confidence`; 0: the forecast as it is).
     #[arg(long, default_value_t = 0.0)]
     confidence: f64,
+    /// Rebalance under the threshold onto the idlest peer (`plan.rebalance`), for both
+    /// policies.
+    #[arg(long, default_value_t = false)]
+    rebalance: bool,
+    /// Workloads to run, comma-separated (default: step, ramp, diurnal, flash-crowd,
+    /// heavy-tail); `scale-out` is a group with an empty node, for `--rebalance`.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
     /// Where the table, JSON and plots go.
     #[arg(long, default_value = "bench-results/sim")]
     out: PathBuf,
@@ -144,6 +152,7 @@ struct Report {
     relay_share: f64,
     floor_hold_ms: u64,
     confidence: f64,
+    rebalance: bool,
     duration_s: u64,
     nodes: usize,
     rows: Vec<Row>,
@@ -162,6 +171,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     config.relay_share = args.relay_share;
     config.floor_hold = Duration::from_millis(args.floor_hold_ms.min(3_600_000));
     config.predict.detect.confidence = args.confidence;
+    config.predict.plan.rebalance = args.rebalance;
+    let workloads: Vec<Workload> = if args.workloads.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        args.workloads
+            .iter()
+            .map(|n| Workload::by_name(n).ok_or_else(|| anyhow!("no workload named {n:?}")))
+            .collect::<anyhow::Result<_>>()?
+    };
     let micros = |ms: f64| Duration::from_micros((ms.clamp(0.0, 60_000.0) * 1000.0).round() as u64);
     config.predict.plan.migration_cost.freeze = micros(args.freeze_ms);
     config.predict.plan.migration_cost.per_mib = micros(args.per_mib_ms);
@@ -176,7 +194,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(
         md,
-        "{} nodes, {} s, seeds 1..={}, move freeze {} ms + {} ms/MiB, relay share {}, moves counted on their target for {} ms, confidence {}; median (min–max) over seeds\n",
+        "{} nodes, {} s, seeds 1..={}, move freeze {} ms + {} ms/MiB, relay share {}, moves counted on their target for {} ms, confidence {}, rebalance {}; median (min–max) over seeds\n",
         config.nodes,
         args.duration,
         args.seeds,
@@ -184,13 +202,14 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         args.per_mib_ms,
         args.relay_share,
         args.floor_hold_ms,
-        args.confidence
+        args.confidence,
+        args.rebalance
     )?;
     md.push_str(
         "| workload | policy | overload-s | backlog-s | max delay (ms) | moves | conns moved | forecast MAPE | first move (s) | first overload (s) |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for w in Workload::ALL {
+    for &w in &workloads {
         let mut traces: Vec<(SimPolicy, Vec<Vec<f32>>)> = Vec::new();
         for policy in SimPolicy::ALL {
             let results: Vec<SimResult> = (1..=args.seeds.max(1))
@@ -249,9 +268,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         plot_utilisation(&path, w, &traces, tick_seconds(&config))?;
     }
     md.push('\n');
-    md.push_str(&comparison(&rows));
+    md.push_str(&comparison(&rows, &workloads));
     let path = args.out.join("sim-overload.svg");
-    plot_overload(&path, &rows)?;
+    plot_overload(&path, &rows, &workloads)?;
 
     let report = Report {
         seeds: args.seeds,
@@ -260,6 +279,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         relay_share: args.relay_share,
         floor_hold_ms: args.floor_hold_ms,
         confidence: args.confidence,
+        rebalance: args.rebalance,
         duration_s: args.duration,
         nodes: config.nodes,
         rows,
@@ -283,11 +303,11 @@ fn tick_seconds(config: &SimConfig) -> f64 {
 }
 
 /// Predictive against reactive, per workload, on the medians.
-fn comparison(rows: &[Row]) -> String {
+fn comparison(rows: &[Row], workloads: &[Workload]) -> String {
     let mut out = String::from(
         "| workload | overload-s: predictive vs reactive | max delay: predictive vs reactive | moves: predictive vs reactive |\n|---|---|---|---|\n",
     );
-    for w in Workload::ALL {
+    for &w in workloads {
         let get = |p: SimPolicy| {
             rows.iter()
                 .find(|r| r.workload == w.name() && r.policy == p.name())
@@ -387,17 +407,20 @@ fn utilisation_panels(
 /// Reactive against predictive per workload: median overload-seconds and median moves, the
 /// whisker spanning min–max over seeds. (No policy is left out: it is two orders of magnitude
 /// above both; the table has it.)
-fn plot_overload(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
+fn plot_overload(path: &Path, rows: &[Row], workloads: &[Workload]) -> anyhow::Result<()> {
     plot::svg(path, (900, 640), |root| {
         let (top, bottom) = root.split_vertically(320);
-        bars(&top, rows, "overload-seconds", |r| r.overload_seconds)?;
-        bars(&bottom, rows, "moves", |r| r.moves)
+        bars(&top, rows, workloads, "overload-seconds", |r| {
+            r.overload_seconds
+        })?;
+        bars(&bottom, rows, workloads, "moves", |r| r.moves)
     })
 }
 
 fn bars(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     rows: &[Row],
+    workloads: &[Workload],
     what: &str,
     metric: fn(&Row) -> Spread,
 ) -> anyhow::Result<()> {
@@ -405,17 +428,17 @@ fn bars(
         (SimPolicy::Reactive, plot::PALETTE[1]),
         (SimPolicy::Predictive, plot::PALETTE[0]),
     ];
-    let names: Vec<String> = Workload::ALL.iter().map(|w| w.name().to_owned()).collect();
+    let names: Vec<String> = workloads.iter().map(|w| w.name().to_owned()).collect();
     let find = |w: Workload, p: SimPolicy| {
         rows.iter()
             .find(|r| r.workload == w.name() && r.policy == p.name())
             .map(metric)
     };
-    let max = Workload::ALL
+    let max = workloads
         .iter()
         .flat_map(|w| policies.iter().filter_map(|(p, _)| find(*w, *p)?.max))
         .fold(0.1f64, f64::max);
-    let n = Workload::ALL.len();
+    let n = workloads.len();
     let mut chart = ChartBuilder::on(area)
         .caption(
             format!("{what}: reactive vs predictive (median, whisker min–max)"),
@@ -433,7 +456,7 @@ fn bars(
         .y_desc(what)
         .draw()?;
     for (k, (policy, colour)) in policies.into_iter().enumerate() {
-        let spreads: Vec<(f64, Spread)> = Workload::ALL
+        let spreads: Vec<(f64, Spread)> = workloads
             .iter()
             .enumerate()
             .filter_map(|(i, w)| Some((i as f64 - 0.3 + 0.3 * k as f64, find(*w, policy)?)))

@@ -104,6 +104,11 @@ pub enum Workload {
     Ramp,
     /// Many connections at once.
     Step,
+    /// A group just scaled out: every node but the last busy (0.8), the last one empty, and a
+    /// step of load on the busy ones at a third of the run (+0.4 each). What rebalancing
+    /// (`plan.rebalance`) is for: the new node is filled before the step, not during it. Not
+    /// in [`Workload::ALL`] (the table of the five above); `flowshift-bench sim --workloads`.
+    ScaleOut,
 }
 
 impl Workload {
@@ -124,7 +129,16 @@ impl Workload {
             Workload::HeavyTail => "heavy-tail",
             Workload::Ramp => "ramp",
             Workload::Step => "step",
+            Workload::ScaleOut => "scale-out",
         }
+    }
+
+    /// The workload named `name` ([`Self::name`]).
+    pub fn by_name(name: &str) -> Option<Workload> {
+        Self::ALL
+            .into_iter()
+            .chain([Workload::ScaleOut])
+            .find(|w| w.name() == name)
     }
 }
 
@@ -239,13 +253,25 @@ fn workload(w: Workload, config: &SimConfig, ticks: u32, rng: &mut Rng) -> Vec<S
         base: CONN_LOAD,
         period: 0,
     };
-    let mut specs: Vec<Spec> = (0..config.nodes)
+    // A scaled-out group's last node has just joined: nothing on it.
+    let busy = match w {
+        Workload::ScaleOut => config.nodes.saturating_sub(1),
+        _ => config.nodes,
+    };
+    let mut specs: Vec<Spec> = (0..busy)
         .flat_map(|n| (0..BACKGROUND).map(move |_| n))
         .map(|n| spec(n, 0, ticks))
         .collect();
     let tick_s = secs(config.predict.interval).max(1e-6);
     match w {
         Workload::Step => specs.extend((0..40).map(|_| spec(0, at(1, 3), at(5, 6)))),
+        Workload::ScaleOut => {
+            for n in 0..busy {
+                // 0.3 of background + 0.5 from the start: 0.8, under the threshold.
+                specs.extend((0..25).map(|_| spec(n, 0, ticks)));
+                specs.extend((0..20).map(|_| spec(n, at(1, 3), at(5, 6))));
+            }
+        }
         Workload::Ramp => {
             let (from, to) = (at(1, 6), at(2, 3));
             specs.extend((0..60).map(|i| spec(0, from + (to - from) * i / 60, at(14, 15))));
@@ -559,7 +585,8 @@ pub fn run(config: &SimConfig, w: Workload, policy: SimPolicy, seed: u64) -> Sim
                     }
                 })
                 .collect();
-            let candidates: Vec<Candidate> = if above {
+            // Rebalancing plans under the threshold too: it needs the candidates always.
+            let candidates: Vec<Candidate> = if above || p.plan.rebalance {
                 conns
                     .iter()
                     .enumerate()
@@ -648,6 +675,32 @@ mod tests {
             duration: Duration::from_secs(90),
             ..SimConfig::default()
         }
+    }
+
+    /// A group just scaled out (two nodes at 0.8, the third empty) takes a step of +0.4 on
+    /// the busy ones at a third of the run. Without rebalancing both policies wait for the
+    /// step and shed during it, over capacity for seconds; with it, the empty node is filled
+    /// under the threshold first and the step lands on three half-full nodes.
+    #[test]
+    fn rebalancing_fills_a_new_node_before_a_step_lands() {
+        let plain = SimConfig::default();
+        let mut rebalancing = SimConfig::default();
+        rebalancing.predict.plan.rebalance = true;
+        for policy in [SimPolicy::Reactive, SimPolicy::Predictive] {
+            let without = run(&plain, Workload::ScaleOut, policy, 1);
+            let with = run(&rebalancing, Workload::ScaleOut, policy, 1);
+            assert!(without.overload_seconds >= 2.0, "{without:?}");
+            assert!(
+                with.overload_seconds * 10.0 <= without.overload_seconds,
+                "{policy:?}: {} against {}",
+                with.overload_seconds,
+                without.overload_seconds
+            );
+            // The first moves come long before the step (at 100 s), under the threshold.
+            assert!(with.first_move.is_some_and(|t| t < 10.0), "{with:?}");
+        }
+        assert_eq!(Workload::by_name("scale-out"), Some(Workload::ScaleOut));
+        assert!(!Workload::ALL.contains(&Workload::ScaleOut));
     }
 
     #[test]
