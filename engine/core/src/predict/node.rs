@@ -1253,7 +1253,10 @@ impl NodePredictor {
     /// or below its shedding level (threshold − hysteresis) by the larger of its current and
     /// predicted load; the oldest offloads come back first. Like any move, a connection is
     /// not taken back before the planner's `cooldown` since it moved: right after a move the
-    /// forecast sees the drop the move made, not the load that caused it.
+    /// forecast sees the drop the move made, not the load that caused it. With `rebalance`,
+    /// taking one back must also leave this node within half the imbalance threshold of every
+    /// alive peer (its holder counted without it), or rebalancing would hand it, or another,
+    /// over again at the next plan.
     fn update_renewals(&mut self, now: Instant, load: f64, predicted: f64) {
         let cooldown = self.config.plan.cooldown;
         let threshold = match self.settings.policy {
@@ -1265,33 +1268,45 @@ impl NodePredictor {
         if !room.is_finite() {
             room = 0.0;
         }
-        // Rebalancing: a connection comes back only if that leaves this node within half
-        // the imbalance threshold of its holder (where rebalancing stops), or it would be
-        // handed over again at the next plan.
+        // Rebalancing: a connection comes back only if that leaves this node within half the
+        // imbalance threshold of every alive peer (the holder counted after the return), where
+        // rebalancing stops; else the next plan would hand it, or another, over again.
         let capacity = self.settings.capacity;
         let even = (self.config.plan.rebalance && capacity > 0.0)
             .then_some(self.config.detect.imbalance_threshold / 2.0);
         let mut here = load.max(predicted);
-        let mut holders: BTreeMap<NodeId, f64> =
-            self.estimate.peers.iter().map(|p| (p.id, p.load)).collect();
+        let mut others: BTreeMap<NodeId, f64> = self
+            .estimate
+            .peers
+            .iter()
+            .filter(|p| p.alive && p.load.is_finite())
+            .map(|p| (p.id, p.load))
+            .collect();
         let mut order: Vec<&mut Offload> = self.offloads.values_mut().collect();
         order.sort_by_key(|o| (o.since, o.conn));
         for o in order {
+            let holder = others.get(&o.holder).copied();
             let load = if o.load.is_finite() {
-                o.load.max(0.0)
+                // Its load when it moved; no more than its holder carries now.
+                o.load
+                    .max(0.0)
+                    .min(holder.unwrap_or(f64::INFINITY).max(0.0))
             } else {
                 0.0
             };
-            let holder = holders.get(&o.holder).copied();
             let evens_out = even.is_none_or(|half| {
-                holder.is_none_or(|h| ((here + load) - (h - load)) / capacity <= half)
+                let lowest = others
+                    .iter()
+                    .map(|(id, l)| if *id == o.holder { l - load } else { *l })
+                    .fold(f64::INFINITY, f64::min);
+                !lowest.is_finite() || ((here + load) - lowest) / capacity <= half
             });
             if now < o.since + cooldown {
                 o.renew = true;
             } else if load <= room && evens_out {
                 room -= load;
                 here += load;
-                if let Some(h) = holders.get_mut(&o.holder) {
+                if let Some(h) = others.get_mut(&o.holder) {
                     *h -= load;
                 }
                 o.renew = false;
@@ -1960,11 +1975,34 @@ mod tests {
             }
             assert_eq!(a.renewals(48).len(), 3, "at {s} s");
         }
-        // The peer fills up: they may come back.
-        peer_conns = 8;
-        let t = t0 + Duration::from_secs(41);
-        sample(&mut a, &conns, peer_conns, t);
-        assert_eq!(a.renewals(48), [], "the peer is busier now");
+        // The peer fills up (8), but a third node is idle: taking them back would leave this
+        // node 0.3–0.6 above it, and rebalancing would send them out again. Renewed.
+        let idle = PeerSample {
+            id: NodeId(2),
+            ..peer(0)
+        };
+        let third = |a: &mut NodePredictor, c: u64, t| {
+            let peers = [
+                peer(8),
+                PeerSample {
+                    connections: c,
+                    ..idle
+                },
+            ];
+            a.handle_sample(
+                t,
+                &Observation {
+                    node: NodeReport::default(),
+                    conns: &conns,
+                    peers: &peers,
+                },
+            );
+        };
+        third(&mut a, 0, t0 + Duration::from_secs(41));
+        assert_eq!(a.renewals(48).len(), 3, "an idle third node");
+        // Both others busier: they come back.
+        third(&mut a, 5, t0 + Duration::from_secs(42));
+        assert_eq!(a.renewals(48), [], "the peers are busier now");
     }
 
     /// A (primary) offloads 3 of 10 connections to B, renews their leases while it is

@@ -576,7 +576,7 @@ impl Planner {
         let mut peers: Vec<(Peer, f64)> = input
             .peers
             .iter()
-            .filter(|p| p.load.capacity > 0.0)
+            .filter(|p| p.load.capacity.is_finite() && p.load.capacity > 0.0)
             .map(|p| (*p, node_load(&p.load)))
             .collect();
         let idlest = |peers: &[(Peer, f64)]| {
@@ -656,39 +656,42 @@ impl Planner {
                 .then(a.conn.cmp(&b.conn))
         });
 
+        // Rebalancing goes only to the peers this node is imbalanced with (more than the
+        // imbalance threshold above them when the plan starts), each until within half of
+        // it: a peer that is close already is not filled because another, which this node
+        // cannot relieve itself onto (a relay that leaves more than it takes), is idle.
+        let imbalanced: Vec<bool> = peers
+            .iter()
+            .map(|(p, l)| utilisation - l / p.load.capacity > imbalance)
+            .collect();
         let mut moves = Vec::new();
         for (cand, _, cost) in ranked {
+            let util = load / local.capacity;
+            let open = |i: usize| {
+                let (p, l) = &peers[i];
+                imbalanced[i] && util - l / p.load.capacity > imbalance / 2.0
+            };
             let done = match rebalance {
                 None => load <= goal,
-                // Even enough: within half the imbalance threshold of the idlest peer.
-                Some(_) => idlest(&peers)
-                    .is_none_or(|idle| load / local.capacity - idle <= imbalance / 2.0),
+                Some(_) => !(0..peers.len()).any(open),
             };
             if done || moves.len() >= c.max_moves {
                 break;
             }
             let l = conn_load(cand);
-            // Rebalancing never fills a peer above what this node keeps after the move
-            // (counting what the least-leaving path leaves here, checked again below).
-            let cap = match rebalance {
+            // Shedding fills a peer up to `threshold − hysteresis`; rebalancing also never
+            // makes it busier than this node is after the move (the two do not swap roles).
+            let limit = |i: usize, share: f64| match rebalance {
                 None => fill,
-                Some(_) => {
-                    let least = paths
-                        .iter()
-                        .map(|p| cand.residual.share(*p))
-                        .fold(f64::INFINITY, f64::min);
-                    fill.min((load - l * (1.0 - least)) / local.capacity)
-                }
+                Some(_) if open(i) => fill.min((load - l * (1.0 - share)) / local.capacity),
+                Some(_) => f64::NEG_INFINITY,
             };
-            let Some(i) = self.target(&peers, l, &cand.residual, cap) else {
+            let Some(i) = self.target(&peers, l, &cand.residual, limit) else {
                 continue;
             };
             let (peer, peer_load) = &mut peers[i];
             let left = l * cand.residual.share(peer.return_path);
             let after = (*peer_load + l) / peer.load.capacity;
-            if rebalance.is_some() && after > (load - (l - left)) / local.capacity {
-                continue;
-            }
             *peer_load += l;
             load -= l - left;
             moves.push(Move {
@@ -730,13 +733,14 @@ impl Planner {
     }
 
     /// The index of the peer that takes `l` (see the module doc), if any has room and relieves
-    /// this node.
+    /// this node. `limit(i, share)` is the most utilisation peer `i` may have after the move,
+    /// given the share of `l` the move would leave here (−∞: not a target).
     fn target(
         &self,
         peers: &[(Peer, f64)],
         l: f64,
         residual: &Residual,
-        fill: f64,
+        limit: impl Fn(usize, f64) -> f64,
     ) -> Option<usize> {
         let after = |(p, load): &(Peer, f64)| (load + l) / p.load.capacity;
         let left = |(p, _): &(Peer, f64)| residual.share(p.return_path);
@@ -744,7 +748,7 @@ impl Planner {
             peers
                 .iter()
                 .enumerate()
-                .filter(|(_, p)| after(p) <= fill && left(p) < 1.0)
+                .filter(|(i, p)| left(p) < 1.0 && after(p) <= limit(*i, left(p)))
         };
         let least_left = relieving().map(|(_, p)| left(p)).min_by(f64::total_cmp)?;
         let fits = || relieving().filter(|(_, p)| left(p) <= least_left);
@@ -939,6 +943,56 @@ mod tests {
         let plan = plan_for(0.6, &small, &[peer(8, 0.0, 1), peer(9, 0.0, 1)]);
         let targets: Vec<u32> = ids(&plan).iter().map(|&(_, p)| p).collect();
         assert_eq!(targets, [8, 9, 8, 9], "{plan:?}");
+    }
+
+    /// Rebalancing fills only the peers this node is imbalanced with. Here the idle peer
+    /// relays, and relaying these connections would leave more here than they take (a
+    /// residual of 1.5): no target; the other peer is only 0.2 below, no imbalance. Nothing
+    /// moves. (It used to fill the near peer because the far one was idle.) Peers of
+    /// infinite capacity are no peers.
+    #[test]
+    fn rebalancing_fills_only_peers_it_is_imbalanced_with() {
+        let candidates: Vec<Candidate> = (1..=6)
+            .map(|i| Candidate {
+                residual: Residual {
+                    relay: 1.5,
+                    direct: 0.0,
+                },
+                ..cand(i, 0.1, 600, Priority::Normal)
+            })
+            .collect();
+        let near = peer(2, 0.4, 1);
+        let idle_relay = Peer {
+            return_path: ReturnPath::Relay,
+            ..peer(3, 0.0, 1)
+        };
+        let plan_for = |peers: &[Peer]| {
+            let input = PlanInput {
+                local: node(0.6),
+                threshold: 0.85,
+                peers,
+                candidates: &candidates,
+                imbalance_threshold: 0.3,
+            };
+            rebalancer(Policy::Reactive, true).plan(T0, &input)
+        };
+        let plan = plan_for(&[near, idle_relay]);
+        assert_eq!(plan.moves, [], "{plan:?}");
+        assert!(matches!(plan.status, Status::Balanced { .. }), "{plan:?}");
+        // An idle direct-return peer takes them, and the near one none.
+        let idle_direct = peer(4, 0.0, 1);
+        let plan = plan_for(&[near, idle_relay, idle_direct]);
+        assert!(!plan.moves.is_empty(), "{plan:?}");
+        assert!(ids(&plan).iter().all(|&(_, p)| p == 4), "{plan:?}");
+        let infinite = Peer {
+            load: NodeLoad {
+                capacity: f64::INFINITY,
+                ..node(0.0)
+            },
+            ..peer(5, 0.0, 1)
+        };
+        let plan = plan_for(&[near, infinite]);
+        assert_eq!(plan.moves, [], "{plan:?}");
     }
 
     #[test]
