@@ -111,6 +111,27 @@ fn verify_counting_at(
     })
 }
 
+/// Opens the `i`-th (from 0) rate-limited download ([`RATE`]) of `bytes` from A's `http` app,
+/// its bytes checked as they come ([`verify_counting`]), and waits until A has accepted
+/// `i + 1` connections.
+fn open_download(
+    tb: &Testbed,
+    a: &NodeHandle,
+    i: usize,
+    bytes: u64,
+) -> (std::process::Child, std::thread::JoinHandle<u64>) {
+    let mut c = tb.client().command("curl");
+    c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
+        .arg(format!("http://{SERVICE_ADDR}/bytes/{bytes}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = tb.spawn(c).expect("curl");
+    let reader = verify_counting(child.stdout.take().unwrap());
+    let what = format!("download {i}'s connection on A");
+    eventually(20, &what, || stat(a, "conns_accepted") == i as u64 + 1);
+    (child, reader)
+}
+
 fn stat(node: &NodeHandle, key: &str) -> u64 {
     let s = node.ctl_json(&["status"]).expect("status");
     s["stats"][key]
@@ -168,16 +189,8 @@ fn ramp(tb: &Testbed, a: &NodeHandle) -> (u64, u64) {
             // The last download makes the peak: what has A moved before it?
             executed_before_peak = executed();
         }
-        let mut c = tb.client().command("curl");
-        c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
-            .arg(format!("http://{SERVICE_ADDR}/bytes/{BYTES}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = tb.spawn(c).expect("curl");
-        let reader = verify_counting(child.stdout.take().unwrap());
+        let (child, reader) = open_download(tb, a, i, BYTES);
         downloads.push((child, reader));
-        let what = format!("download {i}'s connection on A");
-        eventually(20, &what, || stat(a, "conns_accepted") == i as u64 + 1);
         // One more connection a second: a ramp the forecast can follow.
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -306,16 +319,8 @@ fn offloaded_connections_hold_leases_and_go_back_when_their_primary_has_room() {
         } else {
             SHORT_BYTES
         };
-        let mut c = tb.client().command("curl");
-        c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
-            .arg(format!("http://{SERVICE_ADDR}/bytes/{bytes}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = tb.spawn(c).expect("curl");
-        let reader = verify_counting(child.stdout.take().unwrap());
+        let (child, reader) = open_download(&tb, &a, i, bytes);
         downloads.push((child, reader, bytes));
-        let what = format!("download {i}'s connection on A");
-        eventually(20, &what, || stat(&a, "conns_accepted") == i as u64 + 1);
         std::thread::sleep(Duration::from_secs(1));
     }
     // While A is full, B holds a lease on what A moved to it, and A renews it.
@@ -427,16 +432,8 @@ fn shadow_trial_moves_a_fraction_of_new_connections_to_the_untrusted_peer_byte_e
     let mut seen_shadowing = false;
     let mut seen_medium = false;
     for i in 0..NEW {
-        let mut c = tb.client().command("curl");
-        c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
-            .arg(format!("http://{SERVICE_ADDR}/bytes/{SHADOW_BYTES}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = tb.spawn(c).expect("curl");
-        let reader = verify_counting(child.stdout.take().unwrap());
+        let (child, reader) = open_download(&tb, &a, i, SHADOW_BYTES);
         downloads.push((child, reader));
-        let what = format!("download {i}'s connection on A");
-        eventually(20, &what, || stat(&a, "conns_accepted") == i as u64 + 1);
         std::thread::sleep(Duration::from_millis(500));
         let conns = a.ctl_json(&["conns"]).unwrap();
         seen_shadowing |= conns
@@ -928,16 +925,8 @@ fn an_empty_peer_is_given_connections_by_rebalancing_and_they_stay_byte_exact() 
     assert_eq!(plan["rebalance"], true, "{plan}");
     let mut downloads = Vec::new();
     for i in 0..REBALANCE_DOWNLOADS {
-        let mut c = tb.client().command("curl");
-        c.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", RATE])
-            .arg(format!("http://{SERVICE_ADDR}/bytes/{REBALANCE_BYTES}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = tb.spawn(c).expect("curl");
-        let reader = verify_counting(child.stdout.take().unwrap());
+        let (child, reader) = open_download(&tb, &a, i, REBALANCE_BYTES);
         downloads.push((child, reader));
-        let what = format!("download {i}'s connection on A");
-        eventually(20, &what, || stat(&a, "conns_accepted") == i as u64 + 1);
     }
     // Served here / restored at B, from A's and B's own counters.
     let split = || {

@@ -318,16 +318,9 @@ fn handshake_is_recorded() {
     assert_ne!(synack.isn, 0);
 }
 
-/// A service with emulated work (`work_passes`) serves the same bytes, and counts what it
-/// worked on; one without counts nothing.
-#[test]
-fn emulated_work_changes_no_byte_and_is_counted() {
-    let mut p = Pair::new_with(100, |c| {
-        let echo = c.services.iter_mut().find(|s| s.port == 7).unwrap();
-        echo.work_passes = 3;
-    });
-    let h = p.connect(7);
-    let data = counting(3, 200_000);
+/// Sends `data` on the client socket `h` (to `echo`) while reading what comes back, until as
+/// many bytes came back as were sent; returns them.
+fn echo_through(p: &mut Pair, h: SocketHandle, data: &[u8]) -> Vec<u8> {
     let mut sent = 0;
     let mut got = Vec::new();
     p.run_until(20_000, |p| {
@@ -344,6 +337,20 @@ fn emulated_work_changes_no_byte_and_is_counted() {
         }
         got.len() == data.len()
     });
+    got
+}
+
+/// A service with emulated work (`work_passes`) serves the same bytes, and counts what it
+/// worked on; one without counts nothing.
+#[test]
+fn emulated_work_changes_no_byte_and_is_counted() {
+    let mut p = Pair::new_with(100, |c| {
+        let echo = c.services.iter_mut().find(|s| s.port == 7).unwrap();
+        echo.work_passes = 3;
+    });
+    let h = p.connect(7);
+    let data = counting(3, 200_000);
+    let got = echo_through(&mut p, h, &data);
     assert!(got == data, "echo with emulated work is not byte-exact");
     assert_eq!(p.stack.stats().work_bytes, 2 * data.len() as u64);
     let h = p.connect(19);
@@ -362,22 +369,7 @@ fn echo_is_byte_exact_and_mirrored() {
     let mut p = Pair::new(100);
     let h = p.connect(7);
     let data = counting(0, 300_000);
-    let mut sent = 0;
-    let mut got = Vec::new();
-    p.run_until(20_000, |p| {
-        let s = p.sock(h);
-        if s.can_send() && sent < data.len() {
-            sent += s.send_slice(&data[sent..]).unwrap();
-        }
-        while s.can_recv() {
-            s.recv(|b| {
-                got.extend_from_slice(b);
-                (b.len(), ())
-            })
-            .unwrap();
-        }
-        got.len() == data.len()
-    });
+    let got = echo_through(&mut p, h, &data);
     assert_eq!(got, data);
     let c = &p.stack.conns(p.now)[0];
     assert_eq!(c.bytes_in, data.len() as u64);
