@@ -802,6 +802,17 @@ mod tests {
         }
     }
 
+    /// A plan's input: this node at `local` (capacity 1), threshold 0.85, imbalance 0.3.
+    fn input<'a>(local: f64, peers: &'a [Peer], candidates: &'a [Candidate]) -> PlanInput<'a> {
+        PlanInput {
+            local: node(local),
+            threshold: 0.85,
+            peers,
+            candidates,
+            imbalance_threshold: 0.3,
+        }
+    }
+
     fn planner(policy: Policy) -> Planner {
         let config = PlanConfig {
             policy,
@@ -862,13 +873,7 @@ mod tests {
             .map(|i| cand(i, 0.1, 600, Priority::Normal))
             .collect();
         let peers = [peer(9, 0.0, 1)];
-        let input = PlanInput {
-            local: node(0.6),
-            threshold: 0.85,
-            peers: &peers,
-            candidates: &candidates,
-            imbalance_threshold: 0.3,
-        };
+        let input = input(0.6, &peers, &candidates);
         for policy in [Policy::Reactive, Policy::Predictive] {
             let plan = rebalancer(policy, false).plan(T0, &input);
             assert_eq!(plan.moves, [], "{plan:?}");
@@ -902,13 +907,7 @@ mod tests {
     #[test]
     fn rebalancing_never_swaps_the_roles_nor_fills_a_peer() {
         let plan_for = |local: f64, cands: &[Candidate], peers: &[Peer]| {
-            let input = PlanInput {
-                local: node(local),
-                threshold: 0.85,
-                peers,
-                candidates: cands,
-                imbalance_threshold: 0.3,
-            };
+            let input = input(local, peers, cands);
             rebalancer(Policy::Reactive, true).plan(T0, &input)
         };
         let small: Vec<Candidate> = (1..=8)
@@ -967,13 +966,7 @@ mod tests {
             ..peer(3, 0.0, 1)
         };
         let plan_for = |peers: &[Peer]| {
-            let input = PlanInput {
-                local: node(0.6),
-                threshold: 0.85,
-                peers,
-                candidates: &candidates,
-                imbalance_threshold: 0.3,
-            };
+            let input = input(0.6, peers, &candidates);
             rebalancer(Policy::Reactive, true).plan(T0, &input)
         };
         let plan = plan_for(&[near, idle_relay]);
@@ -1006,13 +999,7 @@ mod tests {
             cand(6, 0.30, 0, Priority::Background), // just accepted: no benefit, never moved
         ];
         let peers = [peer(7, 0.0, 1)];
-        let input = PlanInput {
-            local: node(1.2),
-            threshold: 0.85,
-            peers: &peers,
-            candidates: &candidates,
-            imbalance_threshold: 0.3,
-        };
+        let input = input(1.2, &peers, &candidates);
         let mut p = planner(Policy::Predictive);
         let mut config = *p.config();
         config.max_moves = 10;
@@ -1039,13 +1026,7 @@ mod tests {
     fn target_has_room_lowest_load_lower_rtt_within_tolerance() {
         let candidates = [cand(1, 0.1, 60, Priority::Normal)];
         let run = |peers: &[Peer]| {
-            let input = PlanInput {
-                local: node(0.9),
-                threshold: 0.85,
-                peers,
-                candidates: &candidates,
-                imbalance_threshold: 0.3,
-            };
+            let input = input(0.9, peers, &candidates);
             ids(&planner(Policy::Predictive).plan(T0, &input))
         };
         // 2 is least loaded; 3 is within 0.05 of it and nearer.
@@ -1081,16 +1062,7 @@ mod tests {
         let run = |peers: &[Peer]| {
             let mut p = planner(Policy::Predictive);
             p.config.max_moves = 10;
-            p.plan(
-                T0,
-                &PlanInput {
-                    local: node(0.95),
-                    threshold: 0.85,
-                    peers,
-                    candidates: &candidates,
-                    imbalance_threshold: 0.3,
-                },
-            )
+            p.plan(T0, &input(0.95, peers, &candidates))
         };
         // The relaying peer is idle, the direct one busier: the direct one takes the moves. From
         // 0.95 to 0.75 takes 0.2 of relief, 0.09 a move: three moves (0.95 − 0.27 = 0.68).
@@ -1197,13 +1169,7 @@ mod tests {
             .map(|i| cand(i, 0.05, 60, Priority::Normal))
             .collect();
         let peers = [peer(9, 0.0, 1)];
-        let input = PlanInput {
-            local: node(1.5),
-            threshold: 0.85,
-            peers: &peers,
-            candidates: &candidates,
-            imbalance_threshold: 0.3,
-        };
+        let input = input(1.5, &peers, &candidates);
         let mut p = planner(Policy::Reactive);
         assert_eq!(p.plan(T0, &input).moves.len(), 4);
         let early = T0 + Duration::from_millis(999);
