@@ -171,6 +171,10 @@ pub(crate) struct Args {
     /// (`direct_return` on its peer entry for node-a) instead of relaying through node-a.
     #[arg(long)]
     direct_return: bool,
+    /// Forwarded packets queued together share tunnel records (`[tunnel] pack_datagrams`
+    /// of both nodes): `true` or `false`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pack_datagrams: bool,
     /// Bytes per second the downloading clients (flowshift's and the kernel baseline's) read
     /// at (default: as fast as they can).
     #[arg(long)]
@@ -684,8 +688,15 @@ impl Pair {
             }
             c.extra(&tunnel)
         };
-        let a = config("a", tunnel_toml(tb, Node::A, &ka, Node::B, &kb.public)?);
-        let mut b_tunnel = tunnel_toml(tb, Node::B, &kb, Node::A, &ka.public)?;
+        let packing = |t: String| {
+            let line = format!("[tunnel]\npack_datagrams = {}\n", o.pack_datagrams);
+            t.replacen("[tunnel]\n", &line, 1)
+        };
+        let a = config(
+            "a",
+            packing(tunnel_toml(tb, Node::A, &ka, Node::B, &kb.public)?),
+        );
+        let mut b_tunnel = packing(tunnel_toml(tb, Node::B, &kb, Node::A, &ka.public)?);
         if o.direct_return {
             // The `[[peer]]` table is the last one written.
             b_tunnel += "direct_return = true\n";

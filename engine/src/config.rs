@@ -106,6 +106,9 @@ pub struct TunnelConfig {
     /// Where the node keeps the newest handshake timestamp its peers accepted, across
     /// restarts (`state_file`; default: the private key file's path with `.state` added).
     pub state_file: PathBuf,
+    /// Forwarded packets queued together for a peer share tunnel records, when the peer
+    /// says it takes them (`pack_datagrams`, default on; off: one packet per record).
+    pub pack_datagrams: bool,
 }
 
 /// One `[[peer]]`.
@@ -332,6 +335,7 @@ struct RawTunnel {
     private_key_file: PathBuf,
     preshared_key_file: Option<PathBuf>,
     state_file: Option<PathBuf>,
+    pack_datagrams: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -1094,6 +1098,7 @@ impl Config {
             private_key,
             peers: entries,
             state_file,
+            pack_datagrams: raw.pack_datagrams.unwrap_or(true),
         }))
     }
 
@@ -1381,7 +1386,12 @@ max_connections = 100000
         assert_eq!(t.peers.len(), 1);
         assert_eq!(t.peers[0].name, "b");
         assert_eq!(t.peers[0].public_key.to_base64(), b_pub);
+        assert!(t.pack_datagrams, "packing is on by default");
         assert!(parse(EXAMPLE).unwrap().tunnel.is_none());
+        let off = text.replacen("[tunnel]\n", "[tunnel]\npack_datagrams = false\n", 1);
+        assert!(!parse(&off).unwrap().tunnel.unwrap().pack_datagrams);
+        let wrong = text.replacen("[tunnel]\n", "[tunnel]\npack_datagrams = 1\n", 1);
+        assert!(parse(&wrong).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use flowshift_tests::oracle::CountingVerifier;
 use flowshift_tests::testbed::SERVICE_ADDR;
 use flowshift_tests::tunnel::{
-    start_tunnel_pair, start_tunnel_pair_with, start_tunnel_trio, wait_alive,
+    peer, start_tunnel_pair, start_tunnel_pair_with, start_tunnel_trio, wait_alive,
 };
 use flowshift_tests::{NodeConfig, NodeHandle, Testbed, TestbedOptions, ensure_tools};
 
@@ -633,6 +633,16 @@ fn with_direct_return_the_target_replies_straight_to_the_client() {
     );
     assert!(stat(&a, "relayed_from_owner") < 100);
     assert!(stat(&a, "forwarded_to_owner") > 1000);
+    // The client's ACKs crossed in shared records (the rate depends on how many a worker
+    // reads per turn, so it is shown, not asserted).
+    let (to_b, from_a) = (peer(&a, "b").unwrap(), peer(&b, "a").unwrap());
+    assert_eq!(to_b["packs_datagrams"], true, "{to_b}");
+    assert_eq!(from_a["packs_datagrams"], true, "{from_a}");
+    eprintln!(
+        "{} client packets forwarded a -> b in {} records",
+        stat(&a, "forwarded_to_owner"),
+        from_a["rx_records"]
+    );
 }
 
 #[test]

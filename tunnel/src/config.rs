@@ -80,6 +80,10 @@ pub struct Config {
     pub max_message_size: usize,
     /// Datagrams queued per peer before [`SendError::QueueFull`](crate::SendError::QueueFull).
     pub datagram_queue_len: usize,
+    /// Announce (in heartbeats) that this endpoint takes records of several datagrams, and
+    /// pack queued datagrams into shared records for peers that announce it. Off: one
+    /// datagram per record each way, as endpoints before it did.
+    pub pack_datagrams: bool,
 }
 
 impl Default for Config {
@@ -113,6 +117,7 @@ impl Default for Config {
             send_buffer_limit: 64 << 20,
             max_message_size: 16 << 20,
             datagram_queue_len: 1024,
+            pack_datagrams: true,
         }
     }
 }

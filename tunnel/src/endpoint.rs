@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::ops::Range;
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -12,13 +11,13 @@ use crate::config::{Config, PeerConfig};
 use crate::cookie::CookieMaker;
 use crate::event::{Event, HandshakeError, PeerId};
 use crate::key::{Keypair, PublicKey};
-use crate::load::LoadReport;
+use crate::load::{FEATURE_PACKED_DATAGRAMS, LoadReport, with_features};
 use crate::noise;
 use crate::peer::{Ctx, InitiationClock, InitiationInfo, Peer};
 use crate::ratelimit::{RecentSet, SourceLimiter, TokenBucket};
 use crate::stats::{PeerStats, Stats};
 use crate::time::Instant;
-use crate::wire::frame::max_prefixed_payload;
+use crate::wire::frame::{Frame, Frames, max_prefixed_payload};
 use crate::wire::handshake::INIT_PAYLOAD_LEN;
 use crate::wire::{
     COOKIE_REPLY_LEN, CookieReply, CookieReplyRepr, DATA_HEADER_LEN, DataPacket, DataRepr,
@@ -59,13 +58,36 @@ pub struct Transmit {
     pub size: usize,
 }
 
-/// A datagram delivered by [`Endpoint::handle_datagram`], decrypted in place.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Received {
+/// The datagrams of one record delivered by [`Endpoint::handle_datagram`], decrypted in
+/// place in the buffer it was given (a record carries one or, from a peer that packs them,
+/// several).
+#[derive(Clone, Debug)]
+pub struct Received<'a> {
     /// The sending peer.
     pub peer: PeerId,
-    /// Where the datagram's bytes are in the buffer passed to `handle_datagram`.
-    pub datagram: Range<usize>,
+    /// The record's frames, checked whole before they were delivered.
+    frames: &'a [u8],
+    count: usize,
+}
+
+impl<'a> Received<'a> {
+    /// How many datagrams the record carried (at least one).
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Always false: a record without datagrams is not delivered.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The datagrams, in the order the peer queued them.
+    pub fn datagrams(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        Frames::new(self.frames).filter_map(|f| match f {
+            Ok(Frame::Datagram(d)) => Some(d),
+            _ => None,
+        })
+    }
 }
 
 /// Why [`Endpoint::add_peer`] refused.
@@ -198,6 +220,7 @@ impl Endpoint {
         let mut rng = ChaCha20Rng::from_seed(rng_seed);
         let instance = rng.next_u64();
         let load = LoadReport::default();
+        let heartbeat = with_features(load.to_bytes(), features(&config));
         let source_limiter = SourceLimiter::new(
             config.handshake_rate_per_source,
             config.handshake_burst_per_source,
@@ -234,7 +257,7 @@ impl Endpoint {
             cursor: 0,
             events: VecDeque::new(),
             stats: Stats::default(),
-            heartbeat: load.to_bytes(),
+            heartbeat,
             load,
         }
     }
@@ -258,7 +281,11 @@ impl Endpoint {
 
     /// Per-peer diagnostics.
     pub fn peer_stats(&self, peer: PeerId) -> Option<PeerStats> {
-        self.peers.get(&peer).map(Peer::stats)
+        self.peers.get(&peer).map(|p| {
+            let mut s = p.stats();
+            s.packs_datagrams &= self.config.pack_datagrams;
+            s
+        })
     }
 
     /// The peer with this static key.
@@ -335,7 +362,7 @@ impl Endpoint {
 
     /// Sets the load report that the following heartbeats carry.
     pub fn set_load_report(&mut self, report: LoadReport) {
-        self.heartbeat = report.to_bytes();
+        self.heartbeat = with_features(report.to_bytes(), features(&self.config));
         self.load = report;
     }
 
@@ -407,14 +434,14 @@ impl Endpoint {
     // ------------------------------------------------------------------ network input
 
     /// Handles one received UDP datagram. `buf` is decrypted in place; if the record
-    /// carried a datagram, its location in `buf` is returned. Anything invalid is dropped
-    /// and counted in [`stats`](Self::stats); this never panics.
-    pub fn handle_datagram(
+    /// carried datagrams, they are returned (as slices of `buf`). Anything invalid is
+    /// dropped and counted in [`stats`](Self::stats); this never panics.
+    pub fn handle_datagram<'a>(
         &mut self,
         now: Instant,
         from: SocketAddr,
-        buf: &mut [u8],
-    ) -> Option<Received> {
+        buf: &'a mut [u8],
+    ) -> Option<Received<'a>> {
         self.stats.rx_packets += 1;
         self.stats.rx_bytes += buf.len() as u64;
         let ty = match Header::new_checked(&buf[..]).and_then(|h| h.check()) {
@@ -626,7 +653,12 @@ impl Endpoint {
         }
     }
 
-    fn on_data(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Option<Received> {
+    fn on_data<'a>(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        buf: &'a mut [u8],
+    ) -> Option<Received<'a>> {
         let repr = match DataPacket::new_checked(&buf[..]).and_then(|p| DataRepr::parse(&p)) {
             Ok(r) => r,
             Err(_) => {
@@ -640,8 +672,13 @@ impl Endpoint {
         };
         let (mut ctx, peers) = split!(self);
         let peer = peers.get_mut(&id)?;
-        let datagram = peer.on_data(&mut ctx, now, from, buf, repr)?;
-        Some(Received { peer: id, datagram })
+        let (frames, count) = peer.on_data(&mut ctx, now, from, buf, repr)?;
+        let buf: &'a [u8] = buf;
+        Some(Received {
+            peer: id,
+            frames: buf.get(frames)?,
+            count,
+        })
     }
 
     /// Runs the timers that are due at `now`.
@@ -705,5 +742,13 @@ impl Endpoint {
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+}
+/// The tunnel features an endpoint with `config` announces in its heartbeats.
+fn features(config: &Config) -> u64 {
+    if config.pack_datagrams {
+        FEATURE_PACKED_DATAGRAMS
+    } else {
+        0
     }
 }

@@ -23,6 +23,9 @@
 //!            1 + its length; idle = since its last activity, at the sender's report;
 //!            at most MAX_SEGMENT_CONNS entries of at most MAX_SEGMENTS_PER_CONN
 //!            segments, at most MAX_SEGMENT_STATS_LEN bytes of value (whole entries)
+//!   type 5 = tunnel features of the sending endpoint (varint bit set), appended by the
+//!            endpoint itself, not part of [`LoadReport`]: bit 0 = it accepts records
+//!            that carry several DATAGRAM frames (other bits: ignored)
 //! ```
 //!
 //! New optional fields are added as new extension types without a version change; a
@@ -40,6 +43,9 @@ const EXT_FORECAST: u64 = 1;
 const EXT_LEASES: u64 = 2;
 const EXT_KPIS: u64 = 3;
 const EXT_SEGMENTS: u64 = 4;
+const EXT_TUNNEL_FEATURES: u64 = 5;
+/// Tunnel feature bit: the endpoint accepts records that carry several DATAGRAM frames.
+pub(crate) const FEATURE_PACKED_DATAGRAMS: u64 = 1;
 /// Ended connections' KPIs one report carries at most (under 230 bytes: with the most lease
 /// renewals, a report stays under about 1,150 bytes and still fits one heartbeat record).
 pub const MAX_KPI_REPORTS: usize = 12;
@@ -497,6 +503,45 @@ impl LoadReport {
     }
 }
 
+/// An encoded report with the endpoint's tunnel-features extension (type 5) appended:
+/// what the sending endpoint accepts, whatever the report's owner put in it.
+pub(crate) fn with_features(mut report: Vec<u8>, features: u64) -> Vec<u8> {
+    let mut ext = [0u8; 1 + 1 + 8];
+    let len = {
+        let mut w = Writer::new(&mut ext);
+        // Fits: the type and the length take a byte each, the value at most 8.
+        let ok = w.varint(EXT_TUNNEL_FEATURES).is_ok()
+            && w.varint(varint_len(features) as u64).is_ok()
+            && w.varint(features).is_ok();
+        if ok { w.position() } else { 0 }
+    };
+    report.extend_from_slice(&ext[..len]);
+    report
+}
+
+/// The tunnel features an encoded report announces (its last type-5 extension); none from
+/// a report that does not decode or has no such extension (an older endpoint).
+pub(crate) fn features(report: &[u8]) -> u64 {
+    fn walk(report: &[u8]) -> Result<u64, WireError> {
+        let mut r = Reader::new(report);
+        r.u8()?;
+        r.u16_le()?;
+        for _ in 0..3 {
+            r.varint()?;
+        }
+        let mut features = 0;
+        while !r.is_empty() {
+            let ty = r.varint()?;
+            let value = r.length_prefixed()?;
+            if ty == EXT_TUNNEL_FEATURES {
+                features = Reader::new(value).varint()?;
+            }
+        }
+        Ok(features)
+    }
+    walk(report).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -843,6 +888,43 @@ mod tests {
         assert!(without.encoded_len() + MAX_SEGMENT_STATS_LEN + 3 < 1300);
         let d = LoadReport::decode(&bytes).unwrap();
         assert_eq!(d.segments.len(), 1);
+        // The endpoint's features extension takes 3 bytes more, and the whole still fits.
+        let sent = with_features(bytes.clone(), FEATURE_PACKED_DATAGRAMS);
+        assert_eq!(sent.len(), bytes.len() + 3);
+        assert!(sent.len() <= MAX_LOAD_REPORT_LEN);
+    }
+
+    #[test]
+    fn the_tunnel_features_ride_the_report_and_its_owner_does_not_see_them() {
+        let r = LoadReport {
+            cpu_busy: 0.25,
+            connections: 3,
+            leases: vec![LeaseRenewal {
+                conn: 9,
+                volume: None,
+            }],
+            ..Default::default()
+        };
+        let plain = r.to_bytes();
+        assert_eq!(
+            features(&plain),
+            0,
+            "a report from an older endpoint: no features"
+        );
+        let sent = with_features(plain.clone(), FEATURE_PACKED_DATAGRAMS);
+        assert_eq!(features(&sent), FEATURE_PACKED_DATAGRAMS);
+        assert_eq!(LoadReport::decode(&sent).unwrap(), r);
+        // Unknown bits pass through; the last extension of the type counts.
+        let twice = with_features(with_features(plain.clone(), 0b110), 0b1);
+        assert_eq!(features(&twice), 0b1);
+        assert_eq!(features(&with_features(plain.clone(), 1 << 40)), 1 << 40);
+        // Anything that does not decode announces nothing.
+        for bad in [&sent[..sent.len() - 1], &[][..], &[1, 0, 0][..]] {
+            assert_eq!(features(bad), 0);
+        }
+        let mut bad_value = plain;
+        bad_value.extend_from_slice(&[5, 0]); // type 5 with an empty value
+        assert_eq!(features(&bad_value), 0);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::cookie::{self, COOKIE_LEN, COOKIE_LIFETIME};
 use crate::dgram_queue::DatagramQueue;
 use crate::event::{Event, HandshakeError, PeerId};
 use crate::key::{KEY_LEN, Keypair, PublicKey};
-use crate::load::LoadReport;
+use crate::load::{self, LoadReport};
 use crate::noise;
 use crate::reliable::{Reliable, ReliableParams};
 use crate::replay::{ReplayError, ReplayWindow};
@@ -234,6 +234,10 @@ pub(crate) struct Peer {
     datagrams: DatagramQueue,
     /// Alternates STREAM and DATAGRAM priority when both are waiting.
     prefer_stream: bool,
+    /// The peer's heartbeats say it accepts several DATAGRAM frames in one record: queued
+    /// datagrams then share records (one seal and one UDP segment for a run of forwarded
+    /// ACKs). Until its first heartbeat, and after it restarts, one per record.
+    packs_datagrams: bool,
     heartbeat_due: bool,
     next_heartbeat: Instant,
     last_heartbeat_rx: Instant,
@@ -273,6 +277,7 @@ impl Peer {
             reliable: Reliable::new(&reliable_params(config)),
             datagrams: DatagramQueue::default(),
             prefer_stream: false,
+            packs_datagrams: false,
             heartbeat_due: true,
             next_heartbeat: now + config.heartbeat_interval,
             last_heartbeat_rx: now,
@@ -324,6 +329,7 @@ impl Peer {
             stream_frames_refused: c.stream_frames_refused,
             messages_skipped: self.reliable.skipped_messages(),
             sessions_established: self.sessions_established,
+            packs_datagrams: self.packs_datagrams,
         }
     }
 
@@ -753,6 +759,9 @@ impl Peer {
                 ctx.indices.remove(&o.local_index);
             }
             self.reliable = Reliable::new(&reliable_params(ctx.config));
+            // It may be another version now: one datagram per record until it says.
+            self.packs_datagrams = false;
+            self.heartbeat_due = true;
             ctx.events.push_back(Event::PeerRestarted { peer: self.id });
         }
         self.remote_instance = Some(s.remote_instance);
@@ -787,8 +796,8 @@ impl Peer {
             .map(Slot::Other)
     }
 
-    /// A record addressed to one of this peer's indices. Returns the range of a delivered
-    /// datagram inside `buf`.
+    /// A record addressed to one of this peer's indices. Returns where the record's frames
+    /// are inside `buf` and how many DATAGRAM frames they hold, if any.
     pub(crate) fn on_data(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -796,7 +805,7 @@ impl Peer {
         from: SocketAddr,
         buf: &mut [u8],
         repr: DataRepr,
-    ) -> Option<Range<usize>> {
+    ) -> Option<(Range<usize>, usize)> {
         let config = ctx.config;
         let Some(slot) = self.slot_of(repr.receiver_index) else {
             ctx.stats.rx_unknown_session += 1;
@@ -846,27 +855,29 @@ impl Peer {
         }
         let plain = &buf[DATA_HEADER_LEN..DATA_HEADER_LEN + n];
         self.process_record(ctx, now, plain)
-            .map(|r| r.start + DATA_HEADER_LEN..r.end + DATA_HEADER_LEN)
+            .map(|(r, n)| (r.start + DATA_HEADER_LEN..r.end + DATA_HEADER_LEN, n))
     }
 
+    /// The frames of a decrypted record: where they are in `plain` and how many DATAGRAM
+    /// frames they hold, if they hold any.
     fn process_record(
         &mut self,
         ctx: &mut Ctx<'_>,
         now: Instant,
         plain: &[u8],
-    ) -> Option<Range<usize>> {
+    ) -> Option<(Range<usize>, usize)> {
         let Ok((pn, start)) = parse_record_header(plain) else {
             ctx.stats.rx_bad_frames += 1;
             return None;
         };
-        let mut frames = Frames::new(&plain[start..]);
+        let frames = Frames::new(&plain[start..]);
         let mut eliciting = false;
         let mut immediate = false;
         let mut refused = false;
         let mut bad = false;
-        let mut datagram = None;
+        let mut datagrams = 0;
         let mut messages = Vec::new();
-        while let Some(frame) = frames.next() {
+        for frame in frames {
             let Ok(frame) = frame else {
                 bad = true;
                 break;
@@ -882,14 +893,10 @@ impl Peer {
                         .is_err();
                 }
                 Frame::Window(limit) => self.reliable.send.on_window(limit),
-                Frame::Datagram(d) => {
-                    if datagram.is_none() {
-                        let end = start + frames.position();
-                        datagram = Some(end - d.len()..end);
-                    } else {
-                        // At most one DATAGRAM per record.
-                        bad = true;
-                    }
+                Frame::Datagram(_) => {
+                    datagrams += 1;
+                    // We did not say we take several: the peer is broken.
+                    bad |= datagrams > 1 && !ctx.config.pack_datagrams;
                 }
                 Frame::Heartbeat(report) => self.on_heartbeat(ctx, now, report),
                 Frame::Padding | Frame::Ping => {}
@@ -908,13 +915,11 @@ impl Peer {
                 data,
             });
         }
-        if bad {
+        if bad || datagrams == 0 {
             return None;
         }
-        if datagram.is_some() {
-            ctx.stats.datagrams_received += 1;
-        }
-        datagram
+        ctx.stats.datagrams_received += datagrams as u64;
+        Some((start..plain.len(), datagrams))
     }
 
     fn on_heartbeat(&mut self, ctx: &mut Ctx<'_>, now: Instant, report: &[u8]) {
@@ -924,6 +929,7 @@ impl Peer {
             self.liveness = Liveness::Alive;
             ctx.events.push_back(Event::PeerAlive { peer: self.id });
         }
+        self.packs_datagrams = load::features(report) & load::FEATURE_PACKED_DATAGRAMS != 0;
         match LoadReport::decode(report) {
             Ok(report) => ctx.events.push_back(Event::LoadReport {
                 peer: self.id,
@@ -992,17 +998,22 @@ impl Peer {
         self.build_record(ctx, now, buf).map(|n| (addr, n))
     }
 
-    fn write_datagram(&mut self, ctx: &mut Ctx<'_>, w: &mut Writer<'_>) -> bool {
-        let Some(d) = self.datagrams.front() else {
-            return false;
-        };
-        let frame = Frame::Datagram(d);
-        if frame.encoded_len() > w.remaining() || frame.emit(w).is_err() {
-            return false;
+    /// Writes up to `most` queued datagrams, in order, while they fit.
+    fn write_datagrams(&mut self, ctx: &mut Ctx<'_>, w: &mut Writer<'_>, most: usize) -> bool {
+        let mut wrote = 0;
+        while wrote < most {
+            let Some(d) = self.datagrams.front() else {
+                break;
+            };
+            let frame = Frame::Datagram(d);
+            if frame.encoded_len() > w.remaining() || frame.emit(w).is_err() {
+                break;
+            }
+            self.datagrams.pop_front();
+            wrote += 1;
         }
-        self.datagrams.pop_front();
-        ctx.stats.datagrams_sent += 1;
-        true
+        ctx.stats.datagrams_sent += wrote as u64;
+        wrote > 0
     }
 
     /// Seals `plain` as a record with the current session (see `Endpoint::seal_raw_record`).
@@ -1043,7 +1054,7 @@ impl Peer {
             let mut w = Writer::new(&mut buf[DATA_HEADER_LEN..body_end]);
             w.varint(self.reliable.next_pn()).ok()?;
             if datagram_first {
-                wrote_anything |= self.write_datagram(ctx, &mut w);
+                wrote_anything |= self.write_datagrams(ctx, &mut w, 1);
             }
             if self.reliable.window_due() {
                 let limit = self.reliable.window_limit();
@@ -1105,9 +1116,15 @@ impl Peer {
             if ping && Frame::Ping.emit(&mut w).is_ok() {
                 eliciting = true;
             }
-            if !datagram_first {
-                wrote_anything |= self.write_datagram(ctx, &mut w);
-            }
+            // The control frames and the stream went first, so that a run of datagrams
+            // never crowds them out; the rest of the record takes what it can.
+            let packs = self.packs_datagrams && ctx.config.pack_datagrams;
+            let more = match (packs, datagram_first) {
+                (true, _) => usize::MAX,
+                (false, true) => 0,
+                (false, false) => 1,
+            };
+            wrote_anything |= self.write_datagrams(ctx, &mut w, more);
             w.position()
         };
         if !(wrote_anything || eliciting || self.confirm_pending) {

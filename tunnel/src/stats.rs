@@ -115,4 +115,7 @@ pub struct PeerStats {
     pub messages_skipped: u64,
     /// Sessions established with this peer (initial and rekeys).
     pub sessions_established: u64,
+    /// The peer's heartbeats say it accepts records of several datagrams, and datagrams
+    /// queued together share records.
+    pub packs_datagrams: bool,
 }

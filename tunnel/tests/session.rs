@@ -276,7 +276,8 @@ fn data_packets(p: &Pair, to_b: bool) -> Vec<Vec<u8>> {
 
 #[test]
 fn replayed_forged_tampered_and_unknown_packets_are_rejected_and_counted() {
-    let mut p = Setup::new(40).build();
+    // One datagram per record: each queued datagram makes a record to capture.
+    let mut p = Setup::new(40).config(|c| c.pack_datagrams = false).build();
     p.connect();
     p.run_for(Duration::from_millis(100));
     let pa = p.a.peer;
@@ -340,7 +341,8 @@ fn replayed_forged_tampered_and_unknown_packets_are_rejected_and_counted() {
 
 #[test]
 fn records_older_than_the_window_are_rejected() {
-    let mut p = Setup::new(41).build();
+    // One datagram per record: each queued datagram makes a record to capture.
+    let mut p = Setup::new(41).config(|c| c.pack_datagrams = false).build();
     p.connect();
     p.run_for(Duration::from_millis(100));
     let pa = p.a.peer;
@@ -1334,4 +1336,108 @@ fn a_node_restarted_with_its_clock_behind_continues_above_what_peers_accepted() 
         |p| p.a.ep.accepted_initiation_timestamp() > accepted
     ));
     assert_eq!(p.b.ep.stats().handshake_replayed, replayed);
+}
+
+/// A forwarded ACK as a node sends it (62 bytes with its envelope), numbered.
+fn forwarded_ack(i: u32) -> Vec<u8> {
+    let mut d = i.to_le_bytes().to_vec();
+    d.resize(62, i as u8);
+    d
+}
+
+fn records_from_peer(n: &sim::Node) -> u64 {
+    n.ep.peer_stats(n.peer).unwrap().rx_records
+}
+
+/// Queues `count` forwarded ACKs from A to B at once, runs until B has them all, and returns
+/// how many records B received meanwhile. B must get them exactly and in order.
+fn ack_burst_a_to_b(p: &mut Pair, count: u32) -> u64 {
+    let before = records_from_peer(&p.b);
+    p.b.datagrams.clear();
+    for i in 0..count {
+        p.a.ep.send_datagram(p.a.peer, &forwarded_ack(i)).unwrap();
+    }
+    assert!(p.run_until(Duration::from_secs(2), |p| p.b.datagrams.len()
+        >= count as usize));
+    let expect: Vec<Vec<u8>> = (0..count).map(forwarded_ack).collect();
+    assert!(
+        p.b.datagrams == expect,
+        "B got other datagrams or another order"
+    );
+    records_from_peer(&p.b) - before
+}
+
+#[test]
+fn forwarded_acks_queued_together_share_records_once_the_peer_says_it_takes_them() {
+    let mut p = Setup::new(120).build();
+    p.connect();
+    // The heartbeats (one is due at once) tell each side the other packs.
+    assert!(p.run_until(Duration::from_secs(2), |p| {
+        let packs = |n: &sim::Node| n.ep.peer_stats(n.peer).unwrap().packs_datagrams;
+        packs(&p.a) && packs(&p.b)
+    }));
+    let sent = p.a.ep.stats().datagrams_sent;
+    let records = ack_burst_a_to_b(&mut p, 200);
+    // 64 bytes a frame: about 22 to a 1,452-byte record, so 10 records carry them (a few
+    // more may carry only ACKs).
+    assert!(records <= 14, "200 forwarded ACKs took {records} records");
+    assert_eq!(p.a.ep.stats().datagrams_sent - sent, 200);
+    assert_eq!(p.b.ep.stats().datagrams_received, 200);
+    assert_eq!(p.b.ep.stats().rx_bad_frames, 0);
+    // Records still interleave the reliable stream with datagrams both ways.
+    p.a.datagrams.clear();
+    p.b.datagrams.clear();
+    bidirectional_transfer(&mut p, 20, Duration::from_secs(30));
+}
+
+#[test]
+fn a_peer_that_does_not_take_packed_records_gets_one_datagram_in_each() {
+    let mut setup = Setup::new(121);
+    setup.config_b.pack_datagrams = false;
+    let mut p = setup.build();
+    p.connect();
+    p.run_for(Duration::from_secs(2));
+    assert!(!p.a.ep.peer_stats(p.a.peer).unwrap().packs_datagrams);
+    // B hears that A takes them, but does not pack either (it is switched off).
+    assert!(!p.b.ep.peer_stats(p.b.peer).unwrap().packs_datagrams);
+    let records = ack_burst_a_to_b(&mut p, 100);
+    assert!(records >= 100, "100 datagrams came in {records} records");
+    assert_eq!(p.b.ep.stats().rx_bad_frames, 0);
+    let before = records_from_peer(&p.a);
+    for i in 0..100 {
+        p.b.ep.send_datagram(p.b.peer, &forwarded_ack(i)).unwrap();
+    }
+    assert!(p.run_until(Duration::from_secs(2), |p| p.a.datagrams.len() >= 100));
+    assert!(records_from_peer(&p.a) - before >= 100);
+    p.a.datagrams.clear();
+    p.b.datagrams.clear();
+    bidirectional_transfer(&mut p, 20, Duration::from_secs(30));
+}
+
+#[test]
+fn after_a_peer_restarts_datagrams_are_not_packed_until_it_says_it_takes_them() {
+    let mut p = Setup::new(122).build();
+    p.connect();
+    assert!(p.run_until(Duration::from_secs(2), |p| {
+        p.a.ep.peer_stats(p.a.peer).unwrap().packs_datagrams
+    }));
+    // B comes back as a node that does not take packed records (an older version), and
+    // only answers handshakes: A finds it through dead detection and initiates, so A learns
+    // of the restart from B's handshake response, before any record of B's (and heartbeat)
+    // has arrived.
+    let mut config = Config::default();
+    config.pack_datagrams = false;
+    let mut eb = Endpoint::new(config, p.b.keypair.clone(), [9; 32], p.now);
+    p.b.peer = eb
+        .add_peer(PeerConfig::new(*p.a.keypair.public(), None), p.now)
+        .unwrap();
+    p.b.ep = eb;
+    assert!(p.run_until(Duration::from_secs(20), |p| {
+        p.a.count(|e| matches!(e, Event::PeerRestarted { .. })) == 1
+    }));
+    // Queued the moment A learns of the restart.
+    let records = ack_burst_a_to_b(&mut p, 60);
+    assert!(records >= 60, "60 datagrams came in {records} records");
+    assert_eq!(p.b.ep.stats().rx_bad_frames, 0);
+    assert!(!p.a.ep.peer_stats(p.a.peer).unwrap().packs_datagrams);
 }

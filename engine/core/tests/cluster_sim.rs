@@ -1368,7 +1368,9 @@ impl Cluster {
                     let from = self.nodes[1 - i].addr;
                     let n = &mut self.nodes[i];
                     if let Some(r) = n.ep.handle_datagram(tnow, from, &mut p.data) {
-                        n.dispatch_datagram(r.peer, &p.data[r.datagram]);
+                        for d in r.datagrams() {
+                            n.dispatch_datagram(r.peer, d);
+                        }
                     }
                 }
                 To::Tun(_) | To::Udp(_) => {}

@@ -110,6 +110,13 @@ pub struct PeerInfo {
     /// Bytes received from the peer (UDP payload of authenticated records only: garbage or
     /// forgeries sent from the peer's address are not counted).
     pub rx_bytes: u64,
+    /// UDP datagrams sent to the peer (records and handshake messages).
+    pub tx_records: u64,
+    /// Authenticated records received from the peer.
+    pub rx_records: u64,
+    /// The peer's heartbeats say it takes several forwarded packets in one record, and
+    /// packets queued together for it share records.
+    pub packs_datagrams: bool,
     /// Its last load report.
     pub load: Option<LoadView>,
     /// Load reports received so far (a new number: a new report).
@@ -587,7 +594,9 @@ pub(crate) fn start(
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(sock_err)?);
     let clock = Clock::new();
     let keypair = Keypair::from_private(config.private_key.clone());
-    let mut ep = Endpoint::new(TunnelCoreConfig::default(), keypair, seed, clock.now());
+    let mut core = TunnelCoreConfig::default();
+    core.pack_datagrams = config.pack_datagrams;
+    let mut ep = Endpoint::new(core, keypair, seed, clock.now());
     // Our handshakes carry timestamps above what peers accepted before a restart, even if
     // the clock was stepped back meanwhile.
     let persisted_timestamp = read_timestamp_state(&config.state_file);
@@ -805,6 +814,9 @@ impl Driver {
             },
             tx_bytes: stats.tx_bytes,
             rx_bytes: stats.rx_bytes,
+            tx_records: stats.tx_packets,
+            rx_records: stats.rx_records,
+            packs_datagrams: stats.packs_datagrams,
             load: p.load.as_ref().map(LoadView::from),
             load_reports: p.load_reports.0,
             load_age_ms: p
@@ -866,7 +878,9 @@ impl Driver {
                     let end = (at + stride).min(m.len);
                     let dgram = &mut buf[at..end];
                     if let Some(r) = self.ep.handle_datagram(now, m.addr, dgram) {
-                        self.dispatch_datagram(r.peer, &dgram[r.datagram.clone()]);
+                        for d in r.datagrams() {
+                            self.dispatch_datagram(r.peer, d);
+                        }
                     }
                     at = end;
                 }

@@ -299,7 +299,7 @@ impl Pair {
             (&mut self.a, self.b.addr)
         };
         if let Some(r) = node.ep.handle_datagram(self.now, from, &mut data) {
-            node.datagrams.push(data[r.datagram].to_vec());
+            node.datagrams.extend(r.datagrams().map(<[u8]>::to_vec));
         }
     }
 
