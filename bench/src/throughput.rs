@@ -113,6 +113,11 @@ struct Figures {
     /// CPU seconds of the serving process (flowshift's node, or the kernel-socket servers)
     /// per GB downloaded.
     process_cpu_s_per_gb: Option<f64>,
+    /// Busy CPU seconds of the whole machine per GB uploaded (single flow, CRC checked),
+    /// taken like the download's; `None` in results from before it was measured.
+    upload_machine_cpu_s_per_gb: Option<f64>,
+    /// CPU seconds of the serving process per GB uploaded, taken like the download's.
+    upload_process_cpu_s_per_gb: Option<f64>,
     /// The `loss` part: curl's download through the router's loss, verified.
     loss_download: Option<Transfer>,
     /// The `loss` part: per-object times (curl's `time_total`) of the small objects fetched
@@ -449,26 +454,32 @@ fn measure(
     };
     if let Some(d) = d {
         let probes0 = probes();
-        let (busy0, proc0) = (
-            sys::machine_busy_seconds(),
-            pid.map(sys::process_cpu_seconds),
+        let cpu;
+        (f.download, cpu) = with_cpu_per_gb(pid, || {
+            client
+                .run(|| load::download(addr(target, 19), d))
+                .context("download")
+        })?;
+        (f.machine_cpu_s_per_gb, f.process_cpu_s_per_gb) = (cpu.machine, cpu.process);
+        eprintln!(
+            "  download   {:.2} Gbit/s (verified); {}",
+            f.download.gbit_s(),
+            cpu.show()
         );
-        f.download = client
-            .run(|| load::download(addr(target, 19), d))
-            .context("download")?;
-        let (busy1, proc1) = (
-            sys::machine_busy_seconds(),
-            pid.map(sys::process_cpu_seconds),
-        );
-        let gb = f.download.bytes as f64 / 1e9;
-        f.machine_cpu_s_per_gb = (busy1 - busy0) / gb;
-        f.process_cpu_s_per_gb = proc0.zip(proc1).map(|(a, b)| (b - a) / gb);
-        eprintln!("  download   {:.2} Gbit/s (verified)", f.download.gbit_s());
 
-        f.upload = client
-            .run(|| load::upload(addr(target, 9), d))
-            .context("upload")?;
-        eprintln!("  upload     {:.2} Gbit/s (CRC checked)", f.upload.gbit_s());
+        let cpu;
+        (f.upload, cpu) = with_cpu_per_gb(pid, || {
+            client
+                .run(|| load::upload(addr(target, 9), d))
+                .context("upload")
+        })?;
+        (f.upload_machine_cpu_s_per_gb, f.upload_process_cpu_s_per_gb) =
+            (Some(cpu.machine), cpu.process);
+        eprintln!(
+            "  upload     {:.2} Gbit/s (CRC checked); {}",
+            f.upload.gbit_s(),
+            cpu.show()
+        );
         f.parallel8 = client
             .run(|| load::parallel_download(addr(target, 19), 8, d))
             .context("8 flows")?;
@@ -522,6 +533,50 @@ fn measure(
     }
     eprintln!("  steal      {:.0} %", f.steal_percent);
     Ok(f)
+}
+
+/// CPU seconds per GB a transfer moved.
+#[derive(Debug, Clone, Copy)]
+struct CpuPerGb {
+    /// Busy time of the whole machine (client, router, server and the kernel's work for
+    /// them).
+    machine: f64,
+    /// The serving process's threads' user + system time (`None` without its pid).
+    process: Option<f64>,
+}
+
+impl CpuPerGb {
+    fn show(&self) -> String {
+        format!(
+            "CPU s per GB: machine {:.2}, server process {}",
+            self.machine,
+            self.process.map_or("-".to_string(), |p| format!("{p:.2}"))
+        )
+    }
+}
+
+/// Runs `transfer` and takes the CPU time spent while it ran, per GB it moved: the whole
+/// machine's busy time, and the process `pid`'s (the server). Only a transfer that
+/// succeeded (its bytes verified, or its CRC checked) gives figures.
+fn with_cpu_per_gb(
+    pid: Option<u32>,
+    transfer: impl FnOnce() -> anyhow::Result<Transfer>,
+) -> anyhow::Result<(Transfer, CpuPerGb)> {
+    let (busy0, proc0) = (
+        sys::machine_busy_seconds(),
+        pid.map(sys::process_cpu_seconds),
+    );
+    let t = transfer()?;
+    let (busy1, proc1) = (
+        sys::machine_busy_seconds(),
+        pid.map(sys::process_cpu_seconds),
+    );
+    let gb = t.bytes as f64 / 1e9;
+    let cpu = CpuPerGb {
+        machine: (busy1 - busy0) / gb,
+        process: proc0.zip(proc1).map(|(a, b)| (b - a) / gb),
+    };
+    Ok((t, cpu))
 }
 
 /// Where the `http` part keeps nginx's files and curl's downloads: tmpfs, so neither side
@@ -887,13 +942,16 @@ fn idle_memory(
 
 fn summarize(k: &[Figures], f: &[Figures]) -> Vec<Row> {
     type Pick = fn(&Figures) -> f64;
-    let measures: [(&'static str, Pick); 6] = [
+    let measures: [(&'static str, Pick); 7] = [
         ("single-flow download, Gbit/s", |x| x.download.gbit_s()),
         ("single-flow upload, Gbit/s", |x| x.upload.gbit_s()),
         ("8 parallel downloads, Gbit/s", |x| x.parallel8.gbit_s()),
         ("new connections per second", |x| x.connections_per_s),
         ("machine CPU s per GB (download)", |x| {
             x.machine_cpu_s_per_gb
+        }),
+        ("machine CPU s per GB (upload)", |x| {
+            x.upload_machine_cpu_s_per_gb.unwrap_or(f64::NAN)
         }),
         ("steal, %", |x| x.steal_percent),
     ];
@@ -964,15 +1022,24 @@ fn summarize(k: &[Figures], f: &[Figures]) -> Vec<Row> {
             ratio: None,
         });
     }
-    rows.extend(transfers.then(|| {
-        let pick = |x: &Figures| x.process_cpu_s_per_gb.unwrap_or(f64::NAN);
-        Row {
-            name: "server process CPU s per GB (download; its threads' user + system time)",
+    let process: [(&'static str, Pick); 2] = [
+        (
+            "server process CPU s per GB (download; its threads' user + system time)",
+            |x| x.process_cpu_s_per_gb.unwrap_or(f64::NAN),
+        ),
+        (
+            "server process CPU s per GB (upload; its threads' user + system time)",
+            |x| x.upload_process_cpu_s_per_gb.unwrap_or(f64::NAN),
+        ),
+    ];
+    if transfers {
+        rows.extend(process.into_iter().map(|(name, pick)| Row {
+            name,
             kernel: Spread::of(k.iter().map(pick).collect()),
             flowshift: Spread::of(f.iter().map(pick).collect()),
             ratio: Spread::of(k.iter().zip(f).map(|(a, b)| pick(b) / pick(a)).collect()),
-        }
-    }));
+        }));
+    }
     rows.extend(transfers.then(|| {
         Row {
             name: "flowshift loss probes during the clean transfers",
@@ -1191,41 +1258,54 @@ pub(crate) fn figures(
         log_y: false,
         connect: false,
     };
+    // CPU per GB, per direction: the whole machine's and the server process's; the upload's
+    // only where measured (not in results from before it was).
+    let mut cpu_measures: Vec<(&str, Pick)> = vec![
+        ("download\nwhole machine\n(busy time)", |x| {
+            x.machine_cpu_s_per_gb
+        }),
+        ("download\nserver process\nonly", |x| {
+            x.process_cpu_s_per_gb.unwrap_or(f64::NAN)
+        }),
+    ];
+    let uploads = r
+        .kernel_tcp
+        .iter()
+        .chain(&r.flowshift)
+        .any(|x| x.upload_machine_cpu_s_per_gb.is_some());
+    if uploads {
+        cpu_measures.extend::<[(&str, Pick); 2]>([
+            ("upload\nwhole machine\n(busy time)", |x| {
+                x.upload_machine_cpu_s_per_gb.unwrap_or(f64::NAN)
+            }),
+            ("upload\nserver process\nonly", |x| {
+                x.upload_process_cpu_s_per_gb.unwrap_or(f64::NAN)
+            }),
+        ]);
+    }
+    let cpu_series = |label: &str, colour, v: &[Figures]| Series {
+        label: label.into(),
+        colour,
+        values: cpu_measures
+            .iter()
+            .map(|(_, pick)| v.iter().map(pick).collect())
+            .collect(),
+        flagged: vec![flagged.clone(); cpu_measures.len()],
+    };
     let cpu = Figure {
-        title: format!("CPU seconds per GB downloaded, single flow ({title_runs})"),
+        title: format!(
+            "CPU seconds per GB {}, single flow ({title_runs})",
+            if uploads {
+                "downloaded and uploaded"
+            } else {
+                "downloaded"
+            }
+        ),
         y_desc: "CPU s per GB".into(),
-        categories: vec![
-            "whole machine\n(busy time)".into(),
-            "server process\nonly".into(),
-        ],
+        categories: cpu_measures.iter().map(|(n, _)| (*n).to_owned()).collect(),
         series: vec![
-            Series {
-                label: "kernel TCP".into(),
-                colour: plot::KERNEL,
-                values: vec![
-                    r.kernel_tcp
-                        .iter()
-                        .map(|x| x.machine_cpu_s_per_gb)
-                        .collect(),
-                    r.kernel_tcp
-                        .iter()
-                        .map(|x| x.process_cpu_s_per_gb.unwrap_or(f64::NAN))
-                        .collect(),
-                ],
-                flagged: vec![flagged.clone(), flagged.clone()],
-            },
-            Series {
-                label: "flowshift".into(),
-                colour: plot::FLOWSHIFT,
-                values: vec![
-                    r.flowshift.iter().map(|x| x.machine_cpu_s_per_gb).collect(),
-                    r.flowshift
-                        .iter()
-                        .map(|x| x.process_cpu_s_per_gb.unwrap_or(f64::NAN))
-                        .collect(),
-                ],
-                flagged: vec![flagged.clone(), flagged.clone()],
-            },
+            cpu_series("kernel TCP", plot::KERNEL, &r.kernel_tcp),
+            cpu_series("flowshift", plot::FLOWSHIFT, &r.flowshift),
         ],
         refs: vec![],
         log_y: false,
@@ -1305,6 +1385,8 @@ mod tests {
             connections_per_s: 20_000.0 * f,
             machine_cpu_s_per_gb: 1.0 / f,
             process_cpu_s_per_gb: Some(0.35 / f),
+            upload_machine_cpu_s_per_gb: Some(1.2 / f),
+            upload_process_cpu_s_per_gb: Some(0.5 / f),
             steal_percent: 3.0 * k,
             loss_download: Some(t(0.05 * f)),
             loss_object_ms: Some([0.1, 200.0 / f, 400.0 / f]),
@@ -1331,6 +1413,28 @@ mod tests {
                 .median,
             120.0
         );
+    }
+
+    #[test]
+    fn cpu_per_gb_is_summarised_for_both_directions() {
+        let k = vec![figures_of(1.0, 1.0); 3];
+        let f = vec![figures_of(1.0, 0.5); 3];
+        let rows = summarize(&k, &f);
+        let row = |name: &str| rows.iter().find(|r| r.name.starts_with(name)).unwrap();
+        for (name, kernel) in [
+            ("machine CPU s per GB (download)", 1.0),
+            ("machine CPU s per GB (upload)", 1.2),
+            ("server process CPU s per GB (download;", 0.35),
+            ("server process CPU s per GB (upload;", 0.5),
+        ] {
+            let r = row(name);
+            assert!((r.kernel.unwrap().median - kernel).abs() < 1e-9, "{name}");
+            assert!(
+                (r.flowshift.unwrap().median - 2.0 * kernel).abs() < 1e-9,
+                "{name}"
+            );
+            assert!((r.ratio.unwrap().median - 2.0).abs() < 1e-9, "{name}");
+        }
     }
 
     #[test]
@@ -1417,7 +1521,14 @@ mod tests {
         );
         assert_svg(
             &paths[1],
-            &["kernel TCP", "flowshift", "CPU s per GB", "server process"],
+            &[
+                "kernel TCP",
+                "flowshift",
+                "CPU s per GB",
+                "server process",
+                "upload",
+                "downloaded and uploaded",
+            ],
         );
         assert_svg(
             &paths[2],
