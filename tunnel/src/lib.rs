@@ -5,7 +5,7 @@
 //! current time, and takes out datagrams to send, the next timer deadline and events.
 //!
 //! ```text
-//!           handle_datagram(now, from, &mut buf) ──► Option<Received>  (datagram decrypted in buf)
+//!           handle_datagram(now, from, &mut buf) ──► Option<Received>  (its datagrams, decrypted in buf)
 //!   driver  handle_timeout(now)                       │
 //!   (mio,   send_message / send_datagram       ┌──────┴───────┐
 //!   UDP)    set_load_report                    │   Endpoint   │ peers, sessions, channels
