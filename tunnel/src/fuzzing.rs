@@ -101,9 +101,18 @@ impl RecordHarness {
         let authenticated = |e: &Endpoint| e.stats().rx_records + e.stats().rx_bad_frames;
         let before = authenticated(&self.b);
         let from = ADDR_A.parse().expect("address");
-        let _ = self
+        if let Some(r) = self
             .b
-            .handle_datagram(self.now, from, &mut record[..sealed.size]);
+            .handle_datagram(self.now, from, &mut record[..sealed.size])
+        {
+            // What B hands up is what it validated: as many datagrams as it counted.
+            assert_eq!(
+                r.datagrams().count(),
+                r.len(),
+                "datagrams of a delivered record"
+            );
+            assert!(!r.is_empty(), "a record without datagrams was delivered");
+        }
         assert!(
             authenticated(&self.b) > before,
             "B did not authenticate the harness's record: the harness tests nothing ({:?})",

@@ -25,7 +25,8 @@
 //!            segments, at most MAX_SEGMENT_STATS_LEN bytes of value (whole entries)
 //!   type 5 = tunnel features of the sending endpoint (varint bit set), appended by the
 //!            endpoint itself, not part of [`LoadReport`]: bit 0 = it accepts records
-//!            that carry several DATAGRAM frames (other bits: ignored)
+//!            that carry several DATAGRAM frames (other bits: ignored); the last type-5
+//!            extension counts, and a report or value that does not decode announces none
 //! ```
 //!
 //! New optional fields are added as new extension types without a version change; a
@@ -524,7 +525,9 @@ pub(crate) fn with_features(mut report: Vec<u8>, features: u64) -> Vec<u8> {
 pub(crate) fn features(report: &[u8]) -> u64 {
     fn walk(report: &[u8]) -> Result<u64, WireError> {
         let mut r = Reader::new(report);
-        r.u8()?;
+        if r.u8()? != LOAD_REPORT_VERSION {
+            return Err(WireError::Malformed);
+        }
         r.u16_le()?;
         for _ in 0..3 {
             r.varint()?;
@@ -884,8 +887,9 @@ mod tests {
             ..r.clone()
         };
         assert!(bytes.len() - without.encoded_len() <= MAX_SEGMENT_STATS_LEN + 3);
-        // So with segment statistics at their budget, under 1,300 bytes.
-        assert!(without.encoded_len() + MAX_SEGMENT_STATS_LEN + 3 < 1300);
+        // So with segment statistics at their budget and the endpoint's 3 bytes of
+        // features, under 1,300 bytes.
+        assert!(without.encoded_len() + MAX_SEGMENT_STATS_LEN + 3 + 3 < 1300);
         let d = LoadReport::decode(&bytes).unwrap();
         assert_eq!(d.segments.len(), 1);
         // The endpoint's features extension takes 3 bytes more, and the whole still fits.
@@ -922,6 +926,10 @@ mod tests {
         for bad in [&sent[..sent.len() - 1], &[][..], &[1, 0, 0][..]] {
             assert_eq!(features(bad), 0);
         }
+        // A report of another version is not read with this one's layout.
+        let mut other = sent.clone();
+        other[0] = LOAD_REPORT_VERSION + 1;
+        assert_eq!(features(&other), 0);
         let mut bad_value = plain;
         bad_value.extend_from_slice(&[5, 0]); // type 5 with an empty value
         assert_eq!(features(&bad_value), 0);

@@ -998,9 +998,10 @@ impl Peer {
         self.build_record(ctx, now, buf).map(|n| (addr, n))
     }
 
-    /// Writes up to `most` queued datagrams, in order, while they fit.
-    fn write_datagrams(&mut self, ctx: &mut Ctx<'_>, w: &mut Writer<'_>, most: usize) -> bool {
-        let mut wrote = 0;
+    /// Writes up to `most` queued datagrams, in order, while they fit; returns the bytes
+    /// their frames took.
+    fn write_datagrams(&mut self, ctx: &mut Ctx<'_>, w: &mut Writer<'_>, most: usize) -> usize {
+        let (mut wrote, start) = (0, w.position());
         while wrote < most {
             let Some(d) = self.datagrams.front() else {
                 break;
@@ -1013,7 +1014,7 @@ impl Peer {
             wrote += 1;
         }
         ctx.stats.datagrams_sent += wrote as u64;
-        wrote > 0
+        w.position() - start
     }
 
     /// Seals `plain` as a record with the current session (see `Endpoint::seal_raw_record`).
@@ -1050,11 +1051,12 @@ impl Peer {
         let mut stream = Vec::new();
         let mut window = None;
         let mut wrote_anything = false;
+        let mut datagram_bytes = 0;
         let plain_len = {
             let mut w = Writer::new(&mut buf[DATA_HEADER_LEN..body_end]);
             w.varint(self.reliable.next_pn()).ok()?;
             if datagram_first {
-                wrote_anything |= self.write_datagrams(ctx, &mut w, 1);
+                datagram_bytes += self.write_datagrams(ctx, &mut w, 1);
             }
             if self.reliable.window_due() {
                 let limit = self.reliable.window_limit();
@@ -1116,15 +1118,16 @@ impl Peer {
             if ping && Frame::Ping.emit(&mut w).is_ok() {
                 eliciting = true;
             }
-            // The control frames and the stream went first, so that a run of datagrams
-            // never crowds them out; the rest of the record takes what it can.
+            // Beyond the first, datagrams come after the control frames and the stream, so
+            // that a run of them never crowds those out; they take the rest of the record.
             let packs = self.packs_datagrams && ctx.config.pack_datagrams;
             let more = match (packs, datagram_first) {
                 (true, _) => usize::MAX,
                 (false, true) => 0,
                 (false, false) => 1,
             };
-            wrote_anything |= self.write_datagrams(ctx, &mut w, more);
+            datagram_bytes += self.write_datagrams(ctx, &mut w, more);
+            wrote_anything |= datagram_bytes > 0;
             w.position()
         };
         if !(wrote_anything || eliciting || self.confirm_pending) {
@@ -1144,7 +1147,15 @@ impl Peer {
         session.send.seal_in_place(counter, aad, body).ok()?;
         self.confirm_pending = false;
         self.reliable
-            .on_packet_sent(now, total as u64, stream, window, eliciting);
+            // Datagrams are not congestion-controlled: an ack-eliciting record counts in
+            // flight without the datagrams it carries along.
+            .on_packet_sent(
+                now,
+                (total - datagram_bytes) as u64,
+                stream,
+                window,
+                eliciting,
+            );
         Some(total)
     }
 }

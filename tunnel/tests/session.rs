@@ -1396,7 +1396,9 @@ fn a_peer_that_does_not_take_packed_records_gets_one_datagram_in_each() {
     setup.config_b.pack_datagrams = false;
     let mut p = setup.build();
     p.connect();
-    p.run_for(Duration::from_secs(2));
+    // Each side has heard the other's heartbeat: A knows B does not take packed records.
+    let heard = |n: &sim::Node| n.count(|e| matches!(e, Event::LoadReport { .. })) > 0;
+    assert!(p.run_until(Duration::from_secs(3), |p| heard(&p.a) && heard(&p.b)));
     assert!(!p.a.ep.peer_stats(p.a.peer).unwrap().packs_datagrams);
     // B hears that A takes them, but does not pack either (it is switched off).
     assert!(!p.b.ep.peer_stats(p.b.peer).unwrap().packs_datagrams);
@@ -1440,4 +1442,84 @@ fn after_a_peer_restarts_datagrams_are_not_packed_until_it_says_it_takes_them() 
     assert!(records >= 60, "60 datagrams came in {records} records");
     assert_eq!(p.b.ep.stats().rx_bad_frames, 0);
     assert!(!p.a.ep.peer_stats(p.a.peer).unwrap().packs_datagrams);
+}
+
+#[test]
+fn after_a_peer_restarts_packing_resumes_once_its_heartbeat_says_it_takes_them() {
+    let mut p = Setup::new(123).build();
+    p.connect();
+    let a_packs = |p: &Pair| p.a.ep.peer_stats(p.a.peer).unwrap().packs_datagrams;
+    assert!(p.run_until(Duration::from_secs(2), a_packs));
+    // B comes back (packing on, the default), answering handshakes only, as above.
+    let mut eb = Endpoint::new(Config::default(), p.b.keypair.clone(), [9; 32], p.now);
+    p.b.peer = eb
+        .add_peer(PeerConfig::new(*p.a.keypair.public(), None), p.now)
+        .unwrap();
+    p.b.ep = eb;
+    assert!(p.run_until(Duration::from_secs(20), |p| {
+        p.a.count(|e| matches!(e, Event::PeerRestarted { .. })) == 1
+    }));
+    // Until B's first heartbeat reaches A, one datagram a record.
+    assert!(!a_packs(&p));
+    let records = ack_burst_a_to_b(&mut p, 60);
+    assert!(records >= 60, "60 datagrams came in {records} records");
+    // B's heartbeats (one is due at once on each side after a restart) say it takes them.
+    assert!(p.run_until(Duration::from_secs(2), a_packs));
+    let records = ack_burst_a_to_b(&mut p, 200);
+    assert!(records <= 14, "200 forwarded ACKs took {records} records");
+    assert_eq!(p.b.ep.stats().rx_bad_frames, 0);
+}
+
+#[test]
+fn a_packed_record_to_a_node_that_does_not_take_them_is_refused_but_its_other_frames_count() {
+    use flowshift_tunnel::wire::Frame;
+    use flowshift_tunnel::wire::coding::Writer;
+    let mut setup = Setup::new(124);
+    setup.config_b.pack_datagrams = false;
+    let mut p = setup.build();
+    p.connect();
+    p.run_for(Duration::from_millis(100));
+    // A broken (or older-than-it-says) peer seals a heartbeat and two datagrams in one
+    // record.
+    let report = LoadReport {
+        connections: 4242,
+        ..Default::default()
+    }
+    .to_bytes();
+    let mut plain = vec![0u8; 512];
+    let n = {
+        let mut w = Writer::new(&mut plain);
+        w.varint(1 << 20).unwrap(); // a packet number far from the real ones
+        for f in [
+            Frame::Heartbeat(&report),
+            Frame::Datagram(b"one"),
+            Frame::Datagram(b"two"),
+        ] {
+            f.emit(&mut w).unwrap();
+        }
+        w.position()
+    };
+    let mut buf = vec![0u8; 600];
+    let t =
+        p.a.ep
+            .seal_raw_record(p.a.peer, &plain[..n], &mut buf)
+            .unwrap();
+    let before = p.b.ep.stats().clone();
+    p.b.datagrams.clear();
+    p.inject(true, buf[..t.size].to_vec());
+    p.run_for(Duration::from_millis(1));
+    let s = p.b.ep.stats();
+    assert_eq!(
+        s.rx_bad_frames - before.rx_bad_frames,
+        1,
+        "refused and counted"
+    );
+    assert_eq!(s.datagrams_received, before.datagrams_received);
+    assert!(p.b.datagrams.is_empty(), "no datagram of it delivered");
+    // The frames before the refusal were taken, as for any malformed record.
+    assert!(
+        p.b.events
+            .iter()
+            .any(|e| matches!(e, Event::LoadReport { report, .. } if report.connections == 4242))
+    );
 }
