@@ -452,6 +452,12 @@ pub fn render(
         "Large blocks the kernel refused to unmap (vm.max_map_count too low?)",
         unmap_failures,
     );
+    counter(
+        &mut r,
+        "allocator_blocks_recycled",
+        "Socket buffers (and other large blocks) reused from closed connections instead of mapped anew",
+        crate::alloc::recycled(),
+    );
     if let Some(n) = crate::alloc::mappings() {
         gauge(
             &mut r,

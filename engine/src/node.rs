@@ -312,7 +312,8 @@ impl Worker {
             }
             let now = self.clock.now();
             woke = Some(now);
-            more_to_read = self.read_batch(now);
+            // New connections' socket buffers may reuse closed ones' (crate::alloc).
+            more_to_read = crate::alloc::recycling(|| self.read_batch(now));
             while let Ok(msg) = self.control.try_recv() {
                 match msg {
                     WorkerMsg::Conns(reply, all) => {
@@ -1997,6 +1998,12 @@ pub fn os_random_seed() -> io::Result<[u8; 32]> {
 /// only the pages they touched.
 pub fn run(config: Config) -> Result<(), NodeError> {
     warn_if_few_mappings(config.limits.max_connections);
+    if !crate::alloc::enable_recycling() {
+        tracing::info!(
+            "swap is configured (or /proc/swaps unreadable): freed socket buffers are unmapped, \
+             not recycled (docs/architecture.md, Recycled buffers for new connections)"
+        );
+    }
     let started = StdInstant::now();
     let clock = Clock(started);
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
