@@ -26,7 +26,8 @@
 //! workers: an unmap makes the kernel flush the other cores' TLBs (an interrupt to each, dear
 //! in a VM), and every page of a fresh mapping faults on first touch. A connection that
 //! opens, moves a few bytes and closes paid two maps and two unmaps — 46 % of the node's CPU
-//! per connection in the connection-rate benchmark. So each thread keeps up to
+//! per connection in the connection-rate benchmark. So each worker (a thread that uses
+//! [`recycling`]) keeps up to
 //! [`RECYCLE_BLOCKS`] of the blocks it freed, if few of their pages are resident (at most
 //! [`RECYCLE_MAX_RESIDENT`], asked of the kernel with `mincore`, a call that flushes
 //! nothing): it zeroes those pages at once and hands the block to its next allocation of the
@@ -92,6 +93,9 @@ struct Recycled {
 thread_local! {
     /// Inside [`recycling`]: allocations may take a recycled block.
     static TAKE: Cell<bool> = const { Cell::new(false) };
+    /// The thread has used [`recycling`]: only such a thread keeps blocks (another would
+    /// keep them for nothing).
+    static RECYCLER: Cell<bool> = const { Cell::new(false) };
     static CACHE: RefCell<Recycled> = const {
         RefCell::new(Recycled { blocks: [(0, 0); RECYCLE_BLOCKS], len: 0 })
     };
@@ -109,6 +113,7 @@ pub fn enable_recycling() -> bool {
 
 /// Runs `f` with this thread's recycled blocks available to its allocations.
 pub fn recycling<R>(f: impl FnOnce() -> R) -> R {
+    RECYCLER.with(|r| r.set(true));
     let before = TAKE.with(|t| t.replace(true));
     let r = f();
     TAKE.with(|t| t.set(before));
@@ -145,7 +150,10 @@ fn take_recycled(len: usize) -> Option<*mut u8> {
 /// room and few of its pages are resident (zeroing those); false if the caller must unmap it.
 fn keep_recycled(p: *mut u8, len: usize) -> bool {
     let pages = len / MAP_ALIGN;
-    if !RECYCLING_ON.load(Ordering::Relaxed) || pages > RECYCLE_MAX_PAGES {
+    if !RECYCLING_ON.load(Ordering::Relaxed)
+        || pages > RECYCLE_MAX_PAGES
+        || !RECYCLER.try_with(Cell::get).unwrap_or(false)
+    {
         return false;
     }
     CACHE
@@ -367,6 +375,16 @@ mod tests {
         RECYCLING_ON.store(true, Ordering::Relaxed);
         let a = NodeAlloc;
         let l = Layout::from_size_align(262_144, 1).unwrap();
+        // A thread that never recycles keeps nothing.
+        // SAFETY: the block is used within its size and freed with its layout.
+        let kept_by_others = std::thread::spawn(move || unsafe {
+            let p = NodeAlloc.alloc_zeroed(l);
+            NodeAlloc.dealloc(p, l);
+            CACHE.with(|c| c.borrow().len)
+        });
+        assert_eq!(kept_by_others.join().unwrap(), 0);
+        // This thread is a worker from here on.
+        recycling(|| ());
         // SAFETY: the blocks are used within their size and freed with their layout.
         unsafe {
             // A block with three pages written: kept, and zeroed.
