@@ -27,22 +27,21 @@
 //! in a VM), and every page of a fresh mapping faults on first touch. A connection that
 //! opens, moves a few bytes and closes paid two maps and two unmaps — 46 % of the node's CPU
 //! per connection in the connection-rate benchmark. So each worker (a thread that uses
-//! [`recycling`]) keeps up to
-//! [`RECYCLE_BLOCKS`] of the blocks it freed, if few of their pages are resident (at most
-//! [`RECYCLE_MAX_RESIDENT`], asked of the kernel with `mincore`, a call that flushes
-//! nothing): it zeroes those pages at once and hands the block to its next allocation of the
-//! same size made inside [`recycling`] (a worker wraps its TUN input, where connections are
-//! accepted). Outside it nothing is taken from the cache: an idle connection's compaction
-//! gets a fresh mapping with no resident page, as before. What the caches hold stays small
-//! (at most 16 blocks of 16 KiB resident a thread) and needs no trimming. Only on a machine
-//! without swap ([`enable_recycling`]): `mincore` does not tell a swapped-out page from one
-//! never written, so with swap a recycled block could hold stale bytes where a fresh one
-//! reads zero.
+//! [`recycling`]) keeps up to [`RECYCLE_BLOCKS`] of the blocks it freed, if at most
+//! [`RECYCLE_MAX_RESIDENT`] of their pages are present and none is swapped out (read from
+//! `/proc/self/pagemap`, which flushes nothing): it zeroes the present pages at once and hands
+//! the block (the cleanest of the size first) to its next allocation of the same size made
+//! inside [`recycling`] — a worker wraps its TUN input, where connections are accepted. When
+//! its cache is full the oldest block is unmapped. Outside the scope nothing is taken: an idle
+//! connection's compaction gets a fresh mapping with no page present. A connection accepted
+//! with a recycled block starts with up to 4 zeroed pages per buffer present (16 KiB) until
+//! it is compacted. Only with 4 KiB pages, the unit blocks are zeroed in
+//! ([`enable_recycling`]).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 /// Large blocks the kernel refused to map (the allocation then fails, and Rust aborts).
 static MAP_FAILURES: AtomicU64 = AtomicU64::new(0);
@@ -76,17 +75,25 @@ const MAP_ALIGN: usize = 4096;
 pub const RECYCLE_BLOCKS: usize = 16;
 /// Resident pages a freed block may have and still be kept.
 pub const RECYCLE_MAX_RESIDENT: usize = 4;
-/// Largest block kept: 1 MiB (its residency vector lives on the stack).
+/// Largest block kept: 1 MiB (its page-table entries are read onto the stack).
 const RECYCLE_MAX_PAGES: usize = 256;
 
-/// Whether recycling is on (off until [`enable_recycling`] finds no swap).
-static RECYCLING_ON: AtomicBool = AtomicBool::new(false);
+/// `/proc/self/pagemap`, open while recycling is on (-1: off).
+static PAGEMAP: AtomicI32 = AtomicI32::new(-1);
 /// Blocks handed out again since start (for `/metrics`).
 static RECYCLED: AtomicU64 = AtomicU64::new(0);
 
-/// One thread's freed blocks, zeroed, by address and mapped length.
+/// One kept block: address, mapped length, pages resident (zeroed) when it was kept.
+#[derive(Clone, Copy)]
+struct Kept {
+    addr: usize,
+    len: usize,
+    resident: usize,
+}
+
+/// One thread's kept blocks, oldest first.
 struct Recycled {
-    blocks: [(usize, usize); RECYCLE_BLOCKS],
+    blocks: [Kept; RECYCLE_BLOCKS],
     len: usize,
 }
 
@@ -97,27 +104,50 @@ thread_local! {
     /// keep them for nothing).
     static RECYCLER: Cell<bool> = const { Cell::new(false) };
     static CACHE: RefCell<Recycled> = const {
-        RefCell::new(Recycled { blocks: [(0, 0); RECYCLE_BLOCKS], len: 0 })
+        RefCell::new(Recycled {
+            blocks: [Kept { addr: 0, len: 0, resident: 0 }; RECYCLE_BLOCKS],
+            len: 0,
+        })
     };
 }
 
-/// Turns recycling on if the machine has no swap (`/proc/swaps` lists none); returns
-/// whether it is on. Call once at start, before the workers run.
+/// Turns recycling on where it is sound: 4 KiB pages (the unit the blocks are zeroed in) and
+/// a readable `/proc/self/pagemap` (it tells a page never written from one swapped out,
+/// which `mincore` cannot). Returns whether it is on. Call once at start.
 pub fn enable_recycling() -> bool {
-    let no_swap = std::fs::read_to_string("/proc/swaps")
-        .map(|s| s.lines().skip(1).all(|l| l.trim().is_empty()))
-        .unwrap_or(false);
-    RECYCLING_ON.store(no_swap, Ordering::Relaxed);
-    no_swap
+    // SAFETY: sysconf has no preconditions.
+    if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != MAP_ALIGN as libc::c_long {
+        return false;
+    }
+    if PAGEMAP.load(Ordering::Relaxed) >= 0 {
+        return true;
+    }
+    // SAFETY: a NUL-terminated path; the descriptor is kept for the process's life.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/pagemap".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd >= 0 {
+        PAGEMAP.store(fd, Ordering::Relaxed);
+    }
+    fd >= 0
 }
 
 /// Runs `f` with this thread's recycled blocks available to its allocations.
 pub fn recycling<R>(f: impl FnOnce() -> R) -> R {
+    /// Restores the flag however `f` ends.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let before = self.0;
+            let _ = TAKE.try_with(|t| t.set(before));
+        }
+    }
     RECYCLER.with(|r| r.set(true));
-    let before = TAKE.with(|t| t.replace(true));
-    let r = f();
-    TAKE.with(|t| t.set(before));
-    r
+    let _restore = Restore(TAKE.with(|t| t.replace(true)));
+    f()
 }
 
 /// Blocks handed out again since start.
@@ -126,7 +156,7 @@ pub fn recycled() -> u64 {
 }
 
 /// A recycled block of `len` mapped bytes for this thread, if inside [`recycling`] and one
-/// is kept (it reads as zeroes).
+/// is kept: of those, the one with the fewest resident pages. It reads as zeroes.
 fn take_recycled(len: usize) -> Option<*mut u8> {
     if !TAKE.try_with(Cell::get).unwrap_or(false) {
         return None;
@@ -135,22 +165,56 @@ fn take_recycled(len: usize) -> Option<*mut u8> {
         .try_with(|c| {
             let mut c = c.try_borrow_mut().ok()?;
             let n = c.len;
-            let i = c.blocks[..n].iter().rposition(|&(_, l)| l == len)?;
-            let (addr, _) = c.blocks[i];
-            c.blocks[i] = c.blocks[n - 1];
+            let (i, k) = c.blocks[..n]
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.len == len)
+                .min_by_key(|(_, k)| k.resident)
+                .map(|(i, k)| (i, *k))?;
+            c.blocks.copy_within(i + 1..n, i);
             c.len = n - 1;
             RECYCLED.fetch_add(1, Ordering::Relaxed);
-            Some(addr as *mut u8)
+            Some(k.addr as *mut u8)
         })
         .ok()
         .flatten()
 }
 
-/// Keeps the freed mapping `p` of `len` bytes for reuse if recycling is on, this thread has
-/// room and few of its pages are resident (zeroing those); false if the caller must unmap it.
+/// How many of the `pages` pages at `p` are present (their indices set in `present`), or
+/// `None` if one is swapped out or the page table cannot be read.
+fn present_pages(
+    p: *mut u8,
+    pages: usize,
+    present: &mut [bool; RECYCLE_MAX_PAGES],
+) -> Option<usize> {
+    let fd = PAGEMAP.load(Ordering::Relaxed);
+    let mut entries = [0u64; RECYCLE_MAX_PAGES];
+    let bytes = pages * 8;
+    let offset = (p as usize / MAP_ALIGN * 8) as libc::off_t;
+    // SAFETY: `entries` has room for `bytes` (pages ≤ RECYCLE_MAX_PAGES).
+    let n = unsafe { libc::pread(fd, entries.as_mut_ptr().cast(), bytes, offset) };
+    if n != bytes as isize {
+        return None;
+    }
+    let mut count = 0;
+    for (i, e) in entries[..pages].iter().enumerate() {
+        // Bit 63: present in RAM; bit 62: swapped out (its old bytes come back on a read).
+        if e & (1 << 62) != 0 {
+            return None;
+        }
+        present[i] = e & (1 << 63) != 0;
+        count += usize::from(present[i]);
+    }
+    Some(count)
+}
+
+/// Keeps the freed mapping `p` of `len` bytes for reuse if recycling is on, this thread
+/// recycles and few of its pages are present (zeroing those); when the thread's cache is
+/// full, its oldest block goes back to the kernel instead. False if the caller must unmap
+/// `p` itself.
 fn keep_recycled(p: *mut u8, len: usize) -> bool {
     let pages = len / MAP_ALIGN;
-    if !RECYCLING_ON.load(Ordering::Relaxed)
+    if PAGEMAP.load(Ordering::Relaxed) < 0
         || pages > RECYCLE_MAX_PAGES
         || !RECYCLER.try_with(Cell::get).unwrap_or(false)
     {
@@ -161,30 +225,31 @@ fn keep_recycled(p: *mut u8, len: usize) -> bool {
             let Ok(mut c) = c.try_borrow_mut() else {
                 return false;
             };
-            if c.len == RECYCLE_BLOCKS {
-                return false;
-            }
-            let mut resident = [0u8; RECYCLE_MAX_PAGES];
-            // SAFETY: `p` is a page-aligned mapping of `len` bytes (made by `map`), and
-            // `resident` has a byte for each of its pages.
-            if unsafe { libc::mincore(p.cast(), len, resident.as_mut_ptr()) } != 0 {
-                return false;
-            }
-            let dirty = || {
-                resident[..pages]
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, b)| *b & 1 == 1)
+            let mut present = [false; RECYCLE_MAX_PAGES];
+            let resident = match present_pages(p, pages, &mut present) {
+                Some(n) if n <= RECYCLE_MAX_RESIDENT => n,
+                _ => return false,
             };
-            if dirty().count() > RECYCLE_MAX_RESIDENT {
-                return false;
-            }
-            for (i, _) in dirty() {
+            for i in (0..pages).filter(|&i| present[i]) {
                 // SAFETY: page `i` lies inside the block, which the caller gave up.
                 unsafe { ptr::write_bytes(p.add(i * MAP_ALIGN), 0, MAP_ALIGN) };
             }
+            if c.len == RECYCLE_BLOCKS {
+                let oldest = c.blocks[0];
+                c.blocks.copy_within(1.., 0);
+                c.len -= 1;
+                // SAFETY: a kept block is a mapping of `oldest.len` bytes made by `map`, and
+                // nothing else refers to it.
+                if unsafe { libc::munmap(oldest.addr as *mut libc::c_void, oldest.len) } != 0 {
+                    UNMAP_FAILURES.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             let n = c.len;
-            c.blocks[n] = (p as usize, len);
+            c.blocks[n] = Kept {
+                addr: p as usize,
+                len,
+                resident,
+            };
             c.len = n + 1;
             true
         })
@@ -369,10 +434,14 @@ mod tests {
     }
 
     /// Inside `recycling`, a block freed with few resident pages is handed to the next
-    /// allocation of its size, zeroed; outside it, or dirtier, it is not.
+    /// allocation of its size, zeroed (the one with the fewest resident pages first);
+    /// outside it, or dirtier, it is not; a full cache gives its oldest block back.
     #[test]
     fn freed_blocks_are_recycled_zeroed_only_inside_the_scope_and_only_when_nearly_clean() {
-        RECYCLING_ON.store(true, Ordering::Relaxed);
+        assert!(
+            enable_recycling(),
+            "4 KiB pages and /proc/self/pagemap are what the project's machines have"
+        );
         let a = NodeAlloc;
         let l = Layout::from_size_align(262_144, 1).unwrap();
         // A thread that never recycles keeps nothing.
@@ -385,50 +454,70 @@ mod tests {
         assert_eq!(kept_by_others.join().unwrap(), 0);
         // This thread is a worker from here on.
         recycling(|| ());
+        let write = |p: *mut u8, pages: &[usize]| {
+            for &page in pages {
+                // SAFETY: the test owns the block and `page` lies inside it.
+                unsafe { ptr::write_bytes(p.add(page * MAP_ALIGN + 100), 0xab, 50) };
+            }
+        };
         // SAFETY: the blocks are used within their size and freed with their layout.
         unsafe {
-            // A block with three pages written: kept, and zeroed.
-            let p = a.alloc_zeroed(l);
-            for page in [0, 7, 63] {
-                ptr::write_bytes(p.add(page * MAP_ALIGN + 100), 0xab, 50);
-            }
-            a.dealloc(p, l);
-            // Outside the scope: a fresh mapping (the kept block stays kept).
+            // Two blocks kept, three pages and one page written.
+            let (p3, p1) = (a.alloc_zeroed(l), a.alloc_zeroed(l));
+            write(p3, &[0, 7, 63]);
+            write(p1, &[5]);
+            a.dealloc(p3, l);
+            a.dealloc(p1, l);
+            // Outside the scope: a fresh mapping (the kept blocks stay kept).
             let fresh = a.alloc_zeroed(l);
-            assert_ne!(fresh, p);
+            assert!(fresh != p3 && fresh != p1);
+            // Inside: the cleaner one first, then the other; both read as zeroes.
             let before = recycled();
-            let q = recycling(|| a.alloc_zeroed(l));
-            assert_eq!(q, p, "the kept block is reused inside the scope");
-            assert_eq!(recycled(), before + 1);
-            // The written pages read as zeroes again (reading every page would make them all
-            // resident: mincore counts the zero page).
-            for page in [0, 7, 63] {
-                let at = page * MAP_ALIGN;
-                assert!(
-                    (at..at + MAP_ALIGN).all(|i| *q.add(i) == 0),
-                    "page {page} not zeroed"
-                );
+            let q1 = recycling(|| a.alloc_zeroed(l));
+            let q3 = recycling(|| a.alloc(l));
+            assert_eq!((q1, q3), (p1, p3), "kept blocks, the cleaner first");
+            assert_eq!(recycled(), before + 2);
+            for (q, pages) in [(q1, [5].as_slice()), (q3, [0, 7, 63].as_slice())] {
+                for &page in pages {
+                    let at = page * MAP_ALIGN;
+                    assert!((at..at + MAP_ALIGN).all(|i| *q.add(i) == 0), "page {page}");
+                }
             }
-            // Another size does not take it.
-            a.dealloc(q, l);
+            // A taken block grows like any other (mremap), keeping its bytes.
+            write(q1, &[5]);
+            let grown = a.realloc(q1, l, 2 * 262_144);
+            assert_eq!(*grown.add(5 * MAP_ALIGN + 100), 0xab);
+            a.dealloc(grown, Layout::from_size_align(2 * 262_144, 1).unwrap());
+            // Another size does not take a kept one.
+            a.dealloc(q3, l);
             let other = Layout::from_size_align(131_072, 1).unwrap();
             let r = recycling(|| a.alloc_zeroed(other));
-            assert_ne!(r, p);
+            assert_ne!(r, p3);
             a.dealloc(r, other);
-            // A block with more than RECYCLE_MAX_RESIDENT pages written is unmapped.
+            // A block with more than RECYCLE_MAX_RESIDENT pages written goes back.
             let again = recycling(|| a.alloc_zeroed(l));
-            assert_eq!(again, p);
-            for page in 0..=RECYCLE_MAX_RESIDENT {
-                *again.add(page * MAP_ALIGN) = 1;
-            }
+            assert_eq!(again, p3);
+            write(again, &(0..=RECYCLE_MAX_RESIDENT).collect::<Vec<_>>());
             a.dealloc(again, l);
             // (The kernel may map the next block at the freed address: count, not compare.)
             let before = recycled();
             let next = recycling(|| a.alloc_zeroed(l));
             assert_eq!(recycled(), before, "a dirty block was kept");
-            assert_eq!(*next.add(MAP_ALIGN), 0, "a fresh mapping reads as zeroes");
+            // Every byte of a fresh block reads as zero.
+            assert!((0..262_144).all(|i| *next.add(i) == 0));
             a.dealloc(next, l);
             a.dealloc(fresh, l);
+            // A full cache gives back its oldest block for a new one: after 16 blocks of
+            // another size, the 256 KiB one kept last is still there to take.
+            let small = Layout::from_size_align(65_536, 1).unwrap();
+            let smalls: Vec<*mut u8> = (0..RECYCLE_BLOCKS).map(|_| a.alloc_zeroed(small)).collect();
+            let last = a.alloc_zeroed(l);
+            for b in smalls {
+                a.dealloc(b, small);
+            }
+            a.dealloc(last, l);
+            assert_eq!(CACHE.with(|c| c.borrow().len), RECYCLE_BLOCKS);
+            assert_eq!(recycling(|| a.alloc_zeroed(l)), last);
         }
     }
 

@@ -17,9 +17,10 @@ use flowshift_core::predict::{ConfigError as CoreConfigError, PredictConfig};
 use smoltcp::time::Duration;
 
 /// Default `limits.max_half_open`: with the default 256 KiB buffers each way, a SYN flood can
-/// reserve at most 1 GiB of address space, of which nothing is resident (a half-open
-/// connection has written nothing into its buffers, and the node's allocator maps them
-/// untouched); past `syn_cookie_threshold` handshakes hold no socket at all.
+/// reserve at most 1 GiB of address space, of which little is resident (a half-open
+/// connection has written nothing into its buffers; the node's allocator maps them untouched,
+/// or recycles a closed connection's with at most 32 KiB of zeroed pages present, from a
+/// cache of 16 per worker); past `syn_cookie_threshold` handshakes hold no socket at all.
 pub const DEFAULT_MAX_HALF_OPEN: usize = 2048;
 /// Default `limits.syn_cookie_threshold`: 256 handshakes in flight at once is far beyond what
 /// legitimate clients produce within one round trip here.

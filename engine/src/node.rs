@@ -2000,8 +2000,8 @@ pub fn run(config: Config) -> Result<(), NodeError> {
     warn_if_few_mappings(config.limits.max_connections);
     if !crate::alloc::enable_recycling() {
         tracing::info!(
-            "swap is configured (or /proc/swaps unreadable): freed socket buffers are unmapped, \
-             not recycled (docs/architecture.md, Recycled buffers for new connections)"
+            "pages are not 4 KiB or /proc/self/pagemap is unreadable: freed socket buffers are \
+             unmapped, not recycled (docs/architecture.md, Recycled buffers for new connections)"
         );
     }
     let started = StdInstant::now();

@@ -1228,21 +1228,15 @@ fn sequential_short_connections(timestamps: bool) {
     let all = all.as_array().unwrap();
     assert!(!all.is_empty());
     assert!(all.iter().all(|c| c["state"] == "TIME-WAIT"), "{all:?}");
-    // Each connection's two socket buffers came from the one before it (the bytes were
-    // checked above), unless the machine has swap, where the node does not recycle.
+    // Each connection's two socket buffers came from closed ones (the bytes were checked
+    // above): all but the first few of each worker (4 KiB pages, as on every machine the
+    // project runs on).
     let recycled = metric(&node, "flowshift_allocator_blocks_recycled_total");
-    let swap = std::fs::read_to_string("/proc/swaps")
-        .map(|s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
-        .unwrap_or(true);
-    if swap {
-        assert_eq!(recycled, 0, "recycled with swap configured");
-    } else {
-        assert!(
-            recycled >= n as u64,
-            "{recycled} blocks recycled for {n} connections' {} buffers",
-            2 * n
-        );
-    }
+    assert!(
+        recycled >= 2 * n as u64 - 100,
+        "{recycled} blocks recycled for {n} connections' {} buffers",
+        2 * n
+    );
 }
 
 #[test]
