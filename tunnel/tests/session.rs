@@ -1367,6 +1367,23 @@ fn ack_burst_a_to_b(p: &mut Pair, count: u32) -> u64 {
     records_from_peer(&p.b) - before
 }
 
+/// 200 forwarded ACKs from A to B share records (about 22 to a record, so 10 records; a
+/// few more may carry only ACKs), and B found none malformed.
+fn assert_packed_burst(p: &mut Pair) {
+    let records = ack_burst_a_to_b(p, 200);
+    assert!(records <= 14, "200 forwarded ACKs took {records} records");
+    assert_eq!(p.b.ep.stats().rx_bad_frames, 0);
+}
+
+/// A connected pair whose B neither packs nor takes packed records.
+fn pair_where_b_does_not_pack(seed: u64) -> Pair {
+    let mut setup = Setup::new(seed);
+    setup.config_b.pack_datagrams = false;
+    let mut p = setup.build();
+    p.connect();
+    p
+}
+
 #[test]
 fn forwarded_acks_queued_together_share_records_once_the_peer_says_it_takes_them() {
     let mut p = Setup::new(120).build();
@@ -1377,13 +1394,9 @@ fn forwarded_acks_queued_together_share_records_once_the_peer_says_it_takes_them
         packs(&p.a) && packs(&p.b)
     }));
     let sent = p.a.ep.stats().datagrams_sent;
-    let records = ack_burst_a_to_b(&mut p, 200);
-    // 64 bytes a frame: about 22 to a 1,452-byte record, so 10 records carry them (a few
-    // more may carry only ACKs).
-    assert!(records <= 14, "200 forwarded ACKs took {records} records");
+    assert_packed_burst(&mut p);
     assert_eq!(p.a.ep.stats().datagrams_sent - sent, 200);
     assert_eq!(p.b.ep.stats().datagrams_received, 200);
-    assert_eq!(p.b.ep.stats().rx_bad_frames, 0);
     // Records still interleave the reliable stream with datagrams both ways.
     p.a.datagrams.clear();
     p.b.datagrams.clear();
@@ -1392,10 +1405,7 @@ fn forwarded_acks_queued_together_share_records_once_the_peer_says_it_takes_them
 
 #[test]
 fn a_peer_that_does_not_take_packed_records_gets_one_datagram_in_each() {
-    let mut setup = Setup::new(121);
-    setup.config_b.pack_datagrams = false;
-    let mut p = setup.build();
-    p.connect();
+    let mut p = pair_where_b_does_not_pack(121);
     // Each side has heard the other's heartbeat: A knows B does not take packed records.
     let heard = |n: &sim::Node| n.count(|e| matches!(e, Event::LoadReport { .. })) > 0;
     assert!(p.run_until(Duration::from_secs(3), |p| heard(&p.a) && heard(&p.b)));
@@ -1416,6 +1426,20 @@ fn a_peer_that_does_not_take_packed_records_gets_one_datagram_in_each() {
     bidirectional_transfer(&mut p, 20, Duration::from_secs(30));
 }
 
+/// B restarts with `config`, answering handshakes only (it does not know A's address), and
+/// A finds out: through dead detection and its own initiation, so from B's handshake
+/// response, before any record of B's has arrived.
+fn restart_b_answering_only(p: &mut Pair, config: Config) {
+    let mut eb = Endpoint::new(config, p.b.keypair.clone(), [9; 32], p.now);
+    p.b.peer = eb
+        .add_peer(PeerConfig::new(*p.a.keypair.public(), None), p.now)
+        .unwrap();
+    p.b.ep = eb;
+    assert!(p.run_until(Duration::from_secs(20), |p| {
+        p.a.count(|e| matches!(e, Event::PeerRestarted { .. })) == 1
+    }));
+}
+
 #[test]
 fn after_a_peer_restarts_datagrams_are_not_packed_until_it_says_it_takes_them() {
     let mut p = Setup::new(122).build();
@@ -1429,14 +1453,7 @@ fn after_a_peer_restarts_datagrams_are_not_packed_until_it_says_it_takes_them() 
     // has arrived.
     let mut config = Config::default();
     config.pack_datagrams = false;
-    let mut eb = Endpoint::new(config, p.b.keypair.clone(), [9; 32], p.now);
-    p.b.peer = eb
-        .add_peer(PeerConfig::new(*p.a.keypair.public(), None), p.now)
-        .unwrap();
-    p.b.ep = eb;
-    assert!(p.run_until(Duration::from_secs(20), |p| {
-        p.a.count(|e| matches!(e, Event::PeerRestarted { .. })) == 1
-    }));
+    restart_b_answering_only(&mut p, config);
     // Queued the moment A learns of the restart.
     let records = ack_burst_a_to_b(&mut p, 60);
     assert!(records >= 60, "60 datagrams came in {records} records");
@@ -1451,33 +1468,21 @@ fn after_a_peer_restarts_packing_resumes_once_its_heartbeat_says_it_takes_them()
     let a_packs = |p: &Pair| p.a.ep.peer_stats(p.a.peer).unwrap().packs_datagrams;
     assert!(p.run_until(Duration::from_secs(2), a_packs));
     // B comes back (packing on, the default), answering handshakes only, as above.
-    let mut eb = Endpoint::new(Config::default(), p.b.keypair.clone(), [9; 32], p.now);
-    p.b.peer = eb
-        .add_peer(PeerConfig::new(*p.a.keypair.public(), None), p.now)
-        .unwrap();
-    p.b.ep = eb;
-    assert!(p.run_until(Duration::from_secs(20), |p| {
-        p.a.count(|e| matches!(e, Event::PeerRestarted { .. })) == 1
-    }));
+    restart_b_answering_only(&mut p, Config::default());
     // Until B's first heartbeat reaches A, one datagram a record.
     assert!(!a_packs(&p));
     let records = ack_burst_a_to_b(&mut p, 60);
     assert!(records >= 60, "60 datagrams came in {records} records");
     // B's heartbeats (one is due at once on each side after a restart) say it takes them.
     assert!(p.run_until(Duration::from_secs(2), a_packs));
-    let records = ack_burst_a_to_b(&mut p, 200);
-    assert!(records <= 14, "200 forwarded ACKs took {records} records");
-    assert_eq!(p.b.ep.stats().rx_bad_frames, 0);
+    assert_packed_burst(&mut p);
 }
 
 #[test]
 fn a_packed_record_to_a_node_that_does_not_take_them_is_refused_but_its_other_frames_count() {
     use flowshift_tunnel::wire::Frame;
     use flowshift_tunnel::wire::coding::Writer;
-    let mut setup = Setup::new(124);
-    setup.config_b.pack_datagrams = false;
-    let mut p = setup.build();
-    p.connect();
+    let mut p = pair_where_b_does_not_pack(124);
     p.run_for(Duration::from_millis(100));
     // A broken (or older-than-it-says) peer seals a heartbeat and two datagrams in one
     // record.
