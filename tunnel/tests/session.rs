@@ -1410,7 +1410,8 @@ fn a_peer_that_does_not_take_packed_records_gets_one_datagram_in_each() {
     let heard = |n: &sim::Node| n.count(|e| matches!(e, Event::LoadReport { .. })) > 0;
     assert!(p.run_until(Duration::from_secs(3), |p| heard(&p.a) && heard(&p.b)));
     assert!(!p.a.ep.peer_stats(p.a.peer).unwrap().packs_datagrams);
-    // B hears that A takes them, but does not pack either (it is switched off).
+    // Nor does B pack for A, whatever A announces: it is switched off there (`peer_stats`
+    // reports the packing in effect, so this holds by B's config alone).
     assert!(!p.b.ep.peer_stats(p.b.peer).unwrap().packs_datagrams);
     let records = ack_burst_a_to_b(&mut p, 100);
     assert!(records >= 100, "100 datagrams came in {records} records");
