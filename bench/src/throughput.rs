@@ -77,6 +77,10 @@ pub(crate) struct Args {
     /// measure what they change.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     loss_probes: bool,
+    /// The node's direct receive (`tcp.direct_receive`): `true` (the default) or `false`, to
+    /// measure what it changes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    direct_receive: bool,
     #[command(flatten)]
     out: Output,
 }
@@ -197,6 +201,8 @@ struct Results {
     loss_object_bytes: u64,
     #[serde(default)]
     loss_probes: bool,
+    /// `tcp.direct_receive`.
+    direct_receive: bool,
     runs: usize,
     /// Per run: the kernel's and flowshift's figures (measured back to back, in alternating
     /// order).
@@ -237,6 +243,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     }
     if !args.loss_probes {
         config = config.loss_probes(false);
+    }
+    if !args.direct_receive {
+        config = config.direct_receive(false);
     }
     let node = tb
         .start_node(flowshift_testbed::Node::A, &config)
@@ -396,6 +405,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         loss_objects: loss.as_ref().map_or(0, |l| l.objects),
         loss_object_bytes: loss.as_ref().map_or(0, |l| l.object_bytes),
         loss_probes: args.loss_probes,
+        direct_receive: args.direct_receive,
         runs,
         kernel_tcp,
         flowshift,
@@ -1092,6 +1102,9 @@ fn markdown(r: &Results) -> String {
             if r.loss_probes { "on" } else { "off" }
         );
     }
+    if !r.direct_receive {
+        s += " The node's direct receive (`tcp.direct_receive`) was off: every received byte went through smoltcp's receive ring.";
+    }
     s += "\n\n";
     s += "| measure | kernel TCP | flowshift | flowshift / kernel |\n|---|---:|---:|---:|\n";
     let show = |x: &Option<Spread>| x.map_or("-".to_string(), |s| s.show(2));
@@ -1455,6 +1468,7 @@ mod tests {
             loss_objects: 200,
             loss_object_bytes: 16_000,
             loss_probes: true,
+            direct_receive: true,
             runs: 3,
             kernel_tcp: vec![figures_of(1.0, 1.0); 3],
             flowshift: vec![

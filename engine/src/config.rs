@@ -402,6 +402,7 @@ struct RawTcp {
     rx_buffer: Option<usize>,
     tx_buffer: Option<usize>,
     loss_probes: Option<bool>,
+    direct_receive: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -654,6 +655,7 @@ impl Config {
             rx_buffer: raw.tcp.rx_buffer.unwrap_or(defaults.rx_buffer),
             tx_buffer: raw.tcp.tx_buffer.unwrap_or(defaults.tx_buffer),
             loss_probes: raw.tcp.loss_probes.unwrap_or(defaults.loss_probes),
+            direct_receive: raw.tcp.direct_receive.unwrap_or(defaults.direct_receive),
         };
         for (key, v) in [
             ("tcp.rx_buffer", tcp.rx_buffer),

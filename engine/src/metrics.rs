@@ -398,6 +398,12 @@ pub fn render(
     );
     counter(
         &mut r,
+        "rx_direct_bytes",
+        "Of the application bytes received, those the app took straight from the packet, without smoltcp's copy (tcp.direct_receive)",
+        stats.rx_direct_bytes,
+    );
+    counter(
+        &mut r,
         "app_bytes_out",
         "Application bytes sent to clients",
         stats.app_bytes_out,

@@ -123,6 +123,10 @@ pub struct TcpConfig {
     /// Probe a lost tail within about two round trips instead of after smoltcp's 1 s
     /// minimum timeout ([`crate::probe`]). Default on.
     pub loss_probes: bool,
+    /// Let the app take an in-order payload straight from the packet instead of through
+    /// smoltcp's receive ring (one copy of the client's bytes less; `stack/direct.rs`).
+    /// Default on.
+    pub direct_receive: bool,
 }
 
 /// Default socket buffer, each way: 256 KiB. One send buffer per round trip is the most a
@@ -139,6 +143,7 @@ impl Default for TcpConfig {
             rx_buffer: DEFAULT_SOCKET_BUFFER,
             tx_buffer: DEFAULT_SOCKET_BUFFER,
             loss_probes: true,
+            direct_receive: true,
         }
     }
 }

@@ -314,6 +314,10 @@ pub struct Flow {
     pub recv_base: u32,
     /// Highest local sequence number sent so far (end of data, SYN and FIN included).
     pub snd_nxt: u32,
+    /// Wire sequence number up to which smoltcp may hold the client's data out of order
+    /// (beyond its `rcv_nxt`): direct receive waits until `rcv_nxt` passes it
+    /// (`stack/direct.rs`).
+    pub rx_pending: Option<u32>,
     /// Receive and send buffer capacities of its socket.
     pub buffers: (usize, usize),
     /// Local ↔ wire offsets of our sequence numbers and timestamps ([`crate::translate`]):
@@ -390,6 +394,7 @@ impl Flow {
             send_base: 0,
             recv_base: 0,
             snd_nxt: 0,
+            rx_pending: None,
             buffers,
             xlate: Translation::default(),
             wire_isn: None,

@@ -170,6 +170,7 @@ impl StackHarness {
                 rx_buffer: 4096,
                 tx_buffer: 4096,
                 loss_probes: true,
+                direct_receive: true,
             },
             frozen_queue_packets: 8,
             max_half_open: 6,

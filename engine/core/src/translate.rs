@@ -8,13 +8,19 @@
 //! |---|---|---|
 //! | outbound (us → client) | sequence number | `+= seq_off` |
 //! | outbound | TSval | `+= ts_off` |
-//! | inbound (client → us) | acknowledgement number | `-= seq_off` |
+//! | outbound | acknowledgement number | `+= rcv_off` |
+//! | outbound | SACK blocks (they name the client's bytes) | `+= rcv_off` |
+//! | inbound (client → us) | sequence number | `-= rcv_off` |
+//! | inbound | acknowledgement number | `-= seq_off` |
 //! | inbound | SACK blocks (they name our bytes) | `-= seq_off` |
 //! | inbound | TSecr | `-= ts_off` |
 //!
-//! The client → us sequence space needs no change: the restore hands the socket the client's
-//! own numbers. The same layer serves any flow whose local numbers differ from the wire's
-//! (unpredictable or cookie-derived initial sequence numbers).
+//! The client → us sequence space starts untranslated (`rcv_off` 0): a restore hands the
+//! socket the client's own numbers. It moves when the app takes an in-order payload straight
+//! from the packet, without smoltcp's copy into the socket's ring ([`crate::stack`]'s direct
+//! receive): the socket never sees those bytes, so the client's numbers run ahead of the
+//! socket's by `rcv_off`. The same layer serves any flow whose local numbers differ from the
+//! wire's (unpredictable or cookie-derived initial sequence numbers).
 //!
 //! Checksums: an outbound packet's TCP checksum is recomputed when the stack computes
 //! checksums (`fix_checksum`); with checksum offload the device completes it. Inbound packets
@@ -40,6 +46,9 @@ pub struct Translation {
     pub seq_off: u32,
     /// Wire TSval minus local TSval, for our timestamps.
     pub ts_off: u32,
+    /// Wire sequence number minus local sequence number, for the client's direction: the
+    /// bytes the app took straight from packets, which the socket never saw.
+    pub rcv_off: u32,
 }
 
 /// Why a packet was not translated.
@@ -66,7 +75,7 @@ pub struct AckCeiling {
 impl Translation {
     /// True when nothing would change.
     pub fn is_identity(&self) -> bool {
-        self.seq_off == 0 && self.ts_off == 0
+        self.seq_off == 0 && self.ts_off == 0 && self.rcv_off == 0
     }
 
     /// Rewrites an outbound IPv4/TCP packet from local to wire numbers; with `fix_checksum`,
@@ -101,15 +110,31 @@ impl Translation {
         // payload: sequence number (at an even offset) and TSval (anywhere in the options).
         let mut delta = Delta::default();
         delta.replace(old_seq, seq, false);
-        let ts_off = self.ts_off;
-        if ts_off != 0 {
-            for_each_option(tcp.options_mut(), |kind, body, odd| {
-                if kind == OPT_TIMESTAMP && body.len() == 8 {
+        let (ts_off, rcv_off) = (self.ts_off, self.rcv_off);
+        if rcv_off != 0 && tcp.ack() {
+            let old = tcp.ack_number().0 as u32;
+            let new = old.wrapping_add(rcv_off);
+            tcp.set_ack_number(TcpSeqNumber(new as i32));
+            delta.replace(old, new, false);
+        }
+        if ts_off != 0 || rcv_off != 0 {
+            for_each_option(tcp.options_mut(), |kind, body, odd| match kind {
+                OPT_TIMESTAMP if body.len() == 8 && ts_off != 0 => {
                     let old = be32(&body[0..4]);
                     let new = old.wrapping_add(ts_off);
                     body[0..4].copy_from_slice(&new.to_be_bytes());
                     delta.replace(old, new, odd);
                 }
+                OPT_SACK if body.len() % 8 == 0 && rcv_off != 0 => {
+                    for edge in body.chunks_exact_mut(4) {
+                        let old = be32(edge);
+                        let new = old.wrapping_add(rcv_off);
+                        edge.copy_from_slice(&new.to_be_bytes());
+                        // Edges are 4 bytes apart: all share the option body's parity.
+                        delta.replace(old, new, odd);
+                    }
+                }
+                _ => {}
             });
         }
         if fix_checksum {
@@ -119,7 +144,8 @@ impl Translation {
         Ok(())
     }
 
-    /// Rewrites an inbound IPv4/TCP packet from wire to local numbers, lowering an ACK of bytes
+    /// Rewrites an inbound IPv4/TCP packet from wire to local numbers (its checksum is left
+    /// stale: see the module docs), lowering an ACK of bytes
     /// the socket has not sent yet as `ceiling` says. Returns the local acknowledgement number
     /// (if the packet has ACK set).
     pub fn inbound(
@@ -130,6 +156,10 @@ impl Translation {
         let mut ip = Ipv4Packet::new_checked(packet).map_err(|_| TranslateError::Malformed)?;
         let mut tcp =
             TcpPacket::new_checked(ip.payload_mut()).map_err(|_| TranslateError::Malformed)?;
+        if self.rcv_off != 0 {
+            let seq = (tcp.seq_number().0 as u32).wrapping_sub(self.rcv_off);
+            tcp.set_seq_number(TcpSeqNumber(seq as i32));
+        }
         let mut local_ack = None;
         if tcp.ack() {
             let mut ack = (tcp.ack_number().0 as u32).wrapping_sub(self.seq_off);
@@ -285,6 +315,7 @@ mod tests {
         let t = Translation {
             seq_off: 0xffff_fff0,
             ts_off: 1_000_000,
+            rcv_off: 0,
         };
         let mut p = emit_ipv4_tcp(A, B, &repr(0x20, Some(5), [None; 3]));
         t.outbound(&mut p, true, None).unwrap();
@@ -294,6 +325,51 @@ mod tests {
         assert_eq!(r.timestamp.unwrap().tsval, 1_000_100);
         assert_eq!(r.timestamp.unwrap().tsecr, 7);
         assert_eq!(r.payload, b"abc");
+    }
+
+    #[test]
+    fn with_a_receive_offset_outbound_acks_and_sacks_move_up_with_a_valid_checksum() {
+        let t = Translation {
+            seq_off: 7,
+            ts_off: 0,
+            rcv_off: 0xffff_ff00,
+        };
+        let sack = [Some((0x200, 0x300)), Some((0x400, 0x500)), None];
+        let mut p = emit_ipv4_tcp(A, B, &repr(0x20, Some(0x150), sack));
+        t.outbound(&mut p, true, None).unwrap();
+        let r = parse(&p); // fails on a wrong checksum
+        assert_eq!(r.seq_number, TcpSeqNumber(0x27));
+        assert_eq!(r.ack_number, Some(TcpSeqNumber(0x50))); // wrapped
+        assert_eq!(
+            r.sack_ranges,
+            [Some((0x100, 0x200)), Some((0x300, 0x400)), None]
+        );
+        assert_eq!(r.timestamp.unwrap().tsval, 100);
+        // A packet without ACK (a SYN) keeps its acknowledgement field.
+        let mut syn = repr(0x20, None, [None; 3]);
+        syn.control = TcpControl::Syn;
+        syn.payload = b"";
+        let mut p = emit_ipv4_tcp(A, B, &syn);
+        t.outbound(&mut p, true, None).unwrap();
+        assert_eq!(parse(&p).ack_number, None);
+    }
+
+    #[test]
+    fn with_a_receive_offset_inbound_sequence_numbers_move_down() {
+        let t = Translation {
+            seq_off: 1000,
+            ts_off: 0,
+            rcv_off: 300,
+        };
+        let mut p = emit_ipv4_tcp(B, A, &repr(100, Some(2000), [None; 3]));
+        assert_eq!(t.inbound(&mut p, None), Ok(Some(1000)));
+        let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!(
+            tcp.seq_number(),
+            TcpSeqNumber(100u32.wrapping_sub(300) as i32)
+        );
+        assert_eq!(tcp.payload(), b"abc");
     }
 
     #[test]
@@ -319,6 +395,7 @@ mod tests {
             let t = Translation {
                 seq_off: seed as u32,
                 ts_off: (seed >> 32) as u32,
+                rcv_off: (seed >> 16) as u32,
             };
             let mut q = p.clone();
             t.outbound(&mut q, true, None).unwrap();
@@ -328,6 +405,10 @@ mod tests {
                 TcpSeqNumber(0x20u32.wrapping_add(t.seq_off) as i32)
             );
             assert_eq!(r.timestamp.unwrap().tsval, 100u32.wrapping_add(t.ts_off));
+            assert_eq!(
+                r.ack_number,
+                Some(TcpSeqNumber(5u32.wrapping_add(t.rcv_off) as i32))
+            );
         }
     }
 
@@ -336,6 +417,7 @@ mod tests {
         let t = Translation {
             seq_off: 1000,
             ts_off: 50,
+            rcv_off: 0,
         };
         let mut syn = repr(9, None, [None; 3]);
         syn.control = TcpControl::Syn;
@@ -352,6 +434,7 @@ mod tests {
         let t = Translation {
             seq_off: 100,
             ts_off: 0,
+            rcv_off: 0,
         };
         let mut ack = repr(50, Some(5), [None; 3]);
         ack.payload = b"";
@@ -372,6 +455,7 @@ mod tests {
         let t = Translation {
             seq_off: 1000,
             ts_off: 50,
+            rcv_off: 0,
         };
         let sack = [Some((3000, 4000)), Some((5000, 6000)), None];
         let mut p = emit_ipv4_tcp(B, A, &repr(9, Some(2000), sack));
@@ -398,6 +482,7 @@ mod tests {
         let t = Translation {
             seq_off: 0,
             ts_off: 0,
+            rcv_off: 0,
         };
         let ceiling = Some(AckCeiling {
             sent: 100,
@@ -414,6 +499,7 @@ mod tests {
         let t = Translation {
             seq_off: 1,
             ts_off: 1,
+            rcv_off: 0,
         };
         let good = emit_ipv4_tcp(B, A, &repr(9, Some(1), [Some((1, 2)), None, None]));
         let mut seed = 0x1234_5678_u64;

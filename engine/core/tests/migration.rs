@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
 use flowshift_core::app::{AppConfig, AppKind};
+use flowshift_core::coalesce::Coalescer;
 use flowshift_core::config::{Ipv4Cidr, ServiceConfig};
 use flowshift_core::flow::{MOVED_LINGER, PeerRef, Remote};
 use flowshift_core::segment::segment;
@@ -121,6 +122,9 @@ struct Net {
     dead: Option<usize>,
     rng: u64,
     scratch: Vec<u8>,
+    /// The client's packets to A are merged as the kernel's GRO does, and A gets them as
+    /// merged packets.
+    gro: Option<Coalescer>,
 }
 
 fn node(worker: u16, seed: u64, now: Instant) -> Stack {
@@ -195,6 +199,7 @@ impl Net {
             dead: None,
             rng: 0x9e37_79b9_7f4a_7c15,
             scratch: Vec::new(),
+            gro: None,
         }
     }
 
@@ -235,9 +240,30 @@ impl Net {
         self.client
             .poll(self.now, &mut self.pipe, &mut self.sockets);
         while let Some(p) = self.pipe.tx.pop_front() {
-            if !self.lose() {
-                self.nodes[0].handle_packet(self.now, &mut p.clone());
+            if self.lose() {
+                continue;
             }
+            let (now, node) = (self.now, &mut self.nodes[0]);
+            match &mut self.gro {
+                Some(gro) => gro.push(&p, &mut |b, gso| {
+                    if gso > 0 {
+                        node.handle_merged_packet(now, b);
+                    } else {
+                        node.handle_packet(now, b);
+                    }
+                }),
+                None => node.handle_packet(now, &mut p.clone()),
+            }
+        }
+        if let Some(gro) = &mut self.gro {
+            let (now, node) = (self.now, &mut self.nodes[0]);
+            gro.flush(&mut |b, gso| {
+                if gso > 0 {
+                    node.handle_merged_packet(now, b);
+                } else {
+                    node.handle_packet(now, b);
+                }
+            });
         }
         self.exchange_nodes();
         self.client
@@ -674,6 +700,51 @@ fn an_upload_moved_mid_stream_is_byte_exact() {
         got.ends_with(b"\n")
     });
     assert!(moved);
+    let want = format!("{} {:08x}\n", data.len(), crc32fast::hash(&data));
+    assert_eq!(String::from_utf8(got).unwrap(), want);
+    assert_eq!(n.client_rsts, 0);
+    assert_eq!(n.b_tun_packets, 0);
+}
+
+/// A moves a connection whose app took most of the upload straight from merged packets
+/// (direct receive): the client's numbers run ahead of A's socket's by those bytes, and the
+/// snapshot must carry the client's, not the socket's. B is sent the rest through the tunnel
+/// and takes it through its socket.
+#[test]
+fn an_upload_merged_by_gro_and_taken_straight_from_the_packets_moves_byte_exact() {
+    let mut n = Net::new();
+    n.gro = Some(Coalescer::new(0));
+    let h = n.connect(9, ClientOpts::DEFAULT);
+    let data = counting(3, 4_000_000);
+    let mut sent = 0;
+    let mut got = Vec::new();
+    let mut direct_at_move = None;
+    n.run_until(60_000, |n| {
+        let s = n.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+            if sent == data.len() {
+                s.close();
+            }
+        }
+        recv_all(s, &mut got);
+        if direct_at_move.is_none()
+            && n.nodes[0]
+                .conns(n.now)
+                .first()
+                .is_some_and(|c| c.bytes_in > 1_500_000)
+        {
+            direct_at_move = Some(n.nodes[0].stats().rx_direct_bytes);
+            let id = n.only_local(0);
+            n.migrate(0, 1, id, 2);
+        }
+        got.ends_with(b"\n")
+    });
+    let direct = direct_at_move.expect("moved");
+    assert!(
+        direct > 1_000_000,
+        "{direct} bytes taken straight from packets before the move"
+    );
     let want = format!("{} {:08x}\n", data.len(), crc32fast::hash(&data));
     assert_eq!(String::from_utf8(got).unwrap(), want);
     assert_eq!(n.client_rsts, 0);

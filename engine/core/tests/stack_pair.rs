@@ -205,17 +205,18 @@ impl Pair {
     fn step(&mut self) {
         self.client
             .poll(self.now, &mut self.pipe, &mut self.sockets);
-        while let Some(mut p) = self.pipe.tx.pop_front() {
-            let keep = self.filter.as_mut().is_none_or(|f| f(&mut p));
-            if !keep {
-                continue;
-            }
+        // The filter sees every packet the client sent (lost ones are not merged).
+        let mut sent = std::mem::take(&mut self.pipe.tx);
+        if let Some(f) = self.filter.as_mut() {
+            sent.retain_mut(|p| f(p));
+        }
+        while let Some(mut p) = sent.pop_front() {
             if self.gro {
                 let mut merged = false;
-                while let Some(next) = self.pipe.tx.front()
+                while let Some(next) = sent.front()
                     && gro_merge(&mut p, next)
                 {
-                    self.pipe.tx.pop_front();
+                    sent.pop_front();
                     merged = true;
                 }
                 if merged {
@@ -1779,16 +1780,30 @@ fn an_allocation_holds_a_download_to_its_rate_and_its_send_budget() {
 /// Uploads `UPLOAD_MB` MiB (default 4) into `sink` and checks its report: the deterministic
 /// workload for the node's cost per uploaded byte. Under `valgrind --tool=callgrind`, the
 /// node's share is the inclusive cost of `Stack::handle`, `Stack::poll` and `Pair::drain`
-/// (the client's smoltcp and the test's own CRC are in the profile too).
-fn upload_into_sink(gro: bool) {
+/// (the client's smoltcp and the test's own CRC are in the profile too). Of every `lose.0`
+/// client data segments, `lose.1` in a row are dropped, three times (`lose.0` 0: none).
+/// Returns the stack's counters.
+fn upload_into_sink(
+    gro: bool,
+    direct_receive: bool,
+    lose: (usize, usize),
+) -> flowshift_core::stack::StackStats {
     let mb: usize = std::env::var("UPLOAD_MB")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
     let total = mb << 20;
     let chunk = counting(0, 64 * 1024);
-    let mut p = Pair::new(10);
+    let mut p = Pair::new_with(10, |c| c.tcp.direct_receive = direct_receive);
     p.gro = gro;
+    if lose.0 > 0 {
+        let mut seen = 0;
+        p.filter = Some(Box::new(move |pkt| {
+            let data = pkt.len() > 100;
+            seen += usize::from(data);
+            !(data && seen < 3 * lose.0 && seen % lose.0 >= lose.0 - lose.1)
+        }));
+    }
     let h = p.connect(9);
     let mut sent = 0;
     let mut crc = crc32fast::Hasher::new();
@@ -1810,14 +1825,76 @@ fn upload_into_sink(gro: bool) {
     });
     let want = format!("{total} {:08x}\n", crc.finalize());
     assert_eq!(String::from_utf8(got).unwrap(), want);
+    let stats = p.stack.stats().clone();
+    assert_eq!(stats.app_bytes_in, total as u64);
+    stats
 }
 
 #[test]
 fn a_long_upload_into_sink_is_byte_exact() {
-    upload_into_sink(false);
+    let stats = upload_into_sink(false, true, (0, 0));
+    // Segments of one MSS are not worth taking straight from the packet.
+    assert_eq!(stats.rx_direct_bytes, 0);
 }
 
 #[test]
-fn a_long_upload_merged_by_gro_into_sink_is_byte_exact() {
-    upload_into_sink(true);
+fn a_long_upload_merged_by_gro_into_sink_is_byte_exact_and_mostly_skips_smoltcps_copy() {
+    let stats = upload_into_sink(true, true, (0, 0));
+    let total = stats.app_bytes_in;
+    // All but the `MSS + 1` bytes of each merged packet kept for smoltcp's ACK clock, and
+    // the first and smaller segments.
+    assert!(
+        stats.rx_direct_bytes > total / 10 * 9,
+        "{} of {total} bytes taken straight from the packets",
+        stats.rx_direct_bytes
+    );
+}
+
+#[test]
+fn a_long_upload_merged_by_gro_without_direct_receive_goes_through_smoltcps_ring() {
+    let stats = upload_into_sink(true, false, (0, 0));
+    assert_eq!(stats.rx_direct_bytes, 0);
+}
+
+/// Lost segments leave smoltcp holding data out of order, at offsets from its own `rcv_nxt`:
+/// direct receive must stop until the hole is filled (or those bytes land in the wrong place
+/// and the CRC says so), then resume. Runs of lost segments make the client resend a burst
+/// after its timeout, merged into one large in-order segment while the data beyond the hole
+/// is still held.
+#[test]
+fn an_upload_merged_by_gro_with_lost_segments_is_byte_exact_and_resumes_direct_receive() {
+    let stats = upload_into_sink(true, true, (600, 12));
+    let total = stats.app_bytes_in;
+    assert!(
+        stats.rx_direct_bytes > total / 4,
+        "{} of {total} bytes taken straight from the packets",
+        stats.rx_direct_bytes
+    );
+}
+
+/// The echo app takes only what fits its buffer: the rest of a payload goes through smoltcp's
+/// ring, after the part the app took.
+#[test]
+fn an_echo_merged_by_gro_is_byte_exact_when_the_app_takes_part_of_a_payload() {
+    let mut p = Pair::new(10);
+    p.gro = true;
+    let h = p.connect(7);
+    let data = counting(11, 3_000_000);
+    let (mut sent, mut got) = (0, Vec::new());
+    p.run_until(60_000, |p| {
+        let s = p.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        read_into(p, h, &mut got);
+        got.len() >= data.len()
+    });
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "echoed bytes differ");
+    let stats = p.stack.stats();
+    assert!(
+        stats.rx_direct_bytes > 0,
+        "no byte taken straight from a packet"
+    );
+    assert!(stats.rx_direct_bytes < data.len() as u64);
 }

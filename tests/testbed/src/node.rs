@@ -18,6 +18,7 @@ pub struct NodeConfig {
     max_connections: usize,
     tcp_buffers: Option<usize>,
     loss_probes: Option<bool>,
+    direct_receive: Option<bool>,
     shutdown_timeout_ms: Option<u64>,
     metrics_listen: Option<String>,
     services: Vec<(u16, &'static str, Option<u64>)>,
@@ -38,6 +39,7 @@ impl NodeConfig {
             max_connections: 100_000,
             tcp_buffers: None,
             loss_probes: None,
+            direct_receive: None,
             shutdown_timeout_ms: None,
             metrics_listen: None,
             services: vec![
@@ -89,6 +91,12 @@ impl NodeConfig {
     /// `tcp.loss_probes`.
     pub fn loss_probes(mut self, on: bool) -> Self {
         self.loss_probes = Some(on);
+        self
+    }
+
+    /// `tcp.direct_receive`.
+    pub fn direct_receive(mut self, on: bool) -> Self {
+        self.direct_receive = Some(on);
         self
     }
 
@@ -148,7 +156,8 @@ impl NodeConfig {
             }
         }
         s += &format!("[limits]\nmax_connections = {}\n", self.max_connections);
-        if self.tcp_buffers.is_some() || self.loss_probes.is_some() {
+        if self.tcp_buffers.is_some() || self.loss_probes.is_some() || self.direct_receive.is_some()
+        {
             s += "[tcp]\n";
         }
         if let Some(b) = self.tcp_buffers {
@@ -156,6 +165,9 @@ impl NodeConfig {
         }
         if let Some(on) = self.loss_probes {
             s += &format!("loss_probes = {on}\n");
+        }
+        if let Some(on) = self.direct_receive {
+            s += &format!("direct_receive = {on}\n");
         }
         if let Some(m) = &self.metrics_listen {
             s += &format!("[metrics]\nlisten = \"{m}\"\n");

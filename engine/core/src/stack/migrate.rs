@@ -489,7 +489,11 @@ impl Stack {
             send_base: snap.snd_una,
             recv_base: data_start,
             snd_nxt: local_una,
-            xlate: Translation { seq_off, ts_off },
+            xlate: Translation {
+                seq_off,
+                ts_off,
+                rcv_off: 0,
+            },
             fin_delivered: snap.app.fin_delivered,
             close_sent: snap.our_fin,
             dirty: true,

@@ -47,6 +47,7 @@ use crate::translate::{AckCeiling, Translation, seq_gt};
 mod compact;
 pub use compact::COMPACT_AFTER;
 mod cookie;
+mod direct;
 mod forward;
 mod migrate;
 
@@ -328,6 +329,9 @@ pub struct StackStats {
     pub unknown_flow_packets: u64,
     /// Application bytes received from clients.
     pub app_bytes_in: u64,
+    /// Of those, bytes the app took straight from the packet that carried them (direct
+    /// receive, `tcp.direct_receive`): smoltcp never copied them.
+    pub rx_direct_bytes: u64,
     /// Application bytes sent to clients.
     pub app_bytes_out: u64,
     /// Application bytes, either way, that emulated work was done on
@@ -403,6 +407,7 @@ impl StackStats {
         self.parked += other.parked;
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
+        self.rx_direct_bytes += other.rx_direct_bytes;
         self.app_bytes_out += other.app_bytes_out;
         self.work_bytes += other.work_bytes;
         self.forwarded_to_owner += other.forwarded_to_owner;
@@ -914,7 +919,34 @@ impl Stack {
                 if (flow.xlate.is_identity() && ceiling.is_none())
                     || flow.xlate.inbound(packet, ceiling).is_ok()
                 {
-                    self.ingress(now, packet);
+                    if inbound.payload_len == 0 {
+                        self.ingress(now, packet);
+                        return;
+                    }
+                    let mut skip = 0;
+                    if self.config.tcp.direct_receive {
+                        let work = self
+                            .services
+                            .get(usize::from(flow.key.service.port()))
+                            .and_then(Option::as_ref)
+                            .map_or(0, |s| s.work_passes);
+                        skip = direct::take(
+                            flow,
+                            &mut self.sockets,
+                            &mut self.stats,
+                            inbound,
+                            packet,
+                            work,
+                            now,
+                        );
+                    }
+                    self.ingress(now, &packet[skip..]);
+                    if self.config.tcp.direct_receive
+                        && let Some(flow) = self.flows.get_mut(slot)
+                    {
+                        let end = inbound.seq.wrapping_add(inbound.payload_len as u32);
+                        direct::note_segment(flow, &self.sockets, end);
+                    }
                 } else {
                     // Not for the socket: it does not count as hearing from the client (the
                     // keepalive deadlines run from what the socket heard).
@@ -1080,6 +1112,7 @@ impl Stack {
             xlate: Translation {
                 seq_off: 0,
                 ts_off: self.secrets.ts_offset(key.client, key.service),
+                rcv_off: 0,
             },
             wire_isn: Some(wire_isn),
             half_open: true,
@@ -1241,14 +1274,14 @@ impl Stack {
                 }
                 match n {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        flow.kpi.took(now, n);
-                        flow.bytes_in += n as u64;
-                        self.stats.app_bytes_in += n as u64;
-                        if work > 0 {
-                            self.stats.work_bytes += n as u64;
-                        }
-                    }
+                    Ok(n) => took(
+                        &mut flow.kpi,
+                        &mut flow.bytes_in,
+                        &mut self.stats,
+                        n,
+                        work,
+                        now,
+                    ),
                 }
             }
             if !flow.fin_delivered && !socket.may_recv() && socket.recv_queue() == 0 {
@@ -1374,7 +1407,8 @@ impl Stack {
                     return false;
                 };
                 self.release(&mut flow, "closed: TIME-WAIT", true);
-                // Wire numbers: the client's are never translated; ours are from send_base.
+                // Wire numbers: the client's from `recv_base` and what the app took (with the
+                // bytes it took straight from packets), ours from `send_base`.
                 let rcv_nxt = flow
                     .recv_base
                     .wrapping_add(flow.bytes_in as u32)
@@ -1587,12 +1621,14 @@ impl Stack {
                 flow.probe.probed(now);
             }
             if now >= due && can_probe {
-                // The client's next sequence number: what it sent, plus its FIN if it closed.
+                // The client's next sequence number, in the socket's numbers (the ACK goes
+                // straight to smoltcp): what it sent, plus its FIN if it closed.
                 let rcv_nxt = flow
                     .recv_base
                     .wrapping_add(flow.bytes_in as u32)
                     .wrapping_add(socket.recv_queue() as u32)
-                    .wrapping_add(u32::from(state == tcp::State::CloseWait));
+                    .wrapping_add(u32::from(state == tcp::State::CloseWait))
+                    .wrapping_sub(flow.xlate.rcv_off);
                 let snd_una_local = flow
                     .send_base
                     .wrapping_add(acked as u32)
@@ -2399,6 +2435,23 @@ impl Stack {
 /// Puts the flow in `slot`, whose loss probe is `probe`, under its probe deadline in `timer`,
 /// unless it is held there already under that deadline or an earlier one (a later deadline
 /// is found when the earlier entry comes due: see `Stack::probe_losses`).
+/// Accounts for `n` bytes the app of a flow took from the client (`work` passes done on them).
+fn took(
+    kpi: &mut crate::flow::FlowKpi,
+    bytes_in: &mut u64,
+    stats: &mut StackStats,
+    n: usize,
+    work: u32,
+    now: Instant,
+) {
+    kpi.took(now, n);
+    *bytes_in += n as u64;
+    stats.app_bytes_in += n as u64;
+    if work > 0 {
+        stats.work_bytes += n as u64;
+    }
+}
+
 fn arm_probe(
     timer: &mut std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize)>>,
     probe: &mut crate::probe::LossProbe,
