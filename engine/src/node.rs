@@ -312,8 +312,13 @@ impl Worker {
             }
             let now = self.clock.now();
             woke = Some(now);
-            // New connections' socket buffers may reuse closed ones' (crate::alloc).
-            more_to_read = crate::alloc::recycling(|| self.read_batch(now));
+            // The TUN device is read when it said it has packets (its readiness is
+            // edge-triggered) or the last read stopped short of draining it: a turn woken by
+            // a timer, the tunnel or a control message costs no read that finds nothing.
+            if more_to_read || events.iter().any(|e| e.token() == TUN) {
+                // New connections' socket buffers may reuse closed ones' (crate::alloc).
+                more_to_read = crate::alloc::recycling(|| self.read_batch(now));
+            }
             while let Ok(msg) = self.control.try_recv() {
                 match msg {
                     WorkerMsg::Conns(reply, all) => {

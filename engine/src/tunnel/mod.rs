@@ -549,7 +549,8 @@ struct Driver {
     pending: VecDeque<Region>,
     /// The last turn queued test data and the endpoint could take more.
     feeding: bool,
-    /// The last turn stopped reading before the socket was drained.
+    /// The last turn stopped reading before the socket was drained (and the first turn
+    /// reads whatever arrived before the loop began).
     rx_more: bool,
     /// Sends the socket refused (other than "would block").
     send_errors: u64,
@@ -635,7 +636,7 @@ pub(crate) fn start(
         tx_batch: vec![0u8; 256 * 1024 + payload],
         pending: VecDeque::new(),
         feeding: false,
-        rx_more: false,
+        rx_more: true,
         send_errors: 0,
         scratch: diag::scratch(),
         inbox: workers.iter().map(|_| TunnelBatch::default()).collect(),
@@ -705,7 +706,12 @@ impl Driver {
                 return;
             }
             let woke = std::time::Instant::now();
+            // The socket is read when it said it has datagrams (or errors) — its readiness is
+            // edge-triggered — or the last turn stopped short of draining it: a turn woken by
+            // a worker's datagrams, a command or a timer costs no read that finds nothing.
+            let mut readable = self.rx_more;
             for ev in events.iter() {
+                readable |= ev.token() == SOCKET && (ev.is_readable() || ev.is_error());
                 if ev.token() == SOCKET && ev.is_writable() {
                     let _ = self.poll.registry().reregister(
                         &mut self.socket,
@@ -719,7 +725,7 @@ impl Driver {
                     return;
                 }
             }
-            self.rx_more = self.receive();
+            self.rx_more = readable && self.receive();
             let now = self.clock.now();
             self.ep.handle_timeout(now);
             self.events(now);
