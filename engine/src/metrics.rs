@@ -404,6 +404,12 @@ pub fn render(
     );
     counter(
         &mut r,
+        "rx_beyond_window",
+        "Client segments that reached beyond the receive window the node advertised, cut to it",
+        stats.rx_beyond_window,
+    );
+    counter(
+        &mut r,
         "app_bytes_out",
         "Application bytes sent to clients",
         stats.app_bytes_out,

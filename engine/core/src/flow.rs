@@ -318,6 +318,10 @@ pub struct Flow {
     /// (beyond its `rcv_nxt`): direct receive waits until `rcv_nxt` passes it
     /// (`stack/direct.rs`).
     pub rx_pending: Option<u32>,
+    /// Wire sequence number of the right edge of the receive window we last advertised
+    /// (acknowledgement plus scaled window of our last packet): the client's data beyond it
+    /// is cut off before smoltcp sees it (`stack/direct.rs`).
+    pub rx_edge: Option<u32>,
     /// Receive and send buffer capacities of its socket.
     pub buffers: (usize, usize),
     /// Local ↔ wire offsets of our sequence numbers and timestamps ([`crate::translate`]):
@@ -395,6 +399,7 @@ impl Flow {
             recv_base: 0,
             snd_nxt: 0,
             rx_pending: None,
+            rx_edge: None,
             buffers,
             xlate: Translation::default(),
             wire_isn: None,

@@ -236,6 +236,8 @@ pub struct Outbound {
     pub window: u16,
     /// Sequence number.
     pub seq: u32,
+    /// Acknowledgement number, if ACK is set.
+    pub ack: Option<u32>,
     /// Our TSval, if the packet carries timestamps.
     pub tsval: Option<u32>,
     /// TCP payload length.
@@ -271,6 +273,7 @@ pub fn outbound(packet: &[u8]) -> Option<Outbound> {
         },
         window: tcp.window_len(),
         seq: tcp.seq_number().0 as u32,
+        ack: tcp.ack().then(|| tcp.ack_number().0 as u32),
         tsval: find_timestamp(tcp.options()).map(|(v, _)| v),
         payload_len: tcp.payload().len(),
     })

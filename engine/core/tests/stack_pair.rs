@@ -868,20 +868,33 @@ fn client_segment(
     seq: u32,
     ack: Option<u32>,
 ) -> Vec<u8> {
+    raw_segment((port, 19), control, (seq, ack), (1000, None), &[])
+}
+
+/// A client segment `(from port, to port)`, `(seq, ack)`, `(window, window scale)` (a SYN
+/// also offers MSS 1460), carrying `payload`.
+fn raw_segment(
+    (port, to): (u16, u16),
+    control: smoltcp::wire::TcpControl,
+    (seq, ack): (u32, Option<u32>),
+    (window, window_scale): (u16, Option<u8>),
+    payload: &[u8],
+) -> Vec<u8> {
     use smoltcp::wire::{TcpRepr, TcpSeqNumber};
+    let syn = control == smoltcp::wire::TcpControl::Syn;
     let repr = TcpRepr {
         src_port: port,
-        dst_port: 19,
+        dst_port: to,
         control,
         seq_number: TcpSeqNumber(seq as i32),
         ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-        window_len: 1000,
-        window_scale: None,
-        max_seg_size: (control == smoltcp::wire::TcpControl::Syn).then_some(1460),
+        window_len: window,
+        window_scale: window_scale.filter(|_| syn),
+        max_seg_size: syn.then_some(1460),
         sack_permitted: false,
         sack_ranges: [None; 3],
         timestamp: None,
-        payload: &[],
+        payload,
     };
     flowshift_core::packet::emit_ipv4_tcp(CLIENT, SERVICE, &repr)
 }
@@ -1897,4 +1910,193 @@ fn an_echo_merged_by_gro_is_byte_exact_when_the_app_takes_part_of_a_payload() {
         "no byte taken straight from a packet"
     );
     assert!(stats.rx_direct_bytes < data.len() as u64);
+}
+
+/// A hand-made client on `to_port` (window scaling offered with `wscale`): its SYN and the
+/// ACK of the node's SYN-ACK, client ISN 1000. Returns the node's ISN + 1 (what the client
+/// acknowledges) and the client's first sequence number.
+fn handshake(p: &mut Pair, (port, to_port): (u16, u16), wscale: Option<u8>) -> (u32, u32) {
+    use smoltcp::wire::TcpControl;
+    let syn = raw_segment(
+        (port, to_port),
+        TcpControl::Syn,
+        (1000, None),
+        (60_000, wscale),
+        &[],
+    );
+    let out = exchange(p, &syn);
+    let ours = (out[0].seq_number.0 as u32).wrapping_add(1);
+    let ack = raw_segment(
+        (port, to_port),
+        TcpControl::None,
+        (1001, Some(ours)),
+        (60_000, None),
+        &[],
+    );
+    exchange(p, &ack);
+    (ours, 1001)
+}
+
+/// A client segment beyond the window the node advertised: the node takes only what fits, with
+/// direct receive as without (smoltcp alone takes what fits its window; bytes taken straight
+/// from the packet move that window, in the client's numbers, by as many).
+#[test]
+fn no_byte_beyond_the_advertised_window_is_taken_with_or_without_direct_receive() {
+    use smoltcp::wire::TcpControl;
+    for direct in [false, true] {
+        let mut p = Pair::new_with(10, |c| {
+            c.tcp.rx_buffer = 8192;
+            c.tcp.direct_receive = direct;
+        });
+        let to = (50_123, 9);
+        let (ours, seq) = handshake(&mut p, to, None);
+        // The node advertised 8,192 bytes (no window scaling); the client sends 20,000.
+        let data = vec![0x5a_u8; 20_000];
+        let seg = raw_segment(
+            to,
+            TcpControl::None,
+            (seq, Some(ours)),
+            (60_000, None),
+            &data,
+        );
+        let out = exchange(&mut p, &seg);
+        p.stack.poll(p.now);
+        let acked = out
+            .iter()
+            .filter_map(|r| r.ack_number)
+            .map(|a| (a.0 as u32).wrapping_sub(seq))
+            .max();
+        let stats = p.stack.stats();
+        assert!(
+            stats.app_bytes_in <= 8192,
+            "direct receive {direct}: the app got {} bytes, the window was 8192",
+            stats.app_bytes_in
+        );
+        assert!(
+            acked.is_some_and(|a| a <= 8192),
+            "direct receive {direct}: acked {acked:?}"
+        );
+        assert_eq!(stats.rx_beyond_window, 1, "direct receive {direct}");
+    }
+}
+
+/// smoltcp keeps the in-window part of an out-of-order segment that reaches beyond its buffer:
+/// those bytes must stay where they belong when later in-order bytes are taken straight from
+/// their packets (the echo returns exactly the client's stream).
+#[test]
+fn out_of_order_bytes_from_a_segment_beyond_the_buffer_stay_in_place() {
+    use smoltcp::wire::TcpControl;
+    let mut p = Pair::new_with(10, |c| c.tcp.rx_buffer = 8192);
+    let to = (50_124, 7);
+    let (ours, seq) = handshake(&mut p, to, None);
+    let ack = Some(ours);
+    let stream = counting(0, 20_000);
+    // Out of order, 100..9,100: beyond the 8,192-byte window (cut to it).
+    let ooo = raw_segment(
+        to,
+        TcpControl::None,
+        (seq + 100, ack),
+        (60_000, None),
+        &stream[100..9100],
+    );
+    exchange(&mut p, &ooo);
+    // In order, 0..6,000.
+    let first = raw_segment(
+        to,
+        TcpControl::None,
+        (seq, ack),
+        (60_000, None),
+        &stream[..6000],
+    );
+    p.stack.handle_packet(p.now, &mut first.clone());
+    let mut echoed = Vec::new();
+    let mut their_ack = seq;
+    for _ in 0..50 {
+        p.stack.poll(p.now);
+        p.stack.drain_transmit(|b| {
+            let ip = smoltcp::wire::Ipv4Packet::new_checked(b).unwrap();
+            let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+            echoed.extend_from_slice(tcp.payload());
+            their_ack = tcp.ack_number().0 as u32;
+        });
+        let a = Some(ours.wrapping_add(echoed.len() as u32));
+        let ack_seg = raw_segment(to, TcpControl::None, (their_ack, a), (60_000, None), &[]);
+        p.stack.handle_packet(p.now, &mut ack_seg.clone());
+        p.now += Duration::from_millis(20);
+    }
+    assert!(!echoed.is_empty());
+    assert!(
+        echoed[..] == stream[..echoed.len()],
+        "the echoed bytes are not the client's stream"
+    );
+    assert!(
+        their_ack.wrapping_sub(seq) as usize <= 9100,
+        "acknowledged bytes never sent"
+    );
+}
+
+/// The same with the default 256 KiB buffer and window scaling, into `sink`: an out-of-order
+/// segment from 255,000 to 270,000 (its first 7,244 bytes inside the window), then the stream
+/// from 100 on in segments large enough to be taken straight from their packets: none is
+/// until the held bytes are behind `rcv_nxt`, then they are again.
+#[test]
+fn out_of_order_bytes_held_with_default_buffers_stay_in_place_with_or_without_direct_receive() {
+    use smoltcp::wire::TcpControl;
+    for direct in [true, false] {
+        let mut p = Pair::new_with(10, |c| c.tcp.direct_receive = direct);
+        let to = (50_201, 9);
+        let (ours, seq) = handshake(&mut p, to, Some(7));
+        let ack = Some(ours);
+        let seg = |from: usize, data: &[u8]| {
+            raw_segment(
+                to,
+                TcpControl::None,
+                (seq + from as u32, ack),
+                (60_000, None),
+                data,
+            )
+        };
+        let stream = counting(0, 300_000);
+        // 100 bytes in order: the node's ACK advertises its scaled window, 100..262,244.
+        exchange(&mut p, &seg(0, &stream[..100]));
+        p.now += Duration::from_millis(50);
+        exchange(&mut p, &seg(100, &[]));
+        exchange(&mut p, &seg(255_000, &stream[255_000..270_000]));
+        let mut at = 100;
+        let mut report = Vec::new();
+        while at < stream.len() {
+            let end = (at + 6000).min(stream.len());
+            p.stack.handle_packet(p.now, &mut seg(at, &stream[at..end]));
+            at = end;
+            p.stack.poll(p.now);
+            p.stack.drain_transmit(|_| {});
+            p.now += Duration::from_millis(1);
+        }
+        let fin = raw_segment(
+            to,
+            TcpControl::Fin,
+            (seq + at as u32, ack),
+            (60_000, None),
+            &[],
+        );
+        p.stack.handle_packet(p.now, &mut fin.clone());
+        for _ in 0..5 {
+            p.stack.poll(p.now);
+            p.stack.drain_transmit(|b| {
+                let ip = smoltcp::wire::Ipv4Packet::new_checked(b).unwrap();
+                let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+                report.extend_from_slice(tcp.payload());
+            });
+            p.now += Duration::from_millis(1);
+        }
+        let want = format!("{} {:08x}\n", stream.len(), crc32fast::hash(&stream));
+        assert_eq!(
+            String::from_utf8_lossy(&report),
+            want,
+            "direct receive {direct}"
+        );
+        let taken = p.stack.stats().rx_direct_bytes;
+        assert_eq!(taken > 0, direct, "{taken} bytes taken directly");
+        assert!(taken <= 300_000 - 262_244, "{taken} bytes taken directly");
+    }
 }

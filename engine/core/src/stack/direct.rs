@@ -34,7 +34,7 @@ use smoltcp::time::Instant;
 
 use super::StackStats;
 use crate::flow::Flow;
-use crate::packet::Inbound;
+use crate::packet::{Inbound, Outbound};
 use crate::translate::seq_gt;
 
 /// The client's MSS when its SYN named none (smoltcp then assumes 536: more is safe).
@@ -105,6 +105,12 @@ pub(super) fn take(
         return 0;
     }
     flow.rx_pending = None;
+    // Only within the window we advertised: bytes taken move smoltcp's window edge in wire
+    // numbers by as many, so what smoltcp would cut must be cut before (`cut_to_window`).
+    let end = inbound.seq.wrapping_add(inbound.payload_len as u32);
+    if flow.rx_edge.is_none_or(|edge| seq_gt(end, edge)) {
+        return 0;
+    }
     let header = inbound.ip_len - inbound.payload_len;
     // The acknowledgement number, translated: smoltcp drops a segment (payload and all) that
     // acknowledges data it never sent.
@@ -156,14 +162,73 @@ pub(super) fn note_segment(flow: &mut Flow, sockets: &SocketSet<'static>, end: u
         .recv_base
         .wrapping_add(flow.bytes_in as u32)
         .wrapping_add(socket.recv_queue() as u32);
-    // Beyond the receive buffer it cannot be held: smoltcp dropped it.
-    let reach = end.wrapping_sub(rcv_nxt);
-    if seq_gt(end, rcv_nxt)
-        && reach as usize <= socket.recv_capacity()
-        && flow.rx_pending.is_none_or(|p| seq_gt(end, p))
-    {
+    if flow.rx_pending.is_some_and(|p| !seq_gt(p, rcv_nxt)) {
+        flow.rx_pending = None;
+    }
+    if !seq_gt(end, rcv_nxt) {
+        return;
+    }
+    // smoltcp keeps what fits its buffer of a segment that reaches beyond it (it trims the
+    // segment to its window), and holds nothing further than a buffer beyond `rcv_nxt`.
+    let capacity = u32::try_from(socket.recv_capacity()).unwrap_or(u32::MAX);
+    let end = if end.wrapping_sub(rcv_nxt) > capacity {
+        rcv_nxt.wrapping_add(capacity)
+    } else {
+        end
+    };
+    if flow.rx_pending.is_none_or(|p| seq_gt(end, p)) {
         flow.rx_pending = Some(end);
     }
+}
+
+/// The right edge (wire numbers) of the receive window an outbound packet of `flow` with local
+/// acknowledgement number `ack` advertises: its acknowledgement as the client reads it, plus
+/// its window, scaled unless it is a SYN or the handshake agreed no scaling.
+pub(super) fn advertised_edge(flow: &Flow, out: &Outbound, ack: u32) -> u32 {
+    let shift = match (flow.record.client_syn, flow.record.our_syn_ack) {
+        (Some(c), Some(o)) if !out.flags.syn && c.window_scale.is_some() => {
+            o.window_scale.unwrap_or(0).min(14)
+        }
+        _ => 0,
+    };
+    ack.wrapping_add(flow.xlate.rcv_off)
+        .wrapping_add(u32::from(out.window) << shift)
+}
+
+/// Cuts the client's segment in `packet` (classified as `inbound`, wire numbers) that starts
+/// inside the receive window we last advertised and reaches beyond it to the window: its data
+/// beyond the edge, and a FIN after such data, are not accepted (RFC 9293, 3.10.7.4), and
+/// smoltcp must not see them — it would take them up to its own window, which runs ahead of
+/// the advertised one, in wire numbers, by the bytes a direct receive took, and which until
+/// its first ACK after the handshake is twice its buffer (its SYN-ACK advertises an unscaled
+/// window that its acceptance test scales). Returns the segment's classification after the
+/// cut, and whether it was cut.
+pub(super) fn cut_to_window(flow: &Flow, inbound: &Inbound, packet: &mut [u8]) -> (Inbound, bool) {
+    let Some(edge) = flow.rx_edge else {
+        return (*inbound, false);
+    };
+    let end = inbound.seq.wrapping_add(inbound.payload_len as u32);
+    if !seq_gt(end, edge) || packet.len() < inbound.ip_len {
+        return (*inbound, false);
+    }
+    // A segment wholly beyond the edge goes to smoltcp as it is: it may be a probe of a
+    // closed window, which smoltcp answers (with its window) only if it sees the data.
+    if !seq_gt(edge, inbound.seq) {
+        return (*inbound, false);
+    }
+    let keep = edge.wrapping_sub(inbound.seq) as usize;
+    let header = inbound.ip_len - inbound.payload_len;
+    let ip_len = header + keep;
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    packet[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+    if let Some(flags) = packet.get_mut(ihl + 13) {
+        *flags &= !0x01; // FIN
+    }
+    let mut cut = *inbound;
+    cut.ip_len = ip_len;
+    cut.payload_len = keep;
+    cut.flags.fin = false;
+    (cut, true)
 }
 
 /// Offset of the TCP acknowledgement number in an IPv4 packet (its IHL read, not trusted:

@@ -332,6 +332,9 @@ pub struct StackStats {
     /// Of those, bytes the app took straight from the packet that carried them (direct
     /// receive, `tcp.direct_receive`): smoltcp never copied them.
     pub rx_direct_bytes: u64,
+    /// Client segments that reached beyond the receive window we advertised: cut to it
+    /// (counted once per segment) before smoltcp saw them.
+    pub rx_beyond_window: u64,
     /// Application bytes sent to clients.
     pub app_bytes_out: u64,
     /// Application bytes, either way, that emulated work was done on
@@ -408,6 +411,7 @@ impl StackStats {
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
         self.rx_direct_bytes += other.rx_direct_bytes;
+        self.rx_beyond_window += other.rx_beyond_window;
         self.app_bytes_out += other.app_bytes_out;
         self.work_bytes += other.work_bytes;
         self.forwarded_to_owner += other.forwarded_to_owner;
@@ -922,6 +926,16 @@ impl Stack {
                     if inbound.payload_len == 0 {
                         self.ingress(now, packet);
                         return;
+                    }
+                    let (inbound, cut) = direct::cut_to_window(flow, inbound, packet);
+                    let inbound = &inbound;
+                    if cut {
+                        self.stats.rx_beyond_window += 1;
+                        tracing::debug!(
+                            id = flow.id,
+                            client = %flow.key.client,
+                            "client data beyond the advertised window: cut to it"
+                        );
                     }
                     let mut skip = 0;
                     if self.config.tcp.direct_receive {
@@ -1982,6 +1996,9 @@ impl Stack {
                     let _ = flow
                         .xlate
                         .outbound(&mut buf[headroom..], fix_checksum, floor);
+                }
+                if let Some(ack) = out.ack {
+                    flow.rx_edge = Some(direct::advertised_edge(flow, &out, ack));
                 }
                 let tsval = out.tsval.map(|t| t.wrapping_add(flow.xlate.ts_off));
                 if syn_ack {
