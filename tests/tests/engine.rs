@@ -193,6 +193,8 @@ fn curl_upload(config: NodeConfig) -> (Testbed, NodeHandle, u64) {
         Some(counting_crc32_hex(n).as_str()),
         "{reply}"
     );
+    // Linux kept to the window the node advertised: nothing was cut.
+    assert_eq!(stat(&node, "rx_beyond_window"), 0);
     (tb, node, n)
 }
 

@@ -318,9 +318,9 @@ pub struct Flow {
     /// (beyond its `rcv_nxt`): direct receive waits until `rcv_nxt` passes it
     /// (`stack/direct.rs`).
     pub rx_pending: Option<u32>,
-    /// Wire sequence number of the right edge of the receive window we last advertised
-    /// (acknowledgement plus scaled window of our last packet): the client's data beyond it
-    /// is cut off before smoltcp sees it (`stack/direct.rs`).
+    /// Wire sequence number of the furthest right edge of the receive window we advertised
+    /// (acknowledgement plus scaled window of our packets): the client's data beyond it is
+    /// cut off before smoltcp sees it (`stack/direct.rs`).
     pub rx_edge: Option<u32>,
     /// Receive and send buffer capacities of its socket.
     pub buffers: (usize, usize),

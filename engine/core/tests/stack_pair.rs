@@ -1840,6 +1840,8 @@ fn upload_into_sink(
     assert_eq!(String::from_utf8(got).unwrap(), want);
     let stats = p.stack.stats().clone();
     assert_eq!(stats.app_bytes_in, total as u64);
+    // The client kept to the window it was given: nothing was cut.
+    assert_eq!(stats.rx_beyond_window, 0);
     stats
 }
 

@@ -196,7 +196,7 @@ pub(super) fn advertised_edge(flow: &Flow, out: &Outbound, ack: u32) -> u32 {
 }
 
 /// Cuts the client's segment in `packet` (classified as `inbound`, wire numbers) that starts
-/// inside the receive window we last advertised and reaches beyond it to the window: its data
+/// inside the furthest receive window we advertised and reaches beyond it to the window: its data
 /// beyond the edge, and a FIN after such data, are not accepted (RFC 9293, 3.10.7.4), and
 /// smoltcp must not see them — it would take them up to its own window, which runs ahead of
 /// the advertised one, in wire numbers, by the bytes a direct receive took, and which until

@@ -1997,8 +1997,14 @@ impl Stack {
                         .xlate
                         .outbound(&mut buf[headroom..], fix_checksum, floor);
                 }
+                // The furthest edge advertised: smoltcp's scaled window rounds down, and an
+                // edge it moves back by a few bytes must not cut data the client sent in
+                // good faith (RFC 9293 asks receivers never to shrink their window).
                 if let Some(ack) = out.ack {
-                    flow.rx_edge = Some(direct::advertised_edge(flow, &out, ack));
+                    let edge = direct::advertised_edge(flow, &out, ack);
+                    if flow.rx_edge.is_none_or(|e| seq_gt(edge, e)) {
+                        flow.rx_edge = Some(edge);
+                    }
                 }
                 let tsval = out.tsval.map(|t| t.wrapping_add(flow.xlate.ts_off));
                 if syn_ack {
