@@ -2102,3 +2102,57 @@ fn out_of_order_bytes_held_with_default_buffers_stay_in_place_with_or_without_di
         assert!(taken <= 300_000 - 262_244, "{taken} bytes taken directly");
     }
 }
+
+/// smoltcp's SYN-ACK advertises an unscaled window while its acceptance test scales it: until
+/// its first ACK it would take data up to twice its 256 KiB buffer, and data beyond the buffer
+/// wraps around its ring. Such a segment (from a client that ignores the window) loses its
+/// data before smoltcp sees it, and the stream the app gets is exactly the client's.
+#[test]
+fn data_beyond_the_window_in_the_first_flight_never_reaches_the_app() {
+    use smoltcp::wire::TcpControl;
+    let mut p = Pair::new(10);
+    let to = (50_301, 9);
+    let (ours, seq) = handshake(&mut p, to, Some(7));
+    let seg = |from: usize, data: &[u8]| {
+        raw_segment(
+            to,
+            TcpControl::None,
+            (seq.wrapping_add(from as u32), Some(ours)),
+            (60_000, None),
+            data,
+        )
+    };
+    // 300,000..301,000: beyond the buffer, inside smoltcp's mis-scaled window.
+    exchange(&mut p, &seg(300_000, &[0xee; 1000]));
+    let stream = counting(0, 400_000);
+    let mut at = 0;
+    let mut report = Vec::new();
+    while at < stream.len() {
+        let end = (at + 1460).min(stream.len());
+        p.stack.handle_packet(p.now, &mut seg(at, &stream[at..end]));
+        at = end;
+        p.stack.poll(p.now);
+        p.stack.drain_transmit(|_| {});
+        p.now += Duration::from_millis(1);
+    }
+    let fin = raw_segment(
+        to,
+        TcpControl::Fin,
+        (seq + at as u32, Some(ours)),
+        (60_000, None),
+        &[],
+    );
+    p.stack.handle_packet(p.now, &mut fin.clone());
+    for _ in 0..5 {
+        p.stack.poll(p.now);
+        p.stack.drain_transmit(|b| {
+            let ip = smoltcp::wire::Ipv4Packet::new_checked(b).unwrap();
+            let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+            report.extend_from_slice(tcp.payload());
+        });
+        p.now += Duration::from_millis(1);
+    }
+    let want = format!("{} {:08x}\n", stream.len(), crc32fast::hash(&stream));
+    assert_eq!(String::from_utf8_lossy(&report), want);
+    assert!(p.stack.stats().rx_beyond_window >= 1);
+}

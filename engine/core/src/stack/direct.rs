@@ -195,9 +195,9 @@ pub(super) fn advertised_edge(flow: &Flow, out: &Outbound, ack: u32) -> u32 {
         .wrapping_add(u32::from(out.window) << shift)
 }
 
-/// Cuts the client's segment in `packet` (classified as `inbound`, wire numbers) that starts
-/// inside the furthest receive window we advertised and reaches beyond it to the window: its data
-/// beyond the edge, and a FIN after such data, are not accepted (RFC 9293, 3.10.7.4), and
+/// Cuts the client's segment in `packet` (classified as `inbound`, wire numbers) that reaches
+/// beyond the furthest receive window we advertised to the window: its data beyond the edge,
+/// and a FIN after such data, are not accepted (RFC 9293, 3.10.7.4), and
 /// smoltcp must not see them — it would take them up to its own window, which runs ahead of
 /// the advertised one, in wire numbers, by the bytes a direct receive took, and which until
 /// its first ACK after the handshake is twice its buffer (its SYN-ACK advertises an unscaled
@@ -211,12 +211,17 @@ pub(super) fn cut_to_window(flow: &Flow, inbound: &Inbound, packet: &mut [u8]) -
     if !seq_gt(end, edge) || packet.len() < inbound.ip_len {
         return (*inbound, false);
     }
-    // A segment wholly beyond the edge goes to smoltcp as it is: it may be a probe of a
-    // closed window, which smoltcp answers (with its window) only if it sees the data.
-    if !seq_gt(edge, inbound.seq) {
+    // A segment that starts at the edge goes to smoltcp as it is: it may probe a closed
+    // window, which smoltcp answers (with its window) only if it sees the data. One that
+    // starts beyond it is never in any window: smoltcp gets its header alone.
+    if inbound.seq == edge {
         return (*inbound, false);
     }
-    let keep = edge.wrapping_sub(inbound.seq) as usize;
+    let keep = if seq_gt(edge, inbound.seq) {
+        edge.wrapping_sub(inbound.seq) as usize
+    } else {
+        0
+    };
     let header = inbound.ip_len - inbound.payload_len;
     let ip_len = header + keep;
     let ihl = usize::from(packet[0] & 0x0f) * 4;
