@@ -776,8 +776,11 @@ pub fn serve_http(
             let spawned = std::thread::Builder::new()
                 .name("fs-metrics-conn".into())
                 .spawn(move || {
-                    serve_scrape(stream, &*scrape);
+                    let mut stream = stream;
+                    serve_scrape(&mut stream, &*scrape);
+                    // The slot is free before the client sees the connection close.
                     done.fetch_sub(1, Ordering::AcqRel);
+                    drop(stream);
                 });
             if spawned.is_err() {
                 active.fetch_sub(1, Ordering::AcqRel);
@@ -789,7 +792,7 @@ pub fn serve_http(
 }
 
 /// One request on `stream`, within [`SCRAPE_DEADLINE`].
-fn serve_scrape(mut stream: std::net::TcpStream, scrape: &(dyn Fn() -> String + Send + Sync)) {
+fn serve_scrape(stream: &mut std::net::TcpStream, scrape: &(dyn Fn() -> String + Send + Sync)) {
     let deadline = std::time::Instant::now() + SCRAPE_DEADLINE;
     let mut head = [0u8; 4096];
     let mut len = 0;

@@ -670,52 +670,13 @@ fn a_frozen_flow_sends_nothing_and_does_not_time_out() {
     assert_eq!(n.client_rsts, 0);
 }
 
-#[test]
-fn an_upload_moved_mid_stream_is_byte_exact() {
-    let mut n = Net::new();
+/// Uploads `len` bytes of the counting stream into `sink` on A, moves the connection to B
+/// once A's app has taken `move_after` bytes, and checks the sink's report (byte count and
+/// CRC), no reset and nothing written to B's TUN device. Returns A's directly taken bytes
+/// (`rx_direct_bytes`) at the move.
+fn upload_moved_once(mut n: Net, len: usize, move_after: u64) -> u64 {
     let h = n.connect(9, ClientOpts::DEFAULT);
-    let data = counting(3, 2_000_000);
-    let mut sent = 0;
-    let mut got = Vec::new();
-    let mut moved = false;
-    n.run_until(60_000, |n| {
-        let s = n.sock(h);
-        if s.can_send() && sent < data.len() {
-            sent += s.send_slice(&data[sent..]).unwrap();
-            if sent == data.len() {
-                s.close();
-            }
-        }
-        recv_all(s, &mut got);
-        if !moved
-            && n.nodes[0]
-                .conns(n.now)
-                .first()
-                .is_some_and(|c| c.bytes_in > 700_000)
-        {
-            moved = true;
-            let id = n.only_local(0);
-            n.migrate(0, 1, id, 2);
-        }
-        got.ends_with(b"\n")
-    });
-    assert!(moved);
-    let want = format!("{} {:08x}\n", data.len(), crc32fast::hash(&data));
-    assert_eq!(String::from_utf8(got).unwrap(), want);
-    assert_eq!(n.client_rsts, 0);
-    assert_eq!(n.b_tun_packets, 0);
-}
-
-/// A moves a connection whose app took most of the upload straight from merged packets
-/// (direct receive): the client's numbers run ahead of A's socket's by those bytes, and the
-/// snapshot must carry the client's, not the socket's. B is sent the rest through the tunnel
-/// and takes it through its socket.
-#[test]
-fn an_upload_merged_by_gro_and_taken_straight_from_the_packets_moves_byte_exact() {
-    let mut n = Net::new();
-    n.gro = Some(Coalescer::new(0));
-    let h = n.connect(9, ClientOpts::DEFAULT);
-    let data = counting(3, 4_000_000);
+    let data = counting(3, len);
     let mut sent = 0;
     let mut got = Vec::new();
     let mut direct_at_move = None;
@@ -732,7 +693,7 @@ fn an_upload_merged_by_gro_and_taken_straight_from_the_packets_moves_byte_exact(
             && n.nodes[0]
                 .conns(n.now)
                 .first()
-                .is_some_and(|c| c.bytes_in > 1_500_000)
+                .is_some_and(|c| c.bytes_in > move_after)
         {
             direct_at_move = Some(n.nodes[0].stats().rx_direct_bytes);
             let id = n.only_local(0);
@@ -740,15 +701,31 @@ fn an_upload_merged_by_gro_and_taken_straight_from_the_packets_moves_byte_exact(
         }
         got.ends_with(b"\n")
     });
-    let direct = direct_at_move.expect("moved");
-    assert!(
-        direct > 1_000_000,
-        "{direct} bytes taken straight from packets before the move"
-    );
     let want = format!("{} {:08x}\n", data.len(), crc32fast::hash(&data));
     assert_eq!(String::from_utf8(got).unwrap(), want);
     assert_eq!(n.client_rsts, 0);
     assert_eq!(n.b_tun_packets, 0);
+    direct_at_move.expect("moved")
+}
+
+#[test]
+fn an_upload_moved_mid_stream_is_byte_exact() {
+    upload_moved_once(Net::new(), 2_000_000, 700_000);
+}
+
+/// A moves a connection whose app took most of the upload straight from merged packets
+/// (direct receive): the client's numbers run ahead of A's socket's by those bytes, and the
+/// snapshot must carry the client's, not the socket's. B is sent the rest through the tunnel
+/// and takes it through its socket.
+#[test]
+fn an_upload_merged_by_gro_and_taken_straight_from_the_packets_moves_byte_exact() {
+    let mut n = Net::new();
+    n.gro = Some(Coalescer::new(0));
+    let direct = upload_moved_once(n, 4_000_000, 1_500_000);
+    assert!(
+        direct > 1_000_000,
+        "{direct} bytes taken straight from packets before the move"
+    );
 }
 
 #[test]

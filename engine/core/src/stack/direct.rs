@@ -86,17 +86,13 @@ pub(super) fn take(
             (n, n)
         });
         match n {
-            Ok(n) if n > 0 => {
-                super::took(
-                    &mut flow.kpi,
-                    &mut flow.bytes_in,
-                    stats,
-                    n,
-                    work_passes,
-                    now,
-                );
-                flow.active_at = now;
-            }
+            Ok(n) if n > 0 => super::took(
+                (&mut flow.kpi, &mut flow.bytes_in, &mut flow.active_at),
+                stats,
+                n,
+                work_passes,
+                now,
+            ),
             _ => return 0,
         }
     }
@@ -131,14 +127,12 @@ pub(super) fn take(
         crate::config::emulate_work(work_passes, &payload[..n]);
     }
     super::took(
-        &mut flow.kpi,
-        &mut flow.bytes_in,
+        (&mut flow.kpi, &mut flow.bytes_in, &mut flow.active_at),
         stats,
         n,
         work_passes,
         now,
     );
-    flow.active_at = now;
     stats.rx_direct_bytes += n as u64;
     flow.xlate.rcv_off = flow.xlate.rcv_off.wrapping_add(n as u32);
     // The segment smoltcp gets: the same headers (its sequence number, in the socket's

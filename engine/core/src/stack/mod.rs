@@ -1289,8 +1289,7 @@ impl Stack {
                 match n {
                     Ok(0) | Err(_) => break,
                     Ok(n) => took(
-                        &mut flow.kpi,
-                        &mut flow.bytes_in,
+                        (&mut flow.kpi, &mut flow.bytes_in, &mut flow.active_at),
                         &mut self.stats,
                         n,
                         work,
@@ -2458,10 +2457,11 @@ impl Stack {
 /// Puts the flow in `slot`, whose loss probe is `probe`, under its probe deadline in `timer`,
 /// unless it is held there already under that deadline or an earlier one (a later deadline
 /// is found when the earlier entry comes due: see `Stack::probe_losses`).
-/// Accounts for `n` bytes the app of a flow took from the client (`work` passes done on them).
+/// Accounts for `n` bytes the app of a flow took from the client at `now` (`work` passes
+/// done on them): the flow's KPIs, its `bytes_in` and its last activity, and the stack's
+/// counters.
 fn took(
-    kpi: &mut crate::flow::FlowKpi,
-    bytes_in: &mut u64,
+    (kpi, bytes_in, active_at): (&mut crate::flow::FlowKpi, &mut u64, &mut Instant),
     stats: &mut StackStats,
     n: usize,
     work: u32,
@@ -2469,6 +2469,7 @@ fn took(
 ) {
     kpi.took(now, n);
     *bytes_in += n as u64;
+    *active_at = now;
     stats.app_bytes_in += n as u64;
     if work > 0 {
         stats.work_bytes += n as u64;
