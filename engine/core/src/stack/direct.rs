@@ -19,14 +19,14 @@
 //! every second merged segment is acknowledged at once. Those bytes go through the ring as
 //! before — about 2 % of a 64 KB merged segment.
 //!
-//! Only when nothing can go wrong: the flow is served here (not quiescing, not paced), the
+//! Only when nothing can go wrong: the flow is served here (not quiescing, not paced); the
 //! socket is ESTABLISHED, its ring empty once the app has taken what it holds (the bytes kept
 //! back from the packet before, when a read brings several of the flow's packets at once),
-//! and it holds no data beyond `rcv_nxt` (data that
-//! arrived out of order sits in smoltcp's ring at offsets from its own `rcv_nxt`, which the
-//! offset would shift: [`Flow::rx_pending`] records how far the client's data may reach
-//! there), and the segment is no SYN or RST and acknowledges nothing we have not sent.
-//! Anything else goes to smoltcp whole.
+//! and it holds no data beyond `rcv_nxt` (data that arrived out of order sits in smoltcp's
+//! ring at offsets from its own `rcv_nxt`, which the offset would shift: [`Flow::rx_pending`]
+//! records how far the client's data may reach there); the segment is no SYN or RST, ends
+//! within the window we advertised ([`Flow::rx_edge`]; see [`cut_to_window`]) and
+//! acknowledges nothing we have not sent. Anything else goes to smoltcp whole.
 
 use smoltcp::iface::SocketSet;
 use smoltcp::socket::tcp;
