@@ -107,7 +107,8 @@ impl Translation {
         let seq = local.wrapping_add(self.seq_off);
         tcp.set_seq_number(TcpSeqNumber(seq as i32));
         // The checksum is updated for what changed (RFC 1624), not recomputed over the
-        // payload: sequence number (at an even offset) and TSval (anywhere in the options).
+        // payload: sequence and acknowledgement numbers (at even offsets), TSval and SACK
+        // edges (anywhere in the options).
         let mut delta = Delta::default();
         delta.replace(old_seq, seq, false);
         let (ts_off, rcv_off) = (self.ts_off, self.rcv_off);
@@ -145,9 +146,8 @@ impl Translation {
     }
 
     /// Rewrites an inbound IPv4/TCP packet from wire to local numbers (its checksum is left
-    /// stale: see the module docs), lowering an ACK of bytes
-    /// the socket has not sent yet as `ceiling` says. Returns the local acknowledgement number
-    /// (if the packet has ACK set).
+    /// stale: see the module docs), lowering an ACK of bytes the socket has not sent yet as
+    /// `ceiling` says. Returns the local acknowledgement number (if the packet has ACK set).
     pub fn inbound(
         &self,
         packet: &mut [u8],
