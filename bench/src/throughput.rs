@@ -81,6 +81,10 @@ pub(crate) struct Args {
     /// measure what it changes.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     direct_receive: bool,
+    /// The node's `tcp.tx_buffer_max` (the send buffer a download it limits grows to), bytes;
+    /// the send buffer's size turns growth off. Default: the node's (1 MiB).
+    #[arg(long)]
+    tx_buffer_max: Option<usize>,
     #[command(flatten)]
     out: Output,
 }
@@ -135,6 +139,10 @@ struct Figures {
     /// only): each one a segment sent twice and a halved window for nothing.
     #[serde(default)]
     clean_loss_probes: Option<u64>,
+    /// Send buffers the node grew during the single-flow download (`tcp.tx_buffer_max`;
+    /// flowshift only).
+    #[serde(default)]
+    download_tx_grown: Option<u64>,
     /// Share of the machine's CPU time the hypervisor gave to other guests during these
     /// measurements (a noisy neighbour, not our code).
     steal_percent: f64,
@@ -203,6 +211,9 @@ struct Results {
     loss_probes: bool,
     /// `tcp.direct_receive`.
     direct_receive: bool,
+    /// `tcp.tx_buffer_max`, when set (else the node's default).
+    #[serde(default)]
+    tx_buffer_max: Option<usize>,
     runs: usize,
     /// Per run: the kernel's and flowshift's figures (measured back to back, in alternating
     /// order).
@@ -246,6 +257,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     }
     if !args.direct_receive {
         config = config.direct_receive(false);
+    }
+    if let Some(b) = args.tx_buffer_max {
+        config = config.tx_buffer_max(b);
     }
     let node = tb
         .start_node(flowshift_testbed::Node::A, &config)
@@ -406,6 +420,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         loss_object_bytes: loss.as_ref().map_or(0, |l| l.object_bytes),
         loss_probes: args.loss_probes,
         direct_receive: args.direct_receive,
+        tx_buffer_max: args.tx_buffer_max,
         runs,
         kernel_tcp,
         flowshift,
@@ -458,12 +473,14 @@ fn measure(
     let mut f = Figures::default();
     let (steal0, t0) = (sys::machine_steal_seconds(), std::time::Instant::now());
 
-    let probes = || {
+    let stat = |key: &str| {
         node.and_then(|n| n.ctl_json(&["status"]).ok())
-            .and_then(|v| v["stats"]["loss_probes"].as_u64())
+            .and_then(|v| v["stats"][key].as_u64())
     };
+    let probes = || stat("loss_probes");
     if let Some(d) = d {
         let probes0 = probes();
+        let grown0 = stat("tx_grown");
         let cpu;
         (f.download, cpu) = with_cpu_per_gb(pid, || {
             client
@@ -471,10 +488,15 @@ fn measure(
                 .context("download")
         })?;
         (f.machine_cpu_s_per_gb, f.process_cpu_s_per_gb) = (cpu.machine, cpu.process);
+        f.download_tx_grown = stat("tx_grown")
+            .zip(grown0)
+            .map(|(b, a)| b.saturating_sub(a));
         eprintln!(
-            "  download   {:.2} Gbit/s (verified); {}",
+            "  download   {:.2} Gbit/s (verified); {}{}",
             f.download.gbit_s(),
-            cpu.show()
+            cpu.show(),
+            f.download_tx_grown
+                .map_or(String::new(), |n| format!("; send buffers grown: {n}"))
         );
 
         let cpu;
@@ -1105,6 +1127,19 @@ fn markdown(r: &Results) -> String {
     if !r.direct_receive {
         s += " The node's direct receive (`tcp.direct_receive`) was off: every received byte went through smoltcp's receive ring.";
     }
+    if let Some(b) = r.tx_buffer_max {
+        s += &format!(" The node's `tcp.tx_buffer_max` was {b} bytes.");
+    }
+    let grown: Vec<u64> = r
+        .flowshift
+        .iter()
+        .filter_map(|f| f.download_tx_grown)
+        .collect();
+    if !grown.is_empty() {
+        s += &format!(
+            " Send buffers the node grew during each run's single-flow download: {grown:?}."
+        );
+    }
     s += "\n\n";
     s += "| measure | kernel TCP | flowshift | flowshift / kernel |\n|---|---:|---:|---:|\n";
     let show = |x: &Option<Spread>| x.map_or("-".to_string(), |s| s.show(2));
@@ -1406,6 +1441,7 @@ mod tests {
             loss_drops: 100,
             loss_probes: (f < 1.0).then_some(120),
             clean_loss_probes: (f < 1.0).then_some(0),
+            download_tx_grown: (f < 1.0).then_some(1),
         }
     }
 
@@ -1469,6 +1505,7 @@ mod tests {
             loss_object_bytes: 16_000,
             loss_probes: true,
             direct_receive: true,
+            tx_buffer_max: None,
             runs: 3,
             kernel_tcp: vec![figures_of(1.0, 1.0); 3],
             flowshift: vec![

@@ -27,6 +27,8 @@ pub const DEFAULT_MAX_HALF_OPEN: usize = 2048;
 pub const DEFAULT_SYN_COOKIE_THRESHOLD: usize = 256;
 /// Upper bound of `node.shutdown_timeout_ms`.
 const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 3_600_000;
+/// Largest `tcp.tx_buffer_max`: what a peer accepts in a moved connection's snapshot.
+const MAX_GROWN_TX_BUFFER: usize = 16 << 20;
 
 /// Errors from loading a config file.
 #[derive(Debug, thiserror::Error)]
@@ -403,6 +405,8 @@ struct RawTcp {
     tx_buffer: Option<usize>,
     loss_probes: Option<bool>,
     direct_receive: Option<bool>,
+    tx_buffer_max: Option<usize>,
+    tx_grow_budget: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -656,6 +660,13 @@ impl Config {
             tx_buffer: raw.tcp.tx_buffer.unwrap_or(defaults.tx_buffer),
             loss_probes: raw.tcp.loss_probes.unwrap_or(defaults.loss_probes),
             direct_receive: raw.tcp.direct_receive.unwrap_or(defaults.direct_receive),
+            // Unset: the default, or no growth when the send buffer is set larger.
+            tx_buffer_max: raw.tcp.tx_buffer_max.unwrap_or_else(|| {
+                defaults
+                    .tx_buffer_max
+                    .max(raw.tcp.tx_buffer.unwrap_or(defaults.tx_buffer))
+            }),
+            tx_grow_budget: raw.tcp.tx_grow_budget.unwrap_or(defaults.tx_grow_budget),
         };
         for (key, v) in [
             ("tcp.rx_buffer", tcp.rx_buffer),
@@ -665,6 +676,18 @@ impl Config {
             if !(1024..=(1 << 30)).contains(&v) {
                 return Err(invalid(key, format!("{v} is not in 1024..=1073741824")));
             }
+        }
+        // A moved connection brings its buffers along: a peer refuses one over 16 MiB.
+        if tcp.tx_buffer_max != tcp.tx_buffer
+            && !(tcp.tx_buffer..=MAX_GROWN_TX_BUFFER).contains(&tcp.tx_buffer_max)
+        {
+            return Err(invalid(
+                "tcp.tx_buffer_max",
+                format!(
+                    "{} is not in tcp.tx_buffer ({})..={MAX_GROWN_TX_BUFFER} (16 MiB)",
+                    tcp.tx_buffer_max, tcp.tx_buffer
+                ),
+            ));
         }
 
         let metrics_listen = match raw.metrics {
@@ -1344,6 +1367,26 @@ max_connections = 100000
             let e = parse(&text).unwrap_err().to_string();
             assert!(e.starts_with("node.toml: key `"), "{e}");
             assert!(e.contains(&format!("`{key}`")), "expected {key}: {e}");
+        }
+    }
+
+    #[test]
+    fn send_buffer_growth_defaults_follow_the_buffer_and_is_bounded() {
+        let tcp = |extra: &str| parse(&format!("{EXAMPLE}\n[tcp]\n{extra}\n")).map(|c| c.tcp);
+        let d = tcp("").unwrap();
+        assert_eq!((d.tx_buffer, d.tx_buffer_max), (256 << 10, 1 << 20));
+        assert_eq!(d.tx_grow_budget, 64 << 20);
+        // A send buffer set beyond the default growth: no growth.
+        let big = tcp("tx_buffer = 4194304").unwrap();
+        assert_eq!(big.tx_buffer_max, 4 << 20);
+        // Off, explicitly.
+        let off = tcp("tx_buffer_max = 262144").unwrap();
+        assert_eq!(off.tx_buffer_max, off.tx_buffer);
+        let set = tcp("tx_buffer_max = 8388608\ntx_grow_budget = 0").unwrap();
+        assert_eq!((set.tx_buffer_max, set.tx_grow_budget), (8 << 20, 0));
+        for bad in ["tx_buffer_max = 131072", "tx_buffer_max = 33554432"] {
+            let e = tcp(bad).unwrap_err().to_string();
+            assert!(e.contains("`tcp.tx_buffer_max`"), "{bad}: {e}");
         }
     }
 

@@ -451,6 +451,30 @@ pub fn render(
         "Idle connections re-homed into fresh sockets to give their memory back",
         stats.compacted,
     );
+    counter(
+        &mut r,
+        "tx_buffers_grown",
+        "Send buffers grown: downloads limited by their send buffer, re-homed into a larger one (tcp.tx_buffer_max)",
+        stats.tx_grown,
+    );
+    counter(
+        &mut r,
+        "tx_buffer_growths_abandoned",
+        "Send-buffer growths given up (the drain before the re-home took too long, or the re-home failed)",
+        stats.tx_grow_abandoned,
+    );
+    counter(
+        &mut r,
+        "tx_buffer_growths_over_budget",
+        "Send-buffer growths not started: tcp.tx_grow_budget was spent",
+        stats.tx_grow_over_budget,
+    );
+    gauge(
+        &mut r,
+        "tx_buffer_grown_bytes",
+        "Send-buffer growth held by connections (at each worker's last sweep), bytes",
+        stats.tx_grown_bytes,
+    );
     let (map_failures, unmap_failures) = crate::alloc::failures();
     counter(
         &mut r,

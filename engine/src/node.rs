@@ -2119,7 +2119,11 @@ pub fn run(config: Config) -> Result<(), NodeError> {
                 worker: index as u16,
                 addresses: config.tun.service_addresses.clone(),
                 services: config.services.clone(),
-                tcp: config.tcp.clone(),
+                tcp: flowshift_core::config::TcpConfig {
+                    // The node's budget, shared among its workers.
+                    tx_grow_budget: config.tcp.tx_grow_budget / config.node.workers,
+                    ..config.tcp.clone()
+                },
                 mtu: usize::from(config.tun.mtu),
                 max_packet,
                 frozen_queue_packets: config.limits.frozen_queue_packets,

@@ -127,6 +127,11 @@ pub struct TcpConfig {
     /// smoltcp's receive ring (one copy of the client's bytes less; `stack/direct.rs`).
     /// Default on.
     pub direct_receive: bool,
+    /// Send buffer a download limited by its send buffer grows to, bytes (`stack/grow.rs`);
+    /// `tx_buffer` or less: never grown.
+    pub tx_buffer_max: usize,
+    /// Bytes of growth (beyond `tx_buffer`) this stack's connections may hold at once.
+    pub tx_grow_budget: usize,
 }
 
 /// Default socket buffer, each way: 256 KiB. One send buffer per round trip is the most a
@@ -137,6 +142,12 @@ pub struct TcpConfig {
 /// nothing.
 pub const DEFAULT_SOCKET_BUFFER: usize = 256 * 1024;
 
+/// Default size a send-buffer-limited download's send buffer grows to: 1 MiB.
+pub const DEFAULT_TX_BUFFER_MAX: usize = 1 << 20;
+
+/// Default growth budget of a stack: 64 MiB (85 grown connections at the default sizes).
+pub const DEFAULT_TX_GROW_BUDGET: usize = 64 << 20;
+
 impl Default for TcpConfig {
     fn default() -> Self {
         Self {
@@ -144,6 +155,8 @@ impl Default for TcpConfig {
             tx_buffer: DEFAULT_SOCKET_BUFFER,
             loss_probes: true,
             direct_receive: true,
+            tx_buffer_max: DEFAULT_TX_BUFFER_MAX,
+            tx_grow_budget: DEFAULT_TX_GROW_BUDGET,
         }
     }
 }

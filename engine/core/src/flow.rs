@@ -369,6 +369,36 @@ pub struct Flow {
     pub probe: crate::probe::LossProbe,
     /// Its class's allocation, when the node enforces them ([`crate::pace`]).
     pub pacer: Option<crate::pace::Pacer>,
+    /// Whether its send buffer is what limits it, and its growth (`stack/grow.rs`).
+    pub growth: Growth,
+}
+
+/// A flow's send-buffer growth (`stack/grow.rs`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Growth {
+    /// The app left the send ring full at the end of its last service.
+    pub ring_full: bool,
+    /// How much the app had written at its last service (`None`: not watched).
+    pub seen: Option<u64>,
+    /// Bytes the app wrote while the send buffer limited the flow (each service found all
+    /// it had written sent, and it filled the ring again), since the flow last sent a
+    /// buffer's worth without being so limited.
+    pub limited: u64,
+    /// Bytes the app wrote since the send buffer last limited the flow.
+    pub unlimited: u64,
+    /// Growing: the app is held since then until the client has acknowledged everything.
+    pub draining: Option<Instant>,
+    /// A drain took too long once: the flow is not grown again.
+    pub gave_up: bool,
+}
+
+impl Growth {
+    /// Forgets what was watched (the flow cannot grow now, or just did).
+    pub fn unwatch(&mut self) {
+        self.seen = None;
+        self.limited = 0;
+        self.unlimited = 0;
+    }
 }
 
 impl Flow {
@@ -421,7 +451,14 @@ impl Flow {
             kpi: FlowKpi::default(),
             probe: crate::probe::LossProbe::default(),
             pacer: None,
+            growth: Growth::default(),
         }
+    }
+
+    /// Its app is not served for now: a move is about to freeze it, or its send buffer
+    /// drains before it grows.
+    pub fn app_held(&self) -> bool {
+        self.quiescing || self.growth.draining.is_some()
     }
 
     /// Bytes the app wrote.

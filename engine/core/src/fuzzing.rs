@@ -171,6 +171,8 @@ impl StackHarness {
                 tx_buffer: 4096,
                 loss_probes: true,
                 direct_receive: true,
+                tx_buffer_max: 16384,
+                tx_grow_budget: 32768,
             },
             frozen_queue_packets: 8,
             max_half_open: 6,

@@ -82,9 +82,14 @@ impl SendMirror {
     /// connection with nothing unacknowledged (see `Stack`'s compaction). Memory is taken
     /// again by the next write.
     pub fn emptied(&self) -> Self {
+        self.emptied_to(self.capacity)
+    }
+
+    /// Like [`emptied`](Self::emptied), for a send buffer of `capacity` bytes.
+    pub fn emptied_to(&self, capacity: usize) -> Self {
         Self {
             total: self.total,
-            ..Self::new(self.capacity)
+            ..Self::new(capacity)
         }
     }
 

@@ -552,6 +552,54 @@ fn a_download_moved_mid_stream_is_byte_exact() {
     download_moved_once(ClientOpts::DEFAULT);
 }
 
+/// A download whose send buffer grew (64 KiB to 256 KiB) moves with its grown buffer: the
+/// target restores it at that size and holds the growth in its own budget until the
+/// connection ends; byte-exact, no reset.
+#[test]
+fn a_download_with_a_grown_send_buffer_moves_with_it_byte_exact() {
+    let mut n = Net::new();
+    for (i, seed) in [7, 99, 1234].into_iter().enumerate() {
+        let mut config = node_config(0, seed);
+        config.tcp.tx_buffer = 64 << 10;
+        config.tcp.tx_buffer_max = 256 << 10;
+        n.nodes[i] = Stack::new(config, ConnectionBudget::new(1000), n.now);
+    }
+    let h = n.connect(19, ClientOpts::DEFAULT);
+    let mut got = Vec::new();
+    n.run_until(10_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        n.nodes[0].stats().tx_grown == 1
+    });
+    let id = n.only_local(0);
+    assert_eq!(n.nodes[0].conns(n.now)[0].send_buffer, 256 << 10);
+    assert!(got.len() < 2_500_000, "grown too late to move mid-stream");
+    n.migrate(0, 1, id, 3);
+    let on_b = n.nodes[1].conns(n.now);
+    assert_eq!(on_b.len(), 1);
+    assert_eq!(on_b[0].send_buffer, 256 << 10);
+    n.run_until(60_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        !n.sock(h).may_recv()
+    });
+    assert!(got == counting(0, 3_000_000), "counting stream mismatch");
+    assert_eq!(n.client_rsts, 0);
+    assert_eq!(n.nodes[1].stats().conns_restored, 1);
+    // B's sweep counts the growth it now holds; an idle spell compacts it back.
+    for _ in 0..1_100 {
+        n.step();
+    }
+    assert_eq!(n.nodes[1].stats().tx_grown_bytes, 192 << 10);
+    n.sock(h).close();
+    n.run_until(30_000, |n| {
+        n.nodes[0].connection_count() == 0 && n.nodes[1].connection_count() == 0
+    });
+    for _ in 0..1_100 {
+        n.step();
+    }
+    assert_eq!(n.nodes[1].stats().tx_grown_bytes, 0);
+    assert_eq!(n.client_rsts, 0);
+}
+
 /// A connection under a class allocation moves: the source stops counting it as allocated
 /// (its turns go back to serving in arrival order), and the target serves it unlimited until
 /// its own planner allocates it; the transfer stays byte-exact.

@@ -2155,3 +2155,207 @@ fn data_beyond_the_window_in_the_first_flight_never_reaches_the_app() {
     assert_eq!(String::from_utf8_lossy(&report), want);
     assert!(p.stack.stats().rx_beyond_window >= 1);
 }
+
+/// Bytes the `source` app of [`growing_pair`] sends: enough for the congestion window of the
+/// in-memory client (one ACK per round trip: one segment more per round trip) to outgrow a
+/// 64 KiB buffer, and for four buffers' worth more.
+const DOWNLOAD: usize = 4_000_000;
+
+/// A pair whose connections start with a 64 KiB send buffer that may grow to 256 KiB, within
+/// `budget` bytes of growth; its `source` app sends [`DOWNLOAD`] bytes.
+fn growing_pair(budget: usize) -> Pair {
+    Pair::new_with(100, |c| {
+        c.tcp.tx_buffer = 64 * 1024;
+        c.tcp.tx_buffer_max = 256 * 1024;
+        c.tcp.tx_grow_budget = budget;
+        for s in c.services.iter_mut().filter(|s| s.port == 19) {
+            s.app_config.bytes = Some(DOWNLOAD as u64);
+        }
+    })
+}
+
+/// Makes half of each step's packets from the stack reach the client a step late, so that it
+/// acknowledges each flight in two parts (a real client acknowledges one in many): bytes are
+/// still unacknowledged when the app is served, and a drain before growth takes a step.
+/// Call what it returns once per step.
+fn acks_in_two_parts(p: &mut Pair) -> impl FnMut(&mut Pair) + use<> {
+    use std::{cell::RefCell, rc::Rc};
+    let late = Rc::new(RefCell::new(Vec::new()));
+    let held = late.clone();
+    p.tx_filter = Some(Box::new(move |pk: &mut Vec<u8>| {
+        held.borrow_mut().push(std::mem::take(pk));
+        false
+    }));
+    let mut in_flight: Vec<Vec<u8>> = Vec::new();
+    move |p: &mut Pair| {
+        let mut sent = std::mem::take(&mut *late.borrow_mut());
+        let rest = sent.split_off(sent.len() / 2);
+        p.pipe.rx.extend(in_flight.drain(..).chain(sent));
+        in_flight = rest;
+    }
+}
+
+/// Reads the `source` download ([`DOWNLOAD`] bytes, then a FIN) on `h` to its end, calling
+/// `each` after every step; returns the bytes and the send-buffer sizes its connection had.
+fn source_download(
+    p: &mut Pair,
+    h: SocketHandle,
+    mut each: impl FnMut(&mut Pair),
+) -> (Vec<u8>, std::collections::BTreeSet<usize>) {
+    let mut got = Vec::new();
+    let mut sizes = std::collections::BTreeSet::new();
+    p.run_until(20_000, |p| {
+        read_into(p, h, &mut got);
+        sizes.extend(p.stack.conns(p.now).iter().map(|c| c.send_buffer));
+        each(p);
+        let s = p.sock(h);
+        got.len() >= DOWNLOAD && !s.may_recv() && s.recv_queue() == 0
+    });
+    (got, sizes)
+}
+
+/// A download its 64 KiB send buffer limits (the client's window is larger and the app
+/// always has more) grows to 256 KiB once, after four buffers' worth, and the stream is
+/// byte-exact and ends with the source's FIN (no reset); the growth is held in the budget
+/// while the connection lives and given back when it ends.
+#[test]
+fn a_download_its_send_buffer_limits_grows_once_and_stays_byte_exact() {
+    use flowshift_core::stack::GROW_AFTER_BUFFERS;
+    let mut p = growing_pair(1 << 20);
+    let mut deliver = acks_in_two_parts(&mut p);
+    let h = p.connect(19);
+    let mut out_at_growth = None;
+    let mut drained = false;
+    let (got, sizes) = source_download(&mut p, h, |p| {
+        deliver(p);
+        drained |= p.stack.conns(p.now).iter().any(|c| c.growing);
+        if out_at_growth.is_none() && p.stack.stats().tx_grown == 1 {
+            out_at_growth = Some(p.stack.conns(p.now)[0].bytes_out);
+        }
+    });
+    assert!(got == counting(0, DOWNLOAD), "counting stream mismatch");
+    assert!(drained, "grown without draining what was in flight");
+    assert_eq!(p.sock(h).state(), tcp::State::CloseWait, "ended by the FIN");
+    let stats = p.stack.stats();
+    assert_eq!(
+        (
+            stats.tx_grown,
+            stats.tx_grow_abandoned,
+            stats.tx_grow_over_budget
+        ),
+        (1, 0, 0)
+    );
+    assert_eq!(
+        sizes.into_iter().collect::<Vec<_>>(),
+        [64 * 1024, 256 * 1024]
+    );
+    let out = out_at_growth.expect("grown");
+    assert!(
+        out >= GROW_AFTER_BUFFERS * 64 * 1024,
+        "grown after {out} bytes, before {GROW_AFTER_BUFFERS} buffers' worth"
+    );
+    // The next sweep counts the growth the connection holds; once it is gone, none.
+    for _ in 0..1_100 {
+        deliver(&mut p);
+        p.step();
+    }
+    assert_eq!(p.stack.stats().tx_grown_bytes, 192 * 1024);
+    p.sock(h).close();
+    p.run_until(100, |p| {
+        deliver(p);
+        p.stack.connection_count() == 0
+    });
+    for _ in 0..1_100 {
+        p.step();
+    }
+    assert_eq!(p.stack.stats().tx_grown_bytes, 0);
+}
+
+/// A download the client's window limits (16 KiB) is not what a larger send buffer would
+/// help: it keeps its buffer, byte-exact.
+#[test]
+fn a_download_the_clients_window_limits_keeps_its_send_buffer() {
+    let mut p = growing_pair(1 << 20);
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 16 * 1024]),
+        tcp::SocketBuffer::new(vec![0; 16 * 1024]),
+    );
+    p.next_port += 1;
+    s.connect(
+        p.client.context(),
+        (IpAddress::Ipv4(SERVICE), 19),
+        p.next_port,
+    )
+    .unwrap();
+    let h = p.sockets.add(s);
+    let (got, sizes) = source_download(&mut p, h, |_| {});
+    assert!(got == counting(0, DOWNLOAD), "counting stream mismatch");
+    assert_eq!(p.sock(h).state(), tcp::State::CloseWait);
+    assert_eq!(sizes.into_iter().collect::<Vec<_>>(), [64 * 1024]);
+    assert_eq!(p.stack.stats().tx_grown, 0);
+    assert_eq!(p.stack.stats().tx_grow_over_budget, 0);
+}
+
+/// With no growth budget left, a download its buffer limits is counted as such and keeps
+/// its buffer, byte-exact.
+#[test]
+fn with_the_growth_budget_spent_a_limited_download_keeps_its_buffer() {
+    let mut p = growing_pair(100 * 1024);
+    let h = p.connect(19);
+    let (got, sizes) = source_download(&mut p, h, |_| {});
+    assert!(got == counting(0, DOWNLOAD), "counting stream mismatch");
+    assert_eq!(p.sock(h).state(), tcp::State::CloseWait);
+    assert_eq!(sizes.into_iter().collect::<Vec<_>>(), [64 * 1024]);
+    assert_eq!(p.stack.stats().tx_grown, 0);
+    assert!(p.stack.stats().tx_grow_over_budget >= 1);
+}
+
+/// A client that half-closes while the send buffer drains to grow: the connection is no
+/// longer established, so the growth is given up (and not tried again); the app is served
+/// again and the download completes byte-exact, closed by FINs both ways.
+#[test]
+fn a_client_half_closing_during_the_drain_gets_its_download_byte_exact_without_growth() {
+    let mut p = growing_pair(1 << 20);
+    let mut deliver = acks_in_two_parts(&mut p);
+    let h = p.connect(19);
+    let mut closed = false;
+    let (got, sizes) = source_download(&mut p, h, |p| {
+        deliver(p);
+        if !closed && p.stack.conns(p.now).iter().any(|c| c.growing) {
+            p.sock(h).close();
+            closed = true;
+        }
+    });
+    assert!(closed, "the drain was never seen");
+    assert!(got == counting(0, DOWNLOAD), "counting stream mismatch");
+    p.run_until(100, |p| {
+        deliver(p);
+        p.sock(h).state() == tcp::State::TimeWait
+    });
+    let stats = p.stack.stats();
+    assert_eq!((stats.tx_grown, stats.tx_grow_abandoned), (0, 1));
+    assert_eq!(sizes.into_iter().collect::<Vec<_>>(), [64 * 1024]);
+}
+
+/// A grown keep-alive connection that goes idle is compacted back to the configured send
+/// buffer (its growth returns to the budget), carries on byte-exact, and grows again when
+/// its next response is limited by the buffer.
+#[test]
+fn a_grown_connection_shrinks_back_when_idle_and_grows_again() {
+    use flowshift_core::stack::COMPACT_AFTER;
+    let mut p = growing_pair(1 << 20);
+    let h = p.connect(80);
+    p.run_until(100, |p| p.sock(h).state() == tcp::State::Established);
+    http_get_exact(&mut p, h, 2_000_000);
+    assert_eq!(p.stack.stats().tx_grown, 1);
+    assert_eq!(p.stack.conns(p.now)[0].send_buffer, 256 * 1024);
+    for _ in 0..COMPACT_AFTER.total_millis() + 1_500 {
+        p.step();
+    }
+    assert_eq!(p.stack.stats().compacted, 1);
+    assert_eq!(p.stack.conns(p.now)[0].send_buffer, 64 * 1024);
+    assert_eq!(p.stack.stats().tx_grown_bytes, 0);
+    http_get_exact(&mut p, h, 2_000_000);
+    assert_eq!(p.stack.stats().tx_grown, 2);
+    assert_eq!(p.sock(h).state(), tcp::State::Established);
+}

@@ -19,6 +19,7 @@ pub struct NodeConfig {
     tcp_buffers: Option<usize>,
     loss_probes: Option<bool>,
     direct_receive: Option<bool>,
+    tx_buffer_max: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
     metrics_listen: Option<String>,
     services: Vec<(u16, &'static str, Option<u64>)>,
@@ -40,6 +41,7 @@ impl NodeConfig {
             tcp_buffers: None,
             loss_probes: None,
             direct_receive: None,
+            tx_buffer_max: None,
             shutdown_timeout_ms: None,
             metrics_listen: None,
             services: vec![
@@ -100,6 +102,13 @@ impl NodeConfig {
         self
     }
 
+    /// `tcp.tx_buffer_max` (the send buffer a download it limits grows to; the send
+    /// buffer's size: never grown).
+    pub fn tx_buffer_max(mut self, bytes: usize) -> Self {
+        self.tx_buffer_max = Some(bytes);
+        self
+    }
+
     /// `node.shutdown_timeout_ms`.
     pub fn shutdown_timeout_ms(mut self, ms: u64) -> Self {
         self.shutdown_timeout_ms = Some(ms);
@@ -156,7 +165,10 @@ impl NodeConfig {
             }
         }
         s += &format!("[limits]\nmax_connections = {}\n", self.max_connections);
-        if self.tcp_buffers.is_some() || self.loss_probes.is_some() || self.direct_receive.is_some()
+        if self.tcp_buffers.is_some()
+            || self.loss_probes.is_some()
+            || self.direct_receive.is_some()
+            || self.tx_buffer_max.is_some()
         {
             s += "[tcp]\n";
         }
@@ -168,6 +180,9 @@ impl NodeConfig {
         }
         if let Some(on) = self.direct_receive {
             s += &format!("direct_receive = {on}\n");
+        }
+        if let Some(b) = self.tx_buffer_max {
+            s += &format!("tx_buffer_max = {b}\n");
         }
         if let Some(m) = &self.metrics_listen {
             s += &format!("[metrics]\nlisten = \"{m}\"\n");

@@ -96,23 +96,49 @@ impl Stack {
         true
     }
 
-    /// Re-homes the idle flow in `slot` into a fresh socket (see the module docs). On any
-    /// failure the flow keeps its socket, untouched. True if compacted.
+    /// Re-homes the idle flow in `slot` into a fresh socket (see the module docs), with the
+    /// configured send buffer (a grown one shrinks back). On any failure the flow keeps its
+    /// socket, untouched. True if compacted.
     pub(super) fn compact(&mut self, now: Instant, slot: usize) -> bool {
+        if !self.resocket(now, slot, self.config.tcp.tx_buffer) {
+            return false;
+        }
+        let Some(flow) = self.flows.get_mut(slot) else {
+            return false;
+        };
+        flow.app.shrink();
+        flow.compacted_at = Some(flow.bytes_in + flow.bytes_out());
+        self.stats.compacted += 1;
+        tracing::trace!(id = flow.id, "idle connection compacted");
+        true
+    }
+
+    /// Re-homes the local flow in `slot`, which has nothing unacknowledged, into a fresh
+    /// socket with a send buffer of `tx` bytes (its receive buffer's size, which sets the
+    /// window scale, is kept): captured in place, restored by the synthetic handshake, the
+    /// old socket dropped without a packet. The client sees nothing: the translation maps the
+    /// new socket's numbers onto the ones it knows. The app, the handshake record and the
+    /// counters stay as they are. On any failure the flow keeps its socket, untouched.
+    pub(super) fn resocket(&mut self, now: Instant, slot: usize, tx: usize) -> bool {
         Self::set_clock(now);
         let Some(flow) = self.flows.get_mut(slot) else {
             return false;
         };
         let h = flow.socket.unpark(&mut self.sockets);
-        let snap = {
+        let mut snap = {
             match snapshot_of(flow, self.sockets.get_mut(h)) {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(id = flow.id, error = %e, "not compacted");
+                    tracing::debug!(id = flow.id, error = %e, "not re-homed");
                     return false;
                 }
             }
         };
+        if !snap.send_bytes.is_empty() {
+            tracing::debug!(id = flow.id, "not re-homed: bytes unacknowledged");
+            return false;
+        }
+        snap.tx_capacity = tx as u32;
         let (key, kind, mss) = (
             flow.key,
             flow.app_kind,
@@ -124,7 +150,7 @@ impl Stack {
         let fresh = match self.install(now, &snap, key, placeholder, mss) {
             Ok(f) => f,
             Err(e) => {
-                tracing::debug!(id, error = %e, "not compacted");
+                tracing::debug!(id, error = %e, "not re-homed");
                 return false;
             }
         };
@@ -136,19 +162,21 @@ impl Stack {
         let mut old = std::mem::replace(&mut flow.socket, fresh_socket);
         old.take(&mut self.sockets);
         // The capture formulas hold with the counters kept: the bases move instead.
-        flow.mirror = flow.mirror.emptied();
+        flow.mirror = flow.mirror.emptied_to(tx);
+        flow.buffers.1 = tx;
         flow.send_base = snap.snd_una.wrapping_sub(flow.mirror.total() as u32);
-        flow.recv_base = snap.rcv_nxt.wrapping_sub(flow.bytes_in as u32);
+        flow.recv_base = snap
+            .rcv_nxt
+            .wrapping_sub(snap.unread.len() as u32)
+            .wrapping_sub(flow.bytes_in as u32);
         flow.snd_nxt = fresh.snd_nxt;
+        flow.growth.ring_full = false;
+        flow.growth.unwatch();
         flow.xlate = fresh.xlate;
         flow.wire_isn = None;
         if let Some(r) = &mut flow.restored {
             r.claimed = snap.snd_nxt.wrapping_sub(fresh.xlate.seq_off);
         }
-        flow.app.shrink();
-        flow.compacted_at = Some(flow.bytes_in + flow.bytes_out());
-        self.stats.compacted += 1;
-        tracing::trace!(id = flow.id, "idle connection compacted");
         true
     }
 }

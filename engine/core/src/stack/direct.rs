@@ -65,7 +65,7 @@ pub(super) fn take(
         || inbound.flags.syn
         || inbound.flags.rst
         || !inbound.flags.ack
-        || flow.quiescing
+        || flow.app_held()
         || flow.pacer.is_some()
     {
         return 0;

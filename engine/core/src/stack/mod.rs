@@ -48,6 +48,8 @@ mod compact;
 pub use compact::COMPACT_AFTER;
 mod cookie;
 mod direct;
+mod grow;
+pub use grow::{DRAIN_MAX, DRAIN_MIN, DRAIN_RTTS, GROW_AFTER_BUFFERS};
 mod forward;
 mod migrate;
 
@@ -323,6 +325,15 @@ pub struct StackStats {
     pub moved_expired: u64,
     /// Idle connections re-homed into fresh sockets to give their memory back.
     pub compacted: u64,
+    /// Send buffers grown: downloads their buffer limited, re-homed into a larger one
+    /// (`stack/grow.rs`).
+    pub tx_grown: u64,
+    /// Send-buffer growths given up: the drain before it took too long, or the re-home failed.
+    pub tx_grow_abandoned: u64,
+    /// Send-buffer growths not started: the growth budget was spent.
+    pub tx_grow_over_budget: u64,
+    /// Send-buffer growth held by connections at the last sweep, bytes (a gauge).
+    pub tx_grown_bytes: u64,
     /// Times an idle connection's socket was parked out of the interface's socket set.
     pub parked: u64,
     /// Packets for unknown flows handed to smoltcp (answered with RST).
@@ -407,6 +418,10 @@ impl StackStats {
         self.keepalive_timeouts += other.keepalive_timeouts;
         self.moved_expired += other.moved_expired;
         self.compacted += other.compacted;
+        self.tx_grown += other.tx_grown;
+        self.tx_grow_abandoned += other.tx_grow_abandoned;
+        self.tx_grow_over_budget += other.tx_grow_over_budget;
+        self.tx_grown_bytes += other.tx_grown_bytes;
         self.parked += other.parked;
         self.unknown_flow_packets += other.unknown_flow_packets;
         self.app_bytes_in += other.app_bytes_in;
@@ -481,6 +496,13 @@ pub struct ConnInfo {
     /// until one was measured, or carried over by a move).
     #[serde(default)]
     pub srtt_us: Option<u64>,
+    /// Its socket's send buffer, bytes (grown past `tcp.tx_buffer` when it limited a
+    /// download; `stack/grow.rs`).
+    #[serde(default)]
+    pub send_buffer: usize,
+    /// Its app is held while its send buffer drains, to grow it.
+    #[serde(default)]
+    pub growing: bool,
 }
 
 /// Errors of flow-level control operations.
@@ -698,6 +720,9 @@ pub struct Stack {
     probe_timer: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize)>>,
     /// Flows held by their rate limit, and when each may move bytes again ([`crate::pace`]).
     paced: Vec<(Instant, usize)>,
+    /// Send-buffer growth its flows hold or have reserved, bytes (`stack/grow.rs`; at most
+    /// `config.tcp.tx_grow_budget`, recounted by each sweep).
+    grown: usize,
     /// Flows with an allocation: while there are any, each turn serves them by priority.
     allocated: usize,
     /// Keyed functions for ISNs, timestamp offsets and cookies.
@@ -782,6 +807,7 @@ impl Stack {
             now,
             probe_timer: std::collections::BinaryHeap::new(),
             paced: Vec::new(),
+            grown: 0,
             allocated: 0,
             frozen_bytes: 0,
             secrets,
@@ -1251,6 +1277,12 @@ impl Stack {
         if !matches!(flow.mode, FlowMode::Local) || flow.quiescing {
             return;
         }
+        if !self.growth_turn(now, slot) {
+            return;
+        }
+        let Some(flow) = self.flows.get_mut(slot) else {
+            return;
+        };
         let socket = flow.socket.get_mut(&mut self.sockets);
         if flow.half_open && socket.state() != tcp::State::SynReceived {
             flow.half_open = false;
@@ -1363,6 +1395,7 @@ impl Stack {
         if flow.bytes_in != in_before || wrote_any {
             flow.active_at = now;
         }
+        flow.growth.ring_full = socket.may_send() && socket.send_queue() == socket.send_capacity();
         // Held by its rate limit: served again once the bucket has refilled a little.
         if held
             && let Some(p) = flow.pacer.as_mut()
@@ -1745,6 +1778,7 @@ impl Stack {
         }
         let slots: Vec<usize> = self.flows.slots().collect();
         let mut compactions = 0;
+        let mut grown = 0;
         for slot in slots {
             let Some(flow) = self.flows.get_mut(slot) else {
                 continue;
@@ -1925,7 +1959,14 @@ impl Stack {
                 flow.socket.park(&mut self.sockets);
                 self.stats.parked += 1;
             }
+            if let Some(flow) = self.flows.get(slot)
+                && matches!(flow.mode, FlowMode::Local)
+            {
+                grown += self.growth_held(flow);
+            }
         }
+        self.grown = grown;
+        self.stats.tx_grown_bytes = grown as u64;
     }
 
     /// Hands every packet ready to go to `write`, after the per-flow outbound hook, and empties
@@ -2205,6 +2246,8 @@ impl Stack {
                 handshake: HandshakeRecord::default(),
                 parked: false,
                 srtt_us: None,
+                send_buffer: 0,
+                growing: false,
             })
             .collect()
     }
@@ -2242,6 +2285,8 @@ impl Stack {
                         FlowMode::Moved { .. } => None,
                         _ => f.probe.srtt().map(|d| d.total_micros()),
                     },
+                    send_buffer: f.buffers.1,
+                    growing: f.growth.draining.is_some(),
                 }
             })
             .collect()
