@@ -460,19 +460,19 @@ pub fn render(
     counter(
         &mut r,
         "tx_buffer_growths_abandoned",
-        "Send-buffer growths given up (the drain before the re-home took too long, or the re-home failed)",
+        "Send-buffer growths given up (the drain before the re-home took too long, the connection left ESTABLISHED during it, or the re-home failed)",
         stats.tx_grow_abandoned,
     );
     counter(
         &mut r,
         "tx_buffer_growths_over_budget",
-        "Send-buffer growths not started: tcp.tx_grow_budget was spent",
+        "Connections whose send buffer limited them but tcp.tx_grow_budget had no room (each counted once)",
         stats.tx_grow_over_budget,
     );
     gauge(
         &mut r,
         "tx_buffer_grown_bytes",
-        "Send-buffer growth held by connections (at each worker's last sweep), bytes",
+        "Send-buffer growth held by connections, or reserved by drains in progress (at each worker's last sweep), bytes",
         stats.tx_grown_bytes,
     );
     let (map_failures, unmap_failures) = crate::alloc::failures();

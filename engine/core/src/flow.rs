@@ -388,8 +388,10 @@ pub struct Growth {
     pub unlimited: u64,
     /// Growing: the app is held since then until the client has acknowledged everything.
     pub draining: Option<Instant>,
-    /// A drain took too long once: the flow is not grown again.
+    /// A drain was abandoned: the flow is not grown again (until it is compacted).
     pub gave_up: bool,
+    /// The growth budget had no room for it once (counted once per connection).
+    pub refused: bool,
 }
 
 impl Growth {

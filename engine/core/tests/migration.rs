@@ -553,8 +553,9 @@ fn a_download_moved_mid_stream_is_byte_exact() {
 }
 
 /// A download whose send buffer grew (64 KiB to 256 KiB) moves with its grown buffer: the
-/// target restores it at that size and holds the growth in its own budget until the
-/// connection ends; byte-exact, no reset.
+/// target restores it at that size and counts the growth as its own until the connection
+/// ends (a move is never refused for it, even past the target's budget); byte-exact, no
+/// reset.
 #[test]
 fn a_download_with_a_grown_send_buffer_moves_with_it_byte_exact() {
     let mut n = Net::new();

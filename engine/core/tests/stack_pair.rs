@@ -2359,3 +2359,332 @@ fn a_grown_connection_shrinks_back_when_idle_and_grows_again() {
     assert_eq!(p.stack.stats().tx_grown, 2);
     assert_eq!(p.sock(h).state(), tcp::State::Established);
 }
+
+/// [`acks_in_two_parts`], with every stack→client packet also shown to `look` first.
+fn acks_in_two_parts_seen<F: FnMut(&[u8]) + 'static>(
+    p: &mut Pair,
+    mut look: F,
+) -> impl FnMut(&mut Pair) + use<F> {
+    let mut deliver = acks_in_two_parts(p);
+    let mut inner = p.tx_filter.take().expect("installed");
+    p.tx_filter = Some(Box::new(move |pk: &mut Vec<u8>| {
+        look(pk);
+        inner(pk)
+    }));
+    move |p: &mut Pair| deliver(p)
+}
+
+/// Sequence number, acknowledgement number and payload length of a TCP/IPv4 packet.
+fn tcp_of(pk: &[u8]) -> (u32, u32, usize) {
+    let ip = smoltcp::wire::Ipv4Packet::new_checked(pk).unwrap();
+    let t = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+    (
+        t.seq_number().0 as u32,
+        t.ack_number().0 as u32,
+        t.payload().len(),
+    )
+}
+
+/// The client's packet `template` re-emitted with `payload` at its sequence number plus
+/// `gap` (wrapping: a negative gap is old data).
+fn segment_from(template: &[u8], gap: u32, payload: &[u8]) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{Ipv4Packet, TcpPacket, TcpRepr};
+    let ip = Ipv4Packet::new_checked(template).unwrap();
+    let t = TcpPacket::new_checked(ip.payload()).unwrap();
+    let mut repr = TcpRepr::parse(
+        &t,
+        &ip.src_addr().into(),
+        &ip.dst_addr().into(),
+        &ChecksumCapabilities::default(),
+    )
+    .unwrap();
+    repr.seq_number = smoltcp::wire::TcpSeqNumber(repr.seq_number.0.wrapping_add(gap as i32));
+    repr.payload = payload;
+    repr.control = smoltcp::wire::TcpControl::None;
+    flowshift_core::packet::emit_ipv4_tcp(CLIENT, SERVICE, &repr)
+}
+
+/// A `source` download during whose drain the client's segment `gap` bytes from its next
+/// sequence number (10 bytes) reaches the stack (once, or in `every_step`), before the ACKs
+/// that end the drain: smoltcp answers each at once. Returns the bytes, the stats, and the
+/// stack's packets whose sequence number jumped out of the client's space.
+fn download_with_segments_during_the_drain(
+    gap: u32,
+    every_step: bool,
+) -> (Vec<u8>, flowshift_core::stack::StackStats, Vec<(u32, u32)>) {
+    use std::{cell::RefCell, rc::Rc};
+    let mut p = growing_pair(1 << 20);
+    let bogus = Rc::new(RefCell::new(Vec::new()));
+    let (b2, mut last) = (bogus.clone(), None::<u32>);
+    let mut deliver = acks_in_two_parts_seen(&mut p, move |pk: &[u8]| {
+        let (seq, _, _) = tcp_of(pk);
+        match last {
+            Some(l) if (seq.wrapping_sub(l) as i32).unsigned_abs() > 1 << 24 => {
+                b2.borrow_mut().push((l, seq));
+            }
+            Some(l) if seq.wrapping_sub(l) as i32 <= 0 => {}
+            _ => last = Some(seq),
+        }
+    });
+    // The client's last packet to the stack (its current numbers and options).
+    let template = Rc::new(RefCell::new(None::<Vec<u8>>));
+    let t2 = template.clone();
+    p.filter = Some(Box::new(move |pk| {
+        *t2.borrow_mut() = Some(pk.clone());
+        true
+    }));
+    let h = p.connect(19);
+    let mut injected = 0;
+    let (got, _) = source_download(&mut p, h, |p| {
+        deliver(p);
+        if (every_step || injected == 0)
+            && p.stack.conns(p.now).iter().any(|c| c.growing)
+            && let Some(t) = template.borrow().clone()
+        {
+            p.pipe.tx.push_back(segment_from(&t, gap, b"0123456789"));
+            injected += 1;
+        }
+    });
+    assert!(injected > 0, "the drain was never seen");
+    let stats = p.stack.stats().clone();
+    let bogus = bogus.borrow().clone();
+    (got, stats, bogus)
+}
+
+/// A reply smoltcp made at once to a client segment (an ACK for old, duplicate data) is still
+/// queued when the drain ends: it goes out in the old socket's numbers before the re-home,
+/// which waits a turn for it. The flow grows; byte-exact; nothing out of the client's space.
+#[test]
+fn a_reply_queued_when_the_drain_ends_goes_out_in_the_old_sockets_numbers() {
+    let (got, stats, bogus) = download_with_segments_during_the_drain(10u32.wrapping_neg(), false);
+    assert!(got == counting(0, DOWNLOAD), "counting stream mismatch");
+    assert_eq!((stats.tx_grown, stats.tx_grow_abandoned), (1, 0));
+    assert!(bogus.is_empty(), "(last good, bogus) seq: {bogus:?}");
+}
+
+/// Client data smoltcp holds out of order when the drain ends would be lost by the capture
+/// (which takes in-order data) after the client saw it acknowledged selectively: the
+/// re-home waits for the hole to fill. Here it never does, so the drain is abandoned at its
+/// limit and the app served again; byte-exact, nothing out of the client's space.
+#[test]
+fn client_data_held_out_of_order_keeps_the_flow_from_being_re_homed() {
+    let (got, stats, bogus) = download_with_segments_during_the_drain(5_000, true);
+    assert!(got == counting(0, DOWNLOAD), "counting stream mismatch");
+    assert_eq!((stats.tx_grown, stats.tx_grow_abandoned), (0, 1));
+    assert!(bogus.is_empty(), "(last good, bogus) seq: {bogus:?}");
+}
+
+/// A client that goes silent during the drain: the drain's time limit is a timer, so the
+/// growth is abandoned by DRAIN_MAX at the latest, its reservation returned, and another
+/// download grows into the budget.
+#[test]
+fn a_client_silent_during_the_drain_gives_the_budget_back_at_the_drain_limit() {
+    use flowshift_core::stack::DRAIN_MAX;
+    // Budget for exactly one growth.
+    let mut p = growing_pair(192 * 1024);
+    let mut deliver = acks_in_two_parts(&mut p);
+    let h = p.connect(19);
+    let port_a = p.next_port;
+    let mut got = Vec::new();
+    p.run_until(20_000, |p| {
+        read_into(p, h, &mut got);
+        deliver(p);
+        p.stack.conns(p.now).iter().any(|c| c.growing)
+    });
+    // From now on client A's packets are lost (a hostile or vanished client).
+    p.filter = Some(Box::new(move |pk| {
+        let ip = smoltcp::wire::Ipv4Packet::new_checked(&pk[..]).unwrap();
+        let t = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+        t.src_port() != port_a
+    }));
+    for _ in 0..DRAIN_MAX.total_millis() + 5 {
+        read_into(&mut p, h, &mut got);
+        deliver(&mut p);
+        p.step();
+    }
+    let a = p.stack.conns(p.now);
+    assert!(!a[0].growing, "the drain outlived DRAIN_MAX");
+    assert_eq!(p.stack.stats().tx_grow_abandoned, 1);
+    let h2 = p.connect(19);
+    let (got2, sizes) = source_download(&mut p, h2, |p| deliver(p));
+    assert!(got2 == counting(0, DOWNLOAD), "counting stream mismatch");
+    assert!(sizes.contains(&(256 * 1024)), "{sizes:?}");
+    assert_eq!(p.stack.stats().tx_grown, 1);
+    assert_eq!(p.stack.stats().tx_grow_over_budget, 0);
+}
+
+/// A flow frozen during its drain (a move) gives its reservation back; a frozen grown flow
+/// still counts in the budget, so that a move given up (thawed) never leaves the stack
+/// holding more growth than its budget.
+#[test]
+fn frozen_flows_count_in_the_growth_budget_and_a_frozen_drain_is_ended() {
+    let mut p = growing_pair(192 * 1024);
+    let mut deliver = acks_in_two_parts(&mut p);
+    let h = p.connect(19);
+    let mut got = Vec::new();
+    p.run_until(20_000, |p| {
+        read_into(p, h, &mut got);
+        deliver(p);
+        p.stack.stats().tx_grown == 1
+    });
+    let a = p.stack.conns(p.now)[0].id;
+    p.stack.freeze(p.now, a).unwrap();
+    for _ in 0..1_100 {
+        deliver(&mut p);
+        p.step();
+    }
+    assert_eq!(
+        p.stack.stats().tx_grown_bytes,
+        192 * 1024,
+        "frozen, still held"
+    );
+    // Another download finds the budget held by the frozen one.
+    let h2 = p.connect(19);
+    let (got2, _) = source_download(&mut p, h2, |p| deliver(p));
+    assert!(got2 == counting(0, DOWNLOAD), "counting stream mismatch");
+    assert_eq!(p.stack.stats().tx_grown, 1, "only the frozen one grew");
+    assert_eq!(p.stack.stats().tx_grow_over_budget, 1, "counted once");
+    // The move is given up: A carries on, byte-exact.
+    p.stack.thaw(p.now, a).unwrap();
+    p.run_until(20_000, |p| {
+        read_into(p, h, &mut got);
+        deliver(p);
+        got.len() >= DOWNLOAD
+    });
+    assert!(got == counting(0, DOWNLOAD), "counting stream mismatch");
+    assert!(p.stack.stats().tx_grown_bytes <= 192 * 1024);
+
+    // Frozen mid-drain: the drain ends, its reservation returns at once.
+    let mut p = growing_pair(192 * 1024);
+    let mut deliver = acks_in_two_parts(&mut p);
+    let h = p.connect(19);
+    let mut got = Vec::new();
+    p.run_until(20_000, |p| {
+        read_into(p, h, &mut got);
+        deliver(p);
+        p.stack.conns(p.now).iter().any(|c| c.growing)
+    });
+    let a = p.stack.conns(p.now)[0].id;
+    p.stack.freeze(p.now, a).unwrap();
+    assert!(!p.stack.conns(p.now)[0].growing);
+    p.stack.thaw(p.now, a).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    p.run_until(20_000, |p| {
+        read_into(p, h, &mut got);
+        deliver(p);
+        seen.extend(p.stack.conns(p.now).iter().map(|c| c.send_buffer));
+        got.len() >= DOWNLOAD
+    });
+    assert!(got == counting(0, DOWNLOAD), "counting stream mismatch");
+    // It earned its growth again after the thaw.
+    assert_eq!(p.stack.stats().tx_grown, 1);
+    assert_eq!(p.stack.stats().tx_grow_abandoned, 0);
+}
+
+/// A request pipelined during the drain waits unread in the old socket and moves with it
+/// into the new one: the second response is exact.
+#[test]
+fn a_request_pipelined_during_the_drain_is_answered_exactly() {
+    let mut p = growing_pair(1 << 20);
+    let mut deliver = acks_in_two_parts(&mut p);
+    let h = p.connect(80);
+    p.run_until(100, |p| {
+        deliver(p);
+        p.sock(h).state() == tcp::State::Established
+    });
+    let (n1, n2) = (2_000_000, 300_000);
+    p.sock(h)
+        .send_slice(format!("GET /bytes/{n1} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .unwrap();
+    let heads = |got: &[u8]| -> Vec<usize> {
+        got.windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == b"\r\n\r\n")
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let mut got = Vec::new();
+    let mut sent2 = false;
+    p.run_until(20_000, |p| {
+        read_into(p, h, &mut got);
+        deliver(p);
+        if !sent2 && p.stack.conns(p.now).iter().any(|c| c.growing) {
+            p.sock(h)
+                .send_slice(format!("GET /bytes/{n2} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+                .unwrap();
+            sent2 = true;
+        }
+        let heads = heads(&got);
+        heads.len() == 2 && got.len() >= heads[1] + 4 + n2
+    });
+    assert!(sent2, "no drain seen");
+    assert_eq!(p.stack.stats().tx_grown, 1);
+    let heads = heads(&got);
+    assert!(got[heads[0] + 4..heads[0] + 4 + n1] == counting(0, n1)[..]);
+    assert!(got[heads[1] + 4..] == counting(0, n2)[..]);
+    assert_eq!(p.sock(h).state(), tcp::State::Established);
+}
+
+/// An echo over GRO-merged segments (direct receive: the receive offset grows) whose send
+/// buffer limits it grows, byte-exact.
+#[test]
+fn an_echo_taken_by_direct_receive_grows_byte_exact() {
+    let mut p = growing_pair(1 << 20);
+    p.gro = true;
+    let h = p.connect(7);
+    let data = counting(11, 8_000_000);
+    let (mut sent, mut got) = (0, Vec::new());
+    p.run_until(60_000, |p| {
+        let s = p.sock(h);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        read_into(p, h, &mut got);
+        got.len() == data.len()
+    });
+    assert!(got == data, "echo mismatch");
+    let s = p.stack.stats();
+    assert_eq!((s.tx_grown, s.tx_grow_abandoned), (1, 0));
+    assert!(s.rx_direct_bytes > 0);
+    assert_eq!(p.sock(h).state(), tcp::State::Established);
+}
+
+/// The single segment the drain waits for is lost: its loss probe waits for a delayed ACK
+/// (200 ms) first, past the drain's limit, so the growth is abandoned, the app served again,
+/// and the download completes byte-exact.
+#[test]
+fn a_tail_lost_during_the_drain_abandons_the_growth_and_the_download_completes() {
+    use std::{cell::RefCell, rc::Rc};
+    let mut p = growing_pair(1 << 20);
+    let out = Rc::new(RefCell::new(Vec::<Vec<u8>>::new()));
+    let o2 = out.clone();
+    p.tx_filter = Some(Box::new(move |pk: &mut Vec<u8>| {
+        o2.borrow_mut().push(std::mem::take(pk));
+        false
+    }));
+    let h = p.connect(19);
+    let mut dropped = false;
+    let mut in_flight: Vec<Vec<u8>> = Vec::new();
+    let (got, _) = source_download(&mut p, h, |p| {
+        let mut sent = std::mem::take(&mut *out.borrow_mut());
+        let mut rest = sent.split_off(sent.len() / 2);
+        if !dropped && p.stack.conns(p.now).iter().any(|c| c.growing) {
+            // The tail of the flight the drain waits for.
+            if let Some(i) = rest.iter().rposition(|b| tcp_of(b).2 > 0) {
+                rest.remove(i);
+                dropped = true;
+            } else if let Some(i) = in_flight.iter().rposition(|b| tcp_of(b).2 > 0) {
+                in_flight.remove(i);
+                dropped = true;
+            }
+        }
+        p.pipe.rx.extend(in_flight.drain(..).chain(sent));
+        in_flight = rest;
+    });
+    assert!(dropped);
+    assert!(got == counting(0, DOWNLOAD), "counting stream mismatch");
+    let s = p.stack.stats();
+    assert_eq!((s.tx_grown, s.tx_grow_abandoned), (0, 1));
+    assert_eq!(p.sock(h).state(), tcp::State::CloseWait, "ended by the FIN");
+}

@@ -124,6 +124,11 @@ impl Stack {
         let Some(flow) = self.flows.get_mut(slot) else {
             return false;
         };
+        // A packet its socket queued in this turn goes out first, in the old numbers.
+        if super::grow::tx_holds(&self.tx, flow.key) {
+            tracing::debug!(id = flow.id, "not re-homed: a packet of it is queued");
+            return false;
+        }
         let h = flow.socket.unpark(&mut self.sockets);
         let mut snap = {
             match snapshot_of(flow, self.sockets.get_mut(h)) {
@@ -170,8 +175,8 @@ impl Stack {
             .wrapping_sub(snap.unread.len() as u32)
             .wrapping_sub(flow.bytes_in as u32);
         flow.snd_nxt = fresh.snd_nxt;
-        flow.growth.ring_full = false;
-        flow.growth.unwatch();
+        // A fresh start: a grown flow shrunk back when idle may earn its growth again.
+        flow.growth = crate::flow::Growth::default();
         flow.xlate = fresh.xlate;
         flow.wire_isn = None;
         if let Some(r) = &mut flow.restored {

@@ -21,11 +21,19 @@
 //!
 //! **How.** The capture needs nothing unacknowledged (the restore path would send those bytes
 //! again), so the app is held, as for a move's quiesce, until the client has acknowledged
-//! every byte — about one round trip — and the flow is re-homed then. A drain that takes
-//! longer than [`DRAIN_RTTS`] smoothed round trips (within [`DRAIN_MIN`]..[`DRAIN_MAX`])
-//! is abandoned: the app is served again and that flow never grows. The new socket starts
-//! its congestion window afresh (slow start, a few round trips). A grown flow that goes idle
-//! is compacted back to `tcp.tx_buffer`, which returns its growth to the budget.
+//! every byte — about one round trip — and the flow is re-homed then. Two things more must
+//! be gone first: client data smoltcp holds out of order (the capture takes in-order data
+//! only, and the client saw it acknowledged selectively), and a reply the old socket queued
+//! in this turn (it must leave in the old socket's numbers; the re-home waits a turn). A
+//! drain that takes longer than [`DRAIN_RTTS`] smoothed round trips (within
+//! [`DRAIN_MIN`]..[`DRAIN_MAX`]; a timer, so a silent client cannot hold it), or whose
+//! connection leaves ESTABLISHED, is abandoned: the app is served again and the flow does
+//! not grow until it has been compacted. A flow frozen for a move ends its drain; a frozen
+//! flow's growth still counts in the budget (a move given up thaws it as it was). A grown
+//! flow that moves keeps its buffer: the target counts it, past its own budget if need be
+//! (a move is never refused for it). The new socket starts its congestion window afresh
+//! (slow start, a few round trips). A grown flow that goes idle is compacted back to
+//! `tcp.tx_buffer`, which returns its growth to the budget; it may grow again.
 
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -39,8 +47,9 @@ use crate::translate::seq_gt;
 pub const GROW_AFTER_BUFFERS: u64 = 4;
 /// A drain before growing may take this many smoothed round trips.
 pub const DRAIN_RTTS: u32 = 4;
-/// The least a drain may take before it is abandoned.
-pub const DRAIN_MIN: Duration = Duration::from_millis(5);
+/// The least a drain may take before it is abandoned: room for a lost tail's loss probe
+/// ([`crate::probe::MIN_PTO`] at the least) and the round trip after it.
+pub const DRAIN_MIN: Duration = Duration::from_millis(30);
 /// The most a drain may take (and what it may take before a round trip was measured).
 pub const DRAIN_MAX: Duration = Duration::from_millis(200);
 
@@ -95,6 +104,21 @@ fn limited_long_enough(tcp: &TcpConfig, flow: &mut Flow, state: tcp::State) -> b
     g.limited >= GROW_AFTER_BUFFERS * buffer
 }
 
+/// True when the transmit queue holds a packet of the flow `key` (made by its socket in this
+/// turn, not yet translated).
+pub(super) fn tx_holds(tx: &super::TxQueue, key: crate::packet::FlowKey) -> bool {
+    tx.bufs[..tx.len]
+        .iter()
+        .any(|b| crate::packet::outbound(&b[tx.headroom..]).is_some_and(|o| o.key == key))
+}
+
+/// How long the drain of `flow` may take.
+fn drain_limit(flow: &Flow) -> Duration {
+    flow.probe.srtt().map_or(DRAIN_MAX, |rtt| {
+        (rtt * DRAIN_RTTS).clamp(DRAIN_MIN, DRAIN_MAX)
+    })
+}
+
 impl Stack {
     /// Growth bookkeeping at the start of the service of the local flow in `slot`: starts a
     /// drain when the flow has earned its growth, re-homes it when its drain is over, gives
@@ -104,47 +128,66 @@ impl Stack {
         let Some(flow) = self.flows.get_mut(slot) else {
             return false;
         };
-        let (state, queued) = {
+        let (state, queued, rcv_nxt) = {
             let socket = flow.socket.get(&self.sockets);
-            (socket.state(), socket.send_queue())
+            let rcv_nxt = flow
+                .recv_base
+                .wrapping_add(flow.bytes_in as u32)
+                .wrapping_add(socket.recv_queue() as u32);
+            (socket.state(), socket.send_queue(), rcv_nxt)
         };
-        let Some(since) = flow.growth.draining else {
-            if !limited_long_enough(tcp, flow, state) {
-                return true;
-            }
-            let want = tcp.tx_buffer_max - flow.buffers.1;
-            if self.grown + want > tcp.tx_grow_budget {
-                flow.growth.unwatch();
-                self.stats.tx_grow_over_budget += 1;
+        let since = match flow.growth.draining {
+            Some(since) => since,
+            None => {
+                if !limited_long_enough(tcp, flow, state) {
+                    return true;
+                }
+                let want = tcp.tx_buffer_max - flow.buffers.1;
+                if self.grown + want > tcp.tx_grow_budget {
+                    flow.growth.unwatch();
+                    // Counted once per connection; it may grow later, when there is room.
+                    if !flow.growth.refused {
+                        flow.growth.refused = true;
+                        self.stats.tx_grow_over_budget += 1;
+                        tracing::debug!(
+                            id = flow.id,
+                            grown = self.grown,
+                            budget = tcp.tx_grow_budget,
+                            "send buffer limits the connection; growth budget spent, not grown"
+                        );
+                    }
+                    return true;
+                }
+                self.grown += want;
+                flow.growth.draining = Some(now);
+                // Served again when the drain's time is up, whatever the client does.
+                self.paced.push((now + drain_limit(flow), slot));
                 tracing::debug!(
                     id = flow.id,
-                    grown = self.grown,
-                    budget = tcp.tx_grow_budget,
-                    "send buffer limits the connection; growth budget spent, not grown"
+                    from = flow.buffers.1,
+                    to = tcp.tx_buffer_max,
+                    "send buffer limits the connection: draining it to grow the buffer"
                 );
-                return true;
+                now
             }
-            self.grown += want;
-            flow.growth.draining = Some(now);
-            tracing::debug!(
-                id = flow.id,
-                from = flow.buffers.1,
-                to = tcp.tx_buffer_max,
-                "send buffer limits the connection: draining it to grow the buffer"
-            );
-            // Nothing unacknowledged yet (a short burst): grow at once.
-            if queued > 0 {
+        };
+        let elapsed = now - since;
+        let established = state == tcp::State::Established;
+        if queued == 0 && established && elapsed < drain_limit(flow) {
+            // The capture takes only in-order received data: client data smoltcp may hold
+            // out of order waits for the client to fill the hole (it would be lost, and the
+            // client, which saw it acknowledged selectively, would wait for its timeout).
+            if flow.rx_pending.is_some_and(|end| seq_gt(end, rcv_nxt)) {
+                return false;
+            }
+            // A reply the old socket queued in this turn goes out in its numbers first.
+            if tx_holds(&self.tx, flow.key) {
+                self.paced.push((now, slot));
                 return false;
             }
             return self.grow(now, slot);
-        };
-        if queued == 0 && state == tcp::State::Established {
-            return self.grow(now, slot);
         }
-        let limit = flow.probe.srtt().map_or(DRAIN_MAX, |rtt| {
-            (rtt * DRAIN_RTTS).clamp(DRAIN_MIN, DRAIN_MAX)
-        });
-        if state == tcp::State::Established && now - since < limit {
+        if established && elapsed < drain_limit(flow) {
             return false;
         }
         let want = tcp.tx_buffer_max.saturating_sub(flow.buffers.1);
@@ -157,11 +200,30 @@ impl Stack {
         tracing::info!(
             id = flow.id,
             queued,
-            waited_ms = (now - since).total_millis(),
+            waited_ms = elapsed.total_millis(),
             state = %state,
-            "send buffer not grown: the drain before it took too long; not tried again"
+            "send buffer not grown: {}; not tried again",
+            if established {
+                "the drain before it took too long"
+            } else {
+                "the connection left ESTABLISHED during the drain"
+            }
         );
         true
+    }
+
+    /// Ends the drain of the flow in `slot` without growing it (it is frozen for a move):
+    /// its reservation returns to the budget; it may earn its growth again.
+    pub(super) fn cancel_drain(&mut self, slot: usize) {
+        let max = self.config.tcp.tx_buffer_max;
+        if let Some(flow) = self.flows.get_mut(slot)
+            && flow.growth.draining.take().is_some()
+        {
+            self.grown = self
+                .grown
+                .saturating_sub(max.saturating_sub(flow.buffers.1));
+            flow.growth.unwatch();
+        }
     }
 
     /// Re-homes the drained flow in `slot` into a socket with the grown send buffer. True

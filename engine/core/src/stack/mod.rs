@@ -981,9 +981,9 @@ impl Stack {
                         );
                     }
                     self.ingress(now, &packet[skip..]);
-                    if self.config.tcp.direct_receive
-                        && let Some(flow) = self.flows.get_mut(slot)
-                    {
+                    // What smoltcp may hold out of order (direct receive and growth wait
+                    // for it).
+                    if let Some(flow) = self.flows.get_mut(slot) {
                         let end = inbound.seq.wrapping_add(inbound.payload_len as u32);
                         direct::note_segment(flow, &self.sockets, end);
                     }
@@ -1959,8 +1959,9 @@ impl Stack {
                 flow.socket.park(&mut self.sockets);
                 self.stats.parked += 1;
             }
+            // Frozen ones too: a move given up thaws them with their buffers.
             if let Some(flow) = self.flows.get(slot)
-                && matches!(flow.mode, FlowMode::Local)
+                && matches!(flow.mode, FlowMode::Local | FlowMode::Frozen { .. })
             {
                 grown += self.growth_held(flow);
             }
@@ -2363,6 +2364,8 @@ impl Stack {
                 mode: flow.mode.as_str(),
             });
         }
+        self.cancel_drain(slot);
+        let flow = self.flows.get_mut(slot).ok_or(FlowError::NoSuchFlow(id))?;
         let socket = Box::new(
             flow.socket
                 .take(&mut self.sockets)
