@@ -2107,6 +2107,22 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         )?),
     };
 
+    let growth = config
+        .tcp
+        .tx_buffer_max
+        .saturating_sub(config.tcp.tx_buffer);
+    let per_worker = config.tcp.tx_grow_budget / config.node.workers;
+    if growth > 0 && config.tcp.tx_grow_budget > 0 && per_worker < growth {
+        tracing::warn!(
+            budget = config.tcp.tx_grow_budget,
+            workers = config.node.workers,
+            per_worker,
+            growth,
+            "tcp.tx_grow_budget split over the workers leaves each less than one growth \
+             (tcp.tx_buffer_max - tcp.tx_buffer): no send buffer will grow"
+        );
+    }
+
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let cores = if config.node.pin_workers {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -2121,7 +2137,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
                 services: config.services.clone(),
                 tcp: flowshift_core::config::TcpConfig {
                     // The node's budget, shared among its workers.
-                    tx_grow_budget: config.tcp.tx_grow_budget / config.node.workers,
+                    tx_grow_budget: per_worker,
                     ..config.tcp.clone()
                 },
                 mtu: usize::from(config.tun.mtu),

@@ -96,6 +96,19 @@ fn curl_downloads_200_mb_byte_exact_with_send_buffer_growth_off() {
     assert_eq!(stat(&node, "tx_grown"), 0);
 }
 
+/// A growth budget too small for one growth per worker is said at start (nothing would
+/// ever grow otherwise, silently); the node serves as usual.
+#[test]
+fn a_growth_budget_smaller_than_one_growth_per_worker_is_warned_about() {
+    let config = NodeConfig::standard("a")
+        .workers(2)
+        .extra("[tcp]\ntx_grow_budget = 1048576\n");
+    let (_tb, node) = curl_download(config);
+    let log = node.log();
+    assert!(log.contains("no send buffer will grow"), "{log}");
+    assert_eq!(stat(&node, "tx_grown"), 0);
+}
+
 fn curl_download(config: NodeConfig) -> (Testbed, NodeHandle) {
     ensure_tools(&["curl"]).unwrap();
     let (tb, node) = setup(config);
