@@ -324,7 +324,7 @@ fn handshake_is_recorded() {
 fn echo_through(p: &mut Pair, h: SocketHandle, data: &[u8]) -> Vec<u8> {
     let mut sent = 0;
     let mut got = Vec::new();
-    p.run_until(20_000, |p| {
+    p.run_until(60_000, |p| {
         let s = p.sock(h);
         if s.can_send() && sent < data.len() {
             sent += s.send_slice(&data[sent..]).unwrap();
@@ -1199,22 +1199,7 @@ fn wire_isn(p: &Pair, port: u16) -> u32 {
 /// Echoes `n` counting bytes over the established connection `h` and checks them.
 fn echo_exact(p: &mut Pair, h: SocketHandle, n: usize) {
     let data = counting(0, n);
-    let (mut sent, mut got) = (0, Vec::new());
-    p.run_until(20_000, |p| {
-        let s = p.sock(h);
-        if s.can_send() && sent < data.len() {
-            sent += s.send_slice(&data[sent..]).unwrap();
-        }
-        while s.can_recv() {
-            s.recv(|b| {
-                got.extend_from_slice(b);
-                (b.len(), ())
-            })
-            .unwrap();
-        }
-        got.len() == data.len()
-    });
-    assert_eq!(got, data);
+    assert_eq!(echo_through(p, h, &data), data);
     assert_eq!(p.sock(h).state(), tcp::State::Established);
 }
 
@@ -1894,15 +1879,7 @@ fn an_echo_merged_by_gro_is_byte_exact_when_the_app_takes_part_of_a_payload() {
     p.gro = true;
     let h = p.connect(7);
     let data = counting(11, 3_000_000);
-    let (mut sent, mut got) = (0, Vec::new());
-    p.run_until(60_000, |p| {
-        let s = p.sock(h);
-        if s.can_send() && sent < data.len() {
-            sent += s.send_slice(&data[sent..]).unwrap();
-        }
-        read_into(p, h, &mut got);
-        got.len() >= data.len()
-    });
+    let got = echo_through(&mut p, h, &data);
     assert_eq!(got.len(), data.len());
     assert!(got == data, "echoed bytes differ");
     let stats = p.stack.stats();
@@ -2634,15 +2611,7 @@ fn an_echo_taken_by_direct_receive_grows_byte_exact() {
     p.gro = true;
     let h = p.connect(7);
     let data = counting(11, 8_000_000);
-    let (mut sent, mut got) = (0, Vec::new());
-    p.run_until(60_000, |p| {
-        let s = p.sock(h);
-        if s.can_send() && sent < data.len() {
-            sent += s.send_slice(&data[sent..]).unwrap();
-        }
-        read_into(p, h, &mut got);
-        got.len() == data.len()
-    });
+    let got = echo_through(&mut p, h, &data);
     assert!(got == data, "echo mismatch");
     let s = p.stack.stats();
     assert_eq!((s.tx_grown, s.tx_grow_abandoned), (1, 0));
