@@ -488,8 +488,7 @@ impl Worker {
                     }
                 }
             }
-            self.stack.poll(now);
-            self.flush();
+            self.poll_and_flush(now);
             if !self.quiescing.is_empty() {
                 self.capture_drained(self.clock.now(), shutdown.is_some());
             }
@@ -753,28 +752,45 @@ impl Worker {
     }
 
     fn flush_tun(&mut self) {
-        let tun = &self.tun;
-        let report = |e: io::Error| report_tun_error(&self.tun_write_errors, e);
-        if self.packets.offload {
-            self.stack
-                .drain_transmit_batch(|bufs, gso_sizes, headroom| {
-                    // Every packet gets its virtio-net header: TSO for smoltcp's large segments,
-                    // and a checksum request for all (smoltcp leaves TCP checksums to the device).
-                    for (buf, &gso) in bufs.iter_mut().zip(gso_sizes) {
-                        let sent = offload::prepare(buf, headroom, gso)
-                            .and_then(|()| tun.send(&buf[headroom - offload::VNET_HDR_LEN..]));
-                        if let Err(e) = sent {
-                            report(e);
-                        }
-                    }
-                });
-        } else {
-            self.stack.drain_transmit(|packet| {
-                if let Err(e) = tun.send(packet) {
+        write_tun(
+            &mut self.stack,
+            &self.tun,
+            &self.tun_write_errors,
+            self.packets.offload,
+        );
+    }
+
+    /// The stack's turn ([`Stack::poll_flushing`]): what it emits is written to the TUN
+    /// device as it goes, then the forward queue to the tunnel.
+    fn poll_and_flush(&mut self, now: Instant) {
+        let (tun, errors, offload) = (&self.tun, &self.tun_write_errors, self.packets.offload);
+        self.stack
+            .poll_flushing(now, |stack| write_tun(stack, tun, errors, offload));
+        self.flush();
+    }
+}
+
+/// Writes the stack's transmit queue to the TUN device.
+fn write_tun(stack: &mut Stack, tun: &SyncDevice, errors: &AtomicU64, offload: bool) {
+    let report = |e: io::Error| report_tun_error(errors, e);
+    if offload {
+        stack.drain_transmit_batch(|bufs, gso_sizes, headroom| {
+            // Every packet gets its virtio-net header: TSO for smoltcp's large segments,
+            // and a checksum request for all (smoltcp leaves TCP checksums to the device).
+            for (buf, &gso) in bufs.iter_mut().zip(gso_sizes) {
+                let sent = offload::prepare(buf, headroom, gso)
+                    .and_then(|()| tun.send(&buf[headroom - offload::VNET_HDR_LEN..]));
+                if let Err(e) = sent {
                     report(e);
                 }
-            });
-        }
+            }
+        });
+    } else {
+        stack.drain_transmit(|packet| {
+            if let Err(e) = tun.send(packet) {
+                report(e);
+            }
+        });
     }
 }
 

@@ -78,6 +78,9 @@ struct Pair {
     /// Merge the client's in-order data segments as the kernel's GRO does (see
     /// [`gro_merge`]) and hand them to the stack as merged packets.
     gro: bool,
+    /// Per turn, the packets of each piece the stack handed out: while it polled
+    /// ([`Stack::poll_flushing`]), then what was left after it.
+    pieces: Vec<Vec<Vec<u8>>>,
 }
 
 /// Appends `next` to `p` if the kernel's GRO would merge them: the same flow, plain ACK-flagged
@@ -183,6 +186,7 @@ impl Pair {
             filter: None,
             tx_filter: None,
             gro: false,
+            pieces: Vec::new(),
         }
     }
 
@@ -226,41 +230,20 @@ impl Pair {
             }
             self.stack.handle_packet(self.now, &mut p);
         }
-        self.stack.poll(self.now);
-        self.drain();
+        // As the node's worker does: what the stack emits is handed out while it polls.
+        let (rx, tx_filter, pieces) = (&mut self.pipe.rx, &mut self.tx_filter, &mut self.pieces);
+        pieces.clear();
+        self.stack.poll_flushing(self.now, |stack| {
+            pieces.push(drain(stack, rx, tx_filter));
+        });
+        self.pieces.push(drain(
+            &mut self.stack,
+            &mut self.pipe.rx,
+            &mut self.tx_filter,
+        ));
         self.client
             .poll(self.now, &mut self.pipe, &mut self.sockets);
         self.now += Duration::from_millis(1);
-    }
-
-    /// Hands what the stack sent to the client (a function of its own, so that a profile
-    /// shows the node's transmit path apart from the client's).
-    #[inline(never)]
-    fn drain(&mut self) {
-        let rx = &mut self.pipe.rx;
-        let tx_filter = &mut self.tx_filter;
-        let trace = std::env::var_os("PAIR_TRACE").is_some();
-        self.stack.drain_transmit(|p| {
-            if let Some(f) = tx_filter.as_mut()
-                && !f(&mut p.to_vec())
-            {
-                return;
-            }
-            if trace {
-                let ip = smoltcp::wire::Ipv4Packet::new_checked(p).unwrap();
-                let t = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
-                eprintln!(
-                    "S->C seq {} ack {} syn {} fin {} rst {} len {}",
-                    t.seq_number(),
-                    t.ack_number(),
-                    t.syn(),
-                    t.fin(),
-                    t.rst(),
-                    t.payload().len()
-                );
-            }
-            rx.push_back(p.to_vec())
-        });
     }
 
     fn run_until(&mut self, limit_ms: u64, mut done: impl FnMut(&mut Self) -> bool) {
@@ -276,6 +259,42 @@ impl Pair {
     fn sock(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
         self.sockets.get_mut::<tcp::Socket>(h)
     }
+}
+
+/// Hands what the stack sent to the client, through `tx_filter`; returns the packets (a
+/// function of its own, so that a profile shows the node's transmit path apart from the
+/// client's).
+#[inline(never)]
+fn drain(
+    stack: &mut Stack,
+    rx: &mut VecDeque<Vec<u8>>,
+    tx_filter: &mut Option<PacketFilter>,
+) -> Vec<Vec<u8>> {
+    let trace = std::env::var_os("PAIR_TRACE").is_some();
+    let mut piece = Vec::new();
+    stack.drain_transmit(|p| {
+        piece.push(p.to_vec());
+        if let Some(f) = tx_filter.as_mut()
+            && !f(&mut p.to_vec())
+        {
+            return;
+        }
+        if trace {
+            let ip = smoltcp::wire::Ipv4Packet::new_checked(p).unwrap();
+            let t = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+            eprintln!(
+                "S->C seq {} ack {} syn {} fin {} rst {} len {}",
+                t.seq_number(),
+                t.ack_number(),
+                t.syn(),
+                t.fin(),
+                t.rst(),
+                t.payload().len()
+            );
+        }
+        rx.push_back(p.to_vec())
+    });
+    piece
 }
 
 fn counting(offset: u64, n: usize) -> Vec<u8> {
@@ -2656,4 +2675,76 @@ fn a_tail_lost_during_the_drain_abandons_the_growth_and_the_download_completes()
     let s = p.stack.stats();
     assert_eq!((s.tx_grown, s.tx_grow_abandoned), (0, 1));
     assert_eq!(p.sock(h).state(), tcp::State::CloseWait, "ended by the FIN");
+}
+
+/// Four downloads at once: a turn's packets leave in pieces of about
+/// [`TX_FLUSH_BYTES`](flowshift_core::stack::TX_FLUSH_BYTES) while the stack polls (not
+/// queued whole), each piece whole egress passes — every download still sending has one
+/// packet in every pass, so none loses its place — and every stream is byte-exact and ends
+/// with the source's FIN, never a reset.
+#[test]
+fn a_turn_of_several_downloads_leaves_in_pieces_and_every_socket_keeps_its_place() {
+    use flowshift_core::stack::TX_FLUSH_BYTES;
+    use std::collections::BTreeMap;
+    let mut p = Pair::new(10);
+    let handles: Vec<SocketHandle> = (0..4).map(|_| p.connect(19)).collect();
+    let mut got = vec![Vec::new(); handles.len()];
+    // Client port of a data packet the stack sent, else None; a reset fails the test.
+    let data_port = |pkt: &[u8]| {
+        let ip = smoltcp::wire::Ipv4Packet::new_checked(pkt).unwrap();
+        let t = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(!t.rst(), "a reset to port {}", t.dst_port());
+        (!t.payload().is_empty()).then(|| t.dst_port())
+    };
+    let (mut split_turns, mut largest) = (0, 0);
+    p.run_until(20_000, |p| {
+        for (h, got) in handles.iter().zip(&mut got) {
+            read_into(p, *h, got);
+        }
+        let (during, _after) = p.pieces.split_at(p.pieces.len().saturating_sub(1));
+        if !during.is_empty() {
+            split_turns += 1;
+        }
+        for (i, piece) in during.iter().enumerate() {
+            let bytes: usize = piece.iter().map(Vec::len).sum();
+            let most = piece.iter().map(Vec::len).max().unwrap_or(0);
+            largest = largest.max(bytes);
+            // Handed out at the first pass boundary past the mark: less than one more pass.
+            assert!(bytes >= TX_FLUSH_BYTES, "a piece of {bytes} B");
+            assert!(
+                bytes < TX_FLUSH_BYTES + handles.len() * most,
+                "a piece of {bytes} B"
+            );
+            let mut per_port: BTreeMap<u16, usize> = BTreeMap::new();
+            for port in piece.iter().filter_map(|pkt| data_port(pkt)) {
+                *per_port.entry(port).or_default() += 1;
+            }
+            // The downloads that still send after this piece sent in every pass of it.
+            let next = &p.pieces[i + 1];
+            let passes = per_port.values().copied().max().unwrap_or(0);
+            for port in next.iter().filter_map(|pkt| data_port(pkt)) {
+                assert_eq!(
+                    per_port.get(&port),
+                    Some(&passes),
+                    "port {port} lost its place"
+                );
+            }
+        }
+        for pkt in p.pieces.iter().flatten() {
+            data_port(pkt);
+        }
+        handles
+            .iter()
+            .zip(&got)
+            .all(|(&h, got)| got.len() >= 1_000_000 && !p.sock(h).may_recv())
+    });
+    assert!(split_turns > 0, "no turn left in pieces");
+    for got in &got {
+        assert!(*got == counting(0, 1_000_000), "counting stream mismatch");
+    }
+    for &h in &handles {
+        // The source's FIN, not a reset: the client's side is CLOSE-WAIT.
+        assert_eq!(p.sock(h).state(), tcp::State::CloseWait);
+    }
+    eprintln!("turns left in pieces: {split_turns}; largest piece {largest} B");
 }

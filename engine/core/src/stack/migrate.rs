@@ -202,7 +202,7 @@ impl ScratchIface {
             .poll_ingress_single(now, &mut dev, &mut self.sockets);
         self.iface.poll_egress(now, &mut dev, &mut self.sockets);
         let out = self.tx.bufs[..self.tx.len].to_vec();
-        self.tx.len = 0;
+        self.tx.clear();
         out
     }
 }

@@ -24,7 +24,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketSet};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -72,6 +72,9 @@ pub const MAX_TIME_WAIT: usize = 262_144;
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
 /// Transmit buffers kept across sweeps (the rest of a burst's are freed).
 const TX_BUFFERS_KEPT: usize = 64;
+/// Queued transmit bytes after which [`Stack::poll_flushing`] hands the queue to the driver
+/// between two egress passes: two TSO packets' worth.
+pub const TX_FLUSH_BYTES: usize = 128 * 1024;
 /// Idle connections compacted per sweep at most (a few ms of a worker's time).
 const MAX_COMPACTIONS_PER_SWEEP: usize = 500;
 /// How long a connection may stay half-open (SYN received, our SYN-ACK unanswered).
@@ -570,6 +573,8 @@ pub struct TxQueue {
     /// Per packet: the segment size the device must split it into (0: send as is).
     gso_sizes: Vec<u16>,
     len: usize,
+    /// Bytes of the queued packets (headroom not counted).
+    bytes: usize,
     headroom: usize,
 }
 
@@ -580,6 +585,7 @@ impl TxQueue {
             self.gso_sizes.push(0);
         }
         self.gso_sizes[self.len] = gso_size;
+        self.bytes += len;
         let buf = &mut self.bufs[self.len];
         let need = self.headroom + len;
         // Not zeroed whole (that was a 64 KiB memset per TSO packet): smoltcp writes every
@@ -618,6 +624,12 @@ impl TxQueue {
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Empties the queue; the buffers stay for reuse.
+    fn clear(&mut self) {
+        self.len = 0;
+        self.bytes = 0;
     }
 }
 
@@ -1216,6 +1228,18 @@ impl Stack {
 
     /// Runs timers, serves the apps of flows that saw packets, and emits what is ready.
     pub fn poll(&mut self, now: Instant) {
+        self.poll_flushing(now, |_| {});
+    }
+
+    /// [`poll`](Self::poll), handing the stack to `flush` whenever the transmit queue holds
+    /// [`TX_FLUSH_BYTES`] or more between two of smoltcp's egress passes, for the driver to
+    /// write what is queued ([`drain_transmit_batch`](Self::drain_transmit_batch)). A turn
+    /// of several busy flows with grown send buffers emits megabytes: queued whole, every
+    /// byte smoltcp copies into a packet has left the cache before the device write copies it
+    /// again. Written in pieces, the few buffers reused stay in it. A pass emits at most one
+    /// packet per socket, so every socket keeps its place; a `flush` that writes nothing only
+    /// lets the queue grow, as [`poll`](Self::poll) does.
+    pub fn poll_flushing(&mut self, now: Instant, mut flush: impl FnMut(&mut Self)) {
         Self::set_clock(now);
         self.now = now;
         let retiring = std::mem::take(&mut self.retiring);
@@ -1244,12 +1268,21 @@ impl Stack {
         if self.probe_timer.peek().is_some_and(|r| now >= r.0.0) {
             self.probe_losses(now);
         }
-        let mut dev = TurnDevice {
-            rx: None,
-            tx: &mut self.tx,
-            caps: &self.caps,
-        };
-        self.iface.poll(now, &mut dev, &mut self.sockets);
+        // What `Interface::poll` does without a packet to receive, its egress loop ours.
+        self.iface.poll_maintenance(now);
+        loop {
+            let mut dev = TurnDevice {
+                rx: None,
+                tx: &mut self.tx,
+                caps: &self.caps,
+            };
+            if self.iface.poll_egress(now, &mut dev, &mut self.sockets) == PollResult::None {
+                break;
+            }
+            if self.tx.bytes >= TX_FLUSH_BYTES {
+                flush(self);
+            }
+        }
         for &slot in &dirty {
             if let Some(flow) = self.flows.get(slot)
                 && matches!(flow.mode, FlowMode::Local)
@@ -2080,7 +2113,7 @@ impl Stack {
                 headroom,
             );
         }
-        self.tx.len = 0;
+        self.tx.clear();
     }
 
     /// Hands every packet that leaves through the tunnel to `f` (see [`Forwarded`]) and
