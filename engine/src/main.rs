@@ -549,9 +549,14 @@ fn plan_text(v: &serde_json::Value) -> String {
     let sh = &v["shadow"];
     if sh["enabled"].as_bool() == Some(true) {
         s += &format!(
-            "shadow trials: {} new connection(s) moved, {} failed",
+            "shadow trials: {} new connection(s) moved, {} failed{}",
             plain(&sh["shadowed"]),
             plain(&sh["failed"]),
+            if sh["at_accept"].as_bool() == Some(true) {
+                "; diverting at the accept"
+            } else {
+                ""
+            },
         );
         for t in sh["trials"].as_array().into_iter().flatten() {
             s += &format!(

@@ -176,6 +176,9 @@ pub(crate) enum WorkerMsg {
     Discard(Vec<u64>),
     /// Refuse new connections from now on (a drain).
     StopAccepting,
+    /// Serve this connection's app again: held at its accept for a shadow move that did
+    /// not happen (a no-op for a flow not held, frozen or gone).
+    Resume(u64),
     Shutdown {
         deadline: StdInstant,
     },
@@ -238,7 +241,26 @@ struct Worker {
     busy: smoltcp::time::Duration,
     /// Captures waiting for their flows' send buffers to drain.
     quiescing: Vec<Quiescing>,
+    /// The node's predictor: a shadow trial's diversion of new connections at their accept.
+    predict: Arc<Predict>,
+    /// Connections held at their accept that a trial admitted, and since when: held until
+    /// their move captures them (or [`DIVERT_HOLD_MAX`]).
+    diverted: Vec<(u64, Instant)>,
+    /// Connections held at their accept not yet offered to the trial (the predictor was
+    /// busy), and since when.
+    undecided: Vec<(u64, Instant)>,
 }
+
+/// A connection a shadow trial admitted at its accept is served here if its move has not
+/// captured it by then (the fs-predict thread was busy, or the move failed before reaching
+/// this worker); the move may still take it later, as a move of a live connection.
+const DIVERT_HOLD_MAX: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(500);
+/// A connection held at its accept is offered to the trial in a later turn while the
+/// predictor is busy (a sample being taken), but no longer than this: then it is served
+/// here, and offered to the trial at the next sample.
+const DIVERT_DECIDE_MAX: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(2);
+/// How often a worker tries again meanwhile.
+const DIVERT_RETRY: smoltcp::time::Duration = smoltcp::time::Duration::from_micros(200);
 
 /// A capture deferred while its flows' apps are held and their send buffers drain
 /// ([`Stack::quiesce`]): the snapshot then carries what the client has not acknowledged, not
@@ -291,6 +313,16 @@ impl Worker {
                 Duration::ZERO
             } else {
                 let mut delay = self.stack.poll_delay(now);
+                if !self.undecided.is_empty() {
+                    delay = delay.min(DIVERT_RETRY);
+                }
+                if let Some(at) = self.diverted.iter().map(|d| d.1 + DIVERT_HOLD_MAX).min() {
+                    delay = delay.min(if at > now {
+                        at - now
+                    } else {
+                        smoltcp::time::Duration::ZERO
+                    });
+                }
                 if let Some(q) = self.quiescing.iter().map(|q| q.since + QUIESCE_MAX).min() {
                     delay = delay.min(if q > now {
                         q - now
@@ -475,6 +507,7 @@ impl Worker {
                         }
                     }
                     WorkerMsg::StopAccepting => self.stack.stop_accepting(),
+                    WorkerMsg::Resume(id) => self.stack.resume(id),
                     WorkerMsg::Shutdown { deadline } => {
                         if shutdown.is_none() {
                             tracing::debug!(
@@ -489,6 +522,7 @@ impl Worker {
                 }
             }
             self.poll_and_flush(now);
+            self.divert_turn(now);
             if !self.quiescing.is_empty() {
                 self.capture_drained(self.clock.now(), shutdown.is_some());
             }
@@ -525,6 +559,61 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Shadow trials' diversion at the accept (`docs/prediction.md`): while the predictor
+    /// diverts, new connections are held before their apps see a byte; each is offered to
+    /// the trial at once, and the `fs-predict` thread moved it if admitted, or it is served
+    /// here (resumed: the next turn, at once). One admitted but not captured within
+    /// [`DIVERT_HOLD_MAX`] is served here after all.
+    fn divert_turn(&mut self, now: Instant) {
+        self.stack.set_hold_accepted(self.predict.diverts());
+        let held = self.stack.take_accepted_held();
+        self.undecided.extend(held.into_iter().map(|id| (id, now)));
+        if !self.undecided.is_empty() {
+            let stack = &mut self.stack;
+            match self.predict.try_lock() {
+                Some(mut p) => {
+                    let mut admitted = false;
+                    for (id, _) in self.undecided.drain(..) {
+                        if p.admit_at_accept(id).is_some() {
+                            self.diverted.push((id, now));
+                            admitted = true;
+                        } else {
+                            stack.resume(id);
+                        }
+                    }
+                    drop(p);
+                    if admitted {
+                        self.predict.moves_due();
+                    }
+                }
+                // Busy: tried again in a later turn, for a moment.
+                None => self.undecided.retain(|&(id, since)| {
+                    let wait = now < since + DIVERT_DECIDE_MAX;
+                    if !wait {
+                        stack.resume(id);
+                    }
+                    wait
+                }),
+            }
+        }
+        let stack = &mut self.stack;
+        self.diverted.retain(|&(id, since)| {
+            if !stack.is_held(id) {
+                return false;
+            }
+            if now < since + DIVERT_HOLD_MAX {
+                return true;
+            }
+            tracing::warn!(
+                conn = format_args!("{id:#x}"),
+                held_ms = DIVERT_HOLD_MAX.total_millis(),
+                "predict: shadow trial: a connection held at its accept for its move was not captured in time; served here until it moves"
+            );
+            stack.resume(id);
+            false
+        });
     }
 
     /// Reads up to a batch of packets; true if the queue may hold more.
@@ -819,8 +908,9 @@ struct Node {
     tun_write_errors: Arc<AtomicU64>,
     tunnel: Option<tunnel::TunnelHandle>,
     clock: Clock,
-    /// The predictor, fed by the `fs-predict` thread.
-    predict: Predict,
+    /// The predictor, fed by the `fs-predict` thread (and asked by the workers at a new
+    /// connection's accept while a shadow trial diverts).
+    predict: Arc<Predict>,
 }
 
 impl Node {
@@ -1075,7 +1165,10 @@ impl Node {
             if let Some(due) = due
                 && due > now
             {
-                std::thread::sleep(std_duration(due - now));
+                // Woken early: a worker's trial admitted a new connection, to move now.
+                if self.predict.sleep(std_duration(due - now)) {
+                    self.shadow_turn();
+                }
                 continue;
             }
             self.predict_turn(now, &mut d);
@@ -1195,7 +1288,10 @@ impl Node {
         };
         let (plan, executes) = {
             let mut p = self.predict.lock();
-            (p.handle_sample(now, &obs), p.executes())
+            let plan = p.handle_sample(now, &obs);
+            self.predict
+                .set_divert(p.diverts_at_accept() && self.accepting.load(Ordering::Acquire));
+            (plan, p.executes())
         };
         self.lease_turn(now, &listed, d);
         self.shadow_turn();
@@ -1459,12 +1555,18 @@ impl Node {
                         peer = %name,
                         "predict: shadow trial: new connection moved to the peer on trial"
                     ),
-                    Outcome::Stayed(why) | Outcome::Failed(why) => tracing::warn!(
-                        conn = format_args!("{id:#x}"),
-                        peer = %name,
-                        reason = %why,
-                        "predict: shadow trial: new connection stays here"
-                    ),
+                    Outcome::Stayed(why) | Outcome::Failed(why) => {
+                        tracing::warn!(
+                            conn = format_args!("{id:#x}"),
+                            peer = %name,
+                            reason = %why,
+                            "predict: shadow trial: new connection stays here"
+                        );
+                        // Held at its accept: served here from now on.
+                        for w in &self.workers {
+                            w.send(WorkerMsg::Resume(id));
+                        }
+                    }
                     _ => {}
                 }
                 p.record_shadow(id, &outcome, remote);
@@ -1626,17 +1728,17 @@ impl Node {
         if self.tunnel.is_none() {
             return Err("this node has no [tunnel]".into());
         }
-        let conns = self.conns(false)?;
+        // A planned move names its connections, and the workers' offers say which are still
+        // here: no listing of every connection (a shadow trial moves one at each accept).
+        let planned = matches!(selection, Selection::Planned(_));
+        let conns = if planned {
+            Vec::new()
+        } else {
+            self.conns(false)?
+        };
         let local = |c: &&ConnInfo| c.mode == "local" && MOVABLE.contains(&c.state.as_str());
-        let mut gone = Vec::new();
         let ids: Vec<u64> = match selection {
-            Selection::Planned(ids) => {
-                let (here, closed): (Vec<u64>, Vec<u64>) = ids
-                    .into_iter()
-                    .partition(|id| conns.iter().any(|c| c.id == *id));
-                gone = closed;
-                here
-            }
+            Selection::Planned(ids) => ids,
             Selection::Ids(ids) => {
                 if let Some(id) = ids.iter().find(|id| !conns.iter().any(|c| c.id == **id)) {
                     return Err(FlowError::NoSuchFlow(*id).to_string());
@@ -1652,23 +1754,15 @@ impl Node {
             Selection::Count(n) => conns.iter().filter(local).take(n).map(|c| c.id).collect(),
             Selection::All => conns.iter().filter(local).map(|c| c.id).collect(),
         };
-        let mut stayed: Vec<ConnOutcome> = gone
-            .into_iter()
-            .map(|id| ConnOutcome {
-                id,
-                client: None,
-                moved: false,
-                remote_id: None,
-                freeze_ms: None,
-                reason: Some("closed before the move".into()),
-            })
-            .collect();
+        let mut stayed: Vec<ConnOutcome> = Vec::new();
         let mut offers = Vec::new();
+        let mut answered = std::collections::HashSet::with_capacity(ids.len());
         for (id, r) in self
             .ask_all("migration offers", |tx| WorkerMsg::Offers(ids.clone(), tx))?
             .into_iter()
             .flatten()
         {
+            answered.insert(id);
             match r {
                 Ok(o) => offers.push(o),
                 Err(reason) => stayed.push(ConnOutcome {
@@ -1681,6 +1775,19 @@ impl Node {
                 }),
             }
         }
+        // No worker has them: closed since they were planned.
+        stayed.extend(
+            ids.iter()
+                .filter(|id| !answered.contains(id))
+                .map(|&id| ConnOutcome {
+                    id,
+                    client: None,
+                    moved: false,
+                    remote_id: None,
+                    freeze_ms: None,
+                    reason: Some("closed before the move".into()),
+                }),
+        );
         let mut report = MigrateReport {
             peer: to.to_owned(),
             migration: None,
@@ -2139,6 +2246,13 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         );
     }
 
+    let predict = Arc::new(Predict::new(NodePredictor::new(
+        config.predict.config.clone(),
+        flowshift_core::predict::node::NodeSettings {
+            workers: handles.len(),
+            ..config.predict.node
+        },
+    )));
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let cores = if config.node.pin_workers {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -2199,6 +2313,9 @@ pub fn run(config: Config) -> Result<(), NodeError> {
             next_trim: StdInstant::now(),
             busy: smoltcp::time::Duration::ZERO,
             quiescing: Vec::new(),
+            predict: predict.clone(),
+            diverted: Vec::new(),
+            undecided: Vec::new(),
         };
         let core = cores.get(index % cores.len().max(1)).copied();
         let thread = std::thread::Builder::new()
@@ -2214,7 +2331,6 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         threads.push(thread);
     }
 
-    let handles_len = handles.len();
     let node = Arc::new(Node {
         accepting,
         config: config.clone(),
@@ -2224,13 +2340,7 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         tun_write_errors,
         tunnel,
         clock,
-        predict: Predict::new(NodePredictor::new(
-            config.predict.config.clone(),
-            flowshift_core::predict::node::NodeSettings {
-                workers: handles_len,
-                ..config.predict.node
-            },
-        )),
+        predict,
     });
     {
         let n = node.clone();

@@ -3,7 +3,9 @@
 //!
 //! The logic lives in [`flowshift_core::predict`] (sans-IO); this module only renders it.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use flowshift_core::predict::NodeId;
 use flowshift_core::predict::class::Class;
@@ -25,6 +27,12 @@ pub(crate) struct Predict {
     /// KPIs of connections that ended here after a primary moved them here, for the next
     /// load reports (so that the primary's shadow trial gets them).
     pub(crate) kpis: Mutex<KpiOutbox>,
+    /// Whether the workers hold new connections at their accept for a shadow trial
+    /// ([`NodePredictor::diverts_at_accept`] as of the last sample).
+    divert: AtomicBool,
+    /// Set (and the `fs-predict` thread woken) when a worker's trial admitted a connection
+    /// at its accept: its move is due now, not at the next sample.
+    moves_due: (Mutex<bool>, Condvar),
 }
 
 /// The ended connections' KPIs this node reports to their primaries: each goes out in
@@ -88,12 +96,50 @@ impl Predict {
         self.predictor.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The predictor if no one holds it now (a worker does not wait for a sample).
+    pub(crate) fn try_lock(&self) -> Option<std::sync::MutexGuard<'_, NodePredictor>> {
+        match self.predictor.try_lock() {
+            Ok(p) => Some(p),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     pub(crate) fn new(predictor: NodePredictor) -> Self {
         Self {
             predictor: Mutex::new(predictor),
             names: Mutex::new(Vec::new()),
             kpis: Mutex::new(KpiOutbox::default()),
+            divert: AtomicBool::new(false),
+            moves_due: (Mutex::new(false), Condvar::new()),
         }
+    }
+
+    /// Whether the workers hold new connections at their accept (see
+    /// [`Self::set_divert`]).
+    pub(crate) fn diverts(&self) -> bool {
+        self.divert.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_divert(&self, on: bool) {
+        self.divert.store(on, Ordering::Relaxed);
+    }
+
+    /// Wakes the `fs-predict` thread for the shadow moves due.
+    pub(crate) fn moves_due(&self) {
+        let (due, cv) = &self.moves_due;
+        *due.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_one();
+    }
+
+    /// Sleeps up to `d`; true when woken early by [`Self::moves_due`] (cleared).
+    pub(crate) fn sleep(&self, d: Duration) -> bool {
+        let (due, cv) = &self.moves_due;
+        let guard = due.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut guard, _) = cv
+            .wait_timeout_while(guard, d, |due| !*due)
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *guard)
     }
 
     /// The name of peer `id`.
@@ -111,6 +157,8 @@ impl Predict {
             // Outside `plan_json`'s `json!`, which is at the macro's recursion limit.
             v["segment_conns"] = p.estimate().segment_conns.into();
             v["segments"] = p.estimate().segments.into();
+            // New connections are held at their accept and offered to a trial there.
+            v["shadow"]["at_accept"] = p.diverts_at_accept().into();
             v
         };
         v["classes"]["enforced"] = enforce_classes.into();

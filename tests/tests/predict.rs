@@ -594,6 +594,86 @@ fn a_shadow_trial_judges_its_step_on_kpis_the_peer_reports_and_ramps_up() {
     assert_eq!(plan["counts"]["planned"], 0, "{}", log());
 }
 
+/// Diverted at the accept: echo sessions that send their first line at once. Half of A's
+/// new connections go to B (the trial's first step), each held at its accept before A's
+/// app saw a byte, so B answers even the first line: B's app echoes exactly the shadowed
+/// sessions' bytes and A's exactly the others'. Every session is echoed byte-exact, and no
+/// held connection was left to be served at A after all.
+#[test]
+fn a_shadowed_connection_is_diverted_at_its_accept_and_the_peer_answers_its_first_request() {
+    const SESSIONS: usize = 8;
+    ensure_tools(&["socat"]).unwrap();
+    // min_samples far above the sessions: the first step (half) is never judged here.
+    let (tb, a, b) = nodes(
+        "[predict]\npolicy = \"predictive\"\nmetric = \"connections\"\ncapacity = 100\n\
+         [predict.shadow]\nenabled = true\nsteps = [0.5, 0.5, 1.0, 1.0]\nmin_samples = 1000\n",
+    );
+    wait_for_trial(&a);
+    let session = |i: usize| {
+        let lines: Vec<String> = (0..2)
+            .map(|k| format!("session {i:02} line {k}\n"))
+            .collect();
+        // The first line at once (it reaches A before any move can), the second later.
+        let script = format!(
+            "(printf '{}'; sleep 0.3; printf '{}'; sleep 0.3) | socat -t 5 - TCP:{SERVICE_ADDR}:7",
+            lines[0].trim_end().to_owned() + "\\n",
+            lines[1].trim_end().to_owned() + "\\n",
+        );
+        let mut c = tb.client().command("sh");
+        c.args(["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        (tb.spawn(c).expect("socat"), lines.concat())
+    };
+    let per_session = session_bytes();
+    let mut running = Vec::new();
+    for i in 0..SESSIONS {
+        running.push(session(i));
+        std::thread::sleep(Duration::from_millis(300));
+        if running.len() >= 3 {
+            let (child, want) = running.remove(0);
+            finish_echo(child, &want);
+        }
+    }
+    for (child, want) in running {
+        finish_echo(child, &want);
+    }
+    let plan = a.ctl_json(&["plan"]).unwrap();
+    let log = || {
+        format!(
+            "{plan:#}\n--- a's log:\n{}\n--- b's log:\n{}",
+            a.log(),
+            b.log()
+        )
+    };
+    // Each connection offered once, at its accept; the step admits exactly half.
+    let shadowed = plan["shadow"]["shadowed"].as_u64().unwrap();
+    assert_eq!(shadowed, (SESSIONS / 2) as u64, "{}", log());
+    assert_eq!(plan["shadow"]["failed"], 0, "{}", log());
+    assert_eq!(stat(&a, "conns_moved_out"), shadowed, "{}", log());
+    assert_eq!(stat(&b, "conns_restored"), shadowed, "{}", log());
+    // Whose app answered what: B every byte of the shadowed sessions, the first line
+    // included; A the rest.
+    let diverted = shadowed * per_session;
+    let served_here = (SESSIONS as u64 - shadowed) * per_session;
+    assert_eq!(stat(&b, "app_bytes_out"), diverted, "{}", log());
+    assert_eq!(stat(&b, "app_bytes_in"), diverted, "{}", log());
+    assert_eq!(stat(&a, "app_bytes_out"), served_here, "{}", log());
+    assert_eq!(stat(&a, "app_bytes_in"), served_here, "{}", log());
+    assert!(!a.log().contains("was not captured in time"), "{}", log());
+    assert_eq!(plan["counts"]["planned"], 0, "{}", log());
+    assert_eq!(plan["shadow"]["at_accept"], true, "{}", log());
+    let table = a.ctl(&["plan"]).unwrap();
+    assert!(table.contains("; diverting at the accept"), "{table}");
+}
+
+/// Bytes one session of the test above echoes (two lines of the same length).
+fn session_bytes() -> u64 {
+    (0..2)
+        .map(|k| format!("session 00 line {k}\n").len() as u64)
+        .sum()
+}
+
 /// Segment statistics ride the load reports: a connection on A echoes 3 MB and stays open;
 /// B's `ctl peers` shows it as A's hottest connection, its segments (split at 1 MiB)
 /// covering the stream from 0 and adding up to the bytes A sent it, and A's metrics count it.

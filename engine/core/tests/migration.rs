@@ -1377,3 +1377,51 @@ fn a_moved_connection_reset_by_the_client_ends_on_both_nodes_and_its_late_resets
     }
     assert_eq!(n.client_rsts, 0);
 }
+
+/// A shadow trial's diversion: a connection held at its accept on A, with the request the
+/// client sent at once still unread there, moves to B; B's app answers it — A's never saw a
+/// byte — and the session carries on byte-exact, without a reset.
+#[test]
+fn a_connection_held_at_its_accept_moves_and_its_first_request_is_answered_by_the_target() {
+    let mut n = Net::new();
+    n.nodes[0].set_hold_accepted(true);
+    let h = n.connect(7, ClientOpts::DEFAULT);
+    n.run_until(1_000, |n| n.sock(h).state() == tcp::State::Established);
+    let request = counting(0, 5_000);
+    assert_eq!(n.sock(h).send_slice(&request).unwrap(), request.len());
+    let mut held = Vec::new();
+    n.run_until(1_000, |n| {
+        held.extend(n.nodes[0].take_accepted_held());
+        n.nodes[0].conns(n.now)[0].recv_queue == request.len()
+    });
+    let id = n.only_local(0);
+    assert_eq!(held, [id]);
+    assert!(n.nodes[0].is_held(id));
+    n.migrate(0, 1, id, 1);
+    let mut got = Vec::new();
+    n.run_until(5_000, |n| {
+        recv_all(n.sock(h), &mut got);
+        got.len() == request.len()
+    });
+    assert!(got == request, "first answer mismatch");
+    assert_eq!(
+        n.nodes[0].stats().app_bytes_in,
+        0,
+        "A's app saw the request"
+    );
+    assert_eq!(n.nodes[0].stats().app_bytes_out, 0, "A's app answered");
+    assert_eq!(n.nodes[1].stats().app_bytes_out, request.len() as u64);
+    // And on: a second exchange, served by B.
+    let more = counting(5_000, 20_000);
+    let mut sent = 0;
+    n.run_until(5_000, |n| {
+        let s = n.sock(h);
+        if sent < more.len() && s.can_send() {
+            sent += s.send_slice(&more[sent..]).unwrap();
+        }
+        recv_all(s, &mut got);
+        got.len() == 25_000
+    });
+    assert!(got == counting(0, 25_000), "echo mismatch");
+    assert_eq!(n.client_rsts, 0);
+}

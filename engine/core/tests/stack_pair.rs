@@ -2748,3 +2748,99 @@ fn a_turn_of_several_downloads_leaves_in_pieces_and_every_socket_keeps_its_place
     }
     eprintln!("turns left in pieces: {split_turns}; largest piece {largest} B");
 }
+
+/// Held at the accept (a shadow trial's diversion): the connection is listed once, its app
+/// sees nothing — a request the client sends at once is acknowledged but not answered, a
+/// source sends nothing — until it is resumed; then both are served byte-exact. Accepted
+/// while nothing is held, a connection is neither listed nor held.
+#[test]
+fn a_connection_held_at_its_accept_is_served_only_once_resumed_and_stays_byte_exact() {
+    let mut p = Pair::new(10);
+    p.stack.set_hold_accepted(true);
+    let echo = p.connect(7);
+    let source = p.connect(19);
+    let request = counting(5, 3_000);
+    p.run_until(100, |p| p.sock(echo).state() == tcp::State::Established);
+    assert_eq!(p.sock(echo).send_slice(&request).unwrap(), request.len());
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        p.step();
+        held.extend(p.stack.take_accepted_held());
+    }
+    let ids: Vec<u64> = p.stack.conns(p.now).iter().map(|c| c.id).collect();
+    held.sort_unstable();
+    let mut want = ids.clone();
+    want.sort_unstable();
+    assert_eq!(held, want, "each connection listed once");
+    for &id in &ids {
+        assert!(p.stack.is_held(id));
+    }
+    // The request was acknowledged (the client's send buffer is empty) but not answered;
+    // the source sent nothing.
+    assert_eq!(p.sock(echo).send_queue(), 0);
+    assert_eq!(p.sock(echo).recv_queue(), 0);
+    assert_eq!(p.sock(source).recv_queue(), 0);
+    assert_eq!(p.stack.stats().app_bytes_out, 0);
+    assert_eq!(p.stack.stats().app_bytes_in, 0);
+
+    p.stack.set_hold_accepted(false);
+    for &id in &ids {
+        p.stack.resume(id);
+        assert!(!p.stack.is_held(id));
+    }
+    // Served at once: the next poll is due now.
+    assert_eq!(p.stack.poll_delay(p.now), Duration::ZERO);
+    let mut got = Vec::new();
+    p.run_until(1_000, |p| {
+        read_into(p, echo, &mut got);
+        got.len() >= request.len()
+    });
+    assert!(got == request, "echo after the hold is not byte-exact");
+    let mut down = Vec::new();
+    p.run_until(20_000, |p| {
+        read_into(p, source, &mut down);
+        !p.sock(source).may_recv()
+    });
+    assert!(
+        down == counting(0, 1_000_000),
+        "download after the hold is not byte-exact"
+    );
+    assert_eq!(p.sock(source).state(), tcp::State::CloseWait);
+
+    // Nothing held: a new connection is served at once and never listed.
+    let h = p.connect(7);
+    let got = echo_through(&mut p, h, &request);
+    assert!(got == request);
+    assert!(p.stack.take_accepted_held().is_empty());
+}
+
+/// A node shutting down serves a connection still held at its accept before closing it:
+/// the request the client sent meanwhile is answered, byte-exact, before the FIN.
+#[test]
+fn a_shutdown_answers_a_connection_held_at_its_accept_before_its_fin() {
+    let mut p = Pair::new(10);
+    p.stack.set_hold_accepted(true);
+    let echo = p.connect(7);
+    p.run_until(100, |p| p.sock(echo).state() == tcp::State::Established);
+    let request = counting(9, 3_000);
+    assert_eq!(p.sock(echo).send_slice(&request).unwrap(), request.len());
+    p.run_until(1_000, |p| {
+        p.stack
+            .conns(p.now)
+            .first()
+            .is_some_and(|c| c.recv_queue == request.len())
+    });
+    assert_eq!(p.stack.take_accepted_held().len(), 1);
+    assert_eq!(p.stack.stats().app_bytes_out, 0);
+    p.stack.begin_shutdown(p.now);
+    let mut got = Vec::new();
+    p.run_until(1_000, |p| {
+        read_into(p, echo, &mut got);
+        !p.sock(echo).may_recv()
+    });
+    assert!(
+        got == request,
+        "the held request was not answered before the FIN"
+    );
+    assert_eq!(p.sock(echo).state(), tcp::State::CloseWait);
+}

@@ -498,6 +498,13 @@ pub struct NodePredictor {
     trial_events: Vec<(NodeId, TrialEvent)>,
     /// The next untrusted peer to offer a new connection to (round robin).
     shadow_cursor: usize,
+    /// The alive peers on trial as of the last sample, at a step that diverts (not backing
+    /// off): new connections are offered to them at their accept ([`Self::admit_at_accept`]).
+    on_trial: Vec<NodeId>,
+    /// Connections offered at their accept that no sample has seen yet (a worker may answer
+    /// a sample, then accept): their `offered` and `shadowing` entries are kept for up to
+    /// this many samples that miss them.
+    accepted: HashMap<ConnId, u8>,
     /// Class changes for the driver to log, since it last took them.
     class_changes: Vec<ClassChange>,
     /// The last sample's hottest connections with segment statistics, hottest first (see
@@ -547,6 +554,8 @@ impl NodePredictor {
             shadow_moves: Vec::new(),
             trial_events: Vec::new(),
             shadow_cursor: 0,
+            on_trial: Vec::new(),
+            accepted: HashMap::default(),
             class_changes: Vec::new(),
             hottest: Vec::new(),
             scratch: Scratch::default(),
@@ -810,15 +819,23 @@ impl NodePredictor {
         let known = &self.known;
         self.last_moved.retain(|id, _| known.contains_key(id));
         self.shifting.retain(|id| known.contains_key(id));
-        // Only connections of the last sample or of this one were offered: with none of the
-        // last one gone, none is to forget.
+        self.accepted.retain(|id, left| {
+            *left = left.saturating_sub(1);
+            !known.contains_key(id) && *left > 0
+        });
+        let accepted = &self.accepted;
+        // Only connections of the last sample or of this one were offered (or, at their
+        // accept, since this one was taken): with none of the last one gone, none is to
+        // forget.
         if forgotten {
-            self.offered.retain(|id| known.contains_key(id));
+            self.offered
+                .retain(|id| known.contains_key(id) || accepted.contains_key(id));
         }
         // A shadowed connection is shadowing while it lives on the peer, or the move is
         // under way.
-        self.shadowing
-            .retain(|id, (_, moved)| known.get(id).is_some_and(|s| !(*moved && s.here)));
+        self.shadowing.retain(|id, (_, moved)| {
+            accepted.contains_key(id) || known.get(id).is_some_and(|s| !(*moved && s.here))
+        });
         self.shadow_remote.retain(|_, (id, gone)| {
             if known.get(id).is_some_and(|s| !s.here) {
                 *gone = None;
@@ -1030,6 +1047,7 @@ impl NodePredictor {
         obs: &Observation<'_>,
         profiles: &[super::profile::ConnProfile],
     ) {
+        self.on_trial.clear();
         if !(self.settings.shadow && self.executes()) {
             return;
         }
@@ -1058,6 +1076,14 @@ impl NodePredictor {
         if untrusted.is_empty() {
             return;
         }
+        let trials = &self.trials;
+        self.on_trial.extend(
+            untrusted
+                .iter()
+                .filter(|id| trials.get(id).is_some_and(|t| t.fraction() > 0.0)),
+        );
+        // Connections not offered at their accept (accepted before a trial began, by SYN
+        // cookie, or while the node had no trial): offered now, after it.
         for (i, c) in obs.conns.iter().enumerate() {
             let id = c.report.conn;
             let young = profiles
@@ -1076,6 +1102,34 @@ impl NodePredictor {
                 self.shadow_moves.push((id, peer));
             }
         }
+    }
+
+    /// Whether new connections are to be offered to a shadow trial at their accept (a trial
+    /// is under way with an alive peer, as of the last sample): the workers then hold each
+    /// one before its app sees a byte and ask [`Self::admit_at_accept`].
+    pub fn diverts_at_accept(&self) -> bool {
+        !self.on_trial.is_empty()
+    }
+
+    /// Offers connection `conn`, just accepted and held, to the next peer on trial (round
+    /// robin): `Some(peer)` when that peer's trial admits it — it is then `shadowing`, and
+    /// its move is among [`Self::take_shadow_moves`] — else `None` (it is served here and
+    /// never offered again).
+    pub fn admit_at_accept(&mut self, conn: ConnId) -> Option<NodeId> {
+        if self.on_trial.is_empty() || !self.offered.insert(conn) {
+            return None;
+        }
+        // Kept until a sample has seen it (at most two that miss it: then it is gone).
+        self.accepted.insert(conn, 3);
+        let peer = self.on_trial[self.shadow_cursor % self.on_trial.len()];
+        self.shadow_cursor = self.shadow_cursor.wrapping_add(1);
+        let trial = self.trials.get_mut(&peer)?;
+        if !trial.admit() {
+            return None;
+        }
+        self.shadowing.insert(conn, (peer, false));
+        self.shadow_moves.push((conn, peer));
+        Some(peer)
     }
 
     /// The shadow moves to execute (new connections admitted by a trial, with their peer),
@@ -2263,6 +2317,83 @@ mod tests {
         let (p, moves) = run(Policy::Manual);
         assert!(moves.is_empty());
         assert_eq!(p.trials().count(), 0);
+    }
+
+    /// At the accept: once a sample saw a peer on trial, each connection a worker offers
+    /// (held at its accept) is admitted at the step's fraction, evenly spread, and once only;
+    /// admitted ones are shadowing and among the shadow moves; a sample that missed them
+    /// (taken before their accept) forgets none, and the samples after do not offer them
+    /// again. Without a trial (shadow off, or the manual policy) nothing diverts.
+    #[test]
+    fn new_connections_are_offered_to_a_trial_at_their_accept_once_each() {
+        let make = |shadow: bool, policy: Policy| {
+            let mut config = PredictConfig::default();
+            config.shadow.steps = [0.25, 0.5, 0.75, 1.0];
+            NodePredictor::new(
+                config,
+                NodeSettings {
+                    shadow,
+                    capacity: 1000.0,
+                    ..settings(policy)
+                },
+            )
+        };
+        let peers = [peer(0)];
+        let sample = |p: &mut NodePredictor, conns: &[ConnSample], t: i64| {
+            p.handle_sample(
+                Instant::from_millis(t),
+                &Observation {
+                    node: NodeReport::default(),
+                    conns,
+                    peers: &peers,
+                },
+            );
+        };
+        let mut p = make(true, Policy::Predictive);
+        assert!(!p.diverts_at_accept(), "no sample yet: no trial");
+        assert_eq!(p.admit_at_accept(1), None);
+        sample(&mut p, &[conn(1, 0, -60_000)], 1000);
+        assert!(p.diverts_at_accept());
+        let admitted: Vec<ConnId> = (10..18)
+            .filter(|&id| p.admit_at_accept(id) == Some(NodeId(1)))
+            .collect();
+        assert_eq!(admitted, [13, 17]);
+        // Offered once: asking again admits nothing more.
+        assert_eq!(p.admit_at_accept(13), None);
+        assert_eq!(p.admit_at_accept(14), None);
+        let moves = p.take_shadow_moves();
+        assert_eq!(moves, [(13, NodeId(1)), (17, NodeId(1))]);
+        // A sample taken before their accept (the worker answered it first) and with a
+        // connection gone: they are not forgotten.
+        sample(&mut p, &[], 1100);
+        assert_eq!(p.conn_state(13), ConnState::Shadowing);
+        assert_eq!(p.admit_at_accept(14), None, "offered again");
+        // The next sample sees them all, new and movable: none is offered again.
+        let conns: Vec<ConnSample> = (10..18)
+            .map(|id| {
+                let mut c = conn(id, 0, 1050);
+                c.movable = true;
+                c
+            })
+            .collect();
+        sample(&mut p, &conns, 1200);
+        assert!(p.take_shadow_moves().is_empty());
+        for id in 10..18 {
+            let want = if admitted.contains(&id) {
+                ConnState::Shadowing
+            } else {
+                ConnState::Active
+            };
+            assert_eq!(p.conn_state(id), want, "connection {id}");
+        }
+        assert_eq!(p.trials().next().unwrap().fraction(), 0.25);
+
+        for (shadow, policy) in [(false, Policy::Predictive), (true, Policy::Manual)] {
+            let mut p = make(shadow, policy);
+            sample(&mut p, &[], 1000);
+            assert!(!p.diverts_at_accept());
+            assert!((10..18).all(|id| p.admit_at_accept(id).is_none()));
+        }
     }
 
     /// KPIs reach the right trial: the local baseline from connections served here, the

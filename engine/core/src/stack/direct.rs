@@ -19,7 +19,8 @@
 //! every second merged segment is acknowledged at once. Those bytes go through the ring as
 //! before — about 2 % of a 64 KB merged segment.
 //!
-//! Only when nothing can go wrong: the flow is served here (not quiescing, not paced); the
+//! Only when nothing can go wrong: the flow is served here (not quiescing, not paced, its
+//! accept seen by serving: it may be held there for a shadow trial); the
 //! socket is ESTABLISHED, its ring empty once the app has taken what it holds (the bytes kept
 //! back from the packet before, when a read brings several of the flow's packets at once),
 //! and it holds no data beyond `rcv_nxt` (data that arrived out of order sits in smoltcp's
@@ -66,6 +67,8 @@ pub(super) fn take(
         || inbound.flags.rst
         || !inbound.flags.ack
         || flow.app_held()
+        // Not accepted yet as serving sees it: its app may be held at the accept.
+        || flow.half_open
         || flow.pacer.is_some()
     {
         return 0;

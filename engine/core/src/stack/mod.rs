@@ -722,6 +722,10 @@ pub struct Stack {
     /// Flows whose socket reached TIME-WAIT or CLOSED in the last poll: retired at the start
     /// of the next, after their last packets were drained with the flow still known.
     retiring: Vec<usize>,
+    /// Hold every new connection's app at its accept ([`Stack::set_hold_accepted`]).
+    hold_accepted: bool,
+    /// Connections held at their accept since [`Stack::take_accepted_held`] last took them.
+    accepted_held: Vec<u64>,
     /// Bytes queued over all frozen flows (bounded by `config.frozen_total_bytes`).
     frozen_bytes: usize,
     /// Connections that ended here since [`Stack::take_ended`] last took them.
@@ -815,6 +819,8 @@ impl Stack {
             restore_iface: None,
             time_wait: TimeWaitTable::new(budget_cap),
             retiring: Vec::new(),
+            hold_accepted: false,
+            accepted_held: Vec::new(),
             ended: VecDeque::new(),
             now,
             probe_timer: std::collections::BinaryHeap::new(),
@@ -1320,6 +1326,13 @@ impl Stack {
         if flow.half_open && socket.state() != tcp::State::SynReceived {
             flow.half_open = false;
             self.half_open -= 1;
+            // Accepted: held before its app sees a byte, for the driver to decide where it
+            // is served (a shadow trial may move it).
+            if self.hold_accepted && socket.state() == tcp::State::Established {
+                flow.quiescing = true;
+                self.accepted_held.push(flow.id);
+                return;
+            }
         }
         let in_before = flow.bytes_in;
         let mut wrote_any = false;
@@ -2136,6 +2149,10 @@ impl Stack {
         };
         let at = self.probe_timer.peek().map_or(at, |r| r.0.0.min(at));
         let at = self.paced.iter().fold(at, |at, &(p, _)| p.min(at));
+        // Flows resumed since the last poll are served at once.
+        if !self.dirty.is_empty() {
+            return now;
+        }
         at.max(now)
     }
 
@@ -2178,6 +2195,19 @@ impl Stack {
             );
         }
         let slots: Vec<usize> = self.flows.slots().collect();
+        // A flow held for a move (at its accept, or draining for a capture) is served first:
+        // its app answers what the client sent before the FIN.
+        self.hold_accepted = false;
+        self.accepted_held.clear();
+        for &slot in &slots {
+            if let Some(flow) = self.flows.get_mut(slot)
+                && matches!(flow.mode, FlowMode::Local)
+                && flow.quiescing
+            {
+                flow.quiescing = false;
+                self.serve(now, slot);
+            }
+        }
         for slot in slots {
             if let Some(flow) = self.flows.get_mut(slot)
                 && matches!(flow.mode, FlowMode::Local)
@@ -2444,6 +2474,32 @@ impl Stack {
     pub fn send_queued(&self, id: u64) -> Option<usize> {
         let flow = self.flows.get(self.flows.find_id(id)?)?;
         matches!(flow.mode, FlowMode::Local).then(|| flow.socket.get(&self.sockets).send_queue())
+    }
+
+    /// Holds every connection accepted from now on (its handshake completed, as the next
+    /// [`poll`](Self::poll) sees it) before its app sees a byte, as
+    /// [`quiesce`](Self::quiesce) does, and lists it for
+    /// [`take_accepted_held`](Self::take_accepted_held): the driver then moves it (a shadow
+    /// trial's diversion, `docs/prediction.md`) or [`resume`](Self::resume)s it. What the
+    /// client sends meanwhile waits, acknowledged, in the socket (and moves with it).
+    /// Connections accepted by SYN cookie are never held.
+    pub fn set_hold_accepted(&mut self, on: bool) {
+        self.hold_accepted = on;
+    }
+
+    /// The connections held at their accept since the last call (see
+    /// [`set_hold_accepted`](Self::set_hold_accepted)).
+    pub fn take_accepted_held(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.accepted_held)
+    }
+
+    /// Whether local flow `id`'s app is held for a move ([`quiesce`](Self::quiesce), or at
+    /// its accept): false once it is frozen, served again, or gone.
+    pub fn is_held(&self, id: u64) -> bool {
+        self.flows
+            .find_id(id)
+            .and_then(|slot| self.flows.get(slot))
+            .is_some_and(|f| matches!(f.mode, FlowMode::Local) && f.quiescing)
     }
 
     /// Serves flow `id`'s app again after [`quiesce`](Self::quiesce) (the move did not
