@@ -521,25 +521,9 @@ fn a_shadow_trial_judges_its_step_on_kpis_the_peer_reports_and_ramps_up() {
                 .map(|l| format!("printf '{}'; sleep 0.15; ", l.trim_end().to_owned() + "\\n"))
                 .collect::<String>()
         );
-        let mut c = tb.client().command("sh");
-        c.args(["-c", &script])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        (tb.spawn(c).expect("socat"), lines.concat())
+        (script, lines.concat())
     };
-    let mut running = Vec::new();
-    for i in 0..SESSIONS {
-        running.push(session(i));
-        // Two at a time, a new one every 0.4 s.
-        std::thread::sleep(Duration::from_millis(400));
-        if running.len() >= 3 {
-            let (child, want) = running.remove(0);
-            finish_echo(child, &want);
-        }
-    }
-    for (child, want) in running {
-        finish_echo(child, &want);
-    }
+    echo_sessions(&tb, SESSIONS, Duration::from_millis(400), session);
     // B reports the ended connections it served in its next load reports (once a second,
     // on its heartbeats); A judges the step at its next sample.
     let judged = || {
@@ -619,25 +603,10 @@ fn a_shadowed_connection_is_diverted_at_its_accept_and_the_peer_answers_its_firs
             lines[0].trim_end().to_owned() + "\\n",
             lines[1].trim_end().to_owned() + "\\n",
         );
-        let mut c = tb.client().command("sh");
-        c.args(["-c", &script])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        (tb.spawn(c).expect("socat"), lines.concat())
+        (script, lines.concat())
     };
+    echo_sessions(&tb, SESSIONS, Duration::from_millis(300), session);
     let per_session = session_bytes();
-    let mut running = Vec::new();
-    for i in 0..SESSIONS {
-        running.push(session(i));
-        std::thread::sleep(Duration::from_millis(300));
-        if running.len() >= 3 {
-            let (child, want) = running.remove(0);
-            finish_echo(child, &want);
-        }
-    }
-    for (child, want) in running {
-        finish_echo(child, &want);
-    }
     let plan = a.ctl_json(&["plan"]).unwrap();
     let log = || {
         format!(
@@ -760,6 +729,37 @@ fn a_peer_shows_the_hottest_connections_segments_from_the_load_reports() {
 }
 
 /// Waits for an echo session and checks it echoed exactly what it sent and ended cleanly.
+/// Runs `count` echo sessions on the client, a new one every `every`, at most two at a time:
+/// `session(i)` gives each one's shell script (socat to the service) and the bytes it must
+/// get back; each must end cleanly with exactly those bytes echoed.
+fn echo_sessions(
+    tb: &Testbed,
+    count: usize,
+    every: Duration,
+    session: impl Fn(usize) -> (String, String),
+) {
+    let spawn = |i| {
+        let (script, want) = session(i);
+        let mut c = tb.client().command("sh");
+        c.args(["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        (tb.spawn(c).expect("socat"), want)
+    };
+    let mut running = Vec::new();
+    for i in 0..count {
+        running.push(spawn(i));
+        std::thread::sleep(every);
+        if running.len() >= 3 {
+            let (child, want) = running.remove(0);
+            finish_echo(child, &want);
+        }
+    }
+    for (child, want) in running {
+        finish_echo(child, &want);
+    }
+}
+
 fn finish_echo(child: std::process::Child, want: &str) {
     let out = child.wait_with_output().expect("socat");
     assert!(
