@@ -673,7 +673,7 @@ pub(crate) fn conns_table(
     places: &[(String, String, String, String)],
 ) -> String {
     let mut s = format!(
-        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {}\n",
+        "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>8} {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {:>10} {}\n",
         "ID",
         "CLIENT",
         "SERVICE",
@@ -691,12 +691,13 @@ pub(crate) fn conns_table(
         "RTT",
         "SENDQ",
         "RECVQ",
+        "SENDBUF",
         "LEASE"
     );
     for (i, c) in conns.iter().enumerate() {
         let (lives, enters, predict, lease) = places.get(i).cloned().unwrap_or_default();
         s += &format!(
-            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {}\n",
+            "{:<16} {:<21} {:<19} {:<12} {:<6} {:<6} {:<8} {:<8} {:<8} {:>7.1}s {:>10} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {:>10} {}\n",
             format!("{:#x}", c.id),
             c.client.to_string(),
             c.service.to_string(),
@@ -715,6 +716,12 @@ pub(crate) fn conns_table(
                 .map_or_else(|| "-".to_owned(), |us| format!("{:.2}ms", us as f64 / 1e3)),
             c.send_queue,
             c.recv_queue,
+            // `+`: growing (its app held while the buffer drains, `stack/grow.rs`).
+            format!(
+                "{}{}",
+                human_bytes(c.send_buffer as f64),
+                if c.growing { "+" } else { "" }
+            ),
             lease,
         );
     }
@@ -725,6 +732,40 @@ pub(crate) fn conns_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_conns_table_shows_each_send_buffer_and_a_growing_one() {
+        let row = |id, send_buffer, growing| ConnInfo {
+            id,
+            client: "198.18.1.2:40000".parse().unwrap(),
+            service: "198.19.255.1:19".parse().unwrap(),
+            state: "ESTABLISHED".into(),
+            app: flowshift_core::app::AppKind::Source,
+            mode: "local".into(),
+            owner: None,
+            ingress: None,
+            return_path: None,
+            age_ms: 1500,
+            bytes_in: 0,
+            bytes_out: 10 << 20,
+            rate_in: 0.0,
+            rate_out: 0.0,
+            send_queue: 4096,
+            recv_queue: 0,
+            handshake: Default::default(),
+            parked: false,
+            srtt_us: Some(120),
+            send_buffer,
+            growing,
+        };
+        let table = conns_table(&[row(1, 262_144, false), row(2, 1 << 20, true)], &[]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains(" SENDBUF "), "{table}");
+        let column = |line: &str| line.split_whitespace().nth(14).unwrap().to_owned();
+        assert_eq!(column(lines[1]), "256.0KiB", "{table}");
+        assert_eq!(column(lines[2]), "1.0MiB+", "{table}");
+        assert_eq!(lines[3], "2 connection(s)");
+    }
 
     #[test]
     fn peers_show_their_hottest_connections_segments() {
