@@ -534,13 +534,7 @@ fn a_shadow_trial_judges_its_step_on_kpis_the_peer_reports_and_ramps_up() {
     eventually(20, "a judged step of B's trial", || judged().is_some());
     let (plan, j) = judged().unwrap();
     eprintln!("judged: {j:#}");
-    let log = || {
-        format!(
-            "{plan:#}\n--- a's log:\n{}\n--- b's log:\n{}",
-            a.log(),
-            b.log()
-        )
-    };
+    let log = || both_logs(&plan, &a, &b);
     let shadowed = plan["shadow"]["shadowed"].as_u64().unwrap();
     assert!(shadowed >= MIN, "{}", log());
     assert_eq!(stat(&b, "conns_restored"), shadowed, "{}", log());
@@ -608,13 +602,7 @@ fn a_shadowed_connection_is_diverted_at_its_accept_and_the_peer_answers_its_firs
     echo_sessions(&tb, SESSIONS, Duration::from_millis(300), session);
     let per_session = session_bytes();
     let plan = a.ctl_json(&["plan"]).unwrap();
-    let log = || {
-        format!(
-            "{plan:#}\n--- a's log:\n{}\n--- b's log:\n{}",
-            a.log(),
-            b.log()
-        )
-    };
+    let log = || both_logs(&plan, &a, &b);
     // Each connection offered once, at its accept; the step admits exactly half.
     let shadowed = plan["shadow"]["shadowed"].as_u64().unwrap();
     assert_eq!(shadowed, (SESSIONS / 2) as u64, "{}", log());
@@ -758,6 +746,15 @@ fn echo_sessions(
     for (child, want) in running {
         finish_echo(child, &want);
     }
+}
+
+/// `plan`, then A's and B's logs, for a failed assertion's message.
+fn both_logs(plan: &serde_json::Value, a: &NodeHandle, b: &NodeHandle) -> String {
+    format!(
+        "{plan:#}\n--- a's log:\n{}\n--- b's log:\n{}",
+        a.log(),
+        b.log()
+    )
 }
 
 fn finish_echo(child: std::process::Child, want: &str) {

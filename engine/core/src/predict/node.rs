@@ -1643,6 +1643,18 @@ mod tests {
         }
     }
 
+    /// One sample at `t` ms: `conns` and `peers`, an idle node.
+    fn observe(p: &mut NodePredictor, conns: &[ConnSample], peers: &[PeerSample], t: i64) {
+        p.handle_sample(
+            Instant::from_millis(t),
+            &Observation {
+                node: NodeReport::default(),
+                conns,
+                peers,
+            },
+        );
+    }
+
     fn peer(connections: u64) -> PeerSample {
         PeerSample {
             id: NodeId(1),
@@ -2339,16 +2351,8 @@ mod tests {
             )
         };
         let peers = [peer(0)];
-        let sample = |p: &mut NodePredictor, conns: &[ConnSample], t: i64| {
-            p.handle_sample(
-                Instant::from_millis(t),
-                &Observation {
-                    node: NodeReport::default(),
-                    conns,
-                    peers: &peers,
-                },
-            );
-        };
+        let sample =
+            |p: &mut NodePredictor, conns: &[ConnSample], t: i64| observe(p, conns, &peers, t);
         let mut p = make(true, Policy::Predictive);
         assert!(!p.diverts_at_accept(), "no sample yet: no trial");
         assert_eq!(p.admit_at_accept(1), None);
@@ -2417,14 +2421,7 @@ mod tests {
         let mut shadowed = Vec::new();
         let mut t = 1000i64;
         let sample = |p: &mut NodePredictor, conns: &[ConnSample], t: i64| {
-            p.handle_sample(
-                Instant::from_millis(t),
-                &Observation {
-                    node: NodeReport::default(),
-                    conns,
-                    peers: &peers,
-                },
-            );
+            observe(p, conns, &peers, t);
             p.take_shadow_moves()
         };
         // Every new connection goes to the peer at a 100 % step.
